@@ -1,0 +1,42 @@
+//! `ane`: the project's command-line tool.
+//!
+//! Each subcommand lives in its own module with an `Args` struct and a `run` function, so adding
+//! one (`doctor`, `bench`, `plan`) means one new module and one new enum variant here, without
+//! touching the others.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod mil;
+
+/// Tools for the ggml Apple Neural Engine backend.
+#[derive(Debug, Parser)]
+#[command(name = "ane", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Emit one of the MIL program forms the backend compiles (text, and weights for baked forms).
+    Mil(mil::Args),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Mil(args) => mil::run(&args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

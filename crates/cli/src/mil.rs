@@ -1,0 +1,137 @@
+//! `ane mil`: writes a program form from `ane_mil::build` as MIL text, so the forms can be read,
+//! diffed and fed to the validator without running the backend.
+//!
+//! Baked-weight forms get a `weights/weight.bin` of deterministic pseudo-random fp16 values: the
+//! validator needs a real file to check the blob, and a fixed seed makes the output reproducible
+//! for CI and for `--eval` comparisons.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use half::f16;
+
+use ane_mil::{build, text, Program};
+
+/// Program forms `ane mil` can emit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Form {
+    /// 1x1 conv with the weight baked in as a BLOBFILE (`build::conv_matmul`).
+    ConvMatmul,
+    /// matmul with the weight as a second runtime input (`build::dyn_matmul`).
+    DynMatmul,
+}
+
+impl Form {
+    fn name(self) -> String {
+        self.to_possible_value()
+            .expect("no skipped variants")
+            .get_name()
+            .to_string()
+    }
+
+    fn program(self, k: usize, m: usize, n: usize) -> Program {
+        match self {
+            Form::ConvMatmul => build::conv_matmul(k, m, n),
+            Form::DynMatmul => build::dyn_matmul(k, m, n),
+        }
+    }
+
+    /// Whether the form reads `@model_path/weights/weight.bin`.
+    fn has_weights(self) -> bool {
+        matches!(self, Form::ConvMatmul)
+    }
+}
+
+/// Arguments of `ane mil`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print the form names, one per line, and exit.
+    #[arg(long, exclusive = true)]
+    pub list_forms: bool,
+    /// Which program to emit.
+    #[arg(long, value_enum, required_unless_present = "list_forms")]
+    pub form: Option<Form>,
+    /// Inner (contracted) dimension.
+    #[arg(long, required_unless_present = "list_forms", value_parser = clap::value_parser!(u32).range(1..))]
+    pub k: Option<u32>,
+    /// Output rows (weight rows).
+    #[arg(long, required_unless_present = "list_forms", value_parser = clap::value_parser!(u32).range(1..))]
+    pub m: Option<u32>,
+    /// Output columns (tokens).
+    #[arg(long, required_unless_present = "list_forms", value_parser = clap::value_parser!(u32).range(1..))]
+    pub n: Option<u32>,
+    /// Write DIR/model.mil (and DIR/weights/weight.bin for baked forms) instead of printing.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// Runs `ane mil`.
+pub fn run(args: &Args) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    if args.list_forms {
+        for form in Form::value_variants() {
+            writeln!(stdout, "{}", form.name())?;
+        }
+        return Ok(());
+    }
+    // clap enforces presence; the expects document that.
+    let form = args.form.expect("clap requires --form");
+    let dims = |d: Option<u32>| d.expect("clap requires --k/--m/--n") as usize;
+    let (k, m, n) = (dims(args.k), dims(args.m), dims(args.n));
+    let mil = text::emit(&form.program(k, m, n));
+    let Some(dir) = &args.out else {
+        stdout.write_all(mil.as_bytes())?;
+        return Ok(());
+    };
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mil_path = dir.join("model.mil");
+    fs::write(&mil_path, mil).with_context(|| format!("writing {}", mil_path.display()))?;
+    if form.has_weights() {
+        let wdir = dir.join("weights");
+        fs::create_dir_all(&wdir).with_context(|| format!("creating {}", wdir.display()))?;
+        let wpath = wdir.join("weight.bin");
+        let blob =
+            build::weights_blob_fp16(&pseudo_random_weights(m * k, 0x5eed_0000 ^ (m * k) as u64));
+        fs::write(&wpath, blob).with_context(|| format!("writing {}", wpath.display()))?;
+    }
+    Ok(())
+}
+
+/// `len` fp16 values in [-1, 1), from a fixed-seed SplitMix64 stream (no dependency needed for
+/// numbers that only have to be reproducible, not good).
+pub fn pseudo_random_weights(len: usize, seed: u64) -> Vec<f16> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            // 24 random bits -> [-1, 1), exactly representable in f32 before the fp16 rounding.
+            f16::from_f32(((z >> 40) as f32) / (1u64 << 23) as f32 - 1.0)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_are_deterministic_and_in_range() {
+        let a = pseudo_random_weights(100, 7);
+        assert_eq!(a, pseudo_random_weights(100, 7));
+        assert!(a.iter().all(|v| (-1.0..=1.0).contains(&v.to_f32())));
+        assert!(a.iter().any(|v| v.to_f32() < 0.0) && a.iter().any(|v| v.to_f32() > 0.0));
+    }
+
+    #[test]
+    fn form_names_are_kebab_case() {
+        let names: Vec<String> = Form::value_variants().iter().map(|f| f.name()).collect();
+        assert_eq!(names, ["conv-matmul", "dyn-matmul"]);
+    }
+}

@@ -1,0 +1,98 @@
+//! Engines that execute MIL programs: the Apple Neural Engine and a CPU reference engine.
+//!
+//! # Design choices
+//! - **One object-safe trait, [`Engine`].** The plugin picks an engine at run time (`GGML_ANE_ENGINE`),
+//!   so the boundary is `dyn Engine`. Programs are opaque [`ProgramId`] handles owned by the engine:
+//!   the caller cannot keep a program alive past `unload`, and the engine can count what is loaded.
+//! - **Who validates what.** The caller (the plugin's planner) chooses shapes that fit the chip
+//!   ([`ChipLimits`]) and sizes surfaces with [`surface::request_alloc_size`]. Engines still check
+//!   every documented ANE rule and return an [`EngineError`] naming the rule, because a broken rule on
+//!   the real chip gives *silently wrong numbers*, not an error: the reference engine is where we find
+//!   out on Linux.
+//! - **The reference engine executes the text, not the IR it came from.** It parses the MIL text it is
+//!   given, reads weights through the MILBlob v2 reader, binds surfaces in alphabetical order of MIL
+//!   names and stores every tensor as fp16, so a test that passes on it exercises exactly the bytes
+//!   the ANE would receive.
+//! - **macOS code is one small module** (`apple`), compiled only for `target_vendor = "apple"`.
+//!   Everything it needs to decide (sizes, names, orders) is computed by platform-neutral code here.
+
+#![warn(missing_docs)]
+
+mod chip;
+mod error;
+pub mod reference;
+pub mod surface;
+
+#[cfg(target_vendor = "apple")]
+pub mod apple;
+
+pub use chip::{Chip, ChipLimits};
+pub use error::EngineError;
+pub use surface::Surface;
+
+/// Bytes of one weight file a program refers to through `BLOBFILE(path = ...)`.
+#[derive(Clone, Debug)]
+pub struct WeightFile {
+    /// The path exactly as written in the MIL text, e.g. `@model_path/weights/weight.bin`.
+    pub path: String,
+    /// MILBlob v2 file contents.
+    pub bytes: Vec<u8>,
+}
+
+/// Handle of a compiled and loaded program inside one engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProgramId(pub u64);
+
+/// Monotonic counters an engine keeps, for stats and for tests that assert on compile counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineCounters {
+    /// Successful compiles.
+    pub compiles: u64,
+    /// Successful loads.
+    pub loads: u64,
+    /// Unloads.
+    pub unloads: u64,
+    /// Successful evaluations.
+    pub evaluations: u64,
+    /// Programs loaded right now.
+    pub loaded: u64,
+    /// Highest number of programs loaded at once.
+    pub loaded_peak: u64,
+}
+
+/// An engine that compiles MIL text into loaded programs and evaluates them on surfaces.
+///
+/// Engines are shared by every backend instance of the plugin, so they are `Send + Sync` and take
+/// `&self`; calls may come from several threads at once.
+pub trait Engine: Send + Sync {
+    /// Short name for logs and stats (`ane`, `reference`).
+    fn name(&self) -> &'static str;
+
+    /// The chip limits this engine enforces.
+    fn limits(&self) -> ChipLimits;
+
+    /// Compiles `mil` (textual MIL, function `main`) with its weight files and loads the result.
+    ///
+    /// # Errors
+    /// Malformed MIL or blobs, ops or shapes the chip does not take, or the loaded-program budget
+    /// being exhausted.
+    fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError>;
+
+    /// Evaluates a loaded program. `inputs` and `outputs` are bound in alphabetical order of the
+    /// MIL parameter names and returned variable names respectively (the ANE's binding rule).
+    ///
+    /// # Errors
+    /// Unknown program, surface count or size rule broken, or an evaluation failure.
+    fn evaluate(
+        &self,
+        program: ProgramId,
+        inputs: &[&Surface],
+        outputs: &mut [&mut Surface],
+    ) -> Result<(), EngineError>;
+
+    /// Unloads a program and frees what it holds. Unknown ids are ignored.
+    fn unload(&self, program: ProgramId);
+
+    /// Counter snapshot.
+    fn counters(&self) -> EngineCounters;
+}

@@ -1,0 +1,178 @@
+//! The reference engine: executes MIL programs on the CPU exactly as the ANE would receive them.
+//!
+//! It is the oracle every layer above the private API is tested against on Linux, so it is strict
+//! where the chip is strict and documents where it is not:
+//! - **Parses the text.** `compile` takes MIL text and weight files and goes through
+//!   [`ane_mil::text::parse`] and [`ane_mil::blob::read_blob`]; nothing of the emitter's IR leaks in.
+//! - **Binding order.** Inputs and outputs bind in alphabetical order of their MIL names.
+//! - **Surfaces.** Every surface of a request has the same allocation size, at least
+//!   [`crate::surface::MIN_SURFACE_BYTES`], a multiple of [`crate::surface::SURFACE_ALIGN`], and large
+//!   enough for its tensor, which sits packed at the start.
+//! - **Limits.** Axis lengths above the chip's cap fail to compile; loading more than the loaded
+//!   program budget fails.
+//! - **Numerics.** fp16 storage, fp32 accumulation, one rounding to fp16 per op (see `exec`).
+//!
+//! Not modelled (documented, not hidden): compile latency, the ~119-compile process leak, the
+//! ±32752 matmul output cliff, reduced-precision accumulation at large K, and the M1/M2 slice cliff.
+
+mod exec;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ane_mil::DType;
+
+use crate::{ChipLimits, Engine, EngineCounters, EngineError, ProgramId, Surface, WeightFile};
+use exec::Checked;
+
+/// CPU engine with ANE rules and numerics. Cheap to share: all state sits behind one mutex, and
+/// evaluation runs outside it.
+#[derive(Debug)]
+pub struct ReferenceEngine {
+    limits: ChipLimits,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_id: u64,
+    programs: HashMap<u64, Arc<Checked>>,
+    counters: EngineCounters,
+}
+
+impl ReferenceEngine {
+    /// An engine enforcing `limits`.
+    pub fn new(limits: ChipLimits) -> Self {
+        ReferenceEngine { limits, state: Mutex::new(State::default()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves only counters half-updated; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Engine for ReferenceEngine {
+    fn name(&self) -> &'static str {
+        "reference"
+    }
+
+    fn limits(&self) -> ChipLimits {
+        self.limits
+    }
+
+    fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {
+        let program = ane_mil::text::parse(mil).map_err(|e| EngineError::Parse(e.to_string()))?;
+        let func = program
+            .functions
+            .into_iter()
+            .find(|f| f.name == "main")
+            .ok_or_else(|| EngineError::Compile("no function `main`".into()))?;
+        if !matches!(func.opset.as_str(), "ios16" | "ios17" | "ios18") {
+            return Err(EngineError::Compile(format!("opset `{}` not taken by the ANE compiler", func.opset)));
+        }
+        let blob = |path: &str, offset: u64| -> Result<(DType, Vec<u8>), EngineError> {
+            if !path.starts_with("@model_path/") {
+                return Err(EngineError::Weights(format!("BLOBFILE path `{path}` is not under @model_path/")));
+            }
+            let file = weights
+                .iter()
+                .find(|w| w.path == path)
+                .ok_or_else(|| EngineError::Weights(format!("no weight file given for `{path}`")))?;
+            let b = ane_mil::blob::read_blob(&file.bytes, offset)
+                .map_err(|e| EngineError::Weights(format!("{path}: {e}")))?;
+            Ok((b.dtype, b.data.to_vec()))
+        };
+        let checked = exec::check(func, self.limits.max_axis, &blob)?;
+        let mut st = self.lock();
+        st.counters.compiles += 1;
+        if st.programs.len() >= self.limits.max_loaded_programs {
+            return Err(EngineError::Budget { loaded: st.programs.len(), max: self.limits.max_loaded_programs });
+        }
+        st.next_id += 1;
+        let id = st.next_id;
+        st.programs.insert(id, Arc::new(checked));
+        st.counters.loads += 1;
+        st.counters.loaded = st.programs.len() as u64;
+        st.counters.loaded_peak = st.counters.loaded_peak.max(st.counters.loaded);
+        Ok(ProgramId(id))
+    }
+
+    fn evaluate(&self, program: ProgramId, inputs: &[&Surface], outputs: &mut [&mut Surface]) -> Result<(), EngineError> {
+        let prog = self.lock().programs.get(&program.0).cloned().ok_or(EngineError::UnknownProgram(program.0))?;
+        check_surfaces(&prog, inputs, outputs)?;
+        // Surfaces arrive in binding (alphabetical) order; the interpreter wants declaration order.
+        let mut by_decl: Vec<Vec<f32>> = vec![Vec::new(); prog.func.inputs.len()];
+        for ((name, ty), s) in prog.bound_inputs.iter().zip(inputs) {
+            let pos = prog.func.inputs.iter().position(|(n, _)| n == name).expect("bound input is declared");
+            by_decl[pos] = match ty.dtype {
+                DType::Fp16 => s.fp16(ty.numel()).iter().map(|h| h.to_f32()).collect(),
+                _ => s.fp32_vec(ty.numel()),
+            };
+        }
+        let results = exec::run(&prog, by_decl)?;
+        for ((name, ty), s) in prog.bound_outputs.iter().zip(outputs.iter_mut()) {
+            let pos = prog.func.outputs.iter().position(|n| n == name).expect("bound output is returned");
+            let data = &results[pos];
+            match ty.dtype {
+                DType::Fp16 => {
+                    for (d, &v) in s.fp16_mut(data.len()).iter_mut().zip(data) {
+                        *d = half::f16::from_f32(v);
+                    }
+                }
+                _ => {
+                    for (chunk, &v) in s.bytes_mut().chunks_exact_mut(4).zip(data) {
+                        chunk.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+        }
+        self.lock().counters.evaluations += 1;
+        Ok(())
+    }
+
+    fn unload(&self, program: ProgramId) {
+        let mut st = self.lock();
+        if st.programs.remove(&program.0).is_some() {
+            st.counters.unloads += 1;
+            st.counters.loaded = st.programs.len() as u64;
+        }
+    }
+
+    fn counters(&self) -> EngineCounters {
+        self.lock().counters
+    }
+}
+
+fn check_surfaces(prog: &Checked, inputs: &[&Surface], outputs: &[&mut Surface]) -> Result<(), EngineError> {
+    use crate::surface::{MIN_SURFACE_BYTES, SURFACE_ALIGN};
+    let serr = |m: String| Err(EngineError::Surface(m));
+    if inputs.len() != prog.bound_inputs.len() || outputs.len() != prog.bound_outputs.len() {
+        return serr(format!(
+            "request has {} inputs / {} outputs, program takes {} / {}",
+            inputs.len(),
+            outputs.len(),
+            prog.bound_inputs.len(),
+            prog.bound_outputs.len()
+        ));
+    }
+    let first = inputs.first().map(|s| s.alloc_size()).unwrap_or_else(|| outputs[0].alloc_size());
+    let all = inputs.iter().map(|s| s.alloc_size()).chain(outputs.iter().map(|s| s.alloc_size()));
+    for (i, size) in all.enumerate() {
+        if size != first {
+            return serr(format!("surface {i} is {size} bytes, the first is {first}: sizes must be equal (0x1d)"));
+        }
+    }
+    if first < MIN_SURFACE_BYTES || first % SURFACE_ALIGN != 0 {
+        return serr(format!("surfaces of {first} bytes: need >= {MIN_SURFACE_BYTES} and a multiple of {SURFACE_ALIGN}"));
+    }
+    for (name, ty) in prog.bound_inputs.iter().chain(prog.bound_outputs.iter()) {
+        if ty.byte_size() > first {
+            return serr(format!("`{name}` needs {} bytes, surfaces have {first}", ty.byte_size()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

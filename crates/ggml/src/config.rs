@@ -1,0 +1,143 @@
+//! Settings read once from the environment.
+//!
+//! A plugin inside someone else's process must not fail on a typo: a malformed value gives one
+//! warning on stderr naming the variable and the default used instead.
+
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use ane_engine::Chip;
+
+/// Which engine the plugin uses (`GGML_ANE_ENGINE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineChoice {
+    /// The ANE when it is usable; otherwise the plugin declines (score 0).
+    Auto,
+    /// The ANE or nothing.
+    Ane,
+    /// The CPU reference engine (tests, and Linux).
+    Reference,
+}
+
+/// How stats are printed at backend free (`GGML_ANE_STATS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatsMode {
+    /// Nothing (default).
+    Off,
+    /// A human-readable table on stderr.
+    Table,
+    /// One line `ggml-ane-stats: {...}` on stderr.
+    Json,
+}
+
+/// Every setting of the plugin.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `GGML_ANE_ENGINE=auto|ane|reference`.
+    pub engine: EngineChoice,
+    /// `GGML_ANE_MIN_BATCH`: smallest token batch (src1 columns) the plugin claims. Decode (1 token)
+    /// stays on the CPU/GPU, where one dispatch's fixed cost would dominate.
+    pub min_batch: usize,
+    /// `GGML_ANE_STATS=1|json`.
+    pub stats: StatsMode,
+    /// `GGML_ANE_CHIP=m1..m5`: limits the reference engine enforces (default m4).
+    pub chip: Chip,
+    /// `GGML_ANE_MAX_PROGRAMS`: loaded programs kept at once (LRU beyond). The ANE fails past ~128.
+    pub max_programs: usize,
+}
+
+/// Default for `GGML_ANE_MIN_BATCH`.
+pub const DEFAULT_MIN_BATCH: usize = 64;
+/// Default for `GGML_ANE_MAX_PROGRAMS`: well under the ~128 loaded-program cap of the ANE.
+pub const DEFAULT_MAX_PROGRAMS: usize = 96;
+
+impl Config {
+    /// Reads the settings through `get` (the environment in production, a map in tests); warnings go
+    /// to `warn`.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>, mut warn: impl FnMut(String)) -> Config {
+        let mut parse = |name: &str, default: &str, ok: &dyn Fn(&str) -> bool| -> String {
+            match get(name) {
+                Some(v) if ok(v.trim()) => v.trim().to_ascii_lowercase(),
+                Some(v) => {
+                    warn(format!("ggml-ane: ignoring {name}={v:?} (invalid); using {default}"));
+                    default.to_string()
+                }
+                None => default.to_string(),
+            }
+        };
+        let engine = match parse("GGML_ANE_ENGINE", "auto", &|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "auto" | "ane" | "reference")
+        })
+        .as_str()
+        {
+            "ane" => EngineChoice::Ane,
+            "reference" => EngineChoice::Reference,
+            _ => EngineChoice::Auto,
+        };
+        let positive = |v: &str| v.parse::<usize>().is_ok_and(|n| n >= 1);
+        let min_batch = parse("GGML_ANE_MIN_BATCH", &DEFAULT_MIN_BATCH.to_string(), &positive).parse().unwrap_or(DEFAULT_MIN_BATCH);
+        let max_programs =
+            parse("GGML_ANE_MAX_PROGRAMS", &DEFAULT_MAX_PROGRAMS.to_string(), &positive).parse().unwrap_or(DEFAULT_MAX_PROGRAMS);
+        let stats = match parse("GGML_ANE_STATS", "0", &|v| matches!(v.to_ascii_lowercase().as_str(), "0" | "1" | "json" | "")).as_str() {
+            "1" => StatsMode::Table,
+            "json" => StatsMode::Json,
+            _ => StatsMode::Off,
+        };
+        let chip = parse("GGML_ANE_CHIP", "m4", &|v| Chip::from_str(v).is_ok()).parse().unwrap_or(Chip::M4);
+        Config { engine, min_batch, stats, chip, max_programs }
+    }
+
+    /// The process-wide settings, read on first use.
+    pub fn get() -> &'static Config {
+        static CONFIG: OnceLock<Config> = OnceLock::new();
+        CONFIG.get_or_init(|| Config::from_lookup(|k| std::env::var(k).ok(), |w| eprintln!("{w}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> (Config, Vec<String>) {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut warnings = Vec::new();
+        let c = Config::from_lookup(|k| map.get(k).cloned(), |w| warnings.push(w));
+        (c, warnings)
+    }
+
+    #[test]
+    fn defaults() {
+        let (c, w) = cfg(&[]);
+        assert_eq!(c.engine, EngineChoice::Auto);
+        assert_eq!(c.min_batch, 64);
+        assert_eq!(c.stats, StatsMode::Off);
+        assert_eq!(c.chip, Chip::M4);
+        assert_eq!(c.max_programs, 96);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn values_are_read() {
+        let (c, w) = cfg(&[
+            ("GGML_ANE_ENGINE", "Reference"),
+            ("GGML_ANE_MIN_BATCH", "1"),
+            ("GGML_ANE_STATS", "json"),
+            ("GGML_ANE_CHIP", "m1"),
+            ("GGML_ANE_MAX_PROGRAMS", "8"),
+        ]);
+        assert_eq!(c.engine, EngineChoice::Reference);
+        assert_eq!((c.min_batch, c.stats, c.chip, c.max_programs), (1, StatsMode::Json, Chip::M1, 8));
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn bad_values_warn_once_each_and_default() {
+        let (c, w) = cfg(&[("GGML_ANE_ENGINE", "gpu"), ("GGML_ANE_MIN_BATCH", "0"), ("GGML_ANE_CHIP", "m9")]);
+        assert_eq!(c.engine, EngineChoice::Auto);
+        assert_eq!(c.min_batch, 64);
+        assert_eq!(c.chip, Chip::M4);
+        assert_eq!(w.len(), 3);
+        assert!(w[0].contains("GGML_ANE_ENGINE"));
+    }
+}

@@ -1,0 +1,98 @@
+//! The few ggml-base functions the plugin calls, resolved at run time.
+//!
+//! The plugin is `dlopen`ed by a process that already has `libggml-base` loaded. Resolving the
+//! symbols with `dlsym` (instead of linking) keeps the `.so` free of a link-time dependency, lets
+//! `cargo test` link without ggml, and behaves the same on macOS, where a dylib may not have
+//! undefined symbols. If ggml-base is not in the global scope (a host that loaded it `RTLD_LOCAL`),
+//! we try the library by name with `RTLD_NOLOAD`, which only finds an already-loaded copy: the
+//! plugin must never bring its own ggml (buffer types are compared by pointer).
+
+use std::ffi::{c_int, c_void, CStr};
+use std::sync::OnceLock;
+
+use crate::ffi::*;
+
+/// Function pointers into ggml-base.
+#[derive(Debug)]
+pub struct Ggml {
+    pub cpu_buffer_type: unsafe extern "C" fn() -> ggml_backend_buffer_type_t,
+    pub buft_is_host: unsafe extern "C" fn(ggml_backend_buffer_type_t) -> bool,
+    pub get_type_traits: unsafe extern "C" fn(c_int) -> *const ggml_type_traits,
+    pub graph_n_nodes: unsafe extern "C" fn(*mut ggml_cgraph) -> c_int,
+    pub graph_node: unsafe extern "C" fn(*mut ggml_cgraph, c_int) -> *mut ggml_tensor,
+}
+
+fn lookup(handle: *mut c_void, name: &CStr) -> *mut c_void {
+    // SAFETY: dlsym with a valid handle (or RTLD_DEFAULT) and a NUL-terminated name has no other
+    // preconditions.
+    unsafe { libc::dlsym(handle, name.as_ptr()) }
+}
+
+fn resolve_in(handle: *mut c_void) -> Option<Ggml> {
+    let f = |n: &CStr| {
+        let p = lookup(handle, n);
+        (!p.is_null()).then_some(p)
+    };
+    let (a, b, c, d, e) = (
+        f(c"ggml_backend_cpu_buffer_type")?,
+        f(c"ggml_backend_buft_is_host")?,
+        f(c"ggml_get_type_traits")?,
+        f(c"ggml_graph_n_nodes")?,
+        f(c"ggml_graph_node")?,
+    );
+    // SAFETY: each symbol is the ggml-base function of that name, whose C signature (ggml 0.26.0,
+    // ggml.h / ggml-backend.h) is the one transmuted to.
+    unsafe {
+        Some(Ggml {
+            cpu_buffer_type: std::mem::transmute::<*mut c_void, unsafe extern "C" fn() -> ggml_backend_buffer_type_t>(a),
+            buft_is_host: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(ggml_backend_buffer_type_t) -> bool>(b),
+            get_type_traits: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int) -> *const ggml_type_traits>(c),
+            graph_n_nodes: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut ggml_cgraph) -> c_int>(d),
+            graph_node: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut ggml_cgraph, c_int) -> *mut ggml_tensor>(e),
+        })
+    }
+}
+
+/// ggml-base, if it is loaded in this process.
+pub fn ggml() -> Option<&'static Ggml> {
+    static GGML: OnceLock<Option<Ggml>> = OnceLock::new();
+    GGML.get_or_init(|| {
+        resolve_in(libc::RTLD_DEFAULT).or_else(|| {
+            [c"libggml-base.so", c"libggml-base.so.0", c"libggml-base.dylib", c"libggml-base.0.dylib"]
+                .iter()
+                .find_map(|name| {
+                    // SAFETY: RTLD_NOLOAD only returns a handle to an already loaded library.
+                    let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
+                    (!h.is_null()).then(|| resolve_in(h)).flatten()
+                })
+        })
+    })
+    .as_ref()
+}
+
+/// What the plugin needs to know about a ggml type.
+#[derive(Clone, Copy, Debug)]
+pub struct TypeInfo {
+    /// Elements per block (1 for plain types).
+    pub blck_size: usize,
+    /// Bytes per block.
+    pub type_size: usize,
+    /// Dequantizer / widener to f32, if ggml-base has one.
+    pub to_float: ggml_to_float_t,
+}
+
+impl Ggml {
+    /// Traits of `ty`, or `None` for an unknown type.
+    pub fn type_info(&self, ty: c_int) -> Option<TypeInfo> {
+        if !(0..GGML_TYPE_COUNT).contains(&ty) {
+            return None;
+        }
+        // SAFETY: ggml_get_type_traits returns a pointer into a static table for any type < COUNT.
+        let t = unsafe { (self.get_type_traits)(ty).as_ref()? };
+        (t.blck_size > 0 && t.type_size > 0).then_some(TypeInfo {
+            blck_size: t.blck_size as usize,
+            type_size: t.type_size,
+            to_float: t.to_float,
+        })
+    }
+}

@@ -1,0 +1,432 @@
+//! `ggml-ane`: a ggml backend (API v3) that runs llama.cpp's prefill MUL_MATs on the Apple Neural
+//! Engine.
+//!
+//! llama.cpp loads this library (`GGML_BACKEND_PATH=/path/libggml_ane.so` or `ggml_backend_load`) and
+//! sees one device, `ANE`, of type ACCEL. Like ggml-blas it works on host memory (the CPU buffer
+//! type), claims only MUL_MATs it will compute (see [`support`]), and computes each one through an
+//! engine ([`ane_engine`]): the ANE on a Mac, or the CPU reference engine when
+//! `GGML_ANE_ENGINE=reference`. Whatever happens in the engine, the output is written: failures fall
+//! back to the plugin's own CPU path.
+//!
+//! File order follows ggml-blas: device state, compute, backend vtable, device vtable, registry,
+//! entry points. Every `extern "C"` function catches panics, because unwinding into C aborts the host.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod config;
+pub mod ffi;
+pub mod ggml;
+pub mod matmul;
+pub mod stats;
+pub mod support;
+
+use std::ffi::{c_char, c_void};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::{addr_of, null, null_mut};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use ane_engine::reference::ReferenceEngine;
+use ane_engine::{Engine, EngineError};
+
+use config::{Config, EngineChoice, StatsMode};
+use ffi::*;
+use matmul::{KernelCache, Operand};
+use stats::Stats;
+use support::{Policy, TensorDesc};
+
+// ---------------------------------------------------------------------------------------------
+// device state
+
+/// Everything one `ANE` device shares across its backend instances (threads may call at once).
+pub struct DeviceState {
+    engine: Arc<dyn Engine>,
+    cache: Mutex<KernelCache>,
+    stats: Stats,
+    policy: Policy,
+}
+
+/// Opens the engine chosen by the configuration.
+///
+/// # Errors
+/// [`EngineError::Unavailable`] when the chosen engine cannot run here.
+pub fn open_engine(cfg: &Config) -> Result<Arc<dyn Engine>, EngineError> {
+    let reference = || Arc::new(ReferenceEngine::new(cfg.chip.limits())) as Arc<dyn Engine>;
+    match cfg.engine {
+        EngineChoice::Reference => Ok(reference()),
+        EngineChoice::Ane | EngineChoice::Auto => open_ane(),
+    }
+}
+
+#[cfg(target_vendor = "apple")]
+fn open_ane() -> Result<Arc<dyn Engine>, EngineError> {
+    ane_engine::apple::open()
+}
+
+#[cfg(not(target_vendor = "apple"))]
+fn open_ane() -> Result<Arc<dyn Engine>, EngineError> {
+    Err(EngineError::Unavailable(
+        "no Apple Neural Engine on this platform; set GGML_ANE_ENGINE=reference to use the CPU reference engine".into(),
+    ))
+}
+
+/// The device state, or why there is none. Created on first use, never in `ggml_backend_score`'s
+/// hot path more than once.
+fn device_state() -> Result<&'static DeviceState, &'static str> {
+    static STATE: OnceLock<Result<DeviceState, String>> = OnceLock::new();
+    STATE
+        .get_or_init(|| {
+            let cfg = Config::get();
+            if ggml::ggml().is_none() {
+                return Err("ggml-base symbols not found in this process".into());
+            }
+            let engine = open_engine(cfg).map_err(|e| e.to_string())?;
+            Ok(DeviceState {
+                policy: Policy { min_batch: cfg.min_batch, max_axis: engine.limits().max_axis },
+                cache: Mutex::new(KernelCache::new(cfg.max_programs.min(engine.limits().max_loaded_programs))),
+                engine,
+                stats: Stats::default(),
+            })
+        })
+        .as_ref()
+        .map_err(|s| s.as_str())
+}
+
+fn desc(t: &ggml_tensor) -> TensorDesc {
+    TensorDesc { ty: t.type_, ne: t.ne, nb: t.nb }
+}
+
+fn is_noop(op: i32) -> bool {
+    matches!(op, GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE)
+}
+
+// ---------------------------------------------------------------------------------------------
+// compute
+
+/// Computes one MUL_MAT node.
+///
+/// # Safety
+/// `node` is a MUL_MAT of the graph ggml handed to `graph_compute`, with allocated host tensors.
+unsafe fn compute_mul_mat(dev: &DeviceState, g: &ggml::Ggml, node: &ggml_tensor) -> Result<(), String> {
+    // SAFETY: a MUL_MAT node has two valid sources.
+    let (s0, s1) = unsafe { (&*node.src[0], &*node.src[1]) };
+    let i0 = g.type_info(s0.type_).ok_or("unknown src0 type")?;
+    let i1 = g.type_info(s1.type_).ok_or("unknown src1 type")?;
+    // Whatever the scheduler sends, only compute what support::mul_mat accepts shape-wise (batch
+    // size and axis limits do not matter for correctness here).
+    let policy = Policy { min_batch: 0, max_axis: usize::MAX };
+    support::mul_mat(&desc(s0), &desc(s1), &desc(node), Some(i0), policy).map_err(|d| format!("unsupported MUL_MAT: {}", d.name()))?;
+    if s0.data.is_null() || s1.data.is_null() || node.data.is_null() {
+        return Err("MUL_MAT tensor without data".into());
+    }
+    let op = |t: &ggml_tensor| Operand { desc: desc(t), data: t.data as *const u8 };
+    // SAFETY: the tensors are allocated, host-resident (supports_buft), and dst does not alias its
+    // sources (ggml allocates the output of an op separately from its inputs).
+    unsafe { matmul::compute(dev.engine.as_ref(), &dev.cache, &dev.stats, op(s0), i0, op(s1), i1, op(node)) };
+    Ok(())
+}
+
+fn graph_compute(cgraph: *mut ggml_cgraph) -> i32 {
+    let (Ok(dev), Some(g)) = (device_state(), ggml::ggml()) else {
+        return GGML_STATUS_FAILED;
+    };
+    // SAFETY: ggml passes a valid graph; nodes are valid tensors for the duration of the call.
+    let n = unsafe { (g.graph_n_nodes)(cgraph) };
+    for i in 0..n {
+        // SAFETY: 0 <= i < n.
+        let Some(node) = (unsafe { (g.graph_node)(cgraph, i).as_ref() }) else {
+            return GGML_STATUS_FAILED;
+        };
+        if is_noop(node.op) || node.flags & GGML_TENSOR_FLAG_COMPUTE == 0 {
+            continue;
+        }
+        if node.op != GGML_OP_MUL_MAT {
+            eprintln!("ggml-ane: graph_compute got op {} it never claims", node.op);
+            return GGML_STATUS_FAILED;
+        }
+        // SAFETY: node is a MUL_MAT of this graph.
+        if let Err(e) = unsafe { compute_mul_mat(dev, g, node) } {
+            eprintln!("ggml-ane: {e}");
+            return GGML_STATUS_FAILED;
+        }
+    }
+    GGML_STATUS_SUCCESS
+}
+
+fn print_stats(dev: &DeviceState) {
+    let counters = dev.engine.counters();
+    match Config::get().stats {
+        StatsMode::Off => {}
+        StatsMode::Table => eprint!("{}", dev.stats.to_table(dev.engine.name(), counters)),
+        StatsMode::Json => eprintln!("ggml-ane-stats: {}", dev.stats.to_json(dev.engine.name(), counters)),
+    }
+}
+
+/// Runs `f`, turning a panic into `fallback`: unwinding across the C ABI would abort the host.
+fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        eprintln!("ggml-ane: internal panic caught at the C boundary");
+        fallback
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// backend interface
+
+static GUID: [u8; 16] = *b"ggml-ane-backend";
+
+unsafe extern "C" fn ggml_backend_ane_get_name(_backend: ggml_backend_t) -> *const c_char {
+    c"ANE".as_ptr()
+}
+
+unsafe extern "C" fn ggml_backend_ane_free(backend: ggml_backend_t) {
+    guard((), || {
+        if let Ok(dev) = device_state() {
+            print_stats(dev);
+        }
+        if !backend.is_null() {
+            // SAFETY: backends are created by `Box::into_raw` in init_backend and freed once by ggml.
+            drop(unsafe { Box::from_raw(backend) });
+        }
+    })
+}
+
+unsafe extern "C" fn ggml_backend_ane_graph_compute(_backend: ggml_backend_t, cgraph: *mut ggml_cgraph) -> i32 {
+    guard(GGML_STATUS_FAILED, || graph_compute(cgraph))
+}
+
+fn backend_iface() -> ggml_backend_i {
+    ggml_backend_i {
+        get_name: Some(ggml_backend_ane_get_name),
+        free: Some(ggml_backend_ane_free),
+        set_tensor_async: None,    // synchronous backend on host memory
+        get_tensor_async: None,    // same
+        set_tensor_2d_async: None, // same
+        get_tensor_2d_async: None, // same
+        cpy_tensor_async: None,    // same
+        synchronize: None,         // graph_compute returns when the work is done
+        graph_plan_create: None,   // graph plans are unused by llama.cpp
+        graph_plan_free: None,     // same
+        graph_plan_update: None,   // same
+        graph_plan_compute: None,  // same
+        graph_compute: Some(ggml_backend_ane_graph_compute),
+        event_record: None,   // no events
+        event_wait: None,     // no events
+        graph_optimize: None, // nodes run in graph order
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// device interface
+
+unsafe extern "C" fn ggml_backend_ane_device_get_name(_dev: ggml_backend_dev_t) -> *const c_char {
+    c"ANE".as_ptr()
+}
+
+unsafe extern "C" fn ggml_backend_ane_device_get_description(_dev: ggml_backend_dev_t) -> *const c_char {
+    guard(c"Apple Neural Engine".as_ptr(), || match device_state() {
+        Ok(d) if d.engine.name() == "reference" => c"Apple Neural Engine (CPU reference engine)".as_ptr(),
+        _ => c"Apple Neural Engine".as_ptr(),
+    })
+}
+
+unsafe extern "C" fn ggml_backend_ane_device_get_memory(_dev: ggml_backend_dev_t, free: *mut usize, total: *mut usize) {
+    // Host memory backend: it owns no device memory of its own.
+    // SAFETY: ggml passes valid out-pointers.
+    unsafe {
+        if !free.is_null() {
+            *free = 0;
+        }
+        if !total.is_null() {
+            *total = 0;
+        }
+    }
+}
+
+unsafe extern "C" fn ggml_backend_ane_device_get_type(_dev: ggml_backend_dev_t) -> i32 {
+    GGML_BACKEND_DEVICE_TYPE_ACCEL
+}
+
+unsafe extern "C" fn ggml_backend_ane_device_get_props(dev: ggml_backend_dev_t, props: *mut ggml_backend_dev_props) {
+    guard((), || {
+        // SAFETY: ggml passes a valid props pointer.
+        let Some(p) = (unsafe { props.as_mut() }) else { return };
+        // SAFETY: the callbacks ignore their argument.
+        unsafe {
+            p.name = ggml_backend_ane_device_get_name(dev);
+            p.description = ggml_backend_ane_device_get_description(dev);
+            ggml_backend_ane_device_get_memory(dev, &mut p.memory_free, &mut p.memory_total);
+        }
+        p.type_ = GGML_BACKEND_DEVICE_TYPE_ACCEL;
+        p.device_id = null();
+        p.caps = ggml_backend_dev_caps::default();
+    })
+}
+
+unsafe extern "C" fn ggml_backend_ane_device_init_backend(dev: ggml_backend_dev_t, _params: *const c_char) -> ggml_backend_t {
+    guard(null_mut(), || {
+        if device_state().is_err() {
+            return null_mut();
+        }
+        Box::into_raw(Box::new(ggml_backend { guid: &GUID, iface: backend_iface(), device: dev, context: null_mut() }))
+    })
+}
+
+unsafe extern "C" fn ggml_backend_ane_device_get_buffer_type(_dev: ggml_backend_dev_t) -> ggml_backend_buffer_type_t {
+    guard(null_mut(), || match ggml::ggml() {
+        // SAFETY: ggml-base's CPU buffer type is a static object.
+        Some(g) => unsafe { (g.cpu_buffer_type)() },
+        None => null_mut(),
+    })
+}
+
+unsafe extern "C" fn ggml_backend_ane_device_supports_op(_dev: ggml_backend_dev_t, op: *const ggml_tensor) -> bool {
+    guard(false, || {
+        // SAFETY: ggml passes a valid tensor.
+        let Some(t) = (unsafe { op.as_ref() }) else { return false };
+        if is_noop(t.op) {
+            return true;
+        }
+        if t.op != GGML_OP_MUL_MAT {
+            return false;
+        }
+        let (Ok(dev), Some(g)) = (device_state(), ggml::ggml()) else { return false };
+        // SAFETY: a MUL_MAT has two valid sources.
+        let (s0, s1) = unsafe { (&*t.src[0], &*t.src[1]) };
+        match support::mul_mat(&desc(s0), &desc(s1), &desc(t), g.type_info(s0.type_), dev.policy) {
+            Ok(()) => true,
+            Err(d) => {
+                dev.stats.declined[d.index()].fetch_add(1, Relaxed);
+                false
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn ggml_backend_ane_device_supports_buft(_dev: ggml_backend_dev_t, buft: ggml_backend_buffer_type_t) -> bool {
+    guard(false, || match ggml::ggml() {
+        // SAFETY: ggml passes a valid buffer type.
+        Some(g) => unsafe { (g.buft_is_host)(buft) },
+        None => false,
+    })
+}
+
+struct SyncCell<T>(T);
+// SAFETY: the wrapped ggml structs are written once at compile time and only read afterwards (ggml
+// never writes to a registry or device it did not allocate).
+unsafe impl<T> Sync for SyncCell<T> {}
+
+static DEVICE: SyncCell<ggml_backend_device> = SyncCell(ggml_backend_device {
+    iface: ggml_backend_device_i {
+        get_name: Some(ggml_backend_ane_device_get_name),
+        get_description: Some(ggml_backend_ane_device_get_description),
+        get_memory: Some(ggml_backend_ane_device_get_memory),
+        get_type: Some(ggml_backend_ane_device_get_type),
+        get_props: Some(ggml_backend_ane_device_get_props),
+        init_backend: Some(ggml_backend_ane_device_init_backend),
+        get_buffer_type: Some(ggml_backend_ane_device_get_buffer_type),
+        get_host_buffer_type: None, // the buffer type is already host memory
+        buffer_from_host_ptr: None, // weights stay in llama.cpp's CPU buffers
+        supports_op: Some(ggml_backend_ane_device_supports_op),
+        supports_buft: Some(ggml_backend_ane_device_supports_buft),
+        offload_op: None,        // weights live in host buffers; supports_op decides placement
+        event_new: None,         // no events
+        event_free: None,        // no events
+        event_synchronize: None, // no events
+    },
+    reg: addr_of!(REG.0) as *mut ggml_backend_reg,
+    context: null_mut(),
+});
+
+// ---------------------------------------------------------------------------------------------
+// backend reg interface
+
+unsafe extern "C" fn ggml_backend_ane_reg_get_name(_reg: ggml_backend_reg_t) -> *const c_char {
+    c"ANE".as_ptr()
+}
+
+unsafe extern "C" fn ggml_backend_ane_reg_get_device_count(_reg: ggml_backend_reg_t) -> usize {
+    1
+}
+
+unsafe extern "C" fn ggml_backend_ane_reg_get_device(_reg: ggml_backend_reg_t, index: usize) -> ggml_backend_dev_t {
+    if index == 0 {
+        addr_of!(DEVICE.0) as *mut ggml_backend_device
+    } else {
+        null_mut()
+    }
+}
+
+unsafe extern "C" fn ggml_backend_ane_reg_get_proc_address(_reg: ggml_backend_reg_t, _name: *const c_char) -> *mut c_void {
+    // No optional functions (set_n_threads etc.): the engine does not use CPU threads.
+    null_mut()
+}
+
+static REG: SyncCell<ggml_backend_reg> = SyncCell(ggml_backend_reg {
+    api_version: GGML_BACKEND_API_VERSION,
+    iface: ggml_backend_reg_i {
+        get_name: Some(ggml_backend_ane_reg_get_name),
+        get_device_count: Some(ggml_backend_ane_reg_get_device_count),
+        get_device: Some(ggml_backend_ane_reg_get_device),
+        get_proc_address: Some(ggml_backend_ane_reg_get_proc_address),
+    },
+    context: null_mut(),
+});
+
+// ---------------------------------------------------------------------------------------------
+// entry points
+
+/// The registry of this backend (`GGML_BACKEND_DL_IMPL`). Always the same pointer.
+///
+/// # Safety
+/// Called by ggml's loader; no preconditions.
+#[no_mangle]
+pub unsafe extern "C" fn ggml_backend_init() -> ggml_backend_reg_t {
+    addr_of!(REG.0) as *mut ggml_backend_reg
+}
+
+/// 0 when the plugin has nothing to offer here (no ANE and no `GGML_ANE_ENGINE=reference`), so
+/// loading it on Linux changes nothing unless asked; 10 otherwise.
+///
+/// # Safety
+/// Called by ggml's loader; no preconditions.
+#[no_mangle]
+pub unsafe extern "C" fn ggml_backend_score() -> i32 {
+    guard(0, || match device_state() {
+        Ok(_) => 10,
+        Err(why) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            if Config::get().engine != EngineChoice::Auto {
+                SAID.call_once(|| eprintln!("ggml-ane: not available: {why}"));
+            }
+            0
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_points_at_one_device() {
+        // SAFETY: plain calls into our own statics.
+        unsafe {
+            let reg = ggml_backend_init();
+            assert_eq!((*reg).api_version, 3);
+            let get_device = (*reg).iface.get_device.unwrap();
+            let dev = get_device(reg, 0);
+            assert!(!dev.is_null());
+            assert_eq!((*dev).reg, reg);
+            assert!(get_device(reg, 1).is_null());
+            assert_eq!(ggml_backend_ane_device_get_type(dev), GGML_BACKEND_DEVICE_TYPE_ACCEL);
+        }
+    }
+
+    #[test]
+    fn score_is_zero_without_ggml_or_ane() {
+        // No ggml-base in the test process and no ANE on Linux: the plugin must decline.
+        // SAFETY: plain call.
+        assert_eq!(unsafe { ggml_backend_score() }, 0);
+    }
+}

@@ -1,0 +1,113 @@
+//! Counters the plugin keeps and prints at backend free (`GGML_ANE_STATS=1|json`).
+//!
+//! They answer the user's first question, "did my matmuls run on the ANE?", and let tests compare
+//! compile counts with what the planner promised.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use ane_engine::EngineCounters;
+
+use crate::support::Decline;
+
+/// Process-wide counters of one device (shared by all its backend instances).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// MUL_MATs computed through the engine.
+    pub ops_offloaded: AtomicU64,
+    /// MUL_MATs (or parts) computed by the plugin's own CPU path after an engine failure.
+    pub ops_fallback: AtomicU64,
+    /// Engine dispatches (evaluations).
+    pub dispatches: AtomicU64,
+    /// Kernel cache hits / misses.
+    pub cache_hits: AtomicU64,
+    /// Kernel cache misses (compiles requested).
+    pub cache_misses: AtomicU64,
+    /// `supports_op` declines of MUL_MAT, by [`Decline::index`].
+    pub declined: [AtomicU64; Decline::ALL.len()],
+    /// Nanoseconds converting inputs, weights and outputs on the host.
+    pub ns_convert: AtomicU64,
+    /// Nanoseconds inside the engine (compile, load, evaluate).
+    pub ns_engine: AtomicU64,
+    /// Nanoseconds in the CPU fallback.
+    pub ns_fallback: AtomicU64,
+}
+
+/// Adds a duration to a nanosecond counter.
+pub fn add_time(c: &AtomicU64, d: Duration) {
+    c.fetch_add(d.as_nanos() as u64, Relaxed);
+}
+
+impl Stats {
+    /// The stats as one JSON object (the `ggml-ane-stats:` line).
+    pub fn to_json(&self, engine: &str, e: EngineCounters) -> serde_json::Value {
+        let ms = |c: &AtomicU64| c.load(Relaxed) as f64 / 1e6;
+        let declined: serde_json::Map<String, serde_json::Value> = Decline::ALL
+            .iter()
+            .map(|d| (d.name().to_string(), self.declined[d.index()].load(Relaxed).into()))
+            .collect();
+        serde_json::json!({
+            "engine": engine,
+            "ops_offloaded": self.ops_offloaded.load(Relaxed),
+            "ops_fallback": self.ops_fallback.load(Relaxed),
+            "dispatches": self.dispatches.load(Relaxed),
+            "declined": declined,
+            "cache_hits": self.cache_hits.load(Relaxed),
+            "cache_misses": self.cache_misses.load(Relaxed),
+            "programs_compiled": e.compiles,
+            "programs_loaded": e.loaded,
+            "programs_loaded_peak": e.loaded_peak,
+            "ms_convert": ms(&self.ns_convert),
+            "ms_engine": ms(&self.ns_engine),
+            "ms_fallback": ms(&self.ns_fallback),
+        })
+    }
+
+    /// The stats as a small table for people.
+    pub fn to_table(&self, engine: &str, e: EngineCounters) -> String {
+        let ms = |c: &AtomicU64| c.load(Relaxed) as f64 / 1e6;
+        let mut s = String::new();
+        s.push_str(&format!("ggml-ane stats (engine: {engine})\n"));
+        s.push_str(&format!("  MUL_MAT on ANE device    {:>10}\n", self.ops_offloaded.load(Relaxed)));
+        s.push_str(&format!("  MUL_MAT CPU fallback     {:>10}\n", self.ops_fallback.load(Relaxed)));
+        s.push_str(&format!("  engine dispatches        {:>10}\n", self.dispatches.load(Relaxed)));
+        s.push_str(&format!("  programs compiled        {:>10}\n", e.compiles));
+        s.push_str(&format!("  programs loaded (peak)   {:>10}\n", e.loaded_peak));
+        s.push_str(&format!("  kernel cache hits/misses {:>10} / {}\n", self.cache_hits.load(Relaxed), self.cache_misses.load(Relaxed)));
+        s.push_str("  MUL_MAT declined (supports_op calls, by reason):\n");
+        for d in Decline::ALL {
+            let n = self.declined[d.index()].load(Relaxed);
+            if n > 0 {
+                s.push_str(&format!("    {:<22} {:>10}\n", d.name(), n));
+            }
+        }
+        s.push_str(&format!(
+            "  time ms: convert {:.3}, engine {:.3}, fallback {:.3}\n",
+            ms(&self.ns_convert),
+            ms(&self.ns_engine),
+            ms(&self.ns_fallback)
+        ));
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let s = Stats::default();
+        s.ops_offloaded.fetch_add(3, Relaxed);
+        s.declined[Decline::SmallBatch.index()].fetch_add(2, Relaxed);
+        let j = s.to_json("reference", EngineCounters { compiles: 4, loaded_peak: 2, ..Default::default() });
+        assert_eq!(j["ops_offloaded"], 3);
+        assert_eq!(j["declined"]["small_batch"], 2);
+        assert_eq!(j["programs_compiled"], 4);
+        assert_eq!(j["programs_loaded_peak"], 2);
+        for k in ["ops_fallback", "ms_convert", "ms_engine", "ms_fallback", "engine"] {
+            assert!(j.get(k).is_some(), "{k}");
+        }
+        assert!(s.to_table("reference", EngineCounters::default()).contains("small_batch"));
+    }
+}

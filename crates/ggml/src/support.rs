@@ -1,0 +1,193 @@
+//! `supports_op`: the one place that decides what the plugin claims.
+//!
+//! Whatever this returns `Ok` for, `graph_compute` computes (through the engine, or on the CPU if
+//! the engine fails). The decision is a pure function of the op's types and shapes so that it is
+//! cheap (the scheduler calls it very often) and testable without ggml.
+
+use crate::ffi::{GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32};
+use crate::ggml::TypeInfo;
+
+/// Types, shape and strides of one tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorDesc {
+    /// `enum ggml_type`.
+    pub ty: i32,
+    /// Elements per dimension, innermost first.
+    pub ne: [i64; 4],
+    /// Byte strides per dimension.
+    pub nb: [usize; 4],
+}
+
+impl TensorDesc {
+    /// Contiguous f32 (or any plain type of `elem` bytes) tensor of shape `ne`.
+    pub fn contiguous(ty: i32, elem: usize, ne: [i64; 4]) -> Self {
+        let mut nb = [elem, 0, 0, 0];
+        for i in 1..4 {
+            nb[i] = nb[i - 1] * ne[i - 1] as usize;
+        }
+        TensorDesc { ty, ne, nb }
+    }
+}
+
+/// Why a MUL_MAT was declined. The names are the stats keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Decline {
+    /// Fewer src1 columns (tokens) than `GGML_ANE_MIN_BATCH`: decode stays on the CPU/GPU.
+    SmallBatch,
+    /// dst is not F32.
+    DstType,
+    /// src1 is neither F32 nor F16.
+    Src1Type,
+    /// src0 has no conversion to float in ggml-base.
+    Src0Type,
+    /// Quantized src0 whose blocks are not contiguous within a row.
+    Src0Layout,
+    /// Shapes that are not a MUL_MAT ggml defines (K mismatch, broadcast not integral, wrong dst).
+    Shape,
+    /// M or K above the chip's axis limit (tiling comes with the planner).
+    AxisLimit,
+    /// Some dimension is zero.
+    Empty,
+}
+
+impl Decline {
+    /// Every reason, in stats order.
+    pub const ALL: [Decline; 8] = [
+        Decline::SmallBatch,
+        Decline::DstType,
+        Decline::Src1Type,
+        Decline::Src0Type,
+        Decline::Src0Layout,
+        Decline::Shape,
+        Decline::AxisLimit,
+        Decline::Empty,
+    ];
+
+    /// Stats key.
+    pub fn name(self) -> &'static str {
+        match self {
+            Decline::SmallBatch => "small_batch",
+            Decline::DstType => "dst_type",
+            Decline::Src1Type => "src1_type",
+            Decline::Src0Type => "src0_type",
+            Decline::Src0Layout => "src0_layout",
+            Decline::Shape => "shape",
+            Decline::AxisLimit => "axis_limit",
+            Decline::Empty => "empty",
+        }
+    }
+
+    /// Index into [`Decline::ALL`].
+    pub fn index(self) -> usize {
+        Decline::ALL.iter().position(|&d| d == self).expect("listed")
+    }
+}
+
+/// The knobs the decision depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// Smallest number of src1 columns claimed.
+    pub min_batch: usize,
+    /// Chip axis limit for M and K.
+    pub max_axis: usize,
+}
+
+/// True for the element types the plugin widens itself, with arbitrary strides.
+pub fn is_plain(ty: i32) -> bool {
+    matches!(ty, GGML_TYPE_F32 | GGML_TYPE_F16 | GGML_TYPE_BF16)
+}
+
+/// Decides whether a MUL_MAT `dst = src0 x src1` is claimed. `src0_info` is ggml's traits for
+/// src0's type (`None` if unknown).
+pub fn mul_mat(
+    src0: &TensorDesc,
+    src1: &TensorDesc,
+    dst: &TensorDesc,
+    src0_info: Option<TypeInfo>,
+    policy: Policy,
+) -> Result<(), Decline> {
+    if dst.ty != GGML_TYPE_F32 {
+        return Err(Decline::DstType);
+    }
+    if src1.ty != GGML_TYPE_F32 && src1.ty != GGML_TYPE_F16 {
+        return Err(Decline::Src1Type);
+    }
+    let info = match src0_info {
+        Some(i) if is_plain(src0.ty) || i.to_float.is_some() => i,
+        _ => return Err(Decline::Src0Type),
+    };
+    let [k, m, ne02, ne03] = src0.ne;
+    let [k1, n, ne12, ne13] = src1.ne;
+    if src0.ne.iter().chain(&src1.ne).any(|&d| d <= 0) {
+        return Err(Decline::Empty);
+    }
+    if k != k1 || ne12 % ne02 != 0 || ne13 % ne03 != 0 || dst.ne != [m, n, ne12, ne13] {
+        return Err(Decline::Shape);
+    }
+    if !is_plain(src0.ty) && (src0.nb[0] != info.type_size || k as usize % info.blck_size != 0) {
+        return Err(Decline::Src0Layout);
+    }
+    if (n as usize) < policy.min_batch {
+        return Err(Decline::SmallBatch);
+    }
+    if m as usize > policy.max_axis || k as usize > policy.max_axis {
+        return Err(Decline::AxisLimit);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi::GGML_TYPE_F32;
+
+    const POLICY: Policy = Policy { min_batch: 64, max_axis: 16384 };
+    const PLAIN: TypeInfo = TypeInfo { blck_size: 1, type_size: 4, to_float: None };
+
+    fn mm(k: i64, m: i64, n: i64) -> (TensorDesc, TensorDesc, TensorDesc) {
+        (
+            TensorDesc::contiguous(GGML_TYPE_F32, 4, [k, m, 1, 1]),
+            TensorDesc::contiguous(GGML_TYPE_F32, 4, [k, n, 1, 1]),
+            TensorDesc::contiguous(GGML_TYPE_F32, 4, [m, n, 1, 1]),
+        )
+    }
+
+    #[test]
+    fn prefill_is_claimed_decode_is_not() {
+        let (a, b, d) = mm(256, 512, 128);
+        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Ok(()));
+        let (a, b, d) = mm(256, 512, 1);
+        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Err(Decline::SmallBatch));
+    }
+
+    #[test]
+    fn declines_name_their_reason() {
+        let (a, b, mut d) = mm(256, 512, 128);
+        d.ty = GGML_TYPE_F16;
+        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Err(Decline::DstType));
+        let (a, mut b, d) = mm(256, 512, 128);
+        b.ty = 8;
+        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Err(Decline::Src1Type));
+        let (mut a, b, d) = mm(256, 512, 128);
+        a.ty = 8; // Q8_0 without to_float
+        assert_eq!(mul_mat(&a, &b, &d, Some(TypeInfo { blck_size: 32, type_size: 34, to_float: None }), POLICY), Err(Decline::Src0Type));
+        let (a, b, d) = mm(256, 32000, 128);
+        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Err(Decline::AxisLimit));
+        let (a, b, d) = mm(256, 512, 128);
+        let b2 = TensorDesc { ne: [255, 128, 1, 1], ..b };
+        assert_eq!(mul_mat(&a, &b2, &d, Some(PLAIN), POLICY), Err(Decline::Shape));
+        let (a, b, d) = mm(0, 512, 128);
+        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Err(Decline::Empty));
+    }
+
+    #[test]
+    fn broadcast_must_be_integral() {
+        let a = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 64, 2, 1]);
+        let b = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 64, 6, 1]);
+        let d = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 64, 6, 1]);
+        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Ok(()));
+        let b = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 64, 5, 1]);
+        let d = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 64, 5, 1]);
+        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Err(Decline::Shape));
+    }
+}

@@ -1,0 +1,463 @@
+//! Typed constructors for the ops the backend emits, and the whole-program forms it uses.
+//!
+//! Every constructor stores its arguments sorted by name, because that is how coremltools and
+//! Apple's compiler write them, and a byte-stable text keeps compiled-program caches keyed on the
+//! text effective. Every statement gets `name = string("<output>")`: op names must be unique and
+//! reusing the SSA name guarantees that.
+//!
+//! Op parameters that MIL requires to be compile-time constants (conv `strides`, matmul
+//! `transpose_x`, transpose `perm`, ...) are passed as *names of const statements*, never inline
+//! literals: the ANE compiler rejects inline `transpose_x = bool(false)` (reported by Orion), and
+//! named consts are what coremltools writes too.
+
+use crate::{Arg, DType, Function, Literal, Program, Scalar, Statement, ValueType};
+
+/// Where the single weight file of a program lives, as the ANE compiler resolves it: `@model_path`
+/// is the directory handed to the compiler alongside the MIL text.
+pub const WEIGHT_PATH: &str = "@model_path/weights/weight.bin";
+
+/// MIL syntax version every direct-ANE project uses and the iOS18-era compiler accepts.
+pub const PROGRAM_VERSION: &str = "1.3";
+
+/// Opset of `main`: iOS18 is the newest opset coremltools 9.0 knows, and what the compiler on
+/// current macOS expects.
+pub const OPSET: &str = "ios18";
+
+/// Offset of the first blob descriptor in a weight file (right after the 64-byte header).
+pub const FIRST_BLOB_OFFSET: u64 = 64;
+
+/// The coremltools 9.0 / coremlc 3505.4.1 `buildInfo`, byte for byte what the working direct-ANE
+/// programs carry (the values are not checked strictly, but there is no reason to differ).
+pub fn build_info() -> Vec<(String, String)> {
+    [
+        ("coremlc-component-MIL", "3510.2.1"),
+        ("coremlc-version", "3505.4.1"),
+        ("coremltools-component-milinternal", ""),
+        ("coremltools-version", "9.0"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// A program with the standard header (`program(1.3)`, [`build_info`]) around `functions`.
+pub fn program(functions: Vec<Function>) -> Program {
+    Program {
+        version: PROGRAM_VERSION.into(),
+        build_info: build_info(),
+        functions,
+    }
+}
+
+fn named(
+    output: &str,
+    ty: ValueType,
+    op: &str,
+    mut args: Vec<(&str, Arg)>,
+    extra: Vec<(&str, Literal)>,
+) -> Statement {
+    args.sort_by(|a, b| a.0.cmp(b.0));
+    let mut attrs = vec![(
+        "name".to_string(),
+        Literal::Scalar(DType::String, Scalar::Str(output.into())),
+    )];
+    attrs.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
+    Statement {
+        output: output.into(),
+        ty,
+        op: op.into(),
+        args: args.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        attrs,
+    }
+}
+
+fn var(name: &str) -> Arg {
+    Arg::Var(name.into())
+}
+
+/// `const` holding `val`; the statement's type is the literal's type.
+pub fn const_literal(output: &str, val: Literal) -> Statement {
+    named(
+        output,
+        val.value_type(),
+        "const",
+        Vec::new(),
+        vec![("val", val)],
+    )
+}
+
+/// A scalar const, e.g. `int32 g = const()[name = string("g"), val = int32(1)];`.
+pub fn const_scalar(output: &str, dtype: DType, value: Scalar) -> Statement {
+    const_literal(output, Literal::Scalar(dtype, value))
+}
+
+/// An inline tensor const, e.g. `tensor<int32, [2]> s = const()[..., val = tensor<int32, [2]>([1, 1])];`.
+///
+/// # Panics
+///
+/// If `values.len()` differs from the number of elements of `ty`.
+pub fn const_tensor(output: &str, ty: ValueType, values: Vec<Scalar>) -> Statement {
+    assert_eq!(
+        values.len(),
+        ty.numel(),
+        "const_tensor {output}: value count does not match {ty:?}"
+    );
+    const_literal(output, Literal::Tensor(ty, values))
+}
+
+/// An int32 vector const (shapes, perms, strides, pads).
+pub fn const_i32s(output: &str, values: &[i64]) -> Statement {
+    const_tensor(
+        output,
+        ValueType::tensor(DType::Int32, &[values.len()]),
+        values.iter().map(|&v| Scalar::Int(v)).collect(),
+    )
+}
+
+/// A const whose value lives in a weight file; `offset` is the blob's *descriptor* offset, as
+/// returned by [`crate::blob::BlobWriter::push`].
+pub fn const_blob(output: &str, ty: ValueType, path: &str, offset: u64) -> Statement {
+    const_literal(
+        output,
+        Literal::Blob {
+            ty,
+            path: path.into(),
+            offset,
+        },
+    )
+}
+
+/// Names of the const statements holding a conv's parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvParams<'a> {
+    /// int32 `[2]`.
+    pub dilations: &'a str,
+    /// int32 scalar.
+    pub groups: &'a str,
+    /// int32 `[4]`.
+    pub pad: &'a str,
+    /// string scalar.
+    pub pad_type: &'a str,
+    /// int32 `[2]`.
+    pub strides: &'a str,
+}
+
+/// `conv(dilations, groups, pad, pad_type, strides, weight, x)`; `ty` is the output type.
+pub fn conv(output: &str, ty: ValueType, x: &str, weight: &str, p: ConvParams<'_>) -> Statement {
+    let args = vec![
+        ("dilations", var(p.dilations)),
+        ("groups", var(p.groups)),
+        ("pad", var(p.pad)),
+        ("pad_type", var(p.pad_type)),
+        ("strides", var(p.strides)),
+        ("weight", var(weight)),
+        ("x", var(x)),
+    ];
+    named(output, ty, "conv", args, Vec::new())
+}
+
+/// `matmul(transpose_x, transpose_y, x, y)`; the transposes are names of bool consts.
+pub fn matmul(
+    output: &str,
+    ty: ValueType,
+    x: &str,
+    y: &str,
+    transpose_x: &str,
+    transpose_y: &str,
+) -> Statement {
+    let args = vec![
+        ("transpose_x", var(transpose_x)),
+        ("transpose_y", var(transpose_y)),
+        ("x", var(x)),
+        ("y", var(y)),
+    ];
+    named(output, ty, "matmul", args, Vec::new())
+}
+
+/// `transpose(perm, x)`; `perm` names an int32 vector const.
+pub fn transpose(output: &str, ty: ValueType, x: &str, perm: &str) -> Statement {
+    named(
+        output,
+        ty,
+        "transpose",
+        vec![("perm", var(perm)), ("x", var(x))],
+        Vec::new(),
+    )
+}
+
+/// `reshape(shape, x)`; `shape` names an int32 vector const.
+pub fn reshape(output: &str, ty: ValueType, x: &str, shape: &str) -> Statement {
+    named(
+        output,
+        ty,
+        "reshape",
+        vec![("shape", var(shape)), ("x", var(x))],
+        Vec::new(),
+    )
+}
+
+/// `cast(dtype, x)`; `dtype` names a string const such as `"fp16"`.
+pub fn cast(output: &str, ty: ValueType, x: &str, dtype: &str) -> Statement {
+    named(
+        output,
+        ty,
+        "cast",
+        vec![("dtype", var(dtype)), ("x", var(x))],
+        Vec::new(),
+    )
+}
+
+/// Accumulates one function: inputs, statements, outputs.
+///
+/// # Examples
+///
+/// ```
+/// use ane_mil::{build::{self, FunctionBuilder}, DType, ValueType};
+/// let mut f = FunctionBuilder::new("main");
+/// let x = f.input("x", ValueType::tensor(DType::Fp16, &[1, 4]));
+/// let perm = f.push(build::const_i32s("perm", &[1, 0]));
+/// let y = f.push(build::transpose("y", ValueType::tensor(DType::Fp16, &[4, 1]), &x, &perm));
+/// f.output(&y);
+/// let p = build::program(vec![f.finish()]);
+/// assert_eq!(p.functions[0].statements.len(), 2);
+/// ```
+#[derive(Clone, Debug)]
+pub struct FunctionBuilder {
+    f: Function,
+}
+
+impl FunctionBuilder {
+    /// An empty function in the [`OPSET`] opset.
+    pub fn new(name: &str) -> Self {
+        FunctionBuilder {
+            f: Function {
+                name: name.into(),
+                opset: OPSET.into(),
+                inputs: Vec::new(),
+                statements: Vec::new(),
+                outputs: Vec::new(),
+            },
+        }
+    }
+
+    /// Adds a parameter and returns its name.
+    pub fn input(&mut self, name: &str, ty: ValueType) -> String {
+        self.f.inputs.push((name.into(), ty));
+        name.into()
+    }
+
+    /// Appends a statement and returns the name of its output.
+    pub fn push(&mut self, st: Statement) -> String {
+        let out = st.output.clone();
+        self.f.statements.push(st);
+        out
+    }
+
+    /// Adds a bool scalar const and returns its name.
+    pub fn const_bool(&mut self, name: &str, v: bool) -> String {
+        self.push(const_scalar(name, DType::Bool, Scalar::Bool(v)))
+    }
+
+    /// Adds an int32 scalar const and returns its name.
+    pub fn const_i32(&mut self, name: &str, v: i64) -> String {
+        self.push(const_scalar(name, DType::Int32, Scalar::Int(v)))
+    }
+
+    /// Adds a string scalar const and returns its name.
+    pub fn const_string(&mut self, name: &str, v: &str) -> String {
+        self.push(const_scalar(name, DType::String, Scalar::Str(v.into())))
+    }
+
+    /// Adds an int32 vector const and returns its name.
+    pub fn const_i32s(&mut self, name: &str, v: &[i64]) -> String {
+        self.push(const_i32s(name, v))
+    }
+
+    /// The five consts of a 1x1-style conv with `valid` padding, unit strides and dilations and
+    /// one group, named `c_*`.
+    pub fn conv_defaults(&mut self) -> ConvDefaults {
+        ConvDefaults {
+            pad_type: self.const_string("c_pad_type", "valid"),
+            strides: self.const_i32s("c_strides", &[1, 1]),
+            pad: self.const_i32s("c_pad", &[0, 0, 0, 0]),
+            dilations: self.const_i32s("c_dilations", &[1, 1]),
+            groups: self.const_i32("c_groups", 1),
+        }
+    }
+
+    /// Marks a value as a function output (in call order).
+    pub fn output(&mut self, name: &str) {
+        self.f.outputs.push(name.into());
+    }
+
+    /// The finished function.
+    pub fn finish(self) -> Function {
+        self.f
+    }
+}
+
+/// Names of the consts made by [`FunctionBuilder::conv_defaults`].
+#[derive(Clone, Debug)]
+pub struct ConvDefaults {
+    /// `"valid"`.
+    pub pad_type: String,
+    /// `[1, 1]`.
+    pub strides: String,
+    /// `[0, 0, 0, 0]`.
+    pub pad: String,
+    /// `[1, 1]`.
+    pub dilations: String,
+    /// `1`.
+    pub groups: String,
+}
+
+impl ConvDefaults {
+    /// As [`ConvParams`] for [`conv`].
+    pub fn params(&self) -> ConvParams<'_> {
+        ConvParams {
+            dilations: &self.dilations,
+            groups: &self.groups,
+            pad: &self.pad,
+            pad_type: &self.pad_type,
+            strides: &self.strides,
+        }
+    }
+}
+
+fn fp16(shape: &[usize]) -> ValueType {
+    ValueType::tensor(DType::Fp16, shape)
+}
+
+/// `y[1, m, 1, n] = W[m, k] · x[1, k, 1, n]` as a 1x1 conv with `W` baked into the program.
+///
+/// This is the form every direct-ANE project uses for a weight matrix, because the ANE is a
+/// convolution engine and the constant weight can be laid out for it at compile time.
+/// Activations are channel-first (element `(k_i, n_i)` of `x` at `k_i * n + n_i`), so no
+/// transposes are needed around the conv. `W: tensor<fp16, [m, k, 1, 1]>` is the first blob of
+/// [`WEIGHT_PATH`] (descriptor offset 64), row-major, which is also ggml's src0 row layout;
+/// [`weights_blob_fp16`] writes it.
+pub fn conv_matmul(k: usize, m: usize, n: usize) -> Program {
+    let mut f = FunctionBuilder::new("main");
+    let x = f.input("x", fp16(&[1, k, 1, n]));
+    let c = f.conv_defaults();
+    let w = f.push(const_blob(
+        "W",
+        fp16(&[m, k, 1, 1]),
+        WEIGHT_PATH,
+        FIRST_BLOB_OFFSET,
+    ));
+    let y = f.push(conv("y", fp16(&[1, m, 1, n]), &x, &w, c.params()));
+    f.output(&y);
+    program(vec![f.finish()])
+}
+
+/// `y[1, m, 1, n] = W[m, k] · x[k, n]` with both operands as runtime inputs, so that one compiled
+/// program serves every weight matrix of the same shape.
+///
+/// Inputs are `a_x: tensor<fp16, [1, 1, k, n]>` and `b_w: tensor<fp16, [1, 1, m, k]>`. Their names
+/// start with `a_`/`b_` because the ANE binds input surfaces in alphabetical name order, not in
+/// declaration order; making both orders agree removes a class of silent mix-ups. The product
+/// `matmul(x = b_w, y = a_x)` is `[1, 1, m, n]`, reshaped to the same `[1, m, 1, n]` output layout
+/// as [`conv_matmul`].
+pub fn dyn_matmul(k: usize, m: usize, n: usize) -> Program {
+    let mut f = FunctionBuilder::new("main");
+    let a_x = f.input("a_x", fp16(&[1, 1, k, n]));
+    let b_w = f.input("b_w", fp16(&[1, 1, m, k]));
+    let tx = f.const_bool("mm_transpose_x", false);
+    let ty = f.const_bool("mm_transpose_y", false);
+    let shape = f.const_i32s("y_shape", &[1, m as i64, 1, n as i64]);
+    let prod = f.push(matmul("mm", fp16(&[1, 1, m, n]), &b_w, &a_x, &tx, &ty));
+    let y = f.push(reshape("y", fp16(&[1, m, 1, n]), &prod, &shape));
+    f.output(&y);
+    program(vec![f.finish()])
+}
+
+/// A one-blob `weight.bin` holding `w` (row-major `[m, k]`) as fp16, for [`conv_matmul`].
+///
+/// # Examples
+///
+/// ```
+/// let w = vec![half::f16::ONE; 96 * 64];
+/// let file = ane_mil::build::weights_blob_fp16(&w);
+/// assert_eq!(file.len(), 128 + 96 * 64 * 2);
+/// ```
+pub fn weights_blob_fp16(w: &[half::f16]) -> Vec<u8> {
+    let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut writer = crate::blob::BlobWriter::new();
+    let offset = writer.push(DType::Fp16, &bytes, 0);
+    debug_assert_eq!(offset, FIRST_BLOB_OFFSET);
+    writer.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sorted(st: &Statement) -> bool {
+        st.args.windows(2).all(|w| w[0].0 < w[1].0)
+    }
+
+    #[test]
+    fn op_arguments_are_sorted_and_named() {
+        for p in [conv_matmul(8, 4, 2), dyn_matmul(8, 4, 2)] {
+            let f = p.function("main").unwrap();
+            for st in &f.statements {
+                assert!(sorted(st), "{}", st.output);
+                assert_eq!(
+                    st.attr("name"),
+                    Some(&Literal::Scalar(
+                        DType::String,
+                        Scalar::Str(st.output.clone())
+                    ))
+                );
+                for (_, a) in &st.args {
+                    let Arg::Var(v) = a else {
+                        panic!("inline literal in {}", st.output)
+                    };
+                    assert!(f.value_type(v).is_some(), "undefined {v}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn conv_matmul_shapes() {
+        let p = conv_matmul(64, 96, 32);
+        let f = &p.functions[0];
+        assert_eq!(f.inputs, vec![("x".to_string(), fp16(&[1, 64, 1, 32]))]);
+        assert_eq!(
+            f.statements
+                .iter()
+                .find(|s| s.output == "W")
+                .unwrap()
+                .attr("val"),
+            Some(&Literal::Blob {
+                ty: fp16(&[96, 64, 1, 1]),
+                path: WEIGHT_PATH.into(),
+                offset: 64
+            })
+        );
+        assert_eq!(f.value_type("y"), Some(&fp16(&[1, 96, 1, 32])));
+        assert_eq!(f.outputs, ["y"]);
+    }
+
+    #[test]
+    fn dyn_matmul_inputs_sort_in_binding_order() {
+        let p = dyn_matmul(64, 96, 32);
+        let f = &p.functions[0];
+        let names: Vec<&str> = f.inputs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a_x", "b_w"]);
+        assert_eq!(f.value_type("mm"), Some(&fp16(&[1, 1, 96, 32])));
+        assert_eq!(f.value_type("y"), Some(&fp16(&[1, 96, 1, 32])));
+    }
+
+    #[test]
+    fn weights_blob_layout() {
+        let w: Vec<half::f16> = (0..6).map(|i| half::f16::from_f32(i as f32)).collect();
+        let file = weights_blob_fp16(&w);
+        let b = crate::blob::read_blob(&file, 64).unwrap();
+        assert_eq!(b.dtype, DType::Fp16);
+        assert_eq!(&b.data[2..4], &half::f16::ONE.to_le_bytes());
+        assert_eq!(file.len(), 128 + 12);
+    }
+}

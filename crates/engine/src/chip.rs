@@ -43,7 +43,10 @@ impl Chip {
             Chip::M1 | Chip::M2 | Chip::M3 | Chip::Unknown => 16384,
             Chip::M4 | Chip::M5 => 65536,
         };
-        ChipLimits { max_axis, max_loaded_programs: 128 }
+        ChipLimits {
+            max_axis,
+            max_loaded_programs: 128,
+        }
     }
 }
 
@@ -70,7 +73,9 @@ impl FromStr for Chip {
             "m4" => Ok(Chip::M4),
             "m5" => Ok(Chip::M5),
             "unknown" => Ok(Chip::Unknown),
-            other => Err(format!("unknown chip `{other}` (expected m1..m5 or unknown)")),
+            other => Err(format!(
+                "unknown chip `{other}` (expected m1..m5 or unknown)"
+            )),
         }
     }
 }

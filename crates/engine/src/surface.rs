@@ -46,7 +46,9 @@ impl Surface {
     /// A zeroed surface of `alloc` bytes (rounded up to an even count). Use [`alloc_size`] /
     /// [`request_alloc_size`] to choose it.
     pub fn new(alloc: usize) -> Self {
-        Surface { halves: vec![half::f16::ZERO; alloc.div_ceil(2)] }
+        Surface {
+            halves: vec![half::f16::ZERO; alloc.div_ceil(2)],
+        }
     }
 
     /// Allocation size in bytes.
@@ -57,14 +59,19 @@ impl Surface {
     /// Raw bytes.
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: f16 is two plain bytes; any u8 view of it is valid and the length is exact.
-        unsafe { std::slice::from_raw_parts(self.halves.as_ptr().cast::<u8>(), self.halves.len() * 2) }
+        unsafe {
+            std::slice::from_raw_parts(self.halves.as_ptr().cast::<u8>(), self.halves.len() * 2)
+        }
     }
 
     /// Raw bytes, writable.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: every bit pattern is a valid f16, so writing arbitrary bytes is sound.
         unsafe {
-            std::slice::from_raw_parts_mut(self.halves.as_mut_ptr().cast::<u8>(), self.halves.len() * 2)
+            std::slice::from_raw_parts_mut(
+                self.halves.as_mut_ptr().cast::<u8>(),
+                self.halves.len() * 2,
+            )
         }
     }
 

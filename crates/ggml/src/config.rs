@@ -54,19 +54,27 @@ pub const DEFAULT_MAX_PROGRAMS: usize = 96;
 impl Config {
     /// Reads the settings through `get` (the environment in production, a map in tests); warnings go
     /// to `warn`.
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>, mut warn: impl FnMut(String)) -> Config {
+    pub fn from_lookup(
+        get: impl Fn(&str) -> Option<String>,
+        mut warn: impl FnMut(String),
+    ) -> Config {
         let mut parse = |name: &str, default: &str, ok: &dyn Fn(&str) -> bool| -> String {
             match get(name) {
                 Some(v) if ok(v.trim()) => v.trim().to_ascii_lowercase(),
                 Some(v) => {
-                    warn(format!("ggml-ane: ignoring {name}={v:?} (invalid); using {default}"));
+                    warn(format!(
+                        "ggml-ane: ignoring {name}={v:?} (invalid); using {default}"
+                    ));
                     default.to_string()
                 }
                 None => default.to_string(),
             }
         };
         let engine = match parse("GGML_ANE_ENGINE", "auto", &|v| {
-            matches!(v.to_ascii_lowercase().as_str(), "auto" | "ane" | "reference")
+            matches!(
+                v.to_ascii_lowercase().as_str(),
+                "auto" | "ane" | "reference"
+            )
         })
         .as_str()
         {
@@ -75,16 +83,39 @@ impl Config {
             _ => EngineChoice::Auto,
         };
         let positive = |v: &str| v.parse::<usize>().is_ok_and(|n| n >= 1);
-        let min_batch = parse("GGML_ANE_MIN_BATCH", &DEFAULT_MIN_BATCH.to_string(), &positive).parse().unwrap_or(DEFAULT_MIN_BATCH);
-        let max_programs =
-            parse("GGML_ANE_MAX_PROGRAMS", &DEFAULT_MAX_PROGRAMS.to_string(), &positive).parse().unwrap_or(DEFAULT_MAX_PROGRAMS);
-        let stats = match parse("GGML_ANE_STATS", "0", &|v| matches!(v.to_ascii_lowercase().as_str(), "0" | "1" | "json" | "")).as_str() {
+        let min_batch = parse(
+            "GGML_ANE_MIN_BATCH",
+            &DEFAULT_MIN_BATCH.to_string(),
+            &positive,
+        )
+        .parse()
+        .unwrap_or(DEFAULT_MIN_BATCH);
+        let max_programs = parse(
+            "GGML_ANE_MAX_PROGRAMS",
+            &DEFAULT_MAX_PROGRAMS.to_string(),
+            &positive,
+        )
+        .parse()
+        .unwrap_or(DEFAULT_MAX_PROGRAMS);
+        let stats = match parse("GGML_ANE_STATS", "0", &|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "0" | "1" | "json" | "")
+        })
+        .as_str()
+        {
             "1" => StatsMode::Table,
             "json" => StatsMode::Json,
             _ => StatsMode::Off,
         };
-        let chip = parse("GGML_ANE_CHIP", "m4", &|v| Chip::from_str(v).is_ok()).parse().unwrap_or(Chip::M4);
-        Config { engine, min_batch, stats, chip, max_programs }
+        let chip = parse("GGML_ANE_CHIP", "m4", &|v| Chip::from_str(v).is_ok())
+            .parse()
+            .unwrap_or(Chip::M4);
+        Config {
+            engine,
+            min_batch,
+            stats,
+            chip,
+            max_programs,
+        }
     }
 
     /// The process-wide settings, read on first use.
@@ -100,7 +131,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn cfg(pairs: &[(&str, &str)]) -> (Config, Vec<String>) {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut warnings = Vec::new();
         let c = Config::from_lookup(|k| map.get(k).cloned(), |w| warnings.push(w));
         (c, warnings)
@@ -127,13 +161,20 @@ mod tests {
             ("GGML_ANE_MAX_PROGRAMS", "8"),
         ]);
         assert_eq!(c.engine, EngineChoice::Reference);
-        assert_eq!((c.min_batch, c.stats, c.chip, c.max_programs), (1, StatsMode::Json, Chip::M1, 8));
+        assert_eq!(
+            (c.min_batch, c.stats, c.chip, c.max_programs),
+            (1, StatsMode::Json, Chip::M1, 8)
+        );
         assert!(w.is_empty());
     }
 
     #[test]
     fn bad_values_warn_once_each_and_default() {
-        let (c, w) = cfg(&[("GGML_ANE_ENGINE", "gpu"), ("GGML_ANE_MIN_BATCH", "0"), ("GGML_ANE_CHIP", "m9")]);
+        let (c, w) = cfg(&[
+            ("GGML_ANE_ENGINE", "gpu"),
+            ("GGML_ANE_MIN_BATCH", "0"),
+            ("GGML_ANE_CHIP", "m9"),
+        ]);
         assert_eq!(c.engine, EngineChoice::Auto);
         assert_eq!(c.min_batch, 64);
         assert_eq!(c.chip, Chip::M4);

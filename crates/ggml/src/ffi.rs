@@ -151,12 +151,15 @@ pub struct ggml_backend_device_i {
     pub get_memory: Option<unsafe extern "C" fn(ggml_backend_dev_t, *mut usize, *mut usize)>,
     pub get_type: Option<unsafe extern "C" fn(ggml_backend_dev_t) -> c_int>,
     pub get_props: Option<unsafe extern "C" fn(ggml_backend_dev_t, *mut ggml_backend_dev_props)>,
-    pub init_backend: Option<unsafe extern "C" fn(ggml_backend_dev_t, *const c_char) -> ggml_backend_t>,
-    pub get_buffer_type: Option<unsafe extern "C" fn(ggml_backend_dev_t) -> ggml_backend_buffer_type_t>,
+    pub init_backend:
+        Option<unsafe extern "C" fn(ggml_backend_dev_t, *const c_char) -> ggml_backend_t>,
+    pub get_buffer_type:
+        Option<unsafe extern "C" fn(ggml_backend_dev_t) -> ggml_backend_buffer_type_t>,
     pub get_host_buffer_type: Fp,
     pub buffer_from_host_ptr: Fp,
     pub supports_op: Option<unsafe extern "C" fn(ggml_backend_dev_t, *const ggml_tensor) -> bool>,
-    pub supports_buft: Option<unsafe extern "C" fn(ggml_backend_dev_t, ggml_backend_buffer_type_t) -> bool>,
+    pub supports_buft:
+        Option<unsafe extern "C" fn(ggml_backend_dev_t, ggml_backend_buffer_type_t) -> bool>,
     pub offload_op: Fp,
     pub event_new: Fp,
     pub event_free: Fp,
@@ -175,7 +178,8 @@ pub struct ggml_backend_reg_i {
     pub get_name: Option<unsafe extern "C" fn(ggml_backend_reg_t) -> *const c_char>,
     pub get_device_count: Option<unsafe extern "C" fn(ggml_backend_reg_t) -> usize>,
     pub get_device: Option<unsafe extern "C" fn(ggml_backend_reg_t, usize) -> ggml_backend_dev_t>,
-    pub get_proc_address: Option<unsafe extern "C" fn(ggml_backend_reg_t, *const c_char) -> *mut c_void>,
+    pub get_proc_address:
+        Option<unsafe extern "C" fn(ggml_backend_reg_t, *const c_char) -> *mut c_void>,
 }
 
 #[repr(C)]

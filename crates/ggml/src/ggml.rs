@@ -44,11 +44,26 @@ fn resolve_in(handle: *mut c_void) -> Option<Ggml> {
     // ggml.h / ggml-backend.h) is the one transmuted to.
     unsafe {
         Some(Ggml {
-            cpu_buffer_type: std::mem::transmute::<*mut c_void, unsafe extern "C" fn() -> ggml_backend_buffer_type_t>(a),
-            buft_is_host: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(ggml_backend_buffer_type_t) -> bool>(b),
-            get_type_traits: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int) -> *const ggml_type_traits>(c),
-            graph_n_nodes: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut ggml_cgraph) -> c_int>(d),
-            graph_node: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut ggml_cgraph, c_int) -> *mut ggml_tensor>(e),
+            cpu_buffer_type: std::mem::transmute::<
+                *mut c_void,
+                unsafe extern "C" fn() -> ggml_backend_buffer_type_t,
+            >(a),
+            buft_is_host: std::mem::transmute::<
+                *mut c_void,
+                unsafe extern "C" fn(ggml_backend_buffer_type_t) -> bool,
+            >(b),
+            get_type_traits: std::mem::transmute::<
+                *mut c_void,
+                unsafe extern "C" fn(c_int) -> *const ggml_type_traits,
+            >(c),
+            graph_n_nodes: std::mem::transmute::<
+                *mut c_void,
+                unsafe extern "C" fn(*mut ggml_cgraph) -> c_int,
+            >(d),
+            graph_node: std::mem::transmute::<
+                *mut c_void,
+                unsafe extern "C" fn(*mut ggml_cgraph, c_int) -> *mut ggml_tensor,
+            >(e),
         })
     }
 }
@@ -58,13 +73,18 @@ pub fn ggml() -> Option<&'static Ggml> {
     static GGML: OnceLock<Option<Ggml>> = OnceLock::new();
     GGML.get_or_init(|| {
         resolve_in(libc::RTLD_DEFAULT).or_else(|| {
-            [c"libggml-base.so", c"libggml-base.so.0", c"libggml-base.dylib", c"libggml-base.0.dylib"]
-                .iter()
-                .find_map(|name| {
-                    // SAFETY: RTLD_NOLOAD only returns a handle to an already loaded library.
-                    let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
-                    (!h.is_null()).then(|| resolve_in(h)).flatten()
-                })
+            [
+                c"libggml-base.so",
+                c"libggml-base.so.0",
+                c"libggml-base.dylib",
+                c"libggml-base.0.dylib",
+            ]
+            .iter()
+            .find_map(|name| {
+                // SAFETY: RTLD_NOLOAD only returns a handle to an already loaded library.
+                let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
+                (!h.is_null()).then(|| resolve_in(h)).flatten()
+            })
         })
     })
     .as_ref()

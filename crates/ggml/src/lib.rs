@@ -82,8 +82,13 @@ fn device_state() -> Result<&'static DeviceState, &'static str> {
             }
             let engine = open_engine(cfg).map_err(|e| e.to_string())?;
             Ok(DeviceState {
-                policy: Policy { min_batch: cfg.min_batch, max_axis: engine.limits().max_axis },
-                cache: Mutex::new(KernelCache::new(cfg.max_programs.min(engine.limits().max_loaded_programs))),
+                policy: Policy {
+                    min_batch: cfg.min_batch,
+                    max_axis: engine.limits().max_axis,
+                },
+                cache: Mutex::new(KernelCache::new(
+                    cfg.max_programs.min(engine.limits().max_loaded_programs),
+                )),
                 engine,
                 stats: Stats::default(),
             })
@@ -93,11 +98,18 @@ fn device_state() -> Result<&'static DeviceState, &'static str> {
 }
 
 fn desc(t: &ggml_tensor) -> TensorDesc {
-    TensorDesc { ty: t.type_, ne: t.ne, nb: t.nb }
+    TensorDesc {
+        ty: t.type_,
+        ne: t.ne,
+        nb: t.nb,
+    }
 }
 
 fn is_noop(op: i32) -> bool {
-    matches!(op, GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE)
+    matches!(
+        op,
+        GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -107,22 +119,44 @@ fn is_noop(op: i32) -> bool {
 ///
 /// # Safety
 /// `node` is a MUL_MAT of the graph ggml handed to `graph_compute`, with allocated host tensors.
-unsafe fn compute_mul_mat(dev: &DeviceState, g: &ggml::Ggml, node: &ggml_tensor) -> Result<(), String> {
+unsafe fn compute_mul_mat(
+    dev: &DeviceState,
+    g: &ggml::Ggml,
+    node: &ggml_tensor,
+) -> Result<(), String> {
     // SAFETY: a MUL_MAT node has two valid sources.
     let (s0, s1) = unsafe { (&*node.src[0], &*node.src[1]) };
     let i0 = g.type_info(s0.type_).ok_or("unknown src0 type")?;
     let i1 = g.type_info(s1.type_).ok_or("unknown src1 type")?;
     // Whatever the scheduler sends, only compute what support::mul_mat accepts shape-wise (batch
     // size and axis limits do not matter for correctness here).
-    let policy = Policy { min_batch: 0, max_axis: usize::MAX };
-    support::mul_mat(&desc(s0), &desc(s1), &desc(node), Some(i0), policy).map_err(|d| format!("unsupported MUL_MAT: {}", d.name()))?;
+    let policy = Policy {
+        min_batch: 0,
+        max_axis: usize::MAX,
+    };
+    support::mul_mat(&desc(s0), &desc(s1), &desc(node), Some(i0), policy)
+        .map_err(|d| format!("unsupported MUL_MAT: {}", d.name()))?;
     if s0.data.is_null() || s1.data.is_null() || node.data.is_null() {
         return Err("MUL_MAT tensor without data".into());
     }
-    let op = |t: &ggml_tensor| Operand { desc: desc(t), data: t.data as *const u8 };
+    let op = |t: &ggml_tensor| Operand {
+        desc: desc(t),
+        data: t.data as *const u8,
+    };
     // SAFETY: the tensors are allocated, host-resident (supports_buft), and dst does not alias its
     // sources (ggml allocates the output of an op separately from its inputs).
-    unsafe { matmul::compute(dev.engine.as_ref(), &dev.cache, &dev.stats, op(s0), i0, op(s1), i1, op(node)) };
+    unsafe {
+        matmul::compute(
+            dev.engine.as_ref(),
+            &dev.cache,
+            &dev.stats,
+            op(s0),
+            i0,
+            op(s1),
+            i1,
+            op(node),
+        )
+    };
     Ok(())
 }
 
@@ -158,7 +192,10 @@ fn print_stats(dev: &DeviceState) {
     match Config::get().stats {
         StatsMode::Off => {}
         StatsMode::Table => eprint!("{}", dev.stats.to_table(dev.engine.name(), counters)),
-        StatsMode::Json => eprintln!("ggml-ane-stats: {}", dev.stats.to_json(dev.engine.name(), counters)),
+        StatsMode::Json => eprintln!(
+            "ggml-ane-stats: {}",
+            dev.stats.to_json(dev.engine.name(), counters)
+        ),
     }
 }
 
@@ -191,7 +228,10 @@ unsafe extern "C" fn ggml_backend_ane_free(backend: ggml_backend_t) {
     })
 }
 
-unsafe extern "C" fn ggml_backend_ane_graph_compute(_backend: ggml_backend_t, cgraph: *mut ggml_cgraph) -> i32 {
+unsafe extern "C" fn ggml_backend_ane_graph_compute(
+    _backend: ggml_backend_t,
+    cgraph: *mut ggml_cgraph,
+) -> i32 {
     guard(GGML_STATUS_FAILED, || graph_compute(cgraph))
 }
 
@@ -223,14 +263,22 @@ unsafe extern "C" fn ggml_backend_ane_device_get_name(_dev: ggml_backend_dev_t) 
     c"ANE".as_ptr()
 }
 
-unsafe extern "C" fn ggml_backend_ane_device_get_description(_dev: ggml_backend_dev_t) -> *const c_char {
+unsafe extern "C" fn ggml_backend_ane_device_get_description(
+    _dev: ggml_backend_dev_t,
+) -> *const c_char {
     guard(c"Apple Neural Engine".as_ptr(), || match device_state() {
-        Ok(d) if d.engine.name() == "reference" => c"Apple Neural Engine (CPU reference engine)".as_ptr(),
+        Ok(d) if d.engine.name() == "reference" => {
+            c"Apple Neural Engine (CPU reference engine)".as_ptr()
+        }
         _ => c"Apple Neural Engine".as_ptr(),
     })
 }
 
-unsafe extern "C" fn ggml_backend_ane_device_get_memory(_dev: ggml_backend_dev_t, free: *mut usize, total: *mut usize) {
+unsafe extern "C" fn ggml_backend_ane_device_get_memory(
+    _dev: ggml_backend_dev_t,
+    free: *mut usize,
+    total: *mut usize,
+) {
     // Host memory backend: it owns no device memory of its own.
     // SAFETY: ggml passes valid out-pointers.
     unsafe {
@@ -247,10 +295,15 @@ unsafe extern "C" fn ggml_backend_ane_device_get_type(_dev: ggml_backend_dev_t) 
     GGML_BACKEND_DEVICE_TYPE_ACCEL
 }
 
-unsafe extern "C" fn ggml_backend_ane_device_get_props(dev: ggml_backend_dev_t, props: *mut ggml_backend_dev_props) {
+unsafe extern "C" fn ggml_backend_ane_device_get_props(
+    dev: ggml_backend_dev_t,
+    props: *mut ggml_backend_dev_props,
+) {
     guard((), || {
         // SAFETY: ggml passes a valid props pointer.
-        let Some(p) = (unsafe { props.as_mut() }) else { return };
+        let Some(p) = (unsafe { props.as_mut() }) else {
+            return;
+        };
         // SAFETY: the callbacks ignore their argument.
         unsafe {
             p.name = ggml_backend_ane_device_get_name(dev);
@@ -263,16 +316,26 @@ unsafe extern "C" fn ggml_backend_ane_device_get_props(dev: ggml_backend_dev_t, 
     })
 }
 
-unsafe extern "C" fn ggml_backend_ane_device_init_backend(dev: ggml_backend_dev_t, _params: *const c_char) -> ggml_backend_t {
+unsafe extern "C" fn ggml_backend_ane_device_init_backend(
+    dev: ggml_backend_dev_t,
+    _params: *const c_char,
+) -> ggml_backend_t {
     guard(null_mut(), || {
         if device_state().is_err() {
             return null_mut();
         }
-        Box::into_raw(Box::new(ggml_backend { guid: &GUID, iface: backend_iface(), device: dev, context: null_mut() }))
+        Box::into_raw(Box::new(ggml_backend {
+            guid: &GUID,
+            iface: backend_iface(),
+            device: dev,
+            context: null_mut(),
+        }))
     })
 }
 
-unsafe extern "C" fn ggml_backend_ane_device_get_buffer_type(_dev: ggml_backend_dev_t) -> ggml_backend_buffer_type_t {
+unsafe extern "C" fn ggml_backend_ane_device_get_buffer_type(
+    _dev: ggml_backend_dev_t,
+) -> ggml_backend_buffer_type_t {
     guard(null_mut(), || match ggml::ggml() {
         // SAFETY: ggml-base's CPU buffer type is a static object.
         Some(g) => unsafe { (g.cpu_buffer_type)() },
@@ -280,20 +343,33 @@ unsafe extern "C" fn ggml_backend_ane_device_get_buffer_type(_dev: ggml_backend_
     })
 }
 
-unsafe extern "C" fn ggml_backend_ane_device_supports_op(_dev: ggml_backend_dev_t, op: *const ggml_tensor) -> bool {
+unsafe extern "C" fn ggml_backend_ane_device_supports_op(
+    _dev: ggml_backend_dev_t,
+    op: *const ggml_tensor,
+) -> bool {
     guard(false, || {
         // SAFETY: ggml passes a valid tensor.
-        let Some(t) = (unsafe { op.as_ref() }) else { return false };
+        let Some(t) = (unsafe { op.as_ref() }) else {
+            return false;
+        };
         if is_noop(t.op) {
             return true;
         }
         if t.op != GGML_OP_MUL_MAT {
             return false;
         }
-        let (Ok(dev), Some(g)) = (device_state(), ggml::ggml()) else { return false };
+        let (Ok(dev), Some(g)) = (device_state(), ggml::ggml()) else {
+            return false;
+        };
         // SAFETY: a MUL_MAT has two valid sources.
         let (s0, s1) = unsafe { (&*t.src[0], &*t.src[1]) };
-        match support::mul_mat(&desc(s0), &desc(s1), &desc(t), g.type_info(s0.type_), dev.policy) {
+        match support::mul_mat(
+            &desc(s0),
+            &desc(s1),
+            &desc(t),
+            g.type_info(s0.type_),
+            dev.policy,
+        ) {
             Ok(()) => true,
             Err(d) => {
                 dev.stats.declined[d.index()].fetch_add(1, Relaxed);
@@ -303,7 +379,10 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(_dev: ggml_backend_dev_
     })
 }
 
-unsafe extern "C" fn ggml_backend_ane_device_supports_buft(_dev: ggml_backend_dev_t, buft: ggml_backend_buffer_type_t) -> bool {
+unsafe extern "C" fn ggml_backend_ane_device_supports_buft(
+    _dev: ggml_backend_dev_t,
+    buft: ggml_backend_buffer_type_t,
+) -> bool {
     guard(false, || match ggml::ggml() {
         // SAFETY: ggml passes a valid buffer type.
         Some(g) => unsafe { (g.buft_is_host)(buft) },
@@ -329,9 +408,9 @@ static DEVICE: SyncCell<ggml_backend_device> = SyncCell(ggml_backend_device {
         buffer_from_host_ptr: None, // weights stay in llama.cpp's CPU buffers
         supports_op: Some(ggml_backend_ane_device_supports_op),
         supports_buft: Some(ggml_backend_ane_device_supports_buft),
-        offload_op: None,        // weights live in host buffers; supports_op decides placement
-        event_new: None,         // no events
-        event_free: None,        // no events
+        offload_op: None, // weights live in host buffers; supports_op decides placement
+        event_new: None,  // no events
+        event_free: None, // no events
         event_synchronize: None, // no events
     },
     reg: addr_of!(REG.0) as *mut ggml_backend_reg,
@@ -349,7 +428,10 @@ unsafe extern "C" fn ggml_backend_ane_reg_get_device_count(_reg: ggml_backend_re
     1
 }
 
-unsafe extern "C" fn ggml_backend_ane_reg_get_device(_reg: ggml_backend_reg_t, index: usize) -> ggml_backend_dev_t {
+unsafe extern "C" fn ggml_backend_ane_reg_get_device(
+    _reg: ggml_backend_reg_t,
+    index: usize,
+) -> ggml_backend_dev_t {
     if index == 0 {
         addr_of!(DEVICE.0) as *mut ggml_backend_device
     } else {
@@ -357,7 +439,10 @@ unsafe extern "C" fn ggml_backend_ane_reg_get_device(_reg: ggml_backend_reg_t, i
     }
 }
 
-unsafe extern "C" fn ggml_backend_ane_reg_get_proc_address(_reg: ggml_backend_reg_t, _name: *const c_char) -> *mut c_void {
+unsafe extern "C" fn ggml_backend_ane_reg_get_proc_address(
+    _reg: ggml_backend_reg_t,
+    _name: *const c_char,
+) -> *mut c_void {
     // No optional functions (set_n_threads etc.): the engine does not use CPU threads.
     null_mut()
 }
@@ -419,7 +504,10 @@ mod tests {
             assert!(!dev.is_null());
             assert_eq!((*dev).reg, reg);
             assert!(get_device(reg, 1).is_null());
-            assert_eq!(ggml_backend_ane_device_get_type(dev), GGML_BACKEND_DEVICE_TYPE_ACCEL);
+            assert_eq!(
+                ggml_backend_ane_device_get_type(dev),
+                GGML_BACKEND_DEVICE_TYPE_ACCEL
+            );
         }
     }
 

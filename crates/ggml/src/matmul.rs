@@ -54,7 +54,12 @@ pub struct KernelCache {
 impl KernelCache {
     /// A cache that keeps at most `max` programs loaded.
     pub fn new(max: usize) -> Self {
-        KernelCache { entries: HashMap::new(), failed: HashSet::new(), tick: 0, max: max.max(1) }
+        KernelCache {
+            entries: HashMap::new(),
+            failed: HashSet::new(),
+            tick: 0,
+            max: max.max(1),
+        }
     }
 
     /// Number of programs loaded through this cache.
@@ -77,16 +82,26 @@ impl KernelCache {
         self.tick += 1;
         if let Some(e) = self.entries.get_mut(&key) {
             e.1 = self.tick;
-            stats.cache_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats
+                .cache_hits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(e.0);
         }
         if self.failed.contains(&key) {
             // A program that failed once fails again; don't pay for the compile on every call.
-            return Err(EngineError::Compile("this program failed to compile earlier".into()));
+            return Err(EngineError::Compile(
+                "this program failed to compile earlier".into(),
+            ));
         }
-        stats.cache_misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .cache_misses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         while self.entries.len() >= self.max {
-            let (&old, &(id, _)) = self.entries.iter().min_by_key(|(_, (_, t))| *t).expect("non-empty");
+            let (&old, &(id, _)) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .expect("non-empty");
             self.entries.remove(&old);
             engine.unload(id);
         }
@@ -135,7 +150,14 @@ unsafe fn read_plain(ty: i32, base: *const u8, off: usize) -> f32 {
 /// # Safety
 /// The operand must describe readable memory; for non-plain types, rows must be contiguous blocks
 /// (checked by `supports_op`) and `info.to_float` must be set.
-unsafe fn read_row(op: &Operand, info: &TypeInfo, i1: usize, i2: usize, i3: usize, out: &mut [f32]) {
+unsafe fn read_row(
+    op: &Operand,
+    info: &TypeInfo,
+    i1: usize,
+    i2: usize,
+    i3: usize,
+    out: &mut [f32],
+) {
     let d = &op.desc;
     let base = i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3];
     if is_plain(d.ty) {
@@ -155,7 +177,13 @@ unsafe fn read_row(op: &Operand, info: &TypeInfo, i1: usize, i2: usize, i3: usiz
 ///
 /// # Safety
 /// As for [`read_row`].
-unsafe fn weight_hash(op: &Operand, info: &TypeInfo, i2: usize, i3: usize, widened: &mut Option<Vec<f32>>) -> u128 {
+unsafe fn weight_hash(
+    op: &Operand,
+    info: &TypeInfo,
+    i2: usize,
+    i3: usize,
+    widened: &mut Option<Vec<f32>>,
+) -> u128 {
     let d = &op.desc;
     let (k, m) = (d.ne[0] as usize, d.ne[1] as usize);
     let mut h = Xxh3::new();
@@ -165,7 +193,12 @@ unsafe fn weight_hash(op: &Operand, info: &TypeInfo, i2: usize, i3: usize, widen
         let row_bytes = k / info.blck_size * info.type_size;
         for i1 in 0..m {
             // SAFETY: the row is `row_bytes` contiguous readable bytes.
-            let row = unsafe { std::slice::from_raw_parts(op.data.add(i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3]), row_bytes) };
+            let row = unsafe {
+                std::slice::from_raw_parts(
+                    op.data.add(i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3]),
+                    row_bytes,
+                )
+            };
             h.update(row);
         }
     } else {
@@ -198,6 +231,7 @@ unsafe fn widen_matrix(op: &Operand, info: &TypeInfo, i2: usize, i3: usize) -> V
 /// # Safety
 /// `src0`, `src1` and `dst` must describe valid tensors of a MUL_MAT that [`crate::support::mul_mat`]
 /// accepted; `dst` memory must be writable and not overlap the sources.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn compute(
     engine: &dyn Engine,
     cache: &Mutex<KernelCache>,
@@ -221,7 +255,10 @@ pub unsafe fn compute(
         for i02 in 0..ne02 {
             // Every src1 column (n, i12, i13) that multiplies this src0 matrix.
             let cols: Vec<(usize, usize, usize)> = (i03 * r3..(i03 + 1) * r3)
-                .flat_map(|i13| (i02 * r2..(i02 + 1) * r2).flat_map(move |i12| (0..n).map(move |i1| (i1, i12, i13))))
+                .flat_map(|i13| {
+                    (i02 * r2..(i02 + 1) * r2)
+                        .flat_map(move |i12| (0..n).map(move |i1| (i1, i12, i13)))
+                })
                 .collect();
             let t = Instant::now();
             let mut widened: Option<Vec<f32>> = None;
@@ -230,25 +267,57 @@ pub unsafe fn compute(
             add_time(&stats.ns_convert, t.elapsed());
             for chunk in cols.chunks(max_cols) {
                 let np = spatial_bucket(chunk.len());
-                let key = Key { weights: wkey, m, k, n: np };
+                let key = Key {
+                    weights: wkey,
+                    m,
+                    k,
+                    n: np,
+                };
                 let result = {
                     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
                     // SAFETY: forwarded contract.
-                    unsafe { dispatch(engine, &mut cache, stats, key, &src0, &src0_info, i02, i03, &mut widened, &src1, &src1_info, chunk, &dst) }
+                    unsafe {
+                        dispatch(
+                            engine,
+                            &mut cache,
+                            stats,
+                            key,
+                            &src0,
+                            &src0_info,
+                            i02,
+                            i03,
+                            &mut widened,
+                            &src1,
+                            &src1_info,
+                            chunk,
+                            &dst,
+                        )
+                    }
                 };
                 if let Err(_e) = result {
                     any_fallback = true;
                     let t = Instant::now();
                     // SAFETY: forwarded contract.
-                    let w = widened.get_or_insert_with(|| unsafe { widen_matrix(&src0, &src0_info, i02, i03) });
+                    let w = widened.get_or_insert_with(|| unsafe {
+                        widen_matrix(&src0, &src0_info, i02, i03)
+                    });
                     for &(i1, i12, i13) in chunk {
                         // SAFETY: forwarded contract.
                         unsafe { read_row(&src1, &src1_info, i1, i12, i13, &mut xrow) };
                         for (mi, wrow) in w.chunks_exact(k).enumerate() {
                             let acc: f32 = wrow.iter().zip(&xrow).map(|(a, b)| a * b).sum();
-                            let off = mi * dst.desc.nb[0] + i1 * dst.desc.nb[1] + i12 * dst.desc.nb[2] + i13 * dst.desc.nb[3];
+                            let off = mi * dst.desc.nb[0]
+                                + i1 * dst.desc.nb[1]
+                                + i12 * dst.desc.nb[2]
+                                + i13 * dst.desc.nb[3];
                             // SAFETY: dst is writable f32 at every in-bounds index.
-                            unsafe { dst.data.cast_mut().add(off).cast::<f32>().write_unaligned(acc) };
+                            unsafe {
+                                dst.data
+                                    .cast_mut()
+                                    .add(off)
+                                    .cast::<f32>()
+                                    .write_unaligned(acc)
+                            };
                         }
                     }
                     add_time(&stats.ns_fallback, t.elapsed());
@@ -295,7 +364,13 @@ unsafe fn dispatch(
         let mil = ane_mil::text::emit(&ane_mil::build::conv_matmul(k, m, np));
         let blob = ane_mil::build::weights_blob_fp16(&w16);
         build_time = tb.elapsed();
-        (mil, vec![WeightFile { path: ane_mil::build::WEIGHT_PATH.to_string(), bytes: blob }])
+        (
+            mil,
+            vec![WeightFile {
+                path: ane_mil::build::WEIGHT_PATH.to_string(),
+                bytes: blob,
+            }],
+        )
     });
     add_time(&stats.ns_convert, build_time);
     add_time(&stats.ns_engine, t.elapsed().saturating_sub(build_time));
@@ -330,7 +405,13 @@ unsafe fn dispatch(
         let base = i1 * dst.desc.nb[1] + i12 * dst.desc.nb[2] + i13 * dst.desc.nb[3];
         for mi in 0..m {
             // SAFETY: dst is writable f32 at every in-bounds index.
-            unsafe { dst.data.cast_mut().add(base + mi * dst.desc.nb[0]).cast::<f32>().write_unaligned(ys[mi * np + c].to_f32()) };
+            unsafe {
+                dst.data
+                    .cast_mut()
+                    .add(base + mi * dst.desc.nb[0])
+                    .cast::<f32>()
+                    .write_unaligned(ys[mi * np + c].to_f32())
+            };
         }
     }
     add_time(&stats.ns_convert, t.elapsed());

@@ -44,7 +44,12 @@ impl Stats {
         let ms = |c: &AtomicU64| c.load(Relaxed) as f64 / 1e6;
         let declined: serde_json::Map<String, serde_json::Value> = Decline::ALL
             .iter()
-            .map(|d| (d.name().to_string(), self.declined[d.index()].load(Relaxed).into()))
+            .map(|d| {
+                (
+                    d.name().to_string(),
+                    self.declined[d.index()].load(Relaxed).into(),
+                )
+            })
             .collect();
         serde_json::json!({
             "engine": engine,
@@ -68,12 +73,28 @@ impl Stats {
         let ms = |c: &AtomicU64| c.load(Relaxed) as f64 / 1e6;
         let mut s = String::new();
         s.push_str(&format!("ggml-ane stats (engine: {engine})\n"));
-        s.push_str(&format!("  MUL_MAT on ANE device    {:>10}\n", self.ops_offloaded.load(Relaxed)));
-        s.push_str(&format!("  MUL_MAT CPU fallback     {:>10}\n", self.ops_fallback.load(Relaxed)));
-        s.push_str(&format!("  engine dispatches        {:>10}\n", self.dispatches.load(Relaxed)));
+        s.push_str(&format!(
+            "  MUL_MAT on ANE device    {:>10}\n",
+            self.ops_offloaded.load(Relaxed)
+        ));
+        s.push_str(&format!(
+            "  MUL_MAT CPU fallback     {:>10}\n",
+            self.ops_fallback.load(Relaxed)
+        ));
+        s.push_str(&format!(
+            "  engine dispatches        {:>10}\n",
+            self.dispatches.load(Relaxed)
+        ));
         s.push_str(&format!("  programs compiled        {:>10}\n", e.compiles));
-        s.push_str(&format!("  programs loaded (peak)   {:>10}\n", e.loaded_peak));
-        s.push_str(&format!("  kernel cache hits/misses {:>10} / {}\n", self.cache_hits.load(Relaxed), self.cache_misses.load(Relaxed)));
+        s.push_str(&format!(
+            "  programs loaded (peak)   {:>10}\n",
+            e.loaded_peak
+        ));
+        s.push_str(&format!(
+            "  kernel cache hits/misses {:>10} / {}\n",
+            self.cache_hits.load(Relaxed),
+            self.cache_misses.load(Relaxed)
+        ));
         s.push_str("  MUL_MAT declined (supports_op calls, by reason):\n");
         for d in Decline::ALL {
             let n = self.declined[d.index()].load(Relaxed);
@@ -100,14 +121,29 @@ mod tests {
         let s = Stats::default();
         s.ops_offloaded.fetch_add(3, Relaxed);
         s.declined[Decline::SmallBatch.index()].fetch_add(2, Relaxed);
-        let j = s.to_json("reference", EngineCounters { compiles: 4, loaded_peak: 2, ..Default::default() });
+        let j = s.to_json(
+            "reference",
+            EngineCounters {
+                compiles: 4,
+                loaded_peak: 2,
+                ..Default::default()
+            },
+        );
         assert_eq!(j["ops_offloaded"], 3);
         assert_eq!(j["declined"]["small_batch"], 2);
         assert_eq!(j["programs_compiled"], 4);
         assert_eq!(j["programs_loaded_peak"], 2);
-        for k in ["ops_fallback", "ms_convert", "ms_engine", "ms_fallback", "engine"] {
+        for k in [
+            "ops_fallback",
+            "ms_convert",
+            "ms_engine",
+            "ms_fallback",
+            "engine",
+        ] {
             assert!(j.get(k).is_some(), "{k}");
         }
-        assert!(s.to_table("reference", EngineCounters::default()).contains("small_batch"));
+        assert!(s
+            .to_table("reference", EngineCounters::default())
+            .contains("small_batch"));
     }
 }

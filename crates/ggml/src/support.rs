@@ -36,7 +36,7 @@ pub enum Decline {
     SmallBatch,
     /// dst is not F32.
     DstType,
-    /// src1 is neither F32 nor F16.
+    /// src1 is not F32, F16 or BF16.
     Src1Type,
     /// src0 has no conversion to float in ggml-base.
     Src0Type,
@@ -79,7 +79,10 @@ impl Decline {
 
     /// Index into [`Decline::ALL`].
     pub fn index(self) -> usize {
-        Decline::ALL.iter().position(|&d| d == self).expect("listed")
+        Decline::ALL
+            .iter()
+            .position(|&d| d == self)
+            .expect("listed")
     }
 }
 
@@ -109,7 +112,7 @@ pub fn mul_mat(
     if dst.ty != GGML_TYPE_F32 {
         return Err(Decline::DstType);
     }
-    if src1.ty != GGML_TYPE_F32 && src1.ty != GGML_TYPE_F16 {
+    if !is_plain(src1.ty) {
         return Err(Decline::Src1Type);
     }
     let info = match src0_info {
@@ -124,7 +127,9 @@ pub fn mul_mat(
     if k != k1 || ne12 % ne02 != 0 || ne13 % ne03 != 0 || dst.ne != [m, n, ne12, ne13] {
         return Err(Decline::Shape);
     }
-    if !is_plain(src0.ty) && (src0.nb[0] != info.type_size || k as usize % info.blck_size != 0) {
+    if !is_plain(src0.ty)
+        && (src0.nb[0] != info.type_size || !(k as usize).is_multiple_of(info.blck_size))
+    {
         return Err(Decline::Src0Layout);
     }
     if (n as usize) < policy.min_batch {
@@ -141,8 +146,15 @@ mod tests {
     use super::*;
     use crate::ffi::GGML_TYPE_F32;
 
-    const POLICY: Policy = Policy { min_batch: 64, max_axis: 16384 };
-    const PLAIN: TypeInfo = TypeInfo { blck_size: 1, type_size: 4, to_float: None };
+    const POLICY: Policy = Policy {
+        min_batch: 64,
+        max_axis: 16384,
+    };
+    const PLAIN: TypeInfo = TypeInfo {
+        blck_size: 1,
+        type_size: 4,
+        to_float: None,
+    };
 
     fn mm(k: i64, m: i64, n: i64) -> (TensorDesc, TensorDesc, TensorDesc) {
         (
@@ -157,27 +169,61 @@ mod tests {
         let (a, b, d) = mm(256, 512, 128);
         assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Ok(()));
         let (a, b, d) = mm(256, 512, 1);
-        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Err(Decline::SmallBatch));
+        assert_eq!(
+            mul_mat(&a, &b, &d, Some(PLAIN), POLICY),
+            Err(Decline::SmallBatch)
+        );
     }
 
     #[test]
     fn declines_name_their_reason() {
         let (a, b, mut d) = mm(256, 512, 128);
         d.ty = GGML_TYPE_F16;
-        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Err(Decline::DstType));
+        assert_eq!(
+            mul_mat(&a, &b, &d, Some(PLAIN), POLICY),
+            Err(Decline::DstType)
+        );
         let (a, mut b, d) = mm(256, 512, 128);
         b.ty = 8;
-        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Err(Decline::Src1Type));
+        assert_eq!(
+            mul_mat(&a, &b, &d, Some(PLAIN), POLICY),
+            Err(Decline::Src1Type)
+        );
         let (mut a, b, d) = mm(256, 512, 128);
         a.ty = 8; // Q8_0 without to_float
-        assert_eq!(mul_mat(&a, &b, &d, Some(TypeInfo { blck_size: 32, type_size: 34, to_float: None }), POLICY), Err(Decline::Src0Type));
+        assert_eq!(
+            mul_mat(
+                &a,
+                &b,
+                &d,
+                Some(TypeInfo {
+                    blck_size: 32,
+                    type_size: 34,
+                    to_float: None
+                }),
+                POLICY
+            ),
+            Err(Decline::Src0Type)
+        );
         let (a, b, d) = mm(256, 32000, 128);
-        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Err(Decline::AxisLimit));
+        assert_eq!(
+            mul_mat(&a, &b, &d, Some(PLAIN), POLICY),
+            Err(Decline::AxisLimit)
+        );
         let (a, b, d) = mm(256, 512, 128);
-        let b2 = TensorDesc { ne: [255, 128, 1, 1], ..b };
-        assert_eq!(mul_mat(&a, &b2, &d, Some(PLAIN), POLICY), Err(Decline::Shape));
+        let b2 = TensorDesc {
+            ne: [255, 128, 1, 1],
+            ..b
+        };
+        assert_eq!(
+            mul_mat(&a, &b2, &d, Some(PLAIN), POLICY),
+            Err(Decline::Shape)
+        );
         let (a, b, d) = mm(0, 512, 128);
-        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Err(Decline::Empty));
+        assert_eq!(
+            mul_mat(&a, &b, &d, Some(PLAIN), POLICY),
+            Err(Decline::Empty)
+        );
     }
 
     #[test]
@@ -188,6 +234,9 @@ mod tests {
         assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Ok(()));
         let b = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 64, 5, 1]);
         let d = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 64, 5, 1]);
-        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Err(Decline::Shape));
+        assert_eq!(
+            mul_mat(&a, &b, &d, Some(PLAIN), POLICY),
+            Err(Decline::Shape)
+        );
     }
 }

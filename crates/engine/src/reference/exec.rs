@@ -36,6 +36,9 @@ impl Value {
     }
 }
 
+/// Resolves a BLOBFILE reference (path, descriptor offset) to the blob's dtype and bytes.
+pub(crate) type BlobResolver<'a> = dyn Fn(&str, u64) -> Result<(DType, Vec<u8>), EngineError> + 'a;
+
 /// Rounds to the nearest fp16 and widens back: the effect of storing a value as fp16.
 pub(crate) fn round_fp16(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
@@ -61,19 +64,22 @@ pub(crate) struct Checked {
 }
 
 /// Decodes a literal into a value; `blob` resolves BLOBFILE references to (dtype, bytes).
-fn literal_value(
-    lit: &Literal,
-    blob: &dyn Fn(&str, u64) -> Result<(DType, Vec<u8>), EngineError>,
-) -> Result<Value, EngineError> {
+fn literal_value(lit: &Literal, blob: &BlobResolver<'_>) -> Result<Value, EngineError> {
     let bad = |what: &str| EngineError::Compile(format!("unsupported literal: {what}"));
     Ok(match lit {
         Literal::Scalar(DType::Bool, Scalar::Bool(b)) => Value::Bool(*b),
         Literal::Scalar(DType::String, Scalar::Str(s)) => Value::Str(s.clone()),
         Literal::Scalar(d @ (DType::Fp16 | DType::Fp32), s) => Value::Num {
             ty: ValueType::scalar(*d),
-            data: Arc::new(store(*d, vec![scalar_f32(s).ok_or_else(|| bad("float value"))?])),
+            data: Arc::new(store(
+                *d,
+                vec![scalar_f32(s).ok_or_else(|| bad("float value"))?],
+            )),
         },
-        Literal::Scalar(d, Scalar::Int(i)) => Value::Ints { ty: ValueType::scalar(*d), data: vec![*i] },
+        Literal::Scalar(d, Scalar::Int(i)) => Value::Ints {
+            ty: ValueType::scalar(*d),
+            data: vec![*i],
+        },
         Literal::Tensor(ty, vals) => {
             if vals.len() != ty.numel() {
                 return Err(EngineError::Compile(format!(
@@ -87,7 +93,9 @@ fn literal_value(
                     ty: ty.clone(),
                     data: Arc::new(store(
                         ty.dtype,
-                        vals.iter().map(|s| scalar_f32(s).ok_or_else(|| bad("float element"))).collect::<Result<_, _>>()?,
+                        vals.iter()
+                            .map(|s| scalar_f32(s).ok_or_else(|| bad("float element")))
+                            .collect::<Result<_, _>>()?,
                     )),
                 },
                 DType::Int32 | DType::Int8 | DType::UInt8 | DType::UInt64 => Value::Ints {
@@ -130,7 +138,10 @@ fn literal_value(
                     .collect(),
                 other => return Err(bad(&format!("blob of {other}"))),
             };
-            Value::Num { ty: ty.clone(), data: Arc::new(data) }
+            Value::Num {
+                ty: ty.clone(),
+                data: Arc::new(data),
+            }
         }
         other => return Err(bad(&format!("{other:?}"))),
     })
@@ -148,7 +159,7 @@ fn scalar_f32(s: &Scalar) -> Option<f32> {
 pub(crate) fn check(
     func: Function,
     max_axis: usize,
-    blob: &dyn Fn(&str, u64) -> Result<(DType, Vec<u8>), EngineError>,
+    blob: &BlobResolver<'_>,
 ) -> Result<Checked, EngineError> {
     let cerr = |m: String| EngineError::Compile(m);
     let mut types: HashMap<String, ValueType> = HashMap::new();
@@ -160,13 +171,19 @@ pub(crate) fn check(
             )));
         }
         if ty.shape.len() > 5 {
-            return Err(EngineError::Compile(format!("`{name}` has rank {} > 5", ty.shape.len())));
+            return Err(EngineError::Compile(format!(
+                "`{name}` has rank {} > 5",
+                ty.shape.len()
+            )));
         }
         Ok(())
     };
     for (name, ty) in &func.inputs {
         if !matches!(ty.dtype, DType::Fp16 | DType::Fp32) || ty.is_scalar() {
-            return Err(cerr(format!("input `{name}` must be an fp16/fp32 tensor, is {:?}", ty)));
+            return Err(cerr(format!(
+                "input `{name}` must be an fp16/fp32 tensor, is {:?}",
+                ty
+            )));
         }
         check_axes(name, ty)?;
         if types.insert(name.clone(), ty.clone()).is_some() {
@@ -199,7 +216,9 @@ pub(crate) fn check(
     }
     let mut bound_outputs = Vec::new();
     for o in &func.outputs {
-        let ty = types.get(o).ok_or_else(|| cerr(format!("returned `{o}` is not defined")))?;
+        let ty = types
+            .get(o)
+            .ok_or_else(|| cerr(format!("returned `{o}` is not defined")))?;
         if !matches!(ty.dtype, DType::Fp16 | DType::Fp32) || ty.is_scalar() {
             return Err(cerr(format!("output `{o}` must be an fp16/fp32 tensor")));
         }
@@ -212,29 +231,59 @@ pub(crate) fn check(
     bound_outputs.sort_by(|a, b| a.0.cmp(&b.0));
     let mut bound_inputs = func.inputs.clone();
     bound_inputs.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(Checked { func, consts, bound_inputs, bound_outputs })
+    Ok(Checked {
+        func,
+        consts,
+        bound_inputs,
+        bound_outputs,
+    })
 }
 
-fn var_type<'a>(st: &Statement, arg: &str, types: &'a HashMap<String, ValueType>) -> Result<&'a ValueType, EngineError> {
+fn var_type<'a>(
+    st: &Statement,
+    arg: &str,
+    types: &'a HashMap<String, ValueType>,
+) -> Result<&'a ValueType, EngineError> {
     match st.arg(arg) {
-        Some(Arg::Var(v)) => types
-            .get(v)
-            .ok_or_else(|| EngineError::Compile(format!("`{}`: `{arg}` refers to undefined `{v}`", st.output))),
-        Some(_) => Err(EngineError::Compile(format!("`{}`: `{arg}` must be a named value", st.output))),
-        None => Err(EngineError::Compile(format!("`{}` = {}: missing argument `{arg}`", st.output, st.op))),
+        Some(Arg::Var(v)) => types.get(v).ok_or_else(|| {
+            EngineError::Compile(format!(
+                "`{}`: `{arg}` refers to undefined `{v}`",
+                st.output
+            ))
+        }),
+        Some(_) => Err(EngineError::Compile(format!(
+            "`{}`: `{arg}` must be a named value",
+            st.output
+        ))),
+        None => Err(EngineError::Compile(format!(
+            "`{}` = {}: missing argument `{arg}`",
+            st.output, st.op
+        ))),
     }
 }
 
 /// An argument that must be a compile-time constant (named const or inline literal).
-fn const_arg<'a>(st: &'a Statement, arg: &str, consts: &'a HashMap<String, Value>) -> Result<Value, EngineError> {
+fn const_arg<'a>(
+    st: &'a Statement,
+    arg: &str,
+    consts: &'a HashMap<String, Value>,
+) -> Result<Value, EngineError> {
     match st.arg(arg) {
         Some(Arg::Var(v)) => consts.get(v).cloned().ok_or_else(|| {
-            EngineError::Compile(format!("`{}`: `{arg}` must be a const, `{v}` is not", st.output))
+            EngineError::Compile(format!(
+                "`{}`: `{arg}` must be a const, `{v}` is not",
+                st.output
+            ))
         }),
         Some(Arg::Literal(l)) => literal_value(l, &|_, _| {
-            Err(EngineError::Compile("BLOBFILE not allowed inline in an op argument".into()))
+            Err(EngineError::Compile(
+                "BLOBFILE not allowed inline in an op argument".into(),
+            ))
         }),
-        _ => Err(EngineError::Compile(format!("`{}` = {}: missing argument `{arg}`", st.output, st.op))),
+        _ => Err(EngineError::Compile(format!(
+            "`{}` = {}: missing argument `{arg}`",
+            st.output, st.op
+        ))),
     }
 }
 
@@ -248,29 +297,52 @@ fn ints(v: &Value, what: &str) -> Result<Vec<i64>, EngineError> {
 fn only_args(st: &Statement, allowed: &[&str]) -> Result<(), EngineError> {
     for (n, _) in &st.args {
         if !allowed.contains(&n.as_str()) {
-            return Err(EngineError::Compile(format!("`{}` = {}: unsupported argument `{n}`", st.output, st.op)));
+            return Err(EngineError::Compile(format!(
+                "`{}` = {}: unsupported argument `{n}`",
+                st.output, st.op
+            )));
         }
     }
     Ok(())
 }
 
 /// Type inference for the ops the reference engine executes.
-fn infer(st: &Statement, types: &HashMap<String, ValueType>, consts: &HashMap<String, Value>) -> Result<ValueType, EngineError> {
+fn infer(
+    st: &Statement,
+    types: &HashMap<String, ValueType>,
+    consts: &HashMap<String, Value>,
+) -> Result<ValueType, EngineError> {
     let cerr = |m: String| EngineError::Compile(format!("`{}` = {}: {m}", st.output, st.op));
     match st.op.as_str() {
         "cast" => {
             only_args(st, &["x", "dtype"])?;
             let x = var_type(st, "x", types)?;
-            let Value::Str(d) = const_arg(st, "dtype", consts)? else { return Err(cerr("dtype must be a string".into())) };
+            let Value::Str(d) = const_arg(st, "dtype", consts)? else {
+                return Err(cerr("dtype must be a string".into()));
+            };
             let dtype = match d.as_str() {
                 "fp16" => DType::Fp16,
                 "fp32" => DType::Fp32,
                 other => return Err(cerr(format!("cast to {other} not supported"))),
             };
-            Ok(ValueType { dtype, shape: x.shape.clone() })
+            Ok(ValueType {
+                dtype,
+                shape: x.shape.clone(),
+            })
         }
         "conv" => {
-            only_args(st, &["x", "weight", "strides", "pad_type", "pad", "dilations", "groups"])?;
+            only_args(
+                st,
+                &[
+                    "x",
+                    "weight",
+                    "strides",
+                    "pad_type",
+                    "pad",
+                    "dilations",
+                    "groups",
+                ],
+            )?;
             let x = var_type(st, "x", types)?;
             let w = var_type(st, "weight", types)?;
             if x.shape.len() != 4 || w.shape.len() != 4 {
@@ -283,26 +355,36 @@ fn infer(st: &Statement, types: &HashMap<String, ValueType>, consts: &HashMap<St
                 return Err(cerr("reference engine runs 1x1 kernels only".into()));
             }
             if w.shape[1] != x.shape[1] {
-                return Err(cerr(format!("weight in-channels {} != x channels {}", w.shape[1], x.shape[1])));
+                return Err(cerr(format!(
+                    "weight in-channels {} != x channels {}",
+                    w.shape[1], x.shape[1]
+                )));
             }
             for (arg, want) in [("strides", vec![1, 1]), ("dilations", vec![1, 1])] {
                 if st.arg(arg).is_some() && ints(&const_arg(st, arg, consts)?, arg)? != want {
                     return Err(cerr(format!("{arg} must be [1, 1]")));
                 }
             }
-            if st.arg("groups").is_some() && ints(&const_arg(st, "groups", consts)?, "groups")? != vec![1] {
+            if st.arg("groups").is_some()
+                && ints(&const_arg(st, "groups", consts)?, "groups")? != vec![1]
+            {
                 return Err(cerr("groups must be 1".into()));
             }
-            if let Some(_) = st.arg("pad") {
-                if ints(&const_arg(st, "pad", consts)?, "pad")?.iter().any(|&p| p != 0) {
-                    return Err(cerr("pad must be zero".into()));
-                }
+            if st.arg("pad").is_some()
+                && ints(&const_arg(st, "pad", consts)?, "pad")?
+                    .iter()
+                    .any(|&p| p != 0)
+            {
+                return Err(cerr("pad must be zero".into()));
             }
             match const_arg(st, "pad_type", consts)? {
                 Value::Str(s) if s == "valid" || s == "custom" || s == "same" => {}
                 _ => return Err(cerr("pad_type must be valid/custom/same".into())),
             }
-            Ok(ValueType::tensor(DType::Fp16, &[x.shape[0], w.shape[0], x.shape[2], x.shape[3]]))
+            Ok(ValueType::tensor(
+                DType::Fp16,
+                &[x.shape[0], w.shape[0], x.shape[2], x.shape[3]],
+            ))
         }
         "matmul" => {
             only_args(st, &["x", "y", "transpose_x", "transpose_y"])?;
@@ -335,7 +417,10 @@ fn infer(st: &Statement, types: &HashMap<String, ValueType>, consts: &HashMap<St
                 .ok_or_else(|| cerr("batch dims do not broadcast".into()))?;
             let mut shape = batch;
             shape.extend([xr, yc]);
-            Ok(ValueType { dtype: x.dtype, shape })
+            Ok(ValueType {
+                dtype: x.dtype,
+                shape,
+            })
         }
         "transpose" => {
             only_args(st, &["x", "perm"])?;
@@ -343,11 +428,21 @@ fn infer(st: &Statement, types: &HashMap<String, ValueType>, consts: &HashMap<St
             let perm = ints(&const_arg(st, "perm", consts)?, "perm")?;
             let mut seen = vec![false; x.shape.len()];
             if perm.len() != x.shape.len()
-                || perm.iter().any(|&p| p < 0 || p as usize >= seen.len() || std::mem::replace(&mut seen[p as usize], true))
+                || perm.iter().any(|&p| {
+                    p < 0
+                        || p as usize >= seen.len()
+                        || std::mem::replace(&mut seen[p as usize], true)
+                })
             {
-                return Err(cerr(format!("perm {perm:?} is not a permutation of rank {}", x.shape.len())));
+                return Err(cerr(format!(
+                    "perm {perm:?} is not a permutation of rank {}",
+                    x.shape.len()
+                )));
             }
-            Ok(ValueType { dtype: x.dtype, shape: perm.iter().map(|&p| x.shape[p as usize]).collect() })
+            Ok(ValueType {
+                dtype: x.dtype,
+                shape: perm.iter().map(|&p| x.shape[p as usize]).collect(),
+            })
         }
         "reshape" => {
             only_args(st, &["x", "shape"])?;
@@ -358,11 +453,19 @@ fn infer(st: &Statement, types: &HashMap<String, ValueType>, consts: &HashMap<St
             }
             let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
             if shape.iter().product::<usize>() != x.numel() {
-                return Err(cerr(format!("reshape {:?} -> {:?} changes the element count", x.shape, shape)));
+                return Err(cerr(format!(
+                    "reshape {:?} -> {:?} changes the element count",
+                    x.shape, shape
+                )));
             }
-            Ok(ValueType { dtype: x.dtype, shape })
+            Ok(ValueType {
+                dtype: x.dtype,
+                shape,
+            })
         }
-        other => Err(EngineError::Compile(format!("op `{other}` is not supported by the reference engine"))),
+        other => Err(EngineError::Compile(format!(
+            "op `{other}` is not supported by the reference engine"
+        ))),
     }
 }
 
@@ -379,8 +482,16 @@ fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let n = a.len().max(b.len());
     (0..n)
         .map(|i| {
-            let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-            let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+            let da = if i + a.len() >= n {
+                a[i + a.len() - n]
+            } else {
+                1
+            };
+            let db = if i + b.len() >= n {
+                b[i + b.len() - n]
+            } else {
+                1
+            };
             match (da, db) {
                 (x, y) if x == y => Some(x),
                 (1, y) => Some(y),
@@ -395,7 +506,13 @@ fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
 pub(crate) fn run(c: &Checked, inputs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, EngineError> {
     let mut env: HashMap<&str, Value> = HashMap::new();
     for ((name, ty), data) in c.func.inputs.iter().zip(inputs) {
-        env.insert(name, Value::Num { ty: ty.clone(), data: Arc::new(store(ty.dtype, data)) });
+        env.insert(
+            name,
+            Value::Num {
+                ty: ty.clone(),
+                data: Arc::new(store(ty.dtype, data)),
+            },
+        );
     }
     for st in &c.func.statements {
         let v = match c.consts.get(&st.output) {
@@ -409,29 +526,51 @@ pub(crate) fn run(c: &Checked, inputs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, E
         .iter()
         .map(|o| match env.get(o.as_str()) {
             Some(Value::Num { data, .. }) => Ok(data.as_ref().clone()),
-            _ => Err(EngineError::Eval(format!("output `{o}` has no numeric value"))),
+            _ => Err(EngineError::Eval(format!(
+                "output `{o}` has no numeric value"
+            ))),
         })
         .collect()
 }
 
-fn num<'a>(st: &Statement, arg: &str, env: &'a HashMap<&str, Value>) -> Result<(&'a ValueType, &'a [f32]), EngineError> {
+fn num<'a>(
+    st: &Statement,
+    arg: &str,
+    env: &'a HashMap<&str, Value>,
+) -> Result<(&'a ValueType, &'a [f32]), EngineError> {
     let Some(Arg::Var(v)) = st.arg(arg) else {
-        return Err(EngineError::Eval(format!("`{}`: `{arg}` not a named value", st.output)));
+        return Err(EngineError::Eval(format!(
+            "`{}`: `{arg}` not a named value",
+            st.output
+        )));
     };
     match env.get(v.as_str()) {
         Some(Value::Num { ty, data }) => Ok((ty, data.as_slice())),
-        _ => Err(EngineError::Eval(format!("`{}`: `{v}` is not a numeric tensor", st.output))),
+        _ => Err(EngineError::Eval(format!(
+            "`{}`: `{v}` is not a numeric tensor",
+            st.output
+        ))),
     }
 }
 
-fn exec(st: &Statement, env: &HashMap<&str, Value>, consts: &HashMap<String, Value>) -> Result<Value, EngineError> {
-    let out = |data: Vec<f32>| Value::Num { ty: st.ty.clone(), data: Arc::new(store(st.ty.dtype, data)) };
+fn exec(
+    st: &Statement,
+    env: &HashMap<&str, Value>,
+    consts: &HashMap<String, Value>,
+) -> Result<Value, EngineError> {
+    let out = |data: Vec<f32>| Value::Num {
+        ty: st.ty.clone(),
+        data: Arc::new(store(st.ty.dtype, data)),
+    };
     Ok(match st.op.as_str() {
         "cast" => out(num(st, "x", env)?.1.to_vec()),
         "reshape" => out(num(st, "x", env)?.1.to_vec()),
         "transpose" => {
             let (xt, x) = num(st, "x", env)?;
-            let perm: Vec<usize> = ints(&const_arg(st, "perm", consts)?, "perm")?.iter().map(|&p| p as usize).collect();
+            let perm: Vec<usize> = ints(&const_arg(st, "perm", consts)?, "perm")?
+                .iter()
+                .map(|&p| p as usize)
+                .collect();
             out(transpose(x, &xt.shape, &perm))
         }
         "conv" => {
@@ -461,8 +600,21 @@ fn exec(st: &Statement, env: &HashMap<&str, Value>, consts: &HashMap<String, Val
         "matmul" => {
             let (xt, x) = num(st, "x", env)?;
             let (yt, y) = num(st, "y", env)?;
-            let flag = |n: &str| -> bool { matches!(st.arg(n).map(|_| const_arg(st, n, consts)), Some(Ok(Value::Bool(true)))) };
-            out(matmul(x, &xt.shape, flag("transpose_x"), y, &yt.shape, flag("transpose_y"), &st.ty.shape))
+            let flag = |n: &str| -> bool {
+                matches!(
+                    st.arg(n).map(|_| const_arg(st, n, consts)),
+                    Some(Ok(Value::Bool(true)))
+                )
+            };
+            out(matmul(
+                x,
+                &xt.shape,
+                flag("transpose_x"),
+                y,
+                &yt.shape,
+                flag("transpose_y"),
+                &st.ty.shape,
+            ))
         }
         other => return Err(EngineError::Eval(format!("op `{other}` not executable"))),
     })
@@ -483,7 +635,11 @@ fn transpose(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
     let mut y = Vec::with_capacity(n);
     let mut idx = vec![0usize; out_shape.len()];
     for _ in 0..n {
-        let src: usize = idx.iter().enumerate().map(|(d, &i)| i * in_strides[perm[d]]).sum();
+        let src: usize = idx
+            .iter()
+            .enumerate()
+            .map(|(d, &i)| i * in_strides[perm[d]])
+            .sum();
         y.push(x[src]);
         for d in (0..idx.len()).rev() {
             idx[d] += 1;
@@ -497,7 +653,15 @@ fn transpose(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn matmul(x: &[f32], xs: &[usize], tx: bool, y: &[f32], ys: &[usize], ty: bool, out_shape: &[usize]) -> Vec<f32> {
+fn matmul(
+    x: &[f32],
+    xs: &[usize],
+    tx: bool,
+    y: &[f32],
+    ys: &[usize],
+    ty: bool,
+    out_shape: &[usize],
+) -> Vec<f32> {
     let r = out_shape.len();
     let (m, n) = (out_shape[r - 2], out_shape[r - 1]);
     let (xr, xc) = (xs[xs.len() - 2], xs[xs.len() - 1]);
@@ -533,8 +697,16 @@ fn matmul(x: &[f32], xs: &[usize], tx: bool, y: &[f32], ys: &[usize], ty: bool, 
             for j in 0..n {
                 let mut acc = 0f32;
                 for kk in 0..k {
-                    let xv = if tx { x[xo + kk * xc + i] } else { x[xo + i * xc + kk] };
-                    let yv = if ty { y[yo + j * yc + kk] } else { y[yo + kk * yc + j] };
+                    let xv = if tx {
+                        x[xo + kk * xc + i]
+                    } else {
+                        x[xo + i * xc + kk]
+                    };
+                    let yv = if ty {
+                        y[yo + j * yc + kk]
+                    } else {
+                        y[yo + kk * yc + j]
+                    };
                     acc += xv * yv;
                 }
                 out[b * m * n + i * n + j] = acc;
@@ -553,16 +725,25 @@ mod tests {
     fn transpose_swaps_axes() {
         // [2,3] -> [3,2]
         let x = [1., 2., 3., 4., 5., 6.];
-        assert_eq!(transpose(&x, &[2, 3], &[1, 0]), vec![1., 4., 2., 5., 3., 6.]);
+        assert_eq!(
+            transpose(&x, &[2, 3], &[1, 0]),
+            vec![1., 4., 2., 5., 3., 6.]
+        );
     }
 
     #[test]
     fn matmul_plain_and_transposed() {
         let x = [1., 2., 3., 4.]; // [[1,2],[3,4]]
         let y = [5., 6., 7., 8.]; // [[5,6],[7,8]]
-        assert_eq!(matmul(&x, &[2, 2], false, &y, &[2, 2], false, &[2, 2]), vec![19., 22., 43., 50.]);
+        assert_eq!(
+            matmul(&x, &[2, 2], false, &y, &[2, 2], false, &[2, 2]),
+            vec![19., 22., 43., 50.]
+        );
         // x^T y = [[1,3],[2,4]] y = [[26,30],[38,44]]
-        assert_eq!(matmul(&x, &[2, 2], true, &y, &[2, 2], false, &[2, 2]), vec![26., 30., 38., 44.]);
+        assert_eq!(
+            matmul(&x, &[2, 2], true, &y, &[2, 2], false, &[2, 2]),
+            vec![26., 30., 38., 44.]
+        );
     }
 
     #[test]

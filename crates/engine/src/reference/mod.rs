@@ -43,7 +43,10 @@ struct State {
 impl ReferenceEngine {
     /// An engine enforcing `limits`.
     pub fn new(limits: ChipLimits) -> Self {
-        ReferenceEngine { limits, state: Mutex::new(State::default()) }
+        ReferenceEngine {
+            limits,
+            state: Mutex::new(State::default()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -69,16 +72,20 @@ impl Engine for ReferenceEngine {
             .find(|f| f.name == "main")
             .ok_or_else(|| EngineError::Compile("no function `main`".into()))?;
         if !matches!(func.opset.as_str(), "ios16" | "ios17" | "ios18") {
-            return Err(EngineError::Compile(format!("opset `{}` not taken by the ANE compiler", func.opset)));
+            return Err(EngineError::Compile(format!(
+                "opset `{}` not taken by the ANE compiler",
+                func.opset
+            )));
         }
         let blob = |path: &str, offset: u64| -> Result<(DType, Vec<u8>), EngineError> {
             if !path.starts_with("@model_path/") {
-                return Err(EngineError::Weights(format!("BLOBFILE path `{path}` is not under @model_path/")));
+                return Err(EngineError::Weights(format!(
+                    "BLOBFILE path `{path}` is not under @model_path/"
+                )));
             }
-            let file = weights
-                .iter()
-                .find(|w| w.path == path)
-                .ok_or_else(|| EngineError::Weights(format!("no weight file given for `{path}`")))?;
+            let file = weights.iter().find(|w| w.path == path).ok_or_else(|| {
+                EngineError::Weights(format!("no weight file given for `{path}`"))
+            })?;
             let b = ane_mil::blob::read_blob(&file.bytes, offset)
                 .map_err(|e| EngineError::Weights(format!("{path}: {e}")))?;
             Ok((b.dtype, b.data.to_vec()))
@@ -87,7 +94,10 @@ impl Engine for ReferenceEngine {
         let mut st = self.lock();
         st.counters.compiles += 1;
         if st.programs.len() >= self.limits.max_loaded_programs {
-            return Err(EngineError::Budget { loaded: st.programs.len(), max: self.limits.max_loaded_programs });
+            return Err(EngineError::Budget {
+                loaded: st.programs.len(),
+                max: self.limits.max_loaded_programs,
+            });
         }
         st.next_id += 1;
         let id = st.next_id;
@@ -98,13 +108,28 @@ impl Engine for ReferenceEngine {
         Ok(ProgramId(id))
     }
 
-    fn evaluate(&self, program: ProgramId, inputs: &[&Surface], outputs: &mut [&mut Surface]) -> Result<(), EngineError> {
-        let prog = self.lock().programs.get(&program.0).cloned().ok_or(EngineError::UnknownProgram(program.0))?;
+    fn evaluate(
+        &self,
+        program: ProgramId,
+        inputs: &[&Surface],
+        outputs: &mut [&mut Surface],
+    ) -> Result<(), EngineError> {
+        let prog = self
+            .lock()
+            .programs
+            .get(&program.0)
+            .cloned()
+            .ok_or(EngineError::UnknownProgram(program.0))?;
         check_surfaces(&prog, inputs, outputs)?;
         // Surfaces arrive in binding (alphabetical) order; the interpreter wants declaration order.
         let mut by_decl: Vec<Vec<f32>> = vec![Vec::new(); prog.func.inputs.len()];
         for ((name, ty), s) in prog.bound_inputs.iter().zip(inputs) {
-            let pos = prog.func.inputs.iter().position(|(n, _)| n == name).expect("bound input is declared");
+            let pos = prog
+                .func
+                .inputs
+                .iter()
+                .position(|(n, _)| n == name)
+                .expect("bound input is declared");
             by_decl[pos] = match ty.dtype {
                 DType::Fp16 => s.fp16(ty.numel()).iter().map(|h| h.to_f32()).collect(),
                 _ => s.fp32_vec(ty.numel()),
@@ -112,7 +137,12 @@ impl Engine for ReferenceEngine {
         }
         let results = exec::run(&prog, by_decl)?;
         for ((name, ty), s) in prog.bound_outputs.iter().zip(outputs.iter_mut()) {
-            let pos = prog.func.outputs.iter().position(|n| n == name).expect("bound output is returned");
+            let pos = prog
+                .func
+                .outputs
+                .iter()
+                .position(|n| n == name)
+                .expect("bound output is returned");
             let data = &results[pos];
             match ty.dtype {
                 DType::Fp16 => {
@@ -144,7 +174,11 @@ impl Engine for ReferenceEngine {
     }
 }
 
-fn check_surfaces(prog: &Checked, inputs: &[&Surface], outputs: &[&mut Surface]) -> Result<(), EngineError> {
+fn check_surfaces(
+    prog: &Checked,
+    inputs: &[&Surface],
+    outputs: &[&mut Surface],
+) -> Result<(), EngineError> {
     use crate::surface::{MIN_SURFACE_BYTES, SURFACE_ALIGN};
     let serr = |m: String| Err(EngineError::Surface(m));
     if inputs.len() != prog.bound_inputs.len() || outputs.len() != prog.bound_outputs.len() {
@@ -156,19 +190,30 @@ fn check_surfaces(prog: &Checked, inputs: &[&Surface], outputs: &[&mut Surface])
             prog.bound_outputs.len()
         ));
     }
-    let first = inputs.first().map(|s| s.alloc_size()).unwrap_or_else(|| outputs[0].alloc_size());
-    let all = inputs.iter().map(|s| s.alloc_size()).chain(outputs.iter().map(|s| s.alloc_size()));
+    let first = inputs
+        .first()
+        .map(|s| s.alloc_size())
+        .unwrap_or_else(|| outputs[0].alloc_size());
+    let all = inputs
+        .iter()
+        .map(|s| s.alloc_size())
+        .chain(outputs.iter().map(|s| s.alloc_size()));
     for (i, size) in all.enumerate() {
         if size != first {
-            return serr(format!("surface {i} is {size} bytes, the first is {first}: sizes must be equal (0x1d)"));
+            return serr(format!(
+                "surface {i} is {size} bytes, the first is {first}: sizes must be equal (0x1d)"
+            ));
         }
     }
-    if first < MIN_SURFACE_BYTES || first % SURFACE_ALIGN != 0 {
+    if first < MIN_SURFACE_BYTES || !first.is_multiple_of(SURFACE_ALIGN) {
         return serr(format!("surfaces of {first} bytes: need >= {MIN_SURFACE_BYTES} and a multiple of {SURFACE_ALIGN}"));
     }
     for (name, ty) in prog.bound_inputs.iter().chain(prog.bound_outputs.iter()) {
         if ty.byte_size() > first {
-            return serr(format!("`{name}` needs {} bytes, surfaces have {first}", ty.byte_size()));
+            return serr(format!(
+                "`{name}` needs {} bytes, surfaces have {first}",
+                ty.byte_size()
+            ));
         }
     }
     Ok(())

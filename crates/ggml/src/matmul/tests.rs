@@ -6,7 +6,11 @@ use crate::support::TensorDesc;
 use ane_engine::reference::ReferenceEngine;
 use ane_engine::{Chip, ChipLimits, EngineCounters};
 
-const F32_INFO: TypeInfo = TypeInfo { blck_size: 1, type_size: 4, to_float: None };
+const F32_INFO: TypeInfo = TypeInfo {
+    blck_size: 1,
+    type_size: 4,
+    to_float: None,
+};
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed ^ 0x9e3779b97f4a7c15;
@@ -24,15 +28,22 @@ fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
 fn oracle(a: &[f32], ad: &TensorDesc, b: &[f32], bd: &TensorDesc) -> Vec<f64> {
     let [k, m, ne02, ne03] = ad.ne.map(|v| v as usize);
     let [_, n, ne12, ne13] = bd.ne.map(|v| v as usize);
-    let at = |i0: usize, i1: usize, i2: usize, i3: usize| a[(i0 * ad.nb[0] + i1 * ad.nb[1] + i2 * ad.nb[2] + i3 * ad.nb[3]) / 4] as f64;
-    let bt = |i0: usize, i1: usize, i2: usize, i3: usize| b[(i0 * bd.nb[0] + i1 * bd.nb[1] + i2 * bd.nb[2] + i3 * bd.nb[3]) / 4] as f64;
+    let at = |i0: usize, i1: usize, i2: usize, i3: usize| {
+        a[(i0 * ad.nb[0] + i1 * ad.nb[1] + i2 * ad.nb[2] + i3 * ad.nb[3]) / 4] as f64
+    };
+    let bt = |i0: usize, i1: usize, i2: usize, i3: usize| {
+        b[(i0 * bd.nb[0] + i1 * bd.nb[1] + i2 * bd.nb[2] + i3 * bd.nb[3]) / 4] as f64
+    };
     let mut out = vec![0.0; m * n * ne12 * ne13];
     for i3 in 0..ne13 {
         for i2 in 0..ne12 {
             for j in 0..n {
                 for i in 0..m {
-                    out[((i3 * ne12 + i2) * n + j) * m + i] =
-                        (0..k).map(|kk| at(kk, i, i2 / (ne12 / ne02), i3 / (ne13 / ne03)) * bt(kk, j, i2, i3)).sum();
+                    out[((i3 * ne12 + i2) * n + j) * m + i] = (0..k)
+                        .map(|kk| {
+                            at(kk, i, i2 / (ne12 / ne02), i3 / (ne13 / ne03)) * bt(kk, j, i2, i3)
+                        })
+                        .sum();
                 }
             }
         }
@@ -40,7 +51,15 @@ fn oracle(a: &[f32], ad: &TensorDesc, b: &[f32], bd: &TensorDesc) -> Vec<f64> {
     out
 }
 
-fn run(engine: &dyn Engine, cache: &Mutex<KernelCache>, stats: &Stats, a: &[f32], ad: TensorDesc, b: &[f32], bd: TensorDesc) -> Vec<f32> {
+fn run(
+    engine: &dyn Engine,
+    cache: &Mutex<KernelCache>,
+    stats: &Stats,
+    a: &[f32],
+    ad: TensorDesc,
+    b: &[f32],
+    bd: TensorDesc,
+) -> Vec<f32> {
     let [_, m, _, _] = ad.ne;
     let [_, n, ne12, ne13] = bd.ne;
     let dd = TensorDesc::contiguous(GGML_TYPE_F32, 4, [m, n, ne12, ne13]);
@@ -51,11 +70,20 @@ fn run(engine: &dyn Engine, cache: &Mutex<KernelCache>, stats: &Stats, a: &[f32]
             engine,
             cache,
             stats,
-            Operand { desc: ad, data: a.as_ptr().cast() },
+            Operand {
+                desc: ad,
+                data: a.as_ptr().cast(),
+            },
             F32_INFO,
-            Operand { desc: bd, data: b.as_ptr().cast() },
+            Operand {
+                desc: bd,
+                data: b.as_ptr().cast(),
+            },
             F32_INFO,
-            Operand { desc: dd, data: dst.as_mut_ptr().cast() },
+            Operand {
+                desc: dd,
+                data: dst.as_mut_ptr().cast(),
+            },
         )
     };
     dst
@@ -64,7 +92,10 @@ fn run(engine: &dyn Engine, cache: &Mutex<KernelCache>, stats: &Stats, a: &[f32]
 fn assert_close(got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len());
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!((g as f64 - w).abs() <= tol * w.abs().max(1.0), "element {i}: got {g}, want {w}");
+        assert!(
+            (g as f64 - w).abs() <= tol * w.abs().max(1.0),
+            "element {i}: got {g}, want {w}"
+        );
     }
 }
 
@@ -80,11 +111,24 @@ fn plain_2d_matches_oracle_and_caches_program() {
     assert_close(&run(&e, &cache, &stats, &a, ad, &b, bd), &want, 5e-3);
     assert_close(&run(&e, &cache, &stats, &a, ad, &b, bd), &want, 5e-3);
     let c: EngineCounters = e.counters();
-    assert_eq!((c.compiles, c.evaluations), (1, 2), "second call must reuse the program");
-    assert_eq!(stats.ops_offloaded.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(
+        (c.compiles, c.evaluations),
+        (1, 2),
+        "second call must reuse the program"
+    );
+    assert_eq!(
+        stats
+            .ops_offloaded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
     // Same shape, different weights: a different program, never a stale one.
     let a2 = rand_vec(96 * 80, 3);
-    assert_close(&run(&e, &cache, &stats, &a2, ad, &b, bd), &oracle(&a2, &ad, &b, &bd), 5e-3);
+    assert_close(
+        &run(&e, &cache, &stats, &a2, ad, &b, bd),
+        &oracle(&a2, &ad, &b, &bd),
+        5e-3,
+    );
     assert_eq!(e.counters().compiles, 2);
 }
 
@@ -99,7 +143,11 @@ fn broadcast_and_permuted_operands() {
     // src1 stored permuted: logical [K=64, N=40, 6, 2] with N outermost in memory.
     let (k, n, b2, b3) = (64usize, 40usize, 6usize, 2usize);
     let nb = [4, 4 * k * b2 * b3, 4 * k, 4 * k * b2];
-    let bd = TensorDesc { ty: GGML_TYPE_F32, ne: [k as i64, n as i64, b2 as i64, b3 as i64], nb };
+    let bd = TensorDesc {
+        ty: GGML_TYPE_F32,
+        ne: [k as i64, n as i64, b2 as i64, b3 as i64],
+        nb,
+    };
     let b = rand_vec(k * n * b2 * b3, 5);
     let want = oracle(&a, &ad, &b, &bd);
     assert_close(&run(&e, &cache, &stats, &a, ad, &b, bd), &want, 5e-3);
@@ -109,15 +157,27 @@ fn broadcast_and_permuted_operands() {
 #[test]
 fn column_chunks_respect_axis_limit() {
     // An engine with a tiny axis limit forces several dispatches for the columns.
-    let e = ReferenceEngine::new(ChipLimits { max_axis: 128, max_loaded_programs: 8 });
+    let e = ReferenceEngine::new(ChipLimits {
+        max_axis: 128,
+        max_loaded_programs: 8,
+    });
     let cache = Mutex::new(KernelCache::new(8));
     let stats = Stats::default();
     let ad = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 64, 1, 1]);
     let bd = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 300, 1, 1]);
     let (a, b) = (rand_vec(64 * 64, 6), rand_vec(64 * 300, 7));
-    assert_close(&run(&e, &cache, &stats, &a, ad, &b, bd), &oracle(&a, &ad, &b, &bd), 5e-3);
+    assert_close(
+        &run(&e, &cache, &stats, &a, ad, &b, bd),
+        &oracle(&a, &ad, &b, &bd),
+        5e-3,
+    );
     assert_eq!(e.counters().evaluations, 3);
-    assert_eq!(stats.ops_fallback.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        stats
+            .ops_fallback
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 /// An engine whose every call fails, like an ANE past its compile budget.
@@ -132,7 +192,12 @@ impl Engine for Broken {
     fn compile(&self, _: &str, _: &[WeightFile]) -> Result<ProgramId, EngineError> {
         Err(EngineError::Compile("injected".into()))
     }
-    fn evaluate(&self, _: ProgramId, _: &[&Surface], _: &mut [&mut Surface]) -> Result<(), EngineError> {
+    fn evaluate(
+        &self,
+        _: ProgramId,
+        _: &[&Surface],
+        _: &mut [&mut Surface],
+    ) -> Result<(), EngineError> {
         Err(EngineError::Eval("injected".into()))
     }
     fn unload(&self, _: ProgramId) {}
@@ -151,8 +216,18 @@ fn engine_failure_falls_back_and_writes_every_output() {
     let got = run(&Broken, &cache, &stats, &a, ad, &b, bd);
     assert!(got.iter().all(|v| v.is_finite()));
     assert_close(&got, &oracle(&a, &ad, &b, &bd), 1e-5);
-    assert_eq!(stats.ops_fallback.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert_eq!(stats.ops_offloaded.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        stats
+            .ops_fallback
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        stats
+            .ops_offloaded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 #[test]
@@ -165,7 +240,11 @@ fn lru_keeps_loaded_programs_under_budget() {
     let b = rand_vec(64 * 64, 10);
     for seed in 0..5 {
         let a = rand_vec(64 * 64, 100 + seed);
-        assert_close(&run(&e, &cache, &stats, &a, ad, &b, bd), &oracle(&a, &ad, &b, &bd), 5e-3);
+        assert_close(
+            &run(&e, &cache, &stats, &a, ad, &b, bd),
+            &oracle(&a, &ad, &b, &bd),
+            5e-3,
+        );
     }
     let c = e.counters();
     assert_eq!(c.compiles, 5);

@@ -1,0 +1,46 @@
+//! `cargo xtask demo`: one command that shows the plugin working.
+//!
+//! Builds the plugin, the llama.cpp tools and a tiny model, then runs a
+//! greedy `llama-completion` with the plugin loaded through
+//! `GGML_BACKEND_PATH` on the reference engine. The prompt is long enough
+//! (> 64 tokens) that the prefill MUL_MATs reach the plugin's default minimum
+//! batch; the stats table the plugin prints at backend free shows which
+//! matmuls it ran.
+
+use std::process::Command;
+
+use crate::util::{self, Result, Section};
+use crate::{llama, models};
+
+/// About 110 tokens with the tiny model's character-level vocabulary.
+pub const PROMPT: &str = "The quick brown fox jumps over the lazy dog. \
+Pack my box with five dozen liquor jugs. Sphinx of black quartz, judge my vow.";
+
+/// `target/release/libggml_ane.so`, built on demand.
+pub fn build_plugin() -> Result<std::path::PathBuf> {
+    let _s = Section::new("plugin (release)");
+    util::run(util::cargo().args(["build", "--release", "-p", "ggml-ane"]))?;
+    let lib = util::abs("target/release/libggml_ane.so");
+    if !lib.is_file() {
+        return Err(format!("cargo build succeeded but {} is missing", lib.display()).into());
+    }
+    Ok(lib)
+}
+
+pub fn run() -> Result {
+    let plugin = build_plugin()?;
+    llama::run(false)?;
+    models::run()?;
+    let _s = Section::new("demo: llama-completion with the ANE plugin (reference engine)");
+    let mut cmd = Command::new(llama::bin("llama-completion"));
+    cmd.arg("-m")
+        .arg(models::path("f16"))
+        .args(["-p", PROMPT, "-n", "16", "-no-cnv", "--temp", "0"])
+        .args(["-t", "2", "--no-warmup"])
+        .env("GGML_BACKEND_PATH", &plugin)
+        .env("GGML_ANE_ENGINE", "reference")
+        .env("GGML_ANE_STATS", "1")
+        .env("OMP_WAIT_POLICY", crate::test::OMP_WAIT_POLICY)
+        .stdin(std::process::Stdio::null());
+    util::run(&mut cmd)
+}

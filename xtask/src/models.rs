@@ -1,0 +1,65 @@
+//! `cargo xtask models`: tiny llama GGUF models for the end-to-end tests.
+//!
+//! Real models are large and need a download; `scripts/make_tiny_llama.py`
+//! writes a random 2-layer llama with its own 448-token SPM vocabulary in a
+//! second. Dimensions are chosen so every weight MUL_MAT has K and M >= 64
+//! (dim 256, kv dim 128, ff 512, vocab 448), as the plugin's planner expects
+//! of real models. One file per weight type the plugin handles.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::util::{self, abs, Result, Section};
+use crate::venv;
+
+/// Weight types written, one model each.
+pub const DTYPES: [&str; 3] = ["f16", "q8_0", "q4_0"];
+
+const SHAPE: [&str; 12] = [
+    "--dim",
+    "256",
+    "--ff",
+    "512",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--layers",
+    "2",
+    "--ctx",
+    "512",
+];
+
+/// `target/models/tiny-llama-DTYPE.gguf`.
+pub fn path(dtype: &str) -> PathBuf {
+    abs(format!("target/models/tiny-llama-{dtype}.gguf"))
+}
+
+/// Write the models that are missing or older than the generator script.
+pub fn run() -> Result<Vec<PathBuf>> {
+    let python = venv::run()?;
+    let _s = Section::new("tiny models");
+    let script = abs("scripts/make_tiny_llama.py");
+    let script_time = std::fs::metadata(&script)?.modified()?;
+    std::fs::create_dir_all(abs("target/models"))?;
+    let mut out = Vec::new();
+    for dtype in DTYPES {
+        let p = path(dtype);
+        let fresh = std::fs::metadata(&p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t >= script_time);
+        if fresh {
+            println!("{} up to date", p.display());
+        } else {
+            util::run(
+                Command::new(&python)
+                    .arg(&script)
+                    .arg(&p)
+                    .args(["--dtype", dtype, "--seed", "0"])
+                    .args(SHAPE),
+            )?;
+        }
+        out.push(p);
+    }
+    Ok(out)
+}

@@ -1,0 +1,741 @@
+//! `cargo xtask test`: everything that must pass before a commit, in order,
+//! stopping at the first failing step.
+//!
+//! `cargo test` covers the Rust code in isolation. The plugin's real contract
+//! is with programs we do not control, so the later steps run them:
+//!
+//! * `unit`  - `cargo test --workspace`;
+//! * `mil`   - every MIL form `ane mil` can emit, at a few shapes, checked by
+//!   the coremltools-based validator `miltext_check.py`;
+//! * `ops`   - llama.cpp's `test-backend-ops -b ANE -o MUL_MAT` against the
+//!   CPU backend, with the plugin on the reference engine;
+//! * `e2e`   - greedy `llama-completion` on tiny f16/q8_0/q4_0 models, CPU
+//!   only vs. with the plugin: identical text, and the plugin's JSON stats
+//!   must show offloaded ops;
+//! * `sched` - `GGML_SCHED_DEBUG` output: the prefill graph has an ANE split,
+//!   decode graphs (1 token) have none.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::flags::TestOpts;
+use crate::util::{self, abs, bail, Result, Section};
+use crate::{demo, llama, models, venv};
+
+/// Prompt for `e2e` and `sched`: well over 80 tokens with the tiny vocab, so
+/// the prefill batch is above the plugin's default minimum of 64.
+const PROMPT: &str = "Once upon a time, in a small village by the sea, there lived an old \
+fisherman who told stories about the stars to anyone who would listen.";
+
+/// `test-backend-ops` must have computed at least this many MUL_MAT cases on
+/// the plugin. The b11434 suite has 2276 MUL_MAT cases, but 359 of them are
+/// "not supported [CPU]": the CPU backend, which is the judge, lacks them
+/// (e.g. K-quants with an F16 src1), so at most 1917 can be claimed and
+/// checked. The plugin claims 1916 (measured); this floor catches a plugin
+/// that silently stops claiming a whole type.
+const MIN_CLAIMED_OPS: usize = 1900;
+
+/// Shapes (k, m, n) the MIL forms are emitted and validated at.
+const MIL_SHAPES: [(u32, u32, u32); 2] = [(64, 96, 64), (256, 512, 128)];
+
+/// Lazily built prerequisites shared by the steps.
+#[derive(Default)]
+struct Prereqs {
+    plugin: Option<PathBuf>,
+    llama: bool,
+    models: bool,
+    python: Option<PathBuf>,
+}
+
+impl Prereqs {
+    fn plugin(&mut self) -> Result<PathBuf> {
+        if self.plugin.is_none() {
+            self.plugin = Some(demo::build_plugin()?);
+        }
+        Ok(self.plugin.clone().unwrap())
+    }
+    fn llama(&mut self) -> Result {
+        if !self.llama {
+            llama::run(false)?;
+            self.llama = true;
+        }
+        Ok(())
+    }
+    fn models(&mut self) -> Result {
+        if !self.models {
+            models::run()?;
+            self.models = true;
+        }
+        Ok(())
+    }
+    fn python(&mut self) -> Result<PathBuf> {
+        if self.python.is_none() {
+            self.python = Some(venv::run()?);
+        }
+        Ok(self.python.clone().unwrap())
+    }
+}
+
+pub fn run(opts: &TestOpts) -> Result {
+    let mut pre = Prereqs {
+        plugin: opts.plugin.clone(),
+        ..Prereqs::default()
+    };
+    let mut rows: Vec<(&str, &str, f64, String)> = Vec::new();
+    let mut failure = None;
+    for &step in &opts.steps {
+        let section = Section::new(format!("test step `{step}`"));
+        let start = Instant::now();
+        let result = match step {
+            "unit" => step_unit(),
+            "mil" => step_mil(&mut pre),
+            "ops" => step_ops(&mut pre),
+            "e2e" => step_e2e(&mut pre),
+            "sched" => step_sched(&mut pre),
+            other => Err(format!("unknown step {other}").into()),
+        };
+        drop(section);
+        let secs = start.elapsed().as_secs_f64();
+        match result {
+            Ok(summary) => {
+                println!("PASS {step}: {summary}");
+                rows.push((step, "PASS", secs, summary));
+            }
+            Err(e) => {
+                println!("FAIL {step}: {e}");
+                let first = e.to_string().lines().next().unwrap_or_default().to_string();
+                rows.push((step, "FAIL", secs, first));
+                failure = Some((step, e));
+                break;
+            }
+        }
+    }
+    for &step in &opts.steps {
+        if !rows.iter().any(|r| r.0 == step) {
+            rows.push((step, "not run", 0.0, String::new()));
+        }
+    }
+    println!("\n{:<7} {:<8} {:>8}  detail", "step", "result", "time");
+    for (step, result, secs, detail) in &rows {
+        println!("{step:<7} {result:<8} {secs:>7.1}s  {detail}");
+    }
+    match failure {
+        Some((step, e)) => bail!("test step `{step}` failed: {e}"),
+        None => {
+            println!("\nall {} test steps passed", rows.len());
+            Ok(())
+        }
+    }
+}
+
+// ---------------------------------------------------------------- unit
+
+fn step_unit() -> Result<String> {
+    util::run(util::cargo().args(["test", "--workspace"]))?;
+    Ok("cargo test --workspace passed".into())
+}
+
+// ---------------------------------------------------------------- mil
+
+/// The MIL validator script: `$ANE_MIL_VALIDATOR`, else the shared checkout
+/// next to the repository (newest copy), else the copy vendored in
+/// `validators/`. Never skipped silently.
+fn mil_validator() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ANE_MIL_VALIDATOR") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        bail!("ANE_MIL_VALIDATOR={} is not a file", p.display());
+    }
+    let default = util::project_root().join("../shared/validators/miltext_check.py");
+    if default.is_file() {
+        return Ok(std::fs::canonicalize(&default)?);
+    }
+    let vendored = util::project_root().join("validators/miltext_check.py");
+    if vendored.is_file() {
+        return Ok(vendored);
+    }
+    bail!(
+        "MIL validator not found: set ANE_MIL_VALIDATOR=/path/to/miltext_check.py \
+         (looked for {})",
+        default.display()
+    )
+}
+
+fn step_mil(pre: &mut Prereqs) -> Result<String> {
+    let validator = mil_validator()?;
+    let python = pre.python()?;
+    util::run(util::cargo().args(["build", "-p", "ane-cli"]))?;
+    let ane = abs("target/debug/ane");
+    let listing = util::read(Command::new(&ane).args(["mil", "--list-forms"]))?;
+    let forms = parse_forms(&listing);
+    if forms.is_empty() {
+        bail!("`ane mil --list-forms` listed no forms:\n{listing}");
+    }
+    let out_root = abs("target/xtask-mil");
+    if out_root.exists() {
+        std::fs::remove_dir_all(&out_root)?;
+    }
+    let mut checked = 0;
+    for form in &forms {
+        for (k, m, n) in MIL_SHAPES {
+            let dir = out_root.join(format!("{form}-k{k}-m{m}-n{n}"));
+            util::run(
+                Command::new(&ane)
+                    .args(["mil", "--form", form])
+                    .args(["--k", &k.to_string(), "--m", &m.to_string()])
+                    .args(["--n", &n.to_string()])
+                    .arg("--out")
+                    .arg(&dir),
+            )?;
+            let name = format!("mil-{form}-k{k}-m{m}-n{n}");
+            let res = util::run_logged(
+                Command::new(&python)
+                    .arg(&validator)
+                    .arg(dir.join("model.mil")),
+                &name,
+                Duration::from_secs(600),
+            )?;
+            if !res.success() {
+                bail!(
+                    "validator rejected form `{form}` at k={k} m={m} n={n} ({}):\n{}\n{}\n{}",
+                    res.status_text(),
+                    util::tail(&res.stdout, 30),
+                    res.stderr_tail(10),
+                    res.where_logged()
+                );
+            }
+            checked += 1;
+        }
+    }
+    Ok(format!(
+        "{checked} programs valid ({} forms x {} shapes)",
+        forms.len(),
+        MIL_SHAPES.len()
+    ))
+}
+
+/// Form names from `ane mil --list-forms`: the first word of each line,
+/// ignoring blank lines and `#` comments.
+fn parse_forms(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect()
+}
+
+// ---------------------------------------------------------------- ops
+
+fn step_ops(pre: &mut Prereqs) -> Result<String> {
+    let plugin = pre.plugin()?;
+    pre.llama()?;
+    let res = util::run_logged(
+        Command::new(llama::bin("test-backend-ops"))
+            .args(["-b", "ANE", "-o", "MUL_MAT"])
+            .env("GGML_BACKEND_PATH", &plugin)
+            .env("GGML_ANE_ENGINE", "reference")
+            .env("GGML_ANE_MIN_BATCH", "1"),
+        "test-backend-ops",
+        Duration::from_secs(45 * 60),
+    )?;
+    let c = OpsCounts::parse(&res.stdout);
+    let summary = format!(
+        "claimed {} passed {} failed {} declined by ANE {} not supported by the CPU judge {} ({:.0}s)",
+        c.ok + c.fail,
+        c.ok,
+        c.fail,
+        c.unsupported,
+        c.unsupported_judge,
+        res.elapsed.as_secs_f64()
+    );
+    println!("test-backend-ops: {summary}");
+    if c.fail > 0 {
+        bail!(
+            "{summary}; failing cases:\n{}\n{}",
+            c.failed.join("\n"),
+            res.where_logged()
+        );
+    }
+    if !res.success() {
+        bail!(
+            "test-backend-ops {} ({summary}):\n{}\n{}",
+            res.status_text(),
+            res.stderr_tail(20),
+            res.where_logged()
+        );
+    }
+    if c.ok + c.fail < MIN_CLAIMED_OPS {
+        bail!(
+            "{summary}: the plugin claimed fewer than {MIN_CLAIMED_OPS} MUL_MAT cases \
+             (was the ANE backend loaded?)\n{}\n{}",
+            util::tail(&res.stdout, 10),
+            res.where_logged()
+        );
+    }
+    Ok(summary)
+}
+
+/// Per-case results of `test-backend-ops` (test mode). Case lines look like
+/// `  MUL_MAT(type_a=f16,type_b=f32,m=16,n=1,k=256,...): OK` with ANSI colour
+/// around `OK`/`FAIL`, or `...): not supported [ANE]`.
+#[derive(Debug, Default, PartialEq)]
+struct OpsCounts {
+    ok: usize,
+    fail: usize,
+    unsupported: usize,
+    unsupported_judge: usize,
+    skipped: usize,
+    failed: Vec<String>,
+}
+
+impl OpsCounts {
+    fn parse(stdout: &str) -> OpsCounts {
+        let mut c = OpsCounts::default();
+        for raw in stdout.lines() {
+            let line = strip_ansi(raw);
+            let line = line.trim_end();
+            let body = line.trim_start();
+            // A case line: two-space indent, OPNAME( ... ): STATUS
+            let is_case = line.starts_with("  ")
+                && body.find('(').is_some_and(|i| {
+                    i > 0
+                        && body[..i]
+                            .bytes()
+                            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+                })
+                && body.contains("): ");
+            if !is_case {
+                continue;
+            }
+            if body.ends_with(" OK") {
+                c.ok += 1;
+            } else if body.ends_with("FAIL") {
+                c.fail += 1;
+                c.failed.push(body.to_string());
+            } else if body.contains("): not supported [ANE]") {
+                c.unsupported += 1;
+            } else if body.contains("): not supported") {
+                c.unsupported_judge += 1;
+            } else if body.contains("): skipping") {
+                c.skipped += 1;
+            }
+        }
+        c
+    }
+}
+
+/// Remove ANSI CSI sequences (`ESC [ ... letter`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- e2e
+
+/// Observed on the 2-core build machine with this llama.cpp (OpenMP CPU
+/// backend): with OpenMP's default spinning wait policy, `llama-completion`
+/// sometimes exits 0 having lost every log message queued after the prompt
+/// (generated text and timings; about 5 runs in 6 under `cargo xtask`).
+/// `passive` made it reliable (6/6). Used for every `llama-completion` run.
+pub const OMP_WAIT_POLICY: &str = "passive";
+
+/// `llama-completion` greedy on one model; `plugin` adds the ANE backend.
+fn completion(model: &Path, plugin: Option<&Path>, n_predict: u32, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(llama::bin("llama-completion"));
+    cmd.arg("-m")
+        .arg(model)
+        .args(["-p", PROMPT, "-n", &n_predict.to_string()])
+        .args(["-no-cnv", "--temp", "0", "-t", "2", "--no-warmup"])
+        .args(extra)
+        .env("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+        .env_remove("GGML_BACKEND_PATH");
+    if let Some(p) = plugin {
+        cmd.env("GGML_BACKEND_PATH", p)
+            .env("GGML_ANE_ENGINE", "reference");
+    }
+    cmd
+}
+
+fn step_e2e(pre: &mut Prereqs) -> Result<String> {
+    let plugin = pre.plugin()?;
+    pre.llama()?;
+    pre.models()?;
+    let mut offloaded = Vec::new();
+    for dtype in models::DTYPES {
+        let model = models::path(dtype);
+        // q4_0 weights would move to the CPU_REPACK buffer type, which the
+        // plugin (host buffers only) can never see.
+        let extra: &[&str] = if dtype == "q4_0" {
+            &["--no-repack"]
+        } else {
+            &[]
+        };
+        let timeout = Duration::from_secs(300);
+        let cpu = util::run_logged(
+            &mut completion(&model, None, 24, extra),
+            &format!("e2e-{dtype}-cpu"),
+            timeout,
+        )?;
+        if !cpu.success() {
+            bail!(
+                "{dtype}: CPU-only llama-completion {}:\n{}\n{}",
+                cpu.status_text(),
+                cpu.stderr_tail(15),
+                cpu.where_logged()
+            );
+        }
+        let ane = util::run_logged(
+            completion(&model, Some(&plugin), 24, extra).env("GGML_ANE_STATS", "json"),
+            &format!("e2e-{dtype}-ane"),
+            timeout,
+        )?;
+        if !ane.success() {
+            bail!(
+                "{dtype}: llama-completion with the plugin {}:\n{}\n{}",
+                ane.status_text(),
+                ane.stderr_tail(15),
+                ane.where_logged()
+            );
+        }
+        let cpu_text = generated(&cpu.stdout);
+        let ane_text = generated(&ane.stdout);
+        println!("{dtype} CPU: {cpu_text:?}\n{dtype} ANE: {ane_text:?}");
+        if cpu_text.trim().is_empty() {
+            bail!("{dtype}: CPU run generated no text; {}", cpu.where_logged());
+        }
+        if cpu_text != ane_text {
+            bail!(
+                "{dtype}: greedy output differs\n  cpu: {cpu_text:?}\n  ane: {ane_text:?}\n{}",
+                ane.where_logged()
+            );
+        }
+        let ops = stats_ops_offloaded(&ane.stderr).map_err(|e| {
+            format!(
+                "{dtype}: {e}\n{}\n{}",
+                ane.stderr_tail(10),
+                ane.where_logged()
+            )
+        })?;
+        if ops == 0 {
+            bail!(
+                "{dtype}: plugin stats say ops_offloaded = 0; {}",
+                ane.where_logged()
+            );
+        }
+        offloaded.push(format!("{dtype} {ops}"));
+    }
+    Ok(format!(
+        "greedy text identical to CPU for {}; ops offloaded: {}",
+        models::DTYPES.join("/"),
+        offloaded.join(", ")
+    ))
+}
+
+/// The generated part of `llama-completion` stdout (it echoes the prompt).
+fn generated(stdout: &str) -> &str {
+    let trimmed = stdout.trim_start_matches([' ', '\n']);
+    match trimmed.find(PROMPT) {
+        Some(i) => &trimmed[i + PROMPT.len()..],
+        None => stdout,
+    }
+}
+
+/// `ops_offloaded` from the plugin's `ggml-ane-stats: {json}` stderr lines
+/// (one per freed backend instance; the largest count wins).
+fn stats_ops_offloaded(stderr: &str) -> Result<u64> {
+    const PREFIX: &str = "ggml-ane-stats: ";
+    let mut best = None;
+    for line in stderr.lines().filter(|l| l.starts_with(PREFIX)) {
+        let n = json_u64(&line[PREFIX.len()..], "ops_offloaded")
+            .ok_or_else(|| format!("no numeric \"ops_offloaded\" in `{line}`"))?;
+        best = best.max(Some(n));
+    }
+    best.ok_or_else(|| {
+        format!("no stderr line starting with `{PREFIX}` (is GGML_ANE_STATS=json honoured?)").into()
+    })
+}
+
+/// A top-level-ish integer field of a JSON object, without a JSON parser:
+/// the first `"key": <digits>` occurrence.
+fn json_u64(json: &str, key: &str) -> Option<u64> {
+    let pat = format!("\"{key}\"");
+    let rest = &json[json.find(&pat)? + pat.len()..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+// ---------------------------------------------------------------- sched
+
+fn step_sched(pre: &mut Prereqs) -> Result<String> {
+    let plugin = pre.plugin()?;
+    pre.llama()?;
+    pre.models()?;
+    let res = util::run_logged(
+        completion(&models::path("f16"), Some(&plugin), 4, &["-v"]).env("GGML_SCHED_DEBUG", "1"),
+        "sched-debug",
+        Duration::from_secs(300),
+    )?;
+    if !res.success() {
+        bail!(
+            "llama-completion -v with GGML_SCHED_DEBUG=1 {}:\n{}\n{}",
+            res.status_text(),
+            res.stderr_tail(15),
+            res.where_logged()
+        );
+    }
+    let graphs = SchedGraph::parse(&res.stderr);
+    let ctx = || res.where_logged();
+    if graphs.is_empty() {
+        bail!(
+            "no `## SPLIT #` lines on stderr (GGML_SCHED_DEBUG not honoured, or -v lost?); {}",
+            ctx()
+        );
+    }
+    let reserves = graphs.iter().filter(|g| g.reserve).count();
+    println!("  {reserves} reserve graphs (worst-case sizing), then:");
+    for g in graphs.iter().filter(|g| !g.reserve) {
+        println!("  {g}");
+    }
+    let computed = |pred: &dyn Fn(u32) -> bool| {
+        graphs
+            .iter()
+            .filter(|g| !g.reserve && g.n_tokens.is_some_and(pred))
+            .collect::<Vec<_>>()
+    };
+    let prefill = computed(&|n| n >= 64);
+    let decode = computed(&|n| n == 1);
+    if prefill.is_empty() {
+        bail!("no computed graph with n_tokens >= 64 found; {}", ctx());
+    }
+    if decode.is_empty() {
+        bail!("no computed decode graph (n_tokens = 1) found; {}", ctx());
+    }
+    if let Some(g) = prefill.iter().find(|g| !g.uses_ane()) {
+        bail!("prefill graph has no ANE split: {g}; {}", ctx());
+    }
+    let one_token = graphs.iter().filter(|g| g.n_tokens == Some(1));
+    if let Some(g) = one_token.clone().find(|g| g.uses_ane()) {
+        bail!("1-token graph has an ANE split: {g}; {}", ctx());
+    }
+    Ok(format!(
+        "{} graphs: prefill {} with ANE splits, {} one-token graph(s) CPU only",
+        graphs.len(),
+        prefill
+            .iter()
+            .map(|g| g.n_tokens.unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+            .join("/"),
+        one_token.count()
+    ))
+}
+
+/// One graph as `GGML_SCHED_DEBUG=1` prints it (ggml-backend.cpp,
+/// `ggml_backend_sched_print_assignments`): lines
+/// `## SPLIT #<i>: <backend> # <n> inputs[: [name (size)] ...]`, starting
+/// again at `#0` for each graph split. Graph sizes are not printed there, so
+/// they come from the surrounding log: llama-context's
+/// `graph_reserve: reserving a graph for ubatch with n_tokens = N` precedes a
+/// reserve graph, and llama-completion (`-v`) logs `n_past = N` after each
+/// decode, so a computed graph's n_tokens is the n_past increase. With
+/// `-v`, common_log prefixes each message piece with `0.00.065.179 D `, so
+/// a split line can read `## SPLIT #0: CPU # 0 inputs0.00.012.910 D `.
+#[derive(Debug, PartialEq)]
+struct SchedGraph {
+    reserve: bool,
+    n_tokens: Option<u32>,
+    /// Backend name of each split, in order.
+    splits: Vec<String>,
+}
+
+impl SchedGraph {
+    fn uses_ane(&self) -> bool {
+        self.splits.iter().any(|b| b.starts_with("ANE"))
+    }
+
+    fn parse(log: &str) -> Vec<SchedGraph> {
+        let mut graphs: Vec<SchedGraph> = Vec::new();
+        let mut pending_reserve: Option<u32> = None;
+        let mut n_past = 0u32;
+        // Computed graphs since the last `n_past = ` line.
+        let mut pending_sizes: Vec<usize> = Vec::new();
+        for raw in log.lines() {
+            let line = strip_ansi(raw);
+            let line = strip_log_prefix(line.trim());
+            if let Some(i) = line.find("reserving a graph for ubatch with n_tokens =") {
+                let rest = &line[i + "reserving a graph for ubatch with n_tokens =".len()..];
+                pending_reserve = leading_u32(rest);
+            } else if let Some(rest) = line.strip_prefix("## SPLIT #") {
+                let Some((idx, rest)) = rest.split_once(':') else {
+                    continue;
+                };
+                let backend = rest.split(" # ").next().unwrap_or("").trim().to_string();
+                if idx.trim() == "0" || graphs.is_empty() {
+                    let reserve = pending_reserve.take();
+                    if reserve.is_none() {
+                        pending_sizes.push(graphs.len());
+                    }
+                    graphs.push(SchedGraph {
+                        reserve: reserve.is_some(),
+                        n_tokens: reserve,
+                        splits: Vec::new(),
+                    });
+                }
+                graphs.last_mut().unwrap().splits.push(backend);
+            } else if let Some(rest) = line.strip_prefix("n_past = ") {
+                if let Some(now) = leading_u32(rest) {
+                    let n = now.saturating_sub(n_past);
+                    for &g in &pending_sizes {
+                        graphs[g].n_tokens = Some(n);
+                    }
+                    pending_sizes.clear();
+                    n_past = now;
+                }
+            }
+        }
+        graphs
+    }
+}
+
+impl std::fmt::Display for SchedGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in &self.splits {
+            *counts.entry(s).or_default() += 1;
+        }
+        let n = self.n_tokens.map_or("?".to_string(), |n| n.to_string());
+        let kind = if self.reserve { "reserve" } else { "compute" };
+        let by_backend: Vec<String> = counts.iter().map(|(b, c)| format!("{b} x{c}")).collect();
+        write!(
+            f,
+            "{kind} graph n_tokens={n}: {} splits ({})",
+            self.splits.len(),
+            by_backend.join(", ")
+        )
+    }
+}
+
+/// Drop common_log's `-v` prefix `0.00.065.179 D ` (timestamp, level letter).
+fn strip_log_prefix(line: &str) -> &str {
+    let mut parts = line.splitn(3, ' ');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(ts), Some(level), rest)
+            if ts.starts_with(|c: char| c.is_ascii_digit())
+                && ts.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                && level.len() == 1
+                && level.bytes().all(|b| b.is_ascii_uppercase()) =>
+        {
+            rest.unwrap_or("").trim_start()
+        }
+        _ => line,
+    }
+}
+
+fn leading_u32(s: &str) -> Option<u32> {
+    let s = s.trim_start();
+    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    s[..end].parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_backend_ops_cases() {
+        let out = [
+            "Testing 2 devices",
+            "",
+            "Backend 1/2: ANE",
+            "  Device description: ANE",
+            "",
+            "  MUL_MAT(type_a=f16,type_b=f32,m=16,n=1,k=256,bs=[1,1],nr=[1,1],per=[0,1,2,3],k_v=0,o=1): \x1b[1;32mOK\x1b[0m",
+            "  MUL_MAT(type_a=q4_0,type_b=f32,m=16,n=1,k=256,bs=[1,1],nr=[1,1],per=[0,1,2,3],k_v=0,o=1): not supported [ANE] ",
+            "  MUL_MAT(type_a=f32,type_b=f32,m=16,n=8,k=256,bs=[1,1],nr=[1,1],per=[0,1,2,3],k_v=0,o=1): [MUL_MAT] NMSE = 0.1 > 0.0005 \x1b[1;31mFAIL\x1b[0m",
+            "  MUL_MAT(type_a=f32,type_b=f32,m=16,n=8,k=256): skipping large tensors for speed ",
+            "  2/3 tests passed",
+            "  Backend ANE: \x1b[1;31mFAIL\x1b[0m",
+            "Backend 2/2: CPU",
+            "  Skipping",
+            "Failing tests:",
+            "  MUL_MAT(type_a=f32,type_b=f32,m=16,n=8,k=256,bs=[1,1],nr=[1,1],per=[0,1,2,3],k_v=0,o=1)",
+            "0/1 backends passed",
+            "\x1b[1;31mFAIL\x1b[0m",
+        ]
+        .join("\n");
+        let c = OpsCounts::parse(&out);
+        assert_eq!((c.ok, c.fail, c.unsupported, c.skipped), (1, 1, 1, 1));
+        assert!(c.failed[0].contains("NMSE"));
+    }
+
+    #[test]
+    fn finds_stats_json() {
+        let err = "load_backend: loaded ANE backend\nggml-ane-stats: {\"engine\":\"reference\",\"ops_offloaded\": 42,\"x\":1}\nggml-ane-stats: {\"ops_offloaded\":0}\n";
+        assert_eq!(stats_ops_offloaded(err).unwrap(), 42);
+        assert!(stats_ops_offloaded("nothing\n").is_err());
+        assert_eq!(json_u64("{\"ops_offloaded\":0}", "ops_offloaded"), Some(0));
+    }
+
+    #[test]
+    fn strips_prompt_echo() {
+        let out = format!(" {PROMPT} and then some");
+        assert_eq!(generated(&out), " and then some");
+    }
+
+    #[test]
+    fn forms_listing() {
+        assert_eq!(
+            parse_forms("# forms\nconv1x1  1x1 conv\n\nmatmul\n"),
+            vec!["conv1x1", "matmul"]
+        );
+    }
+
+    #[test]
+    fn sched_graphs_get_sizes() {
+        let log = [
+            "0.00.013.033 D graph_reserve: reserving a graph for ubatch with n_tokens =  512, n_seqs =  1, n_outputs =  512",
+            "0.00.013.070 D ",
+            "## SPLIT #0: CPU # 0 inputs0.00.013.074 D ",
+            "## SPLIT #1: ANE # 1 inputs0.00.013.075 D : 0.00.013.076 D [attn_norm-0 (  64K)] 0.00.013.077 D ",
+            "0.00.013.111 D graph_reserve: reserving a graph for ubatch with n_tokens =    1, n_seqs =  1, n_outputs =    1",
+            "## SPLIT #0: CPU # 0 inputs0.00.013.143 D ",
+            "0.00.043.900 D ",
+            "## SPLIT #0: CPU # 0 inputs0.00.043.917 D ",
+            "## SPLIT #1: \x1b[0mANE # 1 inputs: [attn_norm-0 (  64K)]",
+            "## SPLIT #2: CPU # 1 inputs: [ffn_out (  30K)]",
+            "0.00.065.179 D n_past = 100",
+            "## SPLIT #0: CPU # 0 inputs0.00.065.411 D ",
+            "0.00.065.512 D n_past = 101",
+            "n_past = 102",
+        ]
+        .join("\n");
+        let g = SchedGraph::parse(&log);
+        assert_eq!(g.len(), 4);
+        assert!(g[0].reserve && g[0].n_tokens == Some(512) && g[0].uses_ane());
+        assert!(g[1].reserve && g[1].n_tokens == Some(1) && !g[1].uses_ane());
+        assert!(!g[2].reserve && g[2].n_tokens == Some(100) && g[2].uses_ane());
+        assert_eq!(g[2].splits, ["CPU", "ANE", "CPU"]);
+        assert!(!g[3].reserve && g[3].n_tokens == Some(1) && !g[3].uses_ane());
+    }
+}

@@ -375,6 +375,27 @@ fn completion(model: &Path, plugin: Option<&Path>, n_predict: u32, extra: &[&str
     cmd
 }
 
+/// Runs llama-completion until its log was flushed completely.
+///
+/// llama-completion prints generated text and timings through llama.cpp's
+/// asynchronous logger; now and then (seen in CPU-only runs too, without the
+/// plugin) the process exits before the logger's queue is written, losing the
+/// tail of the output. Entries are written in order, so the final
+/// `llama_perf_context_print ... total time` line on stderr proves the text
+/// before it is complete. A run without it is retried (at most 4 tries).
+fn run_completion(cmd: &mut Command, name: &str, timeout: Duration) -> Result<util::Logged> {
+    let mut last = None;
+    for attempt in 1..=4 {
+        let res = util::run_logged(cmd, name, timeout)?;
+        if !res.success() || res.stderr.contains("total time") {
+            return Ok(res);
+        }
+        println!("  (llama-completion log truncated at exit, retry {attempt})");
+        last = Some(res);
+    }
+    Ok(last.expect("at least one attempt"))
+}
+
 fn step_e2e(pre: &mut Prereqs) -> Result<String> {
     let plugin = pre.plugin()?;
     pre.llama()?;
@@ -390,7 +411,7 @@ fn step_e2e(pre: &mut Prereqs) -> Result<String> {
             &[]
         };
         let timeout = Duration::from_secs(300);
-        let cpu = util::run_logged(
+        let cpu = run_completion(
             &mut completion(&model, None, 24, extra),
             &format!("e2e-{dtype}-cpu"),
             timeout,
@@ -403,7 +424,7 @@ fn step_e2e(pre: &mut Prereqs) -> Result<String> {
                 cpu.where_logged()
             );
         }
-        let ane = util::run_logged(
+        let ane = run_completion(
             completion(&model, Some(&plugin), 24, extra).env("GGML_ANE_STATS", "json"),
             &format!("e2e-{dtype}-ane"),
             timeout,

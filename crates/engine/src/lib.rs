@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 mod chip;
+pub mod driver_plan;
 mod error;
 pub mod reference;
 pub mod surface;
@@ -26,7 +27,7 @@ pub mod surface;
 #[cfg(target_vendor = "apple")]
 pub mod apple;
 
-pub use chip::{Chip, ChipLimits};
+pub use chip::{chip_from_ane_subtype, chip_from_brand, identify_chip, Chip, ChipLimits};
 pub use error::EngineError;
 pub use surface::Surface;
 

@@ -57,10 +57,6 @@ pub(crate) struct Checked {
     pub(crate) func: Function,
     /// Constant values by name.
     consts: HashMap<String, Value>,
-    /// Parameter names in binding (alphabetical) order, with their types.
-    pub(crate) bound_inputs: Vec<(String, ValueType)>,
-    /// Output names in binding (alphabetical) order, with their types.
-    pub(crate) bound_outputs: Vec<(String, ValueType)>,
 }
 
 /// Decodes a literal into a value; `blob` resolves BLOBFILE references to (dtype, bytes).
@@ -214,7 +210,7 @@ pub(crate) fn check(
         }
         types.insert(st.output.clone(), st.ty.clone());
     }
-    let mut bound_outputs = Vec::new();
+    // Binding order is the driver plan's business (crate::driver_plan); here only the types.
     for o in &func.outputs {
         let ty = types
             .get(o)
@@ -222,21 +218,11 @@ pub(crate) fn check(
         if !matches!(ty.dtype, DType::Fp16 | DType::Fp32) || ty.is_scalar() {
             return Err(cerr(format!("output `{o}` must be an fp16/fp32 tensor")));
         }
-        bound_outputs.push((o.clone(), ty.clone()));
     }
-    if bound_outputs.is_empty() {
+    if func.outputs.is_empty() {
         return Err(cerr("function returns nothing".into()));
     }
-    // The ANE binds surfaces by alphabetical order of MIL names (Orion constraints #3/#13).
-    bound_outputs.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut bound_inputs = func.inputs.clone();
-    bound_inputs.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(Checked {
-        func,
-        consts,
-        bound_inputs,
-        bound_outputs,
-    })
+    Ok(Checked { func, consts })
 }
 
 fn var_type<'a>(

@@ -4,6 +4,10 @@
 //! where the chip is strict and documents where it is not:
 //! - **Parses the text.** `compile` takes MIL text and weight files and goes through
 //!   [`ane_mil::text::parse`] and [`ane_mil::blob::read_blob`]; nothing of the emitter's IR leaks in.
+//! - **The driver's plan.** `compile` builds the same [`DriverPlan`] the macOS driver replays
+//!   (weights dictionary, model files, binding order, surface size, row rule) and reads weights
+//!   through it; `evaluate` checks every request with [`DriverPlan::check_request`] and binds
+//!   surfaces in the plan's order. A rule broken in the plan fails here, on Linux.
 //! - **Binding order.** Inputs and outputs bind in alphabetical order of their MIL names.
 //! - **Surfaces.** Every surface of a request has the same allocation size, at least
 //!   [`crate::surface::MIN_SURFACE_BYTES`], a multiple of [`crate::surface::SURFACE_ALIGN`], and large
@@ -22,6 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use ane_mil::DType;
 
+use crate::driver_plan::DriverPlan;
 use crate::{ChipLimits, Engine, EngineCounters, EngineError, ProgramId, Surface, WeightFile};
 use exec::Checked;
 
@@ -33,10 +38,17 @@ pub struct ReferenceEngine {
     state: Mutex<State>,
 }
 
+/// A loaded program: the driver plan it was compiled from and the checked function.
+#[derive(Debug)]
+struct Program {
+    plan: DriverPlan,
+    checked: Checked,
+}
+
 #[derive(Debug, Default)]
 struct State {
     next_id: u64,
-    programs: HashMap<u64, Arc<Checked>>,
+    programs: HashMap<u64, Arc<Program>>,
     counters: EngineCounters,
 }
 
@@ -77,20 +89,19 @@ impl Engine for ReferenceEngine {
                 func.opset
             )));
         }
+        // The driver plan decides binding order, weight files and surface sizes; the reference
+        // engine takes them from it so that a rule broken in the plan fails here too.
+        let plan = DriverPlan::for_function(mil, &func, weights)?;
         let blob = |path: &str, offset: u64| -> Result<(DType, Vec<u8>), EngineError> {
-            if !path.starts_with("@model_path/") {
-                return Err(EngineError::Weights(format!(
-                    "BLOBFILE path `{path}` is not under @model_path/"
-                )));
-            }
-            let file = weights.iter().find(|w| w.path == path).ok_or_else(|| {
+            let entry = plan.weights.iter().find(|w| w.key == path).ok_or_else(|| {
                 EngineError::Weights(format!("no weight file given for `{path}`"))
             })?;
-            let b = ane_mil::blob::read_blob(&file.bytes, offset)
+            let b = ane_mil::blob::read_blob(&entry.data, offset)
                 .map_err(|e| EngineError::Weights(format!("{path}: {e}")))?;
             Ok((b.dtype, b.data.to_vec()))
         };
         let checked = exec::check(func, self.limits.max_axis, &blob)?;
+        let program = Program { plan, checked };
         let mut st = self.lock();
         st.counters.compiles += 1;
         if st.programs.len() >= self.limits.max_loaded_programs {
@@ -101,7 +112,7 @@ impl Engine for ReferenceEngine {
         }
         st.next_id += 1;
         let id = st.next_id;
-        st.programs.insert(id, Arc::new(checked));
+        st.programs.insert(id, Arc::new(program));
         st.counters.loads += 1;
         st.counters.loaded = st.programs.len() as u64;
         st.counters.loaded_peak = st.counters.loaded_peak.max(st.counters.loaded);
@@ -120,31 +131,34 @@ impl Engine for ReferenceEngine {
             .get(&program.0)
             .cloned()
             .ok_or(EngineError::UnknownProgram(program.0))?;
-        check_surfaces(&prog, inputs, outputs)?;
-        // Surfaces arrive in binding (alphabetical) order; the interpreter wants declaration order.
-        let mut by_decl: Vec<Vec<f32>> = vec![Vec::new(); prog.func.inputs.len()];
-        for ((name, ty), s) in prog.bound_inputs.iter().zip(inputs) {
-            let pos = prog
-                .func
+        let sizes = |s: &mut dyn Iterator<Item = usize>| s.collect::<Vec<_>>();
+        prog.plan.check_request(
+            &sizes(&mut inputs.iter().map(|s| s.alloc_size())),
+            &sizes(&mut outputs.iter().map(|s| s.alloc_size())),
+        )?;
+        let func = &prog.checked.func;
+        // Surfaces arrive in the plan's binding order; the interpreter wants declaration order.
+        let mut by_decl: Vec<Vec<f32>> = vec![Vec::new(); func.inputs.len()];
+        for (b, s) in prog.plan.inputs.iter().zip(inputs) {
+            let pos = func
                 .inputs
                 .iter()
-                .position(|(n, _)| n == name)
+                .position(|(n, _)| *n == b.name)
                 .expect("bound input is declared");
-            by_decl[pos] = match ty.dtype {
-                DType::Fp16 => s.fp16(ty.numel()).iter().map(|h| h.to_f32()).collect(),
-                _ => s.fp32_vec(ty.numel()),
+            by_decl[pos] = match b.ty.dtype {
+                DType::Fp16 => s.fp16(b.ty.numel()).iter().map(|h| h.to_f32()).collect(),
+                _ => s.fp32_vec(b.ty.numel()),
             };
         }
-        let results = exec::run(&prog, by_decl)?;
-        for ((name, ty), s) in prog.bound_outputs.iter().zip(outputs.iter_mut()) {
-            let pos = prog
-                .func
+        let results = exec::run(&prog.checked, by_decl)?;
+        for (b, s) in prog.plan.outputs.iter().zip(outputs.iter_mut()) {
+            let pos = func
                 .outputs
                 .iter()
-                .position(|n| n == name)
+                .position(|n| *n == b.name)
                 .expect("bound output is returned");
             let data = &results[pos];
-            match ty.dtype {
+            match b.ty.dtype {
                 DType::Fp16 => {
                     for (d, &v) in s.fp16_mut(data.len()).iter_mut().zip(data) {
                         *d = half::f16::from_f32(v);
@@ -172,51 +186,6 @@ impl Engine for ReferenceEngine {
     fn counters(&self) -> EngineCounters {
         self.lock().counters
     }
-}
-
-fn check_surfaces(
-    prog: &Checked,
-    inputs: &[&Surface],
-    outputs: &[&mut Surface],
-) -> Result<(), EngineError> {
-    use crate::surface::{MIN_SURFACE_BYTES, SURFACE_ALIGN};
-    let serr = |m: String| Err(EngineError::Surface(m));
-    if inputs.len() != prog.bound_inputs.len() || outputs.len() != prog.bound_outputs.len() {
-        return serr(format!(
-            "request has {} inputs / {} outputs, program takes {} / {}",
-            inputs.len(),
-            outputs.len(),
-            prog.bound_inputs.len(),
-            prog.bound_outputs.len()
-        ));
-    }
-    let first = inputs
-        .first()
-        .map(|s| s.alloc_size())
-        .unwrap_or_else(|| outputs[0].alloc_size());
-    let all = inputs
-        .iter()
-        .map(|s| s.alloc_size())
-        .chain(outputs.iter().map(|s| s.alloc_size()));
-    for (i, size) in all.enumerate() {
-        if size != first {
-            return serr(format!(
-                "surface {i} is {size} bytes, the first is {first}: sizes must be equal (0x1d)"
-            ));
-        }
-    }
-    if first < MIN_SURFACE_BYTES || !first.is_multiple_of(SURFACE_ALIGN) {
-        return serr(format!("surfaces of {first} bytes: need >= {MIN_SURFACE_BYTES} and a multiple of {SURFACE_ALIGN}"));
-    }
-    for (name, ty) in prog.bound_inputs.iter().chain(prog.bound_outputs.iter()) {
-        if ty.byte_size() > first {
-            return serr(format!(
-                "`{name}` needs {} bytes, surfaces have {first}",
-                ty.byte_size()
-            ));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -209,3 +209,32 @@ fn rejects_unknown_ops_and_bad_text() {
         "{err}"
     );
 }
+
+#[test]
+fn driver_plan_rules_fail_on_the_reference_engine() {
+    let e = engine();
+    // Row rule: 40 fp16 columns are 80-byte rows.
+    let err = e
+        .compile(&ane_mil::text::emit(&dyn_matmul(64, 64, 40)), &[])
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::Compile(ref m) if m.contains("row rule")),
+        "{err}"
+    );
+    // A BLOBFILE escaping the model directory.
+    let mil = ane_mil::text::emit(&conv_matmul(64, 64, 64))
+        .replace(WEIGHT_PATH, "@model_path/../weight.bin");
+    let err = e
+        .compile(
+            &mil,
+            &[WeightFile {
+                path: "@model_path/../weight.bin".into(),
+                bytes: weights_blob_fp16(&values(64 * 64, 1)),
+            }],
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::Weights(ref m) if m.contains("..")),
+        "{err}"
+    );
+}

@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+pub mod canary;
 mod chip;
 pub mod driver_plan;
 mod error;

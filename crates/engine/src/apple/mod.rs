@@ -1,21 +1,251 @@
-//! The Apple Neural Engine driver (AppleNeuralEngine.framework, private `_ANEInMemoryModel` API).
+//! The Apple Neural Engine driver: AppleNeuralEngine.framework's private `_ANEInMemoryModel` API.
 //!
-//! Not written yet: it is the subject of its own issue ("The ANE engine on macOS"). Until then this
-//! module is the ripgrep-style disabled twin: the same entry point, returning
-//! [`EngineError::Unavailable`] with the reason, so the plugin declines (score 0) on a Mac instead of
-//! pretending. Everything the driver will need to decide (surface sizes, binding order, limits) is
-//! already computed by platform-neutral code in this crate and tested on Linux.
+//! **Only type-checked** (`cargo xtask check-apple`): no machine of this project is a Mac. The
+//! driver therefore decides nothing itself. [`crate::driver_plan::DriverPlan`] (tested on Linux, and
+//! consumed by the reference engine) says what to send; this module replays it:
+//!
+//! 1. `dlopen` the framework, resolve `_ANEInMemoryModelDescriptor`, `_ANEInMemoryModel`,
+//!    `_ANERequest`, `_ANEIOSurfaceObject` (and `_ANEDeviceInfo` for the chip), and probe every
+//!    selector, so a framework that changed makes the engine unavailable rather than crash
+//!    (`client.rs`);
+//! 2. per program: descriptor from the MIL bytes and weights dictionary, model, files written
+//!    under its directory (refcounted by identifier), compile, load with one retry, one flat
+//!    IOSurface per binding, the request built once (`program.rs`, `surface.rs`);
+//! 3. per evaluation: host [`Surface`]s copied into the IOSurfaces under lock, evaluate, outputs
+//!    copied back.
+//!
+//! Conflicting sources, and which form is used (the other one probed at run time where possible):
+//! - model directory: `localModelPath` when the method exists, else `NSTemporaryDirectory()/<hex>`;
+//! - weights entry offset: 0 (not 64);
+//! - surfaces: flat 1-D, packed; the plan's 64-byte row rule makes the 2-D row-padded layout the
+//!   same bytes, so both readings agree;
+//! - minimum surface size: 48 KiB, rounded to 128 bytes (satisfies the 64-width and 32-width claims);
+//! - QoS 21 (not 33);
+//! - chip: `aneSubType` (`h17*` = M5, although a base M5 may report `h16`: same limits), then the
+//!   CPU brand string, else the most conservative limits.
 
-use std::sync::Arc;
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
-use crate::{Engine, EngineError};
+mod client;
+mod program;
+mod surface;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use objc2::rc::autoreleasepool;
+
+use client::Client;
+pub use client::Discovery;
+use program::LoadedProgram;
+
+use crate::driver_plan::{DirRefcount, DriverPlan};
+use crate::{
+    identify_chip, Chip, ChipLimits, Engine, EngineCounters, EngineError, ProgramId, Surface,
+    WeightFile,
+};
+
+/// The ANE engine.
+pub struct AneEngine {
+    client: Client,
+    chip: Chip,
+    limits: ChipLimits,
+    dirs: Mutex<DirRefcount>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    programs: HashMap<u64, Arc<Mutex<LoadedProgram>>>,
+    counters: EngineCounters,
+    last_compile_ms: f64,
+    last_load_ms: f64,
+}
+
+/// What `open` found, for `ane doctor`.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    /// Framework, classes and selectors.
+    pub discovery: Discovery,
+    /// `aneSubType`, when available.
+    pub ane_subtype: Option<String>,
+    /// `machdep.cpu.brand_string`, when available.
+    pub brand: Option<String>,
+    /// The chip they identify.
+    pub chip: Chip,
+}
+
+/// The CPU brand string (`machdep.cpu.brand_string`), e.g. `Apple M4 Pro`.
+pub fn cpu_brand() -> Option<String> {
+    let mut buf = [0u8; 256];
+    let mut len = buf.len();
+    // SAFETY: sysctlbyname with a NUL-terminated name, an output buffer of `len` bytes and its
+    // length; no new value is set.
+    let r = unsafe {
+        libc::sysctlbyname(
+            c"machdep.cpu.brand_string".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            &mut len,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    let s = &buf[..len.min(buf.len())];
+    let s = s.split(|&b| b == 0).next().unwrap_or(s);
+    Some(String::from_utf8_lossy(s).trim().to_string())
+}
+
+/// Opens the ANE engine and reports what was found either way.
+pub fn open_with_probe() -> (Result<Arc<AneEngine>, EngineError>, Probe) {
+    autoreleasepool(|_| {
+        let (client, discovery) = client::load();
+        let ane_subtype = client.as_ref().ok().and_then(Client::ane_subtype);
+        let brand = cpu_brand();
+        let chip = identify_chip(ane_subtype.as_deref(), brand.as_deref());
+        let probe = Probe {
+            discovery,
+            ane_subtype,
+            brand,
+            chip,
+        };
+        let engine = client.map(|client| {
+            Arc::new(AneEngine {
+                client,
+                chip,
+                limits: chip.limits(),
+                dirs: Mutex::new(DirRefcount::default()),
+                state: Mutex::new(State::default()),
+            })
+        });
+        (engine, probe)
+    })
+}
 
 /// Opens the ANE engine.
 ///
 /// # Errors
-/// Always, for now: the driver is not implemented.
+/// [`EngineError::Unavailable`] when the framework, a class or a selector is missing.
 pub fn open() -> Result<Arc<dyn Engine>, EngineError> {
-    Err(EngineError::Unavailable(
-        "the macOS ANE driver is not implemented yet; use GGML_ANE_ENGINE=reference to test the plugin".into(),
-    ))
+    open_with_probe().0.map(|e| e as Arc<dyn Engine>)
+}
+
+impl AneEngine {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The identified chip.
+    pub fn chip(&self) -> Chip {
+        self.chip
+    }
+
+    /// Compile and load time of the last program built, in ms.
+    pub fn last_build_ms(&self) -> (f64, f64) {
+        let st = self.lock();
+        (st.last_compile_ms, st.last_load_ms)
+    }
+}
+
+impl Engine for AneEngine {
+    fn name(&self) -> &'static str {
+        "ane"
+    }
+
+    fn limits(&self) -> ChipLimits {
+        self.limits
+    }
+
+    fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {
+        let plan = DriverPlan::new(mil, weights)?;
+        {
+            let st = self.lock();
+            if st.programs.len() >= self.limits.max_loaded_programs {
+                return Err(EngineError::Budget {
+                    loaded: st.programs.len(),
+                    max: self.limits.max_loaded_programs,
+                });
+            }
+        }
+        let (program, times) =
+            autoreleasepool(|_| LoadedProgram::build(&self.client, plan, &self.dirs))?;
+        let mut st = self.lock();
+        st.counters.compiles += 1;
+        st.counters.loads += 1;
+        st.last_compile_ms = times.compile.as_secs_f64() * 1e3;
+        st.last_load_ms = times.load.as_secs_f64() * 1e3;
+        st.next_id += 1;
+        let id = st.next_id;
+        st.programs.insert(id, Arc::new(Mutex::new(program)));
+        st.counters.loaded = st.programs.len() as u64;
+        st.counters.loaded_peak = st.counters.loaded_peak.max(st.counters.loaded);
+        Ok(ProgramId(id))
+    }
+
+    fn evaluate(
+        &self,
+        program: ProgramId,
+        inputs: &[&Surface],
+        outputs: &mut [&mut Surface],
+    ) -> Result<(), EngineError> {
+        let prog = self
+            .lock()
+            .programs
+            .get(&program.0)
+            .cloned()
+            .ok_or(EngineError::UnknownProgram(program.0))?;
+        let prog = prog.lock().unwrap_or_else(|e| e.into_inner());
+        let sizes = |v: &mut dyn Iterator<Item = usize>| v.collect::<Vec<_>>();
+        prog.plan.check_request(
+            &sizes(&mut inputs.iter().map(|s| s.alloc_size())),
+            &sizes(&mut outputs.iter().map(|s| s.alloc_size())),
+        )?;
+        autoreleasepool(|_| prog.evaluate(&self.client, inputs, outputs))?;
+        drop(prog);
+        self.lock().counters.evaluations += 1;
+        Ok(())
+    }
+
+    fn unload(&self, program: ProgramId) {
+        let removed = {
+            let mut st = self.lock();
+            let p = st.programs.remove(&program.0);
+            if p.is_some() {
+                st.counters.unloads += 1;
+                st.counters.loaded = st.programs.len() as u64;
+            }
+            p
+        };
+        if let Some(p) = removed {
+            // Wait for an evaluation in flight, then unload.
+            let p = match Arc::try_unwrap(p) {
+                Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
+                Err(shared) => {
+                    // Another thread still holds it (mid-evaluate): let the last holder drop it.
+                    // The program stays loaded until then; counted as unloaded already.
+                    tracing::warn!("ggml-ane: program {} unloaded while in use", program.0);
+                    drop(shared);
+                    return;
+                }
+            };
+            autoreleasepool(|_| p.unload(&self.client, &self.dirs));
+        }
+    }
+
+    fn counters(&self) -> EngineCounters {
+        self.lock().counters
+    }
+}
+
+impl Drop for AneEngine {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.lock().programs.keys().copied().collect();
+        for id in ids {
+            self.unload(ProgramId(id));
+        }
+    }
 }

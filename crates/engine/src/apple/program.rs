@@ -1,0 +1,145 @@
+//! One compiled, loaded program: model object, model directory, surfaces and its request.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use objc2::rc::Retained;
+use objc2::runtime::AnyObject;
+
+use super::client::Client;
+use super::surface::IoSurface;
+use crate::driver_plan::{
+    with_one_retry, write_model_dir, DirRefcount, DriverPlan, LOAD_RETRY_DELAY_MS,
+};
+use crate::{EngineError, Surface};
+
+/// A loaded program. Everything in it is used only under the owning mutex in `super::AneEngine`.
+pub(super) struct LoadedProgram {
+    pub(super) plan: DriverPlan,
+    model: Retained<AnyObject>,
+    pub(super) dir: PathBuf,
+    inputs: Vec<IoSurface>,
+    outputs: Vec<IoSurface>,
+    /// Built once for this binding of surfaces and reused for every evaluation (§1.3.8).
+    request: Retained<AnyObject>,
+}
+
+// SAFETY: the model and request objects are only messaged while the program's mutex is held, so
+// no two threads use them at once; Objective-C retain/release are thread-safe.
+unsafe impl Send for LoadedProgram {}
+
+/// Timings of the steps of [`LoadedProgram::build`], for `ane doctor`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct BuildTimes {
+    pub(super) compile: Duration,
+    pub(super) load: Duration,
+}
+
+impl LoadedProgram {
+    /// Descriptor, model, model directory, compile, load (one retry), surfaces, request.
+    /// On failure everything done so far is undone (unload, directory released).
+    pub(super) fn build(
+        client: &Client,
+        plan: DriverPlan,
+        dirs: &std::sync::Mutex<DirRefcount>,
+    ) -> Result<(LoadedProgram, BuildTimes), EngineError> {
+        let lock = || dirs.lock().unwrap_or_else(|e| e.into_inner());
+        let model = client.model(&plan)?;
+        let hex = client.hex_identifier(&model)?;
+        let dir = client.model_dir(&model, &hex);
+        if lock().acquire(&dir) {
+            if let Err(e) = write_model_dir(&dir, &plan) {
+                release_dir(&mut lock(), &dir);
+                return Err(e);
+            }
+        }
+        let mut times = BuildTimes::default();
+        let t = std::time::Instant::now();
+        let done = client.compile(&model, plan.qos).and_then(|()| {
+            times.compile = t.elapsed();
+            let t = std::time::Instant::now();
+            let r = with_one_retry(
+                || client.load(&model, plan.qos),
+                || std::thread::sleep(Duration::from_millis(LOAD_RETRY_DELAY_MS)),
+            );
+            times.load = t.elapsed();
+            r
+        });
+        if let Err(e) = done {
+            release_dir(&mut lock(), &dir);
+            return Err(e);
+        }
+        let bound = (|| {
+            let make = |n: usize| -> Result<Vec<IoSurface>, EngineError> {
+                (0..n).map(|_| IoSurface::new(plan.surface_bytes)).collect()
+            };
+            let inputs = make(plan.inputs.len())?;
+            let outputs = make(plan.outputs.len())?;
+            let wrap = |v: &[IoSurface]| -> Result<Vec<Retained<AnyObject>>, EngineError> {
+                v.iter().map(|s| client.io_object(s)).collect()
+            };
+            let request = client.request(&wrap(&inputs)?, &wrap(&outputs)?)?;
+            Ok((inputs, outputs, request))
+        })();
+        match bound {
+            Ok((inputs, outputs, request)) => Ok((
+                LoadedProgram {
+                    plan,
+                    model,
+                    dir,
+                    inputs,
+                    outputs,
+                    request,
+                },
+                times,
+            )),
+            Err(e) => {
+                let _ = client.unload(&model, plan.qos);
+                release_dir(&mut lock(), &dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Copies the host inputs in, evaluates, copies the outputs out. Surfaces come in binding
+    /// order and have been checked against the plan by the caller.
+    pub(super) fn evaluate(
+        &self,
+        client: &Client,
+        inputs: &[&Surface],
+        outputs: &mut [&mut Surface],
+    ) -> Result<(), EngineError> {
+        for ((b, io), host) in self.plan.inputs.iter().zip(&self.inputs).zip(inputs) {
+            io.write(&host.bytes()[..b.bytes()])?;
+        }
+        client.evaluate(&self.model, &self.request, self.plan.qos)?;
+        for ((b, io), host) in self
+            .plan
+            .outputs
+            .iter()
+            .zip(&self.outputs)
+            .zip(outputs.iter_mut())
+        {
+            io.read(&mut host.bytes_mut()[..b.bytes()])?;
+        }
+        Ok(())
+    }
+
+    /// `unloadWithQoS:error:`, then the directory is released (removed by the last holder).
+    /// Surfaces are released when `self` drops.
+    pub(super) fn unload(self, client: &Client, dirs: &std::sync::Mutex<DirRefcount>) {
+        if let Err(e) = client.unload(&self.model, self.plan.qos) {
+            tracing::warn!("ggml-ane: {e}");
+        }
+        release_dir(
+            &mut dirs.lock().unwrap_or_else(|e| e.into_inner()),
+            &self.dir,
+        );
+    }
+}
+
+fn release_dir(dirs: &mut DirRefcount, dir: &std::path::Path) {
+    if dirs.release(dir) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -58,9 +58,24 @@ pub fn open_engine(cfg: &Config) -> Result<Arc<dyn Engine>, EngineError> {
     }
 }
 
+/// The ANE, if it is usable here: the framework, classes and selectors resolve (`apple::open`), and
+/// a canary program (`conv_matmul(64, 64, 64)` with known weights) compiles, loads and matches the
+/// reference engine within [`ane_engine::canary::CANARY_TOLERANCE`]. Otherwise the reason, which
+/// `ggml_backend_score` prints once while declining.
 #[cfg(target_vendor = "apple")]
 fn open_ane() -> Result<Arc<dyn Engine>, EngineError> {
-    ane_engine::apple::open()
+    let engine = ane_engine::apple::open()?;
+    match ane_engine::canary::canary(engine.as_ref()) {
+        Ok(r) if r.ok => Ok(engine),
+        Ok(r) => Err(EngineError::Unavailable(format!(
+            "the ANE canary program gave wrong numbers (max relative error {:.3e} > {:.0e})",
+            r.max_rel_err,
+            ane_engine::canary::CANARY_TOLERANCE
+        ))),
+        Err(e) => Err(EngineError::Unavailable(format!(
+            "the ANE canary program failed: {e}"
+        ))),
+    }
 }
 
 #[cfg(not(target_vendor = "apple"))]

@@ -22,6 +22,11 @@ pub enum Form {
     ConvMatmul,
     /// matmul with the weight as a second runtime input (`build::dyn_matmul`).
     DynMatmul,
+    /// The planner's shape-shared form (`build::tiled_matmul`), here with M cut in 2 row tiles and
+    /// K in 2 contraction slices (m and k must be even).
+    TiledMatmul,
+    /// `build::tiled_matmul` as used for attention: 2 independent heads.
+    HeadsMatmul,
 }
 
 impl Form {
@@ -36,6 +41,22 @@ impl Form {
         match self {
             Form::ConvMatmul => build::conv_matmul(k, m, n),
             Form::DynMatmul => build::dyn_matmul(k, m, n),
+            Form::TiledMatmul => build::tiled_matmul(build::TiledShape {
+                heads: 1,
+                tiles: 2,
+                k_chunks: 2,
+                m_tile: m.div_ceil(2),
+                k_chunk: k.div_ceil(2),
+                n,
+            }),
+            Form::HeadsMatmul => build::tiled_matmul(build::TiledShape {
+                heads: 2,
+                tiles: 1,
+                k_chunks: 1,
+                m_tile: m,
+                k_chunk: k,
+                n,
+            }),
         }
     }
 
@@ -132,6 +153,9 @@ mod tests {
     #[test]
     fn form_names_are_kebab_case() {
         let names: Vec<String> = Form::value_variants().iter().map(|f| f.name()).collect();
-        assert_eq!(names, ["conv-matmul", "dyn-matmul"]);
+        assert_eq!(
+            names,
+            ["conv-matmul", "dyn-matmul", "tiled-matmul", "heads-matmul"]
+        );
     }
 }

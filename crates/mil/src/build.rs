@@ -372,6 +372,89 @@ pub fn dyn_matmul(k: usize, m: usize, n: usize) -> Program {
     program(vec![f.finish()])
 }
 
+/// Shape of a [`tiled_matmul`] program: the one form the planner compiles per shape bucket.
+///
+/// The weights are a runtime input, so one program serves every weight of its shape (the ANE leaks
+/// after ~119 compiles per process, so programs must be per shape, not per weight). The batch axes
+/// carry the three ways one dispatch grows beyond a plain matmul:
+/// - `tiles`: output rows beyond the chip's axis limit, cut into `tiles` blocks of `m_tile` rows that
+///   share the activations (the x batch broadcasts);
+/// - `k_chunks`: a contraction beyond the axis limit, cut into `k_chunks` slices of `k_chunk`; the
+///   program returns one partial product per slice and the host adds them in fp32;
+/// - `heads`: independent matrices with their own activations (attention: one per KV head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TiledShape {
+    /// Independent (weight, activation) pairs; with `heads > 1`, `tiles` must be 1.
+    pub heads: usize,
+    /// Row tiles sharing one activation.
+    pub tiles: usize,
+    /// Contraction slices.
+    pub k_chunks: usize,
+    /// Rows per tile.
+    pub m_tile: usize,
+    /// Contraction length per slice.
+    pub k_chunk: usize,
+    /// Activation columns (tokens), already bucketed.
+    pub n: usize,
+}
+
+impl TiledShape {
+    /// Elements of the `a_x` input: `[heads, k_chunks, k_chunk, n]`.
+    pub fn x_len(&self) -> usize {
+        self.heads * self.k_chunks * self.k_chunk * self.n
+    }
+    /// Elements of the `b_w` input: `[heads * tiles, k_chunks, m_tile, k_chunk]`.
+    pub fn w_len(&self) -> usize {
+        self.heads * self.tiles * self.k_chunks * self.m_tile * self.k_chunk
+    }
+    /// Elements of the `y` output: `[heads * tiles, k_chunks, m_tile, n]`.
+    pub fn y_len(&self) -> usize {
+        self.heads * self.tiles * self.k_chunks * self.m_tile * self.n
+    }
+    /// Multiply-adds done by one dispatch (padding included).
+    pub fn macs(&self) -> u64 {
+        (self.heads * self.tiles * self.k_chunks * self.m_tile * self.k_chunk) as u64
+            * self.n as u64
+    }
+}
+
+/// The shape-shared matmul program: `y = b_w x a_x`, batched as described on [`TiledShape`].
+///
+/// Inputs `a_x: [heads, k_chunks, k_chunk, n]` (activations, channel-first: element (k, n) of slice
+/// c at `(c * k_chunk + k) * n + n_i`, i.e. exactly the `[K][N]` layout when `heads = 1`) and
+/// `b_w: [heads * tiles, k_chunks, m_tile, k_chunk]` (weights, ggml's row layout per slice); output
+/// `y: [heads * tiles, k_chunks, m_tile, n]`. Names sort `a_x` < `b_w`, so the ANE's alphabetical
+/// binding order equals the declaration order.
+///
+/// # Panics
+/// If `heads > 1` and `tiles > 1` (the batch axis cannot both broadcast and match), or any axis is 0.
+pub fn tiled_matmul(s: TiledShape) -> Program {
+    assert!(
+        s.heads == 1 || s.tiles == 1,
+        "heads and tiles cannot both exceed 1"
+    );
+    assert!(
+        s.heads * s.tiles * s.k_chunks * s.m_tile * s.k_chunk * s.n > 0,
+        "empty axis"
+    );
+    let bw = s.heads * s.tiles;
+    let mut f = FunctionBuilder::new("main");
+    let a_x = f.input("a_x", fp16(&[s.heads, s.k_chunks, s.k_chunk, s.n]));
+    let b_w = f.input("b_w", fp16(&[bw, s.k_chunks, s.m_tile, s.k_chunk]));
+    let tx = f.const_bool("mm_transpose_x", false);
+    let ty = f.const_bool("mm_transpose_y", false);
+    let y = f.push(matmul(
+        "y",
+        fp16(&[bw, s.k_chunks, s.m_tile, s.n]),
+        &b_w,
+        &a_x,
+        &tx,
+        &ty,
+    ));
+    f.output(&y);
+    program(vec![f.finish()])
+}
+
 /// A one-blob `weight.bin` holding `w` (row-major `[m, k]`) as fp16, for [`conv_matmul`].
 ///
 /// # Examples
@@ -399,7 +482,18 @@ mod tests {
 
     #[test]
     fn op_arguments_are_sorted_and_named() {
-        for p in [conv_matmul(8, 4, 2), dyn_matmul(8, 4, 2)] {
+        for p in [
+            conv_matmul(8, 4, 2),
+            dyn_matmul(8, 4, 2),
+            tiled_matmul(TiledShape {
+                heads: 1,
+                tiles: 2,
+                k_chunks: 3,
+                m_tile: 4,
+                k_chunk: 8,
+                n: 2,
+            }),
+        ] {
             let f = p.function("main").unwrap();
             for st in &f.statements {
                 assert!(sorted(st), "{}", st.output);

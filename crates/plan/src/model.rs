@@ -1,0 +1,540 @@
+//! Whole-model prefill plans: the MUL_MATs llama.cpp's graph issues for a llama-style model, what
+//! the plugin does with each, and what that costs. `ane plan` prints this.
+//!
+//! The graph model follows llama.cpp b11434 (`src/models/llama.cpp`, `src/llama-graph.cpp`):
+//! per layer Q, K, V (sharing the normed input: one fused group), attention (MUL_MATs only when
+//! flash attention is off; it is on by default where the CPU runs attention), the output
+//! projection, then gate and up (one fused group) and down. In the last layer only the rows that
+//! produce outputs continue after attention (`inp_out_ids`: 1 row for text generation), so its FFN
+//! and the LM head run with `n_outputs` columns. Prompts are split in ubatches of `n_ubatch`
+//! tokens, and the KV length seen by a ubatch is the cache use padded to 256 (llama-kv-cache.cpp).
+
+use std::collections::{BTreeSet, HashMap};
+
+use ane_engine::Chip;
+use serde::Serialize;
+
+use crate::cost::{chip_cost, ChipCost};
+use crate::gguf::{Gguf, GgufError};
+use crate::{Planner, TiledShape};
+
+/// The dimensions that decide a llama-style model's MUL_MAT shapes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ModelShape {
+    /// Name for reports.
+    pub name: String,
+    /// Embedding width.
+    pub n_embd: usize,
+    /// FFN width.
+    pub n_ff: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// KV heads.
+    pub n_head_kv: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Layers.
+    pub n_layer: usize,
+    /// Vocabulary (LM head rows).
+    pub n_vocab: usize,
+}
+
+/// Presets for models people run (shapes from their published configs).
+pub fn preset(name: &str) -> Option<ModelShape> {
+    let m = |n: &str, e, f, h, kv, l, v| ModelShape {
+        name: n.into(),
+        n_embd: e,
+        n_ff: f,
+        n_head: h,
+        n_head_kv: kv,
+        head_dim: e / h,
+        n_layer: l,
+        n_vocab: v,
+    };
+    Some(match name {
+        "llama3-8b" => m("llama3-8b", 4096, 14336, 32, 8, 32, 128256),
+        "llama3-70b" => m("llama3-70b", 8192, 28672, 64, 8, 80, 128256),
+        "qwen2.5-0.5b" => m("qwen2.5-0.5b", 896, 4864, 14, 2, 24, 151936),
+        "qwen2.5-7b" => m("qwen2.5-7b", 3584, 18944, 28, 4, 28, 152064),
+        _ => return None,
+    })
+}
+
+/// Names accepted by [`preset`].
+pub const PRESETS: [&str; 4] = ["llama3-8b", "llama3-70b", "qwen2.5-0.5b", "qwen2.5-7b"];
+
+impl ModelShape {
+    /// Shapes read from a GGUF's tensor table (`blk.0.attn_q.weight` is `[n_embd, n_head*head_dim]`,
+    /// and so on), with head counts from the metadata.
+    ///
+    /// # Errors
+    /// A missing tensor or key, named.
+    pub fn from_gguf(g: &Gguf, name: &str) -> Result<ModelShape, GgufError> {
+        let missing = |f: &str| GgufError::Invalid {
+            field: f.into(),
+            detail: "missing".into(),
+        };
+        let dims = |t: &str| -> Result<(usize, usize), GgufError> {
+            let info = g.tensors.get(t).ok_or_else(|| missing(t))?;
+            match info.dims.as_slice() {
+                [a, b] => Ok((*a as usize, *b as usize)),
+                _ => Err(GgufError::Invalid {
+                    field: t.into(),
+                    detail: format!("expected 2 dims, got {:?}", info.dims),
+                }),
+            }
+        };
+        let arch = g
+            .str("general.architecture")
+            .ok_or_else(|| missing("general.architecture"))?;
+        let int = |k: &str| -> Result<usize, GgufError> {
+            let key = format!("{arch}.{k}");
+            g.int(&key).map(|v| v as usize).ok_or_else(|| missing(&key))
+        };
+        let (n_embd, q_rows) = dims("blk.0.attn_q.weight")?;
+        let (_, k_rows) = dims("blk.0.attn_k.weight")?;
+        let (_, n_ff) = dims("blk.0.ffn_gate.weight")?;
+        let (_, n_vocab) = dims("output.weight").or_else(|_| dims("token_embd.weight"))?;
+        let n_head = int("attention.head_count")?;
+        let n_head_kv = int("attention.head_count_kv").unwrap_or(n_head);
+        let head_dim = q_rows / n_head.max(1);
+        if head_dim == 0 || k_rows != n_head_kv * head_dim {
+            return Err(GgufError::Invalid {
+                field: "blk.0.attn_k.weight".into(),
+                detail: "rows do not match head_count_kv".into(),
+            });
+        }
+        Ok(ModelShape {
+            name: name.into(),
+            n_embd,
+            n_ff,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_layer: int("block_count")?,
+            n_vocab,
+        })
+    }
+}
+
+/// Options of a plan.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanOptions {
+    /// Chip whose limits and costs apply.
+    #[serde(serialize_with = "ser_display")]
+    pub chip: Chip,
+    /// llama.cpp's `n_ubatch` (default 512).
+    pub n_ubatch: usize,
+    /// The plugin's `GGML_ANE_MIN_BATCH` (default 64).
+    pub min_batch: usize,
+    /// Flash attention on (llama.cpp's default where the CPU runs attention): no attention MUL_MATs.
+    pub flash_attn: bool,
+    /// Output rows after the last layer's attention (1 for text generation).
+    pub n_outputs: usize,
+    /// Loaded-program budget (`GGML_ANE_MAX_PROGRAMS`).
+    pub max_programs: usize,
+}
+
+fn ser_display<S: serde::Serializer>(c: &Chip, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&c.to_string())
+}
+
+impl PlanOptions {
+    /// Defaults matching llama.cpp and the plugin.
+    pub fn new(chip: Chip) -> Self {
+        PlanOptions {
+            chip,
+            n_ubatch: 512,
+            min_batch: 64,
+            flash_attn: true,
+            n_outputs: 1,
+            max_programs: 96,
+        }
+    }
+}
+
+/// One MUL_MAT group of the graph, as the plugin sees it.
+#[derive(Clone, Debug)]
+struct Group {
+    /// Contraction.
+    k: usize,
+    /// Rows of each member (fused members share the activations).
+    ms: Vec<usize>,
+    /// Activation columns per src0 matrix.
+    cols: usize,
+    /// Tokens (src1 `ne[1]`), what the plugin's `GGML_ANE_MIN_BATCH` gate looks at.
+    tokens: usize,
+    /// Independent src0 matrices (attention: KV heads); 1 for weights.
+    matrices: usize,
+    /// Weights (fixed shape) or a per-call operand (dimensions bucketed).
+    weight: bool,
+    /// Member of a layer's weight groups (for `weight_dispatches_per_layer`).
+    layer: Option<usize>,
+}
+
+impl Group {
+    fn flops(&self) -> f64 {
+        2.0 * self.k as f64
+            * self.ms.iter().sum::<usize>() as f64
+            * self.cols as f64
+            * self.matrices as f64
+    }
+}
+
+fn ubatch_groups(m: &ModelShape, n: usize, n_kv: usize, o: &PlanOptions) -> Vec<Group> {
+    let (e, hd) = (m.n_embd, m.head_dim);
+    let w = |k, ms: Vec<usize>, cols, layer| Group {
+        k,
+        ms,
+        cols,
+        tokens: cols,
+        matrices: 1,
+        weight: true,
+        layer,
+    };
+    let mut g = Vec::new();
+    for l in 0..m.n_layer {
+        let last = l + 1 == m.n_layer;
+        g.push(w(
+            e,
+            vec![m.n_head * hd, m.n_head_kv * hd, m.n_head_kv * hd],
+            n,
+            Some(l),
+        ));
+        if !o.flash_attn {
+            let r = m.n_head / m.n_head_kv.max(1);
+            g.push(Group {
+                k: hd,
+                ms: vec![n_kv],
+                cols: r * n,
+                tokens: n,
+                matrices: m.n_head_kv,
+                weight: false,
+                layer: None,
+            });
+            g.push(Group {
+                k: n_kv,
+                ms: vec![hd],
+                cols: r * n,
+                tokens: n,
+                matrices: m.n_head_kv,
+                weight: false,
+                layer: None,
+            });
+        }
+        g.push(w(m.n_head * hd, vec![e], n, Some(l)));
+        let nf = if last { o.n_outputs.min(n) } else { n };
+        g.push(w(e, vec![m.n_ff, m.n_ff], nf, Some(l)));
+        g.push(w(m.n_ff, vec![e], nf, Some(l)));
+    }
+    g.push(w(e, vec![m.n_vocab], o.n_outputs.min(n), None));
+    g
+}
+
+/// What the plugin would do with one group: the program shapes of its dispatches.
+fn group_dispatches(p: &Planner, g: &Group) -> Vec<TiledShape> {
+    let (k, m_total) = if g.weight {
+        (g.k, g.ms.iter().sum())
+    } else {
+        (p.dim_bucket(g.k), p.dim_bucket(g.ms.iter().sum()))
+    };
+    let mut out = Vec::new();
+    for _ in 0..g.matrices {
+        for c in p.col_chunks(g.cols) {
+            out.push(p.tile(k, m_total, c.bucket));
+        }
+    }
+    out
+}
+
+/// Plan of one prompt length.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// Prompt tokens.
+    pub prompt_length: usize,
+    /// ubatches llama.cpp splits it into.
+    pub ubatches: usize,
+    /// Distinct programs this prompt uses.
+    pub programs_used: usize,
+    /// ANE dispatches.
+    pub dispatches: usize,
+    /// Offloaded share of MUL_MAT FLOPs.
+    pub offloaded_flops_fraction: f64,
+    /// Estimated prefill time (warm programs), ms.
+    pub estimated_ms: f64,
+}
+
+/// Estimate of the seed prototype's design (baked weights, one program per weight tensor and
+/// prompt length, 7 dispatches per layer, conv form, LM head claimed but never computed).
+#[derive(Clone, Debug, Serialize)]
+pub struct SeedEstimate {
+    /// Programs compiled over the requested prompt lengths.
+    pub programs_total: usize,
+    /// Weight dispatches per layer.
+    pub weight_dispatches_per_layer: usize,
+    /// Estimated prefill at 512 tokens with warm programs, ms.
+    pub estimated_prefill_ms_at_512: f64,
+    /// Compile time its first 512-token prompt pays, ms.
+    pub first_prompt_compile_ms: f64,
+    /// Whether its program count passes the ~119 compile budget of one process.
+    pub exceeds_compile_budget: bool,
+}
+
+/// A whole plan, the `ane plan --json` document.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    /// Model shapes.
+    pub model: ModelShape,
+    /// Options.
+    pub options: PlanOptions,
+    /// Column buckets used.
+    pub n_buckets: Vec<usize>,
+    /// Distinct programs over all requested prompt lengths.
+    pub programs_total: usize,
+    /// Programs loaded at once at most (LRU keeps it under the budget).
+    pub programs_loaded_peak: usize,
+    /// Weight dispatches per (non-last) layer at a 512-token prompt.
+    pub weight_dispatches_per_layer: usize,
+    /// Offloaded share of MUL_MAT FLOPs at 512 tokens.
+    pub offloaded_matmul_flops_fraction_at_512: f64,
+    /// Estimated prefill at 512 tokens: ours (warm) and the seed design's.
+    pub estimated_prefill_ms_at_512: Estimates,
+    /// Compile and load time of every program once, ms (first use).
+    pub compile_ms_total: f64,
+    /// The seed design, for comparison.
+    pub seed: SeedEstimate,
+    /// Cost constants used.
+    pub cost: ChipCost,
+    /// One row per prompt length.
+    pub rows: Vec<Row>,
+}
+
+/// Ours against the seed's.
+#[derive(Clone, Debug, Serialize)]
+pub struct Estimates {
+    /// This planner.
+    pub ours: f64,
+    /// The seed design.
+    pub seed: f64,
+}
+
+fn ubatches(len: usize, n_ubatch: usize) -> Vec<(usize, usize)> {
+    // (tokens, kv length seen) per ubatch.
+    let mut out = Vec::new();
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(n_ubatch);
+        done += n;
+        out.push((n, done.div_ceil(256) * 256));
+    }
+    out
+}
+
+/// Plans `model` over `prompt_lengths`.
+pub fn plan(model: &ModelShape, prompt_lengths: &[usize], o: &PlanOptions) -> Plan {
+    let planner = Planner::new(o.chip.limits());
+    let cost = chip_cost(o.chip);
+    let mut programs: BTreeSet<TiledShape> = BTreeSet::new();
+    let mut rows = Vec::new();
+    let mut memo = HashMap::new();
+    for &len in prompt_lengths {
+        let (row, used) = plan_length(model, len, o, &planner, &cost, &mut memo);
+        programs.extend(used);
+        rows.push(row);
+    }
+    // The 512-token figures, computed even if 512 was not requested.
+    let at512 = plan_length(model, 512, o, &planner, &cost, &mut memo).0;
+    let mid = model.n_layer.saturating_sub(1) / 2;
+    let per_layer = ubatch_groups(model, 512, 512, o)
+        .iter()
+        .filter(|g| g.layer == Some(mid) && g.tokens >= o.min_batch)
+        .map(|g| group_dispatches(&planner, g).len())
+        .sum();
+    let seed = seed_estimate(model, prompt_lengths, o, &cost);
+    Plan {
+        model: model.clone(),
+        options: o.clone(),
+        n_buckets: planner.n_buckets.clone(),
+        programs_total: programs.len(),
+        programs_loaded_peak: programs.len().min(o.max_programs),
+        weight_dispatches_per_layer: per_layer,
+        offloaded_matmul_flops_fraction_at_512: at512.offloaded_flops_fraction,
+        estimated_prefill_ms_at_512: Estimates {
+            ours: at512.estimated_ms,
+            seed: seed.estimated_prefill_ms_at_512,
+        },
+        compile_ms_total: programs.len() as f64 * (cost.compile_ms + cost.load_ms),
+        seed,
+        cost,
+        rows,
+    }
+}
+
+/// Totals of one ubatch: dispatches, estimated ms, offloaded FLOPs, all FLOPs, programs used.
+type UbatchPlan = (usize, f64, f64, f64, BTreeSet<TiledShape>);
+
+fn plan_ubatch(
+    model: &ModelShape,
+    n: usize,
+    n_kv: usize,
+    o: &PlanOptions,
+    planner: &Planner,
+    cost: &ChipCost,
+) -> UbatchPlan {
+    let (mut dispatches, mut ms, mut off, mut all) = (0, 0.0, 0.0, 0.0);
+    let mut used = BTreeSet::new();
+    for g in ubatch_groups(model, n, n_kv, o) {
+        all += g.flops();
+        if g.tokens >= o.min_batch {
+            let ds = group_dispatches(planner, &g);
+            dispatches += ds.len();
+            ms += ds.iter().map(|s| cost.dispatch_time_ms(s)).sum::<f64>();
+            used.extend(ds);
+            off += g.flops();
+        } else {
+            ms += cost.cpu_ms(g.flops());
+        }
+    }
+    (dispatches, ms, off, all, used)
+}
+
+/// One prompt length: its row and the programs it uses. Ubatch results are memoised: long prompt
+/// sweeps repeat the same (tokens, KV length) pairs.
+fn plan_length(
+    model: &ModelShape,
+    len: usize,
+    o: &PlanOptions,
+    planner: &Planner,
+    cost: &ChipCost,
+    memo: &mut HashMap<(usize, usize), UbatchPlan>,
+) -> (Row, BTreeSet<TiledShape>) {
+    let (mut dispatches, mut ms, mut off, mut all) = (0, 0.0, 0.0, 0.0);
+    let mut used = BTreeSet::new();
+    let ub = ubatches(len, o.n_ubatch);
+    for &(n, n_kv) in &ub {
+        let u = memo
+            .entry((n, n_kv))
+            .or_insert_with(|| plan_ubatch(model, n, n_kv, o, planner, cost));
+        dispatches += u.0;
+        ms += u.1;
+        off += u.2;
+        all += u.3;
+        used.extend(u.4.iter().copied());
+    }
+    let row = Row {
+        prompt_length: len,
+        ubatches: ub.len(),
+        programs_used: used.len(),
+        dispatches,
+        offloaded_flops_fraction: if all > 0.0 { off / all } else { 0.0 },
+        estimated_ms: ms,
+    };
+    (row, used)
+}
+
+fn seed_estimate(
+    model: &ModelShape,
+    prompt_lengths: &[usize],
+    o: &PlanOptions,
+    cost: &ChipCost,
+) -> SeedEstimate {
+    // Weight tensors the seed claims: every per-layer matrix (7), and the LM head (claimed, skipped).
+    let (e, hd) = (model.n_embd, model.head_dim);
+    let layer = [
+        (e, model.n_head * hd),
+        (e, model.n_head_kv * hd),
+        (e, model.n_head_kv * hd),
+        (model.n_head * hd, e),
+        (e, model.n_ff),
+        (e, model.n_ff),
+        (model.n_ff, e),
+    ];
+    let mut ns = BTreeSet::new();
+    for &len in prompt_lengths {
+        for (n, _) in ubatches(len, o.n_ubatch) {
+            if n >= 64 {
+                ns.insert(n);
+            }
+        }
+    }
+    let per_n = layer.len() * model.n_layer + 1;
+    let warm: f64 = model.n_layer as f64
+        * layer
+            .iter()
+            .map(|&(k, m)| {
+                let flops = 2.0 * k as f64 * m as f64 * 512.0;
+                cost.gemm_ms(flops, 2.0 * (k * m + (k + m) * 512) as f64, 1.0)
+            })
+            .sum::<f64>();
+    SeedEstimate {
+        programs_total: per_n * ns.len(),
+        weight_dispatches_per_layer: layer.len(),
+        estimated_prefill_ms_at_512: warm,
+        first_prompt_compile_ms: per_n as f64 * (cost.compile_ms + cost.load_ms),
+        exceeds_compile_budget: per_n * ns.len() > 119,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_lengths() -> Vec<usize> {
+        (1..=4096).collect()
+    }
+
+    #[test]
+    fn targets_hold_for_the_issue_models_on_m1_and_m4() {
+        for name in ["llama3-8b", "qwen2.5-7b", "llama3-70b"] {
+            for chip in [Chip::M1, Chip::M4] {
+                let p = plan(
+                    &preset(name).unwrap(),
+                    &all_lengths(),
+                    &PlanOptions::new(chip),
+                );
+                assert!(
+                    p.programs_total <= 16,
+                    "{name} {chip}: {} programs",
+                    p.programs_total
+                );
+                assert!(p.programs_loaded_peak <= 96);
+                assert!(
+                    p.weight_dispatches_per_layer <= 4,
+                    "{name} {chip}: {}",
+                    p.weight_dispatches_per_layer
+                );
+                assert!(
+                    p.offloaded_matmul_flops_fraction_at_512 >= 0.99,
+                    "{name} {chip}: {}",
+                    p.offloaded_matmul_flops_fraction_at_512
+                );
+                assert!(
+                    p.seed.programs_total > 119,
+                    "the seed design blows the budget"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn short_prompts_stay_on_cpu() {
+        let p = plan(
+            &preset("llama3-8b").unwrap(),
+            &[1, 63, 64],
+            &PlanOptions::new(Chip::M4),
+        );
+        assert_eq!(p.rows[0].dispatches, 0);
+        assert_eq!(p.rows[1].dispatches, 0);
+        assert!(p.rows[2].dispatches > 0);
+    }
+
+    #[test]
+    fn attention_adds_programs_when_flash_attention_is_off() {
+        let mut o = PlanOptions::new(Chip::M4);
+        let with_fa = plan(&preset("llama3-8b").unwrap(), &[512], &o).programs_total;
+        o.flash_attn = false;
+        let without = plan(&preset("llama3-8b").unwrap(), &[512], &o);
+        assert!(without.programs_total > with_fa);
+        assert!(without.offloaded_matmul_flops_fraction_at_512 > 0.99);
+    }
+}

@@ -4,7 +4,7 @@
 //! `cargo test` covers the Rust code in isolation. The plugin's real contract
 //! is with programs we do not control, so the later steps run them:
 //!
-//! * `unit`  - `cargo test --workspace`;
+//! * `unit`  - `cargo test --workspace`, with `ANE_GGML_TESTS=1` (llama.cpp built first);
 //! * `mil`   - every MIL form `ane mil` can emit, at a few shapes, checked by
 //!   the coremltools-based validator `miltext_check.py`;
 //! * `ops`   - llama.cpp's `test-backend-ops -b ANE -o MUL_MAT` against the
@@ -89,7 +89,7 @@ pub fn run(opts: &TestOpts) -> Result {
         let section = Section::new(format!("test step `{step}`"));
         let start = Instant::now();
         let result = match step {
-            "unit" => step_unit(),
+            "unit" => step_unit(&mut pre),
             "mil" => step_mil(&mut pre),
             "ops" => step_ops(&mut pre),
             "e2e" => step_e2e(&mut pre),
@@ -132,9 +132,16 @@ pub fn run(opts: &TestOpts) -> Result {
 
 // ---------------------------------------------------------------- unit
 
-fn step_unit() -> Result<String> {
-    util::run(util::cargo().args(["test", "--workspace"]))?;
-    Ok("cargo test --workspace passed".into())
+/// `ANE_GGML_TESTS=1` turns on ane-convert's bit-exactness tests against libggml-base
+/// (`crates/convert/tests/ggml_base.rs`), which need the llama.cpp build.
+fn step_unit(pre: &mut Prereqs) -> Result<String> {
+    pre.llama()?;
+    util::run(
+        util::cargo()
+            .args(["test", "--workspace"])
+            .env("ANE_GGML_TESTS", "1"),
+    )?;
+    Ok("cargo test --workspace (with ANE_GGML_TESTS=1) passed".into())
 }
 
 // ---------------------------------------------------------------- mil

@@ -1,0 +1,254 @@
+//! The host conversion benchmark behind `ane bench host`: every conversion at one buffer size,
+//! against memcpy and against ggml's own path, measured in one process.
+//!
+//! Definitions (per row):
+//! - `bytes`: size of the larger buffer of the conversion: the f32 side for activations and
+//!   outputs, the fp16 destination for weights (the f32 source for F32 weights).
+//! - `gbps`: bytes read plus bytes written, divided by the best time of several runs, in GB/s (1e9).
+//! - `ratio_to_memcpy`: `gbps` over memcpy's (`copy_from_slice` of `bytes` bytes, which reads and
+//!   writes `bytes` each), measured first in the same run: 1.0 means as fast as memory allows.
+//! - `speedup_vs_ggml`: ggml's time over ours for the same data, `None` without libggml-base. The
+//!   ggml path is what the plugin did before this crate: `to_float` into an f32 buffer (one
+//!   4096-element row at a time, so it stays in cache), then `ggml_fp32_to_fp16_row`; for
+//!   activations and outputs it is `ggml_fp32_to_fp16_row` / `ggml_fp16_to_fp32_row` on the
+//!   contiguous buffer, without the layout transform we do in the same pass.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use half::f16;
+
+use crate::ggml::GgmlBase;
+use crate::types::{self, GGML_TYPE_F32};
+use crate::{act_f32_to_f16_transposed, block_layout, out_f16_to_f32_transposed, row_to_f16};
+
+/// One row of the host benchmark (see the module doc for the definitions).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct HostBenchRow {
+    /// `memcpy`, `act_f32_to_f16`, `out_f16_to_f32`, or a ggml type name (`q4_K`).
+    pub name: String,
+    /// Size of the larger buffer, bytes.
+    pub bytes: usize,
+    /// Bytes read + written per second, 1e9.
+    pub gbps: f64,
+    /// `gbps` / memcpy's `gbps`.
+    pub ratio_to_memcpy: f64,
+    /// ggml's time / ours; `None` when libggml-base was not given.
+    pub speedup_vs_ggml: Option<f64>,
+}
+
+/// Elements per weight row in the benchmark (a typical hidden size; every block size divides it).
+const ROW: usize = 4096;
+
+/// Best wall time of `f` in seconds: one warm-up run, then at least 5 runs and 0.3 s.
+fn best_time(mut f: impl FnMut()) -> f64 {
+    f();
+    let start = Instant::now();
+    let mut best = f64::INFINITY;
+    let mut runs = 0;
+    while runs < 5 || (start.elapsed().as_secs_f64() < 0.3 && runs < 10_000) {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+        runs += 1;
+    }
+    best
+}
+
+/// Deterministic pseudo-random fill (xorshift), so runs compare the same data.
+fn fill_bytes(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+fn fill_f32(buf: &mut [f32], seed: u64) {
+    let mut x = seed | 1;
+    for v in buf.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *v = ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0;
+    }
+}
+
+/// Byte offsets of the fp16 scale fields in one block, so random blocks decode to finite values.
+fn scale_offsets(ty: i32) -> &'static [usize] {
+    match ty {
+        types::GGML_TYPE_Q4_0
+        | types::GGML_TYPE_Q5_0
+        | types::GGML_TYPE_Q8_0
+        | types::GGML_TYPE_IQ4_NL
+        | types::GGML_TYPE_IQ4_XS => &[0],
+        types::GGML_TYPE_Q4_1
+        | types::GGML_TYPE_Q5_1
+        | types::GGML_TYPE_Q4_K
+        | types::GGML_TYPE_Q5_K => &[0, 2],
+        types::GGML_TYPE_Q2_K => &[80, 82],
+        types::GGML_TYPE_Q3_K => &[108],
+        types::GGML_TYPE_Q6_K => &[208],
+        _ => &[],
+    }
+}
+
+/// Random weights of `ty`, `n` elements: random quants, small finite scales; random finite
+/// floats for F32/F16/BF16.
+fn weight_data(ty: i32, n: usize) -> Vec<u8> {
+    let (qk, bs) = block_layout(ty).expect("supported type");
+    let mut buf = vec![0u8; n / qk * bs];
+    match ty {
+        GGML_TYPE_F32 => {
+            let mut f = vec![0f32; n];
+            fill_f32(&mut f, 7);
+            for (b, v) in buf.chunks_exact_mut(4).zip(&f) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        types::GGML_TYPE_F16 | types::GGML_TYPE_BF16 => {
+            fill_bytes(&mut buf, 7);
+            // Clear the top exponent bit: finite values only.
+            for b in buf.chunks_exact_mut(2) {
+                b[1] &= 0xBF;
+            }
+        }
+        _ => {
+            fill_bytes(&mut buf, 7);
+            let scale = f16::from_f32(0.01).to_le_bytes();
+            for block in buf.chunks_exact_mut(bs) {
+                for &o in scale_offsets(ty) {
+                    block[o..o + 2].copy_from_slice(&scale);
+                }
+            }
+        }
+    }
+    buf
+}
+
+/// Runs the host benchmark at `bytes` per buffer (use 64 MiB or more for DRAM-bound numbers) and
+/// returns one row for memcpy, activations, outputs and every natively converted weight type.
+/// With `ggml`, each row also compares against ggml's path in the same process.
+///
+/// # Panics
+/// On allocation failure only; the conversions are called with valid shapes.
+pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
+    let bytes = bytes.max(64 * 1024);
+    let mut rows = Vec::new();
+
+    // memcpy of `bytes`: reads and writes `bytes`.
+    let memcpy_gbps = {
+        let mut src = vec![0u8; bytes];
+        fill_bytes(&mut src, 1);
+        let mut dst = vec![0u8; bytes];
+        let t = best_time(|| {
+            dst.copy_from_slice(black_box(&src));
+            black_box(&mut dst);
+        });
+        2.0 * bytes as f64 / t / 1e9
+    };
+    rows.push(HostBenchRow {
+        name: "memcpy".into(),
+        bytes,
+        gbps: memcpy_gbps,
+        ratio_to_memcpy: 1.0,
+        speedup_vs_ggml: None,
+    });
+    let mut push = |name: &str, size: usize, traffic: usize, ours: f64, theirs: Option<f64>| {
+        let gbps = traffic as f64 / ours / 1e9;
+        rows.push(HostBenchRow {
+            name: name.to_string(),
+            bytes: size,
+            gbps,
+            ratio_to_memcpy: gbps / memcpy_gbps,
+            speedup_vs_ggml: theirs.map(|t| t / ours),
+        });
+    };
+
+    // Activations: N tokens x K channels of f32 -> [K][N] fp16.
+    {
+        let elems = bytes / 4;
+        let k = if elems >= ROW * 64 { ROW } else { 256 };
+        let n = ((elems / k) & !7).max(8);
+        let mut src = vec![0f32; n * k];
+        fill_f32(&mut src, 3);
+        let mut dst = vec![f16::ZERO; n * k];
+        let ours = best_time(|| {
+            act_f32_to_f16_transposed(black_box(&src), n, k, k, &mut dst, n).expect("shape");
+            black_box(&mut dst);
+        });
+        let theirs = ggml.map(|g| {
+            best_time(|| {
+                g.fp32_to_fp16_row(black_box(&src), &mut dst).expect("len");
+                black_box(&mut dst);
+            })
+        });
+        push("act_f32_to_f16", n * k * 4, n * k * 6, ours, theirs);
+    }
+
+    // Outputs: [M][N] fp16 -> N tokens x M channels of f32.
+    {
+        let elems = bytes / 4;
+        let m = if elems >= ROW * 64 { ROW } else { 256 };
+        let n = ((elems / m) & !7).max(8);
+        let mut raw = vec![0u8; n * m * 2];
+        fill_bytes(&mut raw, 5);
+        let src: Vec<f16> = raw
+            .chunks_exact(2)
+            .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1] & 0xBF])))
+            .collect();
+        let mut dst = vec![0f32; n * m];
+        let ours = best_time(|| {
+            out_f16_to_f32_transposed(black_box(&src), m, n, n, &mut dst, m).expect("shape");
+            black_box(&mut dst);
+        });
+        let theirs = ggml.map(|g| {
+            best_time(|| {
+                g.fp16_to_fp32_row(black_box(&src), &mut dst).expect("len");
+                black_box(&mut dst);
+            })
+        });
+        push("out_f16_to_f32", n * m * 4, n * m * 6, ours, theirs);
+    }
+
+    // Weights: rows of ROW elements to fp16; `bytes` of fp16 output.
+    for &(ty, name) in types::SUPPORTED.iter() {
+        let (qk, bs) = block_layout(ty).expect("supported");
+        let n = ((bytes / 2) / ROW).max(1) * ROW;
+        let row_bytes = ROW / qk * bs;
+        let src = weight_data(ty, n);
+        let mut dst = vec![f16::ZERO; n];
+        let ours = best_time(|| {
+            for (s, d) in src.chunks_exact(row_bytes).zip(dst.chunks_exact_mut(ROW)) {
+                row_to_f16(ty, black_box(s), d).expect("row");
+            }
+            black_box(&mut dst);
+        });
+        let theirs = ggml.map(|g| {
+            if ty == GGML_TYPE_F32 {
+                let f: Vec<f32> = src
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                best_time(|| {
+                    g.fp32_to_fp16_row(black_box(&f), &mut dst).expect("len");
+                    black_box(&mut dst);
+                })
+            } else {
+                let mut tmp = vec![0f32; ROW];
+                best_time(|| {
+                    for (s, d) in src.chunks_exact(row_bytes).zip(dst.chunks_exact_mut(ROW)) {
+                        g.to_float(ty, black_box(s), &mut tmp).expect("row");
+                        g.fp32_to_fp16_row(&tmp, d).expect("len");
+                    }
+                    black_box(&mut dst);
+                })
+            }
+        });
+        let size = (n * 2).max(src.len());
+        push(name, size, src.len() + n * 2, ours, theirs);
+    }
+    rows
+}

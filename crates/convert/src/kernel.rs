@@ -1,0 +1,311 @@
+//! The smallest conversion steps, once per instruction set: 8 values f32 -> f16, 8 values
+//! f16 -> f32, and the 8x8 transposing variants the ANE layouts need.
+//!
+//! Every algorithm in this crate is written once, generic over [`Kernel`], and marked
+//! `#[inline(always)]`. [`crate::dispatch`] instantiates it inside a `#[target_feature]` function per
+//! instruction set, so the kernel's intrinsics and the surrounding dequantization loops are compiled
+//! (and auto-vectorized) for that instruction set, with one runtime check per call instead of one per
+//! 8 elements (which is what costs `half`'s slice API 2.6x in cache without `-C target-feature`).
+//!
+//! All three kernels round to nearest-even, so they agree bit for bit (property-tested).
+//!
+//! Pointers passed to kernel methods may be unaligned; the caller guarantees they are in bounds.
+
+use half::f16;
+
+/// One instruction set's conversion steps.
+///
+/// # Safety
+/// Implementations are only called from code compiled with the target features they need
+/// (see [`crate::dispatch`]); every pointer argument must be valid for the accesses documented on
+/// the method.
+pub(crate) unsafe trait Kernel: Copy {
+    /// Reads 8 f32 at `src`, writes 8 f16 bit patterns at `dst`.
+    unsafe fn narrow8(src: *const f32, dst: *mut u16);
+
+    /// Reads 8 f16 bit patterns at `src`, writes 8 f32 at `dst`.
+    unsafe fn widen8(src: *const u16, dst: *mut f32);
+
+    /// `dst[c * dst_stride + r] = f16(src[r * src_stride + c])` for r, c in 0..8 (strides in elements).
+    unsafe fn narrow8x8_t(src: *const f32, src_stride: usize, dst: *mut u16, dst_stride: usize);
+
+    /// `dst[c * dst_stride + r] = f32(src[r * src_stride + c])` for r, c in 0..8 (strides in elements).
+    unsafe fn widen8x8_t(src: *const u16, src_stride: usize, dst: *mut f32, dst_stride: usize);
+}
+
+/// One f32 to f16 bits, round to nearest-even, in software (the tails of every kernel).
+#[inline(always)]
+pub(crate) fn narrow1(x: f32) -> u16 {
+    f16::from_f32_const(x).to_bits()
+}
+
+/// One f16 bit pattern to f32, exact, in software.
+#[inline(always)]
+pub(crate) fn widen1(h: u16) -> f32 {
+    f16::from_bits(h).to_f32_const()
+}
+
+/// Portable scalar kernel (software rounding, `half`'s const conversions).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Scalar;
+
+// SAFETY: needs no target feature; pointer contracts are the caller's.
+unsafe impl Kernel for Scalar {
+    #[inline(always)]
+    unsafe fn narrow8(src: *const f32, dst: *mut u16) {
+        for i in 0..8 {
+            // SAFETY: the caller guarantees 8 readable/writable elements.
+            unsafe {
+                dst.add(i)
+                    .write_unaligned(narrow1(src.add(i).read_unaligned()))
+            };
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn widen8(src: *const u16, dst: *mut f32) {
+        for i in 0..8 {
+            // SAFETY: the caller guarantees 8 readable/writable elements.
+            unsafe {
+                dst.add(i)
+                    .write_unaligned(widen1(src.add(i).read_unaligned()))
+            };
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn narrow8x8_t(src: *const f32, ss: usize, dst: *mut u16, ds: usize) {
+        for r in 0..8 {
+            for c in 0..8 {
+                // SAFETY: the caller guarantees the 8x8 tiles are in bounds.
+                unsafe {
+                    let v = src.add(r * ss + c).read_unaligned();
+                    dst.add(c * ds + r).write_unaligned(narrow1(v));
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn widen8x8_t(src: *const u16, ss: usize, dst: *mut f32, ds: usize) {
+        for r in 0..8 {
+            for c in 0..8 {
+                // SAFETY: the caller guarantees the 8x8 tiles are in bounds.
+                unsafe {
+                    let v = src.add(r * ss + c).read_unaligned();
+                    dst.add(c * ds + r).write_unaligned(widen1(v));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::F16c;
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::*;
+
+    use super::Kernel;
+
+    /// AVX2 + F16C: `vcvtps2ph` with the rounding immediate "nearest-even", 8 lanes at a time.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct F16c;
+
+    /// Transposes 8 rows of 8 f32 in place (rows become columns).
+    #[inline(always)]
+    unsafe fn transpose8(r: &mut [__m256; 8]) {
+        // SAFETY: only called from functions compiled with AVX (see dispatch).
+        unsafe {
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            r[0] = _mm256_permute2f128_ps::<0x20>(u0, u4);
+            r[1] = _mm256_permute2f128_ps::<0x20>(u1, u5);
+            r[2] = _mm256_permute2f128_ps::<0x20>(u2, u6);
+            r[3] = _mm256_permute2f128_ps::<0x20>(u3, u7);
+            r[4] = _mm256_permute2f128_ps::<0x31>(u0, u4);
+            r[5] = _mm256_permute2f128_ps::<0x31>(u1, u5);
+            r[6] = _mm256_permute2f128_ps::<0x31>(u2, u6);
+            r[7] = _mm256_permute2f128_ps::<0x31>(u3, u7);
+        }
+    }
+
+    // SAFETY: the methods are only reached through `dispatch`'s `avx2,f16c` functions after
+    // `is_x86_feature_detected!` said yes; loads and stores are the unaligned forms.
+    unsafe impl Kernel for F16c {
+        #[inline(always)]
+        unsafe fn narrow8(src: *const f32, dst: *mut u16) {
+            // SAFETY: see the impl comment; 8 elements in bounds by the caller.
+            unsafe {
+                let v = _mm256_loadu_ps(src);
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm_storeu_si128(dst.cast(), h);
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn widen8(src: *const u16, dst: *mut f32) {
+            // SAFETY: see the impl comment.
+            unsafe {
+                let h = _mm_loadu_si128(src.cast());
+                _mm256_storeu_ps(dst, _mm256_cvtph_ps(h));
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn narrow8x8_t(src: *const f32, ss: usize, dst: *mut u16, ds: usize) {
+            // SAFETY: see the impl comment; the caller guarantees both 8x8 tiles are in bounds.
+            unsafe {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (i, v) in r.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(src.add(i * ss));
+                }
+                transpose8(&mut r);
+                for (i, v) in r.iter().enumerate() {
+                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(*v);
+                    _mm_storeu_si128(dst.add(i * ds).cast(), h);
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn widen8x8_t(src: *const u16, ss: usize, dst: *mut f32, ds: usize) {
+            // SAFETY: see the impl comment; the caller guarantees both 8x8 tiles are in bounds.
+            unsafe {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (i, v) in r.iter_mut().enumerate() {
+                    *v = _mm256_cvtph_ps(_mm_loadu_si128(src.add(i * ss).cast()));
+                }
+                transpose8(&mut r);
+                for (i, v) in r.iter().enumerate() {
+                    _mm256_storeu_ps(dst.add(i * ds), *v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+pub(crate) use arm::Neon;
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use core::arch::aarch64::*;
+
+    use super::Kernel;
+
+    /// NEON with the fp16 conversion instructions (`fcvtn`/`fcvtl`, baseline on Apple silicon):
+    /// rounding follows FPCR, which is nearest-even unless someone changed it.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Neon;
+
+    /// Transposes a 4x4 block of f32 held as 4 rows.
+    #[inline(always)]
+    unsafe fn transpose4(r: [float32x4_t; 4]) -> [float32x4_t; 4] {
+        // SAFETY: NEON is baseline on aarch64.
+        unsafe {
+            let a = vtrnq_f32(r[0], r[1]);
+            let b = vtrnq_f32(r[2], r[3]);
+            [
+                vcombine_f32(vget_low_f32(a.0), vget_low_f32(b.0)),
+                vcombine_f32(vget_low_f32(a.1), vget_low_f32(b.1)),
+                vcombine_f32(vget_high_f32(a.0), vget_high_f32(b.0)),
+                vcombine_f32(vget_high_f32(a.1), vget_high_f32(b.1)),
+            ]
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn narrow4(v: float32x4_t) -> uint16x4_t {
+        // SAFETY: only reached from `neon,fp16` functions (see dispatch).
+        unsafe { vreinterpret_u16_f16(vcvt_f16_f32(v)) }
+    }
+
+    #[inline(always)]
+    unsafe fn widen4(h: uint16x4_t) -> float32x4_t {
+        // SAFETY: only reached from `neon,fp16` functions (see dispatch).
+        unsafe { vcvt_f32_f16(vreinterpret_f16_u16(h)) }
+    }
+
+    // SAFETY: the methods are only reached through `dispatch`'s `neon,fp16` functions after
+    // `is_aarch64_feature_detected!("fp16")` said yes. NEON loads/stores have no alignment needs
+    // beyond the element's, and every pointer here is element-aligned or read through u8 lanes.
+    unsafe impl Kernel for Neon {
+        #[inline(always)]
+        unsafe fn narrow8(src: *const f32, dst: *mut u16) {
+            // SAFETY: see the impl comment.
+            unsafe {
+                let a = vld1q_f32(src);
+                let b = vld1q_f32(src.add(4));
+                vst1q_u16(dst, vcombine_u16(narrow4(a), narrow4(b)));
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn widen8(src: *const u16, dst: *mut f32) {
+            // SAFETY: see the impl comment.
+            unsafe {
+                let h = vld1q_u16(src);
+                vst1q_f32(dst, widen4(vget_low_u16(h)));
+                vst1q_f32(dst.add(4), widen4(vget_high_u16(h)));
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn narrow8x8_t(src: *const f32, ss: usize, dst: *mut u16, ds: usize) {
+            // SAFETY: see the impl comment; the caller guarantees both tiles are in bounds.
+            unsafe {
+                for r0 in [0, 4] {
+                    for c0 in [0, 4] {
+                        let p = src.add(r0 * ss + c0);
+                        let t = transpose4([
+                            vld1q_f32(p),
+                            vld1q_f32(p.add(ss)),
+                            vld1q_f32(p.add(2 * ss)),
+                            vld1q_f32(p.add(3 * ss)),
+                        ]);
+                        for (c, v) in t.iter().enumerate() {
+                            vst1_u16(dst.add((c0 + c) * ds + r0), narrow4(*v));
+                        }
+                    }
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn widen8x8_t(src: *const u16, ss: usize, dst: *mut f32, ds: usize) {
+            // SAFETY: see the impl comment; the caller guarantees both tiles are in bounds.
+            unsafe {
+                for r0 in [0, 4] {
+                    for c0 in [0, 4] {
+                        let p = src.add(r0 * ss + c0);
+                        let t = transpose4([
+                            widen4(vld1_u16(p)),
+                            widen4(vld1_u16(p.add(ss))),
+                            widen4(vld1_u16(p.add(2 * ss))),
+                            widen4(vld1_u16(p.add(3 * ss))),
+                        ]);
+                        for (c, v) in t.iter().enumerate() {
+                            vst1q_f32(dst.add((c0 + c) * ds + r0), *v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Unit tests that need no llama.cpp: every backend equals the scalar one bit for bit, the layout
+//! transforms put every element where the naive loop does, errors on bad shapes. The comparison
+//! with ggml itself is in `tests/ggml_base.rs`.
+
+use half::f16;
+use proptest::prelude::*;
+
+use super::*;
+
+fn bits(v: &[f16]) -> Vec<u16> {
+    v.iter().map(|h| h.to_bits()).collect()
+}
+
+fn f32_bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Any f32 bit pattern, biased towards the interesting ranges of fp16.
+fn any_f32() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        any::<u32>().prop_map(f32::from_bits),
+        (-70000.0f32..70000.0),
+        (-1e-4f32..1e-4),
+        // Exactly between two fp16 values, or one f32 ulp either side of it.
+        (any::<u16>(), -1i32..=1).prop_map(|(h, d)| {
+            let x = f16::from_bits(h & 0x7BFF).to_f32();
+            let half_ulp = f32::from_bits((x.to_bits() & 0x7F80_0000).max(0x3380_0000)) / 2048.0;
+            f32::from_bits(((x + half_ulp).to_bits() as i32 + d) as u32)
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn narrow_backends_agree(v in prop::collection::vec(any_f32(), 0..300)) {
+        let want: Vec<u16> = v.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
+        for b in Backend::available() {
+            let mut out = vec![f16::ZERO; v.len()];
+            f32_to_f16_with(b, &v, &mut out).unwrap();
+            // half's from_f32 keeps NaN payload bits the hardware may not: compare NaN as NaN.
+            for (i, (&g, &w)) in bits(&out).iter().zip(&want).enumerate() {
+                let both_nan = f16::from_bits(g).is_nan() && f16::from_bits(w).is_nan();
+                prop_assert!(g == w || both_nan, "{b:?} at {i}: {:#06x} vs {:#06x} for {:e}", g, w, v[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn widen_backends_agree(v in prop::collection::vec(any::<u16>(), 0..300)) {
+        let src: Vec<f16> = v.iter().map(|&h| f16::from_bits(h)).collect();
+        let want: Vec<f32> = src.iter().map(|h| h.to_f32()).collect();
+        for b in Backend::available() {
+            let mut out = vec![0f32; v.len()];
+            f16_to_f32_with(b, &src, &mut out).unwrap();
+            for (g, w) in out.iter().zip(&want) {
+                prop_assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()));
+            }
+        }
+    }
+
+    #[test]
+    fn act_layout(n in 1usize..40, k in 1usize..40, extra in 0usize..5, pad in 0usize..9, seed in any::<u64>()) {
+        let stride = k + extra;
+        let np = n + pad;
+        let src: Vec<f32> = (0..(n - 1) * stride + k)
+            .map(|i| ((i as u64).wrapping_mul(seed | 1) % 20011) as f32 * 0.37 - 3000.0)
+            .collect();
+        let mut want = vec![0u16; k * np];
+        for i in 0..n {
+            for c in 0..k {
+                want[c * np + i] = f16::from_f32(src[i * stride + c]).to_bits();
+            }
+        }
+        for b in Backend::available() {
+            let mut dst = vec![f16::from_bits(0x7C01); k * np + 3];
+            act_f32_to_f16_transposed_with(b, &src, n, k, stride, &mut dst, np).unwrap();
+            prop_assert_eq!(&bits(&dst[..k * np]), &want, "{:?}", b);
+            prop_assert_eq!(bits(&dst[k * np..]), vec![0x7C01; 3]);
+        }
+    }
+
+    #[test]
+    fn out_layout(m in 1usize..40, n in 1usize..40, pad in 0usize..9, extra in 0usize..5, seed in any::<u64>()) {
+        let np = n + pad;
+        let stride = m + extra;
+        let src: Vec<f16> = (0..m * np)
+            .map(|i| f16::from_bits(((i as u64).wrapping_mul(seed | 1) % 0x7C00) as u16))
+            .collect();
+        let sentinel = -12345.0f32;
+        let mut want = vec![sentinel; (n - 1) * stride + m];
+        for i in 0..n {
+            for c in 0..m {
+                want[i * stride + c] = src[c * np + i].to_f32();
+            }
+        }
+        for b in Backend::available() {
+            let mut dst = vec![sentinel; (n - 1) * stride + m];
+            out_f16_to_f32_transposed_with(b, &src, m, np, n, &mut dst, stride).unwrap();
+            prop_assert_eq!(f32_bits(&dst), f32_bits(&want), "{:?}", b);
+        }
+    }
+
+    #[test]
+    fn weight_backends_agree(ty_idx in 0usize..types::SUPPORTED.len(), blocks in 1usize..4, seed in any::<u64>()) {
+        let ty = types::SUPPORTED[ty_idx].0;
+        let (qk, bs) = block_layout(ty).unwrap();
+        // 8 elements at least for the 1-element "blocks" of F32/F16/BF16, plus a ragged tail.
+        let n = if qk == 1 { 8 * blocks + 3 } else { qk * blocks };
+        let mut x = seed | 1;
+        let src: Vec<u8> = (0..n / qk * bs).map(|_| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x as u8 }).collect();
+        let mut want = vec![f16::ZERO; n];
+        row_to_f16_with(Backend::Scalar, ty, &src, &mut want).unwrap();
+        for b in Backend::available() {
+            let mut out = vec![f16::ZERO; n];
+            row_to_f16_with(b, ty, &src, &mut out).unwrap();
+            for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                prop_assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "{:?} {} elem {}: {:#06x} vs {:#06x}", b, types::SUPPORTED[ty_idx].1, i, g.to_bits(), w.to_bits());
+            }
+        }
+    }
+}
+
+#[test]
+fn q4_0_nibble_order() {
+    // Scale 1.0; byte j holds element j (low nibble) and element j + 16 (high nibble).
+    let mut block = vec![0x00, 0x3C];
+    block.extend((0..16u8).map(|j| (j & 0xF) | ((15 - j) << 4)));
+    let mut out = [f16::ZERO; 32];
+    row_to_f16(types::GGML_TYPE_Q4_0, &block, &mut out).unwrap();
+    for j in 0..16 {
+        assert_eq!(out[j].to_f32(), j as f32 - 8.0);
+        assert_eq!(out[j + 16].to_f32(), (15 - j) as f32 - 8.0);
+    }
+}
+
+#[test]
+fn errors() {
+    let mut d = [f16::ZERO; 32];
+    assert!(matches!(
+        row_to_f16(16, &[0; 66], &mut d[..32]),
+        Err(ConvertError::UnsupportedType(16))
+    ));
+    assert!(matches!(
+        row_to_f16(types::GGML_TYPE_Q4_0, &[0; 18], &mut d[..16]),
+        Err(ConvertError::PartialBlock { .. })
+    ));
+    assert!(matches!(
+        row_to_f16(types::GGML_TYPE_Q4_0, &[0; 17], &mut d),
+        Err(ConvertError::Length { .. })
+    ));
+    assert!(matches!(
+        act_f32_to_f16_transposed(&[0.0; 16], 2, 8, 7, &mut d, 2),
+        Err(ConvertError::Stride { .. })
+    ));
+    assert!(matches!(
+        act_f32_to_f16_transposed(&[0.0; 16], 2, 8, 8, &mut d[..15], 2),
+        Err(ConvertError::Length { .. })
+    ));
+    let mut o = [0f32; 10];
+    assert!(matches!(
+        out_f16_to_f32_transposed(&d, 4, 8, 9, &mut o, 4),
+        Err(ConvertError::Stride { .. })
+    ));
+    assert!(supported(types::GGML_TYPE_IQ4_XS) && !supported(16));
+    assert_eq!(row_bytes(types::GGML_TYPE_Q6_K, 512), Some(420));
+}
+
+#[test]
+fn bench_host_rows() {
+    let rows = bench_host(256 * 1024, None);
+    assert_eq!(rows.len(), 3 + types::SUPPORTED.len());
+    assert!(rows
+        .iter()
+        .all(|r| r.gbps > 0.0 && r.speedup_vs_ggml.is_none()));
+}

@@ -7,7 +7,10 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod doctor;
 mod mil;
+mod probe;
 
 /// Tools for the ggml Apple Neural Engine backend.
 #[derive(Debug, Parser)]
@@ -21,12 +24,18 @@ struct Cli {
 enum Command {
     /// Emit one of the MIL program forms the backend compiles (text, and weights for baked forms).
     Mil(mil::Args),
+    /// Check whether the ANE works here and how fast and accurate it is; `--json` for a report.
+    Doctor(doctor::Args),
+    /// Time MUL_MAT shapes on the engine against a CPU f32 product measured in the same run.
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Mil(args) => mil::run(&args),
+        Command::Doctor(args) => doctor::run(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 

@@ -1,0 +1,132 @@
+//! `ane bench`: MUL_MAT shapes on the engine against an f32 CPU product measured in the same run,
+//! with the speedup per shape, so a claim such as "16.8x the CPU" can be checked on a Mac.
+//!
+//! The engine column always names the engine that was measured: without a working ANE the
+//! reference engine is timed and labelled as such; an ANE number is printed only when measured
+//! on the ANE. The CPU baseline is this crate's own blocked f32 loop on all cores (not
+//! Accelerate), so the ratio is against that baseline and says so.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde_json::json;
+
+use ane_engine::canary::{cpu_matmul_f32, max_rel_err, run_conv_matmul, test_values};
+
+use crate::probe::probe;
+
+/// Arguments of `ane bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Shapes as `MxKxN` (M rows of weights, K inner, N tokens), comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1024x1024x256,2048x2048x512,4096x4096x512"
+    )]
+    pub shapes: Vec<String>,
+    /// Evaluations per shape (fastest reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Measure the reference engine even on a Mac.
+    #[arg(long)]
+    pub reference: bool,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize, usize)> {
+    let v: Vec<usize> = s
+        .trim()
+        .split('x')
+        .map(|p| p.parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("shape `{s}`: {e}"))?;
+    match v[..] {
+        [m, k, n] if m > 0 && k > 0 && n > 0 => Ok((m, k, n)),
+        _ => bail!("shape `{s}`: expected MxKxN with positive sizes"),
+    }
+}
+
+/// Runs the benchmark.
+pub fn run(args: &Args) -> Result<()> {
+    let shapes: Vec<_> = args
+        .shapes
+        .iter()
+        .map(|s| parse_shape(s))
+        .collect::<Result<_>>()?;
+    let p = probe(!args.reference);
+    let engine = p.engine.as_ref();
+    let label = if p.ane_available {
+        "ane"
+    } else {
+        "reference (CPU, not ANE)"
+    };
+    if !args.json {
+        println!(
+            "engine: {label}; baseline: f32 CPU loop on {} threads",
+            threads()
+        );
+        println!(
+            "{:>6} {:>6} {:>5} {:>11} {:>9} {:>11} {:>9} {:>8} {:>11}",
+            "M", "K", "N", "engine ms", "TFLOPS", "cpu f32 ms", "TFLOPS", "speedup", "max_rel_err"
+        );
+    }
+    for (m, k, n) in shapes {
+        let w = test_values(m * k, 5);
+        let x = test_values(k * n, 6);
+        let r = run_conv_matmul(engine, (k, m, n), &w, &x, args.reps)?;
+        let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let mut cpu_ms = f64::INFINITY;
+        let mut exact = Vec::new();
+        for _ in 0..args.reps.max(1) {
+            let t = Instant::now();
+            exact = cpu_matmul_f32(&wf, &xf, (k, m, n));
+            cpu_ms = cpu_ms.min(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let err = max_rel_err(&r.y, &exact);
+        let tf = |ms: f64| 2.0 * (m * k * n) as f64 / (ms * 1e-3) / 1e12;
+        let speedup = cpu_ms / r.eval_ms;
+        if args.json {
+            println!(
+                "{}",
+                json!({"engine": engine.name(), "ane": p.ane_available, "m": m, "k": k, "n": n,
+                       "engine_ms": r.eval_ms, "cpu_ms": cpu_ms, "speedup": speedup,
+                       "engine_tflops": tf(r.eval_ms), "cpu_tflops": tf(cpu_ms), "max_rel_err": err})
+            );
+        } else {
+            println!(
+                "{m:>6} {k:>6} {n:>5} {:>11.3} {:>9.4} {:>11.3} {:>9.4} {:>7.2}x {:>11.2e}",
+                r.eval_ms,
+                tf(r.eval_ms),
+                cpu_ms,
+                tf(cpu_ms),
+                speedup,
+                err
+            );
+        }
+    }
+    if !p.ane_available && !args.json {
+        println!("no ANE measured: the speedup column compares the reference engine with the CPU baseline");
+    }
+    Ok(())
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |t| t.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_parse() {
+        assert_eq!(parse_shape("4096x11008x512").unwrap(), (4096, 11008, 512));
+        assert!(parse_shape("4096x0x512").is_err());
+        assert!(parse_shape("4096x512").is_err());
+        assert!(parse_shape("ax1x1").is_err());
+    }
+}

@@ -1,0 +1,218 @@
+//! `ane doctor [--json] [--out FILE]`: does the ANE work here, how fast, how accurate.
+//!
+//! Checks: platform, framework and classes, chip and limits, canary numerics, then a sweep of
+//! `M, K in {1024, 2048, 4096} x N in {64, 128, 256, 512}` (the contract) measuring ms, TFLOPS and
+//! the max relative error against an f32 CPU product, plus compile, load and dispatch latency.
+//! Without an ANE the same checks run on the CPU reference engine, and the report says so
+//! (`ane_available: false`, `engine: "reference"`).
+//!
+//! JSON: `{platform, ane_available, engine, chip, checks: [{name, ok, detail}],
+//! bench: [{m, k, n, ms, tflops, max_rel_err, compile_ms, first_ms}], latency, sweep}`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use serde_json::{json, Value};
+
+use ane_engine::canary::{cpu_matmul_f32, max_rel_err, run_conv_matmul, test_values};
+
+use crate::probe::{probe, Check};
+
+/// Sizes swept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Sweep {
+    /// `M, K in {1024, 2048, 4096} x N in {64, 128, 256, 512}`: the report a Mac user sends back.
+    Full,
+    /// `M = K = 256 x N in {64, 128, 256, 512}`: for tests (debug builds), not for reports.
+    Small,
+}
+
+impl Sweep {
+    fn shapes(self) -> Vec<(usize, usize, usize)> {
+        let mk: &[usize] = match self {
+            Sweep::Full => &[1024, 2048, 4096],
+            Sweep::Small => &[256],
+        };
+        let mut v = Vec::new();
+        for &m in mk {
+            for &k in mk {
+                for n in [64, 128, 256, 512] {
+                    v.push((m, k, n));
+                }
+            }
+        }
+        v
+    }
+}
+
+/// Arguments of `ane doctor`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Evaluations per shape (the fastest is reported). Default: 5 on the ANE, 1 on the reference
+    /// engine (a naive CPU loop).
+    #[arg(long)]
+    pub reps: Option<usize>,
+    /// Which sweep to run; `full` is the documented report, `small` exists for tests.
+    #[arg(long, value_enum, default_value = "full", hide = true)]
+    pub sweep: Sweep,
+}
+
+/// Runs the doctor.
+pub fn run(args: &Args) -> Result<()> {
+    let report = report(args);
+    let text = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &args.out {
+        std::fs::write(path, format!("{text}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        println!("{text}");
+    } else {
+        print_text(&report);
+    }
+    Ok(())
+}
+
+/// Builds the report.
+pub fn report(args: &Args) -> Value {
+    let p = probe(true);
+    let engine = p.engine.as_ref();
+    let reps = args
+        .reps
+        .unwrap_or(if p.ane_available { 5 } else { 1 })
+        .max(1);
+    let mut checks: Vec<Check> = p.checks.clone();
+    let mut bench = Vec::new();
+    let mut worst = 0f64;
+    let mut failures = Vec::new();
+    for (m, k, n) in args.sweep.shapes() {
+        let w = test_values(m * k, (m * 31 + k) as u64);
+        let x = test_values(k * n, (k * 17 + n) as u64);
+        match run_conv_matmul(engine, (k, m, n), &w, &x, reps) {
+            Ok(r) => {
+                let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+                let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+                let err = max_rel_err(&r.y, &cpu_matmul_f32(&wf, &xf, (k, m, n)));
+                worst = worst.max(err);
+                let flops = 2.0 * (m * k * n) as f64;
+                bench.push(json!({
+                    "m": m, "k": k, "n": n,
+                    "ms": round(r.eval_ms, 4),
+                    "tflops": round(flops / (r.eval_ms * 1e-3) / 1e12, 5),
+                    "max_rel_err": err,
+                    "compile_ms": round(r.compile_ms, 3),
+                    "first_ms": round(r.first_eval_ms, 4),
+                }));
+            }
+            Err(e) => failures.push(format!("{m}x{k}x{n}: {e}")),
+        }
+    }
+    checks.push(Check {
+        name: "sweep",
+        ok: failures.is_empty() && worst < 0.05,
+        detail: if failures.is_empty() {
+            format!(
+                "{} shapes, worst max_rel_err {worst:.2e} vs f32 CPU",
+                bench.len()
+            )
+        } else {
+            format!("failed: {}", failures.join("; "))
+        },
+    });
+    // Latency of the smallest program: compile+load of one program, and one dispatch.
+    let latency = {
+        let (k, m, n) = (64, 64, 64);
+        let w = test_values(m * k, 1);
+        let x = test_values(k * n, 2);
+        match run_conv_matmul(engine, (k, m, n), &w, &x, reps.max(10)) {
+            Ok(r) => {
+                let (c, l) = p.ane_build_ms.unwrap_or((f64::NAN, f64::NAN));
+                json!({
+                    "compile_and_load_ms": round(r.compile_ms, 3),
+                    "ane_canary_compile_ms": finite(c),
+                    "ane_canary_load_ms": finite(l),
+                    "dispatch_ms": round(r.eval_ms, 4),
+                    "shape": "conv_matmul(64,64,64)",
+                })
+            }
+            Err(e) => json!({ "error": e.to_string() }),
+        }
+    };
+    json!({
+        "platform": format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+        "ane_available": p.ane_available,
+        "engine": engine.name(),
+        "chip": p.chip.to_string(),
+        "limits": {
+            "max_axis": engine.limits().max_axis,
+            "max_loaded_programs": engine.limits().max_loaded_programs,
+        },
+        "checks": checks.iter().map(|c| json!({"name": c.name, "ok": c.ok, "detail": c.detail})).collect::<Vec<_>>(),
+        "bench": bench,
+        "latency": latency,
+        "sweep": format!("{:?}", args.sweep).to_lowercase(),
+        "reps": reps,
+        "version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (v * p).round() / p
+}
+
+fn finite(v: f64) -> Value {
+    if v.is_finite() {
+        json!(round(v, 3))
+    } else {
+        Value::Null
+    }
+}
+
+fn print_text(r: &Value) {
+    println!(
+        "platform {}  engine {}  ane_available {}  chip {}",
+        r["platform"].as_str().unwrap_or("?"),
+        r["engine"].as_str().unwrap_or("?"),
+        r["ane_available"],
+        r["chip"].as_str().unwrap_or("?")
+    );
+    for c in r["checks"].as_array().into_iter().flatten() {
+        let ok = if c["ok"].as_bool() == Some(true) {
+            "ok  "
+        } else {
+            "FAIL"
+        };
+        println!(
+            "[{ok}] {:<9} {}",
+            c["name"].as_str().unwrap_or(""),
+            c["detail"].as_str().unwrap_or("")
+        );
+    }
+    if r["engine"] != "ane" {
+        println!("(timings below are from the CPU reference engine, not the ANE)");
+    }
+    println!(
+        "{:>6} {:>6} {:>5} {:>10} {:>9} {:>11}",
+        "M", "K", "N", "ms", "TFLOPS", "max_rel_err"
+    );
+    for b in r["bench"].as_array().into_iter().flatten() {
+        println!(
+            "{:>6} {:>6} {:>5} {:>10.3} {:>9.4} {:>11.2e}",
+            b["m"],
+            b["k"],
+            b["n"],
+            b["ms"].as_f64().unwrap_or(f64::NAN),
+            b["tflops"].as_f64().unwrap_or(f64::NAN),
+            b["max_rel_err"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    println!("latency: {}", r["latency"]);
+}

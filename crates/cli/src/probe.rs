@@ -1,0 +1,157 @@
+//! Which engine `ane doctor` and `ane bench` measure, and what was found on the way.
+//!
+//! On a Mac: the ANE when the framework, classes and selectors resolve and the canary passes.
+//! Anywhere else, or when that fails: the CPU reference engine, labelled as such, so no number is
+//! ever presented as an ANE number unless it was measured on the ANE.
+
+use std::sync::Arc;
+
+use ane_engine::canary::{canary, CanaryReport};
+use ane_engine::reference::ReferenceEngine;
+use ane_engine::{Chip, Engine, EngineError};
+
+/// One named check: `{name, ok, detail}` in the doctor report.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The engine chosen for measuring, and the checks that led there.
+pub struct Probed {
+    pub engine: Arc<dyn Engine>,
+    /// True when `engine` is the ANE and its canary passed.
+    pub ane_available: bool,
+    pub chip: Chip,
+    pub checks: Vec<Check>,
+    /// Compile and load time of the ANE canary (ms), when the ANE was used.
+    pub ane_build_ms: Option<(f64, f64)>,
+}
+
+fn check(name: &'static str, ok: bool, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        ok,
+        detail: detail.into(),
+    }
+}
+
+fn canary_check(r: &Result<CanaryReport, EngineError>, engine: &str) -> Check {
+    match r {
+        Ok(r) => check(
+            "canary",
+            r.ok,
+            format!(
+                "conv_matmul(64,64,64) on {engine}: max_rel_err {:.2e} vs reference engine, {:.2e} vs f32 CPU (tolerance {:.0e})",
+                r.max_rel_err,
+                r.max_rel_err_f32,
+                ane_engine::canary::CANARY_TOLERANCE
+            ),
+        ),
+        Err(e) => check("canary", false, format!("{engine}: {e}")),
+    }
+}
+
+/// Probes the machine. `want_ane = false` skips the ANE (e.g. `--engine reference`).
+pub fn probe(want_ane: bool) -> Probed {
+    let mut checks = vec![check(
+        "platform",
+        cfg!(all(target_os = "macos", target_arch = "aarch64")),
+        format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+    )];
+    #[cfg(target_vendor = "apple")]
+    if want_ane {
+        let (opened, p) = ane_engine::apple::open_with_probe();
+        let d = &p.discovery;
+        checks.push(check(
+            "framework",
+            d.framework,
+            "/System/Library/PrivateFrameworks/AppleNeuralEngine.framework",
+        ));
+        let classes: Vec<String> = d
+            .classes
+            .iter()
+            .map(|(n, ok)| format!("{n}:{}", if *ok { "found" } else { "MISSING" }))
+            .collect();
+        let mut detail = classes.join(", ");
+        if !d.missing_selectors.is_empty() {
+            detail += &format!("; missing selectors: {}", d.missing_selectors.join(", "));
+        }
+        checks.push(check(
+            "classes",
+            d.classes.iter().take(4).all(|c| c.1) && d.missing_selectors.is_empty(),
+            detail,
+        ));
+        let l = p.chip.limits();
+        checks.push(check(
+            "chip",
+            p.chip != Chip::Unknown,
+            format!(
+                "{} (aneSubType {:?}, brand {:?}); max_axis {}, max_loaded_programs {}",
+                p.chip, p.ane_subtype, p.brand, l.max_axis, l.max_loaded_programs
+            ),
+        ));
+        match opened {
+            Ok(ane) => {
+                let r = canary(ane.as_ref());
+                checks.push(canary_check(&r, "ane"));
+                if matches!(r, Ok(ref r) if r.ok) {
+                    checks.push(check("engine", true, "measuring the Apple Neural Engine"));
+                    let build = ane.last_build_ms();
+                    return Probed {
+                        engine: ane,
+                        ane_available: true,
+                        chip: p.chip,
+                        checks,
+                        ane_build_ms: Some(build),
+                    };
+                }
+            }
+            Err(e) => checks.push(check("canary", false, format!("not run: {e}"))),
+        }
+        return reference_fallback(
+            checks,
+            p.chip,
+            "the ANE is not usable (see the checks above)",
+        );
+    }
+    if !want_ane {
+        return reference_fallback(checks, Chip::Unknown, "reference engine requested");
+    }
+    checks.push(check(
+        "framework",
+        false,
+        "AppleNeuralEngine.framework exists only on macOS",
+    ));
+    checks.push(check("classes", false, "not looked up: not macOS"));
+    let l = Chip::Unknown.limits();
+    checks.push(check(
+        "chip",
+        false,
+        format!(
+            "no Apple chip; reference engine enforces max_axis {}, max_loaded_programs {}",
+            l.max_axis, l.max_loaded_programs
+        ),
+    ));
+    reference_fallback(checks, Chip::Unknown, "no ANE on this machine")
+}
+
+fn reference_fallback(mut checks: Vec<Check>, chip: Chip, why: &str) -> Probed {
+    let engine: Arc<dyn Engine> = Arc::new(ReferenceEngine::new(chip.limits()));
+    checks.push(canary_check(&canary(engine.as_ref()), "reference"));
+    checks.push(check(
+        "engine",
+        true,
+        format!(
+            "{why}: measuring the CPU reference engine instead; its timings are NOT ANE numbers"
+        ),
+    ));
+    Probed {
+        engine,
+        ane_available: false,
+        chip,
+        checks,
+        ane_build_ms: None,
+    }
+}

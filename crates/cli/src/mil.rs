@@ -16,6 +16,8 @@ use half::f16;
 use ane_mil::{build, text, Program};
 
 /// Program forms `ane mil` can emit.
+// Every form is a matmul; the prefix is the part that differs, and it is also the CLI name.
+#[allow(clippy::enum_variant_names)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Form {
     /// 1x1 conv with the weight baked in as a BLOBFILE (`build::conv_matmul`).

@@ -45,6 +45,25 @@ pub(crate) fn widen1(h: u16) -> f32 {
     f16::from_bits(h).to_f32_const()
 }
 
+/// Hints the cache to fetch the line holding `p` (no fault on any address, so `p` may be
+/// computed with `wrapping_add`). The transposes read and write runs of only 128-512 bytes per
+/// row, too short for the hardware prefetchers, so they fetch the next block themselves.
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch never faults; SSE is baseline on x86_64.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: prfm never faults and has no architectural effect.
+    unsafe {
+        core::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, readonly, preserves_flags))
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = p;
+}
+
 /// Portable scalar kernel (software rounding, `half`'s const conversions).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Scalar;

@@ -176,3 +176,51 @@ fn bench_host_rows() {
         .iter()
         .all(|r| r.gbps > 0.0 && r.speedup_vs_ggml.is_none()));
 }
+
+/// Shapes spanning several staging blocks in both directions, with ragged edges.
+#[test]
+fn layouts_multi_block() {
+    let (n, k, stride, np) = (203, 300, 301, 208);
+    let src: Vec<f32> = (0..(n - 1) * stride + k)
+        .map(|i| (i % 4099) as f32 * 0.5)
+        .collect();
+    let (m, on, ostride) = (150, 270, 153);
+    let osrc: Vec<f16> = (0..m * np.max(on + 2))
+        .map(|i| f16::from_bits((i % 0x7C00) as u16))
+        .collect();
+    let onp = np.max(on + 2);
+    for b in Backend::available() {
+        let mut dst = vec![f16::ONE; k * np];
+        act_f32_to_f16_transposed_with(b, &src, n, k, stride, &mut dst, np).unwrap();
+        for c in 0..k {
+            for i in 0..np {
+                let want = if i < n {
+                    f16::from_f32(src[i * stride + c])
+                } else {
+                    f16::ZERO
+                };
+                assert_eq!(
+                    dst[c * np + i].to_bits(),
+                    want.to_bits(),
+                    "{b:?} act {c} {i}"
+                );
+            }
+        }
+        let mut out = vec![-1.0f32; (on - 1) * ostride + m];
+        out_f16_to_f32_transposed_with(b, &osrc, m, onp, on, &mut out, ostride).unwrap();
+        for i in 0..on {
+            for c in 0..ostride.min(out.len() - i * ostride) {
+                let want = if c < m {
+                    osrc[c * onp + i].to_f32()
+                } else {
+                    -1.0
+                };
+                assert_eq!(
+                    out[i * ostride + c].to_bits(),
+                    want.to_bits(),
+                    "{b:?} out {i} {c}"
+                );
+            }
+        }
+    }
+}

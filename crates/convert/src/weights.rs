@@ -91,6 +91,7 @@ unsafe fn blocks<K: Kernel, const BYTES: usize, const QK: usize>(
     }
 }
 
+#[inline(always)]
 fn q4_0(b: &[u8; 18], y: &mut [f32; 32]) {
     let d = half_at(b, 0);
     for j in 0..16 {
@@ -100,6 +101,7 @@ fn q4_0(b: &[u8; 18], y: &mut [f32; 32]) {
     }
 }
 
+#[inline(always)]
 fn q4_1(b: &[u8; 20], y: &mut [f32; 32]) {
     let (d, m) = (half_at(b, 0), half_at(b, 2));
     for j in 0..16 {
@@ -118,6 +120,7 @@ fn q5_high(qh: u32, j: usize) -> (u8, u8) {
     )
 }
 
+#[inline(always)]
 fn q5_0(b: &[u8; 22], y: &mut [f32; 32]) {
     let d = half_at(b, 0);
     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
@@ -129,6 +132,7 @@ fn q5_0(b: &[u8; 22], y: &mut [f32; 32]) {
     }
 }
 
+#[inline(always)]
 fn q5_1(b: &[u8; 24], y: &mut [f32; 32]) {
     let (d, m) = (half_at(b, 0), half_at(b, 2));
     let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
@@ -140,6 +144,7 @@ fn q5_1(b: &[u8; 24], y: &mut [f32; 32]) {
     }
 }
 
+#[inline(always)]
 fn q8_0(b: &[u8; 34], y: &mut [f32; 32]) {
     let d = half_at(b, 0);
     for j in 0..32 {
@@ -147,6 +152,7 @@ fn q8_0(b: &[u8; 34], y: &mut [f32; 32]) {
     }
 }
 
+#[inline(always)]
 fn q2_k(b: &[u8; 84], y: &mut [f32; 256]) {
     let (d, dmin) = (half_at(b, 80), half_at(b, 82));
     for half in 0..2 {
@@ -179,6 +185,7 @@ fn q3_k_scales(s: &[u8]) -> [i32; 16] {
     out
 }
 
+#[inline(always)]
 fn q3_k(b: &[u8; 110], y: &mut [f32; 256]) {
     let d = half_at(b, 108);
     let scales = q3_k_scales(&b[96..108]);
@@ -216,6 +223,7 @@ fn k4_scale_min(s: &[u8], j: usize) -> (u8, u8) {
     }
 }
 
+#[inline(always)]
 fn q4_k(b: &[u8; 144], y: &mut [f32; 256]) {
     let (d, dmin) = (half_at(b, 0), half_at(b, 2));
     let scales = &b[4..16];
@@ -232,6 +240,7 @@ fn q4_k(b: &[u8; 144], y: &mut [f32; 256]) {
     }
 }
 
+#[inline(always)]
 fn q5_k(b: &[u8; 176], y: &mut [f32; 256]) {
     let (d, dmin) = (half_at(b, 0), half_at(b, 2));
     let scales = &b[4..16];
@@ -251,6 +260,7 @@ fn q5_k(b: &[u8; 176], y: &mut [f32; 256]) {
     }
 }
 
+#[inline(always)]
 fn q6_k(b: &[u8; 210], y: &mut [f32; 256]) {
     let d = half_at(b, 208);
     for half in 0..2 {
@@ -271,6 +281,7 @@ fn q6_k(b: &[u8; 210], y: &mut [f32; 256]) {
     }
 }
 
+#[inline(always)]
 fn iq4_nl(b: &[u8; 18], y: &mut [f32; 32]) {
     let d = half_at(b, 0);
     for j in 0..16 {
@@ -280,6 +291,7 @@ fn iq4_nl(b: &[u8; 18], y: &mut [f32; 32]) {
     }
 }
 
+#[inline(always)]
 fn iq4_xs(b: &[u8; 136], y: &mut [f32; 256]) {
     let d = half_at(b, 0);
     let scales_h = u16::from_le_bytes([b[2], b[3]]);
@@ -298,49 +310,39 @@ fn iq4_xs(b: &[u8; 136], y: &mut [f32; 256]) {
 /// F32 source bytes (any alignment) to fp16.
 #[inline(always)]
 unsafe fn f32_row<K: Kernel>(src: &[u8], dst: &mut [u16]) {
-    let n8 = dst.len() & !7;
     let mut y = [0f32; 8];
-    let mut i = 0;
-    while i < n8 {
+    let mut chunks = src.chunks_exact(32);
+    for (c, d) in (&mut chunks).zip(dst.chunks_exact_mut(8)) {
+        let c: &[u8; 32] = c.try_into().expect("chunks_exact");
         for (j, v) in y.iter_mut().enumerate() {
-            let o = 4 * (i + j);
-            *v = f32::from_le_bytes([src[o], src[o + 1], src[o + 2], src[o + 3]]);
+            *v = f32::from_le_bytes([c[4 * j], c[4 * j + 1], c[4 * j + 2], c[4 * j + 3]]);
         }
-        // SAFETY: i + 8 <= dst.len().
-        unsafe { K::narrow8(y.as_ptr(), dst.as_mut_ptr().add(i)) };
-        i += 8;
+        // SAFETY: d.len() == 8.
+        unsafe { K::narrow8(y.as_ptr(), d.as_mut_ptr()) };
     }
-    for (j, d) in dst.iter_mut().enumerate().skip(n8) {
-        let o = 4 * j;
-        *d = narrow1(f32::from_le_bytes([
-            src[o],
-            src[o + 1],
-            src[o + 2],
-            src[o + 3],
-        ]));
+    let tail = dst.len() & !7;
+    for (b, d) in chunks.remainder().chunks_exact(4).zip(&mut dst[tail..]) {
+        *d = narrow1(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
     }
 }
 
 /// BF16 source bytes to fp16 (bf16 widens to f32 exactly by a 16-bit shift).
 #[inline(always)]
 unsafe fn bf16_row<K: Kernel>(src: &[u8], dst: &mut [u16]) {
-    let n8 = dst.len() & !7;
+    let widen = |b0: u8, b1: u8| f32::from_bits((u16::from_le_bytes([b0, b1]) as u32) << 16);
     let mut y = [0f32; 8];
-    let mut i = 0;
-    while i < n8 {
+    let mut chunks = src.chunks_exact(16);
+    for (c, d) in (&mut chunks).zip(dst.chunks_exact_mut(8)) {
+        let c: &[u8; 16] = c.try_into().expect("chunks_exact");
         for (j, v) in y.iter_mut().enumerate() {
-            let o = 2 * (i + j);
-            *v = f32::from_bits((u16::from_le_bytes([src[o], src[o + 1]]) as u32) << 16);
+            *v = widen(c[2 * j], c[2 * j + 1]);
         }
-        // SAFETY: i + 8 <= dst.len().
-        unsafe { K::narrow8(y.as_ptr(), dst.as_mut_ptr().add(i)) };
-        i += 8;
+        // SAFETY: d.len() == 8.
+        unsafe { K::narrow8(y.as_ptr(), d.as_mut_ptr()) };
     }
-    for (j, d) in dst.iter_mut().enumerate().skip(n8) {
-        let o = 2 * j;
-        *d = narrow1(f32::from_bits(
-            (u16::from_le_bytes([src[o], src[o + 1]]) as u32) << 16,
-        ));
+    let tail = dst.len() & !7;
+    for (b, d) in chunks.remainder().chunks_exact(2).zip(&mut dst[tail..]) {
+        *d = narrow1(widen(b[0], b[1]));
     }
 }
 

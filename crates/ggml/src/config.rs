@@ -44,10 +44,14 @@ pub struct Config {
     pub chip: Chip,
     /// `GGML_ANE_MAX_PROGRAMS`: loaded programs kept at once (LRU beyond). The ANE fails past ~128.
     pub max_programs: usize,
+    /// `GGML_ANE_STAGE_MAX_MB`: cap on weights kept converted to fp16 (LRU beyond).
+    pub stage_max_mb: usize,
 }
 
 /// Default for `GGML_ANE_MIN_BATCH`.
 pub const DEFAULT_MIN_BATCH: usize = 64;
+/// Default for `GGML_ANE_STAGE_MAX_MB`: fp16 copies of an 8B model's weights fit.
+pub const DEFAULT_STAGE_MAX_MB: usize = 16384;
 /// Default for `GGML_ANE_MAX_PROGRAMS`: well under the ~128 loaded-program cap of the ANE.
 pub const DEFAULT_MAX_PROGRAMS: usize = 96;
 
@@ -97,6 +101,13 @@ impl Config {
         )
         .parse()
         .unwrap_or(DEFAULT_MAX_PROGRAMS);
+        let stage_max_mb = parse(
+            "GGML_ANE_STAGE_MAX_MB",
+            &DEFAULT_STAGE_MAX_MB.to_string(),
+            &positive,
+        )
+        .parse()
+        .unwrap_or(DEFAULT_STAGE_MAX_MB);
         let stats = match parse("GGML_ANE_STATS", "0", &|v| {
             matches!(v.to_ascii_lowercase().as_str(), "0" | "1" | "json" | "")
         })
@@ -115,6 +126,7 @@ impl Config {
             stats,
             chip,
             max_programs,
+            stage_max_mb,
         }
     }
 

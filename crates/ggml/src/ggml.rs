@@ -20,7 +20,12 @@ pub struct Ggml {
     pub get_type_traits: unsafe extern "C" fn(c_int) -> *const ggml_type_traits,
     pub graph_n_nodes: unsafe extern "C" fn(*mut ggml_cgraph) -> c_int,
     pub graph_node: unsafe extern "C" fn(*mut ggml_cgraph, c_int) -> *mut ggml_tensor,
+    /// `ggml_backend_buffer_get_usage` (WEIGHTS = 1 marks immutable model weights).
+    pub buffer_get_usage: Option<unsafe extern "C" fn(*mut ggml_backend_buffer) -> c_int>,
 }
+
+/// `GGML_BACKEND_BUFFER_USAGE_WEIGHTS`.
+pub const GGML_BACKEND_BUFFER_USAGE_WEIGHTS: c_int = 1;
 
 fn lookup(handle: *mut c_void, name: &CStr) -> *mut c_void {
     // SAFETY: dlsym with a valid handle (or RTLD_DEFAULT) and a NUL-terminated name has no other
@@ -64,6 +69,12 @@ fn resolve_in(handle: *mut c_void) -> Option<Ggml> {
                 *mut c_void,
                 unsafe extern "C" fn(*mut ggml_cgraph, c_int) -> *mut ggml_tensor,
             >(e),
+            buffer_get_usage: f(c"ggml_backend_buffer_get_usage").map(|p| {
+                std::mem::transmute::<
+                    *mut c_void,
+                    unsafe extern "C" fn(*mut ggml_backend_buffer) -> c_int,
+                >(p)
+            }),
         })
     }
 }
@@ -102,6 +113,22 @@ pub struct TypeInfo {
 }
 
 impl Ggml {
+    /// True when `t`'s memory is a llama.cpp weights buffer: immutable for the model's lifetime, so
+    /// its fp16 conversion can be kept.
+    pub fn is_weight(&self, t: &ggml_tensor) -> bool {
+        let Some(usage) = self.buffer_get_usage else {
+            return false;
+        };
+        let buf = if t.buffer.is_null() && !t.view_src.is_null() {
+            // SAFETY: view_src is a valid tensor for as long as its view is.
+            unsafe { (*t.view_src).buffer }
+        } else {
+            t.buffer
+        };
+        // SAFETY: a non-null buffer of a live tensor is a valid ggml buffer.
+        !buf.is_null() && unsafe { usage(buf) } == GGML_BACKEND_BUFFER_USAGE_WEIGHTS
+    }
+
     /// Traits of `ty`, or `None` for an unknown type.
     pub fn type_info(&self, ty: c_int) -> Option<TypeInfo> {
         if !(0..GGML_TYPE_COUNT).contains(&ty) {

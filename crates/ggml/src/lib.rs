@@ -29,9 +29,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use ane_engine::reference::ReferenceEngine;
 use ane_engine::{Engine, EngineError};
 
+use ane_plan::Planner;
 use config::{Config, EngineChoice, StatsMode};
 use ffi::*;
-use matmul::{KernelCache, Operand};
+use matmul::{Group, KernelCache, Member, Operand, StagedWeights};
 use stats::Stats;
 use support::{Policy, TensorDesc};
 
@@ -41,7 +42,9 @@ use support::{Policy, TensorDesc};
 /// Everything one `ANE` device shares across its backend instances (threads may call at once).
 pub struct DeviceState {
     engine: Arc<dyn Engine>,
+    planner: Planner,
     cache: Mutex<KernelCache>,
+    staged: Mutex<StagedWeights>,
     stats: Stats,
     policy: Policy,
 }
@@ -99,11 +102,12 @@ fn device_state() -> Result<&'static DeviceState, &'static str> {
             Ok(DeviceState {
                 policy: Policy {
                     min_batch: cfg.min_batch,
-                    max_axis: engine.limits().max_axis,
                 },
+                planner: Planner::new(engine.limits()),
                 cache: Mutex::new(KernelCache::new(
                     cfg.max_programs.min(engine.limits().max_loaded_programs),
                 )),
+                staged: Mutex::new(StagedWeights::new(cfg.stage_max_mb.saturating_mul(1 << 20))),
                 engine,
                 stats: Stats::default(),
             })
@@ -130,25 +134,21 @@ fn is_noop(op: i32) -> bool {
 // ---------------------------------------------------------------------------------------------
 // compute
 
-/// Computes one MUL_MAT node.
+/// A claimed MUL_MAT node as a group member, after re-checking what compute relies on.
 ///
 /// # Safety
 /// `node` is a MUL_MAT of the graph ggml handed to `graph_compute`, with allocated host tensors.
-unsafe fn compute_mul_mat(
-    dev: &DeviceState,
+unsafe fn member(
     g: &ggml::Ggml,
     node: &ggml_tensor,
-) -> Result<(), String> {
+) -> Result<(Member, Operand, ggml::TypeInfo, bool), String> {
     // SAFETY: a MUL_MAT node has two valid sources.
     let (s0, s1) = unsafe { (&*node.src[0], &*node.src[1]) };
     let i0 = g.type_info(s0.type_).ok_or("unknown src0 type")?;
     let i1 = g.type_info(s1.type_).ok_or("unknown src1 type")?;
-    // Whatever the scheduler sends, only compute what support::mul_mat accepts shape-wise (batch
-    // size and axis limits do not matter for correctness here).
-    let policy = Policy {
-        min_batch: 0,
-        max_axis: usize::MAX,
-    };
+    // Whatever the scheduler sends, compute only what support::mul_mat accepts shape-wise (the
+    // batch-size gate does not matter for correctness here).
+    let policy = Policy { min_batch: 0 };
     support::mul_mat(&desc(s0), &desc(s1), &desc(node), Some(i0), policy)
         .map_err(|d| format!("unsupported MUL_MAT: {}", d.name()))?;
     if s0.data.is_null() || s1.data.is_null() || node.data.is_null() {
@@ -158,21 +158,47 @@ unsafe fn compute_mul_mat(
         desc: desc(t),
         data: t.data as *const u8,
     };
-    // SAFETY: the tensors are allocated, host-resident (supports_buft), and dst does not alias its
-    // sources (ggml allocates the output of an op separately from its inputs).
-    unsafe {
-        matmul::compute(
-            dev.engine.as_ref(),
-            &dev.cache,
-            &dev.stats,
-            op(s0),
-            i0,
-            op(s1),
-            i1,
-            op(node),
-        )
+    Ok((
+        Member {
+            src0: op(s0),
+            src0_info: i0,
+            dst: op(node),
+        },
+        op(s1),
+        i1,
+        g.is_weight(s0),
+    ))
+}
+
+/// Runs a group through the planner and engine.
+fn run_group(dev: &DeviceState, group: &Group) {
+    let cx = matmul::Context {
+        engine: dev.engine.as_ref(),
+        planner: &dev.planner,
+        cache: &dev.cache,
+        staged: &dev.staged,
+        stats: &dev.stats,
     };
-    Ok(())
+    // SAFETY: the group was built from this graph's claimed MUL_MATs: valid host tensors, dst
+    // separate from its sources (ggml allocates an op's output apart from its inputs).
+    unsafe { matmul::compute(&cx, group) };
+}
+
+/// Fusion rule: a MUL_MAT joins the open group when it reads the same src1, its src0 is a 2-D
+/// weight with the same K, and only no-op nodes or group members lie in between. Then no tensor is
+/// freed (and its memory handed to a later member's output) between the first and the last member,
+/// so computing all of them at once is the same as computing them in graph order.
+fn joins(group: &Group, m: &Member, src1: &Operand, weight: bool) -> bool {
+    let first = &group.members[0].src0.desc;
+    group.weights
+        && weight
+        && group.src1.data == src1.data
+        && group.src1.desc == src1.desc
+        && first.ne[2] == 1
+        && first.ne[3] == 1
+        && m.src0.desc.ne[2] == 1
+        && m.src0.desc.ne[3] == 1
+        && m.src0.desc.ne[0] == first.ne[0]
 }
 
 fn graph_compute(cgraph: *mut ggml_cgraph) -> i32 {
@@ -181,6 +207,7 @@ fn graph_compute(cgraph: *mut ggml_cgraph) -> i32 {
     };
     // SAFETY: ggml passes a valid graph; nodes are valid tensors for the duration of the call.
     let n = unsafe { (g.graph_n_nodes)(cgraph) };
+    let mut open: Option<Group> = None;
     for i in 0..n {
         // SAFETY: 0 <= i < n.
         let Some(node) = (unsafe { (g.graph_node)(cgraph, i).as_ref() }) else {
@@ -194,10 +221,30 @@ fn graph_compute(cgraph: *mut ggml_cgraph) -> i32 {
             return GGML_STATUS_FAILED;
         }
         // SAFETY: node is a MUL_MAT of this graph.
-        if let Err(e) = unsafe { compute_mul_mat(dev, g, node) } {
-            eprintln!("ggml-ane: {e}");
-            return GGML_STATUS_FAILED;
+        let (m, src1, src1_info, weight) = match unsafe { member(g, node) } {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("ggml-ane: {e}");
+                return GGML_STATUS_FAILED;
+            }
+        };
+        match open.as_mut() {
+            Some(group) if joins(group, &m, &src1, weight) => group.members.push(m),
+            _ => {
+                if let Some(done) = open.take() {
+                    run_group(dev, &done);
+                }
+                open = Some(Group {
+                    src1,
+                    src1_info,
+                    members: vec![m],
+                    weights: weight,
+                });
+            }
         }
+    }
+    if let Some(done) = open.take() {
+        run_group(dev, &done);
     }
     GGML_STATUS_SUCCESS
 }

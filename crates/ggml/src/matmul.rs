@@ -1,21 +1,28 @@
-//! Computing one claimed MUL_MAT: host-side layout conversion, the kernel cache, the engine
-//! dispatch, and the CPU fallback that guarantees the output is always written.
+//! Computing claimed MUL_MATs: grouping, weight staging, the shape-shared programs, the engine
+//! dispatch, and the CPU fallback that guarantees every output is written.
 //!
 //! ggml's MUL_MAT is `dst[i3][i2][n][m] = sum_k src0[i3/r3][i2/r2][m][k] * src1[i3][i2][n][k]`.
-//! The program form is a 1x1 conv (`ane_mil::build::conv_matmul`): weights `[M, K, 1, 1]` (exactly
-//! ggml's src0 row layout), activations channel-first `[1, K, 1, N]`. The host writes src1
-//! transposed into that layout while converting to fp16, so the ANE runs no transposes. All src1
-//! columns that share one src0 matrix (broadcast over heads and batches) go in one dispatch.
+//! Every dispatch runs [`ane_mil::build::tiled_matmul`] with the weights as a runtime input, so the
+//! compiled program depends only on the shape the planner ([`ane_plan::Planner`]) picks:
+//! - a **group** is one MUL_MAT, or several that share src1 (Q/K/V, gate/up): their src0 rows are
+//!   stacked, so one dispatch computes all of them and the host scatters rows to each dst;
+//! - rows and contraction beyond the chip's axis limit become tiles and slices of the same
+//!   dispatch; slices are summed on the host in f32;
+//! - activation columns are padded to a bucket and cut into bucket-sized chunks;
+//! - src0 in a llama.cpp *weights* buffer is converted to fp16 once and kept (staged); other src0
+//!   (attention's KV cache, test tensors) is converted per call, with its dimensions bucketed so
+//!   that it too reuses a few programs.
 //!
-//! Programs are cached per (weight content, M, K, N bucket). Keying on the content hash, not on the
-//! data pointer, means a buffer reused for different weights can never hit a stale program.
+//! The activations are written transposed (channel-first `[K][N]`) while converting to fp16, so the
+//! ANE runs no transposes.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ane_engine::surface::{request_alloc_size, spatial_bucket, SPATIAL_MULTIPLE};
-use ane_engine::{Engine, EngineError, ProgramId, Surface, WeightFile};
+use ane_engine::surface::request_alloc_size;
+use ane_engine::{Engine, EngineError, ProgramId, Surface};
+use ane_plan::{Planner, TiledShape};
 use half::{bf16, f16};
 use xxhash_rust::xxh3::Xxh3;
 
@@ -33,20 +40,35 @@ pub struct Operand {
     pub data: *const u8,
 }
 
-/// Key of one compiled program.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Key {
-    weights: u128,
-    m: usize,
-    k: usize,
-    n: usize,
+/// One MUL_MAT of a group.
+#[derive(Clone, Copy, Debug)]
+pub struct Member {
+    /// The weights (or other left operand).
+    pub src0: Operand,
+    /// ggml traits of src0's type.
+    pub src0_info: TypeInfo,
+    /// Output (F32).
+    pub dst: Operand,
 }
 
-/// Loaded programs, bounded, least recently used evicted first.
+/// MUL_MATs sharing one src1, computed together.
+#[derive(Clone, Debug)]
+pub struct Group {
+    /// Shared activations.
+    pub src1: Operand,
+    /// ggml traits of src1's type.
+    pub src1_info: TypeInfo,
+    /// Members; with more than one, every src0 is 2-D and has the same K.
+    pub members: Vec<Member>,
+    /// src0 lives in a weights buffer: immutable, staged once.
+    pub weights: bool,
+}
+
+/// Loaded programs keyed by shape, bounded, least recently used evicted first.
 #[derive(Debug)]
 pub struct KernelCache {
-    entries: HashMap<Key, (ProgramId, u64)>,
-    failed: HashSet<Key>,
+    entries: HashMap<TiledShape, (ProgramId, u64)>,
+    failed: HashMap<TiledShape, EngineError>,
     tick: u64,
     max: usize,
 }
@@ -56,7 +78,7 @@ impl KernelCache {
     pub fn new(max: usize) -> Self {
         KernelCache {
             entries: HashMap::new(),
-            failed: HashSet::new(),
+            failed: HashMap::new(),
             tick: 0,
             max: max.max(1),
         }
@@ -75,27 +97,21 @@ impl KernelCache {
     fn get_or_compile(
         &mut self,
         engine: &dyn Engine,
-        key: Key,
+        shape: TiledShape,
         stats: &Stats,
-        build: impl FnOnce() -> (String, Vec<WeightFile>),
     ) -> Result<ProgramId, EngineError> {
+        use std::sync::atomic::Ordering::Relaxed;
         self.tick += 1;
-        if let Some(e) = self.entries.get_mut(&key) {
+        if let Some(e) = self.entries.get_mut(&shape) {
             e.1 = self.tick;
-            stats
-                .cache_hits
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats.cache_hits.fetch_add(1, Relaxed);
             return Ok(e.0);
         }
-        if self.failed.contains(&key) {
-            // A program that failed once fails again; don't pay for the compile on every call.
-            return Err(EngineError::Compile(
-                "this program failed to compile earlier".into(),
-            ));
+        if let Some(e) = self.failed.get(&shape) {
+            // A program that failed to compile fails again; don't pay for it on every call.
+            return Err(e.clone());
         }
-        stats
-            .cache_misses
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats.cache_misses.fetch_add(1, Relaxed);
         while self.entries.len() >= self.max {
             let (&old, &(id, _)) = self
                 .entries
@@ -105,15 +121,15 @@ impl KernelCache {
             self.entries.remove(&old);
             engine.unload(id);
         }
-        let (mil, weights) = build();
-        match engine.compile(&mil, &weights) {
+        let mil = ane_mil::text::emit(&ane_mil::build::tiled_matmul(shape));
+        match engine.compile(&mil, &[]) {
             Ok(id) => {
-                self.entries.insert(key, (id, self.tick));
+                self.entries.insert(shape, (id, self.tick));
                 Ok(id)
             }
             Err(e) => {
                 if !matches!(e, EngineError::Budget { .. }) {
-                    self.failed.insert(key);
+                    self.failed.insert(shape, e.clone());
                 }
                 Err(e)
             }
@@ -126,6 +142,70 @@ impl KernelCache {
             engine.unload(id);
         }
     }
+}
+
+/// Staged weights: fp16 copies of weight matrices in the program's `b_w` layout, by identity.
+#[derive(Debug, Default)]
+pub struct StagedWeights {
+    entries: HashMap<u128, (Arc<Vec<f16>>, u64)>,
+    bytes: usize,
+    tick: u64,
+    /// Cap on staged bytes; least recently used entries go first.
+    pub max_bytes: usize,
+}
+
+impl StagedWeights {
+    /// A store holding at most `max_bytes` of fp16 weights.
+    pub fn new(max_bytes: usize) -> Self {
+        StagedWeights {
+            max_bytes,
+            ..Default::default()
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn get_or_insert(&mut self, key: u128, make: impl FnOnce() -> Vec<f16>) -> Arc<Vec<f16>> {
+        self.tick += 1;
+        if let Some(e) = self.entries.get_mut(&key) {
+            e.1 = self.tick;
+            return e.0.clone();
+        }
+        let v = Arc::new(make());
+        let size = v.len() * 2;
+        while self.bytes + size > self.max_bytes && !self.entries.is_empty() {
+            let (&old, _) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .expect("non-empty");
+            if let Some((e, _)) = self.entries.remove(&old) {
+                self.bytes -= e.len() * 2;
+            }
+        }
+        if size <= self.max_bytes {
+            self.bytes += size;
+            self.entries.insert(key, (v.clone(), self.tick));
+        }
+        v
+    }
+}
+
+/// Device-wide state the compute path needs.
+pub struct Context<'a> {
+    /// The engine.
+    pub engine: &'a dyn Engine,
+    /// Planning rules.
+    pub planner: &'a Planner,
+    /// Loaded programs.
+    pub cache: &'a Mutex<KernelCache>,
+    /// Staged weights.
+    pub staged: &'a Mutex<StagedWeights>,
+    /// Counters.
+    pub stats: &'a Stats,
 }
 
 /// Reads element `off` bytes into a plain-typed buffer.
@@ -172,85 +252,84 @@ unsafe fn read_row(
     }
 }
 
-/// Hash of the src0 matrix (`i2`, `i3`): its raw bytes when rows are contiguous (no conversion
-/// needed to find a cached program), else its widened values.
+/// Identity of a group's staged weights: the src0 addresses, descriptions and a fingerprint of
+/// their first and last bytes (guards against a freed weight buffer reused at the same address).
 ///
 /// # Safety
-/// As for [`read_row`].
-unsafe fn weight_hash(
-    op: &Operand,
-    info: &TypeInfo,
-    i2: usize,
-    i3: usize,
-    widened: &mut Option<Vec<f32>>,
-) -> u128 {
-    let d = &op.desc;
-    let (k, m) = (d.ne[0] as usize, d.ne[1] as usize);
+/// The members' src0 must be readable.
+unsafe fn stage_key(g: &Group, shape: &TiledShape) -> u128 {
     let mut h = Xxh3::new();
-    h.update(&d.ty.to_le_bytes());
-    let elem_contig = d.nb[0] == info.type_size;
-    if elem_contig {
-        let row_bytes = k / info.blck_size * info.type_size;
-        for i1 in 0..m {
-            // SAFETY: the row is `row_bytes` contiguous readable bytes.
-            let row = unsafe {
-                std::slice::from_raw_parts(
-                    op.data.add(i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3]),
-                    row_bytes,
-                )
-            };
-            h.update(row);
-        }
-    } else {
-        // SAFETY: forwarded contract.
-        let w = widened.get_or_insert_with(|| unsafe { widen_matrix(op, info, i2, i3) });
-        for v in w.iter() {
+    for m in &g.members {
+        let d = &m.src0.desc;
+        h.update(&(m.src0.data as usize).to_le_bytes());
+        h.update(&d.ty.to_le_bytes());
+        for v in d.ne {
             h.update(&v.to_le_bytes());
         }
+        for v in d.nb {
+            h.update(&v.to_le_bytes());
+        }
+        let row = (d.ne[0] as usize) / m.src0_info.blck_size * m.src0_info.type_size;
+        let n = row.min(256);
+        let last = (d.ne[1] as usize - 1) * d.nb[1];
+        // SAFETY: the first and the last row each have at least `n` readable bytes.
+        unsafe {
+            h.update(std::slice::from_raw_parts(m.src0.data, n));
+            h.update(std::slice::from_raw_parts(m.src0.data.add(last), n));
+        }
+    }
+    for v in [shape.tiles, shape.k_chunks, shape.m_tile, shape.k_chunk] {
+        h.update(&v.to_le_bytes());
     }
     h.digest128()
 }
 
-/// The src0 matrix (`i2`, `i3`) as f32, row-major `[M][K]`.
+/// The stacked src0 rows of matrix (`i2`, `i3`) of every member in the `b_w` layout
+/// `[tiles][k_chunks][m_tile][k_chunk]`, fp16, zero padded.
 ///
 /// # Safety
-/// As for [`read_row`].
-unsafe fn widen_matrix(op: &Operand, info: &TypeInfo, i2: usize, i3: usize) -> Vec<f32> {
-    let (k, m) = (op.desc.ne[0] as usize, op.desc.ne[1] as usize);
-    let mut w = vec![0f32; m * k];
-    for (i1, row) in w.chunks_exact_mut(k).enumerate() {
-        // SAFETY: forwarded contract.
-        unsafe { read_row(op, info, i1, i2, i3, row) };
+/// The members' src0 must be readable.
+unsafe fn stage(g: &Group, i2: usize, i3: usize, s: &TiledShape) -> Vec<f16> {
+    let k = g.members[0].src0.desc.ne[0] as usize;
+    let mut w = vec![f16::ZERO; s.w_len()];
+    let mut row = vec![0f32; k];
+    let mut r = 0;
+    for m in &g.members {
+        for i1 in 0..m.src0.desc.ne[1] as usize {
+            // SAFETY: forwarded contract.
+            unsafe { read_row(&m.src0, &m.src0_info, i1, i2, i3, &mut row) };
+            let (t, mi) = (r / s.m_tile, r % s.m_tile);
+            for c in 0..s.k_chunks {
+                let lo = c * s.k_chunk;
+                let hi = (lo + s.k_chunk).min(k);
+                if lo >= hi {
+                    break;
+                }
+                let base = ((t * s.k_chunks + c) * s.m_tile + mi) * s.k_chunk;
+                for (d, &v) in w[base..base + (hi - lo)].iter_mut().zip(&row[lo..hi]) {
+                    *d = f16::from_f32(v);
+                }
+            }
+            r += 1;
+        }
     }
     w
 }
 
-/// Computes a claimed MUL_MAT. Never leaves `dst` unwritten: any engine failure computes the
-/// affected columns on the CPU with f32 accumulation.
+/// Computes a group. Never leaves an output unwritten: an engine failure computes the affected
+/// columns on the CPU with f32 accumulation.
 ///
 /// # Safety
-/// `src0`, `src1` and `dst` must describe valid tensors of a MUL_MAT that [`crate::support::mul_mat`]
-/// accepted; `dst` memory must be writable and not overlap the sources.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn compute(
-    engine: &dyn Engine,
-    cache: &Mutex<KernelCache>,
-    stats: &Stats,
-    src0: Operand,
-    src0_info: TypeInfo,
-    src1: Operand,
-    src1_info: TypeInfo,
-    dst: Operand,
-) {
+/// Every operand must describe valid host tensors of MUL_MATs that [`crate::support::mul_mat`]
+/// accepted; dst memory must be writable and not overlap any source.
+pub unsafe fn compute(cx: &Context<'_>, g: &Group) {
     use std::sync::atomic::Ordering::Relaxed;
-    let [k, m, ne02, ne03] = src0.desc.ne.map(|v| v as usize);
-    let [_, n, ne12, ne13] = src1.desc.ne.map(|v| v as usize);
+    let src0 = &g.members[0].src0.desc;
+    let [k, _, ne02, ne03] = src0.ne.map(|v| v as usize);
+    let [_, n, ne12, ne13] = g.src1.desc.ne.map(|v| v as usize);
     let (r2, r3) = (ne12 / ne02, ne13 / ne03);
-    let max_axis = engine.limits().max_axis;
-    // Columns per dispatch: a multiple of the spatial multiple that stays under the axis limit.
-    let max_cols = (max_axis / SPATIAL_MULTIPLE * SPATIAL_MULTIPLE).max(SPATIAL_MULTIPLE);
+    let m_total: usize = g.members.iter().map(|m| m.src0.desc.ne[1] as usize).sum();
     let mut any_fallback = false;
-    let mut xrow = vec![0f32; k];
     for i03 in 0..ne03 {
         for i02 in 0..ne02 {
             // Every src1 column (n, i12, i13) that multiplies this src0 matrix.
@@ -260,161 +339,179 @@ pub unsafe fn compute(
                         .flat_map(move |i12| (0..n).map(move |i1| (i1, i12, i13)))
                 })
                 .collect();
-            let t = Instant::now();
-            let mut widened: Option<Vec<f32>> = None;
-            // SAFETY: forwarded contract.
-            let wkey = unsafe { weight_hash(&src0, &src0_info, i02, i03, &mut widened) };
-            add_time(&stats.ns_convert, t.elapsed());
-            for chunk in cols.chunks(max_cols) {
-                let np = spatial_bucket(chunk.len());
-                let key = Key {
-                    weights: wkey,
-                    m,
-                    k,
-                    n: np,
-                };
-                let result = {
-                    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-                    // SAFETY: forwarded contract.
-                    unsafe {
-                        dispatch(
-                            engine,
-                            &mut cache,
-                            stats,
-                            key,
-                            &src0,
-                            &src0_info,
-                            i02,
-                            i03,
-                            &mut widened,
-                            &src1,
-                            &src1_info,
-                            chunk,
-                            &dst,
-                        )
+            let (kp, mp) = if g.weights {
+                (k, m_total)
+            } else {
+                (cx.planner.dim_bucket(k), cx.planner.dim_bucket(m_total))
+            };
+            let mut w: Option<Arc<Vec<f16>>> = None;
+            for chunk in cx.planner.col_chunks(cols.len()) {
+                let shape = cx.planner.tile(kp, mp, chunk.bucket);
+                let cols = &cols[chunk.start..chunk.start + chunk.len];
+                // SAFETY: forwarded contract.
+                let r = unsafe { dispatch(cx, g, i02, i03, &shape, cols, &mut w) };
+                if let Err(e) = r {
+                    if std::env::var_os("GGML_ANE_DEBUG").is_some() {
+                        eprintln!("ggml-ane: dispatch failed, CPU fallback: {e}");
                     }
-                };
-                if let Err(_e) = result {
                     any_fallback = true;
-                    let t = Instant::now();
                     // SAFETY: forwarded contract.
-                    let w = widened.get_or_insert_with(|| unsafe {
-                        widen_matrix(&src0, &src0_info, i02, i03)
-                    });
-                    for &(i1, i12, i13) in chunk {
-                        // SAFETY: forwarded contract.
-                        unsafe { read_row(&src1, &src1_info, i1, i12, i13, &mut xrow) };
-                        for (mi, wrow) in w.chunks_exact(k).enumerate() {
-                            let acc: f32 = wrow.iter().zip(&xrow).map(|(a, b)| a * b).sum();
-                            let off = mi * dst.desc.nb[0]
-                                + i1 * dst.desc.nb[1]
-                                + i12 * dst.desc.nb[2]
-                                + i13 * dst.desc.nb[3];
-                            // SAFETY: dst is writable f32 at every in-bounds index.
-                            unsafe {
-                                dst.data
-                                    .cast_mut()
-                                    .add(off)
-                                    .cast::<f32>()
-                                    .write_unaligned(acc)
-                            };
-                        }
-                    }
-                    add_time(&stats.ns_fallback, t.elapsed());
+                    unsafe { fallback(cx.stats, g, i02, i03, cols) };
                 }
             }
         }
     }
+    let n_ops = g.members.len() as u64;
     if any_fallback {
-        stats.ops_fallback.fetch_add(1, Relaxed);
+        cx.stats.ops_fallback.fetch_add(n_ops, Relaxed);
     } else {
-        stats.ops_offloaded.fetch_add(1, Relaxed);
+        cx.stats.ops_offloaded.fetch_add(n_ops, Relaxed);
+        if n_ops > 1 {
+            cx.stats.ops_fused.fetch_add(n_ops, Relaxed);
+        }
     }
 }
 
-/// One engine dispatch for `chunk` columns against src0 matrix (`i02`, `i03`).
+/// The CPU path for `cols` of matrix (`i02`, `i03`): f32 accumulation from the original values.
 ///
 /// # Safety
 /// As for [`compute`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn dispatch(
-    engine: &dyn Engine,
-    cache: &mut KernelCache,
+unsafe fn fallback(
     stats: &Stats,
-    key: Key,
-    src0: &Operand,
-    src0_info: &TypeInfo,
+    g: &Group,
     i02: usize,
     i03: usize,
-    widened: &mut Option<Vec<f32>>,
-    src1: &Operand,
-    src1_info: &TypeInfo,
-    chunk: &[(usize, usize, usize)],
-    dst: &Operand,
+    cols: &[(usize, usize, usize)],
+) {
+    let t = Instant::now();
+    let k = g.members[0].src0.desc.ne[0] as usize;
+    let mut xrow = vec![0f32; k];
+    let mut wrow = vec![0f32; k];
+    for m in &g.members {
+        let rows = m.src0.desc.ne[1] as usize;
+        // SAFETY: forwarded contract.
+        let w: Vec<Vec<f32>> = (0..rows)
+            .map(|i1| {
+                unsafe { read_row(&m.src0, &m.src0_info, i1, i02, i03, &mut wrow) };
+                wrow.clone()
+            })
+            .collect();
+        for &(i1, i12, i13) in cols {
+            // SAFETY: forwarded contract.
+            unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, &mut xrow) };
+            for (mi, wr) in w.iter().enumerate() {
+                let acc: f32 = wr.iter().zip(&xrow).map(|(a, b)| a * b).sum();
+                let d = &m.dst.desc;
+                let off = mi * d.nb[0] + i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3];
+                // SAFETY: dst is writable f32 at every in-bounds index.
+                unsafe {
+                    m.dst
+                        .data
+                        .cast_mut()
+                        .add(off)
+                        .cast::<f32>()
+                        .write_unaligned(acc)
+                };
+            }
+        }
+    }
+    add_time(&stats.ns_fallback, t.elapsed());
+}
+
+/// One engine dispatch for `cols` against matrix (`i02`, `i03`) of every member.
+///
+/// # Safety
+/// As for [`compute`].
+unsafe fn dispatch(
+    cx: &Context<'_>,
+    g: &Group,
+    i02: usize,
+    i03: usize,
+    shape: &TiledShape,
+    cols: &[(usize, usize, usize)],
+    w: &mut Option<Arc<Vec<f16>>>,
 ) -> Result<(), EngineError> {
     use std::sync::atomic::Ordering::Relaxed;
-    let Key { m, k, n: np, .. } = key;
+    let s = shape;
+    let k = g.members[0].src0.desc.ne[0] as usize;
     let t = Instant::now();
-    let mut build_time = std::time::Duration::ZERO;
-    let id = cache.get_or_compile(engine, key, stats, || {
-        let tb = Instant::now();
-        // SAFETY: forwarded contract.
-        let w = widened.get_or_insert_with(|| unsafe { widen_matrix(src0, src0_info, i02, i03) });
-        let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-        let mil = ane_mil::text::emit(&ane_mil::build::conv_matmul(k, m, np));
-        let blob = ane_mil::build::weights_blob_fp16(&w16);
-        build_time = tb.elapsed();
-        (
-            mil,
-            vec![WeightFile {
-                path: ane_mil::build::WEIGHT_PATH.to_string(),
-                bytes: blob,
-            }],
-        )
-    });
-    add_time(&stats.ns_convert, build_time);
-    add_time(&stats.ns_engine, t.elapsed().saturating_sub(build_time));
-    let id = id?;
-
-    let t = Instant::now();
-    let size = request_alloc_size(&[k * np * 2, m * np * 2]);
+    // Weights: staged once (weights buffers) or converted for this call.
+    let weights = match w {
+        Some(w) => w.clone(),
+        None => {
+            let made = if g.weights
+                && g.members
+                    .iter()
+                    .all(|m| m.src0.desc.ne[2] == 1 && m.src0.desc.ne[3] == 1)
+            {
+                // SAFETY: forwarded contract.
+                let key = unsafe { stage_key(g, s) };
+                let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+                // SAFETY: forwarded contract.
+                staged.get_or_insert(key, || unsafe { stage(g, i02, i03, s) })
+            } else {
+                // SAFETY: forwarded contract.
+                Arc::new(unsafe { stage(g, i02, i03, s) })
+            };
+            *w = Some(made.clone());
+            made
+        }
+    };
+    let size = request_alloc_size(&[s.x_len() * 2, s.w_len() * 2, s.y_len() * 2]);
+    let mut ws = Surface::new(size);
+    ws.fp16_mut(s.w_len()).copy_from_slice(&weights);
     let mut x = Surface::new(size);
     {
-        let xs = x.fp16_mut(k * np);
+        let xs = x.fp16_mut(s.x_len());
         let mut row = vec![0f32; k];
-        for (c, &(i1, i12, i13)) in chunk.iter().enumerate() {
+        for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
             // SAFETY: forwarded contract.
-            unsafe { read_row(src1, src1_info, i1, i12, i13, &mut row) };
+            unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, &mut row) };
             for (ki, &v) in row.iter().enumerate() {
-                xs[ki * np + c] = f16::from_f32(v);
+                xs[ki * s.n + c] = f16::from_f32(v);
             }
         }
     }
     let mut y = Surface::new(size);
-    add_time(&stats.ns_convert, t.elapsed());
+    add_time(&cx.stats.ns_convert, t.elapsed());
 
     let t = Instant::now();
-    let r = engine.evaluate(id, &[&x], &mut [&mut y]);
-    add_time(&stats.ns_engine, t.elapsed());
-    r?;
-    stats.dispatches.fetch_add(1, Relaxed);
+    let result = {
+        let mut cache = cx.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get_or_compile(cx.engine, *s, cx.stats)
+            .and_then(|id| cx.engine.evaluate(id, &[&x, &ws], &mut [&mut y]))
+    };
+    add_time(&cx.stats.ns_engine, t.elapsed());
+    result?;
+    cx.stats.dispatches.fetch_add(1, Relaxed);
 
     let t = Instant::now();
-    let ys = y.fp16(m * np);
-    for (c, &(i1, i12, i13)) in chunk.iter().enumerate() {
-        let base = i1 * dst.desc.nb[1] + i12 * dst.desc.nb[2] + i13 * dst.desc.nb[3];
-        for mi in 0..m {
-            // SAFETY: dst is writable f32 at every in-bounds index.
-            unsafe {
-                dst.data
-                    .cast_mut()
-                    .add(base + mi * dst.desc.nb[0])
-                    .cast::<f32>()
-                    .write_unaligned(ys[mi * np + c].to_f32())
-            };
+    let ys = y.fp16(s.y_len());
+    let mut r = 0;
+    for m in &g.members {
+        let d = &m.dst.desc;
+        for mi in 0..d.ne[0] as usize {
+            let (tile, row) = (r / s.m_tile, r % s.m_tile);
+            for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
+                let acc: f32 = (0..s.k_chunks)
+                    .map(|kc| ys[((tile * s.k_chunks + kc) * s.m_tile + row) * s.n + c].to_f32())
+                    .sum();
+                let off = mi * d.nb[0] + i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3];
+                // SAFETY: dst is writable f32 at every in-bounds index.
+                unsafe {
+                    m.dst
+                        .data
+                        .cast_mut()
+                        .add(off)
+                        .cast::<f32>()
+                        .write_unaligned(acc)
+                };
+            }
+            r += 1;
         }
     }
-    add_time(&stats.ns_convert, t.elapsed());
+    add_time(&cx.stats.ns_convert, t.elapsed());
     Ok(())
 }
 

@@ -17,6 +17,8 @@ pub struct Stats {
     pub ops_offloaded: AtomicU64,
     /// MUL_MATs (or parts) computed by the plugin's own CPU path after an engine failure.
     pub ops_fallback: AtomicU64,
+    /// MUL_MATs computed as members of a fused group (sharing one dispatch with others).
+    pub ops_fused: AtomicU64,
     /// Engine dispatches (evaluations).
     pub dispatches: AtomicU64,
     /// Kernel cache hits / misses.
@@ -55,6 +57,7 @@ impl Stats {
             "engine": engine,
             "ops_offloaded": self.ops_offloaded.load(Relaxed),
             "ops_fallback": self.ops_fallback.load(Relaxed),
+            "ops_fused": self.ops_fused.load(Relaxed),
             "dispatches": self.dispatches.load(Relaxed),
             "declined": declined,
             "cache_hits": self.cache_hits.load(Relaxed),

@@ -44,22 +44,19 @@ pub enum Decline {
     Src0Layout,
     /// Shapes that are not a MUL_MAT ggml defines (K mismatch, broadcast not integral, wrong dst).
     Shape,
-    /// M or K above the chip's axis limit (tiling comes with the planner).
-    AxisLimit,
     /// Some dimension is zero.
     Empty,
 }
 
 impl Decline {
     /// Every reason, in stats order.
-    pub const ALL: [Decline; 8] = [
+    pub const ALL: [Decline; 7] = [
         Decline::SmallBatch,
         Decline::DstType,
         Decline::Src1Type,
         Decline::Src0Type,
         Decline::Src0Layout,
         Decline::Shape,
-        Decline::AxisLimit,
         Decline::Empty,
     ];
 
@@ -72,7 +69,6 @@ impl Decline {
             Decline::Src0Type => "src0_type",
             Decline::Src0Layout => "src0_layout",
             Decline::Shape => "shape",
-            Decline::AxisLimit => "axis_limit",
             Decline::Empty => "empty",
         }
     }
@@ -91,8 +87,6 @@ impl Decline {
 pub struct Policy {
     /// Smallest number of src1 columns claimed.
     pub min_batch: usize,
-    /// Chip axis limit for M and K.
-    pub max_axis: usize,
 }
 
 /// True for the element types the plugin widens itself, with arbitrary strides.
@@ -135,9 +129,6 @@ pub fn mul_mat(
     if (n as usize) < policy.min_batch {
         return Err(Decline::SmallBatch);
     }
-    if m as usize > policy.max_axis || k as usize > policy.max_axis {
-        return Err(Decline::AxisLimit);
-    }
     Ok(())
 }
 
@@ -146,10 +137,7 @@ mod tests {
     use super::*;
     use crate::ffi::GGML_TYPE_F32;
 
-    const POLICY: Policy = Policy {
-        min_batch: 64,
-        max_axis: 16384,
-    };
+    const POLICY: Policy = Policy { min_batch: 64 };
     const PLAIN: TypeInfo = TypeInfo {
         blck_size: 1,
         type_size: 4,
@@ -205,11 +193,9 @@ mod tests {
             ),
             Err(Decline::Src0Type)
         );
-        let (a, b, d) = mm(256, 32000, 128);
-        assert_eq!(
-            mul_mat(&a, &b, &d, Some(PLAIN), POLICY),
-            Err(Decline::AxisLimit)
-        );
+        // Rows beyond any chip's axis limit are tiled, not declined.
+        let (a, b, d) = mm(256, 152000, 128);
+        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), POLICY), Ok(()));
         let (a, b, d) = mm(256, 512, 128);
         let b2 = TensorDesc {
             ne: [255, 128, 1, 1],

@@ -113,7 +113,9 @@ impl Planner {
             tiles,
             k_chunks,
             m_tile: m_total.div_ceil(tiles),
-            k_chunk: k.div_ceil(k_chunks),
+            // The contraction is the weights' last axis: fp16 rows must be a multiple of 64 bytes
+            // (surface row rule), so slices are padded with zeros to a multiple of 32.
+            k_chunk: k.div_ceil(k_chunks).next_multiple_of(SPATIAL_MULTIPLE),
             n: n_bucket,
         }
     }
@@ -163,6 +165,7 @@ mod tests {
                 prop_assert!(s.m_tile <= max && s.k_chunk <= max && s.n <= max);
                 prop_assert!(s.tiles * s.m_tile >= m && (s.tiles - 1) * s.m_tile < m);
                 prop_assert!(s.k_chunks * s.k_chunk >= k && (s.k_chunks - 1) * s.k_chunk < k);
+                prop_assert_eq!(s.k_chunk % SPATIAL_MULTIPLE, 0);
             }
             let chunks = p.col_chunks(cols);
             prop_assert_eq!(chunks.iter().map(|c| c.len).sum::<usize>(), cols);

@@ -680,22 +680,28 @@ fn matmul(
         let xo = bstride(xs, b);
         let yo = bstride(ys, b);
         for i in 0..m {
-            for j in 0..n {
-                let mut acc = 0f32;
-                for kk in 0..k {
-                    let xv = if tx {
-                        x[xo + kk * xc + i]
-                    } else {
-                        x[xo + i * xc + kk]
-                    };
-                    let yv = if ty {
-                        y[yo + j * yc + kk]
-                    } else {
-                        y[yo + kk * yc + j]
-                    };
-                    acc += xv * yv;
+            let xv = |kk: usize| {
+                if tx {
+                    x[xo + kk * xc + i]
+                } else {
+                    x[xo + i * xc + kk]
                 }
-                out[b * m * n + i * n + j] = acc;
+            };
+            let acc = &mut out[b * m * n + i * n..b * m * n + (i + 1) * n];
+            if ty {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = (0..k).fold(0f32, |s, kk| s + xv(kk) * y[yo + j * yc + kk]);
+                }
+            } else {
+                // Row-wise accumulation: every acc[j] still sums over k in order, in f32, so the
+                // result is the same as the dot-product loop, only vectorisable.
+                for kk in 0..k {
+                    let a_ik = xv(kk);
+                    let yrow = &y[yo + kk * yc..yo + kk * yc + n];
+                    for (a, &yv) in acc.iter_mut().zip(yrow) {
+                        *a += a_ik * yv;
+                    }
+                }
             }
         }
     }

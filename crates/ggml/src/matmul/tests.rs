@@ -1,10 +1,11 @@
 //! MUL_MAT semantics on host buffers through the reference engine: layouts, broadcasting, strides,
-//! caching, and the fallback when the engine fails.
+//! tiling, fusion, staging, shape-shared programs, and the fallback when the engine fails.
 
 use super::*;
 use crate::support::TensorDesc;
 use ane_engine::reference::ReferenceEngine;
-use ane_engine::{Chip, ChipLimits, EngineCounters};
+use ane_engine::{Chip, ChipLimits, EngineCounters, WeightFile};
+use std::sync::atomic::Ordering::Relaxed;
 
 const F32_INFO: TypeInfo = TypeInfo {
     blck_size: 1,
@@ -51,42 +52,74 @@ fn oracle(a: &[f32], ad: &TensorDesc, b: &[f32], bd: &TensorDesc) -> Vec<f64> {
     out
 }
 
-fn run(
-    engine: &dyn Engine,
-    cache: &Mutex<KernelCache>,
-    stats: &Stats,
-    a: &[f32],
-    ad: TensorDesc,
-    b: &[f32],
-    bd: TensorDesc,
-) -> Vec<f32> {
-    let [_, m, _, _] = ad.ne;
-    let [_, n, ne12, ne13] = bd.ne;
-    let dd = TensorDesc::contiguous(GGML_TYPE_F32, 4, [m, n, ne12, ne13]);
-    let mut dst = vec![f32::NAN; (m * n * ne12 * ne13) as usize];
-    // SAFETY: all three buffers match their descriptions and do not overlap.
-    unsafe {
-        compute(
+struct Rig<E: Engine> {
+    engine: E,
+    planner: Planner,
+    cache: Mutex<KernelCache>,
+    staged: Mutex<StagedWeights>,
+    stats: Stats,
+}
+
+impl<E: Engine> Rig<E> {
+    fn new(engine: E) -> Self {
+        let planner = Planner::new(engine.limits());
+        Rig {
             engine,
-            cache,
-            stats,
-            Operand {
-                desc: ad,
-                data: a.as_ptr().cast(),
-            },
-            F32_INFO,
-            Operand {
+            planner,
+            cache: Mutex::new(KernelCache::new(8)),
+            staged: Mutex::new(StagedWeights::new(1 << 30)),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Computes every `(src0, desc)` against the shared src1 as one group; returns each dst.
+    fn run(
+        &self,
+        weights: bool,
+        srcs: &[(&[f32], TensorDesc)],
+        b: &[f32],
+        bd: TensorDesc,
+    ) -> Vec<Vec<f32>> {
+        let [_, n, ne12, ne13] = bd.ne;
+        let mut dsts: Vec<Vec<f32>> = srcs
+            .iter()
+            .map(|(_, ad)| vec![f32::NAN; (ad.ne[1] * n * ne12 * ne13) as usize])
+            .collect();
+        let members = srcs
+            .iter()
+            .zip(dsts.iter_mut())
+            .map(|((a, ad), d)| Member {
+                src0: Operand {
+                    desc: *ad,
+                    data: a.as_ptr().cast(),
+                },
+                src0_info: F32_INFO,
+                dst: Operand {
+                    desc: TensorDesc::contiguous(GGML_TYPE_F32, 4, [ad.ne[1], n, ne12, ne13]),
+                    data: d.as_mut_ptr().cast(),
+                },
+            })
+            .collect();
+        let group = Group {
+            src1: Operand {
                 desc: bd,
                 data: b.as_ptr().cast(),
             },
-            F32_INFO,
-            Operand {
-                desc: dd,
-                data: dst.as_mut_ptr().cast(),
-            },
-        )
-    };
-    dst
+            src1_info: F32_INFO,
+            members,
+            weights,
+        };
+        let cx = Context {
+            engine: &self.engine,
+            planner: &self.planner,
+            cache: &self.cache,
+            staged: &self.staged,
+            stats: &self.stats,
+        };
+        // SAFETY: every buffer matches its description and no dst overlaps a source.
+        unsafe { compute(&cx, &group) };
+        dsts
+    }
 }
 
 fn assert_close(got: &[f32], want: &[f64], tol: f64) {
@@ -99,46 +132,34 @@ fn assert_close(got: &[f32], want: &[f64], tol: f64) {
     }
 }
 
+fn f32_desc(ne: [i64; 4]) -> TensorDesc {
+    TensorDesc::contiguous(GGML_TYPE_F32, 4, ne)
+}
+
 #[test]
-fn plain_2d_matches_oracle_and_caches_program() {
-    let e = ReferenceEngine::new(Chip::M4.limits());
-    let cache = Mutex::new(KernelCache::new(8));
-    let stats = Stats::default();
-    let ad = TensorDesc::contiguous(GGML_TYPE_F32, 4, [96, 80, 1, 1]);
-    let bd = TensorDesc::contiguous(GGML_TYPE_F32, 4, [96, 70, 1, 1]);
-    let (a, b) = (rand_vec(96 * 80, 1), rand_vec(96 * 70, 2));
-    let want = oracle(&a, &ad, &b, &bd);
-    assert_close(&run(&e, &cache, &stats, &a, ad, &b, bd), &want, 5e-3);
-    assert_close(&run(&e, &cache, &stats, &a, ad, &b, bd), &want, 5e-3);
-    let c: EngineCounters = e.counters();
+fn one_program_serves_every_weight_of_a_shape() {
+    let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));
+    let (ad, bd) = (f32_desc([96, 80, 1, 1]), f32_desc([96, 70, 1, 1]));
+    let b = rand_vec(96 * 70, 2);
+    for seed in 0..3 {
+        let a = rand_vec(96 * 80, 10 + seed);
+        let got = rig.run(false, &[(&a, ad)], &b, bd);
+        assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 5e-3);
+    }
+    let c: EngineCounters = rig.engine.counters();
     assert_eq!(
         (c.compiles, c.evaluations),
-        (1, 2),
-        "second call must reuse the program"
+        (1, 3),
+        "weights are inputs: one program per shape"
     );
-    assert_eq!(
-        stats
-            .ops_offloaded
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2
-    );
-    // Same shape, different weights: a different program, never a stale one.
-    let a2 = rand_vec(96 * 80, 3);
-    assert_close(
-        &run(&e, &cache, &stats, &a2, ad, &b, bd),
-        &oracle(&a2, &ad, &b, &bd),
-        5e-3,
-    );
-    assert_eq!(e.counters().compiles, 2);
+    assert_eq!(rig.stats.ops_offloaded.load(Relaxed), 3);
 }
 
 #[test]
 fn broadcast_and_permuted_operands() {
-    let e = ReferenceEngine::new(Chip::M4.limits());
-    let cache = Mutex::new(KernelCache::new(8));
-    let stats = Stats::default();
+    let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));
     // src0: 2 matrices [K=64, M=48]; src1: 6 x 2 batches, N=40 -> r2 = 3, r3 = 2 (ne03 = 1).
-    let ad = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 48, 2, 1]);
+    let ad = f32_desc([64, 48, 2, 1]);
     let a = rand_vec(64 * 48 * 2, 4);
     // src1 stored permuted: logical [K=64, N=40, 6, 2] with N outermost in memory.
     let (k, n, b2, b3) = (64usize, 40usize, 6usize, 2usize);
@@ -149,34 +170,95 @@ fn broadcast_and_permuted_operands() {
         nb,
     };
     let b = rand_vec(k * n * b2 * b3, 5);
-    let want = oracle(&a, &ad, &b, &bd);
-    assert_close(&run(&e, &cache, &stats, &a, ad, &b, bd), &want, 5e-3);
-    assert_eq!(e.counters().evaluations, 2, "one dispatch per src0 matrix");
+    let got = rig.run(false, &[(&a, ad)], &b, bd);
+    assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 5e-3);
+    assert_eq!(
+        rig.engine.counters().evaluations,
+        2,
+        "one dispatch per src0 matrix"
+    );
 }
 
 #[test]
-fn column_chunks_respect_axis_limit() {
-    // An engine with a tiny axis limit forces several dispatches for the columns.
-    let e = ReferenceEngine::new(ChipLimits {
+fn rows_contraction_and_columns_beyond_the_axis_limit_are_tiled() {
+    // An engine with a tiny axis limit: M = 300 -> 3 row tiles, K = 200 -> 2 slices summed on the
+    // host, 300 columns -> chunks of at most 128.
+    let rig = Rig::new(ReferenceEngine::new(ChipLimits {
         max_axis: 128,
         max_loaded_programs: 8,
-    });
-    let cache = Mutex::new(KernelCache::new(8));
-    let stats = Stats::default();
-    let ad = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 64, 1, 1]);
-    let bd = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 300, 1, 1]);
-    let (a, b) = (rand_vec(64 * 64, 6), rand_vec(64 * 300, 7));
-    assert_close(
-        &run(&e, &cache, &stats, &a, ad, &b, bd),
-        &oracle(&a, &ad, &b, &bd),
-        5e-3,
-    );
-    assert_eq!(e.counters().evaluations, 3);
+    }));
+    let (ad, bd) = (f32_desc([200, 300, 1, 1]), f32_desc([200, 300, 1, 1]));
+    let (a, b) = (rand_vec(200 * 300, 6), rand_vec(200 * 300, 7));
+    let got = rig.run(true, &[(&a, ad)], &b, bd);
+    // Each K slice's partial is rounded to fp16 before the host adds them: one more rounding.
+    assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 1e-2);
     assert_eq!(
-        stats
-            .ops_fallback
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
+        rig.engine.counters().evaluations,
+        3,
+        "one dispatch per column chunk"
+    );
+    assert_eq!(rig.stats.ops_fallback.load(Relaxed), 0);
+}
+
+#[test]
+fn fused_group_is_one_dispatch_per_chunk() {
+    let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));
+    let (q, k, v) = (
+        rand_vec(64 * 64, 1),
+        rand_vec(64 * 32, 2),
+        rand_vec(64 * 32, 3),
+    );
+    let (qd, kd, vd) = (
+        f32_desc([64, 64, 1, 1]),
+        f32_desc([64, 32, 1, 1]),
+        f32_desc([64, 32, 1, 1]),
+    );
+    let bd = f32_desc([64, 100, 1, 1]);
+    let x = rand_vec(64 * 100, 4);
+    let got = rig.run(true, &[(&q, qd), (&k, kd), (&v, vd)], &x, bd);
+    assert_close(&got[0], &oracle(&q, &qd, &x, &bd), 5e-3);
+    assert_close(&got[1], &oracle(&k, &kd, &x, &bd), 5e-3);
+    assert_close(&got[2], &oracle(&v, &vd, &x, &bd), 5e-3);
+    assert_eq!(rig.engine.counters().evaluations, 1);
+    assert_eq!(rig.stats.ops_fused.load(Relaxed), 3);
+}
+
+#[test]
+fn weights_are_staged_once_and_changes_are_noticed() {
+    let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));
+    let (ad, bd) = (f32_desc([64, 64, 1, 1]), f32_desc([64, 64, 1, 1]));
+    let mut a = rand_vec(64 * 64, 8);
+    let b = rand_vec(64 * 64, 9);
+    rig.run(true, &[(&a, ad)], &b, bd);
+    let staged = rig.staged.lock().unwrap().bytes();
+    assert_eq!(staged, 64 * 64 * 2);
+    rig.run(true, &[(&a, ad)], &b, bd);
+    assert_eq!(
+        rig.staged.lock().unwrap().bytes(),
+        staged,
+        "second call reuses the staged copy"
+    );
+    // A buffer reused for other weights at the same address: the fingerprint changes.
+    a.iter_mut().for_each(|v| *v = -*v);
+    let got = rig.run(true, &[(&a, ad)], &b, bd);
+    assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 5e-3);
+}
+
+#[test]
+fn non_weight_dimensions_are_bucketed() {
+    let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));
+    let bd = f32_desc([100, 64, 1, 1]);
+    let b = rand_vec(100 * 64, 1);
+    for m in [70, 90, 120] {
+        let ad = f32_desc([100, m, 1, 1]);
+        let a = rand_vec(100 * m as usize, m as u64);
+        let got = rig.run(false, &[(&a, ad)], &b, bd);
+        assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 5e-3);
+    }
+    assert_eq!(
+        rig.engine.counters().compiles,
+        1,
+        "M 70..120 and K 100 pad to one 128x128 shape"
     );
 }
 
@@ -208,45 +290,41 @@ impl Engine for Broken {
 
 #[test]
 fn engine_failure_falls_back_and_writes_every_output() {
-    let cache = Mutex::new(KernelCache::new(8));
-    let stats = Stats::default();
-    let ad = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 72, 1, 1]);
-    let bd = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 65, 1, 1]);
-    let (a, b) = (rand_vec(64 * 72, 8), rand_vec(64 * 65, 9));
-    let got = run(&Broken, &cache, &stats, &a, ad, &b, bd);
-    assert!(got.iter().all(|v| v.is_finite()));
-    assert_close(&got, &oracle(&a, &ad, &b, &bd), 1e-5);
-    assert_eq!(
-        stats
-            .ops_fallback
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
+    let rig = Rig::new(Broken);
+    let (ad, a2d, bd) = (
+        f32_desc([64, 72, 1, 1]),
+        f32_desc([64, 8, 1, 1]),
+        f32_desc([64, 65, 1, 1]),
     );
-    assert_eq!(
-        stats
-            .ops_offloaded
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
+    let (a, a2, b) = (
+        rand_vec(64 * 72, 8),
+        rand_vec(64 * 8, 18),
+        rand_vec(64 * 65, 9),
     );
+    let got = rig.run(true, &[(&a, ad), (&a2, a2d)], &b, bd);
+    assert!(got.iter().flatten().all(|v| v.is_finite()));
+    assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 1e-5);
+    assert_close(&got[1], &oracle(&a2, &a2d, &b, &bd), 1e-5);
+    assert_eq!(rig.stats.ops_fallback.load(Relaxed), 2);
+    assert_eq!(rig.stats.ops_offloaded.load(Relaxed), 0);
 }
 
 #[test]
 fn lru_keeps_loaded_programs_under_budget() {
-    let e = ReferenceEngine::new(Chip::M4.limits());
-    let cache = Mutex::new(KernelCache::new(2));
-    let stats = Stats::default();
-    let ad = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 64, 1, 1]);
-    let bd = TensorDesc::contiguous(GGML_TYPE_F32, 4, [64, 64, 1, 1]);
+    let mut rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));
+    rig.cache = Mutex::new(KernelCache::new(2));
     let b = rand_vec(64 * 64, 10);
-    for seed in 0..5 {
-        let a = rand_vec(64 * 64, 100 + seed);
+    for (i, m) in [64i64, 96, 160, 224, 288].into_iter().enumerate() {
+        let ad = f32_desc([64, m, 1, 1]);
+        let a = rand_vec(64 * m as usize, 100 + i as u64);
+        let got = rig.run(true, &[(&a, ad)], &b, f32_desc([64, 64, 1, 1]));
         assert_close(
-            &run(&e, &cache, &stats, &a, ad, &b, bd),
-            &oracle(&a, &ad, &b, &bd),
+            &got[0],
+            &oracle(&a, &ad, &b, &f32_desc([64, 64, 1, 1])),
             5e-3,
         );
     }
-    let c = e.counters();
+    let c = rig.engine.counters();
     assert_eq!(c.compiles, 5);
     assert_eq!(c.loaded_peak, 2);
     assert_eq!(c.loaded, 2);

@@ -251,14 +251,18 @@ fn graph_compute(cgraph: *mut ggml_cgraph) -> i32 {
 
 fn print_stats(dev: &DeviceState) {
     let counters = dev.engine.counters();
-    match Config::get().stats {
-        StatsMode::Off => {}
-        StatsMode::Table => eprint!("{}", dev.stats.to_table(dev.engine.name(), counters)),
-        StatsMode::Json => eprintln!(
-            "ggml-ane-stats: {}",
+    let text = match Config::get().stats {
+        StatsMode::Off => return,
+        StatsMode::Table => dev.stats.to_table(dev.engine.name(), counters),
+        StatsMode::Json => format!(
+            "ggml-ane-stats: {}\n",
             dev.stats.to_json(dev.engine.name(), counters)
         ),
-    }
+    };
+    // One write for the whole text: the host's logger thread writes to stderr concurrently, and
+    // `eprint!` would issue several writes that its lines could split.
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
 /// Runs `f`, turning a panic into `fallback`: unwinding across the C ABI would abort the host.

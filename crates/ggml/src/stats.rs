@@ -85,6 +85,10 @@ impl Stats {
             self.ops_fallback.load(Relaxed)
         ));
         s.push_str(&format!(
+            "  MUL_MAT in fused groups  {:>10}\n",
+            self.ops_fused.load(Relaxed)
+        ));
+        s.push_str(&format!(
             "  engine dispatches        {:>10}\n",
             self.dispatches.load(Relaxed)
         ));

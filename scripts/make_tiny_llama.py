@@ -37,8 +37,9 @@ FILE_TYPES = {
 }
 
 
-def build_vocab():
-    """(tokens, scores, token types) of the 448-token SPM vocabulary."""
+def build_vocab(extra: int = 0):
+    """(tokens, scores, token types) of the 448-token SPM vocabulary, plus `extra` filler words
+    (for LM heads wider than a chip's axis limit)."""
     T = gguf.TokenType
     tokens = ["<unk>", "<s>", "</s>"]
     scores = [0.0, 0.0, 0.0]
@@ -56,6 +57,11 @@ def build_vocab():
         types.append(T.NORMAL)
         tokens.append(WORD + c)
         scores.append(-1.5 - i * 1e-3)
+        types.append(T.NORMAL)
+    for i in range(extra):
+        # Long, low-scored words the tokenizer never picks for ASCII prompts.
+        tokens.append(f"{WORD}zz{i:06d}")
+        scores.append(-1000.0 - i * 1e-3)
         types.append(T.NORMAL)
     return tokens, scores, types
 
@@ -76,6 +82,8 @@ def main() -> int:
                     help="gain of attn_output/ffn_down (how much layers move the residual)")
     ap.add_argument("--logit-scale", type=float, default=4.0, help="std of the output logits")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra-vocab", type=int, default=0,
+                    help="filler tokens appended to the vocabulary (LM head rows)")
     a = ap.parse_args()
 
     if a.dim % a.heads or a.heads % a.kv_heads:
@@ -85,7 +93,7 @@ def main() -> int:
     if a.dtype in ("q8_0", "q4_0") and (a.dim % 32 or a.ff % 32):
         ap.error("quantized types need --dim and --ff divisible by 32")
 
-    tokens, scores, types = build_vocab()
+    tokens, scores, types = build_vocab(a.extra_vocab)
     n_vocab = len(tokens)
     file_type, qtype = FILE_TYPES[a.dtype]
     rng = np.random.default_rng(a.seed)
@@ -150,6 +158,7 @@ def main() -> int:
         proj(p + "ffn_down.weight", a.dim, a.ff, a.layer_gain)
     norm("output_norm.weight")
     normal = np.flatnonzero(np.asarray(types) == gguf.TokenType.NORMAL)
+    normal = normal[normal < n_vocab - a.extra_vocab]  # filler words never win
     if a.head == "succ":
         # A "successor" head: the row of token succ(t) is t's embedding, so the last hidden state,
         # which still points mostly along the current token's embedding, picks succ(t) with a wide

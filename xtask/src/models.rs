@@ -35,6 +35,32 @@ pub fn path(dtype: &str) -> PathBuf {
     abs(format!("target/models/tiny-llama-{dtype}.gguf"))
 }
 
+/// `target/models/tiny-llama-bigvocab-f16.gguf`: the f16 model with 19600 filler tokens (vocab
+/// 20048), so its LM head is wider than the 16384 axis limit of M1-M3 and must be tiled.
+pub fn big_vocab() -> Result<PathBuf> {
+    let python = venv::run()?;
+    let script = abs("scripts/make_tiny_llama.py");
+    let p = abs("target/models/tiny-llama-bigvocab-f16.gguf");
+    let fresh = std::fs::metadata(&p)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| {
+            t >= std::fs::metadata(&script)
+                .and_then(|m| m.modified())
+                .unwrap_or(t)
+        });
+    if !fresh {
+        std::fs::create_dir_all(abs("target/models"))?;
+        util::run(
+            Command::new(&python)
+                .arg(&script)
+                .arg(&p)
+                .args(["--dtype", "f16", "--seed", "0", "--extra-vocab", "19600"])
+                .args(SHAPE),
+        )?;
+    }
+    Ok(p)
+}
+
 /// Write the models that are missing or older than the generator script.
 pub fn run() -> Result<Vec<PathBuf>> {
     let python = venv::run()?;

@@ -42,7 +42,7 @@ const MIL_SHAPES: [(u32, u32, u32); 2] = [(64, 96, 64), (256, 512, 128)];
 
 /// Lazily built prerequisites shared by the steps.
 #[derive(Default)]
-struct Prereqs {
+pub(crate) struct Prereqs {
     plugin: Option<PathBuf>,
     llama: bool,
     models: bool,
@@ -50,27 +50,27 @@ struct Prereqs {
 }
 
 impl Prereqs {
-    fn plugin(&mut self) -> Result<PathBuf> {
+    pub(crate) fn plugin(&mut self) -> Result<PathBuf> {
         if self.plugin.is_none() {
             self.plugin = Some(demo::build_plugin()?);
         }
         Ok(self.plugin.clone().unwrap())
     }
-    fn llama(&mut self) -> Result {
+    pub(crate) fn llama(&mut self) -> Result {
         if !self.llama {
             llama::run(false)?;
             self.llama = true;
         }
         Ok(())
     }
-    fn models(&mut self) -> Result {
+    pub(crate) fn models(&mut self) -> Result {
         if !self.models {
             models::run()?;
             self.models = true;
         }
         Ok(())
     }
-    fn python(&mut self) -> Result<PathBuf> {
+    pub(crate) fn python(&mut self) -> Result<PathBuf> {
         if self.python.is_none() {
             self.python = Some(venv::run()?);
         }
@@ -94,6 +94,7 @@ pub fn run(opts: &TestOpts) -> Result {
             "ops" => step_ops(&mut pre),
             "e2e" => step_e2e(&mut pre),
             "sched" => step_sched(&mut pre),
+            "plan" => crate::test_plan::step(&mut pre),
             other => Err(format!("unknown step {other}").into()),
         };
         drop(section);
@@ -366,7 +367,12 @@ fn strip_ansi(s: &str) -> String {
 pub const OMP_WAIT_POLICY: &str = "passive";
 
 /// `llama-completion` greedy on one model; `plugin` adds the ANE backend.
-fn completion(model: &Path, plugin: Option<&Path>, n_predict: u32, extra: &[&str]) -> Command {
+pub(crate) fn completion(
+    model: &Path,
+    plugin: Option<&Path>,
+    n_predict: u32,
+    extra: &[&str],
+) -> Command {
     let mut cmd = Command::new(llama::bin("llama-completion"));
     cmd.arg("-m")
         .arg(model)
@@ -390,7 +396,11 @@ fn completion(model: &Path, plugin: Option<&Path>, n_predict: u32, extra: &[&str
 /// tail of the output. Entries are written in order, so the final
 /// `llama_perf_context_print ... total time` line on stderr proves the text
 /// before it is complete. A run without it is retried (at most 4 tries).
-fn run_completion(cmd: &mut Command, name: &str, timeout: Duration) -> Result<util::Logged> {
+pub(crate) fn run_completion(
+    cmd: &mut Command,
+    name: &str,
+    timeout: Duration,
+) -> Result<util::Logged> {
     let mut last = None;
     for attempt in 1..=4 {
         let res = util::run_logged(cmd, name, timeout)?;
@@ -479,7 +489,7 @@ fn step_e2e(pre: &mut Prereqs) -> Result<String> {
 }
 
 /// The generated part of `llama-completion` stdout (it echoes the prompt).
-fn generated(stdout: &str) -> &str {
+pub(crate) fn generated(stdout: &str) -> &str {
     let trimmed = stdout.trim_start_matches([' ', '\n']);
     match trimmed.find(PROMPT) {
         Some(i) => &trimmed[i + PROMPT.len()..],
@@ -504,7 +514,7 @@ fn stats_ops_offloaded(stderr: &str) -> Result<u64> {
 
 /// A top-level-ish integer field of a JSON object, without a JSON parser:
 /// the first `"key": <digits>` occurrence.
-fn json_u64(json: &str, key: &str) -> Option<u64> {
+pub(crate) fn json_u64(json: &str, key: &str) -> Option<u64> {
     let pat = format!("\"{key}\"");
     let rest = &json[json.find(&pat)? + pat.len()..];
     let rest = rest.trim_start().strip_prefix(':')?.trim_start();

@@ -18,6 +18,9 @@ use crate::probe::probe;
 /// Arguments of `ane bench`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// `host`: conversion throughput instead of MUL_MAT shapes.
+    #[command(subcommand)]
+    pub what: Option<What>,
     /// Shapes as `MxKxN` (M rows of weights, K inner, N tokens), comma-separated.
     #[arg(
         long,
@@ -34,6 +37,13 @@ pub struct Args {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What else `ane bench` can measure.
+#[derive(Debug, clap::Subcommand)]
+pub enum What {
+    /// Host conversion (activations, outputs, weights) against memcpy and ggml.
+    Host(crate::bench_host::Args),
 }
 
 fn parse_shape(s: &str) -> Result<(usize, usize, usize)> {

@@ -8,8 +8,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_host;
 mod doctor;
 mod mil;
+mod plan;
 mod probe;
 
 /// Tools for the ggml Apple Neural Engine backend.
@@ -26,8 +28,11 @@ enum Command {
     Mil(mil::Args),
     /// Check whether the ANE works here and how fast and accurate it is; `--json` for a report.
     Doctor(doctor::Args),
-    /// Time MUL_MAT shapes on the engine against a CPU f32 product measured in the same run.
+    /// Time MUL_MAT shapes on the engine against a CPU f32 product measured in the same run
+    /// (`ane bench host`: host conversion throughput).
     Bench(bench::Args),
+    /// What a model's prefill would compile and dispatch (same planner as the plugin).
+    Plan(plan::Args),
 }
 
 fn main() -> Result<()> {
@@ -35,7 +40,11 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Mil(args) => mil::run(&args),
         Command::Doctor(args) => doctor::run(&args),
-        Command::Bench(args) => bench::run(&args),
+        Command::Bench(args) => match &args.what {
+            Some(bench::What::Host(h)) => bench_host::run(h),
+            None => bench::run(&args),
+        },
+        Command::Plan(args) => plan::run(&args),
     }
 }
 

@@ -1,0 +1,139 @@
+//! Test step `plan`: the planner's promises checked inside real llama.cpp.
+//!
+//! 1. The plugin compiles exactly the programs `ane plan` predicts for the same model and prompt,
+//!    and dispatches as often: the CLI and the plugin share one planner, and this proves the graph
+//!    model `ane plan` uses matches what llama.cpp actually sends.
+//! 2. With `GGML_ANE_CHIP=m1` (axis limit 16384), a model whose vocabulary is 20048 tokens has its
+//!    LM head offloaded in row tiles and still generates the CPU's greedy text.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::models;
+use crate::test::{completion, generated, json_u64, run_completion, Prereqs};
+use crate::util::{self, abs, bail, Result};
+
+/// The largest value of `key` over all `ggml-ane-stats:` lines (the plugin prints one per freed
+/// backend; the last context is the one that ran the prompt).
+fn stat(stderr: &str, key: &str) -> Result<u64> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("ggml-ane-stats: "))
+        .filter_map(|j| json_u64(j, key))
+        .max()
+        .ok_or_else(|| format!("no `{key}` in any ggml-ane-stats line").into())
+}
+
+/// Prompt tokens, from llama.cpp's `prompt eval time = ... / N tokens` line.
+fn prompt_tokens(stderr: &str) -> Option<usize> {
+    let line = stderr.lines().find(|l| l.contains("prompt eval time"))?;
+    let rest = &line[line.find(" / ")? + 3..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
+    let plugin = pre.plugin()?;
+    pre.llama()?;
+    pre.models()?;
+    util::run(util::cargo().args(["build", "--release", "-p", "ane-cli"]))?;
+    let ane = abs("target/release/ane");
+    let timeout = Duration::from_secs(300);
+
+    // 1. compile and dispatch counts against `ane plan`.
+    let model = models::path("f16");
+    let run = run_completion(
+        completion(&model, Some(&plugin), 8, &[]).env("GGML_ANE_STATS", "json"),
+        "plan-counts",
+        timeout,
+    )?;
+    if !run.success() {
+        bail!(
+            "llama-completion with the plugin {}:\n{}\n{}",
+            run.status_text(),
+            run.stderr_tail(15),
+            run.where_logged()
+        );
+    }
+    let tokens = prompt_tokens(&run.stderr)
+        .ok_or_else(|| format!("no prompt token count in the log; {}", run.where_logged()))?;
+    let compiled = stat(&run.stderr, "programs_compiled")?;
+    let dispatches = stat(&run.stderr, "dispatches")?;
+    let plan = util::read(
+        Command::new(&ane)
+            .args([
+                "plan",
+                "--json",
+                "--prompt-lengths",
+                &tokens.to_string(),
+                "--model",
+            ])
+            .arg(&model),
+    )?;
+    let planned =
+        json_u64(&plan, "programs_total").ok_or("no programs_total in `ane plan --json`")?;
+    let planned_dispatches = json_u64(&plan[plan.find("\"rows\"").unwrap_or(0)..], "dispatches")
+        .ok_or("no rows[0].dispatches in `ane plan --json`")?;
+    println!("prompt {tokens} tokens: plugin compiled {compiled}, dispatched {dispatches}; ane plan: {planned} programs, {planned_dispatches} dispatches");
+    if compiled != planned || dispatches != planned_dispatches {
+        bail!(
+            "plugin and planner disagree: compiled {compiled} vs planned {planned}, dispatches {dispatches} vs planned {planned_dispatches}\n{}",
+            run.where_logged()
+        );
+    }
+
+    // 2. LM head beyond the M1 axis limit, tiled.
+    let big = models::big_vocab()?;
+    let cpu = run_completion(
+        &mut completion(&big, None, 16, &[]),
+        "plan-bigvocab-cpu",
+        timeout,
+    )?;
+    let ane_run = run_completion(
+        completion(&big, Some(&plugin), 16, &[])
+            .env("GGML_ANE_STATS", "json")
+            .env("GGML_ANE_CHIP", "m1")
+            .env("GGML_ANE_MIN_BATCH", "1"),
+        "plan-bigvocab-ane",
+        timeout,
+    )?;
+    if !cpu.success() || !ane_run.success() {
+        bail!(
+            "big-vocab runs failed: cpu {}, ane {}\n{}",
+            cpu.status_text(),
+            ane_run.status_text(),
+            ane_run.where_logged()
+        );
+    }
+    let (ct, at) = (generated(&cpu.stdout), generated(&ane_run.stdout));
+    println!("bigvocab CPU: {ct:?}\nbigvocab ANE: {at:?}");
+    if ct.trim().is_empty() || ct != at {
+        bail!(
+            "big-vocab greedy text differs or is empty\n  cpu: {ct:?}\n  ane: {at:?}\n{}",
+            ane_run.where_logged()
+        );
+    }
+    let tiled = stat(&ane_run.stderr, "dispatches_tiled")?;
+    let fallback = stat(&ane_run.stderr, "ops_fallback")?;
+    if tiled == 0 || fallback != 0 {
+        bail!("LM head (20048 rows > 16384 on m1): {tiled} tiled dispatches, {fallback} fallbacks; expected tiles and no fallback\n{}", ane_run.where_logged());
+    }
+    Ok(format!(
+        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt); m1 LM head 20048 rows: {tiled} tiled dispatches, text identical"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_prompt_tokens_and_stats() {
+        let log = "0.00.051.137 I common_perf_print: prompt eval time =      18.27 ms /   113 tokens (    0.16 ms per token)\n\
+                   ggml-ane-stats: {\"dispatches\":0,\"programs_compiled\":0}\n\
+                   ggml-ane-stats: {\"dispatches\":8,\"programs_compiled\":3}\n";
+        assert_eq!(prompt_tokens(log), Some(113));
+        assert_eq!(stat(log, "programs_compiled").unwrap(), 3);
+        assert_eq!(stat(log, "dispatches").unwrap(), 8);
+        assert!(stat(log, "nothing").is_err());
+    }
+}

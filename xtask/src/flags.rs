@@ -47,7 +47,7 @@ pub struct TestOpts {
 }
 
 /// Steps of `cargo xtask test`, in the order they run.
-pub const TEST_STEPS: [&str; 6] = ["unit", "mil", "ops", "e2e", "sched", "plan"];
+pub const TEST_STEPS: [&str; 7] = ["unit", "mil", "ops", "faults", "e2e", "sched", "plan"];
 
 pub fn parse(args: impl Iterator<Item = String>) -> Result<Cmd, String> {
     let args: Vec<String> = args.collect();
@@ -151,7 +151,7 @@ mod tests {
         assert_eq!(steps("test --only e2e,unit"), vec!["unit", "e2e"]);
         assert_eq!(
             steps("test --skip=unit,mil"),
-            vec!["ops", "e2e", "sched", "plan"]
+            vec!["ops", "faults", "e2e", "sched", "plan"]
         );
         assert!(p("test --only nope").is_err());
         assert!(p("test --only").is_err());

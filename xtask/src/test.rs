@@ -9,6 +9,8 @@
 //!   the coremltools-based validator `miltext_check.py`;
 //! * `ops`   - llama.cpp's `test-backend-ops -b ANE -o MUL_MAT` against the
 //!   CPU backend, with the plugin on the reference engine;
+//! * `faults` - the same with `-j 2` and injected engine failures
+//!   (`GGML_ANE_FAULTS`): every claimed case passes through the CPU fallback;
 //! * `e2e`   - greedy `llama-completion` on tiny f16/q8_0/q4_0 models, CPU
 //!   only vs. with the plugin: identical text, and the plugin's JSON stats
 //!   must show offloaded ops;
@@ -92,6 +94,7 @@ pub fn run(opts: &TestOpts) -> Result {
             "unit" => step_unit(&mut pre),
             "mil" => step_mil(&mut pre),
             "ops" => step_ops(&mut pre),
+            "faults" => step_faults(&mut pre),
             "e2e" => step_e2e(&mut pre),
             "sched" => step_sched(&mut pre),
             "plan" => crate::test_plan::step(&mut pre),
@@ -355,6 +358,82 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+// ---------------------------------------------------------------- faults
+
+/// Fault rates of the `faults` step: the issue's acceptance run (issue 6).
+const FAULTS: &str = "compile=0.3,load=0.1,eval=0.2,seed=6";
+
+/// `test-backend-ops -j 2` with the reference engine failing compiles, loads and evaluations at
+/// random (`GGML_ANE_FAULTS`): every claimed case must still pass, through the plugin's CPU
+/// fallback, and the stats must show that the fallback ran.
+fn step_faults(pre: &mut Prereqs) -> Result<String> {
+    let plugin = pre.plugin()?;
+    pre.llama()?;
+    let res = util::run_logged(
+        Command::new(llama::bin("test-backend-ops"))
+            .args(["-b", "ANE", "-o", "MUL_MAT", "-j", "2"])
+            .env("GGML_BACKEND_PATH", &plugin)
+            .env("GGML_ANE_ENGINE", "reference")
+            .env("GGML_ANE_MIN_BATCH", "1")
+            .env("GGML_ANE_FAULTS", FAULTS)
+            .env("GGML_ANE_STATS", "json"),
+        "test-backend-ops-faults",
+        Duration::from_secs(45 * 60),
+    )?;
+    let c = OpsCounts::parse(&res.stdout);
+    let stat = |key: &str| stats_field_max(&res.stderr, key).unwrap_or(0);
+    let (fallback, faults, offloaded) = (
+        stat("ops_fallback"),
+        stat("faults_injected"),
+        stat("ops_offloaded"),
+    );
+    let summary = format!(
+        "GGML_ANE_FAULTS={FAULTS}, -j 2: claimed {} passed {} failed {};          ops offloaded {offloaded}, CPU fallback {fallback}, faults injected {faults} ({:.0}s)",
+        c.ok + c.fail,
+        c.ok,
+        c.fail,
+        res.elapsed.as_secs_f64()
+    );
+    println!("test-backend-ops with faults: {summary}");
+    if c.fail > 0 {
+        bail!(
+            "{summary}; failing cases:\n{}\n{}",
+            c.failed.join("\n"),
+            res.where_logged()
+        );
+    }
+    if !res.success() {
+        bail!(
+            "test-backend-ops {} ({summary}):\n{}\n{}",
+            res.status_text(),
+            res.stderr_tail(20),
+            res.where_logged()
+        );
+    }
+    if c.ok + c.fail < MIN_CLAIMED_OPS {
+        bail!(
+            "{summary}: fewer than {MIN_CLAIMED_OPS} claimed cases\n{}",
+            res.where_logged()
+        );
+    }
+    if fallback == 0 || faults == 0 {
+        bail!(
+            "{summary}: no fault reached the fallback path (is GGML_ANE_FAULTS honoured?)\n{}",
+            res.where_logged()
+        );
+    }
+    Ok(summary)
+}
+
+/// The largest value of an integer field over the `ggml-ane-stats: {json}` stderr lines.
+fn stats_field_max(stderr: &str, key: &str) -> Option<u64> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("ggml-ane-stats: "))
+        .filter_map(|j| json_u64(j, key))
+        .max()
 }
 
 // ---------------------------------------------------------------- e2e
@@ -733,6 +812,8 @@ mod tests {
         assert_eq!(stats_ops_offloaded(err).unwrap(), 42);
         assert!(stats_ops_offloaded("nothing\n").is_err());
         assert_eq!(json_u64("{\"ops_offloaded\":0}", "ops_offloaded"), Some(0));
+        assert_eq!(stats_field_max(err, "ops_offloaded"), Some(42));
+        assert_eq!(stats_field_max(err, "ops_fallback"), None);
     }
 
     #[test]

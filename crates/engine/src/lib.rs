@@ -60,6 +60,8 @@ pub struct EngineCounters {
     pub loaded: u64,
     /// Highest number of programs loaded at once.
     pub loaded_peak: u64,
+    /// Failures injected on purpose (the reference engine's `GGML_ANE_FAULTS`); 0 elsewhere.
+    pub faults_injected: u64,
 }
 
 /// An engine that compiles MIL text into loaded programs and evaluates them on surfaces.

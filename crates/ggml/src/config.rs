@@ -6,6 +6,7 @@
 use std::str::FromStr;
 use std::sync::OnceLock;
 
+use ane_engine::reference::{faults::FaultSpec, Accum};
 use ane_engine::Chip;
 
 /// Which engine the plugin uses (`GGML_ANE_ENGINE`).
@@ -46,6 +47,12 @@ pub struct Config {
     pub max_programs: usize,
     /// `GGML_ANE_STAGE_MAX_MB`: cap on weights kept converted to fp16 (LRU beyond).
     pub stage_max_mb: usize,
+    /// `GGML_ANE_FAULTS="compile=P,load=P,eval=P,alloc=P[,seed=S]"`: failures the reference engine
+    /// injects (tests of the fallback path). `None` when unset, all zero or malformed.
+    pub faults: Option<FaultSpec>,
+    /// `GGML_ANE_REF_ACCUM=fp32|fp16`: the reference engine's matmul accumulation (fp16 models the
+    /// ANE's accuracy loss at large K; see docs/accuracy.md).
+    pub ref_accum: Accum,
 }
 
 /// Default for `GGML_ANE_MIN_BATCH`.
@@ -120,6 +127,26 @@ impl Config {
         let chip = parse("GGML_ANE_CHIP", "m4", &|v| Chip::from_str(v).is_ok())
             .parse()
             .unwrap_or(Chip::M4);
+        let ref_accum = match parse("GGML_ANE_REF_ACCUM", "fp32", &|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "fp32" | "fp16")
+        })
+        .as_str()
+        {
+            "fp16" => Accum::Fp16,
+            _ => Accum::Fp32,
+        };
+        let faults = match get("GGML_ANE_FAULTS") {
+            None => None,
+            Some(v) => match v.parse::<FaultSpec>() {
+                Ok(f) => f.any().then_some(f),
+                Err(e) => {
+                    warn(format!(
+                        "ggml-ane: ignoring GGML_ANE_FAULTS={v:?} ({e}); injecting no faults"
+                    ));
+                    None
+                }
+            },
+        };
         Config {
             engine,
             min_batch,
@@ -127,6 +154,8 @@ impl Config {
             chip,
             max_programs,
             stage_max_mb,
+            faults,
+            ref_accum,
         }
     }
 
@@ -192,5 +221,30 @@ mod tests {
         assert_eq!(c.chip, Chip::M4);
         assert_eq!(w.len(), 3);
         assert!(w[0].contains("GGML_ANE_ENGINE"));
+    }
+
+    #[test]
+    fn faults_and_accumulation() {
+        let (c, w) = cfg(&[
+            ("GGML_ANE_FAULTS", "compile=0.3,load=0.1,eval=0.2,seed=9"),
+            ("GGML_ANE_REF_ACCUM", "FP16"),
+        ]);
+        let f = c.faults.expect("parsed");
+        assert_eq!(
+            (f.compile, f.load, f.eval, f.alloc, f.seed),
+            (0.3, 0.1, 0.2, 0.0, 9)
+        );
+        assert_eq!(c.ref_accum, Accum::Fp16);
+        assert!(w.is_empty());
+        let (c, w) = cfg(&[]);
+        assert_eq!((c.faults, c.ref_accum), (None, Accum::Fp32));
+        assert!(w.is_empty());
+        let (c, w) = cfg(&[
+            ("GGML_ANE_FAULTS", "compile=30%"),
+            ("GGML_ANE_REF_ACCUM", "bf16"),
+        ]);
+        assert_eq!((c.faults, c.ref_accum), (None, Accum::Fp32));
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("GGML_ANE_FAULTS") || w[1].contains("GGML_ANE_FAULTS"));
     }
 }

@@ -54,7 +54,18 @@ pub struct DeviceState {
 /// # Errors
 /// [`EngineError::Unavailable`] when the chosen engine cannot run here.
 pub fn open_engine(cfg: &Config) -> Result<Arc<dyn Engine>, EngineError> {
-    let reference = || Arc::new(ReferenceEngine::new(cfg.chip.limits())) as Arc<dyn Engine>;
+    let reference = || {
+        let limits = cfg.chip.limits();
+        let engine = match cfg.faults {
+            Some(f) => ReferenceEngine::with_faults(limits, f),
+            None => ReferenceEngine::new(limits),
+        };
+        let numerics = ane_engine::reference::Numerics {
+            accum: cfg.ref_accum,
+            ..Default::default()
+        };
+        Arc::new(engine.numerics(numerics)) as Arc<dyn Engine>
+    };
     match cfg.engine {
         EngineChoice::Reference => Ok(reference()),
         EngineChoice::Ane | EngineChoice::Auto => open_ane(),

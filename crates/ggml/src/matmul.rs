@@ -128,7 +128,11 @@ impl KernelCache {
                 Ok(id)
             }
             Err(e) => {
-                if !matches!(e, EngineError::Budget { .. }) {
+                // Compile failures are deterministic on the ANE (the same text fails again), so
+                // they are remembered; budget and load failures are transient (§5.2, §5.3) and
+                // the next call tries again. The reference engine's injected compile faults are
+                // random but remembered all the same: they stand for a shape the compiler rejects.
+                if !matches!(e, EngineError::Budget { .. } | EngineError::Load(_)) {
                     self.failed.insert(shape, e.clone());
                 }
                 Err(e)

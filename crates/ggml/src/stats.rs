@@ -21,6 +21,9 @@ pub struct Stats {
     pub ops_fused: AtomicU64,
     /// Engine dispatches (evaluations).
     pub dispatches: AtomicU64,
+    /// Dispatches whose columns were recomputed on the CPU because an input was out of fp16 range
+    /// or an output was non-finite or past the matmul output cliff (see `guard`).
+    pub guard_trips: AtomicU64,
     /// Kernel cache hits / misses.
     pub cache_hits: AtomicU64,
     /// Kernel cache misses (compiles requested).
@@ -59,6 +62,8 @@ impl Stats {
             "ops_fallback": self.ops_fallback.load(Relaxed),
             "ops_fused": self.ops_fused.load(Relaxed),
             "dispatches": self.dispatches.load(Relaxed),
+            "guard_trips": self.guard_trips.load(Relaxed),
+            "faults_injected": e.faults_injected,
             "declined": declined,
             "cache_hits": self.cache_hits.load(Relaxed),
             "cache_misses": self.cache_misses.load(Relaxed),
@@ -92,6 +97,16 @@ impl Stats {
             "  engine dispatches        {:>10}\n",
             self.dispatches.load(Relaxed)
         ));
+        s.push_str(&format!(
+            "  numeric guard trips      {:>10}\n",
+            self.guard_trips.load(Relaxed)
+        ));
+        if e.faults_injected > 0 {
+            s.push_str(&format!(
+                "  engine faults injected   {:>10}\n",
+                e.faults_injected
+            ));
+        }
         s.push_str(&format!("  programs compiled        {:>10}\n", e.compiles));
         s.push_str(&format!(
             "  programs loaded (peak)   {:>10}\n",
@@ -142,6 +157,8 @@ mod tests {
         assert_eq!(j["programs_loaded_peak"], 2);
         for k in [
             "ops_fallback",
+            "guard_trips",
+            "faults_injected",
             "ms_convert",
             "ms_engine",
             "ms_fallback",

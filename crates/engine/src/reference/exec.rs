@@ -3,7 +3,8 @@
 //! Numerics (the documented behaviour of the ANE, ane-private-api.md §5.4): every tensor is stored
 //! as fp16 unless its MIL type is fp32 (only the I/O `cast` boundary has fp32); products are
 //! accumulated in fp32 and the result is rounded once to fp16. Conversion of a value above 65504 to
-//! fp16 gives ±inf, as on the chip.
+//! fp16 gives ±inf, as on the chip. [`Numerics`] adds the two documented matmul effects: the output
+//! cliff (on by default) and, optionally, fp16 accumulation.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,6 +33,42 @@ impl Value {
             Value::Num { ty, .. } | Value::Ints { ty, .. } => ty.clone(),
             Value::Bool(_) => ValueType::scalar(DType::Bool),
             Value::Str(_) => ValueType::scalar(DType::String),
+        }
+    }
+}
+
+/// Magnitude from which a matmul output becomes ±inf on the ANE (ane-private-api.md §5.4: "about
+/// 32752-32759 becomes inf, independent of K", measured on M1 to M5 Pro). 32752 is the largest
+/// fp16 value below 32768, so every output that rounds to 32752 or above is hit.
+pub const MATMUL_OUTPUT_CLIFF: f32 = 32752.0;
+
+/// How matmul products are accumulated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Accum {
+    /// fp32 accumulation, one rounding to fp16 at the end (the default: what the ANE's results
+    /// look like at small K).
+    #[default]
+    Fp32,
+    /// Every partial sum rounded to fp16: a pessimistic model of the error growth with K that
+    /// ANEForge measured (relative error 0.0026 at 512 to 0.062 at 8192), for accuracy studies.
+    Fp16,
+}
+
+/// Numeric behaviour of the reference engine's matmul beyond fp16 storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Numerics {
+    /// Outputs of magnitude >= [`MATMUL_OUTPUT_CLIFF`] become ±inf (on by default: documented
+    /// ANE behaviour that the plugin's numeric guard must see on Linux).
+    pub output_cliff: bool,
+    /// Accumulation precision.
+    pub accum: Accum,
+}
+
+impl Default for Numerics {
+    fn default() -> Self {
+        Numerics {
+            output_cliff: true,
+            accum: Accum::Fp32,
         }
     }
 }
@@ -489,7 +526,11 @@ fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
 }
 
 /// Executes a checked function on inputs given in *declaration* order of the parameters.
-pub(crate) fn run(c: &Checked, inputs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, EngineError> {
+pub(crate) fn run(
+    c: &Checked,
+    inputs: Vec<Vec<f32>>,
+    numerics: Numerics,
+) -> Result<Vec<Vec<f32>>, EngineError> {
     let mut env: HashMap<&str, Value> = HashMap::new();
     for ((name, ty), data) in c.func.inputs.iter().zip(inputs) {
         env.insert(
@@ -503,7 +544,7 @@ pub(crate) fn run(c: &Checked, inputs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, E
     for st in &c.func.statements {
         let v = match c.consts.get(&st.output) {
             Some(v) => v.clone(),
-            None => exec(st, &env, &c.consts)?,
+            None => exec(st, &env, &c.consts, numerics)?,
         };
         env.insert(&st.output, v);
     }
@@ -543,6 +584,7 @@ fn exec(
     st: &Statement,
     env: &HashMap<&str, Value>,
     consts: &HashMap<String, Value>,
+    numerics: Numerics,
 ) -> Result<Value, EngineError> {
     let out = |data: Vec<f32>| Value::Num {
         ty: st.ty.clone(),
@@ -592,7 +634,7 @@ fn exec(
                     Some(Ok(Value::Bool(true)))
                 )
             };
-            out(matmul(
+            let mut v = out(matmul(
                 x,
                 &xt.shape,
                 flag("transpose_x"),
@@ -600,7 +642,18 @@ fn exec(
                 &yt.shape,
                 flag("transpose_y"),
                 &st.ty.shape,
-            ))
+                numerics.accum,
+            ));
+            if numerics.output_cliff {
+                if let Value::Num { data, .. } = &mut v {
+                    for d in Arc::make_mut(data) {
+                        if d.abs() >= MATMUL_OUTPUT_CLIFF {
+                            *d = f32::INFINITY.copysign(*d);
+                        }
+                    }
+                }
+            }
+            v
         }
         other => return Err(EngineError::Eval(format!("op `{other}` not executable"))),
     })
@@ -647,8 +700,14 @@ fn matmul(
     ys: &[usize],
     ty: bool,
     out_shape: &[usize],
+    accum: Accum,
 ) -> Vec<f32> {
     let r = out_shape.len();
+    // fp16 accumulation rounds every partial sum; fp32 leaves it alone.
+    let acc_round = |v: f32| match accum {
+        Accum::Fp32 => v,
+        Accum::Fp16 => round_fp16(v),
+    };
     let (m, n) = (out_shape[r - 2], out_shape[r - 1]);
     let (xr, xc) = (xs[xs.len() - 2], xs[xs.len() - 1]);
     let (yr, yc) = (ys[ys.len() - 2], ys[ys.len() - 1]);
@@ -690,7 +749,7 @@ fn matmul(
             let acc = &mut out[b * m * n + i * n..b * m * n + (i + 1) * n];
             if ty {
                 for (j, a) in acc.iter_mut().enumerate() {
-                    *a = (0..k).fold(0f32, |s, kk| s + xv(kk) * y[yo + j * yc + kk]);
+                    *a = (0..k).fold(0f32, |s, kk| acc_round(s + xv(kk) * y[yo + j * yc + kk]));
                 }
             } else {
                 // Row-wise accumulation: every acc[j] still sums over k in order, in f32, so the
@@ -698,8 +757,14 @@ fn matmul(
                 for kk in 0..k {
                     let a_ik = xv(kk);
                     let yrow = &y[yo + kk * yc..yo + kk * yc + n];
-                    for (a, &yv) in acc.iter_mut().zip(yrow) {
-                        *a += a_ik * yv;
+                    if accum == Accum::Fp32 {
+                        for (a, &yv) in acc.iter_mut().zip(yrow) {
+                            *a += a_ik * yv;
+                        }
+                    } else {
+                        for (a, &yv) in acc.iter_mut().zip(yrow) {
+                            *a = acc_round(*a + a_ik * yv);
+                        }
                     }
                 }
             }
@@ -728,12 +793,12 @@ mod tests {
         let x = [1., 2., 3., 4.]; // [[1,2],[3,4]]
         let y = [5., 6., 7., 8.]; // [[5,6],[7,8]]
         assert_eq!(
-            matmul(&x, &[2, 2], false, &y, &[2, 2], false, &[2, 2]),
+            matmul(&x, &[2, 2], false, &y, &[2, 2], false, &[2, 2], Accum::Fp32),
             vec![19., 22., 43., 50.]
         );
         // x^T y = [[1,3],[2,4]] y = [[26,30],[38,44]]
         assert_eq!(
-            matmul(&x, &[2, 2], true, &y, &[2, 2], false, &[2, 2]),
+            matmul(&x, &[2, 2], true, &y, &[2, 2], false, &[2, 2], Accum::Fp32),
             vec![26., 30., 38., 44.]
         );
     }
@@ -742,7 +807,16 @@ mod tests {
     fn matmul_broadcasts_batch() {
         let x = [1., 0., 0., 1., 2., 0., 0., 2.]; // [2,2,2]: I, 2I
         let y = [1., 2., 3., 4.]; // [2,2] shared
-        let out = matmul(&x, &[2, 2, 2], false, &y, &[2, 2], false, &[2, 2, 2]);
+        let out = matmul(
+            &x,
+            &[2, 2, 2],
+            false,
+            &y,
+            &[2, 2],
+            false,
+            &[2, 2, 2],
+            Accum::Fp32,
+        );
         assert_eq!(out, vec![1., 2., 3., 4., 2., 4., 6., 8.]);
     }
 

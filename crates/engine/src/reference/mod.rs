@@ -14,12 +14,17 @@
 //!   enough for its tensor, which sits packed at the start.
 //! - **Limits.** Axis lengths above the chip's cap fail to compile; loading more than the loaded
 //!   program budget fails.
-//! - **Numerics.** fp16 storage, fp32 accumulation, one rounding to fp16 per op (see `exec`).
+//! - **Numerics.** fp16 storage, fp32 accumulation, one rounding to fp16 per op (see `exec`); matmul
+//!   outputs of magnitude >= 32752 become ±inf (the documented output cliff, on by default), and
+//!   fp16 accumulation is available as a model of the accuracy loss at large K ([`Numerics`]).
+//! - **Failures on demand.** [`ReferenceEngine::with_faults`] injects the documented compile, load,
+//!   allocation and evaluation failures with given probabilities ([`faults`]).
 //!
-//! Not modelled (documented, not hidden): compile latency, the ~119-compile process leak, the
-//! ±32752 matmul output cliff, reduced-precision accumulation at large K, and the M1/M2 slice cliff.
+//! Not modelled (documented, not hidden): compile latency, the ~119-compile process leak (only as an
+//! injected compile fault), and the M1/M2 slice cliff.
 
 mod exec;
+pub mod faults;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,12 +34,16 @@ use ane_mil::DType;
 use crate::driver_plan::DriverPlan;
 use crate::{ChipLimits, Engine, EngineCounters, EngineError, ProgramId, Surface, WeightFile};
 use exec::Checked;
+pub use exec::{Accum, Numerics, MATMUL_OUTPUT_CLIFF};
+use faults::{FaultSpec, Faults, Step};
 
 /// CPU engine with ANE rules and numerics. Cheap to share: all state sits behind one mutex, and
 /// evaluation runs outside it.
 #[derive(Debug)]
 pub struct ReferenceEngine {
     limits: ChipLimits,
+    numerics: Numerics,
+    faults: Option<Faults>,
     state: Mutex<State>,
 }
 
@@ -53,12 +62,32 @@ struct State {
 }
 
 impl ReferenceEngine {
-    /// An engine enforcing `limits`.
+    /// An engine enforcing `limits`, with the default [`Numerics`] and no injected faults.
     pub fn new(limits: ChipLimits) -> Self {
         ReferenceEngine {
             limits,
+            numerics: Numerics::default(),
+            faults: None,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// An engine enforcing `limits` whose calls fail as `faults` says (see [`faults`]).
+    pub fn with_faults(limits: ChipLimits, faults: FaultSpec) -> Self {
+        ReferenceEngine {
+            faults: faults.any().then(|| Faults::new(faults)),
+            ..Self::new(limits)
+        }
+    }
+
+    /// The same engine with other numerics.
+    pub fn numerics(mut self, numerics: Numerics) -> Self {
+        self.numerics = numerics;
+        self
+    }
+
+    fn inject(&self, step: Step) -> Result<(), EngineError> {
+        self.faults.as_ref().map_or(Ok(()), |f| f.check(step))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -101,9 +130,11 @@ impl Engine for ReferenceEngine {
             Ok((b.dtype, b.data.to_vec()))
         };
         let checked = exec::check(func, self.limits.max_axis, &blob)?;
+        self.inject(Step::Compile)?;
         let program = Program { plan, checked };
         let mut st = self.lock();
         st.counters.compiles += 1;
+        self.inject(Step::Load)?;
         if st.programs.len() >= self.limits.max_loaded_programs {
             return Err(EngineError::Budget {
                 loaded: st.programs.len(),
@@ -131,6 +162,7 @@ impl Engine for ReferenceEngine {
             .get(&program.0)
             .cloned()
             .ok_or(EngineError::UnknownProgram(program.0))?;
+        self.inject(Step::Alloc)?;
         let sizes = |s: &mut dyn Iterator<Item = usize>| s.collect::<Vec<_>>();
         prog.plan.check_request(
             &sizes(&mut inputs.iter().map(|s| s.alloc_size())),
@@ -150,7 +182,8 @@ impl Engine for ReferenceEngine {
                 _ => s.fp32_vec(b.ty.numel()),
             };
         }
-        let results = exec::run(&prog.checked, by_decl)?;
+        self.inject(Step::Eval)?;
+        let results = exec::run(&prog.checked, by_decl, self.numerics)?;
         for (b, s) in prog.plan.outputs.iter().zip(outputs.iter_mut()) {
             let pos = func
                 .outputs
@@ -184,7 +217,9 @@ impl Engine for ReferenceEngine {
     }
 
     fn counters(&self) -> EngineCounters {
-        self.lock().counters
+        let mut c = self.lock().counters;
+        c.faults_injected = self.faults.as_ref().map_or(0, Faults::injected);
+        c
     }
 }
 

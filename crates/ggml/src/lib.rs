@@ -16,6 +16,7 @@
 pub mod config;
 pub mod ffi;
 pub mod ggml;
+pub mod guard;
 pub mod matmul;
 pub mod stats;
 pub mod support;

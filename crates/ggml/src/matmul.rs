@@ -28,6 +28,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::ffi::{GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32};
 use crate::ggml::TypeInfo;
+use crate::guard;
 use crate::stats::{add_time, Stats};
 use crate::support::{is_plain, TensorDesc};
 
@@ -455,7 +456,11 @@ unsafe fn dispatch(
                 staged.get_or_insert(key, || unsafe { stage(g, i02, i03, s) })
             } else {
                 // SAFETY: forwarded contract.
-                Arc::new(unsafe { stage(g, i02, i03, s) })
+                let made = unsafe { stage(g, i02, i03, s) };
+                if !guard::fp16_ok(&made) {
+                    return Err(guard::trip(cx.stats, "src0 out of fp16 range"));
+                }
+                Arc::new(made)
             };
             *w = Some(made.clone());
             made
@@ -471,6 +476,9 @@ unsafe fn dispatch(
         for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
             // SAFETY: forwarded contract.
             unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, &mut row) };
+            if !guard::input_ok(&row) {
+                return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
+            }
             for (ki, &v) in row.iter().enumerate() {
                 xs[ki * s.n + c] = f16::from_f32(v);
             }
@@ -492,6 +500,12 @@ unsafe fn dispatch(
 
     let t = Instant::now();
     let ys = y.fp16(s.y_len());
+    if !guard::output_ok(ys) {
+        return Err(guard::trip(
+            cx.stats,
+            "output non-finite or past the matmul cliff",
+        ));
+    }
     let mut r = 0;
     for m in &g.members {
         let d = &m.dst.desc;

@@ -31,7 +31,7 @@ fn ten_thousand_compile_evict_cycles_keep_memory_flat() {
         let id = e.compile(&mils[i % 2], &[]).expect("compiles");
         // Evaluating is the slow part in a debug build; every 50th program is enough to keep
         // the evaluation path (surface binding, interpreter buffers) in the measurement.
-        if i % 50 == 0 {
+        if i.is_multiple_of(50) {
             e.evaluate(id, &[&x, &w], &mut [&mut y]).expect("evaluates");
         }
         e.unload(id);

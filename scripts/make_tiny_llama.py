@@ -84,6 +84,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra-vocab", type=int, default=0,
                     help="filler tokens appended to the vocabulary (LM head rows)")
+    ap.add_argument("--overflow-gain", type=float, default=1.0,
+                    help="multiply layer 0's ffn_gate and ffn_up by this gain, so the FFN hidden "
+                         "state (silu(gate) * up, the ffn_down input) grows by about its square: "
+                         "400 puts it past fp16's 65504 (tests of the plugin's numeric guard; use "
+                         "--dtype f32, whose CPU matmuls keep f32 activations)")
     a = ap.parse_args()
 
     if a.dim % a.heads or a.heads % a.kv_heads:
@@ -153,8 +158,9 @@ def main() -> int:
         proj(p + "attn_v.weight", kv_dim, a.dim)
         proj(p + "attn_output.weight", a.dim, a.dim, a.layer_gain)
         norm(p + "ffn_norm.weight")
-        proj(p + "ffn_gate.weight", a.ff, a.dim)
-        proj(p + "ffn_up.weight", a.ff, a.dim)
+        ffn_gain = a.overflow_gain if i == 0 else 1.0
+        proj(p + "ffn_gate.weight", a.ff, a.dim, ffn_gain)
+        proj(p + "ffn_up.weight", a.ff, a.dim, ffn_gain)
         proj(p + "ffn_down.weight", a.dim, a.ff, a.layer_gain)
     norm("output_norm.weight")
     normal = np.flatnonzero(np.asarray(types) == gguf.TokenType.NORMAL)

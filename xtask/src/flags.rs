@@ -14,7 +14,7 @@ commands:
                     plugin's offload statistics
   test [--only STEPS] [--skip STEPS] [--plugin PATH]
                     the full test suite; STEPS is a comma list of
-                    unit,mil,ops,e2e,sched,plan (default: all, in that order);
+                    unit,mil,ops,e2e,sched,placement,plan (default: all, in that order);
                     --plugin uses a prebuilt plugin instead of building
                     target/release/libggml_ane.so
   check-apple       clippy the workspace for aarch64-apple-darwin (the macOS code)
@@ -47,7 +47,16 @@ pub struct TestOpts {
 }
 
 /// Steps of `cargo xtask test`, in the order they run.
-pub const TEST_STEPS: [&str; 7] = ["unit", "mil", "ops", "faults", "e2e", "sched", "plan"];
+pub const TEST_STEPS: [&str; 8] = [
+    "unit",
+    "mil",
+    "ops",
+    "faults",
+    "e2e",
+    "sched",
+    "placement",
+    "plan",
+];
 
 pub fn parse(args: impl Iterator<Item = String>) -> Result<Cmd, String> {
     let args: Vec<String> = args.collect();
@@ -151,7 +160,7 @@ mod tests {
         assert_eq!(steps("test --only e2e,unit"), vec!["unit", "e2e"]);
         assert_eq!(
             steps("test --skip=unit,mil"),
-            vec!["ops", "faults", "e2e", "sched", "plan"]
+            vec!["ops", "faults", "e2e", "sched", "placement", "plan"]
         );
         assert!(p("test --only nope").is_err());
         assert!(p("test --only").is_err());

@@ -54,6 +54,11 @@ fn cmake_flags() -> Vec<&'static str> {
         "-DLLAMA_BUILD_SERVER=OFF",
         "-DLLAMA_OPENSSL=OFF",
     ];
+    // ggml turns BLAS (Accelerate) on by default on Apple (ggml/CMakeLists.txt:95-98); its ACCEL
+    // device is registered before the plugin and would take every prefill MUL_MAT (docs/mac.md).
+    if cfg!(target_vendor = "apple") {
+        flags.push("-DGGML_BLAS=OFF");
+    }
     // Fixed, portable ISA level (not -march=native) so a cached build and CI
     // agree; on other hosts ggml's defaults for GGML_NATIVE=OFF apply.
     if std::env::consts::ARCH == "x86_64" {

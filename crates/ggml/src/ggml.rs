@@ -7,7 +7,7 @@
 //! we try the library by name with `RTLD_NOLOAD`, which only finds an already-loaded copy: the
 //! plugin must never bring its own ggml (buffer types are compared by pointer).
 
-use std::ffi::{c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::OnceLock;
 
 use crate::ffi::*;
@@ -22,6 +22,71 @@ pub struct Ggml {
     pub graph_node: unsafe extern "C" fn(*mut ggml_cgraph, c_int) -> *mut ggml_tensor,
     /// `ggml_backend_buffer_get_usage` (WEIGHTS = 1 marks immutable model weights).
     pub buffer_get_usage: Option<unsafe extern "C" fn(*mut ggml_backend_buffer) -> c_int>,
+    /// Where weights and devices are (see [`crate::placement`]); optional, like `buffer_get_usage`.
+    pub placement: Placement,
+}
+
+/// The ggml functions [`crate::placement`] inspects buffers and registered devices with. Each is
+/// optional: without it the plugin just says less.
+#[derive(Debug, Default)]
+pub struct Placement {
+    /// `ggml_backend_buffer_get_type`.
+    pub buffer_get_type:
+        Option<unsafe extern "C" fn(*mut ggml_backend_buffer) -> ggml_backend_buffer_type_t>,
+    /// `ggml_backend_buft_name`.
+    pub buft_name: Option<unsafe extern "C" fn(ggml_backend_buffer_type_t) -> *const c_char>,
+    /// `ggml_backend_buft_get_device`.
+    pub buft_get_device:
+        Option<unsafe extern "C" fn(ggml_backend_buffer_type_t) -> ggml_backend_dev_t>,
+    /// `ggml_backend_dev_type` (`enum ggml_backend_dev_type`).
+    pub dev_type: Option<unsafe extern "C" fn(ggml_backend_dev_t) -> c_int>,
+    /// `ggml_backend_dev_name`.
+    pub dev_name: Option<unsafe extern "C" fn(ggml_backend_dev_t) -> *const c_char>,
+    /// `ggml_backend_dev_count` (in libggml, the registry, not ggml-base).
+    pub dev_count: Option<unsafe extern "C" fn() -> usize>,
+    /// `ggml_backend_dev_get` (in libggml).
+    pub dev_get: Option<unsafe extern "C" fn(usize) -> ggml_backend_dev_t>,
+}
+
+/// Library names the registry functions (`ggml_backend_dev_count`, `ggml_backend_dev_get`) live in
+/// when they are not in the global scope.
+const REGISTRY_LIBS: [&CStr; 4] = [
+    c"libggml.so",
+    c"libggml.so.0",
+    c"libggml.dylib",
+    c"libggml.0.dylib",
+];
+
+fn resolve_placement(handle: *mut c_void) -> Placement {
+    let f = |n: &CStr| {
+        let p = lookup(handle, n);
+        (!p.is_null()).then_some(p)
+    };
+    // The registry is in libggml; look in the global scope, then in an already loaded copy.
+    let reg = |n: &CStr| {
+        f(n).or_else(|| {
+            REGISTRY_LIBS.iter().find_map(|lib| {
+                // SAFETY: RTLD_NOLOAD only returns a handle to an already loaded library.
+                let h = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
+                (!h.is_null())
+                    .then(|| lookup(h, n))
+                    .filter(|p| !p.is_null())
+            })
+        })
+    };
+    // SAFETY: each symbol is the ggml function of that name, whose C signature (ggml 0.26.0,
+    // ggml-backend.h) is the one transmuted to.
+    unsafe {
+        Placement {
+            buffer_get_type: f(c"ggml_backend_buffer_get_type").map(|p| std::mem::transmute(p)),
+            buft_name: f(c"ggml_backend_buft_name").map(|p| std::mem::transmute(p)),
+            buft_get_device: f(c"ggml_backend_buft_get_device").map(|p| std::mem::transmute(p)),
+            dev_type: f(c"ggml_backend_dev_type").map(|p| std::mem::transmute(p)),
+            dev_name: f(c"ggml_backend_dev_name").map(|p| std::mem::transmute(p)),
+            dev_count: reg(c"ggml_backend_dev_count").map(|p| std::mem::transmute(p)),
+            dev_get: reg(c"ggml_backend_dev_get").map(|p| std::mem::transmute(p)),
+        }
+    }
 }
 
 /// `GGML_BACKEND_BUFFER_USAGE_WEIGHTS`.
@@ -75,6 +140,7 @@ fn resolve_in(handle: *mut c_void) -> Option<Ggml> {
                     unsafe extern "C" fn(*mut ggml_backend_buffer) -> c_int,
                 >(p)
             }),
+            placement: resolve_placement(handle),
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod ffi;
 pub mod ggml;
 pub mod guard;
 pub mod matmul;
+pub mod placement;
 pub mod stats;
 pub mod support;
 
@@ -402,6 +403,7 @@ unsafe extern "C" fn ggml_backend_ane_device_init_backend(
         if device_state().is_err() {
             return null_mut();
         }
+        placement::inspect_devices(dev);
         Box::into_raw(Box::new(ggml_backend {
             guid: &GUID,
             iface: backend_iface(),
@@ -448,7 +450,7 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(
             g.type_info(s0.type_),
             dev.policy,
         ) {
-            Ok(()) => true,
+            Ok(()) => placement::weight_usable(g, s0, &dev.stats.declined_buft),
             Err(d) => {
                 dev.stats.declined[d.index()].fetch_add(1, Relaxed);
                 false

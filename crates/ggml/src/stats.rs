@@ -30,6 +30,9 @@ pub struct Stats {
     pub cache_misses: AtomicU64,
     /// `supports_op` declines of MUL_MAT, by [`Decline::index`].
     pub declined: [AtomicU64; Decline::ALL.len()],
+    /// `supports_op` calls for MUL_MATs the plugin would claim but whose weight is in a buffer it
+    /// cannot read (`CPU_REPACK`, GPU memory): see [`crate::placement`].
+    pub declined_buft: AtomicU64,
     /// Nanoseconds converting inputs, weights and outputs on the host.
     pub ns_convert: AtomicU64,
     /// Nanoseconds inside the engine (compile, load, evaluate).
@@ -65,6 +68,7 @@ impl Stats {
             "guard_trips": self.guard_trips.load(Relaxed),
             "faults_injected": e.faults_injected,
             "declined": declined,
+            "declined_buft": self.declined_buft.load(Relaxed),
             "cache_hits": self.cache_hits.load(Relaxed),
             "cache_misses": self.cache_misses.load(Relaxed),
             "programs_compiled": e.compiles,
@@ -124,6 +128,10 @@ impl Stats {
                 s.push_str(&format!("    {:<22} {:>10}\n", d.name(), n));
             }
         }
+        let buft = self.declined_buft.load(Relaxed);
+        if buft > 0 {
+            s.push_str(&format!("    {:<22} {:>10}\n", "declined_buft", buft));
+        }
         s.push_str(&format!(
             "  time ms: convert {:.3}, engine {:.3}, fallback {:.3}\n",
             ms(&self.ns_convert),
@@ -143,6 +151,7 @@ mod tests {
         let s = Stats::default();
         s.ops_offloaded.fetch_add(3, Relaxed);
         s.declined[Decline::SmallBatch.index()].fetch_add(2, Relaxed);
+        s.declined_buft.fetch_add(5, Relaxed);
         let j = s.to_json(
             "reference",
             EngineCounters {
@@ -153,6 +162,7 @@ mod tests {
         );
         assert_eq!(j["ops_offloaded"], 3);
         assert_eq!(j["declined"]["small_batch"], 2);
+        assert_eq!(j["declined_buft"], 5);
         assert_eq!(j["programs_compiled"], 4);
         assert_eq!(j["programs_loaded_peak"], 2);
         for k in [

@@ -47,12 +47,14 @@ pub struct TestOpts {
 }
 
 /// Steps of `cargo xtask test`, in the order they run.
-pub const TEST_STEPS: [&str; 8] = [
+pub const TEST_STEPS: [&str; 10] = [
     "unit",
     "mil",
     "ops",
     "faults",
     "e2e",
+    "overflow",
+    "fuzz",
     "sched",
     "placement",
     "plan",
@@ -160,7 +162,16 @@ mod tests {
         assert_eq!(steps("test --only e2e,unit"), vec!["unit", "e2e"]);
         assert_eq!(
             steps("test --skip=unit,mil"),
-            vec!["ops", "faults", "e2e", "sched", "placement", "plan"]
+            vec![
+                "ops",
+                "faults",
+                "e2e",
+                "overflow",
+                "fuzz",
+                "sched",
+                "placement",
+                "plan"
+            ]
         );
         assert!(p("test --only nope").is_err());
         assert!(p("test --only").is_err());

@@ -11,6 +11,11 @@
 //!   CPU backend, with the plugin on the reference engine;
 //! * `faults` - the same with `-j 2` and injected engine failures
 //!   (`GGML_ANE_FAULTS`): every claimed case passes through the CPU fallback;
+//! * `fuzz`  - the MIL parser, blob reader and GGUF reader: their
+//!   arbitrary-bytes property tests, then `cargo fuzz` for 30 s per target
+//!   when nightly and cargo-fuzz are installed (said loudly when not);
+//! * `overflow` - a tiny f32 model whose FFN activations exceed fp16's range:
+//!   greedy text with the plugin identical to the CPU, through the numeric guard;
 //! * `e2e`   - greedy `llama-completion` on tiny f16/q8_0/q4_0 models, CPU
 //!   only vs. with the plugin: identical text, and the plugin's JSON stats
 //!   must show offloaded ops;
@@ -100,6 +105,8 @@ pub fn run(opts: &TestOpts) -> Result {
             "mil" => step_mil(&mut pre),
             "ops" => step_ops(&mut pre),
             "faults" => step_faults(&mut pre),
+            "overflow" => step_overflow(&mut pre),
+            "fuzz" => step_fuzz(),
             "e2e" => step_e2e(&mut pre),
             "sched" => step_sched(&mut pre),
             "placement" => step_placement(&mut pre),
@@ -431,6 +438,133 @@ fn step_faults(pre: &mut Prereqs) -> Result<String> {
         );
     }
     Ok(summary)
+}
+
+/// Seconds each `cargo fuzz` target runs in the `fuzz` step.
+const FUZZ_SECS: u32 = 30;
+
+/// Targets in `fuzz/fuzz_targets/`.
+const FUZZ_TARGETS: [&str; 3] = ["mil_parse", "blob_read", "gguf_parse"];
+
+/// The stable property-test twins always run; the libFuzzer targets run when `cargo +nightly fuzz`
+/// works here, and the summary says which of the two ran.
+fn step_fuzz() -> Result<String> {
+    util::run(util::cargo().args([
+        "test",
+        "-p",
+        "ane-mil",
+        "-p",
+        "ane-plan",
+        "--test",
+        "bad_input",
+    ]))?;
+    let have_fuzz = Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_fuzz {
+        let msg = "cargo-fuzz or the nightly toolchain is missing: ONLY the property-test twins \
+                   ran, NO fuzzing (install: rustup toolchain install nightly; cargo install \
+                   cargo-fuzz)";
+        println!("\n!!! fuzz: {msg}\n");
+        return Ok(format!("property tests passed; {msg}"));
+    }
+    let mut ran = Vec::new();
+    for target in FUZZ_TARGETS {
+        let res = util::run_logged(
+            Command::new("cargo")
+                .args([
+                    "+nightly",
+                    "fuzz",
+                    "run",
+                    "--fuzz-dir",
+                    "fuzz",
+                    target,
+                    "--",
+                ])
+                .arg(format!("-max_total_time={FUZZ_SECS}")),
+            &format!("fuzz-{target}"),
+            Duration::from_secs(600),
+        )?;
+        if !res.success() {
+            bail!(
+                "fuzz target {target} found a crash ({}):\n{}\n{}",
+                res.status_text(),
+                res.stderr_tail(30),
+                res.where_logged()
+            );
+        }
+        let runs = res
+            .stderr
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("Done ")?.split(' ').next())
+            .unwrap_or("?")
+            .to_string();
+        ran.push(format!("{target} {runs} runs"));
+    }
+    Ok(format!(
+        "property tests passed; cargo fuzz clean for {FUZZ_SECS}s each: {}",
+        ran.join(", ")
+    ))
+}
+
+/// A tiny f32 model whose layer-0 FFN hidden state exceeds 65504 (`--overflow-gain 400`): the
+/// CPU keeps f32 activations, the ANE would see inf. With the plugin, the numeric guard must send
+/// those MUL_MATs to the CPU path and the greedy text must equal the CPU-only run.
+fn step_overflow(pre: &mut Prereqs) -> Result<String> {
+    let plugin = pre.plugin()?;
+    pre.llama()?;
+    let python = pre.python()?;
+    let model = abs("target/models/tiny-llama-overflow-f32.gguf");
+    std::fs::create_dir_all(abs("target/models"))?;
+    util::run(
+        Command::new(&python)
+            .arg(abs("scripts/make_tiny_llama.py"))
+            .arg(&model)
+            .args(["--dtype", "f32", "--seed", "0", "--overflow-gain", "400"]),
+    )?;
+    let timeout = Duration::from_secs(300);
+    let cpu = run_completion(
+        &mut completion(&model, None, 24, &[]),
+        "overflow-cpu",
+        timeout,
+    )?;
+    let ane = run_completion(
+        completion(&model, Some(&plugin), 24, &[]).env("GGML_ANE_STATS", "json"),
+        "overflow-ane",
+        timeout,
+    )?;
+    for (name, r) in [("CPU-only", &cpu), ("plugin", &ane)] {
+        if !r.success() {
+            bail!(
+                "{name} llama-completion {}:\n{}\n{}",
+                r.status_text(),
+                r.stderr_tail(15),
+                r.where_logged()
+            );
+        }
+    }
+    let (cpu_text, ane_text) = (generated(&cpu.stdout), generated(&ane.stdout));
+    println!("overflow CPU: {cpu_text:?}\noverflow ANE: {ane_text:?}");
+    if cpu_text.trim().is_empty() || cpu_text != ane_text {
+        bail!(
+            "greedy output differs or is empty\n  cpu: {cpu_text:?}\n  ane: {ane_text:?}\n{}",
+            ane.where_logged()
+        );
+    }
+    let stat = |key: &str| stats_field_max(&ane.stderr, key).unwrap_or(0);
+    let (trips, offloaded) = (stat("guard_trips"), stat("ops_offloaded"));
+    if trips == 0 || offloaded == 0 {
+        bail!(
+            "expected guard trips and offloaded ops, got guard_trips {trips}, ops_offloaded \
+             {offloaded}\n{}",
+            ane.where_logged()
+        );
+    }
+    Ok(format!(
+        "text identical to CPU; guard trips {trips}, ops offloaded {offloaded}"
+    ))
 }
 
 /// The largest value of an integer field over the `ggml-ane-stats: {json}` stderr lines.

@@ -497,6 +497,9 @@ unsafe fn dispatch(
     add_time(&cx.stats.ns_engine, t.elapsed());
     result?;
     cx.stats.dispatches.fetch_add(1, Relaxed);
+    if s.tiles > 1 || s.k_chunks > 1 {
+        cx.stats.dispatches_tiled.fetch_add(1, Relaxed);
+    }
 
     let t = Instant::now();
     let ys = y.fp16(s.y_len());

@@ -19,6 +19,8 @@ pub struct Stats {
     pub ops_fallback: AtomicU64,
     /// MUL_MATs computed as members of a fused group (sharing one dispatch with others).
     pub ops_fused: AtomicU64,
+    /// Dispatches whose program has row tiles or contraction slices (axes beyond the chip limit).
+    pub dispatches_tiled: AtomicU64,
     /// Engine dispatches (evaluations).
     pub dispatches: AtomicU64,
     /// Dispatches whose columns were recomputed on the CPU because an input was out of fp16 range
@@ -65,6 +67,7 @@ impl Stats {
             "ops_fallback": self.ops_fallback.load(Relaxed),
             "ops_fused": self.ops_fused.load(Relaxed),
             "dispatches": self.dispatches.load(Relaxed),
+            "dispatches_tiled": self.dispatches_tiled.load(Relaxed),
             "guard_trips": self.guard_trips.load(Relaxed),
             "faults_injected": e.faults_injected,
             "declined": declined,
@@ -100,6 +103,10 @@ impl Stats {
         s.push_str(&format!(
             "  engine dispatches        {:>10}\n",
             self.dispatches.load(Relaxed)
+        ));
+        s.push_str(&format!(
+            "  ... of them tiled        {:>10}\n",
+            self.dispatches_tiled.load(Relaxed)
         ));
         s.push_str(&format!(
             "  numeric guard trips      {:>10}\n",

@@ -34,7 +34,7 @@ use ane_engine::{Engine, EngineError};
 use ane_plan::Planner;
 use config::{Config, EngineChoice, StatsMode};
 use ffi::*;
-use matmul::{Group, KernelCache, Member, Operand, StagedWeights};
+use matmul::{Group, KernelCache, Member, Operand, ScratchPool, StagedWeights};
 use stats::Stats;
 use support::{Policy, TensorDesc};
 
@@ -47,6 +47,7 @@ pub struct DeviceState {
     planner: Planner,
     cache: Mutex<KernelCache>,
     staged: Mutex<StagedWeights>,
+    scratch: Mutex<ScratchPool>,
     stats: Stats,
     policy: Policy,
 }
@@ -121,6 +122,7 @@ fn device_state() -> Result<&'static DeviceState, &'static str> {
                     cfg.max_programs.min(engine.limits().max_loaded_programs),
                 )),
                 staged: Mutex::new(StagedWeights::new(cfg.stage_max_mb.saturating_mul(1 << 20))),
+                scratch: Mutex::new(ScratchPool::default()),
                 engine,
                 stats: Stats::default(),
             })
@@ -190,6 +192,7 @@ fn run_group(dev: &DeviceState, group: &Group) {
         planner: &dev.planner,
         cache: &dev.cache,
         staged: &dev.staged,
+        scratch: &dev.scratch,
         stats: &dev.stats,
     };
     // SAFETY: the group was built from this graph's claimed MUL_MATs: valid host tensors, dst

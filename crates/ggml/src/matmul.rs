@@ -149,10 +149,11 @@ impl KernelCache {
     }
 }
 
-/// Staged weights: fp16 copies of weight matrices in the program's `b_w` layout, by identity.
+/// Staged weights: fp16 copies of weight matrices in the program's `b_w` layout, by identity,
+/// each already in a surface of the request size, so a dispatch hands it to the engine as is.
 #[derive(Debug, Default)]
 pub struct StagedWeights {
-    entries: HashMap<u128, (Arc<Vec<f16>>, u64)>,
+    entries: HashMap<u128, (Arc<Surface>, u64)>,
     bytes: usize,
     tick: u64,
     /// Cap on staged bytes; least recently used entries go first.
@@ -160,7 +161,7 @@ pub struct StagedWeights {
 }
 
 impl StagedWeights {
-    /// A store holding at most `max_bytes` of fp16 weights.
+    /// A store holding at most `max_bytes` of surfaces.
     pub fn new(max_bytes: usize) -> Self {
         StagedWeights {
             max_bytes,
@@ -173,14 +174,18 @@ impl StagedWeights {
         self.bytes
     }
 
-    fn get_or_insert(&mut self, key: u128, make: impl FnOnce() -> Vec<f16>) -> Arc<Vec<f16>> {
+    fn get_or_insert<E>(
+        &mut self,
+        key: u128,
+        make: impl FnOnce() -> Result<Surface, E>,
+    ) -> Result<Arc<Surface>, E> {
         self.tick += 1;
         if let Some(e) = self.entries.get_mut(&key) {
             e.1 = self.tick;
-            return e.0.clone();
+            return Ok(e.0.clone());
         }
-        let v = Arc::new(make());
-        let size = v.len() * 2;
+        let v = Arc::new(make()?);
+        let size = v.alloc_size();
         while self.bytes + size > self.max_bytes && !self.entries.is_empty() {
             let (&old, _) = self
                 .entries
@@ -188,15 +193,50 @@ impl StagedWeights {
                 .min_by_key(|(_, (_, t))| *t)
                 .expect("non-empty");
             if let Some((e, _)) = self.entries.remove(&old) {
-                self.bytes -= e.len() * 2;
+                self.bytes -= e.alloc_size();
             }
         }
         if size <= self.max_bytes {
             self.bytes += size;
             self.entries.insert(key, (v.clone(), self.tick));
         }
-        v
+        Ok(v)
     }
+}
+
+/// Reusable activation and output surfaces. Surfaces of one request must all have the size of
+/// the largest (often the weights), so allocating and zeroing them per dispatch would cost as
+/// much as the weights; a few are kept per size.
+#[derive(Debug, Default)]
+pub struct ScratchPool {
+    free: HashMap<usize, Vec<Surface>>,
+}
+
+impl ScratchPool {
+    fn take(&mut self, size: usize) -> Surface {
+        self.free
+            .get_mut(&size)
+            .and_then(Vec::pop)
+            .unwrap_or_else(|| Surface::new(size))
+    }
+
+    fn give(&mut self, s: Surface) {
+        let v = self.free.entry(s.alloc_size()).or_default();
+        if v.len() < 2 {
+            v.push(s);
+        }
+    }
+}
+
+/// The allocation size of every surface of a request for `s`. It uses the largest column bucket
+/// for the activations and outputs, so all column chunks of a group (and the staged weights) share
+/// one size.
+fn request_size(s: &TiledShape, max_cols: usize) -> usize {
+    let wide = TiledShape {
+        n: s.n.max(max_cols),
+        ..*s
+    };
+    request_alloc_size(&[wide.x_len() * 2, s.w_len() * 2, wide.y_len() * 2])
 }
 
 /// Device-wide state the compute path needs.
@@ -209,6 +249,8 @@ pub struct Context<'a> {
     pub cache: &'a Mutex<KernelCache>,
     /// Staged weights.
     pub staged: &'a Mutex<StagedWeights>,
+    /// Reusable surfaces.
+    pub scratch: &'a Mutex<ScratchPool>,
     /// Counters.
     pub stats: &'a Stats,
 }
@@ -290,19 +332,37 @@ unsafe fn stage_key(g: &Group, shape: &TiledShape) -> u128 {
 }
 
 /// The stacked src0 rows of matrix (`i2`, `i3`) of every member in the `b_w` layout
-/// `[tiles][k_chunks][m_tile][k_chunk]`, fp16, zero padded.
+/// `[tiles][k_chunks][m_tile][k_chunk]`, fp16, zero padded, in a surface of `size` bytes.
+/// Rows are converted by `ane_convert` (bit-identical to ggml's `to_float` + fp16 rounding, one
+/// pass) when their blocks are contiguous, else through ggml's `to_float`.
 ///
 /// # Safety
 /// The members' src0 must be readable.
-unsafe fn stage(g: &Group, i2: usize, i3: usize, s: &TiledShape) -> Vec<f16> {
+unsafe fn stage(g: &Group, i2: usize, i3: usize, s: &TiledShape, size: usize) -> Surface {
     let k = g.members[0].src0.desc.ne[0] as usize;
-    let mut w = vec![f16::ZERO; s.w_len()];
+    let mut surface = Surface::new(size);
+    let w = surface.fp16_mut(s.w_len());
     let mut row = vec![0f32; k];
+    let mut row16 = vec![f16::ZERO; k];
     let mut r = 0;
     for m in &g.members {
-        for i1 in 0..m.src0.desc.ne[1] as usize {
-            // SAFETY: forwarded contract.
-            unsafe { read_row(&m.src0, &m.src0_info, i1, i2, i3, &mut row) };
+        let d = &m.src0.desc;
+        let fast = d.nb[0] == m.src0_info.type_size && ane_convert::row_bytes(d.ty, k).is_some();
+        for i1 in 0..d.ne[1] as usize {
+            let base = i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3];
+            let converted = fast && {
+                let len = ane_convert::row_bytes(d.ty, k).unwrap_or(0);
+                // SAFETY: a contiguous row of k elements is `len` readable bytes at `base`.
+                let bytes = unsafe { std::slice::from_raw_parts(m.src0.data.add(base), len) };
+                ane_convert::row_to_f16(d.ty, bytes, &mut row16).is_ok()
+            };
+            if !converted {
+                // SAFETY: forwarded contract.
+                unsafe { read_row(&m.src0, &m.src0_info, i1, i2, i3, &mut row) };
+                for (h, &v) in row16.iter_mut().zip(&row) {
+                    *h = f16::from_f32(v);
+                }
+            }
             let (t, mi) = (r / s.m_tile, r % s.m_tile);
             for c in 0..s.k_chunks {
                 let lo = c * s.k_chunk;
@@ -311,14 +371,18 @@ unsafe fn stage(g: &Group, i2: usize, i3: usize, s: &TiledShape) -> Vec<f16> {
                     break;
                 }
                 let base = ((t * s.k_chunks + c) * s.m_tile + mi) * s.k_chunk;
-                for (d, &v) in w[base..base + (hi - lo)].iter_mut().zip(&row[lo..hi]) {
-                    *d = f16::from_f32(v);
-                }
+                w[base..base + (hi - lo)].copy_from_slice(&row16[lo..hi]);
             }
             r += 1;
         }
     }
-    w
+    surface
+}
+
+/// When `cols` are consecutive tokens of one (i12, i13) matrix, the first token and that matrix.
+fn contiguous_run(cols: &[(usize, usize, usize)]) -> Option<(usize, usize, usize)> {
+    let (&(a, b, c), &(z, y, x)) = (cols.first()?, cols.last()?);
+    (b == y && c == x && z + 1 == a + cols.len()).then_some((a, b, c))
 }
 
 /// Computes a group. Never leaves an output unwritten: an engine failure computes the affected
@@ -349,7 +413,7 @@ pub unsafe fn compute(cx: &Context<'_>, g: &Group) {
             } else {
                 (cx.planner.dim_bucket(k), cx.planner.dim_bucket(m_total))
             };
-            let mut w: Option<Arc<Vec<f16>>> = None;
+            let mut w: Option<Arc<Surface>> = None;
             for chunk in cx.planner.col_chunks(cols.len()) {
                 let shape = cx.planner.tile(kp, mp, chunk.bucket);
                 let cols = &cols[chunk.start..chunk.start + chunk.len];
@@ -434,12 +498,12 @@ unsafe fn dispatch(
     i03: usize,
     shape: &TiledShape,
     cols: &[(usize, usize, usize)],
-    w: &mut Option<Arc<Vec<f16>>>,
+    w: &mut Option<Arc<Surface>>,
 ) -> Result<(), EngineError> {
-    use std::sync::atomic::Ordering::Relaxed;
     let s = shape;
     let k = g.members[0].src0.desc.ne[0] as usize;
     let t = Instant::now();
+    let size = request_size(s, cx.planner.max_cols());
     // Weights: staged once (weights buffers) or converted for this call.
     let weights = match w {
         Some(w) => w.clone(),
@@ -453,11 +517,13 @@ unsafe fn dispatch(
                 let key = unsafe { stage_key(g, s) };
                 let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
                 // SAFETY: forwarded contract.
-                staged.get_or_insert(key, || unsafe { stage(g, i02, i03, s) })
+                staged.get_or_insert(key, || {
+                    Ok::<_, EngineError>(unsafe { stage(g, i02, i03, s, size) })
+                })?
             } else {
                 // SAFETY: forwarded contract.
-                let made = unsafe { stage(g, i02, i03, s) };
-                if !guard::fp16_ok(&made) {
+                let made = unsafe { stage(g, i02, i03, s, size) };
+                if !guard::fp16_ok(made.fp16(s.w_len())) {
                     return Err(guard::trip(cx.stats, "src0 out of fp16 range"));
                 }
                 Arc::new(made)
@@ -466,33 +532,95 @@ unsafe fn dispatch(
             made
         }
     };
-    let size = request_alloc_size(&[s.x_len() * 2, s.w_len() * 2, s.y_len() * 2]);
-    let mut ws = Surface::new(size);
-    ws.fp16_mut(s.w_len()).copy_from_slice(&weights);
-    let mut x = Surface::new(size);
-    {
-        let xs = x.fp16_mut(s.x_len());
-        let mut row = vec![0f32; k];
-        for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
-            // SAFETY: forwarded contract.
-            unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, &mut row) };
-            if !guard::input_ok(&row) {
-                return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
-            }
-            for (ki, &v) in row.iter().enumerate() {
-                xs[ki * s.n + c] = f16::from_f32(v);
-            }
+    let (mut x, mut y) = {
+        let mut pool = cx.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        (pool.take(size), pool.take(size))
+    };
+    // SAFETY: forwarded contract.
+    let filled = unsafe { fill_activations(cx, g, s, k, cols, &mut x) };
+    add_time(&cx.stats.ns_convert, t.elapsed());
+    // SAFETY: forwarded contract.
+    let result =
+        filled.and_then(|()| unsafe { run_and_scatter(cx, g, s, cols, &weights, &x, &mut y) });
+    let mut pool = cx.scratch.lock().unwrap_or_else(|e| e.into_inner());
+    pool.give(x);
+    pool.give(y);
+    result
+}
+
+/// Writes the activation columns into `x` (`[k_pad][n]`, fp16), zeroing every padding element.
+///
+/// # Safety
+/// As for [`compute`].
+unsafe fn fill_activations(
+    cx: &Context<'_>,
+    g: &Group,
+    s: &TiledShape,
+    k: usize,
+    cols: &[(usize, usize, usize)],
+    x: &mut Surface,
+) -> Result<(), EngineError> {
+    let xs = x.fp16_mut(s.x_len());
+    let d = &g.src1.desc;
+    let run =
+        contiguous_run(cols).filter(|_| d.ty == GGML_TYPE_F32 && d.nb[0] == 4 && d.nb[1].is_multiple_of(4));
+    if let Some((i1, i12, i13)) = run {
+        let stride = d.nb[1] / 4;
+        let len = (cols.len() - 1) * stride + k;
+        // SAFETY: rows i1..i1+len of matrix (i12, i13) are readable f32, `len` values from here.
+        let src = unsafe {
+            std::slice::from_raw_parts(
+                g.src1
+                    .data
+                    .add(i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3])
+                    .cast::<f32>(),
+                len,
+            )
+        };
+        ane_convert::act_f32_to_f16_transposed(src, cols.len(), k, stride, &mut xs[..k * s.n], s.n)
+            .map_err(|e| EngineError::Eval(format!("activation conversion: {e}")))?;
+        xs[k * s.n..].fill(f16::ZERO);
+        // fp16 conversion of a value beyond 65504 (or a non-finite input) gives a non-finite value.
+        if !guard::fp16_ok(&xs[..k * s.n]) {
+            return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
+        }
+        return Ok(());
+    }
+    xs.fill(f16::ZERO);
+    let mut row = vec![0f32; k];
+    for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
+        // SAFETY: forwarded contract.
+        unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, &mut row) };
+        if !guard::input_ok(&row) {
+            return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
+        }
+        for (ki, &v) in row.iter().enumerate() {
+            xs[ki * s.n + c] = f16::from_f32(v);
         }
     }
-    let mut y = Surface::new(size);
-    add_time(&cx.stats.ns_convert, t.elapsed());
+    Ok(())
+}
 
+/// Compiles (or reuses) the program, evaluates it, checks and scatters the outputs.
+///
+/// # Safety
+/// As for [`compute`].
+unsafe fn run_and_scatter(
+    cx: &Context<'_>,
+    g: &Group,
+    s: &TiledShape,
+    cols: &[(usize, usize, usize)],
+    ws: &Surface,
+    x: &Surface,
+    y: &mut Surface,
+) -> Result<(), EngineError> {
+    use std::sync::atomic::Ordering::Relaxed;
     let t = Instant::now();
     let result = {
         let mut cache = cx.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache
             .get_or_compile(cx.engine, *s, cx.stats)
-            .and_then(|id| cx.engine.evaluate(id, &[&x, &ws], &mut [&mut y]))
+            .and_then(|id| cx.engine.evaluate(id, &[x, ws], &mut [y]))
     };
     add_time(&cx.stats.ns_engine, t.elapsed());
     result?;
@@ -509,10 +637,34 @@ unsafe fn dispatch(
             "output non-finite or past the matmul cliff",
         ));
     }
+    let run = contiguous_run(cols).filter(|_| s.k_chunks == 1);
     let mut r = 0;
     for m in &g.members {
         let d = &m.dst.desc;
-        for mi in 0..d.ne[0] as usize {
+        let rows = d.ne[0] as usize;
+        if let Some((i1, i12, i13)) = run.filter(|_| d.nb[0] == 4 && d.nb[1].is_multiple_of(4)) {
+            // One slice: output rows r..r+rows are contiguous in `y` (`[tiles][m_tile][n]`).
+            let stride = d.nb[1] / 4;
+            let len = (cols.len() - 1) * stride + rows;
+            // SAFETY: dst rows i1..i1+len of matrix (i12, i13) are writable f32 and do not overlap
+            // any source.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(
+                    m.dst
+                        .data
+                        .cast_mut()
+                        .add(i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3])
+                        .cast::<f32>(),
+                    len,
+                )
+            };
+            let src = &ys[r * s.n..(r + rows) * s.n];
+            ane_convert::out_f16_to_f32_transposed(src, rows, s.n, cols.len(), out, stride)
+                .map_err(|e| EngineError::Eval(format!("output conversion: {e}")))?;
+            r += rows;
+            continue;
+        }
+        for mi in 0..rows {
             let (tile, row) = (r / s.m_tile, r % s.m_tile);
             for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
                 let acc: f32 = (0..s.k_chunks)

@@ -11,7 +11,9 @@ use ane_engine::{Chip, Engine};
 use ane_plan::Planner;
 use ggml_ane::ffi::GGML_TYPE_F32;
 use ggml_ane::ggml::TypeInfo;
-use ggml_ane::matmul::{compute, Context, Group, KernelCache, Member, Operand, StagedWeights};
+use ggml_ane::matmul::{
+    compute, Context, Group, KernelCache, Member, Operand, ScratchPool, StagedWeights,
+};
 use ggml_ane::stats::Stats;
 use ggml_ane::support::TensorDesc;
 
@@ -27,6 +29,7 @@ struct Device {
     planner: Planner,
     cache: Mutex<KernelCache>,
     staged: Mutex<StagedWeights>,
+    scratch: Mutex<ScratchPool>,
     stats: Stats,
 }
 
@@ -38,6 +41,7 @@ impl Device {
             planner,
             cache: Mutex::new(KernelCache::new(max_programs)),
             staged: Mutex::new(StagedWeights::new(1 << 28)),
+            scratch: Mutex::new(ScratchPool::default()),
             stats: Stats::default(),
         }
     }
@@ -84,6 +88,7 @@ impl Device {
             planner: &self.planner,
             cache: &self.cache,
             staged: &self.staged,
+            scratch: &self.scratch,
             stats: &self.stats,
         };
         // SAFETY: the buffers match their descriptions and dst overlaps no source.

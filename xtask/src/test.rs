@@ -403,7 +403,7 @@ fn step_faults(pre: &mut Prereqs) -> Result<String> {
         stat("ops_offloaded"),
     );
     let summary = format!(
-        "GGML_ANE_FAULTS={FAULTS}, -j 2: claimed {} passed {} failed {};          ops offloaded {offloaded}, CPU fallback {fallback}, faults injected {faults} ({:.0}s)",
+        "GGML_ANE_FAULTS={FAULTS}, -j 2: claimed {} passed {} failed {}; ops offloaded {offloaded}, CPU fallback {fallback}, faults injected {faults} ({:.0}s)",
         c.ok + c.fail,
         c.ok,
         c.fail,

@@ -46,11 +46,18 @@ pub enum Decline {
     Shape,
     /// Some dimension is zero.
     Empty,
+    /// Fewer than [`MIN_OUTPUTS`] output values: one ANE dispatch costs more than the CPU does
+    /// for the whole op, and fp16 inputs make the relative error of a lone dot product with
+    /// cancellation unbounded (llama.cpp's test suite measures it on one value).
+    TinyOutput,
 }
+
+/// Smallest number of output values the plugin claims (see [`Decline::TinyOutput`]).
+pub const MIN_OUTPUTS: i64 = 16;
 
 impl Decline {
     /// Every reason, in stats order.
-    pub const ALL: [Decline; 7] = [
+    pub const ALL: [Decline; 8] = [
         Decline::SmallBatch,
         Decline::DstType,
         Decline::Src1Type,
@@ -58,6 +65,7 @@ impl Decline {
         Decline::Src0Layout,
         Decline::Shape,
         Decline::Empty,
+        Decline::TinyOutput,
     ];
 
     /// Stats key.
@@ -70,6 +78,7 @@ impl Decline {
             Decline::Src0Layout => "src0_layout",
             Decline::Shape => "shape",
             Decline::Empty => "empty",
+            Decline::TinyOutput => "tiny_output",
         }
     }
 
@@ -129,6 +138,9 @@ pub fn mul_mat(
     if (n as usize) < policy.min_batch {
         return Err(Decline::SmallBatch);
     }
+    if policy.min_batch > 0 && m * n * ne12 * ne13 < MIN_OUTPUTS {
+        return Err(Decline::TinyOutput);
+    }
     Ok(())
 }
 
@@ -160,6 +172,24 @@ mod tests {
         assert_eq!(
             mul_mat(&a, &b, &d, Some(PLAIN), POLICY),
             Err(Decline::SmallBatch)
+        );
+    }
+
+    #[test]
+    fn tiny_outputs_are_declined_but_still_computable() {
+        let one = Policy { min_batch: 1 };
+        let (a, b, d) = mm(2048, 1, 1);
+        assert_eq!(
+            mul_mat(&a, &b, &d, Some(PLAIN), one),
+            Err(Decline::TinyOutput)
+        );
+        let (a, b, d) = mm(2048, 1, 16);
+        assert_eq!(mul_mat(&a, &b, &d, Some(PLAIN), one), Ok(()));
+        // graph_compute re-checks with min_batch 0: whatever the scheduler sent is computed.
+        let (a, b, d) = mm(2048, 1, 1);
+        assert_eq!(
+            mul_mat(&a, &b, &d, Some(PLAIN), Policy { min_batch: 0 }),
+            Ok(())
         );
     }
 

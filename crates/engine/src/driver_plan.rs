@@ -381,32 +381,33 @@ impl DirRefcount {
     }
 }
 
-/// Creates `dir` (mode 0700 on Unix) and writes the plan's files under it, creating
-/// subdirectories (also 0700) as needed. Existing files are overwritten with the same bytes.
+/// Creates `dir` private (see [`crate::model_dir`]: mode 0700, symlinks and foreign directories
+/// refused), records this process as its owner, and writes the plan's files under it with
+/// `O_NOFOLLOW`, creating private subdirectories as needed. Existing files are overwritten with the
+/// same bytes.
 ///
 /// # Errors
-/// Any I/O error, with the path.
+/// Any I/O error or refusal, with the path.
 pub fn write_model_dir(dir: &std::path::Path, plan: &DriverPlan) -> Result<(), EngineError> {
+    use crate::model_dir::{claim, create_private, write_private};
     let io = |p: &std::path::Path, e: std::io::Error| {
         EngineError::Compile(format!("model directory {}: {e}", p.display()))
     };
-    make_private_dir(dir).map_err(|e| io(dir, e))?;
+    create_private(dir).map_err(|e| io(dir, e))?;
+    claim(dir).map_err(|e| io(dir, e))?;
     for f in &plan.files {
         let path = dir.join(&f.rel_path);
-        if let Some(parent) = path.parent() {
-            make_private_dir(parent).map_err(|e| io(parent, e))?;
+        // Relative paths were checked by the plan (no `..`, no absolute parts): create each level.
+        let mut at = dir.to_path_buf();
+        if let Some(parent) = std::path::Path::new(&f.rel_path).parent() {
+            for c in parent.components() {
+                at.push(c);
+                create_private(&at).map_err(|e| io(&at, e))?;
+            }
         }
-        std::fs::write(&path, &f.contents).map_err(|e| io(&path, e))?;
+        write_private(&path, &f.contents).map_err(|e| io(&path, e))?;
     }
     Ok(())
-}
-
-fn make_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    let mut b = std::fs::DirBuilder::new();
-    b.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-    b.create(dir)
 }
 
 /// Runs `load`, and once more after `delay` if it fails (the documented fix for "ANE slot

@@ -22,6 +22,7 @@ pub mod canary;
 mod chip;
 pub mod driver_plan;
 mod error;
+pub mod model_dir;
 pub mod reference;
 pub mod surface;
 

@@ -113,6 +113,9 @@ fn device_state() -> Result<&'static DeviceState, &'static str> {
                 return Err("ggml-base symbols not found in this process".into());
             }
             let engine = open_engine(cfg).map_err(|e| e.to_string())?;
+            // SAFETY: registering a plain `extern "C" fn()` has no preconditions; it runs once at
+            // normal process exit.
+            unsafe { libc::atexit(ggml_backend_ane_at_exit) };
             Ok(DeviceState {
                 policy: Policy {
                     min_batch: cfg.min_batch,
@@ -129,6 +132,18 @@ fn device_state() -> Result<&'static DeviceState, &'static str> {
         })
         .as_ref()
         .map_err(|s| s.as_str())
+}
+
+/// At normal exit, unloads every program: on the ANE that frees the driver's slots and removes
+/// the model directories (they hold weights). Skipped if another thread holds the cache.
+extern "C" fn ggml_backend_ane_at_exit() {
+    guard((), || {
+        if let Ok(dev) = device_state() {
+            if let Ok(mut cache) = dev.cache.try_lock() {
+                cache.clear(dev.engine.as_ref());
+            }
+        }
+    })
 }
 
 fn desc(t: &ggml_tensor) -> TensorDesc {

@@ -104,6 +104,10 @@ pub fn cpu_brand() -> Option<String> {
 pub fn open_with_probe() -> (Result<Arc<AneEngine>, EngineError>, Probe) {
     autoreleasepool(|_| {
         let (client, discovery) = client::load();
+        // Model directories left by a crashed process hold weights: remove them (ours only).
+        crate::model_dir::clean_stale(std::path::Path::new(
+            &objc2_foundation::NSTemporaryDirectory().to_string(),
+        ));
         let ane_subtype = client.as_ref().ok().and_then(Client::ane_subtype);
         let brand = cpu_brand();
         let chip = identify_chip(ane_subtype.as_deref(), brand.as_deref());

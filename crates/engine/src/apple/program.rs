@@ -140,6 +140,6 @@ impl LoadedProgram {
 
 fn release_dir(dirs: &mut DirRefcount, dir: &std::path::Path) {
     if dirs.release(dir) {
-        let _ = std::fs::remove_dir_all(dir);
+        crate::model_dir::remove(dir);
     }
 }

@@ -307,6 +307,8 @@ fn model_dir_files_and_mode() {
     )
     .unwrap();
     let root = std::env::temp_dir().join(format!("ane-plan-test-{}", std::process::id()));
+    // The parent (NSTemporaryDirectory on a Mac) must exist: only the model directory is created.
+    std::fs::create_dir_all(&root).unwrap();
     let dir = root.join("HEX_ID");
     write_model_dir(&dir, &plan).unwrap();
     assert_eq!(

@@ -562,8 +562,8 @@ unsafe fn fill_activations(
 ) -> Result<(), EngineError> {
     let xs = x.fp16_mut(s.x_len());
     let d = &g.src1.desc;
-    let run =
-        contiguous_run(cols).filter(|_| d.ty == GGML_TYPE_F32 && d.nb[0] == 4 && d.nb[1].is_multiple_of(4));
+    let run = contiguous_run(cols)
+        .filter(|_| d.ty == GGML_TYPE_F32 && d.nb[0] == 4 && d.nb[1].is_multiple_of(4));
     if let Some((i1, i12, i13)) = run {
         let stride = d.nb[1] / 4;
         let len = (cols.len() - 1) * stride + k;

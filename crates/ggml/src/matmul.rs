@@ -517,9 +517,17 @@ unsafe fn dispatch(
                 let key = unsafe { stage_key(g, s) };
                 let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
                 // SAFETY: forwarded contract.
-                staged.get_or_insert(key, || {
-                    Ok::<_, EngineError>(unsafe { stage(g, i02, i03, s, size) })
-                })?
+                let made = staged.get_or_insert(key, || {
+                    let t = Instant::now();
+                    // SAFETY: forwarded contract.
+                    let made = unsafe { stage(g, i02, i03, s, size) };
+                    add_time(&cx.stats.ns_stage, t.elapsed());
+                    Ok::<_, EngineError>(made)
+                })?;
+                cx.stats
+                    .staged_bytes
+                    .store(staged.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
+                made
             } else {
                 // SAFETY: forwarded contract.
                 let made = unsafe { stage(g, i02, i03, s, size) };

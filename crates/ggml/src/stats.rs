@@ -41,6 +41,10 @@ pub struct Stats {
     pub ns_engine: AtomicU64,
     /// Nanoseconds in the CPU fallback.
     pub ns_fallback: AtomicU64,
+    /// Nanoseconds converting weights to staged fp16 surfaces (part of `ns_convert`).
+    pub ns_stage: AtomicU64,
+    /// Bytes of staged weight surfaces held now.
+    pub staged_bytes: AtomicU64,
 }
 
 /// Adds a duration to a nanosecond counter.
@@ -80,6 +84,8 @@ impl Stats {
             "ms_convert": ms(&self.ns_convert),
             "ms_engine": ms(&self.ns_engine),
             "ms_fallback": ms(&self.ns_fallback),
+            "ms_stage": ms(&self.ns_stage),
+            "staged_mb": self.staged_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
         })
     }
 
@@ -144,6 +150,11 @@ impl Stats {
             ms(&self.ns_convert),
             ms(&self.ns_engine),
             ms(&self.ns_fallback)
+        ));
+        s.push_str(&format!(
+            "  staged weights: {:.1} MiB, {:.3} ms to convert\n",
+            self.staged_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
+            ms(&self.ns_stage)
         ));
         s
     }

@@ -5,6 +5,7 @@
 //!    model `ane plan` uses matches what llama.cpp actually sends.
 //! 2. With `GGML_ANE_CHIP=m1` (axis limit 16384), a model whose vocabulary is 20048 tokens has its
 //!    LM head offloaded in row tiles and still generates the CPU's greedy text.
+//! 3. The token-major program layout (`GGML_ANE_LAYOUT=tokens`) generates the CPU's text too.
 
 use std::process::Command;
 use std::time::Duration;
@@ -117,8 +118,40 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
     if tiled == 0 || fallback != 0 {
         bail!("LM head (20048 rows > 16384 on m1): {tiled} tiled dispatches, {fallback} fallbacks; expected tiles and no fallback\n{}", ane_run.where_logged());
     }
+    // 3. The token-major program layout (GGML_ANE_LAYOUT=tokens) gives the same text.
+    let mut layouts = Vec::new();
+    for dtype in ["f16", "q4_0"] {
+        let model = models::path(dtype);
+        let extra: &[&str] = if dtype == "q4_0" {
+            &["--no-repack"]
+        } else {
+            &[]
+        };
+        let cpu = run_completion(
+            &mut completion(&model, None, 16, extra),
+            &format!("plan-tokens-{dtype}-cpu"),
+            timeout,
+        )?;
+        let tok = run_completion(
+            completion(&model, Some(&plugin), 16, extra)
+                .env("GGML_ANE_STATS", "json")
+                .env("GGML_ANE_LAYOUT", "tokens"),
+            &format!("plan-tokens-{dtype}-ane"),
+            timeout,
+        )?;
+        let (ct, tt) = (generated(&cpu.stdout), generated(&tok.stdout));
+        let offloaded = stat(&tok.stderr, "ops_offloaded")?;
+        if !cpu.success() || !tok.success() || ct.trim().is_empty() || ct != tt || offloaded == 0 {
+            bail!(
+                "token-major layout, {dtype}: text {tt:?} vs CPU {ct:?}, {offloaded} offloaded\n{}",
+                tok.where_logged()
+            );
+        }
+        layouts.push(format!("{dtype} {offloaded} ops"));
+    }
     Ok(format!(
-        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt); m1 LM head 20048 rows: {tiled} tiled dispatches, text identical"
+        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt); m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; token-major layout identical ({})",
+        layouts.join(", ")
     ))
 }
 

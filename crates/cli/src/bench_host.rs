@@ -30,7 +30,7 @@ pub fn run(args: &Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:>12} {:>8} {:>10} {:>10}",
+        "{:<22} {:>12} {:>8} {:>10} {:>10}",
         "name", "bytes", "GB/s", "x memcpy", "x ggml"
     );
     for r in &rows {
@@ -39,7 +39,7 @@ pub fn run(args: &Args) -> Result<()> {
             .map(|v| format!("{v:.2}"))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<16} {:>12} {:>8.2} {:>10.2} {:>10}",
+            "{:<22} {:>12} {:>8.2} {:>10.2} {:>10}",
             r.name, r.bytes, r.gbps, r.ratio_to_memcpy, g
         );
     }

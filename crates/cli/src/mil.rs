@@ -29,6 +29,9 @@ pub enum Form {
     TiledMatmul,
     /// `build::tiled_matmul` as used for attention: 2 independent heads.
     HeadsMatmul,
+    /// `build::tiled_matmul` with token-major activations (`Layout::Tokens`, `GGML_ANE_LAYOUT=tokens`),
+    /// 2 row tiles and 2 contraction slices.
+    TokensMatmul,
 }
 
 impl Form {
@@ -50,6 +53,16 @@ impl Form {
                 m_tile: m.div_ceil(2),
                 k_chunk: k.div_ceil(2),
                 n,
+                layout: build::Layout::Channels,
+            }),
+            Form::TokensMatmul => build::tiled_matmul(build::TiledShape {
+                heads: 1,
+                tiles: 2,
+                k_chunks: 2,
+                m_tile: m.div_ceil(2),
+                k_chunk: k.div_ceil(2),
+                n,
+                layout: build::Layout::Tokens,
             }),
             Form::HeadsMatmul => build::tiled_matmul(build::TiledShape {
                 heads: 2,
@@ -58,6 +71,7 @@ impl Form {
                 m_tile: m,
                 k_chunk: k,
                 n,
+                layout: build::Layout::Channels,
             }),
         }
     }
@@ -157,7 +171,13 @@ mod tests {
         let names: Vec<String> = Form::value_variants().iter().map(|f| f.name()).collect();
         assert_eq!(
             names,
-            ["conv-matmul", "dyn-matmul", "tiled-matmul", "heads-matmul"]
+            [
+                "conv-matmul",
+                "dyn-matmul",
+                "tiled-matmul",
+                "heads-matmul",
+                "tokens-matmul"
+            ]
         );
     }
 }

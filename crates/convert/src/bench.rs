@@ -213,6 +213,40 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
         push("out_f16_to_f32", n * m * 4, n * m * 6, ours, theirs);
     }
 
+    // The token-major program layout (`GGML_ANE_LAYOUT=tokens`) needs no transpose: activations
+    // and outputs are plain row conversions.
+    {
+        let elems = bytes / 4;
+        let mut src = vec![0f32; elems];
+        fill_f32(&mut src, 7);
+        let mut dst = vec![f16::ZERO; elems];
+        let ours = best_time(|| {
+            crate::f32_to_f16(black_box(&src), &mut dst).expect("len");
+            black_box(&mut dst);
+        });
+        let theirs = ggml.map(|g| {
+            best_time(|| {
+                g.fp32_to_fp16_row(black_box(&src), &mut dst).expect("len");
+                black_box(&mut dst);
+            })
+        });
+        push("act_tokens_f32_to_f16", elems * 4, elems * 6, ours, theirs);
+        let src16 = dst.clone();
+        let mut out = vec![0f32; elems];
+        let ours = best_time(|| {
+            crate::f16_to_f32(black_box(&src16), &mut out).expect("len");
+            black_box(&mut out);
+        });
+        let theirs = ggml.map(|g| {
+            best_time(|| {
+                g.fp16_to_fp32_row(black_box(&src16), &mut out)
+                    .expect("len");
+                black_box(&mut out);
+            })
+        });
+        push("out_tokens_f16_to_f32", elems * 4, elems * 6, ours, theirs);
+    }
+
     // Weights: rows of ROW elements to fp16; `bytes` of fp16 output.
     for &(ty, name) in types::SUPPORTED.iter() {
         let (qk, bs) = block_layout(ty).expect("supported");

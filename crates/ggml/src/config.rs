@@ -47,6 +47,9 @@ pub struct Config {
     pub max_programs: usize,
     /// `GGML_ANE_STAGE_MAX_MB`: cap on weights kept converted to fp16 (LRU beyond).
     pub stage_max_mb: usize,
+    /// `GGML_ANE_LAYOUT=channels|tokens`: where tokens sit in the programs' activations (see
+    /// `ane_mil::build::Layout`); channel-first by default, as every direct-ANE project does.
+    pub layout: ane_plan::Layout,
     /// `GGML_ANE_FAULTS="compile=P,load=P,eval=P,alloc=P[,seed=S]"`: failures the reference engine
     /// injects (tests of the fallback path). `None` when unset, all zero or malformed.
     pub faults: Option<FaultSpec>,
@@ -108,6 +111,14 @@ impl Config {
         )
         .parse()
         .unwrap_or(DEFAULT_MAX_PROGRAMS);
+        let layout = match parse("GGML_ANE_LAYOUT", "channels", &|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "channels" | "tokens")
+        })
+        .as_str()
+        {
+            "tokens" => ane_plan::Layout::Tokens,
+            _ => ane_plan::Layout::Channels,
+        };
         let stage_max_mb = parse(
             "GGML_ANE_STAGE_MAX_MB",
             &DEFAULT_STAGE_MAX_MB.to_string(),
@@ -154,6 +165,7 @@ impl Config {
             chip,
             max_programs,
             stage_max_mb,
+            layout,
             faults,
             ref_accum,
         }

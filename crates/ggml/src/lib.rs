@@ -120,7 +120,10 @@ fn device_state() -> Result<&'static DeviceState, &'static str> {
                 policy: Policy {
                     min_batch: cfg.min_batch,
                 },
-                planner: Planner::new(engine.limits()),
+                planner: Planner {
+                    layout: cfg.layout,
+                    ..Planner::new(engine.limits())
+                },
                 cache: Mutex::new(KernelCache::new(
                     cfg.max_programs.min(engine.limits().max_loaded_programs),
                 )),

@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use ane_engine::surface::request_alloc_size;
 use ane_engine::{Engine, EngineError, ProgramId, Surface};
-use ane_plan::{Planner, TiledShape};
+use ane_plan::{Layout, Planner, TiledShape};
 use half::{bf16, f16};
 use xxhash_rust::xxh3::Xxh3;
 
@@ -568,6 +568,10 @@ unsafe fn fill_activations(
     cols: &[(usize, usize, usize)],
     x: &mut Surface,
 ) -> Result<(), EngineError> {
+    if s.layout == Layout::Tokens {
+        // SAFETY: forwarded contract.
+        return unsafe { fill_tokens(cx, g, s, k, cols, x) };
+    }
     let xs = x.fp16_mut(s.x_len());
     let d = &g.src1.desc;
     let run = contiguous_run(cols)
@@ -609,6 +613,105 @@ unsafe fn fill_activations(
     Ok(())
 }
 
+/// Token-major activations (`[k_chunks][n][k_chunk]`): each token's row is a plain fp32 -> fp16
+/// conversion of the src1 row, no transpose; padding (K tail, extra tokens) is zeroed.
+///
+/// # Safety
+/// As for [`compute`].
+unsafe fn fill_tokens(
+    cx: &Context<'_>,
+    g: &Group,
+    s: &TiledShape,
+    k: usize,
+    cols: &[(usize, usize, usize)],
+    x: &mut Surface,
+) -> Result<(), EngineError> {
+    let xs = x.fp16_mut(s.x_len());
+    let d = &g.src1.desc;
+    let plain_f32 = d.ty == GGML_TYPE_F32 && d.nb[0] == 4;
+    let mut row = vec![0f32; k];
+    for (cidx, &(i1, i12, i13)) in cols.iter().enumerate() {
+        let base = i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3];
+        let src: &[f32] = if plain_f32 {
+            // SAFETY: a contiguous f32 row of k values starts at `base`.
+            unsafe { std::slice::from_raw_parts(g.src1.data.add(base).cast::<f32>(), k) }
+        } else {
+            // SAFETY: forwarded contract.
+            unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, &mut row) };
+            &row
+        };
+        for c in 0..s.k_chunks {
+            let seg = &mut xs[(c * s.n + cidx) * s.k_chunk..(c * s.n + cidx + 1) * s.k_chunk];
+            let lo = (c * s.k_chunk).min(k);
+            let hi = (lo + s.k_chunk).min(k);
+            ane_convert::f32_to_f16(&src[lo..hi], &mut seg[..hi - lo])
+                .map_err(|e| EngineError::Eval(format!("activation conversion: {e}")))?;
+            seg[hi - lo..].fill(f16::ZERO);
+            if !guard::fp16_ok(&seg[..hi - lo]) {
+                return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
+            }
+        }
+    }
+    for c in 0..s.k_chunks {
+        xs[(c * s.n + cols.len()) * s.k_chunk..(c + 1) * s.n * s.k_chunk].fill(f16::ZERO);
+    }
+    Ok(())
+}
+
+/// Token-major outputs (`[tiles][k_chunks][n][m_tile]`) into each member's dst rows: one slice is
+/// a plain fp16 -> fp32 copy per token and tile; several slices are summed in f32.
+///
+/// # Safety
+/// As for [`compute`].
+unsafe fn scatter_tokens(
+    g: &Group,
+    s: &TiledShape,
+    cols: &[(usize, usize, usize)],
+    ys: &[f16],
+) -> Result<(), EngineError> {
+    let mut r0 = 0;
+    for m in &g.members {
+        let d = &m.dst.desc;
+        let rows = d.ne[0] as usize;
+        for (cidx, &(i1, i12, i13)) in cols.iter().enumerate() {
+            let base = i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3];
+            let mut mi = 0;
+            while mi < rows {
+                let (t, row) = ((r0 + mi) / s.m_tile, (r0 + mi) % s.m_tile);
+                let seg = (s.m_tile - row).min(rows - mi);
+                let at = |c: usize| ((t * s.k_chunks + c) * s.n + cidx) * s.m_tile + row;
+                if s.k_chunks == 1 && d.nb[0] == 4 {
+                    // SAFETY: `seg` contiguous f32 outputs of this token start here.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            m.dst.data.cast_mut().add(base + mi * 4).cast::<f32>(),
+                            seg,
+                        )
+                    };
+                    ane_convert::f16_to_f32(&ys[at(0)..at(0) + seg], out)
+                        .map_err(|e| EngineError::Eval(format!("output conversion: {e}")))?;
+                } else {
+                    for j in 0..seg {
+                        let acc: f32 = (0..s.k_chunks).map(|c| ys[at(c) + j].to_f32()).sum();
+                        // SAFETY: dst is writable f32 at every in-bounds index.
+                        unsafe {
+                            m.dst
+                                .data
+                                .cast_mut()
+                                .add(base + (mi + j) * d.nb[0])
+                                .cast::<f32>()
+                                .write_unaligned(acc)
+                        };
+                    }
+                }
+                mi += seg;
+            }
+        }
+        r0 += rows;
+    }
+    Ok(())
+}
+
 /// Compiles (or reuses) the program, evaluates it, checks and scatters the outputs.
 ///
 /// # Safety
@@ -644,6 +747,12 @@ unsafe fn run_and_scatter(
             cx.stats,
             "output non-finite or past the matmul cliff",
         ));
+    }
+    if s.layout == Layout::Tokens {
+        // SAFETY: forwarded contract.
+        unsafe { scatter_tokens(g, s, cols, ys)? };
+        add_time(&cx.stats.ns_convert, t.elapsed());
+        return Ok(());
     }
     let run = contiguous_run(cols).filter(|_| s.k_chunks == 1);
     let mut r = 0;

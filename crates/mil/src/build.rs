@@ -382,6 +382,8 @@ pub fn dyn_matmul(k: usize, m: usize, n: usize) -> Program {
 /// - `k_chunks`: a contraction beyond the axis limit, cut into `k_chunks` slices of `k_chunk`; the
 ///   program returns one partial product per slice and the host adds them in fp32;
 /// - `heads`: independent matrices with their own activations (attention: one per KV head).
+///
+/// [`Layout`] picks where the tokens sit in the activations and outputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TiledShape {
     /// Independent (weight, activation) pairs; with `heads > 1`, `tiles` must be 1.
@@ -396,6 +398,24 @@ pub struct TiledShape {
     pub k_chunk: usize,
     /// Activation columns (tokens), already bucketed.
     pub n: usize,
+    /// Token-major or channel-first activations and outputs.
+    pub layout: Layout,
+}
+
+/// Where the tokens sit in a [`tiled_matmul`] program's activations and outputs.
+///
+/// Every direct-ANE project feeds channel-first `[1, C, 1, S]` tensors, so that is the default; it
+/// costs the host a transpose on the way in and out (ggml rows are token-major). `Tokens` keeps
+/// ggml's row layout and lets the matmul transpose the weights instead (`transpose_y`), which
+/// makes host conversion a plain fp32<->fp16 copy. Which one the ANE runs faster is unmeasured:
+/// the plugin takes `GGML_ANE_LAYOUT=tokens` to compare them on a Mac.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Layout {
+    /// `a_x: [heads, k_chunks, k_chunk, n]`, `y: [heads*tiles, k_chunks, m_tile, n]`.
+    #[default]
+    Channels,
+    /// `a_x: [heads, k_chunks, n, k_chunk]`, `y: [heads*tiles, k_chunks, n, m_tile]`.
+    Tokens,
 }
 
 impl TiledShape {
@@ -439,18 +459,36 @@ pub fn tiled_matmul(s: TiledShape) -> Program {
     );
     let bw = s.heads * s.tiles;
     let mut f = FunctionBuilder::new("main");
-    let a_x = f.input("a_x", fp16(&[s.heads, s.k_chunks, s.k_chunk, s.n]));
+    let tokens = s.layout == Layout::Tokens;
+    let x_shape = if tokens {
+        [s.heads, s.k_chunks, s.n, s.k_chunk]
+    } else {
+        [s.heads, s.k_chunks, s.k_chunk, s.n]
+    };
+    let a_x = f.input("a_x", fp16(&x_shape));
     let b_w = f.input("b_w", fp16(&[bw, s.k_chunks, s.m_tile, s.k_chunk]));
     let tx = f.const_bool("mm_transpose_x", false);
-    let ty = f.const_bool("mm_transpose_y", false);
-    let y = f.push(matmul(
-        "y",
-        fp16(&[bw, s.k_chunks, s.m_tile, s.n]),
-        &b_w,
-        &a_x,
-        &tx,
-        &ty,
-    ));
+    let ty = f.const_bool("mm_transpose_y", tokens);
+    let y = if tokens {
+        // y[n][m] = sum_k x[n][k] * w[m][k]: the weights transposed by the matmul itself.
+        f.push(matmul(
+            "y",
+            fp16(&[bw, s.k_chunks, s.n, s.m_tile]),
+            &a_x,
+            &b_w,
+            &tx,
+            &ty,
+        ))
+    } else {
+        f.push(matmul(
+            "y",
+            fp16(&[bw, s.k_chunks, s.m_tile, s.n]),
+            &b_w,
+            &a_x,
+            &tx,
+            &ty,
+        ))
+    };
     f.output(&y);
     program(vec![f.finish()])
 }
@@ -492,6 +530,16 @@ mod tests {
                 m_tile: 4,
                 k_chunk: 8,
                 n: 2,
+                layout: Layout::Channels,
+            }),
+            tiled_matmul(TiledShape {
+                heads: 1,
+                tiles: 2,
+                k_chunks: 3,
+                m_tile: 4,
+                k_chunk: 8,
+                n: 2,
+                layout: Layout::Tokens,
             }),
         ] {
             let f = p.function("main").unwrap();

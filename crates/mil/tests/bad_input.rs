@@ -19,6 +19,7 @@ fn ane_plan_free_shape() -> ane_mil::build::TiledShape {
         m_tile: 32,
         k_chunk: 64,
         n: 64,
+        layout: ane_mil::build::Layout::Channels,
     }
 }
 

@@ -26,7 +26,7 @@ pub mod model;
 
 use ane_engine::surface::SPATIAL_MULTIPLE;
 use ane_engine::ChipLimits;
-pub use ane_mil::build::TiledShape;
+pub use ane_mil::build::{Layout, TiledShape};
 
 /// Default column buckets: prefill ubatches are at most 512 tokens in llama.cpp by default
 /// (`n_ubatch`), and three sizes keep padding waste under 2x for batches of 64 and more.
@@ -39,6 +39,8 @@ pub struct Planner {
     pub limits: ChipLimits,
     /// Column buckets, ascending, each a multiple of the fp16 spatial multiple.
     pub n_buckets: Vec<usize>,
+    /// Where tokens sit in activations and outputs.
+    pub layout: Layout,
 }
 
 /// A contiguous run of columns handled by one dispatch.
@@ -58,6 +60,7 @@ impl Planner {
         Planner {
             limits,
             n_buckets: DEFAULT_N_BUCKETS.to_vec(),
+            layout: Layout::Channels,
         }
     }
 
@@ -108,15 +111,21 @@ impl Planner {
         let max = self.limits.max_axis;
         let k_chunks = k.div_ceil(max);
         let tiles = m_total.div_ceil(max);
+        let m_tile = m_total.div_ceil(tiles);
         TiledShape {
             heads: 1,
             tiles,
             k_chunks,
-            m_tile: m_total.div_ceil(tiles),
+            // Token-major outputs have the rows as their last axis: same 64-byte row rule.
+            m_tile: match self.layout {
+                Layout::Channels => m_tile,
+                Layout::Tokens => m_tile.next_multiple_of(SPATIAL_MULTIPLE),
+            },
             // The contraction is the weights' last axis: fp16 rows must be a multiple of 64 bytes
             // (surface row rule), so slices are padded with zeros to a multiple of 32.
             k_chunk: k.div_ceil(k_chunks).next_multiple_of(SPATIAL_MULTIPLE),
             n: n_bucket,
+            layout: self.layout,
         }
     }
 }

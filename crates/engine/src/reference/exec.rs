@@ -747,7 +747,17 @@ fn matmul(
                 }
             };
             let acc = &mut out[b * m * n + i * n..b * m * n + (i + 1) * n];
-            if ty {
+            if ty && !tx {
+                // Both operands walk contiguous rows: a plain dot product per output.
+                let xrow = &x[xo + i * xc..xo + i * xc + k];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let yrow = &y[yo + j * yc..yo + j * yc + k];
+                    *a = xrow
+                        .iter()
+                        .zip(yrow)
+                        .fold(0f32, |s, (&p, &q)| acc_round(s + p * q));
+                }
+            } else if ty {
                 for (j, a) in acc.iter_mut().enumerate() {
                     *a = (0..k).fold(0f32, |s, kk| acc_round(s + xv(kk) * y[yo + j * yc + kk]));
                 }

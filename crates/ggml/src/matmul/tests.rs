@@ -333,3 +333,43 @@ fn lru_keeps_loaded_programs_under_budget() {
     assert_eq!(c.loaded_peak, 2);
     assert_eq!(c.loaded, 2);
 }
+
+#[test]
+fn token_major_layout_gives_the_same_results() {
+    use ane_plan::Layout;
+    let mut rig = Rig::new(ReferenceEngine::new(ChipLimits {
+        max_axis: 128,
+        max_loaded_programs: 16,
+    }));
+    rig.planner.layout = Layout::Tokens;
+    // Tiles (M 300 > 128), slices (K 200 > 128) and column chunks (300 > 128).
+    let (ad, bd) = (f32_desc([200, 300, 1, 1]), f32_desc([200, 300, 1, 1]));
+    let (a, b) = (rand_vec(200 * 300, 16), rand_vec(200 * 300, 17));
+    let got = rig.run(true, &[(&a, ad)], &b, bd);
+    assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 1e-2);
+    // A fused group whose members straddle a tile boundary (96 + 64 rows in 2 tiles of 96).
+    let (q, kk) = (rand_vec(64 * 96, 18), rand_vec(64 * 64, 19));
+    let (qd, kd, xd) = (
+        f32_desc([64, 96, 1, 1]),
+        f32_desc([64, 64, 1, 1]),
+        f32_desc([64, 70, 1, 1]),
+    );
+    let x = rand_vec(64 * 70, 20);
+    let got = rig.run(true, &[(&q, qd), (&kk, kd)], &x, xd);
+    assert_close(&got[0], &oracle(&q, &qd, &x, &xd), 5e-3);
+    assert_close(&got[1], &oracle(&kk, &kd, &x, &xd), 5e-3);
+    // Broadcast with permuted src1 (the slow conversion path).
+    let ad = f32_desc([64, 48, 2, 1]);
+    let a = rand_vec(64 * 48 * 2, 21);
+    let (k, n, b2, b3) = (64usize, 40usize, 6usize, 2usize);
+    let nb = [4, 4 * k * b2 * b3, 4 * k, 4 * k * b2];
+    let bd = TensorDesc {
+        ty: GGML_TYPE_F32,
+        ne: [k as i64, n as i64, b2 as i64, b3 as i64],
+        nb,
+    };
+    let b = rand_vec(k * n * b2 * b3, 22);
+    let got = rig.run(false, &[(&a, ad)], &b, bd);
+    assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 5e-3);
+    assert_eq!(rig.stats.ops_fallback.load(Relaxed), 0);
+}

@@ -32,6 +32,13 @@ pub enum Form {
     /// `build::tiled_matmul` with token-major activations (`Layout::Tokens`, `GGML_ANE_LAYOUT=tokens`),
     /// 2 row tiles and 2 contraction slices.
     TokensMatmul,
+    /// `build::conv_matmul_q8_0`: the weight kept as Q8_0 blocks through
+    /// `constexpr_blockwise_shift_scale` (k must be a multiple of 32), random blocks.
+    #[value(name = "q8-0-matmul")]
+    Q8_0Matmul,
+    /// `build::conv_matmul_q4_0`: the weight kept as Q4_0 blocks (int4), random blocks.
+    #[value(name = "q4-0-matmul")]
+    Q4_0Matmul,
 }
 
 impl Form {
@@ -73,12 +80,23 @@ impl Form {
                 n,
                 layout: build::Layout::Channels,
             }),
+            Form::Q8_0Matmul => build::conv_matmul_q8_0(k, m, n),
+            Form::Q4_0Matmul => build::conv_matmul_q4_0(k, m, n),
+        }
+    }
+
+    /// The ggml block type of a compressed-weight form.
+    fn quant(self) -> Option<build::QuantKind> {
+        match self {
+            Form::Q8_0Matmul => Some(build::QuantKind::Q8_0),
+            Form::Q4_0Matmul => Some(build::QuantKind::Q4_0),
+            _ => None,
         }
     }
 
     /// Whether the form reads `@model_path/weights/weight.bin`.
     fn has_weights(self) -> bool {
-        matches!(self, Form::ConvMatmul)
+        matches!(self, Form::ConvMatmul) || self.quant().is_some()
     }
 }
 
@@ -130,8 +148,16 @@ pub fn run(args: &Args) -> Result<()> {
         let wdir = dir.join("weights");
         fs::create_dir_all(&wdir).with_context(|| format!("creating {}", wdir.display()))?;
         let wpath = wdir.join("weight.bin");
-        let blob =
-            build::weights_blob_fp16(&pseudo_random_weights(m * k, 0x5eed_0000 ^ (m * k) as u64));
+        let seed = 0x5eed_0000 ^ (m * k) as u64;
+        let blob = match form.quant() {
+            Some(kind) => {
+                if k % build::QuantKind::BLOCK != 0 {
+                    anyhow::bail!("--form {} needs k to be a multiple of 32", form.name());
+                }
+                build::weights_blob_quant(kind, &pseudo_random_blocks(kind, m * k, seed), m, k)
+            }
+            None => build::weights_blob_fp16(&pseudo_random_weights(m * k, seed)),
+        };
         fs::write(&wpath, blob).with_context(|| format!("writing {}", wpath.display()))?;
     }
     Ok(())
@@ -152,6 +178,25 @@ pub fn pseudo_random_weights(len: usize, seed: u64) -> Vec<f16> {
             f16::from_f32(((z >> 40) as f32) / (1u64 << 23) as f32 - 1.0)
         })
         .collect()
+}
+
+/// Raw ggml blocks of `kind` for `len` weights (a multiple of 32): scales `d` in [-1/64, 1/64)
+/// from [`pseudo_random_weights`], quant bytes from the same stream.
+pub fn pseudo_random_blocks(kind: build::QuantKind, len: usize, seed: u64) -> Vec<u8> {
+    let nb = len / build::QuantKind::BLOCK;
+    let qbytes = kind.block_bytes() - 2;
+    let d = pseudo_random_weights(nb, seed);
+    let q = pseudo_random_weights(nb * qbytes, seed ^ 0xb10c);
+    let mut out = Vec::with_capacity(nb * kind.block_bytes());
+    for (b, d) in d.iter().enumerate() {
+        out.extend_from_slice(&f16::from_f32(d.to_f32() / 64.0).to_le_bytes());
+        // The fp16 bits of a value in [-1, 1) carry enough randomness in their low byte.
+        out.extend(q[b * qbytes..(b + 1) * qbytes].iter().map(|v| {
+            let bits = v.to_bits();
+            (bits ^ (bits >> 8)) as u8
+        }));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -176,7 +221,9 @@ mod tests {
                 "dyn-matmul",
                 "tiled-matmul",
                 "heads-matmul",
-                "tokens-matmul"
+                "tokens-matmul",
+                "q8-0-matmul",
+                "q4-0-matmul"
             ]
         );
     }

@@ -510,6 +510,189 @@ pub fn weights_blob_fp16(w: &[half::f16]) -> Vec<u8> {
     writer.finish()
 }
 
+/// `add(x, y)`: elementwise sum with broadcasting; `ty` is the output type.
+pub fn add(output: &str, ty: ValueType, x: &str, y: &str) -> Statement {
+    named(
+        output,
+        ty,
+        "add",
+        vec![("x", var(x)), ("y", var(y))],
+        Vec::new(),
+    )
+}
+
+/// `constexpr_blockwise_shift_scale(data, scale)` (iOS18): `out = scale[i / block] * data[i]`,
+/// with `data` and `scale` names of consts of equal rank; `ty` is the output type (the scale's
+/// dtype, the data's shape).
+pub fn blockwise_shift_scale(output: &str, ty: ValueType, data: &str, scale: &str) -> Statement {
+    named(
+        output,
+        ty,
+        "constexpr_blockwise_shift_scale",
+        vec![("data", var(data)), ("scale", var(scale))],
+        Vec::new(),
+    )
+}
+
+/// ggml block types that [`conv_matmul_quant`] keeps compressed.
+///
+/// Both are exact under `constexpr_blockwise_shift_scale` (mil-and-validation.md §6): the scale
+/// is ggml's fp16 `d`, the data an integer of at most 8 bits, so `d * q` is exact in fp32 and the
+/// op's single rounding to fp16 equals ggml's `to_float` followed by a round to fp16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QuantKind {
+    /// 32 x int8 `q` and an fp16 `d` per block (34 bytes): `w = d * q`.
+    Q8_0,
+    /// 32 x 4-bit `q` and an fp16 `d` per block (18 bytes): `w = d * (q - 8)`; stored in MIL as
+    /// int4 `q - 8`, so no offset blob is needed.
+    Q4_0,
+}
+
+impl QuantKind {
+    /// Elements per ggml block.
+    pub const BLOCK: usize = 32;
+
+    /// Bytes of one ggml block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantKind::Q8_0 => 34,
+            QuantKind::Q4_0 => 18,
+        }
+    }
+
+    /// MIL dtype of the `data` blob.
+    pub fn data_dtype(self) -> DType {
+        match self {
+            QuantKind::Q8_0 => DType::Int8,
+            QuantKind::Q4_0 => DType::Int4,
+        }
+    }
+
+    /// Bytes of the `data` blob payload for an `[m, k]` weight.
+    pub fn data_bytes(self, m: usize, k: usize) -> usize {
+        (m * k * self.data_dtype().bits()).div_ceil(8)
+    }
+
+    /// Bytes of the whole weight file [`weights_blob_quant`] writes for an `[m, k]` weight.
+    pub fn file_bytes(self, m: usize, k: usize) -> usize {
+        self.scale_offset(m, k) as usize + 64 + m * (k / Self::BLOCK) * 2
+    }
+
+    /// Descriptor offset of the scale blob: it follows the data blob, 64-byte aligned.
+    pub fn scale_offset(self, m: usize, k: usize) -> u64 {
+        (FIRST_BLOB_OFFSET + 64 + self.data_bytes(m, k) as u64).div_ceil(64) * 64
+    }
+}
+
+/// [`conv_matmul`] with the weight kept compressed as ggml blocks of `kind`.
+///
+/// `W_q: tensor<int8|int4, [m, k, 1, 1]>` (first blob of [`WEIGHT_PATH`]) and
+/// `W_s: tensor<fp16, [m, k/32, 1, 1]>` (second blob, [`QuantKind::scale_offset`]) are named
+/// consts feeding `W_d = constexpr_blockwise_shift_scale(data = W_q, scale = W_s)`: the scale has
+/// the data's rank (the op requires it) and a block of `[1, 32, 1, 1]`, i.e. one ggml block along
+/// each weight row. ANEForge found that a constexpr output cannot be a conv weight directly, so it
+/// goes through `W = add(x = W_d, y = fp16(0))` first (a no-op the compiler folds); the conv is the
+/// one of [`conv_matmul`]. [`weights_blob_quant`] writes the file from raw ggml blocks.
+///
+/// # Panics
+/// If `k` is not a multiple of 32.
+pub fn conv_matmul_quant(kind: QuantKind, k: usize, m: usize, n: usize) -> Program {
+    assert!(
+        k % QuantKind::BLOCK == 0,
+        "k = {k} is not a whole number of blocks"
+    );
+    let mut f = FunctionBuilder::new("main");
+    let x = f.input("x", fp16(&[1, k, 1, n]));
+    let c = f.conv_defaults();
+    let q = f.push(const_blob(
+        "W_q",
+        ValueType::tensor(kind.data_dtype(), &[m, k, 1, 1]),
+        WEIGHT_PATH,
+        FIRST_BLOB_OFFSET,
+    ));
+    let s = f.push(const_blob(
+        "W_s",
+        fp16(&[m, k / QuantKind::BLOCK, 1, 1]),
+        WEIGHT_PATH,
+        kind.scale_offset(m, k),
+    ));
+    let d = f.push(blockwise_shift_scale("W_d", fp16(&[m, k, 1, 1]), &q, &s));
+    let zero = f.push(const_scalar("W_zero", DType::Fp16, Scalar::Float(0.0)));
+    let w = f.push(add("W", fp16(&[m, k, 1, 1]), &d, &zero));
+    let y = f.push(conv("y", fp16(&[1, m, 1, n]), &x, &w, c.params()));
+    f.output(&y);
+    program(vec![f.finish()])
+}
+
+/// [`conv_matmul_quant`] for Q8_0 weights.
+pub fn conv_matmul_q8_0(k: usize, m: usize, n: usize) -> Program {
+    conv_matmul_quant(QuantKind::Q8_0, k, m, n)
+}
+
+/// [`conv_matmul_quant`] for Q4_0 weights.
+pub fn conv_matmul_q4_0(k: usize, m: usize, n: usize) -> Program {
+    conv_matmul_quant(QuantKind::Q4_0, k, m, n)
+}
+
+/// The `weight.bin` of [`conv_matmul_quant`] from `m` rows of raw ggml blocks (`raw` is the
+/// tensor's bytes, row after row, `k / 32` blocks per row): the data blob (int8 `q`, or int4
+/// `q - 8` repacked from ggml's nibble order, where byte `j` holds elements `j` and `j + 16`, to
+/// MIL's, where byte `i` holds elements `2i` (low nibble) and `2i + 1`), then the fp16 scales
+/// `d`, copied bit for bit.
+///
+/// # Panics
+/// If `k` is not a multiple of 32 or `raw` is not `m * k / 32` blocks long.
+pub fn weights_blob_quant(kind: QuantKind, raw: &[u8], m: usize, k: usize) -> Vec<u8> {
+    assert!(
+        k % QuantKind::BLOCK == 0,
+        "k = {k} is not a whole number of blocks"
+    );
+    let nb = m * k / QuantKind::BLOCK;
+    assert_eq!(
+        raw.len(),
+        nb * kind.block_bytes(),
+        "raw is not {nb} {kind:?} blocks"
+    );
+    let mut data = Vec::with_capacity(kind.data_bytes(m, k));
+    let mut scales = Vec::with_capacity(nb * 2);
+    for block in raw.chunks_exact(kind.block_bytes()) {
+        scales.extend_from_slice(&block[..2]);
+        let qs = &block[2..];
+        match kind {
+            QuantKind::Q8_0 => data.extend_from_slice(qs),
+            QuantKind::Q4_0 => {
+                // Element e of the block: low nibble of qs[e] for e < 16, high of qs[e - 16]
+                // otherwise; `q ^ 8` is `q - 8` as a two's-complement nibble.
+                let nib = |e: usize| {
+                    let q = if e < 16 {
+                        qs[e] & 0x0f
+                    } else {
+                        qs[e - 16] >> 4
+                    };
+                    q ^ 8
+                };
+                data.extend((0..16).map(|i| nib(2 * i) | (nib(2 * i + 1) << 4)));
+            }
+        }
+    }
+    let mut writer = crate::blob::BlobWriter::new();
+    let off = writer.push(kind.data_dtype(), &data, 0);
+    debug_assert_eq!(off, FIRST_BLOB_OFFSET);
+    let off = writer.push(DType::Fp16, &scales, 0);
+    debug_assert_eq!(off, kind.scale_offset(m, k));
+    writer.finish()
+}
+
+/// [`weights_blob_quant`] for Q8_0 blocks.
+pub fn weights_blob_q8_0(raw: &[u8], m: usize, k: usize) -> Vec<u8> {
+    weights_blob_quant(QuantKind::Q8_0, raw, m, k)
+}
+
+/// [`weights_blob_quant`] for Q4_0 blocks.
+pub fn weights_blob_q4_0(raw: &[u8], m: usize, k: usize) -> Vec<u8> {
+    weights_blob_quant(QuantKind::Q4_0, raw, m, k)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,6 +774,75 @@ mod tests {
         assert_eq!(names, ["a_x", "b_w"]);
         assert_eq!(f.value_type("mm"), Some(&fp16(&[1, 1, 96, 32])));
         assert_eq!(f.value_type("y"), Some(&fp16(&[1, 96, 1, 32])));
+    }
+
+    #[test]
+    fn quant_forms_type_and_sort() {
+        for (kind, dt) in [
+            (QuantKind::Q8_0, DType::Int8),
+            (QuantKind::Q4_0, DType::Int4),
+        ] {
+            let p = conv_matmul_quant(kind, 64, 48, 8);
+            let f = &p.functions[0];
+            assert!(f.statements.iter().all(sorted));
+            assert_eq!(
+                f.value_type("W_q"),
+                Some(&ValueType::tensor(dt, &[48, 64, 1, 1]))
+            );
+            assert_eq!(f.value_type("W_s"), Some(&fp16(&[48, 2, 1, 1])));
+            let s = f.statements.iter().find(|s| s.output == "W_s").unwrap();
+            let Some(Literal::Blob { offset, .. }) = s.attr("val") else {
+                panic!("W_s is not a blob")
+            };
+            assert_eq!(*offset, kind.scale_offset(48, 64));
+            assert_eq!(f.value_type("W"), Some(&fp16(&[48, 64, 1, 1])));
+            assert_eq!(f.value_type("y"), Some(&fp16(&[1, 48, 1, 8])));
+        }
+    }
+
+    /// One row of two blocks per kind, elements chosen so every position is distinguishable.
+    #[test]
+    fn quant_blobs_repack_ggml_blocks() {
+        let (m, k) = (1, 64);
+        // Q8_0: d = 0.5 then 2.0; q = e - 16 (block 0), 15 - e (block 1).
+        let mut raw = Vec::new();
+        for (b, d) in [(0, 0.5f32), (1, 2.0)] {
+            raw.extend(half::f16::from_f32(d).to_le_bytes());
+            raw.extend((0..32i32).map(|e| (if b == 0 { e - 16 } else { 15 - e }) as i8 as u8));
+        }
+        let file = weights_blob_q8_0(&raw, m, k);
+        assert_eq!(file.len(), QuantKind::Q8_0.file_bytes(m, k));
+        let d = crate::blob::read_blob(&file, 64).unwrap();
+        assert_eq!(
+            (d.dtype, d.data.len(), d.padding_bits),
+            (DType::Int8, 64, 0)
+        );
+        assert_eq!(d.data[3] as i8, -13);
+        assert_eq!(d.data[32 + 3] as i8, 12);
+        let s = crate::blob::read_blob(&file, QuantKind::Q8_0.scale_offset(m, k)).unwrap();
+        assert_eq!(s.dtype, DType::Fp16);
+        assert_eq!(s.data, &[0x00, 0x38, 0x00, 0x40]);
+        // Q4_0: element e of block b has q = (e + b) % 16; ggml packs e (low) with e + 16 (high).
+        let mut raw = Vec::new();
+        for b in 0..2usize {
+            raw.extend(half::f16::ONE.to_le_bytes());
+            raw.extend((0..16).map(|j| (((j + b) % 16) | (((j + 16 + b) % 16) << 4)) as u8));
+        }
+        let file = weights_blob_q4_0(&raw, m, k);
+        assert_eq!(file.len(), QuantKind::Q4_0.file_bytes(m, k));
+        let d = crate::blob::read_blob(&file, 64).unwrap();
+        assert_eq!(
+            (d.dtype, d.data.len(), d.padding_bits),
+            (DType::Int4, 32, 0)
+        );
+        let elem = |i: usize| {
+            let nib = (d.data[i / 2] >> (4 * (i % 2))) & 0x0f;
+            ((nib as i8) << 4) >> 4 // sign-extend
+        };
+        for i in 0..64 {
+            let (b, e) = (i / 32, i % 32);
+            assert_eq!(elem(i) as i32, ((e + b) % 16) as i32 - 8, "element {i}");
+        }
     }
 
     #[test]

@@ -151,7 +151,7 @@ pub fn run(args: &Args) -> Result<()> {
         let seed = 0x5eed_0000 ^ (m * k) as u64;
         let blob = match form.quant() {
             Some(kind) => {
-                if k % build::QuantKind::BLOCK != 0 {
+                if !k.is_multiple_of(build::QuantKind::BLOCK) {
                     anyhow::bail!("--form {} needs k to be a multiple of 32", form.name());
                 }
                 build::weights_blob_quant(kind, &pseudo_random_blocks(kind, m * k, seed), m, k)

@@ -598,7 +598,7 @@ impl QuantKind {
 /// If `k` is not a multiple of 32.
 pub fn conv_matmul_quant(kind: QuantKind, k: usize, m: usize, n: usize) -> Program {
     assert!(
-        k % QuantKind::BLOCK == 0,
+        k.is_multiple_of(QuantKind::BLOCK),
         "k = {k} is not a whole number of blocks"
     );
     let mut f = FunctionBuilder::new("main");
@@ -644,7 +644,7 @@ pub fn conv_matmul_q4_0(k: usize, m: usize, n: usize) -> Program {
 /// If `k` is not a multiple of 32 or `raw` is not `m * k / 32` blocks long.
 pub fn weights_blob_quant(kind: QuantKind, raw: &[u8], m: usize, k: usize) -> Vec<u8> {
     assert!(
-        k % QuantKind::BLOCK == 0,
+        k.is_multiple_of(QuantKind::BLOCK),
         "k = {k} is not a whole number of blocks"
     );
     let nb = m * k / QuantKind::BLOCK;

@@ -50,6 +50,9 @@ pub struct Config {
     /// `GGML_ANE_LAYOUT=channels|tokens`: where tokens sit in the programs' activations (see
     /// `ane_mil::build::Layout`); channel-first by default, as every direct-ANE project does.
     pub layout: ane_plan::Layout,
+    /// `GGML_ANE_PRESTAGE=0|1`: convert weights to fp16 when llama.cpp reserves its graphs (at
+    /// load) instead of at their first dispatch (default 1).
+    pub prestage: bool,
     /// `GGML_ANE_FAULTS="compile=P,load=P,eval=P,alloc=P[,seed=S]"`: failures the reference engine
     /// injects (tests of the fallback path). `None` when unset, all zero or malformed.
     pub faults: Option<FaultSpec>,
@@ -119,6 +122,7 @@ impl Config {
             "tokens" => ane_plan::Layout::Tokens,
             _ => ane_plan::Layout::Channels,
         };
+        let prestage = parse("GGML_ANE_PRESTAGE", "1", &|v| matches!(v, "0" | "1")) == "1";
         let stage_max_mb = parse(
             "GGML_ANE_STAGE_MAX_MB",
             &DEFAULT_STAGE_MAX_MB.to_string(),
@@ -166,6 +170,7 @@ impl Config {
             max_programs,
             stage_max_mb,
             layout,
+            prestage,
             faults,
             ref_accum,
         }

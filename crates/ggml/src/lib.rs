@@ -471,7 +471,28 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(
             g.type_info(s0.type_),
             dev.policy,
         ) {
-            Ok(()) => placement::weight_usable(g, s0, &dev.stats.declined_buft),
+            Ok(()) => {
+                let usable = placement::weight_usable(g, s0, &dev.stats.declined_buft);
+                if usable && Config::get().prestage && g.is_weight(s0) {
+                    if let Some(i0) = g.type_info(s0.type_) {
+                        let m = matmul::Member {
+                            src0: Operand {
+                                desc: desc(s0),
+                                data: s0.data as *const u8,
+                            },
+                            src0_info: i0,
+                            dst: Operand {
+                                desc: desc(t),
+                                data: t.data as *const u8,
+                            },
+                        };
+                        // SAFETY: a weight in a host weights buffer, loaded (llama.cpp reserves
+                        // its graphs after loading the model); converted once, at load.
+                        unsafe { matmul::prestage(&dev.staged, &dev.stats, &m) };
+                    }
+                }
+                usable
+            }
             Err(d) => {
                 dev.stats.declined[d.index()].fetch_add(1, Relaxed);
                 false

@@ -154,6 +154,10 @@ impl KernelCache {
 #[derive(Debug, Default)]
 pub struct StagedWeights {
     entries: HashMap<u128, (Arc<Surface>, u64)>,
+    /// Single weight matrices converted ahead of time ([`prestage`]), by [`member_key`], until a
+    /// group's surface is built from them.
+    prestaged: HashMap<u128, Arc<Vec<f16>>>,
+    prestaged_bytes: usize,
     bytes: usize,
     tick: u64,
     /// Cap on staged bytes; least recently used entries go first.
@@ -169,9 +173,9 @@ impl StagedWeights {
         }
     }
 
-    /// Bytes held.
+    /// Bytes held (surfaces and prestaged matrices).
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.prestaged_bytes
     }
 
     fn get_or_insert<E>(
@@ -202,6 +206,97 @@ impl StagedWeights {
         }
         Ok(v)
     }
+}
+
+/// Identity of one weight matrix: address, description and a fingerprint of its first and last
+/// bytes (see [`stage_key`]).
+///
+/// # Safety
+/// `m.src0` must be readable.
+unsafe fn member_key(m: &Member) -> u128 {
+    let d = &m.src0.desc;
+    let mut h = Xxh3::new();
+    h.update(&(m.src0.data as usize).to_le_bytes());
+    h.update(&d.ty.to_le_bytes());
+    for v in
+        d.ne.iter()
+            .map(|v| *v as u64)
+            .chain(d.nb.iter().map(|v| *v as u64))
+    {
+        h.update(&v.to_le_bytes());
+    }
+    let row = (d.ne[0] as usize) / m.src0_info.blck_size * m.src0_info.type_size;
+    let n = row.min(256);
+    let last = (d.ne[1] as usize - 1) * d.nb[1];
+    // SAFETY: the first and the last row each have at least `n` readable bytes.
+    unsafe {
+        h.update(std::slice::from_raw_parts(m.src0.data, n));
+        h.update(std::slice::from_raw_parts(m.src0.data.add(last), n));
+    }
+    h.digest128()
+}
+
+/// The rows of a 2-D weight as fp16, row-major `[M][K]`.
+///
+/// # Safety
+/// `m.src0` must be readable.
+unsafe fn rows_f16(m: &Member) -> Vec<f16> {
+    let d = &m.src0.desc;
+    let (k, rows) = (d.ne[0] as usize, d.ne[1] as usize);
+    let mut out = vec![f16::ZERO; k * rows];
+    let mut row = vec![0f32; k];
+    let len = ane_convert::row_bytes(d.ty, k).filter(|_| d.nb[0] == m.src0_info.type_size);
+    for (i1, dst) in out.chunks_exact_mut(k).enumerate() {
+        let base = i1 * d.nb[1];
+        let converted = len.is_some_and(|len| {
+            // SAFETY: a contiguous row of k elements is `len` readable bytes at `base`.
+            let bytes = unsafe { std::slice::from_raw_parts(m.src0.data.add(base), len) };
+            ane_convert::row_to_f16(d.ty, bytes, dst).is_ok()
+        });
+        if !converted {
+            // SAFETY: forwarded contract.
+            unsafe { read_row(&m.src0, &m.src0_info, i1, 0, 0, &mut row) };
+            for (h, &v) in dst.iter_mut().zip(&row) {
+                *h = f16::from_f32(v);
+            }
+        }
+    }
+    out
+}
+
+/// Converts a 2-D weight matrix to fp16 ahead of its first dispatch. The plugin calls this from
+/// `supports_op` when llama.cpp reserves its prefill graph at context creation, so a model's
+/// weights are converted at load rather than inside the first prompt. Returns the bytes added (0
+/// if already there, not 2-D, or over `staged.max_bytes`).
+///
+/// # Safety
+/// `m.src0` must be a readable weight tensor.
+pub unsafe fn prestage(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member) -> usize {
+    let d = &m.src0.desc;
+    if d.ne[2] != 1 || d.ne[3] != 1 || m.src0.data.is_null() {
+        return 0;
+    }
+    // SAFETY: forwarded contract.
+    let key = unsafe { member_key(m) };
+    let size = (d.ne[0] * d.ne[1]) as usize * 2;
+    {
+        let s = staged.lock().unwrap_or_else(|e| e.into_inner());
+        if s.prestaged.contains_key(&key) || s.bytes() + size > s.max_bytes {
+            return 0;
+        }
+    }
+    let t = Instant::now();
+    // SAFETY: forwarded contract.
+    let rows = Arc::new(unsafe { rows_f16(m) });
+    add_time(&stats.ns_stage, t.elapsed());
+    let mut s = staged.lock().unwrap_or_else(|e| e.into_inner());
+    if s.prestaged.insert(key, rows).is_none() {
+        s.prestaged_bytes += size;
+    }
+    stats
+        .staged_bytes
+        .store(s.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
+    size
 }
 
 /// Reusable activation and output surfaces. Surfaces of one request must all have the size of
@@ -338,23 +433,37 @@ unsafe fn stage_key(g: &Group, shape: &TiledShape) -> u128 {
 ///
 /// # Safety
 /// The members' src0 must be readable.
-unsafe fn stage(g: &Group, i2: usize, i3: usize, s: &TiledShape, size: usize) -> Surface {
+unsafe fn stage(
+    g: &Group,
+    i2: usize,
+    i3: usize,
+    s: &TiledShape,
+    size: usize,
+    pre: &[Option<Arc<Vec<f16>>>],
+) -> Surface {
     let k = g.members[0].src0.desc.ne[0] as usize;
     let mut surface = Surface::new(size);
     let w = surface.fp16_mut(s.w_len());
     let mut row = vec![0f32; k];
     let mut row16 = vec![f16::ZERO; k];
     let mut r = 0;
-    for m in &g.members {
+    for (mi_member, m) in g.members.iter().enumerate() {
         let d = &m.src0.desc;
         let fast = d.nb[0] == m.src0_info.type_size && ane_convert::row_bytes(d.ty, k).is_some();
+        let ready = pre.get(mi_member).and_then(|p| p.as_ref());
         for i1 in 0..d.ne[1] as usize {
             let base = i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3];
-            let converted = fast && {
-                let len = ane_convert::row_bytes(d.ty, k).unwrap_or(0);
-                // SAFETY: a contiguous row of k elements is `len` readable bytes at `base`.
-                let bytes = unsafe { std::slice::from_raw_parts(m.src0.data.add(base), len) };
-                ane_convert::row_to_f16(d.ty, bytes, &mut row16).is_ok()
+            let converted = if let Some(rows) = ready {
+                // Converted at load by `prestage`: a copy.
+                row16.copy_from_slice(&rows[i1 * k..(i1 + 1) * k]);
+                true
+            } else {
+                fast && {
+                    let len = ane_convert::row_bytes(d.ty, k).unwrap_or(0);
+                    // SAFETY: a contiguous row of k elements is `len` readable bytes at `base`.
+                    let bytes = unsafe { std::slice::from_raw_parts(m.src0.data.add(base), len) };
+                    ane_convert::row_to_f16(d.ty, bytes, &mut row16).is_ok()
+                }
             };
             if !converted {
                 // SAFETY: forwarded contract.
@@ -516,11 +625,27 @@ unsafe fn dispatch(
                 // SAFETY: forwarded contract.
                 let key = unsafe { stage_key(g, s) };
                 let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
-                // SAFETY: forwarded contract.
+                // Matrices converted at load: take them out; the group's surface replaces them.
+                let keys: Vec<u128> = if staged.entries.contains_key(&key) {
+                    Vec::new()
+                } else {
+                    // SAFETY: forwarded contract.
+                    g.members.iter().map(|m| unsafe { member_key(m) }).collect()
+                };
+                let pre: Vec<Option<Arc<Vec<f16>>>> = keys
+                    .iter()
+                    .map(|k| {
+                        let p = staged.prestaged.remove(k);
+                        if let Some(p) = &p {
+                            staged.prestaged_bytes -= p.len() * 2;
+                        }
+                        p
+                    })
+                    .collect();
                 let made = staged.get_or_insert(key, || {
                     let t = Instant::now();
                     // SAFETY: forwarded contract.
-                    let made = unsafe { stage(g, i02, i03, s, size) };
+                    let made = unsafe { stage(g, i02, i03, s, size, &pre) };
                     add_time(&cx.stats.ns_stage, t.elapsed());
                     Ok::<_, EngineError>(made)
                 })?;
@@ -530,7 +655,7 @@ unsafe fn dispatch(
                 made
             } else {
                 // SAFETY: forwarded contract.
-                let made = unsafe { stage(g, i02, i03, s, size) };
+                let made = unsafe { stage(g, i02, i03, s, size, &[]) };
                 if !guard::fp16_ok(made.fp16(s.w_len())) {
                     return Err(guard::trip(cx.stats, "src0 out of fp16 range"));
                 }

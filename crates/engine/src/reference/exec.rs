@@ -169,6 +169,12 @@ fn literal_value(lit: &Literal, blob: &BlobResolver<'_>) -> Result<Value, Engine
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect(),
+                DType::Int8 | DType::UInt8 | DType::Int4 | DType::UInt4 => {
+                    return Ok(Value::Ints {
+                        ty: ty.clone(),
+                        data: decode_ints(ty.dtype, &bytes, ty.numel()),
+                    })
+                }
                 other => return Err(bad(&format!("blob of {other}"))),
             };
             Value::Num {
@@ -178,6 +184,73 @@ fn literal_value(lit: &Literal, blob: &BlobResolver<'_>) -> Result<Value, Engine
         }
         other => return Err(bad(&format!("{other:?}"))),
     })
+}
+
+/// The first `n` elements of an integer blob; sub-byte types are packed LSB first (element `2i` in
+/// the low nibble of byte `i`), as MILBlob stores them.
+fn decode_ints(dtype: DType, bytes: &[u8], n: usize) -> Vec<i64> {
+    match dtype {
+        DType::Int8 => bytes.iter().take(n).map(|&b| b as i8 as i64).collect(),
+        DType::UInt8 => bytes.iter().take(n).map(|&b| b as i64).collect(),
+        DType::Int4 | DType::UInt4 => (0..n)
+            .map(|i| {
+                let nib = (bytes[i / 2] >> (4 * (i % 2))) & 0x0f;
+                if dtype == DType::Int4 {
+                    (((nib << 4) as i8) >> 4) as i64
+                } else {
+                    nib as i64
+                }
+            })
+            .collect(),
+        _ => unreachable!("decode_ints on {dtype}"),
+    }
+}
+
+/// `constexpr_blockwise_shift_scale` materialised: `out[i] = scale[b(i)] * (data[i] - offset[b(i)])`
+/// where `b(i)` divides every coordinate of `i` by the block size of its axis
+/// (`data.shape / scale.shape`). Computed in f32 (exact for the integer data and fp16/fp32 scales
+/// the op takes at these sizes) and rounded once to the scale's dtype, as coremltools' `decompress`.
+fn blockwise_shift_scale(
+    data: &[i64],
+    shape: &[usize],
+    scale: &[f32],
+    scale_shape: &[usize],
+    offset: Option<&[f32]>,
+    dtype: DType,
+) -> Vec<f32> {
+    let ds = strides(shape);
+    let ss = strides(scale_shape);
+    let block: Vec<usize> = shape.iter().zip(scale_shape).map(|(d, s)| d / s).collect();
+    let out = data
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| {
+            let b: usize = (0..shape.len())
+                .map(|a| (i / ds[a]) % shape[a] / block[a] * ss[a])
+                .sum();
+            let o = offset.map_or(0.0, |o| o[b]);
+            scale[b] * (q as f32 - o)
+        })
+        .collect();
+    store(dtype, out)
+}
+
+/// A numeric or integer const as f32 values (integers are small here: offsets and quant data).
+fn as_f32s(v: &Value) -> Option<(ValueType, Vec<f32>)> {
+    match v {
+        Value::Num { ty, data } => Some((ty.clone(), data.as_ref().clone())),
+        Value::Ints { ty, data } => Some((ty.clone(), data.iter().map(|&i| i as f32).collect())),
+        _ => None,
+    }
+}
+
+/// Elementwise `add` where the operands have one shape or one of them is a single element.
+fn add(x: &[f32], y: &[f32]) -> Vec<f32> {
+    match (x.len(), y.len()) {
+        (_, 1) => x.iter().map(|&a| a + y[0]).collect(),
+        (1, _) => y.iter().map(|&b| x[0] + b).collect(),
+        _ => x.iter().zip(y).map(|(&a, &b)| a + b).collect(),
+    }
 }
 
 fn scalar_f32(s: &Scalar) -> Option<f32> {
@@ -237,7 +310,11 @@ pub(crate) fn check(
             consts.insert(st.output.clone(), v);
             ty
         } else {
-            infer(st, &types, &consts)?
+            let ty = infer(st, &types, &consts)?;
+            if let Some(v) = fold(st, &ty, &consts)? {
+                consts.insert(st.output.clone(), v);
+            }
+            ty
         };
         if inferred != st.ty {
             return Err(cerr(format!(
@@ -329,6 +406,60 @@ fn only_args(st: &Statement, allowed: &[&str]) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Compile-time values: every `constexpr_*` op, and an `add` of two consts (the
+/// `add(x = constexpr, y = 0)` route of compressed weights), are materialised once here, as the
+/// ANE compiler does; `run` then finds them among the consts and never executes them.
+fn fold(
+    st: &Statement,
+    ty: &ValueType,
+    consts: &HashMap<String, Value>,
+) -> Result<Option<Value>, EngineError> {
+    let cerr = |m: &str| EngineError::Compile(format!("`{}` = {}: {m}", st.output, st.op));
+    match st.op.as_str() {
+        "constexpr_blockwise_shift_scale" => {
+            let Value::Ints { ty: dt, data } = const_arg(st, "data", consts)? else {
+                return Err(cerr("data must be an integer const"));
+            };
+            let (st_ty, scale) = as_f32s(&const_arg(st, "scale", consts)?)
+                .ok_or_else(|| cerr("scale must be numeric"))?;
+            let offset = match st.arg("offset") {
+                Some(_) => Some(
+                    as_f32s(&const_arg(st, "offset", consts)?)
+                        .ok_or_else(|| cerr("offset must be numeric"))?
+                        .1,
+                ),
+                None => None,
+            };
+            let data = blockwise_shift_scale(
+                &data,
+                &dt.shape,
+                &scale,
+                &st_ty.shape,
+                offset.as_deref(),
+                ty.dtype,
+            );
+            Ok(Some(Value::Num {
+                ty: ty.clone(),
+                data: Arc::new(data),
+            }))
+        }
+        "add" => {
+            let val = |n: &str| match st.arg(n) {
+                Some(Arg::Var(v)) => consts.get(v).and_then(as_f32s),
+                _ => None,
+            };
+            Ok(match (val("x"), val("y")) {
+                (Some((_, x)), Some((_, y))) => Some(Value::Num {
+                    ty: ty.clone(),
+                    data: Arc::new(store(ty.dtype, add(&x, &y))),
+                }),
+                _ => None,
+            })
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Type inference for the ops the reference engine executes.
 fn infer(
     st: &Statement,
@@ -408,6 +539,80 @@ fn infer(
                 DType::Fp16,
                 &[x.shape[0], w.shape[0], x.shape[2], x.shape[3]],
             ))
+        }
+        "constexpr_blockwise_shift_scale" => {
+            only_args(st, &["data", "scale", "offset"])?;
+            let data = const_arg(st, "data", consts)?;
+            let Value::Ints { ty: dt, .. } = &data else {
+                return Err(cerr("data must be an int4/uint4/int8/uint8 const".into()));
+            };
+            if !matches!(
+                dt.dtype,
+                DType::Int4 | DType::UInt4 | DType::Int8 | DType::UInt8
+            ) {
+                return Err(cerr(format!("data dtype {} not supported", dt.dtype)));
+            }
+            let scale = const_arg(st, "scale", consts)?.ty();
+            if !matches!(scale.dtype, DType::Fp16 | DType::Fp32) {
+                return Err(cerr("scale must be fp16 or fp32".into()));
+            }
+            if scale.shape.len() != dt.shape.len() || dt.shape.is_empty() {
+                return Err(cerr(format!(
+                    "data and scale need the same rank >= 1, have {:?} and {:?}",
+                    dt.shape, scale.shape
+                )));
+            }
+            if dt
+                .shape
+                .iter()
+                .zip(&scale.shape)
+                .any(|(&d, &s)| s == 0 || d % s != 0)
+            {
+                return Err(cerr(format!(
+                    "scale shape {:?} does not divide data shape {:?} into blocks",
+                    scale.shape, dt.shape
+                )));
+            }
+            if st.arg("offset").is_some() {
+                let off = const_arg(st, "offset", consts)?.ty();
+                if off.shape != scale.shape {
+                    return Err(cerr("offset shape must equal scale shape".into()));
+                }
+                if !matches!(off.dtype, DType::Fp16 | DType::Fp32) && off.dtype != dt.dtype {
+                    return Err(cerr("an integer offset must have the data's dtype".into()));
+                }
+            }
+            Ok(ValueType {
+                dtype: scale.dtype,
+                shape: dt.shape.clone(),
+            })
+        }
+        "add" => {
+            only_args(st, &["x", "y"])?;
+            let x = var_type(st, "x", types)?;
+            let y = var_type(st, "y", types)?;
+            if x.dtype != y.dtype || !matches!(x.dtype, DType::Fp16 | DType::Fp32) {
+                return Err(cerr(format!(
+                    "operands must share an fp16/fp32 dtype, have {} and {}",
+                    x.dtype, y.dtype
+                )));
+            }
+            let shape = if y.numel() == 1 && y.shape.len() <= x.shape.len() {
+                x.shape.clone()
+            } else if x.numel() == 1 && x.shape.len() <= y.shape.len() {
+                y.shape.clone()
+            } else if x.shape == y.shape {
+                x.shape.clone()
+            } else {
+                return Err(cerr(format!(
+                    "reference engine adds equal shapes or a single element, not {:?} and {:?}",
+                    x.shape, y.shape
+                )));
+            };
+            Ok(ValueType {
+                dtype: x.dtype,
+                shape,
+            })
         }
         "matmul" => {
             only_args(st, &["x", "y", "transpose_x", "transpose_y"])?;
@@ -593,6 +798,7 @@ fn exec(
     Ok(match st.op.as_str() {
         "cast" => out(num(st, "x", env)?.1.to_vec()),
         "reshape" => out(num(st, "x", env)?.1.to_vec()),
+        "add" => out(add(num(st, "x", env)?.1, num(st, "y", env)?.1)),
         "transpose" => {
             let (xt, x) = num(st, "x", env)?;
             let perm: Vec<usize> = ints(&const_arg(st, "perm", consts)?, "perm")?

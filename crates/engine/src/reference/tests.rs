@@ -238,3 +238,135 @@ fn driver_plan_rules_fail_on_the_reference_engine() {
         "{err}"
     );
 }
+
+/// Raw ggml blocks (Q8_0: fp16 d + 32 i8; Q4_0: fp16 d + 16 bytes, element j in the low nibble
+/// of byte j and j + 16 in the high one, value (q - 8) d) for an `[m, k]` weight, with the ggml
+/// dequantization (fp32 product rounded to fp16) next to them. Scales include zero, negative and
+/// subnormal values; quants cover the full range.
+fn ggml_blocks(
+    kind: ane_mil::build::QuantKind,
+    m: usize,
+    k: usize,
+    seed: u64,
+) -> (Vec<u8>, Vec<f16>) {
+    use ane_mil::build::QuantKind;
+    let nb = m * k / 32;
+    let bytes: Vec<u8> = values(nb * 32, seed)
+        .iter()
+        .map(|v| (v.to_bits() ^ (v.to_bits() >> 7)) as u8)
+        .collect();
+    let scales = values(nb, seed ^ 0x5ca1e);
+    let (mut raw, mut deq) = (Vec::new(), Vec::new());
+    for b in 0..nb {
+        let d = match b % 7 {
+            0 => f16::ZERO,
+            1 => f16::from_bits(0x0123), // subnormal
+            _ => f16::from_f32(scales[b].to_f32() / 16.0),
+        };
+        raw.extend(d.to_le_bytes());
+        let q = &bytes[b * 32..(b + 1) * 32];
+        match kind {
+            QuantKind::Q8_0 => {
+                raw.extend_from_slice(q);
+                deq.extend(
+                    q.iter()
+                        .map(|&v| f16::from_f32(d.to_f32() * (v as i8) as f32)),
+                );
+            }
+            QuantKind::Q4_0 => {
+                let nib: Vec<u8> = q.iter().map(|v| v & 0x0f).collect();
+                raw.extend((0..16).map(|j| nib[j] | (nib[j + 16] << 4)));
+                deq.extend(
+                    nib.iter()
+                        .map(|&v| f16::from_f32(d.to_f32() * (v as f32 - 8.0))),
+                );
+            }
+        }
+    }
+    (raw, deq)
+}
+
+/// Compiles `mil` with `weights`, evaluates it on `x` (`[1, k, 1, n]`) and returns `[1, m, 1, n]`.
+fn run_conv(
+    e: &ReferenceEngine,
+    mil: &str,
+    weights: Vec<u8>,
+    x: &[f16],
+    m: usize,
+    n: usize,
+) -> Vec<f16> {
+    let id = e
+        .compile(
+            mil,
+            &[WeightFile {
+                path: WEIGHT_PATH.into(),
+                bytes: weights,
+            }],
+        )
+        .unwrap();
+    let size = request_alloc_size(&[x.len() * 2, m * n * 2]);
+    let mut xs = Surface::new(size);
+    xs.fp16_mut(x.len()).copy_from_slice(x);
+    let mut ys = Surface::new(size);
+    e.evaluate(id, &[&xs], &mut [&mut ys]).unwrap();
+    e.unload(id);
+    ys.fp16(m * n).to_vec()
+}
+
+#[test]
+fn compressed_forms_equal_fp16_conv_on_dequantized_weights() {
+    use ane_mil::build::{conv_matmul_quant, weights_blob_quant, QuantKind};
+    let (k, m, n) = (128, 48, 32);
+    let e = engine();
+    let x = values(k * n, 9);
+    for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
+        let (raw, deq) = ggml_blocks(kind, m, k, 3);
+        let quant = run_conv(
+            &e,
+            &ane_mil::text::emit(&conv_matmul_quant(kind, k, m, n)),
+            weights_blob_quant(kind, &raw, m, k),
+            &x,
+            m,
+            n,
+        );
+        let dense = run_conv(
+            &e,
+            &ane_mil::text::emit(&conv_matmul(k, m, n)),
+            weights_blob_fp16(&deq),
+            &x,
+            m,
+            n,
+        );
+        let bits = |v: &[f16]| v.iter().map(|h| h.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&quant), bits(&dense), "{kind:?}");
+        assert_close(&quant, &oracle(&deq, &x, k, m, n));
+    }
+    assert_eq!(e.counters().loaded, 0);
+}
+
+#[test]
+fn blockwise_shift_scale_checks_ranks_and_offsets() {
+    use ane_mil::build::{conv_matmul_q4_0, weights_blob_q4_0, QuantKind};
+    let (k, m, n) = (64, 16, 32);
+    let (raw, _) = ggml_blocks(QuantKind::Q4_0, m, k, 5);
+    let good = ane_mil::text::emit(&conv_matmul_q4_0(k, m, n));
+    let w = || {
+        vec![WeightFile {
+            path: WEIGHT_PATH.into(),
+            bytes: weights_blob_q4_0(&raw, m, k),
+        }]
+    };
+    let e = engine();
+    e.unload(e.compile(&good, &w()).unwrap());
+    // Scale of lower rank than the data: rejected as coremltools does.
+    let bad = good.replace(
+        "tensor<fp16, [16, 2, 1, 1]> W_s = const()[name = string(\"W_s\"), val = tensor<fp16, [16, 2, 1, 1]>",
+        "tensor<fp16, [16, 2, 1]> W_s = const()[name = string(\"W_s\"), val = tensor<fp16, [16, 2, 1]>",
+    );
+    assert_ne!(bad, good);
+    let err = e.compile(&bad, &w()).unwrap_err().to_string();
+    assert!(err.contains("same rank"), "{err}");
+    // The data declared int8 while the blob holds int4: the blob check names it.
+    let bad = good.replace("tensor<int4,", "tensor<int8,");
+    assert!(e.compile(&bad, &w()).is_err());
+}

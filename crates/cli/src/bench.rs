@@ -11,7 +11,11 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::json;
 
-use ane_engine::canary::{cpu_matmul_f32, max_rel_err, run_conv_matmul, test_values};
+use ane_engine::canary::{cpu_matmul_f32, max_rel_err, run_conv_matmul, test_values, MatmulRun};
+use ane_engine::surface::request_alloc_size;
+use ane_engine::{Engine, EngineError, Surface};
+use ane_plan::{Layout, Planner};
+use half::f16;
 
 use crate::probe::probe;
 
@@ -21,6 +25,10 @@ pub struct Args {
     /// `host`: conversion throughput instead of MUL_MAT shapes.
     #[command(subcommand)]
     pub what: Option<What>,
+    /// Program forms to time: `conv` (baked weights, the prototype's form), `tiled` (the plugin's
+    /// shape-shared form, channel-first) and `tokens` (the same, token-major); comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "conv,tiled,tokens")]
+    pub forms: Vec<String>,
     /// Shapes as `MxKxN` (M rows of weights, K inner, N tokens), comma-separated.
     #[arg(
         long,
@@ -79,14 +87,47 @@ pub fn run(args: &Args) -> Result<()> {
             threads()
         );
         println!(
-            "{:>6} {:>6} {:>5} {:>11} {:>9} {:>11} {:>9} {:>8} {:>11}",
-            "M", "K", "N", "engine ms", "TFLOPS", "cpu f32 ms", "TFLOPS", "speedup", "max_rel_err"
+            "{:>7} {:>6} {:>6} {:>5} {:>11} {:>9} {:>11} {:>9} {:>8} {:>11}",
+            "form",
+            "M",
+            "K",
+            "N",
+            "engine ms",
+            "TFLOPS",
+            "cpu f32 ms",
+            "TFLOPS",
+            "speedup",
+            "max_rel_err"
         );
     }
-    for (m, k, n) in shapes {
+    for ((m, k, n), form) in shapes
+        .iter()
+        .flat_map(|&s| args.forms.iter().map(move |f| (s, f.clone())))
+    {
         let w = test_values(m * k, 5);
         let x = test_values(k * n, 6);
-        let r = run_conv_matmul(engine, (k, m, n), &w, &x, args.reps)?;
+        let r = match form.as_str() {
+            "conv" => run_conv_matmul(engine, (k, m, n), &w, &x, args.reps),
+            "tiled" => run_tiled(engine, (k, m, n), Layout::Channels, &w, &x, args.reps),
+            "tokens" => run_tiled(engine, (k, m, n), Layout::Tokens, &w, &x, args.reps),
+            other => bail!("unknown form `{other}` (conv, tiled, tokens)"),
+        };
+        // A form the chip rejects (the baked conv cannot tile rows past the axis limit) is a
+        // result to report, not a reason to stop measuring the others.
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                if args.json {
+                    println!(
+                        "{}",
+                        json!({"engine": engine.name(), "form": form, "m": m, "k": k, "n": n, "error": e.to_string()})
+                    );
+                } else {
+                    println!("{form:>7} {m:>6} {k:>6} {n:>5}  failed: {e}");
+                }
+                continue;
+            }
+        };
         let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
         let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
         let mut cpu_ms = f64::INFINITY;
@@ -102,13 +143,13 @@ pub fn run(args: &Args) -> Result<()> {
         if args.json {
             println!(
                 "{}",
-                json!({"engine": engine.name(), "ane": p.ane_available, "m": m, "k": k, "n": n,
+                json!({"engine": engine.name(), "ane": p.ane_available, "form": form, "m": m, "k": k, "n": n,
                        "engine_ms": r.eval_ms, "cpu_ms": cpu_ms, "speedup": speedup,
                        "engine_tflops": tf(r.eval_ms), "cpu_tflops": tf(cpu_ms), "max_rel_err": err})
             );
         } else {
             println!(
-                "{m:>6} {k:>6} {n:>5} {:>11.3} {:>9.4} {:>11.3} {:>9.4} {:>7.2}x {:>11.2e}",
+                "{form:>7} {m:>6} {k:>6} {n:>5} {:>11.3} {:>9.4} {:>11.3} {:>9.4} {:>7.2}x {:>11.2e}",
                 r.eval_ms,
                 tf(r.eval_ms),
                 cpu_ms,
@@ -122,6 +163,98 @@ pub fn run(args: &Args) -> Result<()> {
         println!("no ANE measured: the speedup column compares the reference engine with the CPU baseline");
     }
     Ok(())
+}
+
+/// Compiles the plugin's shape-shared program for `m x k x n` (as the planner would tile it on this
+/// engine's chip), evaluates it `reps` times with the weights as an input, and unloads it.
+fn run_tiled(
+    engine: &dyn Engine,
+    (k, m, n): (usize, usize, usize),
+    layout: Layout,
+    w: &[f16],
+    x: &[f16],
+    reps: usize,
+) -> Result<MatmulRun, EngineError> {
+    let planner = Planner {
+        layout,
+        ..Planner::new(engine.limits())
+    };
+    let chunk = planner.col_chunks(n);
+    if chunk.len() != 1 {
+        return Err(EngineError::Compile(format!(
+            "n = {n} is beyond one column bucket ({})",
+            planner.max_cols()
+        )));
+    }
+    let s = planner.tile(k, m, chunk[0].bucket);
+    let t = Instant::now();
+    let id = engine.compile(&ane_mil::text::emit(&ane_mil::build::tiled_matmul(s)), &[])?;
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let size = request_alloc_size(&[s.x_len() * 2, s.w_len() * 2, s.y_len() * 2]);
+    let (mut xs, mut ws, mut ys) = (Surface::new(size), Surface::new(size), Surface::new(size));
+    {
+        // Weights: rows of K, cut into tiles of m_tile rows and slices of k_chunk.
+        let wh = ws.fp16_mut(s.w_len());
+        for r in 0..m {
+            let (tile, mi) = (r / s.m_tile, r % s.m_tile);
+            for c in 0..s.k_chunks {
+                let (lo, hi) = ((c * s.k_chunk).min(k), ((c + 1) * s.k_chunk).min(k));
+                let at = ((tile * s.k_chunks + c) * s.m_tile + mi) * s.k_chunk;
+                wh[at..at + hi - lo].copy_from_slice(&w[r * k + lo..r * k + hi]);
+            }
+        }
+    }
+    let mut best = f64::INFINITY;
+    let mut first = 0.0;
+    let mut y = vec![0f32; m * n];
+    for rep in 0..reps.max(1) {
+        let t = Instant::now();
+        let xh = xs.fp16_mut(s.x_len());
+        for ki in 0..k {
+            let (c, kk) = (ki / s.k_chunk, ki % s.k_chunk);
+            for ni in 0..n {
+                let at = match layout {
+                    Layout::Channels => (c * s.k_chunk + kk) * s.n + ni,
+                    Layout::Tokens => (c * s.n + ni) * s.k_chunk + kk,
+                };
+                xh[at] = x[ki * n + ni];
+            }
+        }
+        let r = engine.evaluate(id, &[&xs, &ws], &mut [&mut ys]);
+        if let Err(e) = r {
+            engine.unload(id);
+            return Err(e);
+        }
+        let yh = ys.fp16(s.y_len());
+        for mi in 0..m {
+            let (tile, row) = (mi / s.m_tile, mi % s.m_tile);
+            for ni in 0..n {
+                y[mi * n + ni] = (0..s.k_chunks)
+                    .map(|c| {
+                        let at = match layout {
+                            Layout::Channels => {
+                                ((tile * s.k_chunks + c) * s.m_tile + row) * s.n + ni
+                            }
+                            Layout::Tokens => ((tile * s.k_chunks + c) * s.n + ni) * s.m_tile + row,
+                        };
+                        yh[at].to_f32()
+                    })
+                    .sum();
+            }
+        }
+        let e = t.elapsed().as_secs_f64() * 1e3;
+        if rep == 0 {
+            first = e;
+        }
+        best = best.min(e);
+    }
+    engine.unload(id);
+    Ok(MatmulRun {
+        y,
+        compile_ms,
+        eval_ms: best,
+        first_eval_ms: first,
+    })
 }
 
 fn threads() -> usize {

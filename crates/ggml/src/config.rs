@@ -31,6 +31,17 @@ pub enum StatsMode {
     Json,
 }
 
+/// How weights reach the ANE (`GGML_ANE_WEIGHTS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightsMode {
+    /// Converted to fp16 and fed to the shape-shared programs (default).
+    #[default]
+    Fp16,
+    /// A lone Q8_0/Q4_0 weight stays compressed in a program baked for it
+    /// (`constexpr_blockwise_shift_scale`); opt-in until measured on hardware.
+    Compressed,
+}
+
 /// Every setting of the plugin.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -59,6 +70,8 @@ pub struct Config {
     /// `GGML_ANE_REF_ACCUM=fp32|fp16`: the reference engine's matmul accumulation (fp16 models the
     /// ANE's accuracy loss at large K; see docs/accuracy.md).
     pub ref_accum: Accum,
+    /// `GGML_ANE_WEIGHTS=fp16|compressed` (see [`WeightsMode`]).
+    pub weights: WeightsMode,
 }
 
 /// Default for `GGML_ANE_MIN_BATCH`.
@@ -150,6 +163,14 @@ impl Config {
             "fp16" => Accum::Fp16,
             _ => Accum::Fp32,
         };
+        let weights = match parse("GGML_ANE_WEIGHTS", "fp16", &|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "fp16" | "compressed")
+        })
+        .as_str()
+        {
+            "compressed" => WeightsMode::Compressed,
+            _ => WeightsMode::Fp16,
+        };
         let faults = match get("GGML_ANE_FAULTS") {
             None => None,
             Some(v) => match v.parse::<FaultSpec>() {
@@ -173,6 +194,7 @@ impl Config {
             prestage,
             faults,
             ref_accum,
+            weights,
         }
     }
 
@@ -206,7 +228,12 @@ mod tests {
         assert_eq!(c.stats, StatsMode::Off);
         assert_eq!(c.chip, Chip::M4);
         assert_eq!(c.max_programs, 96);
+        assert_eq!(c.weights, WeightsMode::Fp16);
         assert!(w.is_empty());
+        let (c, w) = cfg(&[("GGML_ANE_WEIGHTS", "Compressed")]);
+        assert_eq!((c.weights, w.len()), (WeightsMode::Compressed, 0));
+        let (c, w) = cfg(&[("GGML_ANE_WEIGHTS", "q4")]);
+        assert_eq!((c.weights, w.len()), (WeightsMode::Fp16, 1));
     }
 
     #[test]

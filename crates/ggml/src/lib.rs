@@ -13,6 +13,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod baked;
 pub mod config;
 pub mod ffi;
 pub mod ggml;
@@ -124,9 +125,10 @@ fn device_state() -> Result<&'static DeviceState, &'static str> {
                     layout: cfg.layout,
                     ..Planner::new(engine.limits())
                 },
-                cache: Mutex::new(KernelCache::new(
-                    cfg.max_programs.min(engine.limits().max_loaded_programs),
-                )),
+                cache: Mutex::new(
+                    KernelCache::new(cfg.max_programs.min(engine.limits().max_loaded_programs))
+                        .compressed(cfg.weights == config::WeightsMode::Compressed),
+                ),
                 staged: Mutex::new(StagedWeights::new(cfg.stage_max_mb.saturating_mul(1 << 20))),
                 scratch: Mutex::new(ScratchPool::default()),
                 engine,

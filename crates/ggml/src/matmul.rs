@@ -65,11 +65,19 @@ pub struct Group {
     pub weights: bool,
 }
 
-/// Loaded programs keyed by shape, bounded, least recently used evicted first.
+/// Loaded programs keyed by shape, bounded, least recently used evicted first. Baked programs
+/// (compressed weights, [`crate::baked`]) share the bound: they are keyed by weight identity and
+/// column bucket, and evicting one frees its compressed weight bytes.
 #[derive(Debug)]
 pub struct KernelCache {
     entries: HashMap<TiledShape, (ProgramId, u64)>,
     failed: HashMap<TiledShape, EngineError>,
+    pub(crate) baked: HashMap<(u128, usize), (ProgramId, u64, usize)>,
+    pub(crate) baked_failed: HashMap<(u128, usize), EngineError>,
+    /// Compressed weight bytes held by the loaded baked programs.
+    pub(crate) baked_bytes: usize,
+    /// `GGML_ANE_WEIGHTS=compressed`: single Q8_0/Q4_0 weights run as baked programs.
+    pub(crate) compressed: bool,
     tick: u64,
     max: usize,
 }
@@ -80,19 +88,55 @@ impl KernelCache {
         KernelCache {
             entries: HashMap::new(),
             failed: HashMap::new(),
+            baked: HashMap::new(),
+            baked_failed: HashMap::new(),
+            baked_bytes: 0,
+            compressed: false,
             tick: 0,
             max: max.max(1),
         }
     }
 
+    /// The same cache, running lone Q8_0/Q4_0 weights as baked programs when `on`
+    /// (`GGML_ANE_WEIGHTS=compressed`, [`crate::baked`]).
+    pub fn compressed(mut self, on: bool) -> Self {
+        self.compressed = on;
+        self
+    }
+
     /// Number of programs loaded through this cache.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len() + self.baked.len()
     }
 
     /// True when nothing is loaded.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
+    }
+
+    pub(crate) fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// Unloads least recently used programs (shape-shared or baked) until one more fits.
+    pub(crate) fn make_room(&mut self, engine: &dyn Engine) {
+        while self.len() >= self.max {
+            let shared = self.entries.iter().min_by_key(|(_, (_, t))| *t);
+            let baked = self.baked.iter().min_by_key(|(_, (_, t, _))| *t);
+            match (shared, baked) {
+                (Some((&s, &(id, ts))), b) if b.is_none_or(|(_, &(_, tb, _))| ts <= tb) => {
+                    self.entries.remove(&s);
+                    engine.unload(id);
+                }
+                (_, Some((&key, &(id, _, bytes)))) => {
+                    self.baked.remove(&key);
+                    self.baked_bytes -= bytes;
+                    engine.unload(id);
+                }
+                _ => break,
+            }
+        }
     }
 
     fn get_or_compile(
@@ -113,15 +157,8 @@ impl KernelCache {
             return Err(e.clone());
         }
         stats.cache_misses.fetch_add(1, Relaxed);
-        while self.entries.len() >= self.max {
-            let (&old, &(id, _)) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .expect("non-empty");
-            self.entries.remove(&old);
-            engine.unload(id);
-        }
+        self.make_room(engine);
+        stats.baked_bytes.store(self.baked_bytes as u64, Relaxed);
         let mil = ane_mil::text::emit(&ane_mil::build::tiled_matmul(shape));
         match engine.compile(&mil, &[]) {
             Ok(id) => {
@@ -146,6 +183,10 @@ impl KernelCache {
         for (_, (id, _)) in self.entries.drain() {
             engine.unload(id);
         }
+        for (_, (id, _, _)) in self.baked.drain() {
+            engine.unload(id);
+        }
+        self.baked_bytes = 0;
     }
 }
 
@@ -213,7 +254,7 @@ impl StagedWeights {
 ///
 /// # Safety
 /// `m.src0` must be readable.
-unsafe fn member_key(m: &Member) -> u128 {
+pub(crate) unsafe fn member_key(m: &Member) -> u128 {
     let d = &m.src0.desc;
     let mut h = Xxh3::new();
     h.update(&(m.src0.data as usize).to_le_bytes());
@@ -372,7 +413,7 @@ unsafe fn read_plain(ty: i32, base: *const u8, off: usize) -> f32 {
 /// # Safety
 /// The operand must describe readable memory; for non-plain types, rows must be contiguous blocks
 /// (checked by `supports_op`) and `info.to_float` must be set.
-unsafe fn read_row(
+pub(crate) unsafe fn read_row(
     op: &Operand,
     info: &TypeInfo,
     i1: usize,
@@ -502,6 +543,11 @@ fn contiguous_run(cols: &[(usize, usize, usize)]) -> Option<(usize, usize, usize
 /// accepted; dst memory must be writable and not overlap any source.
 pub unsafe fn compute(cx: &Context<'_>, g: &Group) {
     use std::sync::atomic::Ordering::Relaxed;
+    // GGML_ANE_WEIGHTS=compressed: a lone Q8_0/Q4_0 weight runs its own baked program.
+    // SAFETY: forwarded contract.
+    if unsafe { crate::baked::try_compute(cx, g) } {
+        return;
+    }
     let src0 = &g.members[0].src0.desc;
     let [k, _, ne02, ne03] = src0.ne.map(|v| v as usize);
     let [_, n, ne12, ne13] = g.src1.desc.ne.map(|v| v as usize);

@@ -45,6 +45,9 @@ pub struct Stats {
     pub ns_stage: AtomicU64,
     /// Bytes of staged weight surfaces held now.
     pub staged_bytes: AtomicU64,
+    /// Compressed weight bytes (`weight.bin` files) held by loaded baked programs
+    /// (`GGML_ANE_WEIGHTS=compressed`).
+    pub baked_bytes: AtomicU64,
 }
 
 /// Adds a duration to a nanosecond counter.
@@ -86,6 +89,7 @@ impl Stats {
             "ms_fallback": ms(&self.ns_fallback),
             "ms_stage": ms(&self.ns_stage),
             "staged_mb": self.staged_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
+            "baked_mb": self.baked_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
         })
     }
 
@@ -156,6 +160,13 @@ impl Stats {
             self.staged_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
             ms(&self.ns_stage)
         ));
+        let baked = self.baked_bytes.load(Relaxed);
+        if baked > 0 {
+            s.push_str(&format!(
+                "  baked compressed weights: {:.1} MiB\n",
+                baked as f64 / (1u64 << 20) as f64
+            ));
+        }
         s
     }
 }

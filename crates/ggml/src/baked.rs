@@ -1,0 +1,219 @@
+//! Compressed weights (`GGML_ANE_WEIGHTS=compressed`): a lone Q8_0 or Q4_0 weight runs a program
+//! with the weight baked in, still as ggml's blocks.
+//!
+//! The program is [`ane_mil::build::conv_matmul_quant`]: the quants and fp16 scales are two blobs
+//! of its `weight.bin`, `constexpr_blockwise_shift_scale` expands them (exactly: the result equals
+//! ggml's `to_float` rounded to fp16), and a 1x1 conv multiplies the channel-first activations
+//! `[1, K, 1, N]` into `[1, M, 1, N]`. The weight lives in the program, so there is one program per
+//! weight tensor and column bucket: each costs a compile, out of the ANE's ~119 per process, and a
+//! slot of the loaded-program budget, which it shares with the shape-shared programs in
+//! [`KernelCache`] (least recently used unloaded first). That suits small models only, which is
+//! why it is opt-in; what the ANE does with the compressed form (streams it, or expands it at
+//! load as M1/M2 do) is unmeasured.
+//!
+//! Anything else (fused groups, other types, non-contiguous rows, axes beyond the chip limit, a
+//! failed compile or dispatch, a numeric guard trip) returns `false` and the group takes the fp16
+//! path, which writes every output.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use ane_convert::types::{GGML_TYPE_Q4_0, GGML_TYPE_Q8_0};
+use ane_engine::surface::request_alloc_size;
+use ane_engine::{Engine, EngineError, ProgramId, Surface, WeightFile};
+use ane_mil::build::{self, QuantKind};
+use half::f16;
+
+use crate::guard;
+use crate::matmul::{member_key, read_row, Context, Group, KernelCache, Member};
+use crate::stats::{add_time, Stats};
+
+/// The block type of a weight the baked path takes, if it takes it.
+fn kind_of(m: &Member, max_axis: usize) -> Option<QuantKind> {
+    let d = &m.src0.desc;
+    let kind = match d.ty {
+        GGML_TYPE_Q8_0 => QuantKind::Q8_0,
+        GGML_TYPE_Q4_0 => QuantKind::Q4_0,
+        _ => return None,
+    };
+    let (k, rows) = (d.ne[0] as usize, d.ne[1] as usize);
+    let row_bytes = k / QuantKind::BLOCK * kind.block_bytes();
+    let ok = d.ne[2] == 1
+        && d.ne[3] == 1
+        && k.is_multiple_of(QuantKind::BLOCK)
+        && (1..=max_axis).contains(&k)
+        && (1..=max_axis).contains(&rows)
+        && d.nb[0] == m.src0_info.type_size
+        && d.nb[1] == row_bytes
+        && !m.src0.data.is_null();
+    ok.then_some(kind)
+}
+
+impl KernelCache {
+    /// The baked program of weight `key` for `n` columns, compiled by `make` on a miss.
+    fn get_or_compile_baked(
+        &mut self,
+        engine: &dyn Engine,
+        key: (u128, usize),
+        stats: &Stats,
+        make: impl FnOnce() -> (String, Vec<u8>),
+    ) -> Result<ProgramId, EngineError> {
+        let tick = self.next_tick();
+        if let Some(e) = self.baked.get_mut(&key) {
+            e.1 = tick;
+            stats.cache_hits.fetch_add(1, Relaxed);
+            return Ok(e.0);
+        }
+        if let Some(e) = self.baked_failed.get(&key) {
+            return Err(e.clone());
+        }
+        stats.cache_misses.fetch_add(1, Relaxed);
+        self.make_room(engine);
+        let (mil, bytes) = make();
+        let size = bytes.len();
+        let r = engine.compile(
+            &mil,
+            &[WeightFile {
+                path: build::WEIGHT_PATH.into(),
+                bytes,
+            }],
+        );
+        let r = match r {
+            Ok(id) => {
+                self.baked.insert(key, (id, tick, size));
+                self.baked_bytes += size;
+                Ok(id)
+            }
+            Err(e) => {
+                // As for the shared programs: compile failures repeat, budget/load ones may not.
+                if !matches!(e, EngineError::Budget { .. } | EngineError::Load(_)) {
+                    self.baked_failed.insert(key, e.clone());
+                }
+                Err(e)
+            }
+        };
+        stats.baked_bytes.store(self.baked_bytes as u64, Relaxed);
+        r
+    }
+}
+
+/// Computes `g` with a baked compressed-weight program when it qualifies; `false` leaves it to
+/// the fp16 path untouched (outputs possibly half written, which that path overwrites).
+///
+/// # Safety
+/// As for [`crate::matmul::compute`].
+pub(crate) unsafe fn try_compute(cx: &Context<'_>, g: &Group) -> bool {
+    let max_axis = cx.engine.limits().max_axis;
+    let enabled = cx
+        .cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .compressed;
+    if !enabled || !g.weights || g.members.len() != 1 {
+        return false;
+    }
+    let m = &g.members[0];
+    let Some(kind) = kind_of(m, max_axis) else {
+        return false;
+    };
+    // SAFETY: forwarded contract.
+    let r = unsafe { run(cx, g, m, kind) };
+    match r {
+        Ok(()) => {
+            cx.stats.ops_offloaded.fetch_add(1, Relaxed);
+            true
+        }
+        Err(e) => {
+            if std::env::var_os("GGML_ANE_DEBUG").is_some() {
+                eprintln!("ggml-ane: baked program failed, fp16 path: {e}");
+            }
+            false
+        }
+    }
+}
+
+/// Every column chunk of `g` through the baked program of its bucket.
+///
+/// # Safety
+/// As for [`crate::matmul::compute`]; `m` qualified by [`kind_of`].
+unsafe fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Result<(), EngineError> {
+    let d = &m.src0.desc;
+    let (k, rows) = (d.ne[0] as usize, d.ne[1] as usize);
+    let [_, n, ne12, ne13] = g.src1.desc.ne.map(|v| v as usize);
+    // src0 is 2-D: every src1 column of every matrix multiplies it.
+    let cols: Vec<(usize, usize, usize)> = (0..ne13)
+        .flat_map(|i13| (0..ne12).flat_map(move |i12| (0..n).map(move |i1| (i1, i12, i13))))
+        .collect();
+    // SAFETY: forwarded contract.
+    let wkey = unsafe { member_key(m) };
+    let mut xrow = vec![0f32; k];
+    for chunk in cx.planner.col_chunks(cols.len()) {
+        let nb = chunk.bucket;
+        let cols = &cols[chunk.start..chunk.start + chunk.len];
+        let t = Instant::now();
+        let size = request_alloc_size(&[k * nb * 2, rows * nb * 2]);
+        let mut x = Surface::new(size);
+        {
+            let xs = x.fp16_mut(k * nb);
+            for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
+                // SAFETY: forwarded contract.
+                unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, &mut xrow) };
+                if !guard::input_ok(&xrow) {
+                    return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
+                }
+                for (ki, &v) in xrow.iter().enumerate() {
+                    xs[ki * nb + c] = f16::from_f32(v);
+                }
+            }
+        }
+        let mut y = Surface::new(size);
+        add_time(&cx.stats.ns_convert, t.elapsed());
+        let t = Instant::now();
+        let result = {
+            let mut cache = cx.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .get_or_compile_baked(cx.engine, (wkey, nb), cx.stats, || {
+                    let ts = Instant::now();
+                    let len = rows * k / QuantKind::BLOCK * kind.block_bytes();
+                    // SAFETY: `kind_of` checked the rows are contiguous blocks: `len` bytes.
+                    let raw = unsafe { std::slice::from_raw_parts(m.src0.data, len) };
+                    let blob = build::weights_blob_quant(kind, raw, rows, k);
+                    add_time(&cx.stats.ns_stage, ts.elapsed());
+                    let mil = ane_mil::text::emit(&build::conv_matmul_quant(kind, k, rows, nb));
+                    (mil, blob)
+                })
+                .and_then(|id| cx.engine.evaluate(id, &[&x], &mut [&mut y]))
+        };
+        add_time(&cx.stats.ns_engine, t.elapsed());
+        result?;
+        cx.stats.dispatches.fetch_add(1, Relaxed);
+        let t = Instant::now();
+        let ys = y.fp16(rows * nb);
+        if !guard::output_ok(ys) {
+            return Err(guard::trip(
+                cx.stats,
+                "output non-finite or past the matmul cliff",
+            ));
+        }
+        let od = &m.dst.desc;
+        for mi in 0..rows {
+            for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
+                let off = mi * od.nb[0] + i1 * od.nb[1] + i12 * od.nb[2] + i13 * od.nb[3];
+                // SAFETY: dst is writable f32 at every in-bounds index.
+                unsafe {
+                    m.dst
+                        .data
+                        .cast_mut()
+                        .add(off)
+                        .cast::<f32>()
+                        .write_unaligned(ys[mi * nb + c].to_f32())
+                };
+            }
+        }
+        add_time(&cx.stats.ns_convert, t.elapsed());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -6,6 +6,8 @@
 //! 2. With `GGML_ANE_CHIP=m1` (axis limit 16384), a model whose vocabulary is 20048 tokens has its
 //!    LM head offloaded in row tiles and still generates the CPU's greedy text.
 //! 3. The token-major program layout (`GGML_ANE_LAYOUT=tokens`) generates the CPU's text too.
+//! 4. Compressed weights (`GGML_ANE_WEIGHTS=compressed`): the Q8_0 and Q4_0 models generate the
+//!    CPU's text with their lone weights in baked programs (`baked_mb > 0`).
 
 use std::process::Command;
 use std::time::Duration;
@@ -22,6 +24,23 @@ fn stat(stderr: &str, key: &str) -> Result<u64> {
         .filter_map(|l| l.strip_prefix("ggml-ane-stats: "))
         .filter_map(|j| json_u64(j, key))
         .max()
+        .ok_or_else(|| format!("no `{key}` in any ggml-ane-stats line").into())
+}
+
+/// The largest value of the number `key` (integer or decimal) over all `ggml-ane-stats:` lines.
+fn stat_f64(stderr: &str, key: &str) -> Result<f64> {
+    let pat = format!("\"{key}\":");
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("ggml-ane-stats: "))
+        .filter_map(|j| {
+            let rest = j[j.find(&pat)? + pat.len()..].trim_start();
+            let end = rest
+                .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '-' | 'e' | 'E' | '+')))
+                .unwrap_or(rest.len());
+            rest[..end].parse::<f64>().ok()
+        })
+        .reduce(f64::max)
         .ok_or_else(|| format!("no `{key}` in any ggml-ane-stats line").into())
 }
 
@@ -149,9 +168,53 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         }
         layouts.push(format!("{dtype} {offloaded} ops"));
     }
+    // 4. Compressed weights: baked programs for the lone Q8_0/Q4_0 weights, same text.
+    let mut baked = Vec::new();
+    for dtype in ["q8_0", "q4_0"] {
+        let model = models::path(dtype);
+        let extra: &[&str] = if dtype == "q4_0" {
+            &["--no-repack"]
+        } else {
+            &[]
+        };
+        let cpu = run_completion(
+            &mut completion(&model, None, 16, extra),
+            &format!("plan-compressed-{dtype}-cpu"),
+            timeout,
+        )?;
+        let run = run_completion(
+            completion(&model, Some(&plugin), 16, extra)
+                .env("GGML_ANE_STATS", "json")
+                .env("GGML_ANE_WEIGHTS", "compressed"),
+            &format!("plan-compressed-{dtype}-ane"),
+            timeout,
+        )?;
+        if !cpu.success() || !run.success() {
+            bail!(
+                "compressed weights, {dtype}: cpu {}, ane {}\n{}\n{}",
+                cpu.status_text(),
+                run.status_text(),
+                run.stderr_tail(15),
+                run.where_logged()
+            );
+        }
+        let (ct, at) = (generated(&cpu.stdout), generated(&run.stdout));
+        let mb = stat_f64(&run.stderr, "baked_mb")?;
+        let offloaded = stat(&run.stderr, "ops_offloaded")?;
+        let fallback = stat(&run.stderr, "ops_fallback")?;
+        println!("compressed {dtype}: CPU {ct:?}\ncompressed {dtype}: ANE {at:?} ({mb:.3} MiB baked, {offloaded} offloaded, {fallback} fallbacks)");
+        if ct.trim().is_empty() || ct != at || mb <= 0.0 || offloaded == 0 {
+            bail!(
+                "compressed weights, {dtype}: text {at:?} vs CPU {ct:?}, baked_mb {mb}, {offloaded} offloaded\n{}",
+                run.where_logged()
+            );
+        }
+        baked.push(format!("{dtype} {mb:.2} MiB baked"));
+    }
     Ok(format!(
-        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt); m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; token-major layout identical ({})",
-        layouts.join(", ")
+        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt); m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; token-major layout identical ({}); compressed weights identical ({})",
+        layouts.join(", "),
+        baked.join(", ")
     ))
 }
 
@@ -168,5 +231,9 @@ mod tests {
         assert_eq!(stat(log, "programs_compiled").unwrap(), 3);
         assert_eq!(stat(log, "dispatches").unwrap(), 8);
         assert!(stat(log, "nothing").is_err());
+        let log =
+            "ggml-ane-stats: {\"baked_mb\":0.0,\"x\":1}\nggml-ane-stats: {\"baked_mb\":1.25e0}\n";
+        assert_eq!(stat_f64(log, "baked_mb").unwrap(), 1.25);
+        assert!(stat_f64(log, "staged_mb").is_err());
     }
 }

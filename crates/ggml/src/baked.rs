@@ -49,6 +49,12 @@ fn kind_of(m: &Member, max_axis: usize) -> Option<QuantKind> {
     ok.then_some(kind)
 }
 
+/// Whether a weight could run baked (Q8_0/Q4_0, 2-D, contiguous rows, axes within `max_axis`);
+/// whether it does also depends on its group being a single MUL_MAT.
+pub(crate) fn may_bake(m: &Member, max_axis: usize) -> bool {
+    kind_of(m, max_axis).is_some()
+}
+
 impl KernelCache {
     /// The baked program of weight `key` for `n` columns, compiled by `make` on a miss.
     fn get_or_compile_baked(

@@ -488,9 +488,16 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(
                                 data: t.data as *const u8,
                             },
                         };
-                        // SAFETY: a weight in a host weights buffer, loaded (llama.cpp reserves
-                        // its graphs after loading the model); converted once, at load.
-                        unsafe { matmul::prestage(&dev.staged, &dev.stats, &m) };
+                        // With compressed weights a Q8_0/Q4_0 weight is not converted ahead:
+                        // alone it runs baked; in a fused group it is staged at first dispatch.
+                        let bakeable = Config::get().weights == config::WeightsMode::Compressed
+                            && baked::may_bake(&m, dev.engine.limits().max_axis);
+                        if !bakeable {
+                            // SAFETY: a weight in a host weights buffer, loaded (llama.cpp
+                            // reserves its graphs after loading the model); converted once, at
+                            // load.
+                            unsafe { matmul::prestage(&dev.staged, &dev.stats, &m) };
+                        }
                     }
                 }
                 usable

@@ -171,7 +171,18 @@ fn errors() {
 #[test]
 fn bench_host_rows() {
     let rows = bench_host(256 * 1024, None);
-    assert_eq!(rows.len(), 3 + types::SUPPORTED.len());
+    // memcpy, the two transposes, the two token-major copies, one row per weight type.
+    assert_eq!(rows.len(), 5 + types::SUPPORTED.len());
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    for want in [
+        "memcpy",
+        "act_f32_to_f16",
+        "out_f16_to_f32",
+        "act_tokens_f32_to_f16",
+        "out_tokens_f16_to_f32",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
     assert!(rows
         .iter()
         .all(|r| r.gbps > 0.0 && r.speedup_vs_ggml.is_none()));

@@ -435,31 +435,15 @@ pub(crate) unsafe fn read_row(
     }
 }
 
-/// Identity of a group's staged weights: the src0 addresses, descriptions and a fingerprint of
-/// their first and last bytes (guards against a freed weight buffer reused at the same address).
+/// Identity of a group's staged weights: its members' [`member_key`]s and the program's tiling.
 ///
 /// # Safety
 /// The members' src0 must be readable.
 unsafe fn stage_key(g: &Group, shape: &TiledShape) -> u128 {
     let mut h = Xxh3::new();
     for m in &g.members {
-        let d = &m.src0.desc;
-        h.update(&(m.src0.data as usize).to_le_bytes());
-        h.update(&d.ty.to_le_bytes());
-        for v in d.ne {
-            h.update(&v.to_le_bytes());
-        }
-        for v in d.nb {
-            h.update(&v.to_le_bytes());
-        }
-        let row = (d.ne[0] as usize) / m.src0_info.blck_size * m.src0_info.type_size;
-        let n = row.min(256);
-        let last = (d.ne[1] as usize - 1) * d.nb[1];
-        // SAFETY: the first and the last row each have at least `n` readable bytes.
-        unsafe {
-            h.update(std::slice::from_raw_parts(m.src0.data, n));
-            h.update(std::slice::from_raw_parts(m.src0.data.add(last), n));
-        }
+        // SAFETY: forwarded contract.
+        h.update(&unsafe { member_key(m) }.to_le_bytes());
     }
     for v in [shape.tiles, shape.k_chunks, shape.m_tile, shape.k_chunk] {
         h.update(&v.to_le_bytes());

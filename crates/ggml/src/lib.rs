@@ -264,6 +264,11 @@ fn graph_compute(cgraph: *mut ggml_cgraph) -> i32 {
                 return GGML_STATUS_FAILED;
             }
         };
+        if Config::get().stats != StatsMode::Off {
+            // SAFETY: a MUL_MAT has a valid src0 with a NUL-terminated name.
+            let name = unsafe { std::ffi::CStr::from_ptr((*node.src[0]).name.as_ptr()) };
+            dev.stats.count_weight(&name.to_string_lossy());
+        }
         match open.as_mut() {
             Some(group) if joins(group, &m, &src1, weight) => group.members.push(m),
             _ => {

@@ -48,6 +48,9 @@ pub struct Stats {
     /// Compressed weight bytes (`weight.bin` files) held by loaded baked programs
     /// (`GGML_ANE_WEIGHTS=compressed`).
     pub baked_bytes: AtomicU64,
+    /// MUL_MATs this device computed, by the name of their src0 (weights are named
+    /// `blk.N.attn_q.weight` etc.): "where each matmul ran", for the table and the JSON.
+    pub by_weight: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// Adds a duration to a nanosecond counter.
@@ -56,6 +59,13 @@ pub fn add_time(c: &AtomicU64, d: Duration) {
 }
 
 impl Stats {
+    /// Counts one MUL_MAT computed by this device, by src0 name (unnamed tensors are grouped).
+    pub fn count_weight(&self, name: &str) {
+        let key = if name.is_empty() { "(unnamed)" } else { name };
+        let mut m = self.by_weight.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(key.to_string()).or_insert(0) += 1;
+    }
+
     /// The stats as one JSON object (the `ggml-ane-stats:` line).
     pub fn to_json(&self, engine: &str, e: EngineCounters) -> serde_json::Value {
         let ms = |c: &AtomicU64| c.load(Relaxed) as f64 / 1e6;
@@ -88,6 +98,7 @@ impl Stats {
             "ms_engine": ms(&self.ns_engine),
             "ms_fallback": ms(&self.ns_fallback),
             "ms_stage": ms(&self.ns_stage),
+            "by_weight": self.by_weight.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "staged_mb": self.staged_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
             "baked_mb": self.baked_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
         })
@@ -166,6 +177,18 @@ impl Stats {
                 "  baked compressed weights: {:.1} MiB\n",
                 baked as f64 / (1u64 << 20) as f64
             ));
+        }
+        let by = self.by_weight.lock().unwrap_or_else(|e| e.into_inner());
+        if !by.is_empty() {
+            s.push_str(
+                "  MUL_MATs computed by the ANE device, by weight (the rest ran elsewhere):\n",
+            );
+            for (name, n) in by.iter().take(64) {
+                s.push_str(&format!("    {name:<40} {n:>8}\n"));
+            }
+            if by.len() > 64 {
+                s.push_str(&format!("    ... and {} more\n", by.len() - 64));
+            }
         }
         s
     }

@@ -14,7 +14,7 @@ commands:
                     plugin's offload statistics
   test [--only STEPS] [--skip STEPS] [--plugin PATH]
                     the full test suite; STEPS is a comma list of
-                    unit,mil,ops,e2e,sched,placement,plan (default: all, in that order);
+                    unit,mil,ops,faults,e2e,overflow,fuzz,sched,placement,plan,contexts (default: all, in that order);
                     --plugin uses a prebuilt plugin instead of building
                     target/release/libggml_ane.so
   check-apple       clippy the workspace for aarch64-apple-darwin (the macOS code)
@@ -47,7 +47,7 @@ pub struct TestOpts {
 }
 
 /// Steps of `cargo xtask test`, in the order they run.
-pub const TEST_STEPS: [&str; 10] = [
+pub const TEST_STEPS: [&str; 11] = [
     "unit",
     "mil",
     "ops",
@@ -58,6 +58,7 @@ pub const TEST_STEPS: [&str; 10] = [
     "sched",
     "placement",
     "plan",
+    "contexts",
 ];
 
 pub fn parse(args: impl Iterator<Item = String>) -> Result<Cmd, String> {
@@ -170,7 +171,8 @@ mod tests {
                 "fuzz",
                 "sched",
                 "placement",
-                "plan"
+                "plan",
+                "contexts",
             ]
         );
         assert!(p("test --only nope").is_err());

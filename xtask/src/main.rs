@@ -14,6 +14,7 @@ mod flags;
 mod llama;
 mod models;
 mod test;
+mod test_contexts;
 mod test_plan;
 mod tidy;
 mod util;

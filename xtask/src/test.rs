@@ -111,6 +111,7 @@ pub fn run(opts: &TestOpts) -> Result {
             "sched" => step_sched(&mut pre),
             "placement" => step_placement(&mut pre),
             "plan" => crate::test_plan::step(&mut pre),
+            "contexts" => crate::test_contexts::step(&mut pre),
             other => Err(format!("unknown step {other}").into()),
         };
         drop(section);

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use ane_convert::types::{GGML_TYPE_Q4_0, GGML_TYPE_Q8_0};
 use ane_engine::surface::request_alloc_size;
-use ane_engine::{Engine, EngineError, ProgramId, Surface, WeightFile};
+use ane_engine::{Engine, EngineError, ProgramId, WeightFile};
 use ane_mil::build::{self, QuantKind};
 use half::f16;
 
@@ -158,65 +158,76 @@ unsafe fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Resul
         let cols = &cols[chunk.start..chunk.start + chunk.len];
         let t = Instant::now();
         let size = request_alloc_size(&[k * nb * 2, rows * nb * 2]);
-        let mut x = Surface::new(size);
-        {
-            let xs = x.fp16_mut(k * nb);
-            for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
-                // SAFETY: forwarded contract.
-                unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, &mut xrow) };
-                if !guard::input_ok(&xrow) {
-                    return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
-                }
-                for (ki, &v) in xrow.iter().enumerate() {
-                    xs[ki * nb + c] = f16::from_f32(v);
-                }
-            }
-        }
-        let mut y = Surface::new(size);
-        add_time(&cx.stats.ns_convert, t.elapsed());
-        let t = Instant::now();
-        let result = {
-            let mut cache = cx.cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache
-                .get_or_compile_baked(cx.engine, (wkey, nb), cx.stats, || {
-                    let ts = Instant::now();
-                    let len = rows * k / QuantKind::BLOCK * kind.block_bytes();
-                    // SAFETY: `kind_of` checked the rows are contiguous blocks: `len` bytes.
-                    let raw = unsafe { std::slice::from_raw_parts(m.src0.data, len) };
-                    let blob = build::weights_blob_quant(kind, raw, rows, k);
-                    add_time(&cx.stats.ns_stage, ts.elapsed());
-                    let mil = ane_mil::text::emit(&build::conv_matmul_quant(kind, k, rows, nb));
-                    (mil, blob)
-                })
-                .and_then(|id| cx.engine.evaluate(id, &[&x], &mut [&mut y]))
+        let (mut x, mut y) = {
+            let mut pool = cx.scratch.lock().unwrap_or_else(|e| e.into_inner());
+            (pool.take(size), pool.take(size))
         };
-        add_time(&cx.stats.ns_engine, t.elapsed());
-        result?;
-        cx.stats.dispatches.fetch_add(1, Relaxed);
-        let t = Instant::now();
-        let ys = y.fp16(rows * nb);
-        if !guard::output_ok(ys) {
-            return Err(guard::trip(
-                cx.stats,
-                "output non-finite or past the matmul cliff",
-            ));
-        }
-        let od = &m.dst.desc;
-        for mi in 0..rows {
-            for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
-                let off = mi * od.nb[0] + i1 * od.nb[1] + i12 * od.nb[2] + i13 * od.nb[3];
-                // SAFETY: dst is writable f32 at every in-bounds index.
-                unsafe {
-                    m.dst
-                        .data
-                        .cast_mut()
-                        .add(off)
-                        .cast::<f32>()
-                        .write_unaligned(ys[mi * nb + c].to_f32())
-                };
+        let result = (|| {
+            {
+                let xs = x.fp16_mut(k * nb);
+                // Pooled surfaces hold old data: padding columns must be zero.
+                xs.fill(f16::ZERO);
+                for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
+                    // SAFETY: forwarded contract.
+                    unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, &mut xrow) };
+                    if !guard::input_ok(&xrow) {
+                        return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
+                    }
+                    for (ki, &v) in xrow.iter().enumerate() {
+                        xs[ki * nb + c] = f16::from_f32(v);
+                    }
+                }
             }
-        }
-        add_time(&cx.stats.ns_convert, t.elapsed());
+            add_time(&cx.stats.ns_convert, t.elapsed());
+            let t = Instant::now();
+            let result = {
+                let mut cache = cx.cache.lock().unwrap_or_else(|e| e.into_inner());
+                cache
+                    .get_or_compile_baked(cx.engine, (wkey, nb), cx.stats, || {
+                        let ts = Instant::now();
+                        let len = rows * k / QuantKind::BLOCK * kind.block_bytes();
+                        // SAFETY: `kind_of` checked the rows are contiguous blocks: `len` bytes.
+                        let raw = unsafe { std::slice::from_raw_parts(m.src0.data, len) };
+                        let blob = build::weights_blob_quant(kind, raw, rows, k);
+                        add_time(&cx.stats.ns_stage, ts.elapsed());
+                        let mil = ane_mil::text::emit(&build::conv_matmul_quant(kind, k, rows, nb));
+                        (mil, blob)
+                    })
+                    .and_then(|id| cx.engine.evaluate(id, &[&x], &mut [&mut y]))
+            };
+            add_time(&cx.stats.ns_engine, t.elapsed());
+            result?;
+            cx.stats.dispatches.fetch_add(1, Relaxed);
+            let t = Instant::now();
+            let ys = y.fp16(rows * nb);
+            if !guard::output_ok(ys) {
+                return Err(guard::trip(
+                    cx.stats,
+                    "output non-finite or past the matmul cliff",
+                ));
+            }
+            let od = &m.dst.desc;
+            for mi in 0..rows {
+                for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
+                    let off = mi * od.nb[0] + i1 * od.nb[1] + i12 * od.nb[2] + i13 * od.nb[3];
+                    // SAFETY: dst is writable f32 at every in-bounds index.
+                    unsafe {
+                        m.dst
+                            .data
+                            .cast_mut()
+                            .add(off)
+                            .cast::<f32>()
+                            .write_unaligned(ys[mi * nb + c].to_f32())
+                    };
+                }
+            }
+            add_time(&cx.stats.ns_convert, t.elapsed());
+            Ok(())
+        })();
+        let mut pool = cx.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        pool.give(x);
+        pool.give(y);
+        result?;
     }
     Ok(())
 }

@@ -349,14 +349,14 @@ pub struct ScratchPool {
 }
 
 impl ScratchPool {
-    fn take(&mut self, size: usize) -> Surface {
+    pub(crate) fn take(&mut self, size: usize) -> Surface {
         self.free
             .get_mut(&size)
             .and_then(Vec::pop)
             .unwrap_or_else(|| Surface::new(size))
     }
 
-    fn give(&mut self, s: Surface) {
+    pub(crate) fn give(&mut self, s: Surface) {
         let v = self.free.entry(s.alloc_size()).or_default();
         if v.len() < 2 {
             v.push(s);

@@ -209,7 +209,29 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
                 run.where_logged()
             );
         }
-        baked.push(format!("{dtype} {mb:.2} MiB baked"));
+        // The planner's compressed model must predict the plugin's programs and baked bytes.
+        let compiled = stat(&run.stderr, "programs_compiled")?;
+        let plan = util::read(
+            Command::new(&ane)
+                .args([
+                    "plan",
+                    "--json",
+                    "--compressed",
+                    dtype,
+                    "--prompt-lengths",
+                    &tokens.to_string(),
+                    "--model",
+                ])
+                .arg(&model),
+        )?;
+        let planned =
+            json_u64(&plan, "programs_total").ok_or("no programs_total in `ane plan --json`")?;
+        if compiled != planned {
+            bail!("compressed {dtype}: plugin compiled {compiled} programs, `ane plan --compressed` predicts {planned}\n{}", run.where_logged());
+        }
+        baked.push(format!(
+            "{dtype} {mb:.2} MiB baked, {compiled} programs = planned"
+        ));
     }
     Ok(format!(
         "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt); m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; token-major layout identical ({}); compressed weights identical ({})",

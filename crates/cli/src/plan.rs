@@ -35,6 +35,10 @@ pub struct Args {
     /// Output rows after the last layer (1 for text generation).
     #[arg(long, default_value_t = 1)]
     pub n_outputs: usize,
+    /// Model `GGML_ANE_WEIGHTS=compressed` for weights of this type (`q8_0` or `q4_0`): lone weight
+    /// MUL_MATs become baked per-weight programs.
+    #[arg(long)]
+    pub compressed: Option<String>,
     /// Print the plan as JSON (one row per prompt length).
     #[arg(long)]
     pub json: bool,
@@ -83,6 +87,12 @@ pub fn run(args: &Args) -> Result<()> {
     o.min_batch = args.min_batch;
     o.flash_attn = !args.no_flash_attn;
     o.n_outputs = args.n_outputs;
+    o.compressed_bits = match args.compressed.as_deref() {
+        None => None,
+        Some("q8_0") => Some(8.5),
+        Some("q4_0") => Some(4.5),
+        Some(other) => bail!("--compressed {other}: expected q8_0 or q4_0"),
+    };
     let p = plan(&model, &lengths, &o);
     if args.json {
         println!("{}", serde_json::to_string(&p)?);
@@ -128,6 +138,12 @@ pub fn run(args: &Args) -> Result<()> {
         "  compile+load of all programs, ms        {:.0}",
         p.compile_ms_total
     );
+    if o.compressed_bits.is_some() {
+        println!(
+            "  of them baked (compressed weights)      {} holding {:.1} MiB",
+            p.programs_baked, p.baked_mb
+        );
+    }
     println!(
         "  seed design: {} programs ({}), {} dispatches/layer, first prompt compiles {:.0} ms",
         p.seed.programs_total,

@@ -19,6 +19,21 @@ use crate::cost::{chip_cost, ChipCost};
 use crate::gguf::{Gguf, GgufError};
 use crate::{Planner, TiledShape};
 
+/// A compiled program: a shape-shared tiled program, or (with compressed weights) one baked
+/// program per weight matrix and column bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProgramKey {
+    /// `ane_mil::build::tiled_matmul` of this shape.
+    Tiled(TiledShape),
+    /// A baked compressed-weight conv for the weight group at this index of the graph model.
+    Baked {
+        /// Index of the group in the per-ubatch graph model.
+        group: usize,
+        /// Column bucket.
+        n: usize,
+    },
+}
+
 /// The dimensions that decide a llama-style model's MUL_MAT shapes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ModelShape {
@@ -134,6 +149,9 @@ pub struct PlanOptions {
     pub n_outputs: usize,
     /// Loaded-program budget (`GGML_ANE_MAX_PROGRAMS`).
     pub max_programs: usize,
+    /// `GGML_ANE_WEIGHTS=compressed` with weights of this many bits each (Q8_0 8.5, Q4_0 4.5):
+    /// lone weight MUL_MATs run baked per-weight programs. `None`: fp16 shape-shared only.
+    pub compressed_bits: Option<f64>,
 }
 
 fn ser_display<S: serde::Serializer>(c: &Chip, s: S) -> Result<S::Ok, S::Error> {
@@ -150,6 +168,7 @@ impl PlanOptions {
             flash_attn: true,
             n_outputs: 1,
             max_programs: 96,
+            compressed_bits: None,
         }
     }
 }
@@ -300,6 +319,10 @@ pub struct Plan {
     pub estimated_prefill_ms_at_512: Estimates,
     /// Compile and load time of every program once, ms (first use).
     pub compile_ms_total: f64,
+    /// Of `programs_total`, baked compressed-weight programs (`compressed_bits`).
+    pub programs_baked: usize,
+    /// Compressed weight bytes those baked programs hold, MiB.
+    pub baked_mb: f64,
     /// The seed design, for comparison.
     pub seed: SeedEstimate,
     /// Cost constants used.
@@ -333,7 +356,7 @@ fn ubatches(len: usize, n_ubatch: usize) -> Vec<(usize, usize)> {
 pub fn plan(model: &ModelShape, prompt_lengths: &[usize], o: &PlanOptions) -> Plan {
     let planner = Planner::new(o.chip.limits());
     let cost = chip_cost(o.chip);
-    let mut programs: BTreeSet<TiledShape> = BTreeSet::new();
+    let mut programs: BTreeSet<ProgramKey> = BTreeSet::new();
     let mut rows = Vec::new();
     let mut memo = HashMap::new();
     for &len in prompt_lengths {
@@ -350,6 +373,25 @@ pub fn plan(model: &ModelShape, prompt_lengths: &[usize], o: &PlanOptions) -> Pl
         .map(|g| group_dispatches(&planner, g).len())
         .sum();
     let seed = seed_estimate(model, prompt_lengths, o, &cost);
+    // Compressed bytes of every weight with a baked program.
+    let groups = ubatch_groups(model, o.n_ubatch, o.n_ubatch, o);
+    let baked_groups: BTreeSet<usize> = programs
+        .iter()
+        .filter_map(|p| match p {
+            ProgramKey::Baked { group, .. } => Some(*group),
+            ProgramKey::Tiled(_) => None,
+        })
+        .collect();
+    let bits = o.compressed_bits.unwrap_or(0.0);
+    let baked_mb = baked_groups
+        .iter()
+        .map(|&i| (groups[i].k * groups[i].ms[0]) as f64 * bits / 8.0)
+        .sum::<f64>()
+        / (1u64 << 20) as f64;
+    let programs_baked = programs
+        .iter()
+        .filter(|p| matches!(p, ProgramKey::Baked { .. }))
+        .count();
     Plan {
         model: model.clone(),
         options: o.clone(),
@@ -363,6 +405,8 @@ pub fn plan(model: &ModelShape, prompt_lengths: &[usize], o: &PlanOptions) -> Pl
             seed: seed.estimated_prefill_ms_at_512,
         },
         compile_ms_total: programs.len() as f64 * (cost.compile_ms + cost.load_ms),
+        programs_baked,
+        baked_mb,
         seed,
         cost,
         rows,
@@ -370,7 +414,7 @@ pub fn plan(model: &ModelShape, prompt_lengths: &[usize], o: &PlanOptions) -> Pl
 }
 
 /// Totals of one ubatch: dispatches, estimated ms, offloaded FLOPs, all FLOPs, programs used.
-type UbatchPlan = (usize, f64, f64, f64, BTreeSet<TiledShape>);
+type UbatchPlan = (usize, f64, f64, f64, BTreeSet<ProgramKey>);
 
 fn plan_ubatch(
     model: &ModelShape,
@@ -382,19 +426,44 @@ fn plan_ubatch(
 ) -> UbatchPlan {
     let (mut dispatches, mut ms, mut off, mut all) = (0, 0.0, 0.0, 0.0);
     let mut used = BTreeSet::new();
-    for g in ubatch_groups(model, n, n_kv, o) {
+    let max = planner.limits.max_axis;
+    for (i, g) in ubatch_groups(model, n, n_kv, o).into_iter().enumerate() {
         all += g.flops();
-        if g.tokens >= o.min_batch {
-            let ds = group_dispatches(planner, &g);
-            dispatches += ds.len();
-            ms += ds.iter().map(|s| cost.dispatch_time_ms(s)).sum::<f64>();
-            used.extend(ds);
-            off += g.flops();
-        } else {
+        if g.tokens < o.min_batch {
             ms += cost.cpu_ms(g.flops());
+            continue;
         }
+        off += g.flops();
+        if baked_candidate(&g, o, max) {
+            // One baked conv per weight and bucket (the conv form cannot tile).
+            for c in planner.col_chunks(g.cols) {
+                let flops = 2.0 * (g.k * g.ms[0] * c.bucket) as f64;
+                let bytes = 2.0 * ((g.k + g.ms[0]) * c.bucket) as f64;
+                ms += cost.gemm_ms(flops, bytes, 1.0);
+                dispatches += 1;
+                used.insert(ProgramKey::Baked {
+                    group: i,
+                    n: c.bucket,
+                });
+            }
+            continue;
+        }
+        let ds = group_dispatches(planner, &g);
+        dispatches += ds.len();
+        ms += ds.iter().map(|s| cost.dispatch_time_ms(s)).sum::<f64>();
+        used.extend(ds.into_iter().map(ProgramKey::Tiled));
     }
     (dispatches, ms, off, all, used)
+}
+
+/// Whether the plugin would run `g` as a baked compressed-weight program: compressed weights on,
+/// a lone (unfused) weight, and axes within the chip limit.
+fn baked_candidate(g: &Group, o: &PlanOptions, max_axis: usize) -> bool {
+    o.compressed_bits.is_some()
+        && g.weight
+        && g.ms.len() == 1
+        && g.k <= max_axis
+        && g.ms[0] <= max_axis
 }
 
 /// One prompt length: its row and the programs it uses. Ubatch results are memoised: long prompt
@@ -406,7 +475,7 @@ fn plan_length(
     planner: &Planner,
     cost: &ChipCost,
     memo: &mut HashMap<(usize, usize), UbatchPlan>,
-) -> (Row, BTreeSet<TiledShape>) {
+) -> (Row, BTreeSet<ProgramKey>) {
     let (mut dispatches, mut ms, mut off, mut all) = (0, 0.0, 0.0, 0.0);
     let mut used = BTreeSet::new();
     let ub = ubatches(len, o.n_ubatch);
@@ -537,5 +606,31 @@ mod tests {
         let without = plan(&preset("llama3-8b").unwrap(), &[512], &o);
         assert!(without.programs_total > with_fa);
         assert!(without.offloaded_matmul_flops_fraction_at_512 > 0.99);
+    }
+
+    #[test]
+    fn compressed_weights_are_baked_per_weight_and_counted() {
+        let mut o = PlanOptions::new(Chip::M4);
+        o.compressed_bits = Some(4.5);
+        let m = preset("llama3-8b").unwrap();
+        let p = plan(&m, &[512], &o);
+        // Q, O and down are lone weights (V+K and gate+up fuse): 3 per layer, the last layer's
+        // down runs with 1 output row on the CPU, so 3 * 32 - 1 baked programs at one bucket.
+        assert_eq!(p.programs_baked, 3 * 32 - 1);
+        let (e, f) = (m.n_embd as f64, m.n_ff as f64);
+        let want = (32.0 * 2.0 * e * e + 31.0 * e * f) * 4.5 / 8.0 / (1u64 << 20) as f64;
+        assert!(
+            (p.baked_mb - want).abs() < 1e-6 * want,
+            "{} vs {want}",
+            p.baked_mb
+        );
+        assert!(
+            p.programs_total > o.max_programs,
+            "an 8B model does not fit baked: LRU thrash"
+        );
+        assert_eq!(
+            plan(&m, &[512], &PlanOptions::new(Chip::M4)).programs_baked,
+            0
+        );
     }
 }

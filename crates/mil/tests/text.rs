@@ -22,6 +22,42 @@ fn snapshot_dyn_matmul() {
     );
 }
 
+fn tiled(layout: build::Layout) -> build::TiledShape {
+    build::TiledShape {
+        heads: 1,
+        tiles: 2,
+        k_chunks: 2,
+        m_tile: 96,
+        k_chunk: 64,
+        n: 128,
+        layout,
+    }
+}
+
+#[test]
+fn snapshot_tiled_matmul_channels() {
+    insta::assert_snapshot!(
+        "tiled_matmul_channels",
+        text::emit(&build::tiled_matmul(tiled(build::Layout::Channels)))
+    );
+}
+
+#[test]
+fn snapshot_tiled_matmul_tokens() {
+    insta::assert_snapshot!(
+        "tiled_matmul_tokens",
+        text::emit(&build::tiled_matmul(tiled(build::Layout::Tokens)))
+    );
+}
+
+#[test]
+fn snapshot_q4_0_matmul() {
+    insta::assert_snapshot!(
+        "q4_0_matmul_64_96_64",
+        text::emit(&build::conv_matmul_q4_0(64, 96, 64))
+    );
+}
+
 fn name() -> impl Strategy<Value = String> {
     "[a-z_][a-z0-9_]{0,6}"
 }

@@ -11,11 +11,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::json;
 
-use ane_engine::canary::{cpu_matmul_f32, max_rel_err, run_conv_matmul, test_values, MatmulRun};
-use ane_engine::surface::request_alloc_size;
-use ane_engine::{Engine, EngineError, Surface};
-use ane_plan::{Layout, Planner};
-use half::f16;
+use ane_engine::canary::{cpu_matmul_f32, max_rel_err, run_conv_matmul, test_values};
+use ane_plan::probe::run_tiled;
+use ane_plan::Layout;
 
 use crate::probe::probe;
 
@@ -163,98 +161,6 @@ pub fn run(args: &Args) -> Result<()> {
         println!("no ANE measured: the speedup column compares the reference engine with the CPU baseline");
     }
     Ok(())
-}
-
-/// Compiles the plugin's shape-shared program for `m x k x n` (as the planner would tile it on this
-/// engine's chip), evaluates it `reps` times with the weights as an input, and unloads it.
-fn run_tiled(
-    engine: &dyn Engine,
-    (k, m, n): (usize, usize, usize),
-    layout: Layout,
-    w: &[f16],
-    x: &[f16],
-    reps: usize,
-) -> Result<MatmulRun, EngineError> {
-    let planner = Planner {
-        layout,
-        ..Planner::new(engine.limits())
-    };
-    let chunk = planner.col_chunks(n);
-    if chunk.len() != 1 {
-        return Err(EngineError::Compile(format!(
-            "n = {n} is beyond one column bucket ({})",
-            planner.max_cols()
-        )));
-    }
-    let s = planner.tile(k, m, chunk[0].bucket);
-    let t = Instant::now();
-    let id = engine.compile(&ane_mil::text::emit(&ane_mil::build::tiled_matmul(s)), &[])?;
-    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
-    let size = request_alloc_size(&[s.x_len() * 2, s.w_len() * 2, s.y_len() * 2]);
-    let (mut xs, mut ws, mut ys) = (Surface::new(size), Surface::new(size), Surface::new(size));
-    {
-        // Weights: rows of K, cut into tiles of m_tile rows and slices of k_chunk.
-        let wh = ws.fp16_mut(s.w_len());
-        for r in 0..m {
-            let (tile, mi) = (r / s.m_tile, r % s.m_tile);
-            for c in 0..s.k_chunks {
-                let (lo, hi) = ((c * s.k_chunk).min(k), ((c + 1) * s.k_chunk).min(k));
-                let at = ((tile * s.k_chunks + c) * s.m_tile + mi) * s.k_chunk;
-                wh[at..at + hi - lo].copy_from_slice(&w[r * k + lo..r * k + hi]);
-            }
-        }
-    }
-    let mut best = f64::INFINITY;
-    let mut first = 0.0;
-    let mut y = vec![0f32; m * n];
-    for rep in 0..reps.max(1) {
-        let t = Instant::now();
-        let xh = xs.fp16_mut(s.x_len());
-        for ki in 0..k {
-            let (c, kk) = (ki / s.k_chunk, ki % s.k_chunk);
-            for ni in 0..n {
-                let at = match layout {
-                    Layout::Channels => (c * s.k_chunk + kk) * s.n + ni,
-                    Layout::Tokens => (c * s.n + ni) * s.k_chunk + kk,
-                };
-                xh[at] = x[ki * n + ni];
-            }
-        }
-        let r = engine.evaluate(id, &[&xs, &ws], &mut [&mut ys]);
-        if let Err(e) = r {
-            engine.unload(id);
-            return Err(e);
-        }
-        let yh = ys.fp16(s.y_len());
-        for mi in 0..m {
-            let (tile, row) = (mi / s.m_tile, mi % s.m_tile);
-            for ni in 0..n {
-                y[mi * n + ni] = (0..s.k_chunks)
-                    .map(|c| {
-                        let at = match layout {
-                            Layout::Channels => {
-                                ((tile * s.k_chunks + c) * s.m_tile + row) * s.n + ni
-                            }
-                            Layout::Tokens => ((tile * s.k_chunks + c) * s.n + ni) * s.m_tile + row,
-                        };
-                        yh[at].to_f32()
-                    })
-                    .sum();
-            }
-        }
-        let e = t.elapsed().as_secs_f64() * 1e3;
-        if rep == 0 {
-            first = e;
-        }
-        best = best.min(e);
-    }
-    engine.unload(id);
-    Ok(MatmulRun {
-        y,
-        compile_ms,
-        eval_ms: best,
-        first_eval_ms: first,
-    })
 }
 
 fn threads() -> usize {

@@ -89,6 +89,22 @@ pub fn report(args: &Args) -> Value {
         .unwrap_or(if p.ane_available { 5 } else { 1 })
         .max(1);
     let mut checks: Vec<Check> = p.checks.clone();
+    // The plugin dispatches the shape-shared form, not the baked conv: check it in both layouts.
+    for layout in [ane_plan::Layout::Channels, ane_plan::Layout::Tokens] {
+        let (ok, detail) = match ane_plan::probe::tiled_canary(engine, layout) {
+            Ok(r) => (r.ok, format!("tiled_matmul ({layout:?}, 2 row tiles, 2 K slices) on {}: max_rel_err {:.2e} vs reference engine", engine.name(), r.max_rel_err)),
+            Err(e) => (false, format!("tiled_matmul ({layout:?}) failed: {e}")),
+        };
+        checks.push(Check {
+            name: if layout == ane_plan::Layout::Channels {
+                "canary_tiled"
+            } else {
+                "canary_tiled_tokens"
+            },
+            ok,
+            detail,
+        });
+    }
     let mut bench = Vec::new();
     let mut worst = 0f64;
     let mut failures = Vec::new();

@@ -72,7 +72,7 @@ pub fn open_engine(cfg: &Config) -> Result<Arc<dyn Engine>, EngineError> {
     };
     match cfg.engine {
         EngineChoice::Reference => Ok(reference()),
-        EngineChoice::Ane | EngineChoice::Auto => open_ane(),
+        EngineChoice::Ane | EngineChoice::Auto => open_ane(cfg),
     }
 }
 
@@ -81,10 +81,23 @@ pub fn open_engine(cfg: &Config) -> Result<Arc<dyn Engine>, EngineError> {
 /// reference engine within [`ane_engine::canary::CANARY_TOLERANCE`]. Otherwise the reason, which
 /// `ggml_backend_score` prints once while declining.
 #[cfg(target_vendor = "apple")]
-fn open_ane() -> Result<Arc<dyn Engine>, EngineError> {
+fn open_ane(cfg: &Config) -> Result<Arc<dyn Engine>, EngineError> {
     let engine = ane_engine::apple::open()?;
     match ane_engine::canary::canary(engine.as_ref()) {
-        Ok(r) if r.ok => Ok(engine),
+        Ok(r) if r.ok => {
+            // The plugin dispatches the shape-shared form (two inputs, weights as an input, row
+            // tiles and K slices): check that form too, in the configured layout.
+            match ane_plan::probe::tiled_canary(engine.as_ref(), cfg.layout) {
+                Ok(t) if t.ok => Ok(engine),
+                Ok(t) => Err(EngineError::Unavailable(format!(
+                    "the ANE gave wrong numbers for the shape-shared program ({:?} layout, max relative error {:.3e})",
+                    cfg.layout, t.max_rel_err
+                ))),
+                Err(e) => Err(EngineError::Unavailable(format!(
+                    "the shape-shared ANE program failed: {e}"
+                ))),
+            }
+        }
         Ok(r) => Err(EngineError::Unavailable(format!(
             "the ANE canary program gave wrong numbers (max relative error {:.3e} > {:.0e})",
             r.max_rel_err,
@@ -97,7 +110,7 @@ fn open_ane() -> Result<Arc<dyn Engine>, EngineError> {
 }
 
 #[cfg(not(target_vendor = "apple"))]
-fn open_ane() -> Result<Arc<dyn Engine>, EngineError> {
+fn open_ane(_cfg: &Config) -> Result<Arc<dyn Engine>, EngineError> {
     Err(EngineError::Unavailable(
         "no Apple Neural Engine on this platform; set GGML_ANE_ENGINE=reference to use the CPU reference engine".into(),
     ))

@@ -23,6 +23,7 @@
 pub mod cost;
 pub mod gguf;
 pub mod model;
+pub mod probe;
 
 use ane_engine::surface::SPATIAL_MULTIPLE;
 use ane_engine::ChipLimits;

@@ -1,0 +1,218 @@
+//! Running the plugin's shape-shared program on an engine outside llama.cpp: what `ane bench`
+//! times and what the plugin's start-up canary checks. The canary matters because the plugin
+//! dispatches `tiled_matmul` (two inputs bound in alphabetical order, weights as an input), not
+//! the baked conv the engine's own canary runs: an ANE that got the binding order or the
+//! runtime-weight matmul wrong would otherwise give wrong numbers silently.
+
+use std::time::Instant;
+
+use ane_engine::canary::{max_rel_err, test_values, MatmulRun, CANARY_TOLERANCE};
+use ane_engine::reference::ReferenceEngine;
+use ane_engine::surface::request_alloc_size;
+use ane_engine::{Engine, EngineError, Surface};
+use half::f16;
+
+use crate::{Layout, Planner};
+
+/// Compiles the plugin's shape-shared program for `m x k x n` (as the planner would tile it on this
+/// engine's chip), evaluates it `reps` times with the weights as an input, and unloads it.
+pub fn run_tiled(
+    engine: &dyn Engine,
+    (k, m, n): (usize, usize, usize),
+    layout: Layout,
+    w: &[f16],
+    x: &[f16],
+    reps: usize,
+) -> Result<MatmulRun, EngineError> {
+    let planner = Planner {
+        layout,
+        ..Planner::new(engine.limits())
+    };
+    run_planned(engine, &planner, (k, m, n), w, x, reps)
+}
+
+/// [`run_tiled`] with the tiling of a given planner (the canary narrows the axis limit to force
+/// row tiles and contraction slices on small shapes).
+///
+/// # Errors
+/// Whatever the engine returns, or `n` beyond one column bucket.
+pub fn run_planned(
+    engine: &dyn Engine,
+    planner: &Planner,
+    (k, m, n): (usize, usize, usize),
+    w: &[f16],
+    x: &[f16],
+    reps: usize,
+) -> Result<MatmulRun, EngineError> {
+    let layout = planner.layout;
+    let chunk = planner.col_chunks(n);
+    if chunk.len() != 1 {
+        return Err(EngineError::Compile(format!(
+            "n = {n} is beyond one column bucket ({})",
+            planner.max_cols()
+        )));
+    }
+    let s = planner.tile(k, m, chunk[0].bucket);
+    let t = Instant::now();
+    let id = engine.compile(&ane_mil::text::emit(&ane_mil::build::tiled_matmul(s)), &[])?;
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let size = request_alloc_size(&[s.x_len() * 2, s.w_len() * 2, s.y_len() * 2]);
+    let (mut xs, mut ws, mut ys) = (Surface::new(size), Surface::new(size), Surface::new(size));
+    {
+        // Weights: rows of K, cut into tiles of m_tile rows and slices of k_chunk.
+        let wh = ws.fp16_mut(s.w_len());
+        for r in 0..m {
+            let (tile, mi) = (r / s.m_tile, r % s.m_tile);
+            for c in 0..s.k_chunks {
+                let (lo, hi) = ((c * s.k_chunk).min(k), ((c + 1) * s.k_chunk).min(k));
+                let at = ((tile * s.k_chunks + c) * s.m_tile + mi) * s.k_chunk;
+                wh[at..at + hi - lo].copy_from_slice(&w[r * k + lo..r * k + hi]);
+            }
+        }
+    }
+    let mut best = f64::INFINITY;
+    let mut first = 0.0;
+    let mut y = vec![0f32; m * n];
+    for rep in 0..reps.max(1) {
+        let t = Instant::now();
+        let xh = xs.fp16_mut(s.x_len());
+        for ki in 0..k {
+            let (c, kk) = (ki / s.k_chunk, ki % s.k_chunk);
+            for ni in 0..n {
+                let at = match layout {
+                    Layout::Channels => (c * s.k_chunk + kk) * s.n + ni,
+                    Layout::Tokens => (c * s.n + ni) * s.k_chunk + kk,
+                };
+                xh[at] = x[ki * n + ni];
+            }
+        }
+        let r = engine.evaluate(id, &[&xs, &ws], &mut [&mut ys]);
+        if let Err(e) = r {
+            engine.unload(id);
+            return Err(e);
+        }
+        let yh = ys.fp16(s.y_len());
+        for mi in 0..m {
+            let (tile, row) = (mi / s.m_tile, mi % s.m_tile);
+            for ni in 0..n {
+                y[mi * n + ni] = (0..s.k_chunks)
+                    .map(|c| {
+                        let at = match layout {
+                            Layout::Channels => {
+                                ((tile * s.k_chunks + c) * s.m_tile + row) * s.n + ni
+                            }
+                            Layout::Tokens => ((tile * s.k_chunks + c) * s.n + ni) * s.m_tile + row,
+                        };
+                        yh[at].to_f32()
+                    })
+                    .sum();
+            }
+        }
+        let e = t.elapsed().as_secs_f64() * 1e3;
+        if rep == 0 {
+            first = e;
+        }
+        best = best.min(e);
+    }
+    engine.unload(id);
+    Ok(MatmulRun {
+        y,
+        compile_ms,
+        eval_ms: best,
+        first_eval_ms: first,
+    })
+}
+
+/// Result of [`tiled_canary`].
+#[derive(Clone, Debug)]
+pub struct TiledCanary {
+    /// Within [`CANARY_TOLERANCE`] of the reference engine.
+    pub ok: bool,
+    /// Largest relative error against the reference engine.
+    pub max_rel_err: f64,
+}
+
+/// Runs a small `tiled_matmul` (two row tiles and two K slices forced by a narrowed axis limit,
+/// non-symmetric weights, distinct columns, so transposes, swapped inputs and wrong tiling all
+/// show) on `engine` and on the reference engine, and compares.
+///
+/// # Errors
+/// Whatever `engine` returns.
+pub fn tiled_canary(engine: &dyn Engine, layout: Layout) -> Result<TiledCanary, EngineError> {
+    let (k, m, n) = (96, 80, 64);
+    let w = test_values(m * k, 11);
+    let x = test_values(k * n, 12);
+    // A 64 axis limit splits M = 80 into 2 row tiles and K = 96 into 2 slices.
+    let planner = Planner {
+        layout,
+        ..Planner::new(ane_engine::ChipLimits {
+            max_axis: 64,
+            ..engine.limits()
+        })
+    };
+    let got = run_planned(engine, &planner, (k, m, n), &w, &x, 1)?;
+    let reference = ReferenceEngine::new(engine.limits());
+    let want = run_planned(&reference, &planner, (k, m, n), &w, &x, 1)?;
+    let err = max_rel_err(&got.y, &want.y);
+    Ok(TiledCanary {
+        ok: err <= CANARY_TOLERANCE,
+        max_rel_err: err,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ane_engine::{Chip, ProgramId, WeightFile};
+
+    #[test]
+    fn reference_passes_both_layouts() {
+        let e = ReferenceEngine::new(Chip::M4.limits());
+        for layout in [Layout::Channels, Layout::Tokens] {
+            let r = tiled_canary(&e, layout).unwrap();
+            assert!(
+                r.ok && r.max_rel_err == 0.0,
+                "{layout:?}: {}",
+                r.max_rel_err
+            );
+        }
+    }
+
+    /// Binds the two inputs in declaration order reversed: what a driver with the wrong binding
+    /// order would do.
+    struct Swapped(ReferenceEngine);
+    impl Engine for Swapped {
+        fn name(&self) -> &'static str {
+            "swapped"
+        }
+        fn limits(&self) -> ane_engine::ChipLimits {
+            self.0.limits()
+        }
+        fn compile(&self, mil: &str, w: &[WeightFile]) -> Result<ProgramId, EngineError> {
+            self.0.compile(mil, w)
+        }
+        fn evaluate(
+            &self,
+            p: ProgramId,
+            i: &[&Surface],
+            o: &mut [&mut Surface],
+        ) -> Result<(), EngineError> {
+            let rev: Vec<&Surface> = i.iter().rev().copied().collect();
+            self.0.evaluate(p, &rev, o)
+        }
+        fn unload(&self, p: ProgramId) {
+            self.0.unload(p)
+        }
+        fn counters(&self) -> ane_engine::EngineCounters {
+            self.0.counters()
+        }
+    }
+
+    #[test]
+    fn swapped_inputs_fail_the_canary() {
+        let e = Swapped(ReferenceEngine::new(Chip::M4.limits()));
+        // All surfaces have one size, so the swap evaluates; only the numbers give it away.
+        let r = tiled_canary(&e, Layout::Channels).expect("swapped inputs still evaluate");
+        assert!(!r.ok, "wrong binding passed with error {}", r.max_rel_err);
+    }
+}

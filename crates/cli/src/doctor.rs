@@ -105,6 +105,15 @@ pub fn report(args: &Args) -> Value {
             detail,
         });
     }
+    let (ok, detail) = match ane_plan::probe::compressed_canary(engine) {
+        Ok(r) => (r.ok, format!("baked Q8_0/Q4_0 conv (GGML_ANE_WEIGHTS=compressed) on {}: max_rel_err {:.2e} vs reference engine", engine.name(), r.max_rel_err)),
+        Err(e) => (false, format!("baked Q8_0/Q4_0 conv failed: {e}")),
+    };
+    checks.push(Check {
+        name: "canary_compressed",
+        ok,
+        detail,
+    });
     let mut bench = Vec::new();
     let mut worst = 0f64;
     let mut failures = Vec::new();

@@ -88,6 +88,18 @@ fn open_ane(cfg: &Config) -> Result<Arc<dyn Engine>, EngineError> {
             // The plugin dispatches the shape-shared form (two inputs, weights as an input, row
             // tiles and K slices): check that form too, in the configured layout.
             match ane_plan::probe::tiled_canary(engine.as_ref(), cfg.layout) {
+                Ok(t) if t.ok && cfg.weights == config::WeightsMode::Compressed => {
+                    match ane_plan::probe::compressed_canary(engine.as_ref()) {
+                        Ok(c) if c.ok => Ok(engine),
+                        Ok(c) => Err(EngineError::Unavailable(format!(
+                            "the ANE gave wrong numbers for compressed weights (max relative error {:.3e}); unset GGML_ANE_WEIGHTS",
+                            c.max_rel_err
+                        ))),
+                        Err(e) => Err(EngineError::Unavailable(format!(
+                            "the compressed-weight ANE program failed ({e}); unset GGML_ANE_WEIGHTS"
+                        ))),
+                    }
+                }
                 Ok(t) if t.ok => Ok(engine),
                 Ok(t) => Err(EngineError::Unavailable(format!(
                     "the ANE gave wrong numbers for the shape-shared program ({:?} layout, max relative error {:.3e})",

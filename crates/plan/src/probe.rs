@@ -160,6 +160,58 @@ pub fn tiled_canary(engine: &dyn Engine, layout: Layout) -> Result<TiledCanary, 
     })
 }
 
+/// Runs the baked compressed-weight form (`GGML_ANE_WEIGHTS=compressed`) for Q8_0 and Q4_0 blocks
+/// on `engine` and on the reference engine, and compares: the constexpr route and the nibble
+/// order are exactly what a wrong compiler or packing would get wrong.
+///
+/// # Errors
+/// Whatever `engine` returns.
+pub fn compressed_canary(engine: &dyn Engine) -> Result<TiledCanary, EngineError> {
+    use ane_engine::surface::spatial_bucket;
+    use ane_engine::WeightFile;
+    use ane_mil::build::{conv_matmul_quant, weights_blob_quant, QuantKind, WEIGHT_PATH};
+    let (k, m, n) = (64, 64, 64);
+    let x = test_values(k * n, 13);
+    let mut worst = 0f64;
+    for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
+        // Blocks of pseudo-random bytes with a sane fp16 scale (0.01) at the front of each.
+        let nb = m * k / QuantKind::BLOCK;
+        let mut raw: Vec<u8> = test_values(nb * kind.block_bytes(), 14)
+            .iter()
+            .map(|v| v.to_bits() as u8)
+            .collect();
+        for b in raw.chunks_exact_mut(kind.block_bytes()) {
+            b[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+        }
+        let np = spatial_bucket(n);
+        let mil = ane_mil::text::emit(&conv_matmul_quant(kind, k, m, np));
+        let files = [WeightFile {
+            path: WEIGHT_PATH.into(),
+            bytes: weights_blob_quant(kind, &raw, m, k),
+        }];
+        let run = |e: &dyn Engine| -> Result<Vec<f32>, EngineError> {
+            let id = e.compile(&mil, &files)?;
+            let size = request_alloc_size(&[k * np * 2, m * np * 2]);
+            let (mut xs, mut ys) = (Surface::new(size), Surface::new(size));
+            let xh = xs.fp16_mut(k * np);
+            for ki in 0..k {
+                xh[ki * np..ki * np + n].copy_from_slice(&x[ki * n..(ki + 1) * n]);
+            }
+            let r = e.evaluate(id, &[&xs], &mut [&mut ys]);
+            e.unload(id);
+            r?;
+            Ok(ys.fp16(m * np).iter().map(|v| v.to_f32()).collect())
+        };
+        let got = run(engine)?;
+        let want = run(&ReferenceEngine::new(engine.limits()))?;
+        worst = worst.max(max_rel_err(&got, &want));
+    }
+    Ok(TiledCanary {
+        ok: worst <= CANARY_TOLERANCE,
+        max_rel_err: worst,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +258,50 @@ mod tests {
         fn counters(&self) -> ane_engine::EngineCounters {
             self.0.counters()
         }
+    }
+
+    #[test]
+    fn reference_passes_the_compressed_canary() {
+        let r = compressed_canary(&ReferenceEngine::new(Chip::M4.limits())).unwrap();
+        assert!(r.ok && r.max_rel_err == 0.0, "{}", r.max_rel_err);
+    }
+
+    /// Returns every output negated: any wrong-numbers engine.
+    struct Negated(ReferenceEngine);
+    impl Engine for Negated {
+        fn name(&self) -> &'static str {
+            "negated"
+        }
+        fn limits(&self) -> ane_engine::ChipLimits {
+            self.0.limits()
+        }
+        fn compile(&self, mil: &str, w: &[WeightFile]) -> Result<ProgramId, EngineError> {
+            self.0.compile(mil, w)
+        }
+        fn evaluate(
+            &self,
+            p: ProgramId,
+            i: &[&Surface],
+            o: &mut [&mut Surface],
+        ) -> Result<(), EngineError> {
+            self.0.evaluate(p, i, o)?;
+            for s in o.iter_mut() {
+                s.bytes_mut().chunks_exact_mut(2).for_each(|b| b[1] ^= 0x80);
+            }
+            Ok(())
+        }
+        fn unload(&self, p: ProgramId) {
+            self.0.unload(p)
+        }
+        fn counters(&self) -> ane_engine::EngineCounters {
+            self.0.counters()
+        }
+    }
+
+    #[test]
+    fn wrong_numbers_fail_the_compressed_canary() {
+        let r = compressed_canary(&Negated(ReferenceEngine::new(Chip::M4.limits()))).unwrap();
+        assert!(!r.ok, "negated outputs passed with error {}", r.max_rel_err);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use ane_mil::build::{self, QuantKind};
 use half::f16;
 
 use crate::guard;
-use crate::matmul::{member_key, read_row, Context, Group, KernelCache, Member};
+use crate::matmul::{member_key, put, read_row, Context, Group, KernelCache, Member};
 use crate::stats::{add_time, Stats};
 
 /// The block type of a weight the baked path takes, if it takes it.
@@ -206,19 +206,10 @@ unsafe fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Resul
                     "output non-finite or past the matmul cliff",
                 ));
             }
-            let od = &m.dst.desc;
             for mi in 0..rows {
                 for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
-                    let off = mi * od.nb[0] + i1 * od.nb[1] + i12 * od.nb[2] + i13 * od.nb[3];
-                    // SAFETY: dst is writable f32 at every in-bounds index.
-                    unsafe {
-                        m.dst
-                            .data
-                            .cast_mut()
-                            .add(off)
-                            .cast::<f32>()
-                            .write_unaligned(ys[mi * nb + c].to_f32())
-                    };
+                    // SAFETY: an in-bounds element of a writable f32 dst.
+                    unsafe { put(&m.dst, mi, i1, i12, i13, ys[mi * nb + c].to_f32()) };
                 }
             }
             add_time(&cx.stats.ns_convert, t.elapsed());

@@ -408,6 +408,23 @@ unsafe fn read_plain(ty: i32, base: *const u8, off: usize) -> f32 {
     }
 }
 
+/// Writes `v` to element (`i0`, `i1`, `i2`, `i3`) of an f32 tensor.
+///
+/// # Safety
+/// `dst` is a writable f32 tensor and the index is within its shape.
+pub(crate) unsafe fn put(dst: &Operand, i0: usize, i1: usize, i2: usize, i3: usize, v: f32) {
+    let d = &dst.desc;
+    let off = i0 * d.nb[0] + i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3];
+    // SAFETY: in bounds by the caller's contract; unaligned-safe write.
+    unsafe {
+        dst.data
+            .cast_mut()
+            .add(off)
+            .cast::<f32>()
+            .write_unaligned(v)
+    };
+}
+
 /// Row `i1` of matrix (`i2`, `i3`) of a tensor, widened to f32 into `out` (length ne0).
 ///
 /// # Safety
@@ -609,17 +626,8 @@ unsafe fn fallback(
             unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, &mut xrow) };
             for (mi, wr) in w.iter().enumerate() {
                 let acc: f32 = wr.iter().zip(&xrow).map(|(a, b)| a * b).sum();
-                let d = &m.dst.desc;
-                let off = mi * d.nb[0] + i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3];
-                // SAFETY: dst is writable f32 at every in-bounds index.
-                unsafe {
-                    m.dst
-                        .data
-                        .cast_mut()
-                        .add(off)
-                        .cast::<f32>()
-                        .write_unaligned(acc)
-                };
+                // SAFETY: an in-bounds element of a writable f32 dst.
+                unsafe { put(&m.dst, mi, i1, i12, i13, acc) };
             }
         }
     }
@@ -848,15 +856,8 @@ unsafe fn scatter_tokens(
                 } else {
                     for j in 0..seg {
                         let acc: f32 = (0..s.k_chunks).map(|c| ys[at(c) + j].to_f32()).sum();
-                        // SAFETY: dst is writable f32 at every in-bounds index.
-                        unsafe {
-                            m.dst
-                                .data
-                                .cast_mut()
-                                .add(base + (mi + j) * d.nb[0])
-                                .cast::<f32>()
-                                .write_unaligned(acc)
-                        };
+                        // SAFETY: an in-bounds element of a writable f32 dst.
+                        unsafe { put(&m.dst, mi + j, i1, i12, i13, acc) };
                     }
                 }
                 mi += seg;
@@ -942,16 +943,8 @@ unsafe fn run_and_scatter(
                 let acc: f32 = (0..s.k_chunks)
                     .map(|kc| ys[((tile * s.k_chunks + kc) * s.m_tile + row) * s.n + c].to_f32())
                     .sum();
-                let off = mi * d.nb[0] + i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3];
-                // SAFETY: dst is writable f32 at every in-bounds index.
-                unsafe {
-                    m.dst
-                        .data
-                        .cast_mut()
-                        .add(off)
-                        .cast::<f32>()
-                        .write_unaligned(acc)
-                };
+                // SAFETY: an in-bounds element of a writable f32 dst.
+                unsafe { put(&m.dst, mi, i1, i12, i13, acc) };
             }
             r += 1;
         }

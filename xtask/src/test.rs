@@ -280,6 +280,13 @@ fn step_ops(pre: &mut Prereqs) -> Result<String> {
         res.elapsed.as_secs_f64()
     );
     println!("test-backend-ops: {summary}");
+    ops_verdict(&c, &res, &summary)?;
+    Ok(summary)
+}
+
+/// The verdict both `test-backend-ops` steps share: no failing case, a clean
+/// exit, and at least [`MIN_CLAIMED_OPS`] cases claimed by the plugin.
+fn ops_verdict(c: &OpsCounts, res: &util::Logged, summary: &str) -> Result {
     if c.fail > 0 {
         bail!(
             "{summary}; failing cases:\n{}\n{}",
@@ -303,7 +310,7 @@ fn step_ops(pre: &mut Prereqs) -> Result<String> {
             res.where_logged()
         );
     }
-    Ok(summary)
+    Ok(())
 }
 
 /// Per-case results of `test-backend-ops` (test mode). Case lines look like
@@ -411,27 +418,7 @@ fn step_faults(pre: &mut Prereqs) -> Result<String> {
         res.elapsed.as_secs_f64()
     );
     println!("test-backend-ops with faults: {summary}");
-    if c.fail > 0 {
-        bail!(
-            "{summary}; failing cases:\n{}\n{}",
-            c.failed.join("\n"),
-            res.where_logged()
-        );
-    }
-    if !res.success() {
-        bail!(
-            "test-backend-ops {} ({summary}):\n{}\n{}",
-            res.status_text(),
-            res.stderr_tail(20),
-            res.where_logged()
-        );
-    }
-    if c.ok + c.fail < MIN_CLAIMED_OPS {
-        bail!(
-            "{summary}: fewer than {MIN_CLAIMED_OPS} claimed cases\n{}",
-            res.where_logged()
-        );
-    }
+    ops_verdict(&c, &res, &summary)?;
     if fallback == 0 || faults == 0 {
         bail!(
             "{summary}: no fault reached the fallback path (is GGML_ANE_FAULTS honoured?)\n{}",

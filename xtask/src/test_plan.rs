@@ -9,6 +9,7 @@
 //! 4. Compressed weights (`GGML_ANE_WEIGHTS=compressed`): the Q8_0 and Q4_0 models generate the
 //!    CPU's text with their lone weights in baked programs (`baked_mb > 0`).
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -49,6 +50,40 @@ fn prompt_tokens(stderr: &str) -> Option<usize> {
     let line = stderr.lines().find(|l| l.contains("prompt eval time"))?;
     let rest = &line[line.find(" / ")? + 3..];
     rest.split_whitespace().next()?.parse().ok()
+}
+
+/// Runs `model` CPU-only and with the plugin plus `env` (stats on), both 16 greedy tokens;
+/// fails if either run fails. Returns (CPU text, plugin text, plugin run).
+fn cpu_vs_plugin(
+    plugin: &Path,
+    model: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    name: &str,
+) -> Result<(String, String, util::Logged)> {
+    let timeout = Duration::from_secs(300);
+    let cpu = run_completion(
+        &mut completion(model, None, 16, extra),
+        &format!("{name}-cpu"),
+        timeout,
+    )?;
+    let mut cmd = completion(model, Some(plugin), 16, extra);
+    cmd.env("GGML_ANE_STATS", "json").envs(env.iter().copied());
+    let ane = run_completion(&mut cmd, &format!("{name}-ane"), timeout)?;
+    if !cpu.success() || !ane.success() {
+        bail!(
+            "{name}: cpu {}, ane {}\n{}\n{}",
+            cpu.status_text(),
+            ane.status_text(),
+            ane.stderr_tail(15),
+            ane.where_logged()
+        );
+    }
+    let (ct, at) = (
+        generated(&cpu.stdout).to_string(),
+        generated(&ane.stdout).to_string(),
+    );
+    Ok((ct, at, ane))
 }
 
 pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
@@ -146,21 +181,15 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         } else {
             &[]
         };
-        let cpu = run_completion(
-            &mut completion(&model, None, 16, extra),
-            &format!("plan-tokens-{dtype}-cpu"),
-            timeout,
+        let (ct, tt, tok) = cpu_vs_plugin(
+            &plugin,
+            &model,
+            extra,
+            &[("GGML_ANE_LAYOUT", "tokens")],
+            &format!("plan-tokens-{dtype}"),
         )?;
-        let tok = run_completion(
-            completion(&model, Some(&plugin), 16, extra)
-                .env("GGML_ANE_STATS", "json")
-                .env("GGML_ANE_LAYOUT", "tokens"),
-            &format!("plan-tokens-{dtype}-ane"),
-            timeout,
-        )?;
-        let (ct, tt) = (generated(&cpu.stdout), generated(&tok.stdout));
         let offloaded = stat(&tok.stderr, "ops_offloaded")?;
-        if !cpu.success() || !tok.success() || ct.trim().is_empty() || ct != tt || offloaded == 0 {
+        if ct.trim().is_empty() || ct != tt || offloaded == 0 {
             bail!(
                 "token-major layout, {dtype}: text {tt:?} vs CPU {ct:?}, {offloaded} offloaded\n{}",
                 tok.where_logged()
@@ -177,28 +206,13 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         } else {
             &[]
         };
-        let cpu = run_completion(
-            &mut completion(&model, None, 16, extra),
-            &format!("plan-compressed-{dtype}-cpu"),
-            timeout,
+        let (ct, at, run) = cpu_vs_plugin(
+            &plugin,
+            &model,
+            extra,
+            &[("GGML_ANE_WEIGHTS", "compressed")],
+            &format!("plan-compressed-{dtype}"),
         )?;
-        let run = run_completion(
-            completion(&model, Some(&plugin), 16, extra)
-                .env("GGML_ANE_STATS", "json")
-                .env("GGML_ANE_WEIGHTS", "compressed"),
-            &format!("plan-compressed-{dtype}-ane"),
-            timeout,
-        )?;
-        if !cpu.success() || !run.success() {
-            bail!(
-                "compressed weights, {dtype}: cpu {}, ane {}\n{}\n{}",
-                cpu.status_text(),
-                run.status_text(),
-                run.stderr_tail(15),
-                run.where_logged()
-            );
-        }
-        let (ct, at) = (generated(&cpu.stdout), generated(&run.stdout));
         let mb = stat_f64(&run.stderr, "baked_mb")?;
         let offloaded = stat(&run.stderr, "ops_offloaded")?;
         let fallback = stat(&run.stderr, "ops_fallback")?;

@@ -94,46 +94,80 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
     let ane = abs("target/release/ane");
     let timeout = Duration::from_secs(300);
 
-    // 1. compile and dispatch counts against `ane plan`.
+    // 1. compile and dispatch counts against `ane plan`, with the cross-split lookahead (default)
+    //    and without it.
     let model = models::path("f16");
-    let run = run_completion(
-        completion(&model, Some(&plugin), 8, &[]).env("GGML_ANE_STATS", "json"),
-        "plan-counts",
-        timeout,
-    )?;
-    if !run.success() {
-        bail!(
-            "llama-completion with the plugin {}:\n{}\n{}",
-            run.status_text(),
-            run.stderr_tail(15),
-            run.where_logged()
-        );
+    let mut counts = Vec::new();
+    for lookahead in [true, false] {
+        let label = if lookahead {
+            "plan-counts"
+        } else {
+            "plan-counts-nolookahead"
+        };
+        let mut cmd = completion(&model, Some(&plugin), 8, &[]);
+        cmd.env("GGML_ANE_STATS", "json")
+            .env("GGML_ANE_LOOKAHEAD", if lookahead { "1" } else { "0" });
+        let run = run_completion(&mut cmd, label, timeout)?;
+        if !run.success() {
+            bail!(
+                "llama-completion with the plugin {}:\n{}\n{}",
+                run.status_text(),
+                run.stderr_tail(15),
+                run.where_logged()
+            );
+        }
+        let tokens = prompt_tokens(&run.stderr)
+            .ok_or_else(|| format!("no prompt token count in the log; {}", run.where_logged()))?;
+        let compiled = stat(&run.stderr, "programs_compiled")?;
+        let dispatches = stat(&run.stderr, "dispatches")?;
+        let hits = stat(&run.stderr, "lookahead_hits")?;
+        let wasted =
+            stat(&run.stderr, "lookahead_wasted")? + stat(&run.stderr, "lookahead_mismatch")?;
+        let mut plan_cmd = Command::new(&ane);
+        plan_cmd.args([
+            "plan",
+            "--json",
+            "--prompt-lengths",
+            &tokens.to_string(),
+            "--model",
+        ]);
+        plan_cmd.arg(&model);
+        if !lookahead {
+            plan_cmd.arg("--no-lookahead");
+        }
+        let plan = util::read(&mut plan_cmd)?;
+        let planned =
+            json_u64(&plan, "programs_total").ok_or("no programs_total in `ane plan --json`")?;
+        let planned_dispatches =
+            json_u64(&plan[plan.find("\"rows\"").unwrap_or(0)..], "dispatches")
+                .ok_or("no rows[0].dispatches in `ane plan --json`")?;
+        println!("lookahead {lookahead}: prompt {tokens} tokens: plugin compiled {compiled}, dispatched {dispatches} (lookahead hits {hits}, wasted {wasted}); ane plan: {planned} programs, {planned_dispatches} dispatches");
+        if compiled != planned || dispatches != planned_dispatches {
+            bail!(
+                "lookahead {lookahead}: plugin and planner disagree: compiled {compiled} vs planned {planned}, dispatches {dispatches} vs planned {planned_dispatches}\n{}",
+                run.where_logged()
+            );
+        }
+        // Each layer's V and K come from Q's dispatch, and nothing speculated is thrown away.
+        if lookahead && (hits == 0 || wasted != 0) || !lookahead && hits != 0 {
+            bail!(
+                "lookahead {lookahead}: {hits} outputs taken, {wasted} wasted or refused\n{}",
+                run.where_logged()
+            );
+        }
+        counts.push((
+            tokens,
+            compiled,
+            planned,
+            dispatches,
+            planned_dispatches,
+            hits,
+        ));
     }
-    let tokens = prompt_tokens(&run.stderr)
-        .ok_or_else(|| format!("no prompt token count in the log; {}", run.where_logged()))?;
-    let compiled = stat(&run.stderr, "programs_compiled")?;
-    let dispatches = stat(&run.stderr, "dispatches")?;
-    let plan = util::read(
-        Command::new(&ane)
-            .args([
-                "plan",
-                "--json",
-                "--prompt-lengths",
-                &tokens.to_string(),
-                "--model",
-            ])
-            .arg(&model),
-    )?;
-    let planned =
-        json_u64(&plan, "programs_total").ok_or("no programs_total in `ane plan --json`")?;
-    let planned_dispatches = json_u64(&plan[plan.find("\"rows\"").unwrap_or(0)..], "dispatches")
-        .ok_or("no rows[0].dispatches in `ane plan --json`")?;
-    println!("prompt {tokens} tokens: plugin compiled {compiled}, dispatched {dispatches}; ane plan: {planned} programs, {planned_dispatches} dispatches");
-    if compiled != planned || dispatches != planned_dispatches {
-        bail!(
-            "plugin and planner disagree: compiled {compiled} vs planned {planned}, dispatches {dispatches} vs planned {planned_dispatches}\n{}",
-            run.where_logged()
-        );
+    let (tokens, compiled, planned, dispatches, planned_dispatches, hits) = counts[0];
+    let off_dispatches = counts[1].3;
+    if dispatches >= off_dispatches {
+        bail!("lookahead saved no dispatch: {dispatches} with, {off_dispatches} without");
     }
 
     // 2. LM head beyond the M1 axis limit, tiled.
@@ -248,7 +282,7 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         ));
     }
     Ok(format!(
-        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt); m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; token-major layout identical ({}); compressed weights identical ({})",
+        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt; {hits} MUL_MATs from lookahead, {off_dispatches} dispatches without it = planned); m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; token-major layout identical ({}); compressed weights identical ({})",
         layouts.join(", "),
         baked.join(", ")
     ))

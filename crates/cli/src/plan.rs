@@ -39,6 +39,9 @@ pub struct Args {
     /// MUL_MATs become baked per-weight programs.
     #[arg(long)]
     pub compressed: Option<String>,
+    /// Model `GGML_ANE_LOOKAHEAD=0`: Q dispatched apart from V+K (RoPE(Q) splits them).
+    #[arg(long)]
+    pub no_lookahead: bool,
     /// Print the plan as JSON (one row per prompt length).
     #[arg(long)]
     pub json: bool,
@@ -87,6 +90,7 @@ pub fn run(args: &Args) -> Result<()> {
     o.min_batch = args.min_batch;
     o.flash_attn = !args.no_flash_attn;
     o.n_outputs = args.n_outputs;
+    o.lookahead = !args.no_lookahead;
     o.compressed_bits = match args.compressed.as_deref() {
         None => None,
         Some("q8_0") => Some(8.5),

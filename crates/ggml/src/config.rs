@@ -64,6 +64,9 @@ pub struct Config {
     /// `GGML_ANE_PRESTAGE=0|1`: convert weights to fp16 when llama.cpp reserves its graphs (at
     /// load) instead of at their first dispatch (default 1).
     pub prestage: bool,
+    /// `GGML_ANE_LOOKAHEAD=0|1`: fuse MUL_MATs that share src1 across graph splits (Q with V/K,
+    /// see `lookahead`), default 1; off with compressed weights.
+    pub lookahead: bool,
     /// `GGML_ANE_FAULTS="compile=P,load=P,eval=P,alloc=P[,seed=S]"`: failures the reference engine
     /// injects (tests of the fallback path). `None` when unset, all zero or malformed.
     pub faults: Option<FaultSpec>,
@@ -136,6 +139,7 @@ impl Config {
             _ => ane_plan::Layout::Channels,
         };
         let prestage = parse("GGML_ANE_PRESTAGE", "1", &|v| matches!(v, "0" | "1")) == "1";
+        let lookahead = parse("GGML_ANE_LOOKAHEAD", "1", &|v| matches!(v, "0" | "1")) == "1";
         let stage_max_mb = parse(
             "GGML_ANE_STAGE_MAX_MB",
             &DEFAULT_STAGE_MAX_MB.to_string(),
@@ -192,6 +196,7 @@ impl Config {
             stage_max_mb,
             layout,
             prestage,
+            lookahead: lookahead && weights == WeightsMode::Fp16,
             faults,
             ref_accum,
             weights,

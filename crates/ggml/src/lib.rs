@@ -18,6 +18,7 @@ pub mod config;
 pub mod ffi;
 pub mod ggml;
 pub mod guard;
+mod lookahead;
 pub mod matmul;
 pub mod placement;
 pub mod stats;
@@ -51,6 +52,15 @@ pub struct DeviceState {
     scratch: Mutex<ScratchPool>,
     stats: Stats,
     policy: Policy,
+    /// Which weights share activations across splits (see [`lookahead`]).
+    learner: Mutex<lookahead::Learner>,
+}
+
+/// One backend instance (a llama context): what must not be shared with other instances.
+#[derive(Default)]
+struct BackendCtx {
+    /// Speculated outputs of this instance's graphs.
+    stash: Mutex<lookahead::Stash>,
 }
 
 /// Opens the engine chosen by the configuration.
@@ -158,6 +168,7 @@ fn device_state() -> Result<&'static DeviceState, &'static str> {
                 scratch: Mutex::new(ScratchPool::default()),
                 engine,
                 stats: Stats::default(),
+                learner: Mutex::default(),
             })
         })
         .as_ref()
@@ -230,8 +241,8 @@ unsafe fn member(
     ))
 }
 
-/// Runs a group through the planner and engine.
-fn run_group(dev: &DeviceState, group: &Group) {
+/// Runs a group through the planner and engine, with its learnt companions (see [`lookahead`]).
+fn run_group(dev: &DeviceState, mut group: Group, stash: &mut lookahead::Stash) {
     let cx = matmul::Context {
         engine: dev.engine.as_ref(),
         planner: &dev.planner,
@@ -240,9 +251,17 @@ fn run_group(dev: &DeviceState, group: &Group) {
         scratch: &dev.scratch,
         stats: &dev.stats,
     };
+    // SAFETY: the group was built from this graph's claimed MUL_MATs (valid host tensors); the
+    // stash is borrowed until the group is computed.
+    let speculated = Config::get().lookahead
+        && unsafe { stash.speculate(&dev.learner, &dev.stats, &mut group) } > 0;
     // SAFETY: the group was built from this graph's claimed MUL_MATs: valid host tensors, dst
-    // separate from its sources (ggml allocates an op's output apart from its inputs).
-    unsafe { matmul::compute(&cx, group) };
+    // separate from its sources (ggml allocates an op's output apart from its inputs); speculated
+    // members write into the stash.
+    let fallback = unsafe { matmul::compute(&cx, &group) };
+    if speculated {
+        stash.computed(fallback);
+    }
 }
 
 /// Fusion rule: a MUL_MAT joins the open group when it reads the same src1, its src0 is a 2-D
@@ -262,10 +281,13 @@ fn joins(group: &Group, m: &Member, src1: &Operand, weight: bool) -> bool {
         && m.src0.desc.ne[0] == first.ne[0]
 }
 
-fn graph_compute(cgraph: *mut ggml_cgraph) -> i32 {
+fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
     let (Ok(dev), Some(g)) = (device_state(), ggml::ggml()) else {
         return GGML_STATUS_FAILED;
     };
+    let mut stash = ctx.stash.lock().unwrap_or_else(|e| e.into_inner());
+    stash.begin();
+    let lookahead = Config::get().lookahead;
     // SAFETY: ggml passes a valid graph; nodes are valid tensors for the duration of the call.
     let n = unsafe { (g.graph_n_nodes)(cgraph) };
     let mut open: Option<Group> = None;
@@ -294,23 +316,34 @@ fn graph_compute(cgraph: *mut ggml_cgraph) -> i32 {
             let name = unsafe { std::ffi::CStr::from_ptr((*node.src[0]).name.as_ptr()) };
             dev.stats.count_weight(&name.to_string_lossy());
         }
+        if lookahead && weight && stash.waits_for(&m) {
+            // Computed in an earlier split's dispatch: the groups before it run first (graph order).
+            if let Some(done) = open.take() {
+                run_group(dev, done, &mut stash);
+            }
+            // SAFETY: m and src1 are this graph's MUL_MAT operands (valid host tensors).
+            if unsafe { stash.take(&dev.learner, &dev.stats, &m, &src1) } {
+                continue;
+            }
+        }
         match open.as_mut() {
             Some(group) if joins(group, &m, &src1, weight) => group.members.push(m),
             _ => {
                 if let Some(done) = open.take() {
-                    run_group(dev, &done);
+                    run_group(dev, done, &mut stash);
                 }
                 open = Some(Group {
                     src1,
                     src1_info,
                     members: vec![m],
                     weights: weight,
+                    speculative: 0,
                 });
             }
         }
     }
     if let Some(done) = open.take() {
-        run_group(dev, &done);
+        run_group(dev, done, &mut stash);
     }
     GGML_STATUS_SUCCESS
 }
@@ -354,17 +387,31 @@ unsafe extern "C" fn ggml_backend_ane_free(backend: ggml_backend_t) {
             print_stats(dev);
         }
         if !backend.is_null() {
-            // SAFETY: backends are created by `Box::into_raw` in init_backend and freed once by ggml.
-            drop(unsafe { Box::from_raw(backend) });
+            // SAFETY: backends and their contexts are created by `Box::into_raw` in init_backend
+            // and freed once by ggml.
+            let b = unsafe { Box::from_raw(backend) };
+            if !b.context.is_null() {
+                // SAFETY: as above.
+                drop(unsafe { Box::from_raw(b.context.cast::<BackendCtx>()) });
+            }
         }
     })
 }
 
 unsafe extern "C" fn ggml_backend_ane_graph_compute(
-    _backend: ggml_backend_t,
+    backend: ggml_backend_t,
     cgraph: *mut ggml_cgraph,
 ) -> i32 {
-    guard(GGML_STATUS_FAILED, || graph_compute(cgraph))
+    guard(GGML_STATUS_FAILED, || {
+        // SAFETY: ggml passes a backend made by init_backend, whose context is a `BackendCtx`
+        // alive until `free`.
+        let Some(ctx) = (unsafe { backend.as_ref() })
+            .and_then(|b| unsafe { b.context.cast::<BackendCtx>().as_ref() })
+        else {
+            return GGML_STATUS_FAILED;
+        };
+        graph_compute(ctx, cgraph)
+    })
 }
 
 fn backend_iface() -> ggml_backend_i {
@@ -461,7 +508,7 @@ unsafe extern "C" fn ggml_backend_ane_device_init_backend(
             guid: &GUID,
             iface: backend_iface(),
             device: dev,
-            context: null_mut(),
+            context: Box::into_raw(Box::<BackendCtx>::default()).cast(),
         }))
     })
 }
@@ -505,6 +552,19 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(
         ) {
             Ok(()) => {
                 let usable = placement::weight_usable(g, s0, &dev.stats.declined_buft);
+                if usable && Config::get().lookahead && g.is_weight(s0) {
+                    if let Some(info) = g.type_info(s0.type_) {
+                        let w = lookahead::Weight {
+                            data: s0.data as usize,
+                            desc: desc(s0),
+                            info,
+                        };
+                        dev.learner
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .observe(w, t.src[1] as usize, &desc(s1));
+                    }
+                }
                 if usable && Config::get().prestage && g.is_weight(s0) {
                     if let Some(i0) = g.type_info(s0.type_) {
                         let m = matmul::Member {

@@ -63,6 +63,9 @@ pub struct Group {
     pub members: Vec<Member>,
     /// src0 lives in a weights buffer: immutable, staged once.
     pub weights: bool,
+    /// The last `speculative` members are not nodes of this split: their outputs go to the
+    /// lookahead stash (see `crate::lookahead`) and they are counted when taken.
+    pub speculative: usize,
 }
 
 /// Loaded programs keyed by shape, bounded, least recently used evicted first. Baked programs
@@ -537,17 +540,17 @@ fn contiguous_run(cols: &[(usize, usize, usize)]) -> Option<(usize, usize, usize
 }
 
 /// Computes a group. Never leaves an output unwritten: an engine failure computes the affected
-/// columns on the CPU with f32 accumulation.
+/// columns on the CPU with f32 accumulation. Returns whether any column fell back to the CPU.
 ///
 /// # Safety
 /// Every operand must describe valid host tensors of MUL_MATs that [`crate::support::mul_mat`]
 /// accepted; dst memory must be writable and not overlap any source.
-pub unsafe fn compute(cx: &Context<'_>, g: &Group) {
+pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
     use std::sync::atomic::Ordering::Relaxed;
     // GGML_ANE_WEIGHTS=compressed: a lone Q8_0/Q4_0 weight runs its own baked program.
     // SAFETY: forwarded contract.
     if unsafe { crate::baked::try_compute(cx, g) } {
-        return;
+        return false;
     }
     let src0 = &g.members[0].src0.desc;
     let [k, _, ne02, ne03] = src0.ne.map(|v| v as usize);
@@ -586,15 +589,16 @@ pub unsafe fn compute(cx: &Context<'_>, g: &Group) {
             }
         }
     }
-    let n_ops = g.members.len() as u64;
+    let n_ops = (g.members.len() - g.speculative) as u64;
     if any_fallback {
         cx.stats.ops_fallback.fetch_add(n_ops, Relaxed);
     } else {
         cx.stats.ops_offloaded.fetch_add(n_ops, Relaxed);
-        if n_ops > 1 {
+        if g.members.len() > 1 {
             cx.stats.ops_fused.fetch_add(n_ops, Relaxed);
         }
     }
+    any_fallback
 }
 
 /// The CPU path for `cols` of matrix (`i02`, `i03`): f32 accumulation from the original values.

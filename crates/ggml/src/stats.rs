@@ -23,6 +23,12 @@ pub struct Stats {
     pub dispatches_tiled: AtomicU64,
     /// Engine dispatches (evaluations).
     pub dispatches: AtomicU64,
+    /// MUL_MATs written from outputs computed in an earlier split's dispatch (`crate::lookahead`).
+    pub lookahead_hits: AtomicU64,
+    /// Speculated outputs never taken (their MUL_MAT did not come, or came on another path).
+    pub lookahead_wasted: AtomicU64,
+    /// Speculated outputs refused because src1, the weight or the shape differed.
+    pub lookahead_mismatch: AtomicU64,
     /// Dispatches whose columns were recomputed on the CPU because an input was out of fp16 range
     /// or an output was non-finite or past the matmul output cliff (see `guard`).
     pub guard_trips: AtomicU64,
@@ -85,6 +91,9 @@ impl Stats {
             "ops_fused": self.ops_fused.load(Relaxed),
             "dispatches": self.dispatches.load(Relaxed),
             "dispatches_tiled": self.dispatches_tiled.load(Relaxed),
+            "lookahead_hits": self.lookahead_hits.load(Relaxed),
+            "lookahead_wasted": self.lookahead_wasted.load(Relaxed),
+            "lookahead_mismatch": self.lookahead_mismatch.load(Relaxed),
             "guard_trips": self.guard_trips.load(Relaxed),
             "faults_injected": e.faults_injected,
             "declined": declined,
@@ -128,6 +137,12 @@ impl Stats {
         s.push_str(&format!(
             "  ... of them tiled        {:>10}\n",
             self.dispatches_tiled.load(Relaxed)
+        ));
+        s.push_str(&format!(
+            "  taken from lookahead     {:>10} (wasted {}, refused {})\n",
+            self.lookahead_hits.load(Relaxed),
+            self.lookahead_wasted.load(Relaxed),
+            self.lookahead_mismatch.load(Relaxed)
         ));
         s.push_str(&format!(
             "  numeric guard trips      {:>10}\n",
@@ -219,6 +234,9 @@ mod tests {
         assert_eq!(j["programs_loaded_peak"], 2);
         for k in [
             "ops_fallback",
+            "lookahead_hits",
+            "lookahead_wasted",
+            "lookahead_mismatch",
             "guard_trips",
             "faults_injected",
             "ms_convert",

@@ -82,6 +82,7 @@ impl Device {
                 },
             }],
             weights,
+            speculative: 0,
         };
         let cx = Context {
             engine: self.engine.as_ref(),

@@ -3,7 +3,8 @@
 //!
 //! The graph model follows llama.cpp b11434 (`src/models/llama.cpp`, `src/llama-graph.cpp`):
 //! per layer Q, then V and K (sharing the normed input; RoPE on Q sits between Q and them in the
-//! node order, so only V and K share a split and fuse), attention (MUL_MATs only when
+//! node order, so only V and K share a split; the plugin's lookahead (`GGML_ANE_LOOKAHEAD`, on by
+//! default with fp16 weights) computes V and K in Q's dispatch), attention (MUL_MATs only when
 //! flash attention is off; it is on by default where the CPU runs attention), the output
 //! projection, then gate and up (one fused group) and down. In the last layer only the rows that
 //! produce outputs continue after attention (`inp_out_ids`: 1 row for text generation), so its FFN
@@ -152,6 +153,9 @@ pub struct PlanOptions {
     /// `GGML_ANE_WEIGHTS=compressed` with weights of this many bits each (Q8_0 8.5, Q4_0 4.5):
     /// lone weight MUL_MATs run baked per-weight programs. `None`: fp16 shape-shared only.
     pub compressed_bits: Option<f64>,
+    /// The plugin's cross-split fusion (`GGML_ANE_LOOKAHEAD=1`, its default; it is off with
+    /// compressed weights): Q, V and K in one dispatch.
+    pub lookahead: bool,
 }
 
 fn ser_display<S: serde::Serializer>(c: &Chip, s: S) -> Result<S::Ok, S::Error> {
@@ -169,6 +173,7 @@ impl PlanOptions {
             n_outputs: 1,
             max_programs: 96,
             compressed_bits: None,
+            lookahead: true,
         }
     }
 }
@@ -216,9 +221,15 @@ fn ubatch_groups(m: &ModelShape, n: usize, n_kv: usize, o: &PlanOptions) -> Vec<
     for l in 0..m.n_layer {
         let last = l + 1 == m.n_layer;
         // Q reaches the plugin alone: llama.cpp's node order puts RoPE(Q) (a CPU op) between Q and
-        // the V/K projections, which therefore form the fused group.
-        g.push(w(e, vec![m.n_head * hd], n, Some(l)));
-        g.push(w(e, vec![m.n_head_kv * hd, m.n_head_kv * hd], n, Some(l)));
+        // the V/K projections, which therefore form the fused group of the next split, unless the
+        // lookahead computes them in Q's dispatch (compressed weights turn it off).
+        let (q, kv) = (m.n_head * hd, m.n_head_kv * hd);
+        if o.lookahead && o.compressed_bits.is_none() {
+            g.push(w(e, vec![q, kv, kv], n, Some(l)));
+        } else {
+            g.push(w(e, vec![q], n, Some(l)));
+            g.push(w(e, vec![kv, kv], n, Some(l)));
+        }
         if !o.flash_attn {
             let r = m.n_head / m.n_head_kv.max(1);
             g.push(Group {
@@ -566,13 +577,18 @@ mod tests {
                     p.programs_total
                 );
                 assert!(p.programs_loaded_peak <= 96);
-                // Q, V+K, O, gate+up, down. The target of 4 would need Q in the same
-                // split as V and K, but llama.cpp's node order puts RoPE(Q) between them.
+                // Q+V+K (lookahead), O, gate+up, down.
                 assert_eq!(
-                    p.weight_dispatches_per_layer, 5,
+                    p.weight_dispatches_per_layer, 4,
                     "{name} {chip}: {}",
                     p.weight_dispatches_per_layer
                 );
+                // Without it, RoPE(Q) keeps Q apart from V+K.
+                let mut o = PlanOptions::new(chip);
+                o.lookahead = false;
+                let without = plan(&preset(name).unwrap(), &all_lengths(), &o);
+                assert_eq!(without.weight_dispatches_per_layer, 5);
+                assert!(without.programs_total <= 16);
                 assert!(
                     p.offloaded_matmul_flops_fraction_at_512 >= 0.99,
                     "{name} {chip}: {}",

@@ -134,6 +134,7 @@ impl Rig {
             src1_info: F32_INFO,
             members,
             weights: true,
+            speculative: 0,
         };
         let cx = Context {
             engine: &self.engine,

@@ -110,6 +110,7 @@ impl<E: Engine> Rig<E> {
             src1_info: F32_INFO,
             members,
             weights,
+            speculative: 0,
         };
         let cx = Context {
             engine: &self.engine,

@@ -1,0 +1,335 @@
+//! Learning, speculation, verification and pruning, through the reference engine.
+
+use super::*;
+use crate::matmul::{compute, Context, KernelCache, ScratchPool, StagedWeights};
+use ane_engine::reference::ReferenceEngine;
+use ane_engine::Engine;
+use ane_plan::Planner;
+
+const F32_INFO: TypeInfo = TypeInfo {
+    blck_size: 1,
+    type_size: 4,
+    to_float: None,
+};
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed ^ 0x9e3779b97f4a7c15;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+fn f32_desc(ne: [i64; 4]) -> TensorDesc {
+    TensorDesc::contiguous(GGML_TYPE_F32, 4, ne)
+}
+
+/// A weight `[k, m]` with its values.
+struct W {
+    vals: Vec<f32>,
+    desc: TensorDesc,
+}
+
+impl W {
+    fn new(k: usize, m: usize, seed: u64) -> W {
+        W {
+            vals: rand_vec(k * m, seed),
+            desc: f32_desc([k as i64, m as i64, 1, 1]),
+        }
+    }
+    fn weight(&self) -> Weight {
+        Weight {
+            data: self.vals.as_ptr() as usize,
+            desc: self.desc,
+            info: F32_INFO,
+        }
+    }
+    fn member(&self, dst: &mut [f32], n: usize) -> Member {
+        Member {
+            src0: Operand {
+                desc: self.desc,
+                data: self.vals.as_ptr().cast(),
+            },
+            src0_info: F32_INFO,
+            dst: Operand {
+                desc: f32_desc([self.desc.ne[1], n as i64, 1, 1]),
+                data: dst.as_mut_ptr().cast(),
+            },
+        }
+    }
+}
+
+struct Rig {
+    engine: ReferenceEngine,
+    planner: Planner,
+    cache: Mutex<KernelCache>,
+    staged: Mutex<StagedWeights>,
+    scratch: Mutex<ScratchPool>,
+    stats: Stats,
+    learner: Mutex<Learner>,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let engine = ReferenceEngine::new(ane_engine::Chip::M4.limits());
+        Rig {
+            planner: Planner::new(engine.limits()),
+            engine,
+            cache: Mutex::new(KernelCache::new(8)),
+            staged: Mutex::new(StagedWeights::new(1 << 30)),
+            scratch: Mutex::new(ScratchPool::default()),
+            stats: Stats::default(),
+            learner: Mutex::default(),
+        }
+    }
+
+    /// Computes `members` on `x` as one group, with speculation from `stash` when given.
+    fn run(&self, x: &[f32], xd: TensorDesc, members: Vec<Member>, stash: Option<&mut Stash>) {
+        let mut g = Group {
+            src1: Operand {
+                desc: xd,
+                data: x.as_ptr().cast(),
+            },
+            src1_info: F32_INFO,
+            members,
+            weights: true,
+            speculative: 0,
+        };
+        let cx = Context {
+            engine: &self.engine,
+            planner: &self.planner,
+            cache: &self.cache,
+            staged: &self.staged,
+            scratch: &self.scratch,
+            stats: &self.stats,
+        };
+        match stash {
+            Some(stash) => {
+                // SAFETY: every buffer matches its description; the stash outlives the compute.
+                unsafe { stash.speculate(&self.learner, &self.stats, &mut g) };
+                // SAFETY: as above; no dst overlaps a source.
+                let fb = unsafe { compute(&cx, &g) };
+                stash.computed(fb);
+            }
+            // SAFETY: as above.
+            None => _ = unsafe { compute(&cx, &g) },
+        }
+    }
+
+    fn get(&self, c: &std::sync::atomic::AtomicU64) -> u64 {
+        c.load(Relaxed)
+    }
+}
+
+fn src1(x: &[f32], d: TensorDesc) -> Operand {
+    Operand {
+        desc: d,
+        data: x.as_ptr().cast(),
+    }
+}
+
+#[test]
+fn learns_companions_in_node_order_once() {
+    let (q, v, k, o) = (
+        W::new(64, 64, 1),
+        W::new(64, 32, 2),
+        W::new(64, 32, 3),
+        W::new(64, 64, 4),
+    );
+    let other_k = W::new(128, 32, 5);
+    let xd = f32_desc([64, 96, 1, 1]);
+    let mut l = Learner::default();
+    for _ in 0..3 {
+        // The scheduler asks several times (passes, graphs): nothing is learnt twice.
+        l.observe(q.weight(), 0x1000, &xd);
+        l.observe(v.weight(), 0x1000, &xd);
+        l.observe(k.weight(), 0x1000, &xd);
+        l.observe(o.weight(), 0x2000, &xd); // another src1: not a companion
+        l.observe(other_k.weight(), 0x1000, &f32_desc([128, 96, 1, 1])); // other shape
+    }
+    let of_q: Vec<usize> = l.of(q.weight().data).iter().map(|w| w.data).collect();
+    assert_eq!(of_q, vec![v.weight().data, k.weight().data]);
+    assert!(l.of(v.weight().data).is_empty());
+    assert!(l.of(o.weight().data).is_empty());
+}
+
+#[test]
+fn non_contiguous_activations_teach_nothing() {
+    let (q, v) = (W::new(64, 64, 1), W::new(64, 32, 2));
+    let mut xd = f32_desc([64, 96, 1, 1]);
+    xd.nb[1] = 4 * 80; // rows with a gap
+    let mut l = Learner::default();
+    l.observe(q.weight(), 0x1000, &xd);
+    l.observe(v.weight(), 0x1000, &xd);
+    assert!(l.of(q.weight().data).is_empty());
+}
+
+/// Q in one split, V and K in the next: one dispatch, and V/K outputs bit-equal to computing them
+/// in their own dispatch.
+#[test]
+fn speculated_outputs_equal_their_own_dispatch() {
+    let (kdim, n) = (128, 96);
+    let (q, v, k) = (
+        W::new(kdim, 128, 11),
+        W::new(kdim, 64, 12),
+        W::new(kdim, 64, 13),
+    );
+    let x = rand_vec(kdim * n, 14);
+    let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
+    let rig = Rig::new();
+    {
+        let mut l = rig.learner.lock().unwrap();
+        for w in [&q, &v, &k] {
+            l.observe(w.weight(), 0x1000, &xd);
+        }
+    }
+    // Without lookahead: Q, then V+K.
+    let (mut q0, mut v0, mut k0) = (vec![0f32; 128 * n], vec![0f32; 64 * n], vec![0f32; 64 * n]);
+    rig.run(&x, xd, vec![q.member(&mut q0, n)], None);
+    rig.run(
+        &x,
+        xd,
+        vec![v.member(&mut v0, n), k.member(&mut k0, n)],
+        None,
+    );
+    assert_eq!(rig.get(&rig.stats.dispatches), 2);
+
+    let mut stash = Stash::default();
+    let (mut q1, mut v1, mut k1) = (
+        vec![f32::NAN; 128 * n],
+        vec![f32::NAN; 64 * n],
+        vec![f32::NAN; 64 * n],
+    );
+    stash.begin();
+    rig.run(&x, xd, vec![q.member(&mut q1, n)], Some(&mut stash));
+    assert_eq!(rig.get(&rig.stats.dispatches), 3, "Q+V+K is one dispatch");
+    stash.begin();
+    let (mv, mk) = (v.member(&mut v1, n), k.member(&mut k1, n));
+    assert!(stash.waits_for(&mv) && stash.waits_for(&mk));
+    // SAFETY: the members and x describe valid buffers.
+    unsafe {
+        assert!(stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)));
+        assert!(stash.take(&rig.learner, &rig.stats, &mk, &src1(&x, xd)));
+    }
+    assert_eq!(
+        rig.get(&rig.stats.dispatches),
+        3,
+        "V and K need no dispatch"
+    );
+    assert_eq!(q1, q0);
+    assert_eq!(v1, v0);
+    assert_eq!(k1, k0);
+    assert_eq!(rig.get(&rig.stats.lookahead_hits), 2);
+    // Q, V+K, then Q (+V+K speculated, counted when taken) and the two takes.
+    assert_eq!(rig.get(&rig.stats.ops_offloaded), 6);
+    assert!(!stash.waits_for(&mv), "taken once");
+}
+
+#[test]
+fn changed_activations_are_refused_and_recomputed_by_the_caller() {
+    let (kdim, n) = (64, 64);
+    let (q, v) = (W::new(kdim, 64, 21), W::new(kdim, 32, 22));
+    let mut x = rand_vec(kdim * n, 23);
+    let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
+    let rig = Rig::new();
+    {
+        let mut l = rig.learner.lock().unwrap();
+        l.observe(q.weight(), 0x1000, &xd);
+        l.observe(v.weight(), 0x1000, &xd);
+    }
+    let mut stash = Stash::default();
+    let (mut qo, mut vo) = (vec![0f32; 64 * n], vec![f32::NAN; 32 * n]);
+    stash.begin();
+    rig.run(&x, xd, vec![q.member(&mut qo, n)], Some(&mut stash));
+    // One value of src1 changes between the splits (the last bit of one float).
+    x[kdim * n / 2] = f32::from_bits(x[kdim * n / 2].to_bits() ^ 1);
+    stash.begin();
+    let mv = v.member(&mut vo, n);
+    // SAFETY: valid buffers.
+    assert!(!unsafe { stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)) });
+    assert!(
+        vo.iter().all(|v| v.is_nan()),
+        "nothing written on a refusal"
+    );
+    assert_eq!(rig.get(&rig.stats.lookahead_mismatch), 1);
+    // Another shape of src1 is refused too.
+    x[kdim * n / 2] = f32::from_bits(x[kdim * n / 2].to_bits() ^ 1);
+    stash.begin();
+    rig.run(&x, xd, vec![q.member(&mut qo, n)], Some(&mut stash));
+    let short = f32_desc([kdim as i64, n as i64 - 1, 1, 1]);
+    let mut v_short = vec![f32::NAN; 32 * (n - 1)];
+    let mv = v.member(&mut v_short, n - 1);
+    // SAFETY: valid buffers (src1 is larger than its shorter description).
+    assert!(!unsafe { stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, short)) });
+    // Two refusals in a row: the pair is dropped and not learnt again.
+    assert!(rig.learner.lock().unwrap().of(q.weight().data).is_empty());
+    {
+        let mut l = rig.learner.lock().unwrap();
+        l.observe(q.weight(), 0x3000, &xd);
+        l.observe(v.weight(), 0x3000, &xd);
+        assert!(l.of(q.weight().data).is_empty());
+    }
+}
+
+#[test]
+fn unused_speculation_is_pruned() {
+    let (kdim, n) = (64, 64);
+    let (q, v) = (W::new(kdim, 64, 31), W::new(kdim, 32, 32));
+    let x = rand_vec(kdim * n, 33);
+    let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
+    let rig = Rig::new();
+    {
+        let mut l = rig.learner.lock().unwrap();
+        l.observe(q.weight(), 0x1000, &xd);
+        l.observe(v.weight(), 0x1000, &xd);
+    }
+    let mut stash = Stash::default();
+    let mut qo = vec![0f32; 64 * n];
+    for round in 0..3 {
+        stash.begin();
+        let added = rig.run_count(&x, xd, &q, &mut qo, n, &mut stash);
+        // V never comes: its speculation is wasted twice, then V is no longer added.
+        assert_eq!(added, usize::from(round < 2), "round {round}");
+    }
+    assert_eq!(rig.get(&rig.stats.lookahead_wasted), 2);
+}
+
+impl Rig {
+    fn run_count(
+        &self,
+        x: &[f32],
+        xd: TensorDesc,
+        q: &W,
+        qo: &mut [f32],
+        n: usize,
+        stash: &mut Stash,
+    ) -> usize {
+        let before = self.get(&self.stats.dispatches);
+        let mut g = Group {
+            src1: src1(x, xd),
+            src1_info: F32_INFO,
+            members: vec![q.member(qo, n)],
+            weights: true,
+            speculative: 0,
+        };
+        // SAFETY: valid buffers; the stash outlives the compute.
+        let added = unsafe { stash.speculate(&self.learner, &self.stats, &mut g) };
+        let cx = Context {
+            engine: &self.engine,
+            planner: &self.planner,
+            cache: &self.cache,
+            staged: &self.staged,
+            scratch: &self.scratch,
+            stats: &self.stats,
+        };
+        // SAFETY: as above.
+        let fb = unsafe { compute(&cx, &g) };
+        stash.computed(fb);
+        assert_eq!(self.get(&self.stats.dispatches), before + 1);
+        added
+    }
+}

@@ -206,7 +206,26 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
     if tiled == 0 || fallback != 0 {
         bail!("LM head (20048 rows > 16384 on m1): {tiled} tiled dispatches, {fallback} fallbacks; expected tiles and no fallback\n{}", ane_run.where_logged());
     }
-    // 3. The token-major program layout (GGML_ANE_LAYOUT=tokens) gives the same text.
+    // 3. Lookahead under engine faults: Q+V+K dispatches that fail are computed by the CPU path,
+    //    stash included, and the text stays the same.
+    let (ct, ft, frun) = cpu_vs_plugin(
+        &plugin,
+        &model,
+        &[],
+        &[("GGML_ANE_FAULTS", "eval=0.5,seed=7")],
+        "plan-lookahead-faults",
+    )?;
+    let (fhits, ffb) = (
+        stat(&frun.stderr, "lookahead_hits")?,
+        stat(&frun.stderr, "ops_fallback")?,
+    );
+    if ct.trim().is_empty() || ct != ft || fhits == 0 || ffb == 0 {
+        bail!(
+            "lookahead with eval faults: text {ft:?} vs CPU {ct:?}, {fhits} taken, {ffb} fallbacks (want both > 0)\n{}",
+            frun.where_logged()
+        );
+    }
+    // 4. The token-major program layout (GGML_ANE_LAYOUT=tokens) gives the same text.
     let mut layouts = Vec::new();
     for dtype in ["f16", "q4_0"] {
         let model = models::path(dtype);
@@ -231,7 +250,7 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         }
         layouts.push(format!("{dtype} {offloaded} ops"));
     }
-    // 4. Compressed weights: baked programs for the lone Q8_0/Q4_0 weights, same text.
+    // 5. Compressed weights: baked programs for the lone Q8_0/Q4_0 weights, same text.
     let mut baked = Vec::new();
     for dtype in ["q8_0", "q4_0"] {
         let model = models::path(dtype);
@@ -282,7 +301,7 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         ));
     }
     Ok(format!(
-        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt; {hits} MUL_MATs from lookahead, {off_dispatches} dispatches without it = planned); m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; token-major layout identical ({}); compressed weights identical ({})",
+        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt; {hits} MUL_MATs from lookahead, {off_dispatches} dispatches without it = planned; with eval faults text identical, {fhits} taken, {ffb} fallbacks); m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; token-major layout identical ({}); compressed weights identical ({})",
         layouts.join(", "),
         baked.join(", ")
     ))

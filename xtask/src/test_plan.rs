@@ -225,7 +225,55 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
             frun.where_logged()
         );
     }
-    // 4. The token-major program layout (GGML_ANE_LAYOUT=tokens) gives the same text.
+    // 4. Cost routing (GGML_ANE_ROUTE=cost) with costs under which the tiny model's small
+    //    projections (K, V) lose to the CPU and the others win: the plugin declines exactly what
+    //    `ane plan --route cost` keeps on the CPU, and the text stays the CPU's.
+    let costs = "dispatch_ms=0.01,peak_tflops=1,half_gflop=0,cpu_tflops=0.5,matmul_penalty=1,sram_bytes=1e12";
+    let (ct, rt, rrun) = cpu_vs_plugin(
+        &plugin,
+        &model,
+        &[],
+        &[("GGML_ANE_ROUTE", "cost"), ("GGML_ANE_COST", costs)],
+        "plan-route-cost",
+    )?;
+    let rplan = util::read(
+        Command::new(&ane)
+            .args([
+                "plan",
+                "--json",
+                "--route",
+                "cost",
+                "--cost",
+                costs,
+                "--prompt-lengths",
+            ])
+            .arg(tokens.to_string())
+            .arg("--model")
+            .arg(&model),
+    )?;
+    let (r_compiled, r_dispatches) = (
+        stat(&rrun.stderr, "programs_compiled")?,
+        stat(&rrun.stderr, "dispatches")?,
+    );
+    let r_planned = json_u64(&rplan, "programs_total").ok_or("no programs_total")?;
+    let r_planned_d = json_u64(&rplan[rplan.find("\"rows\"").unwrap_or(0)..], "dispatches")
+        .ok_or("no rows[0].dispatches")?;
+    let r_declined = stat(&rrun.stderr, "cost_model")?;
+    let r_offloaded = stat(&rrun.stderr, "ops_offloaded")?;
+    println!("route cost: plugin compiled {r_compiled}, dispatched {r_dispatches}, {r_offloaded} offloaded, {r_declined} cost_model declines; ane plan {r_planned} programs, {r_planned_d} dispatches");
+    if ct.trim().is_empty()
+        || ct != rt
+        || r_compiled != r_planned
+        || r_dispatches != r_planned_d
+        || r_declined == 0
+        || r_offloaded == 0
+    {
+        bail!(
+            "cost routing: text {rt:?} vs CPU {ct:?}; compiled {r_compiled} vs planned {r_planned}, dispatches {r_dispatches} vs planned {r_planned_d}, {r_declined} declined, {r_offloaded} offloaded (want a mix)\n{}",
+            rrun.where_logged()
+        );
+    }
+    // 5. The token-major program layout (GGML_ANE_LAYOUT=tokens) gives the same text.
     let mut layouts = Vec::new();
     for dtype in ["f16", "q4_0"] {
         let model = models::path(dtype);
@@ -250,7 +298,7 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         }
         layouts.push(format!("{dtype} {offloaded} ops"));
     }
-    // 5. Compressed weights: baked programs for the lone Q8_0/Q4_0 weights, same text.
+    // 6. Compressed weights: baked programs for the lone Q8_0/Q4_0 weights, same text.
     let mut baked = Vec::new();
     for dtype in ["q8_0", "q4_0"] {
         let model = models::path(dtype);
@@ -301,7 +349,7 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         ));
     }
     Ok(format!(
-        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt; {hits} MUL_MATs from lookahead, {off_dispatches} dispatches without it = planned; with eval faults text identical, {fhits} taken, {ffb} fallbacks); m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; token-major layout identical ({}); compressed weights identical ({})",
+        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt; {hits} MUL_MATs from lookahead, {off_dispatches} dispatches without it = planned; with eval faults text identical, {fhits} taken, {ffb} fallbacks); cost routing: {r_dispatches} dispatches = planned, {r_declined} declines, text identical; m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; token-major layout identical ({}); compressed weights identical ({})",
         layouts.join(", "),
         baked.join(", ")
     ))

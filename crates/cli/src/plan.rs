@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use ane_engine::Chip;
 use ane_plan::gguf::Gguf;
-use ane_plan::model::{plan, preset, ModelShape, PlanOptions, PRESETS};
+use ane_plan::model::{plan, preset, ModelShape, PlanOptions, Route, PRESETS};
 use anyhow::{bail, Context, Result};
 
 /// Arguments of `ane plan`.
@@ -42,6 +42,14 @@ pub struct Args {
     /// Model `GGML_ANE_LOOKAHEAD=0`: Q dispatched apart from V+K (RoPE(Q) splits them).
     #[arg(long)]
     pub no_lookahead: bool,
+    /// Model `GGML_ANE_ROUTE`: `batch` (the plugin's default: every MUL_MAT of at least
+    /// `--min-batch` tokens) or `cost` (only where the cost model puts the ANE ahead of the CPU).
+    #[arg(long, default_value = "batch")]
+    pub route: String,
+    /// Replace published costs with measured ones: `key=value,...` (fields of
+    /// `ane_plan::cost::ChipCost`, e.g. `dispatch_ms=0.12,matmul_penalty=1.4`), as `GGML_ANE_COST`.
+    #[arg(long)]
+    pub cost: Option<String>,
     /// Print the plan as JSON (one row per prompt length).
     #[arg(long)]
     pub json: bool,
@@ -91,6 +99,18 @@ pub fn run(args: &Args) -> Result<()> {
     o.flash_attn = !args.no_flash_attn;
     o.n_outputs = args.n_outputs;
     o.lookahead = !args.no_lookahead;
+    o.route = match args.route.as_str() {
+        "batch" => Route::Batch,
+        "cost" => Route::Cost,
+        other => bail!("--route {other}: expected batch or cost"),
+    };
+    if let Some(spec) = &args.cost {
+        o.cost = Some(
+            ane_plan::cost::chip_cost(chip)
+                .with_overrides(spec)
+                .map_err(|e| anyhow::anyhow!("--cost {e}"))?,
+        );
+    }
     o.compressed_bits = match args.compressed.as_deref() {
         None => None,
         Some("q8_0") => Some(8.5),

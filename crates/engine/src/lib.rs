@@ -76,6 +76,11 @@ pub trait Engine: Send + Sync {
     /// The chip limits this engine enforces.
     fn limits(&self) -> ChipLimits;
 
+    /// The chip whose costs apply (`ane_plan`'s cost model), `Unknown` when not known.
+    fn chip(&self) -> Chip {
+        Chip::Unknown
+    }
+
     /// Compiles `mil` (textual MIL, function `main`) with its weight files and loads the result.
     ///
     /// # Errors

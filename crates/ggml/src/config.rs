@@ -67,6 +67,12 @@ pub struct Config {
     /// `GGML_ANE_LOOKAHEAD=0|1`: fuse MUL_MATs that share src1 across graph splits (Q with V/K,
     /// see `lookahead`), default 1; off with compressed weights.
     pub lookahead: bool,
+    /// `GGML_ANE_ROUTE=batch|cost`: claim every supported MUL_MAT of at least `min_batch` tokens
+    /// (default), or only those the cost model estimates faster on the ANE than on the CPU.
+    pub route: ane_plan::model::Route,
+    /// `GGML_ANE_COST="key=value,..."`: measured costs replacing the chip's published ones
+    /// (`ane_plan::cost::ChipCost::with_overrides`); `None` when unset or malformed.
+    pub cost: Option<String>,
     /// `GGML_ANE_FAULTS="compile=P,load=P,eval=P,alloc=P[,seed=S]"`: failures the reference engine
     /// injects (tests of the fallback path). `None` when unset, all zero or malformed.
     pub faults: Option<FaultSpec>,
@@ -140,6 +146,21 @@ impl Config {
         };
         let prestage = parse("GGML_ANE_PRESTAGE", "1", &|v| matches!(v, "0" | "1")) == "1";
         let lookahead = parse("GGML_ANE_LOOKAHEAD", "1", &|v| matches!(v, "0" | "1")) == "1";
+        let cost = parse("GGML_ANE_COST", "", &|v| {
+            ane_plan::cost::chip_cost(Chip::M4)
+                .with_overrides(v)
+                .is_ok()
+        });
+        let cost = (!cost.trim().is_empty()).then_some(cost);
+        let route = match parse("GGML_ANE_ROUTE", "batch", &|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "batch" | "cost")
+        })
+        .to_ascii_lowercase()
+        .as_str()
+        {
+            "cost" => ane_plan::model::Route::Cost,
+            _ => ane_plan::model::Route::Batch,
+        };
         let stage_max_mb = parse(
             "GGML_ANE_STAGE_MAX_MB",
             &DEFAULT_STAGE_MAX_MB.to_string(),
@@ -197,6 +218,8 @@ impl Config {
             layout,
             prestage,
             lookahead: lookahead && weights == WeightsMode::Fp16,
+            route,
+            cost,
             faults,
             ref_accum,
             weights,
@@ -270,6 +293,28 @@ mod tests {
         assert_eq!(c.chip, Chip::M4);
         assert_eq!(w.len(), 3);
         assert!(w[0].contains("GGML_ANE_ENGINE"));
+    }
+
+    #[test]
+    fn routing_costs_and_lookahead() {
+        let (c, w) = cfg(&[]);
+        assert_eq!(c.route, ane_plan::model::Route::Batch);
+        assert!(c.lookahead && c.cost.is_none() && w.is_empty());
+        let (c, w) = cfg(&[
+            ("GGML_ANE_ROUTE", "Cost"),
+            ("GGML_ANE_COST", "dispatch_ms=0.01,matmul_penalty=1"),
+            ("GGML_ANE_LOOKAHEAD", "0"),
+        ]);
+        assert_eq!(c.route, ane_plan::model::Route::Cost);
+        assert_eq!(c.cost.as_deref(), Some("dispatch_ms=0.01,matmul_penalty=1"));
+        assert!(!c.lookahead && w.is_empty());
+        let (c, w) = cfg(&[("GGML_ANE_COST", "speed=3"), ("GGML_ANE_ROUTE", "gpu")]);
+        assert!(c.cost.is_none());
+        assert_eq!(c.route, ane_plan::model::Route::Batch);
+        assert_eq!(w.len(), 2);
+        // Compressed weights turn the lookahead off.
+        let (c, _) = cfg(&[("GGML_ANE_WEIGHTS", "compressed")]);
+        assert!(!c.lookahead);
     }
 
     #[test]

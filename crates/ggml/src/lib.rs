@@ -54,6 +54,8 @@ pub struct DeviceState {
     policy: Policy,
     /// Which weights share activations across splits (see [`lookahead`]).
     learner: Mutex<lookahead::Learner>,
+    /// Published costs of the engine's chip (`GGML_ANE_ROUTE=cost`).
+    cost: ane_plan::cost::ChipCost,
 }
 
 /// One backend instance (a llama context): what must not be shared with other instances.
@@ -78,7 +80,7 @@ pub fn open_engine(cfg: &Config) -> Result<Arc<dyn Engine>, EngineError> {
             accum: cfg.ref_accum,
             ..Default::default()
         };
-        Arc::new(engine.numerics(numerics)) as Arc<dyn Engine>
+        Arc::new(engine.numerics(numerics).for_chip(cfg.chip)) as Arc<dyn Engine>
     };
     match cfg.engine {
         EngineChoice::Reference => Ok(reference()),
@@ -166,6 +168,14 @@ fn device_state() -> Result<&'static DeviceState, &'static str> {
                 ),
                 staged: Mutex::new(StagedWeights::new(cfg.stage_max_mb.saturating_mul(1 << 20))),
                 scratch: Mutex::new(ScratchPool::default()),
+                cost: {
+                    let published = ane_plan::cost::chip_cost(engine.chip());
+                    // Validated when the configuration was read.
+                    cfg.cost
+                        .as_deref()
+                        .and_then(|s| published.with_overrides(s).ok())
+                        .unwrap_or(published)
+                },
                 engine,
                 stats: Stats::default(),
                 learner: Mutex::default(),
@@ -254,7 +264,11 @@ fn run_group(dev: &DeviceState, mut group: Group, stash: &mut lookahead::Stash) 
     // SAFETY: the group was built from this graph's claimed MUL_MATs (valid host tensors); the
     // stash is borrowed until the group is computed.
     let speculated = Config::get().lookahead
-        && unsafe { stash.speculate(&dev.learner, &dev.stats, &mut group) } > 0;
+        && unsafe {
+            stash.speculate(&dev.learner, &dev.stats, &mut group, |w, src1| {
+                cost_says_ane(dev, &w.desc, src1, true)
+            })
+        } > 0;
     // SAFETY: the group was built from this graph's claimed MUL_MATs: valid host tensors, dst
     // separate from its sources (ggml allocates an op's output apart from its inputs); speculated
     // members write into the stash.
@@ -550,6 +564,10 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(
             g.type_info(s0.type_),
             dev.policy,
         ) {
+            Ok(()) if !cost_says_ane(dev, &desc(s0), &desc(s1), g.is_weight(s0)) => {
+                dev.stats.declined[support::Decline::CostModel.index()].fetch_add(1, Relaxed);
+                false
+            }
             Ok(()) => {
                 let usable = placement::weight_usable(g, s0, &dev.stats.declined_buft);
                 if usable && Config::get().lookahead && g.is_weight(s0) {
@@ -598,6 +616,18 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(
             }
         }
     })
+}
+
+/// `GGML_ANE_ROUTE=cost`: whether the cost model estimates this MUL_MAT faster on the ANE (always
+/// true with the default `batch` routing).
+fn cost_says_ane(dev: &DeviceState, s0: &TensorDesc, s1: &TensorDesc, weight: bool) -> bool {
+    if Config::get().route != ane_plan::model::Route::Cost {
+        return true;
+    }
+    let [k, m, ne02, ne03] = s0.ne.map(|v| v as usize);
+    let [_, n, ne12, ne13] = s1.ne.map(|v| v as usize);
+    let cols = n * (ne12 / ne02.max(1)) * (ne13 / ne03.max(1));
+    ane_plan::model::estimate(&dev.planner, &dev.cost, k, m, cols, ne02 * ne03, weight).ane_wins()
 }
 
 unsafe extern "C" fn ggml_backend_ane_device_supports_buft(

@@ -193,8 +193,9 @@ impl Stash {
         self.src1_desc = None;
     }
 
-    /// Adds the learnt companions of `g`'s first weight to `g` (outputs into this stash, replacing
-    /// what it held) and copies src1. Returns how many were added (also in `g.speculative`).
+    /// Adds the learnt companions of `g`'s first weight that `claims` (would the device claim that
+    /// weight with this src1?) to `g`, outputs into this stash, replacing what it held, and copies
+    /// src1. Returns how many were added (also in `g.speculative`).
     ///
     /// # Safety
     /// `g` describes valid host tensors (as for `matmul::compute`); the stash must outlive the
@@ -204,6 +205,7 @@ impl Stash {
         learner: &Mutex<Learner>,
         stats: &Stats,
         g: &mut Group,
+        claims: impl Fn(&Weight, &TensorDesc) -> bool,
     ) -> usize {
         let d = g.src1.desc;
         if !g.weights || !contiguous_f32(&d) || !g.members.iter().all(|m| two_d(&m.src0.desc)) {
@@ -220,7 +222,7 @@ impl Stash {
             .unwrap_or_else(|e| e.into_inner())
             .of(head)
             .into_iter()
-            .filter(|w| w.desc.ne[0] == k)
+            .filter(|w| w.desc.ne[0] == k && claims(w, &d))
             .filter(|w| !g.members.iter().any(|m| m.src0.data as usize == w.data))
             .collect();
         if comps.is_empty() {

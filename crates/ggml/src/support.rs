@@ -50,6 +50,8 @@ pub enum Decline {
     /// for the whole op, and fp16 inputs make the relative error of a lone dot product with
     /// cancellation unbounded (llama.cpp's test suite measures it on one value).
     TinyOutput,
+    /// `GGML_ANE_ROUTE=cost`: the cost model (`ane_plan::model::estimate`) puts the CPU ahead.
+    CostModel,
 }
 
 /// Smallest number of output values the plugin claims (see [`Decline::TinyOutput`]).
@@ -57,7 +59,7 @@ pub const MIN_OUTPUTS: i64 = 16;
 
 impl Decline {
     /// Every reason, in stats order.
-    pub const ALL: [Decline; 8] = [
+    pub const ALL: [Decline; 9] = [
         Decline::SmallBatch,
         Decline::DstType,
         Decline::Src1Type,
@@ -66,6 +68,7 @@ impl Decline {
         Decline::Shape,
         Decline::Empty,
         Decline::TinyOutput,
+        Decline::CostModel,
     ];
 
     /// Stats key.
@@ -79,6 +82,7 @@ impl Decline {
             Decline::Shape => "shape",
             Decline::Empty => "empty",
             Decline::TinyOutput => "tiny_output",
+            Decline::CostModel => "cost_model",
         }
     }
 

@@ -32,6 +32,9 @@ pub struct ChipCost {
     /// CPU fp32 GEMM TFLOPS for ops left on the CPU (ANEForge: Accelerate 1.2-1.5 TF on M4;
     /// older chips scaled down).
     pub cpu_tflops: f64,
+    /// Throughput divisor of the shape-shared (runtime-weight matmul) programs against baked conv:
+    /// [`MATMUL_PENALTY`] until measured.
+    pub matmul_penalty: f64,
 }
 
 /// Runtime-weight `matmul` against baked-weight 1x1 `conv`: Orion's "1x1 conv > matmul (3x
@@ -56,12 +59,49 @@ pub fn chip_cost(chip: Chip) -> ChipCost {
         compile_ms: 40.0,
         load_ms: 2.0,
         cpu_tflops,
+        matmul_penalty: MATMUL_PENALTY,
     }
 }
 
 impl ChipCost {
+    /// These costs with some replaced by measured ones: `key=value` pairs separated by commas,
+    /// keys named as the fields (`dispatch_ms=0.12,matmul_penalty=1.4,cpu_tflops=0.9`). This is
+    /// how numbers from `ane bench` on a Mac reach `GGML_ANE_COST` and `ane plan --cost`.
+    ///
+    /// # Errors
+    /// A message naming the pair that is not `known_key=finite non-negative number`.
+    pub fn with_overrides(mut self, spec: &str) -> Result<ChipCost, String> {
+        for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("`{pair}`: expected key=value"))?;
+            let v: f64 = value
+                .trim()
+                .parse()
+                .ok()
+                .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+                .ok_or_else(|| format!("`{pair}`: value must be a non-negative number"))?;
+            let field = match key.trim() {
+                "dispatch_ms" => &mut self.dispatch_ms,
+                "peak_tflops" => &mut self.peak_tflops,
+                "half_gflop" => &mut self.half_gflop,
+                "sram_bytes" => &mut self.sram_bytes,
+                "compile_ms" => &mut self.compile_ms,
+                "load_ms" => &mut self.load_ms,
+                "cpu_tflops" => &mut self.cpu_tflops,
+                "matmul_penalty" => &mut self.matmul_penalty,
+                other => return Err(format!("`{pair}`: unknown cost `{other}`")),
+            };
+            if v == 0.0 && matches!(key.trim(), "peak_tflops" | "cpu_tflops" | "matmul_penalty") {
+                return Err(format!("`{pair}`: must be positive"));
+            }
+            *field = v;
+        }
+        Ok(self)
+    }
+
     /// Estimated time of a GEMM of `flops` with `bytes` of operands, as one dispatch.
-    /// `penalty` divides throughput (1 for conv, [`MATMUL_PENALTY`] for runtime-weight matmul).
+    /// `penalty` divides throughput (1 for conv, `matmul_penalty` for runtime-weight matmul).
     pub fn gemm_ms(&self, flops: f64, bytes: f64, penalty: f64) -> f64 {
         let efficiency = flops / (flops + self.half_gflop * 1e9);
         let sram = if bytes > self.sram_bytes { 0.65 } else { 1.0 };
@@ -73,7 +113,7 @@ impl ChipCost {
     pub fn dispatch_time_ms(&self, s: &TiledShape) -> f64 {
         let flops = 2.0 * s.macs() as f64;
         let bytes = 2.0 * (s.x_len() + s.w_len() + s.y_len()) as f64;
-        self.gemm_ms(flops, bytes, MATMUL_PENALTY)
+        self.gemm_ms(flops, bytes, self.matmul_penalty)
     }
 
     /// Estimated CPU time for `flops`.
@@ -96,6 +136,25 @@ mod tests {
                 (ms / measured_ms - 1.0).abs() < 0.35,
                 "n={n}: model {ms:.3} ms vs {measured_ms}"
             );
+        }
+    }
+
+    #[test]
+    fn overrides_replace_named_costs_and_name_bad_pairs() {
+        let c = chip_cost(Chip::M4)
+            .with_overrides("dispatch_ms=0.5, matmul_penalty=1.25")
+            .unwrap();
+        assert_eq!((c.dispatch_ms, c.matmul_penalty), (0.5, 1.25));
+        assert_eq!(c.peak_tflops, chip_cost(Chip::M4).peak_tflops);
+        for bad in [
+            "dispatch_ms",
+            "speed=2",
+            "cpu_tflops=0",
+            "load_ms=-1",
+            "load_ms=nan",
+        ] {
+            let e = chip_cost(Chip::M4).with_overrides(bad).unwrap_err();
+            assert!(e.contains(bad.split('=').next().unwrap()), "{bad}: {e}");
         }
     }
 

@@ -156,6 +156,67 @@ pub struct PlanOptions {
     /// The plugin's cross-split fusion (`GGML_ANE_LOOKAHEAD=1`, its default; it is off with
     /// compressed weights): Q, V and K in one dispatch.
     pub lookahead: bool,
+    /// How MUL_MATs are routed (`GGML_ANE_ROUTE`).
+    pub route: Route,
+    /// Costs to use instead of the chip's published ones (`GGML_ANE_COST`, `--cost`).
+    pub cost: Option<ChipCost>,
+}
+
+/// How MUL_MATs are split between the ANE and the CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    /// Every supported MUL_MAT with at least `min_batch` tokens (the plugin's default).
+    #[default]
+    Batch,
+    /// Also ask the cost model, per MUL_MAT: the ANE only where its estimate beats the CPU's.
+    Cost,
+}
+
+/// The cost model's two estimates for one MUL_MAT.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Estimate {
+    /// Its ANE dispatches (shape-shared program, padded columns, tiles), ms.
+    pub ane_ms: f64,
+    /// The same FLOPs on the CPU, ms.
+    pub cpu_ms: f64,
+}
+
+impl Estimate {
+    /// Whether the ANE is estimated faster.
+    pub fn ane_wins(&self) -> bool {
+        self.ane_ms < self.cpu_ms
+    }
+}
+
+/// Estimates one MUL_MAT: `matrices` src0 matrices of `m` rows and `k` columns, each multiplied
+/// with `cols` activation columns; `weight` when src0 is a weight (fixed shape, no padding).
+/// The plugin's `GGML_ANE_ROUTE=cost` and `ane plan --route cost` both decide with this.
+pub fn estimate(
+    planner: &Planner,
+    cost: &ChipCost,
+    k: usize,
+    m: usize,
+    cols: usize,
+    matrices: usize,
+    weight: bool,
+) -> Estimate {
+    let g = Group {
+        k,
+        ms: vec![m],
+        cols,
+        tokens: cols,
+        matrices,
+        weight,
+        layer: None,
+    };
+    Estimate {
+        ane_ms: group_dispatches(planner, &g)
+            .iter()
+            .map(|s| cost.dispatch_time_ms(s))
+            .sum(),
+        cpu_ms: cost.cpu_ms(g.flops()),
+    }
 }
 
 fn ser_display<S: serde::Serializer>(c: &Chip, s: S) -> Result<S::Ok, S::Error> {
@@ -174,6 +235,8 @@ impl PlanOptions {
             max_programs: 96,
             compressed_bits: None,
             lookahead: true,
+            route: Route::Batch,
+            cost: None,
         }
     }
 }
@@ -366,7 +429,7 @@ fn ubatches(len: usize, n_ubatch: usize) -> Vec<(usize, usize)> {
 /// Plans `model` over `prompt_lengths`.
 pub fn plan(model: &ModelShape, prompt_lengths: &[usize], o: &PlanOptions) -> Plan {
     let planner = Planner::new(o.chip.limits());
-    let cost = chip_cost(o.chip);
+    let cost = o.cost.unwrap_or_else(|| chip_cost(o.chip));
     let mut programs: BTreeSet<ProgramKey> = BTreeSet::new();
     let mut rows = Vec::new();
     let mut memo = HashMap::new();
@@ -438,11 +501,25 @@ fn plan_ubatch(
     let (mut dispatches, mut ms, mut off, mut all) = (0, 0.0, 0.0, 0.0);
     let mut used = BTreeSet::new();
     let max = planner.limits.max_axis;
-    for (i, g) in ubatch_groups(model, n, n_kv, o).into_iter().enumerate() {
+    for (i, mut g) in ubatch_groups(model, n, n_kv, o).into_iter().enumerate() {
         all += g.flops();
         if g.tokens < o.min_batch {
             ms += cost.cpu_ms(g.flops());
             continue;
+        }
+        if o.route == Route::Cost {
+            // The plugin decides per MUL_MAT in supports_op: members the CPU wins stay there.
+            let cols = g.cols;
+            let (ane, cpu): (Vec<usize>, Vec<usize>) = g.ms.iter().partition(|&&m| {
+                estimate(planner, cost, g.k, m, cols, g.matrices, g.weight).ane_wins()
+            });
+            for m in cpu {
+                ms += cost.cpu_ms(2.0 * (g.k * m * g.cols * g.matrices) as f64);
+            }
+            if ane.is_empty() {
+                continue;
+            }
+            g.ms = ane;
         }
         off += g.flops();
         if baked_candidate(&g, o, max) {
@@ -600,6 +677,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn cost_routing_follows_the_estimates() {
+        let planner = Planner::new(Chip::M4.limits());
+        let cost = chip_cost(Chip::M4);
+        // A tiny op: the dispatch floor alone exceeds the CPU's time.
+        let tiny = estimate(&planner, &cost, 64, 64, 64, 1, true);
+        assert!(
+            !tiny.ane_wins() && tiny.ane_ms >= cost.dispatch_ms,
+            "{tiny:?}"
+        );
+        // The estimate adds up the dispatches of the shape-shared program.
+        let big = estimate(&planner, &cost, 4096, 4096, 512, 1, true);
+        let one = cost.dispatch_time_ms(&planner.tile(4096, 4096, 512));
+        assert!((big.ane_ms - one).abs() < 1e-9);
+        assert!((big.cpu_ms - cost.cpu_ms(2.0 * 4096.0 * 4096.0 * 512.0)).abs() < 1e-9);
+        // With cost routing, the plan offloads exactly the MUL_MATs whose estimate wins, so the
+        // fraction can only drop, and the M5's faster ANE keeps more than the M1.
+        let m = preset("llama3-8b").unwrap();
+        for chip in [Chip::M1, Chip::M4, Chip::M5] {
+            let mut o = PlanOptions::new(chip);
+            let batch = plan(&m, &[512], &o);
+            o.route = Route::Cost;
+            let routed = plan(&m, &[512], &o);
+            assert!(
+                routed.offloaded_matmul_flops_fraction_at_512
+                    <= batch.offloaded_matmul_flops_fraction_at_512
+            );
+            assert!(routed.rows[0].estimated_ms <= batch.rows[0].estimated_ms + 1e-6);
+        }
+        let frac = |chip| {
+            let mut o = PlanOptions::new(chip);
+            o.route = Route::Cost;
+            plan(&m, &[512], &o).offloaded_matmul_flops_fraction_at_512
+        };
+        assert!(frac(Chip::M5) > frac(Chip::M1));
     }
 
     #[test]

@@ -164,6 +164,10 @@ impl Engine for AneEngine {
         self.limits
     }
 
+    fn chip(&self) -> Chip {
+        self.chip
+    }
+
     fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {
         let plan = DriverPlan::new(mil, weights)?;
         {

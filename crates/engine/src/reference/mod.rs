@@ -32,7 +32,9 @@ use std::sync::{Arc, Mutex};
 use ane_mil::DType;
 
 use crate::driver_plan::DriverPlan;
-use crate::{ChipLimits, Engine, EngineCounters, EngineError, ProgramId, Surface, WeightFile};
+use crate::{
+    Chip, ChipLimits, Engine, EngineCounters, EngineError, ProgramId, Surface, WeightFile,
+};
 use exec::Checked;
 pub use exec::{Accum, Numerics, MATMUL_OUTPUT_CLIFF};
 use faults::{FaultSpec, Faults, Step};
@@ -42,6 +44,7 @@ use faults::{FaultSpec, Faults, Step};
 #[derive(Debug)]
 pub struct ReferenceEngine {
     limits: ChipLimits,
+    chip: Chip,
     numerics: Numerics,
     faults: Option<Faults>,
     state: Mutex<State>,
@@ -66,6 +69,7 @@ impl ReferenceEngine {
     pub fn new(limits: ChipLimits) -> Self {
         ReferenceEngine {
             limits,
+            chip: Chip::Unknown,
             numerics: Numerics::default(),
             faults: None,
             state: Mutex::new(State::default()),
@@ -78,6 +82,12 @@ impl ReferenceEngine {
             faults: faults.any().then(|| Faults::new(faults)),
             ..Self::new(limits)
         }
+    }
+
+    /// The same engine standing for `chip` (its costs; limits are set apart).
+    pub fn for_chip(mut self, chip: Chip) -> Self {
+        self.chip = chip;
+        self
     }
 
     /// The same engine with other numerics.
@@ -103,6 +113,10 @@ impl Engine for ReferenceEngine {
 
     fn limits(&self) -> ChipLimits {
         self.limits
+    }
+
+    fn chip(&self) -> Chip {
+        self.chip
     }
 
     fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {

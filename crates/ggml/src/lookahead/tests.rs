@@ -110,7 +110,7 @@ impl Rig {
         match stash {
             Some(stash) => {
                 // SAFETY: every buffer matches its description; the stash outlives the compute.
-                unsafe { stash.speculate(&self.learner, &self.stats, &mut g) };
+                unsafe { stash.speculate(&self.learner, &self.stats, &mut g, |_, _| true) };
                 // SAFETY: as above; no dst overlaps a source.
                 let fb = unsafe { compute(&cx, &g) };
                 stash.computed(fb);
@@ -317,7 +317,7 @@ impl Rig {
             speculative: 0,
         };
         // SAFETY: valid buffers; the stash outlives the compute.
-        let added = unsafe { stash.speculate(&self.learner, &self.stats, &mut g) };
+        let added = unsafe { stash.speculate(&self.learner, &self.stats, &mut g, |_, _| true) };
         let cx = Context {
             engine: &self.engine,
             planner: &self.planner,

@@ -98,6 +98,7 @@ pub fn run(args: &Args) -> Result<()> {
             "max_rel_err"
         );
     }
+    let mut measured: Vec<(String, (usize, usize, usize), f64)> = Vec::new();
     for ((m, k, n), form) in shapes
         .iter()
         .flat_map(|&s| args.forms.iter().map(move |f| (s, f.clone())))
@@ -138,6 +139,7 @@ pub fn run(args: &Args) -> Result<()> {
         let err = max_rel_err(&r.y, &exact);
         let tf = |ms: f64| 2.0 * (m * k * n) as f64 / (ms * 1e-3) / 1e12;
         let speedup = cpu_ms / r.eval_ms;
+        measured.push((form.clone(), (m, k, n), r.eval_ms));
         if args.json {
             println!(
                 "{}",
@@ -160,7 +162,46 @@ pub fn run(args: &Args) -> Result<()> {
     if !p.ane_available && !args.json {
         println!("no ANE measured: the speedup column compares the reference engine with the CPU baseline");
     }
+    // The cost model's most uncertain constant, measured: how much slower the shape-shared
+    // programs (weights as an input) run than the baked conv, per layout.
+    for (form, layout) in [("tiled", "channels"), ("tokens", "tokens")] {
+        let Some(ratio) = penalty(&measured, form) else {
+            continue;
+        };
+        let line = format!("matmul_penalty={ratio:.3}");
+        if args.json {
+            println!(
+                "{}",
+                json!({"calibration": {"layout": layout, "matmul_penalty": ratio,
+                       "measured_on_ane": p.ane_available, "cost": line}})
+            );
+        } else if p.ane_available {
+            println!(
+                "{layout} layout: {form} / conv time = {ratio:.3}: GGML_ANE_COST={line} (also `ane plan --cost {line}`)"
+            );
+        } else {
+            println!(
+                "{layout} layout: {form} / conv time = {ratio:.3} on the reference engine (not a calibration: measure on a Mac)"
+            );
+        }
+    }
     Ok(())
+}
+
+/// Geometric mean, over shapes measured in both forms, of `form`'s time over the baked conv's.
+fn penalty(measured: &[(String, (usize, usize, usize), f64)], form: &str) -> Option<f64> {
+    let logs: Vec<f64> = measured
+        .iter()
+        .filter(|(f, _, _)| f == form)
+        .filter_map(|(_, shape, ms)| {
+            let conv = measured
+                .iter()
+                .find(|(f, s, _)| f == "conv" && s == shape)?
+                .2;
+            (conv > 0.0 && *ms > 0.0).then(|| (ms / conv).ln())
+        })
+        .collect();
+    (!logs.is_empty()).then(|| (logs.iter().sum::<f64>() / logs.len() as f64).exp())
 }
 
 fn threads() -> usize {
@@ -170,6 +211,21 @@ fn threads() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn penalty_is_the_geometric_mean_of_matching_shapes() {
+        let row = |f: &str, s, ms| (f.to_string(), s, ms);
+        let m = vec![
+            row("conv", (64, 64, 64), 1.0),
+            row("tiled", (64, 64, 64), 2.0),
+            row("conv", (128, 64, 64), 2.0),
+            row("tiled", (128, 64, 64), 16.0),
+            row("tiled", (256, 64, 64), 100.0), // no conv for this shape: ignored
+        ];
+        let p = penalty(&m, "tiled").unwrap();
+        assert!((p - 4.0).abs() < 1e-12, "{p}");
+        assert!(penalty(&m, "tokens").is_none());
+    }
 
     #[test]
     fn shapes_parse() {

@@ -63,6 +63,10 @@ pub struct EngineCounters {
     pub loaded_peak: u64,
     /// Failures injected on purpose (the reference engine's `GGML_ANE_FAULTS`); 0 elsewhere.
     pub faults_injected: u64,
+    /// Tensor bytes copied between host [`Surface`]s and device memory by evaluations (the
+    /// reference engine counts what the ANE driver would copy). Zero when every surface came
+    /// from [`Engine::new_surface`].
+    pub bytes_copied: u64,
 }
 
 /// An engine that compiles MIL text into loaded programs and evaluates them on surfaces.
@@ -79,6 +83,16 @@ pub trait Engine: Send + Sync {
     /// The chip whose costs apply (`ane_plan`'s cost model), `Unknown` when not known.
     fn chip(&self) -> Chip {
         Chip::Unknown
+    }
+
+    /// A zeroed surface of `bytes` bytes in the engine's own memory (an IOSurface on the ANE), which
+    /// evaluations bind without copying. The default is host memory ([`Surface::new`]), copied per
+    /// evaluation.
+    ///
+    /// # Errors
+    /// The engine could not allocate it.
+    fn new_surface(&self, bytes: usize) -> Result<Surface, EngineError> {
+        Ok(Surface::new(bytes))
     }
 
     /// Compiles `mil` (textual MIL, function `main`) with its weight files and loads the result.

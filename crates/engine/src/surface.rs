@@ -34,55 +34,142 @@ pub fn spatial_bucket(n: usize) -> usize {
     n.max(MIN_SPATIAL).next_multiple_of(SPATIAL_MULTIPLE)
 }
 
-/// Host memory standing in for an IOSurface: a zeroed allocation of a fixed size. The tensor occupies
-/// its first bytes, packed; the rest is padding the engine never reads. Storage is fp16-typed so the
-/// fp16 views need no alignment checks.
-#[derive(Clone, Debug)]
+/// Memory an engine allocated for a surface (an IOSurface on the ANE), so that the plugin writes
+/// activations and weights straight into what the device reads and no copy is made per call.
+///
+/// It follows the documented access protocol (ane-private-api.md §2.4): the CPU touches the memory
+/// only while it holds it (IOSurfaceLock), the device only while the CPU does not, and nothing
+/// touches a surface during an evaluation. The memory starts held by the CPU. [`Surface`]'s
+/// accessors call [`EngineMemory::to_cpu`]; engines call [`Surface::for_device`] around an
+/// evaluation. Shared read-only surfaces (staged weights) stay with the device across evaluations
+/// once written.
+pub trait EngineMemory: Send + Sync + std::fmt::Debug {
+    /// First byte. Stable for the life of the memory; valid to dereference only under the
+    /// protocol above.
+    fn base(&self) -> std::ptr::NonNull<u8>;
+    /// Size in bytes (the surface's allocation size).
+    fn size(&self) -> usize;
+    /// Makes CPU access legal (locks for the CPU if the device held it). Fails while an
+    /// evaluation uses the memory, or if the lock fails.
+    fn to_cpu(&self) -> Result<(), crate::EngineError>;
+    /// Hands the memory to the device for one evaluation (unlocks it if the CPU held it); every
+    /// successful call is paired with one [`EngineMemory::release`].
+    fn to_device(&self) -> Result<(), crate::EngineError>;
+    /// The evaluation that called [`EngineMemory::to_device`] is over.
+    fn release(&self);
+    /// For the engine that made it, to recognise its own memory.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+#[derive(Debug)]
+enum Memory {
+    /// Plain host memory: engines copy it in and out.
+    Host(Vec<half::f16>),
+    /// Memory of an engine ([`crate::Engine::new_surface`]).
+    Engine(Box<dyn EngineMemory>),
+}
+
+/// The memory of one request tensor: a zeroed allocation of a fixed size. The tensor occupies its
+/// first bytes, packed; the rest is padding the engine never reads. Either host memory standing in
+/// for an IOSurface ([`Surface::new`]) or memory of the engine itself
+/// ([`crate::Engine::new_surface`]); the accessors work the same on both.
+#[derive(Debug)]
 pub struct Surface {
-    halves: Vec<half::f16>,
+    mem: Memory,
 }
 
 impl Surface {
-    /// A zeroed surface of `alloc` bytes (rounded up to an even count). Use [`alloc_size`] /
+    /// A zeroed host surface of `alloc` bytes (rounded up to an even count). Use [`alloc_size`] /
     /// [`request_alloc_size`] to choose it.
     pub fn new(alloc: usize) -> Self {
         Surface {
-            halves: vec![half::f16::ZERO; alloc.div_ceil(2)],
+            mem: Memory::Host(vec![half::f16::ZERO; alloc.div_ceil(2)]),
+        }
+    }
+
+    /// A surface over engine memory (zeroed, even length, held by the CPU).
+    pub fn from_engine(mem: Box<dyn EngineMemory>) -> Self {
+        Surface {
+            mem: Memory::Engine(mem),
+        }
+    }
+
+    /// The engine memory behind this surface, if any.
+    pub fn engine_memory(&self) -> Option<&dyn EngineMemory> {
+        match &self.mem {
+            Memory::Host(_) => None,
+            Memory::Engine(m) => Some(m.as_ref()),
         }
     }
 
     /// Allocation size in bytes.
     pub fn alloc_size(&self) -> usize {
-        self.halves.len() * 2
+        match &self.mem {
+            Memory::Host(h) => h.len() * 2,
+            Memory::Engine(m) => m.size() & !1,
+        }
+    }
+
+    /// Engine memory made accessible to the CPU. A failure here is a broken protocol (CPU access
+    /// during an evaluation) or a failed lock, which the accessors' callers cannot handle: panic,
+    /// caught at the plugin's C boundary.
+    fn cpu(&self) {
+        if let Memory::Engine(m) = &self.mem {
+            if let Err(e) = m.to_cpu() {
+                panic!("surface not accessible to the CPU: {e}");
+            }
+        }
+    }
+
+    /// The memory as fp16, without the CPU-access step (callers did it or hold the device side).
+    fn halves(&self) -> &[half::f16] {
+        match &self.mem {
+            Memory::Host(h) => h,
+            // SAFETY: the memory is `len` bytes at `base`, 2-aligned (engines allocate page- or
+            // 128-aligned memory), valid for the life of `self`, and every bit pattern is an f16.
+            Memory::Engine(m) => unsafe {
+                std::slice::from_raw_parts(m.base().as_ptr().cast::<half::f16>(), m.size() / 2)
+            },
+        }
+    }
+
+    fn halves_mut(&mut self) -> &mut [half::f16] {
+        match &mut self.mem {
+            Memory::Host(h) => h,
+            // SAFETY: as in `halves`; `&mut self` makes this the only view made through this
+            // surface.
+            Memory::Engine(m) => unsafe {
+                std::slice::from_raw_parts_mut(m.base().as_ptr().cast::<half::f16>(), m.size() / 2)
+            },
+        }
     }
 
     /// Raw bytes.
     pub fn bytes(&self) -> &[u8] {
+        self.cpu();
+        let h = self.halves();
         // SAFETY: f16 is two plain bytes; any u8 view of it is valid and the length is exact.
-        unsafe {
-            std::slice::from_raw_parts(self.halves.as_ptr().cast::<u8>(), self.halves.len() * 2)
-        }
+        unsafe { std::slice::from_raw_parts(h.as_ptr().cast::<u8>(), h.len() * 2) }
     }
 
     /// Raw bytes, writable.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.cpu();
+        let h = self.halves_mut();
         // SAFETY: every bit pattern is a valid f16, so writing arbitrary bytes is sound.
-        unsafe {
-            std::slice::from_raw_parts_mut(
-                self.halves.as_mut_ptr().cast::<u8>(),
-                self.halves.len() * 2,
-            )
-        }
+        unsafe { std::slice::from_raw_parts_mut(h.as_mut_ptr().cast::<u8>(), h.len() * 2) }
     }
 
     /// The first `n` fp16 elements, writable. Panics if the surface is too small (a caller bug).
     pub fn fp16_mut(&mut self, n: usize) -> &mut [half::f16] {
-        &mut self.halves[..n]
+        self.cpu();
+        &mut self.halves_mut()[..n]
     }
 
     /// The first `n` fp16 elements.
     pub fn fp16(&self, n: usize) -> &[half::f16] {
-        &self.halves[..n]
+        self.cpu();
+        &self.halves()[..n]
     }
 
     /// The first `n` fp32 elements, decoded from the raw bytes (for fp32 I/O).
@@ -91,6 +178,96 @@ impl Surface {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect()
+    }
+
+    /// Hands the surface to the device for one evaluation (a no-op for host memory); the CPU
+    /// gets it back when the returned guard drops and an accessor is called.
+    ///
+    /// # Errors
+    /// The engine memory refused (see [`EngineMemory::to_device`]).
+    pub fn for_device(&self) -> Result<DeviceUse<'_>, crate::EngineError> {
+        if let Memory::Engine(m) = &self.mem {
+            m.to_device()?;
+        }
+        Ok(DeviceUse { surface: self })
+    }
+
+    /// As [`Surface::for_device`], for an output the device writes.
+    ///
+    /// # Errors
+    /// As [`Surface::for_device`].
+    pub fn for_device_mut(&mut self) -> Result<DeviceUseMut<'_>, crate::EngineError> {
+        if let Memory::Engine(m) = &self.mem {
+            m.to_device()?;
+        }
+        Ok(DeviceUseMut { surface: self })
+    }
+}
+
+/// A surface lent to the device for one evaluation (see [`Surface::for_device`]): what an engine
+/// that executes on the host (the reference engine) reads through.
+#[derive(Debug)]
+pub struct DeviceUse<'a> {
+    surface: &'a Surface,
+}
+
+impl DeviceUse<'_> {
+    /// The surface.
+    pub fn surface(&self) -> &Surface {
+        self.surface
+    }
+    /// The first `n` fp16 elements, as the device sees them.
+    pub fn fp16(&self, n: usize) -> &[half::f16] {
+        &self.surface.halves()[..n]
+    }
+    /// The first `n` fp32 elements, as the device sees them.
+    pub fn fp32_vec(&self, n: usize) -> Vec<f32> {
+        self.fp16(2 * n)
+            .chunks_exact(2)
+            .map(|p| {
+                let (lo, hi) = (p[0].to_bits() as u32, p[1].to_bits() as u32);
+                f32::from_bits(lo | (hi << 16))
+            })
+            .collect()
+    }
+}
+
+impl Drop for DeviceUse<'_> {
+    fn drop(&mut self) {
+        if let Memory::Engine(m) = &self.surface.mem {
+            m.release();
+        }
+    }
+}
+
+/// An output surface lent to the device for one evaluation (see [`Surface::for_device_mut`]).
+#[derive(Debug)]
+pub struct DeviceUseMut<'a> {
+    surface: &'a mut Surface,
+}
+
+impl DeviceUseMut<'_> {
+    /// The surface.
+    pub fn surface(&self) -> &Surface {
+        self.surface
+    }
+    /// The first `n` fp16 elements, written as the device would.
+    pub fn fp16_mut(&mut self, n: usize) -> &mut [half::f16] {
+        &mut self.surface.halves_mut()[..n]
+    }
+    /// Raw bytes, written as the device would.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        let h = self.surface.halves_mut();
+        // SAFETY: every bit pattern is a valid f16, so writing arbitrary bytes is sound.
+        unsafe { std::slice::from_raw_parts_mut(h.as_mut_ptr().cast::<u8>(), h.len() * 2) }
+    }
+}
+
+impl Drop for DeviceUseMut<'_> {
+    fn drop(&mut self) {
+        if let Memory::Engine(m) = &self.surface.mem {
+            m.release();
+        }
     }
 }
 

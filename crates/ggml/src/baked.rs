@@ -158,10 +158,11 @@ unsafe fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Resul
         let cols = &cols[chunk.start..chunk.start + chunk.len];
         let t = Instant::now();
         let size = request_alloc_size(&[k * nb * 2, rows * nb * 2]);
-        let (mut x, mut y) = {
-            let mut pool = cx.scratch.lock().unwrap_or_else(|e| e.into_inner());
-            (pool.take(size), pool.take(size))
-        };
+        let (mut x, mut y) = cx
+            .scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_pair(cx.engine, size)?;
         let result = (|| {
             {
                 let xs = x.fp16_mut(k * nb);

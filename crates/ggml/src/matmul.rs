@@ -343,20 +343,37 @@ pub unsafe fn prestage(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member)
     size
 }
 
-/// Reusable activation and output surfaces. Surfaces of one request must all have the size of
-/// the largest (often the weights), so allocating and zeroing them per dispatch would cost as
-/// much as the weights; a few are kept per size.
+/// Reusable activation and output surfaces, in the engine's own memory (IOSurfaces on the ANE,
+/// written and read in place). Surfaces of one request must all have the size of the largest
+/// (often the weights), so allocating and zeroing them per dispatch would cost as much as the
+/// weights; a few are kept per size.
 #[derive(Debug, Default)]
 pub struct ScratchPool {
     free: HashMap<usize, Vec<Surface>>,
 }
 
 impl ScratchPool {
-    pub(crate) fn take(&mut self, size: usize) -> Surface {
-        self.free
-            .get_mut(&size)
-            .and_then(Vec::pop)
-            .unwrap_or_else(|| Surface::new(size))
+    fn take(&mut self, engine: &dyn Engine, size: usize) -> Result<Surface, EngineError> {
+        match self.free.get_mut(&size).and_then(Vec::pop) {
+            Some(s) => Ok(s),
+            None => engine.new_surface(size),
+        }
+    }
+
+    /// An activation and an output surface of `size` bytes.
+    pub(crate) fn take_pair(
+        &mut self,
+        engine: &dyn Engine,
+        size: usize,
+    ) -> Result<(Surface, Surface), EngineError> {
+        let x = self.take(engine, size)?;
+        match self.take(engine, size) {
+            Ok(y) => Ok((x, y)),
+            Err(e) => {
+                self.give(x);
+                Err(e)
+            }
+        }
     }
 
     pub(crate) fn give(&mut self, s: Surface) {
@@ -479,15 +496,18 @@ unsafe fn stage_key(g: &Group, shape: &TiledShape) -> u128 {
 /// # Safety
 /// The members' src0 must be readable.
 unsafe fn stage(
+    engine: &dyn Engine,
     g: &Group,
     i2: usize,
     i3: usize,
     s: &TiledShape,
     size: usize,
     pre: &[Option<Arc<Vec<f16>>>],
-) -> Surface {
+) -> Result<Surface, EngineError> {
     let k = g.members[0].src0.desc.ne[0] as usize;
-    let mut surface = Surface::new(size);
+    // Engine memory: on the ANE the weights are written once, into the IOSurface every dispatch
+    // of this group binds.
+    let mut surface = engine.new_surface(size)?;
     let w = surface.fp16_mut(s.w_len());
     let mut row = vec![0f32; k];
     let mut row16 = vec![f16::ZERO; k];
@@ -530,7 +550,7 @@ unsafe fn stage(
             r += 1;
         }
     }
-    surface
+    Ok(surface)
 }
 
 /// When `cols` are consecutive tokens of one (i12, i13) matrix, the first token and that matrix.
@@ -687,9 +707,9 @@ unsafe fn dispatch(
                 let made = staged.get_or_insert(key, || {
                     let t = Instant::now();
                     // SAFETY: forwarded contract.
-                    let made = unsafe { stage(g, i02, i03, s, size, &pre) };
+                    let made = unsafe { stage(cx.engine, g, i02, i03, s, size, &pre) };
                     add_time(&cx.stats.ns_stage, t.elapsed());
-                    Ok::<_, EngineError>(made)
+                    made
                 })?;
                 cx.stats
                     .staged_bytes
@@ -697,7 +717,7 @@ unsafe fn dispatch(
                 made
             } else {
                 // SAFETY: forwarded contract.
-                let made = unsafe { stage(g, i02, i03, s, size, &[]) };
+                let made = unsafe { stage(cx.engine, g, i02, i03, s, size, &[]) }?;
                 if !guard::fp16_ok(made.fp16(s.w_len())) {
                     return Err(guard::trip(cx.stats, "src0 out of fp16 range"));
                 }
@@ -707,10 +727,11 @@ unsafe fn dispatch(
             made
         }
     };
-    let (mut x, mut y) = {
-        let mut pool = cx.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        (pool.take(size), pool.take(size))
-    };
+    let (mut x, mut y) = cx
+        .scratch
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take_pair(cx.engine, size)?;
     // SAFETY: forwarded contract.
     let filled = unsafe { fill_activations(cx, g, s, k, cols, &mut x) };
     add_time(&cx.stats.ns_convert, t.elapsed());

@@ -103,6 +103,7 @@ impl Stats {
             "programs_compiled": e.compiles,
             "programs_loaded": e.loaded,
             "programs_loaded_peak": e.loaded_peak,
+            "mb_copied": e.bytes_copied as f64 / (1u64 << 20) as f64,
             "ms_convert": ms(&self.ns_convert),
             "ms_engine": ms(&self.ns_engine),
             "ms_fallback": ms(&self.ns_fallback),
@@ -155,6 +156,10 @@ impl Stats {
             ));
         }
         s.push_str(&format!("  programs compiled        {:>10}\n", e.compiles));
+        s.push_str(&format!(
+            "  MiB copied to/from device {:>9.1}\n",
+            e.bytes_copied as f64 / (1u64 << 20) as f64
+        ));
         s.push_str(&format!(
             "  programs loaded (peak)   {:>10}\n",
             e.loaded_peak
@@ -239,6 +244,7 @@ mod tests {
             "lookahead_mismatch",
             "guard_trips",
             "faults_injected",
+            "mb_copied",
             "ms_convert",
             "ms_engine",
             "ms_fallback",

@@ -11,8 +11,12 @@
 //! 2. per program: descriptor from the MIL bytes and weights dictionary, model, files written
 //!    under its directory (refcounted by identifier), compile, load with one retry, one flat
 //!    IOSurface per binding, the request built once (`program.rs`, `surface.rs`);
-//! 3. per evaluation: host [`Surface`]s copied into the IOSurfaces under lock, evaluate, outputs
-//!    copied back.
+//! 3. per evaluation, when every surface came from [`Engine::new_surface`] (what the plugin uses
+//!    for staged weights, activations and outputs): those IOSurfaces are bound directly, through a
+//!    request cached per binding (one compiled model, many requests: §1.3.8), unlocked for the
+//!    evaluation and relocked when the CPU next touches them: no copy. Otherwise (host
+//!    [`Surface`]s: canaries, `ane bench`): copied into the program's own IOSurfaces under lock,
+//!    evaluate, outputs copied back; `EngineCounters::bytes_copied` counts those bytes.
 //!
 //! Conflicting sources, and which form is used (the other one probed at run time where possible):
 //! - model directory: `localModelPath` when the method exists, else `NSTemporaryDirectory()/<hex>`;
@@ -168,6 +172,12 @@ impl Engine for AneEngine {
         self.chip
     }
 
+    /// An IOSurface written and read in place (`surface::SharedSurface`).
+    fn new_surface(&self, bytes: usize) -> Result<Surface, EngineError> {
+        let s = surface::SharedSurface::new(bytes)?;
+        Ok(Surface::from_engine(Box::new(s)))
+    }
+
     fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {
         let plan = DriverPlan::new(mil, weights)?;
         {
@@ -206,15 +216,17 @@ impl Engine for AneEngine {
             .get(&program.0)
             .cloned()
             .ok_or(EngineError::UnknownProgram(program.0))?;
-        let prog = prog.lock().unwrap_or_else(|e| e.into_inner());
+        let mut prog = prog.lock().unwrap_or_else(|e| e.into_inner());
         let sizes = |v: &mut dyn Iterator<Item = usize>| v.collect::<Vec<_>>();
         prog.plan.check_request(
             &sizes(&mut inputs.iter().map(|s| s.alloc_size())),
             &sizes(&mut outputs.iter().map(|s| s.alloc_size())),
         )?;
-        autoreleasepool(|_| prog.evaluate(&self.client, inputs, outputs))?;
+        let copied = autoreleasepool(|_| prog.evaluate(&self.client, inputs, outputs))?;
         drop(prog);
-        self.lock().counters.evaluations += 1;
+        let mut st = self.lock();
+        st.counters.evaluations += 1;
+        st.counters.bytes_copied += copied;
         Ok(())
     }
 

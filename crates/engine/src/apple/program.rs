@@ -1,5 +1,6 @@
 //! One compiled, loaded program: model object, model directory, surfaces and its request.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use objc2::rc::Retained;
 use objc2::runtime::AnyObject;
 
 use super::client::Client;
-use super::surface::IoSurface;
+use super::surface::{IoSurface, SharedSurface};
 use crate::driver_plan::{
     with_one_retry, write_model_dir, DirRefcount, DriverPlan, LOAD_RETRY_DELAY_MS,
 };
@@ -22,6 +23,18 @@ pub(super) struct LoadedProgram {
     outputs: Vec<IoSurface>,
     /// Built once for this binding of surfaces and reused for every evaluation (§1.3.8).
     request: Retained<AnyObject>,
+    /// Requests binding engine surfaces ([`SharedSurface`]) directly, by their IOSurfaceRefs in
+    /// binding order: one compiled model evaluated with different requests (§1.3.8, maderix's
+    /// per-layer requests). Bounded by [`MAX_REQUESTS`].
+    bound: HashMap<Vec<usize>, Retained<AnyObject>>,
+}
+
+/// Cached direct-binding requests per program (a model's layers share programs: one request per
+/// weight group and scratch pair). A request retains its surfaces, so the cache is bounded.
+const MAX_REQUESTS: usize = 128;
+
+fn shared(s: &Surface) -> Option<&SharedSurface> {
+    s.engine_memory()?.as_any().downcast_ref::<SharedSurface>()
 }
 
 // SAFETY: the model and request objects are only messaged while the program's mutex is held, so
@@ -90,6 +103,7 @@ impl LoadedProgram {
                     inputs,
                     outputs,
                     request,
+                    bound: HashMap::new(),
                 },
                 times,
             )),
@@ -101,16 +115,60 @@ impl LoadedProgram {
         }
     }
 
-    /// Copies the host inputs in, evaluates, copies the outputs out. Surfaces come in binding
-    /// order and have been checked against the plan by the caller.
+    /// Evaluates with `inputs` and `outputs`, in binding order, checked against the plan by the
+    /// caller. When all of them are this engine's surfaces they are bound directly (no copy);
+    /// otherwise host surfaces are copied into the program's own surfaces and back. Returns the
+    /// bytes copied.
     pub(super) fn evaluate(
-        &self,
+        &mut self,
         client: &Client,
         inputs: &[&Surface],
         outputs: &mut [&mut Surface],
-    ) -> Result<(), EngineError> {
+    ) -> Result<u64, EngineError> {
+        let key: Option<Vec<usize>> = inputs
+            .iter()
+            .copied()
+            .chain(outputs.iter().map(|s| &**s))
+            .map(|s| shared(s).map(|m| m.io().as_ptr() as usize))
+            .collect();
+        if let Some(key) = key {
+            let request = match self.bound.get(&key) {
+                Some(r) => r.clone(),
+                None => {
+                    let wrap =
+                        |s: &Surface| client.io_object(shared(s).expect("checked above").io());
+                    let ins = inputs
+                        .iter()
+                        .map(|s| wrap(s))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let outs = outputs
+                        .iter()
+                        .map(|s| wrap(s))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let r = client.request(&ins, &outs)?;
+                    if self.bound.len() >= MAX_REQUESTS {
+                        self.bound.clear();
+                    }
+                    self.bound.insert(key, r.clone());
+                    r
+                }
+            };
+            // Unlocked for the evaluation; relocked when the CPU next touches them.
+            let _ins = inputs
+                .iter()
+                .map(|s| s.for_device())
+                .collect::<Result<Vec<_>, _>>()?;
+            let _outs = outputs
+                .iter_mut()
+                .map(|s| s.for_device_mut())
+                .collect::<Result<Vec<_>, _>>()?;
+            client.evaluate(&self.model, &request, self.plan.qos)?;
+            return Ok(0);
+        }
+        let mut copied = 0;
         for ((b, io), host) in self.plan.inputs.iter().zip(&self.inputs).zip(inputs) {
             io.write(&host.bytes()[..b.bytes()])?;
+            copied += b.bytes() as u64;
         }
         client.evaluate(&self.model, &self.request, self.plan.qos)?;
         for ((b, io), host) in self
@@ -121,8 +179,9 @@ impl LoadedProgram {
             .zip(outputs.iter_mut())
         {
             io.read(&mut host.bytes_mut()[..b.bytes()])?;
+            copied += b.bytes() as u64;
         }
-        Ok(())
+        Ok(copied)
     }
 
     /// `unloadWithQoS:error:`, then the directory is released (removed by the last holder).

@@ -7,11 +7,13 @@
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 use objc2::encode::{Encoding, RefEncode};
 use objc2::rc::Retained;
 use objc2_foundation::{NSDictionary, NSNumber, NSString};
 
+use crate::surface::EngineMemory;
 use crate::EngineError;
 
 /// The opaque `struct __IOSurface`. Its encoding, `^{__IOSurface=}`, is what
@@ -107,6 +109,29 @@ impl IoSurface {
         self.ptr.as_ptr()
     }
 
+    /// `IOSurfaceLock(s, 0, NULL)` (write access); returns the base address.
+    fn lock_for_cpu(&self) -> Result<NonNull<u8>, EngineError> {
+        // SAFETY: IOSurfaceLock on a live surface with a null seed (ane-private-api.md §2.4).
+        let kr = unsafe { IOSurfaceLock(self.ptr.as_ptr(), 0, std::ptr::null_mut()) };
+        if kr != 0 {
+            return Err(EngineError::Surface(format!(
+                "IOSurfaceLock failed: {kr:#x}"
+            )));
+        }
+        // SAFETY: the surface is locked, so its base address is valid until unlock.
+        let base = unsafe { IOSurfaceGetBaseAddress(self.ptr.as_ptr()) }.cast::<u8>();
+        NonNull::new(base).ok_or_else(|| {
+            self.unlock_for_cpu();
+            EngineError::Surface("IOSurface has no base address".into())
+        })
+    }
+
+    /// `IOSurfaceUnlock(s, 0, NULL)`, pairing [`IoSurface::lock_for_cpu`].
+    fn unlock_for_cpu(&self) {
+        // SAFETY: unlock with the options of the matching lock.
+        unsafe { IOSurfaceUnlock(self.ptr.as_ptr(), 0, std::ptr::null_mut()) };
+    }
+
     /// Copies `data` to the start of the surface under a write lock.
     pub(super) fn write(&self, data: &[u8]) -> Result<(), EngineError> {
         self.with_lock(
@@ -164,6 +189,119 @@ impl IoSurface {
             return Err(EngineError::Surface("IOSurface has no base address".into()));
         }
         Ok(())
+    }
+}
+
+/// Who holds a [`SharedSurface`].
+#[derive(Debug)]
+struct Holder {
+    /// Locked for the CPU.
+    cpu: bool,
+    /// Evaluations binding it now.
+    users: usize,
+}
+
+/// An IOSurface the plugin writes and reads in place (`Engine::new_surface`), so evaluations bind
+/// it without a copy. The CPU holds it locked while it writes or reads; evaluations take it
+/// unlocked ("lock, write, unlock, evaluate", ane-private-api.md §2.4, with the unlock deferred
+/// to the next evaluation). Staged weights are written once, then stay unlocked.
+#[derive(Debug)]
+pub(super) struct SharedSurface {
+    io: IoSurface,
+    base: NonNull<u8>,
+    holder: Mutex<Holder>,
+}
+
+// SAFETY: the base pointer is only dereferenced under the hand-off protocol, whose state sits
+// behind the mutex; `IoSurface` is Send + Sync.
+unsafe impl Send for SharedSurface {}
+// SAFETY: as above.
+unsafe impl Sync for SharedSurface {}
+
+impl SharedSurface {
+    /// A zeroed surface of `bytes` bytes, locked for the CPU.
+    pub(super) fn new(bytes: usize) -> Result<Self, EngineError> {
+        let io = IoSurface::new(bytes)?;
+        let base = io.lock_for_cpu()?;
+        // SAFETY: locked for writing, `bytes` long (IOSurfaceGetAllocSize was checked).
+        unsafe { std::ptr::write_bytes(base.as_ptr(), 0, bytes) };
+        Ok(SharedSurface {
+            io,
+            base,
+            holder: Mutex::new(Holder {
+                cpu: true,
+                users: 0,
+            }),
+        })
+    }
+
+    /// The surface, for `objectWithIOSurface:` and as a request key.
+    pub(super) fn io(&self) -> &IoSurface {
+        &self.io
+    }
+
+    fn holder(&self) -> std::sync::MutexGuard<'_, Holder> {
+        self.holder.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl EngineMemory for SharedSurface {
+    fn base(&self) -> NonNull<u8> {
+        self.base
+    }
+
+    fn size(&self) -> usize {
+        self.io.bytes
+    }
+
+    fn to_cpu(&self) -> Result<(), EngineError> {
+        let mut h = self.holder();
+        if h.users > 0 {
+            return Err(EngineError::Surface(format!(
+                "CPU access to an IOSurface that {} evaluation(s) bind",
+                h.users
+            )));
+        }
+        if !h.cpu {
+            let base = self.io.lock_for_cpu()?;
+            if base != self.base {
+                // Plain (non-purgeable) surfaces keep their address; if one moved, the views
+                // handed out are wrong: refuse rather than write elsewhere.
+                self.io.unlock_for_cpu();
+                return Err(EngineError::Surface(
+                    "IOSurface base address changed between locks".into(),
+                ));
+            }
+            h.cpu = true;
+        }
+        Ok(())
+    }
+
+    fn to_device(&self) -> Result<(), EngineError> {
+        let mut h = self.holder();
+        if h.cpu {
+            self.io.unlock_for_cpu();
+            h.cpu = false;
+        }
+        h.users += 1;
+        Ok(())
+    }
+
+    fn release(&self) {
+        let mut h = self.holder();
+        h.users = h.users.saturating_sub(1);
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl Drop for SharedSurface {
+    fn drop(&mut self) {
+        if self.holder().cpu {
+            self.io.unlock_for_cpu();
+        }
     }
 }
 

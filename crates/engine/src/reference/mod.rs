@@ -25,6 +25,7 @@
 
 mod exec;
 pub mod faults;
+mod memory;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,7 @@ use faults::{FaultSpec, Faults, Step};
 pub struct ReferenceEngine {
     limits: ChipLimits,
     chip: Chip,
+    handoffs: Arc<memory::Handoffs>,
     numerics: Numerics,
     faults: Option<Faults>,
     state: Mutex<State>,
@@ -70,6 +72,7 @@ impl ReferenceEngine {
         ReferenceEngine {
             limits,
             chip: Chip::Unknown,
+            handoffs: Arc::default(),
             numerics: Numerics::default(),
             faults: None,
             state: Mutex::new(State::default()),
@@ -117,6 +120,13 @@ impl Engine for ReferenceEngine {
 
     fn chip(&self) -> Chip {
         self.chip
+    }
+
+    /// Host memory that enforces the IOSurface hand-off protocol ([`memory`]).
+    fn new_surface(&self, bytes: usize) -> Result<Surface, EngineError> {
+        self.inject(Step::Alloc)?;
+        let mem = memory::TrackedMemory::new(bytes, self.handoffs.clone())?;
+        Ok(Surface::from_engine(Box::new(mem)))
     }
 
     fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {
@@ -183,9 +193,35 @@ impl Engine for ReferenceEngine {
             &sizes(&mut outputs.iter().map(|s| s.alloc_size())),
         )?;
         let func = &prog.checked.func;
+        // The device's turn: engine memory is handed over (a protocol break fails here), host
+        // memory counts as copied, as the ANE driver would copy it.
+        let ins = inputs
+            .iter()
+            .map(|s| s.for_device())
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut outs = outputs
+            .iter_mut()
+            .map(|s| s.for_device_mut())
+            .collect::<Result<Vec<_>, _>>()?;
+        let copied: usize = prog
+            .plan
+            .inputs
+            .iter()
+            .zip(&ins)
+            .filter(|(_, s)| s.surface().engine_memory().is_none())
+            .map(|(b, _)| b.bytes())
+            .chain(
+                prog.plan
+                    .outputs
+                    .iter()
+                    .zip(&outs)
+                    .filter(|(_, s)| s.surface().engine_memory().is_none())
+                    .map(|(b, _)| b.bytes()),
+            )
+            .sum();
         // Surfaces arrive in the plan's binding order; the interpreter wants declaration order.
         let mut by_decl: Vec<Vec<f32>> = vec![Vec::new(); func.inputs.len()];
-        for (b, s) in prog.plan.inputs.iter().zip(inputs) {
+        for (b, s) in prog.plan.inputs.iter().zip(&ins) {
             let pos = func
                 .inputs
                 .iter()
@@ -198,7 +234,7 @@ impl Engine for ReferenceEngine {
         }
         self.inject(Step::Eval)?;
         let results = exec::run(&prog.checked, by_decl, self.numerics)?;
-        for (b, s) in prog.plan.outputs.iter().zip(outputs.iter_mut()) {
+        for (b, s) in prog.plan.outputs.iter().zip(outs.iter_mut()) {
             let pos = func
                 .outputs
                 .iter()
@@ -218,7 +254,10 @@ impl Engine for ReferenceEngine {
                 }
             }
         }
-        self.lock().counters.evaluations += 1;
+        drop((ins, outs));
+        let mut st = self.lock();
+        st.counters.evaluations += 1;
+        st.counters.bytes_copied += copied as u64;
         Ok(())
     }
 

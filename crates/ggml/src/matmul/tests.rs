@@ -159,6 +159,39 @@ fn one_program_serves_every_weight_of_a_shape() {
     assert_eq!(rig.stats.ops_offloaded.load(Relaxed), 3);
 }
 
+/// Activations, weights and outputs live in engine memory: nothing is copied per dispatch.
+#[test]
+fn dispatches_bind_engine_memory_without_copies() {
+    let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));
+    let (ad, bd) = (f32_desc([96, 80, 1, 1]), f32_desc([96, 70, 1, 1]));
+    let a = rand_vec(96 * 80, 21);
+    for seed in 0..3 {
+        let b = rand_vec(96 * 70, 30 + seed);
+        let got = rig.run(true, &[(&a, ad)], &b, bd);
+        assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 5e-3);
+    }
+    // Per-call operands (attention-like, not weights) too.
+    let b = rand_vec(96 * 70, 40);
+    let got = rig.run(false, &[(&a, ad)], &b, bd);
+    assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 5e-3);
+    let c = rig.engine.counters();
+    assert_eq!(c.evaluations, 4);
+    assert_eq!(c.bytes_copied, 0, "every surface is engine memory");
+    // A host surface, by contrast, counts as copied.
+    let size = ane_engine::surface::request_alloc_size(&[64 * 64 * 2]);
+    let (x, w) = (Surface::new(size), Surface::new(size));
+    let mut y = Surface::new(size);
+    let shape = rig.planner.tile(64, 64, 64);
+    let id = rig
+        .cache
+        .lock()
+        .unwrap()
+        .get_or_compile(&rig.engine, shape, &rig.stats)
+        .unwrap();
+    rig.engine.evaluate(id, &[&x, &w], &mut [&mut y]).unwrap();
+    assert!(rig.engine.counters().bytes_copied > 0);
+}
+
 #[test]
 fn broadcast_and_permuted_operands() {
     let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));

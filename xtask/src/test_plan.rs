@@ -148,6 +148,14 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
                 run.where_logged()
             );
         }
+        // Weights, activations and outputs live in engine surfaces: nothing is copied.
+        let copied = stat_f64(&run.stderr, "mb_copied")?;
+        if copied != 0.0 {
+            bail!(
+                "lookahead {lookahead}: {copied} MiB copied between host and engine surfaces; every dispatch should bind engine memory\n{}",
+                run.where_logged()
+            );
+        }
         // Each layer's V and K come from Q's dispatch, and nothing speculated is thrown away.
         if lookahead && (hits == 0 || wasted != 0) || !lookahead && hits != 0 {
             bail!(
@@ -349,7 +357,7 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         ));
     }
     Ok(format!(
-        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt; {hits} MUL_MATs from lookahead, {off_dispatches} dispatches without it = planned; with eval faults text identical, {fhits} taken, {ffb} fallbacks); cost routing: {r_dispatches} dispatches = planned, {r_declined} declines, text identical; m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; token-major layout identical ({}); compressed weights identical ({})",
+        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt, 0 bytes copied; {hits} MUL_MATs from lookahead, {off_dispatches} dispatches without it = planned; with eval faults text identical, {fhits} taken, {ffb} fallbacks); cost routing: {r_dispatches} dispatches = planned, {r_declined} declines, text identical; m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; token-major layout identical ({}); compressed weights identical ({})",
         layouts.join(", "),
         baked.join(", ")
     ))

@@ -85,8 +85,9 @@ pub trait Engine: Send + Sync {
         Chip::Unknown
     }
 
-    /// A zeroed surface of `bytes` bytes in the engine's own memory (an IOSurface on the ANE), which
-    /// evaluations bind without copying. The default is host memory ([`Surface::new`]), copied per
+    /// A surface of `bytes` bytes in the engine's own memory (an IOSurface on the ANE), which
+    /// evaluations bind without copying. Its contents are unspecified (not zeroed): the ANE
+    /// driver leaves padding pages untouched. The default is host memory ([`Surface::new`]), copied per
     /// evaluation.
     ///
     /// # Errors

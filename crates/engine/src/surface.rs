@@ -69,8 +69,8 @@ enum Memory {
     Engine(Box<dyn EngineMemory>),
 }
 
-/// The memory of one request tensor: a zeroed allocation of a fixed size. The tensor occupies its
-/// first bytes, packed; the rest is padding the engine never reads. Either host memory standing in
+/// The memory of one request tensor: an allocation of a fixed size (zeroed for host memory). The
+/// tensor occupies its first bytes, packed; the rest is padding the engine never reads. Either host memory standing in
 /// for an IOSurface ([`Surface::new`]) or memory of the engine itself
 /// ([`crate::Engine::new_surface`]); the accessors work the same on both.
 #[derive(Debug)]
@@ -87,7 +87,8 @@ impl Surface {
         }
     }
 
-    /// A surface over engine memory (zeroed, even length, held by the CPU).
+    /// A surface over engine memory (even length, held by the CPU). Its contents are unspecified:
+    /// callers write every element the program reads, padding included.
     pub fn from_engine(mem: Box<dyn EngineMemory>) -> Self {
         Surface {
             mem: Memory::Engine(mem),

@@ -509,6 +509,8 @@ unsafe fn stage(
     // of this group binds.
     let mut surface = engine.new_surface(size)?;
     let w = surface.fp16_mut(s.w_len());
+    // Engine memory is not cleared: the padding rows and K tails must be zeros.
+    w.fill(f16::ZERO);
     let mut row = vec![0f32; k];
     let mut row16 = vec![f16::ZERO; k];
     let mut r = 0;

@@ -219,12 +219,13 @@ unsafe impl Send for SharedSurface {}
 unsafe impl Sync for SharedSurface {}
 
 impl SharedSurface {
-    /// A zeroed surface of `bytes` bytes, locked for the CPU.
+    /// A surface of `bytes` bytes, locked for the CPU. Not cleared: request surfaces are as large
+    /// as the largest tensor (often the weights), and the activation and output surfaces only use
+    /// their first bytes, so clearing would make every padding page resident. Callers write what
+    /// the program reads.
     pub(super) fn new(bytes: usize) -> Result<Self, EngineError> {
         let io = IoSurface::new(bytes)?;
         let base = io.lock_for_cpu()?;
-        // SAFETY: locked for writing, `bytes` long (IOSurfaceGetAllocSize was checked).
-        unsafe { std::ptr::write_bytes(base.as_ptr(), 0, bytes) };
         Ok(SharedSurface {
             io,
             base,

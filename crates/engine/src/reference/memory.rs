@@ -1,8 +1,11 @@
 //! The reference engine's surface memory: host memory that keeps the IOSurface access protocol
 //! (`crate::surface::EngineMemory`) and fails loudly when it is broken, so that the plugin's use of
-//! engine-owned surfaces is checked on Linux the way the ANE would need it.
+//! engine-owned surfaces is checked on Linux the way the ANE would need it. New memory is filled
+//! with NaNs: engine memory comes with no promised contents (the ANE driver does not clear its
+//! IOSurfaces, so that padding pages are never touched), and a caller that reads what it did not
+//! write gets NaNs through the numeric guard and the tests.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::alloc::{alloc, dealloc, Layout};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -30,7 +33,7 @@ struct State {
     users: usize,
 }
 
-/// Zeroed, aligned host memory with the CPU/device hand-off rules.
+/// Aligned host memory, NaN-filled, with the CPU/device hand-off rules.
 #[derive(Debug)]
 pub(super) struct TrackedMemory {
     ptr: NonNull<u8>,
@@ -51,8 +54,10 @@ impl TrackedMemory {
         let layout = Layout::from_size_align(len, ALIGN)
             .map_err(|e| EngineError::Surface(format!("{len} bytes: {e}")))?;
         // SAFETY: the layout has a non-zero size.
-        let ptr = NonNull::new(unsafe { alloc_zeroed(layout) })
+        let ptr = NonNull::new(unsafe { alloc(layout) })
             .ok_or_else(|| EngineError::Surface(format!("allocating {len} bytes failed")))?;
+        // SAFETY: `len` bytes were just allocated at `ptr`; 0xFFFF is an fp16 NaN.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0xFF, len) };
         Ok(TrackedMemory {
             ptr,
             len,
@@ -134,6 +139,7 @@ mod tests {
     fn cpu_access_during_an_evaluation_is_refused() {
         let h = Arc::new(Handoffs::default());
         let mut s = Surface::from_engine(Box::new(TrackedMemory::new(4096, h.clone()).unwrap()));
+        s.fp16_mut(4).fill(half::f16::ZERO);
         s.fp16_mut(4).fill(half::f16::ONE);
         {
             let lent = s.for_device().unwrap();
@@ -158,17 +164,17 @@ mod tests {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.fp16(1)[0]));
         assert!(r.is_err());
         drop(lent);
-        assert_eq!(s.fp16(1)[0], half::f16::ZERO);
+        assert!(s.fp16(1)[0].is_nan(), "never written");
     }
 
     #[test]
-    fn memory_is_zeroed_aligned_and_sized() {
+    fn memory_is_nan_filled_aligned_and_sized() {
         let h = Arc::new(Handoffs::default());
         let m = TrackedMemory::new(1001, h).unwrap();
         assert_eq!(m.size(), 1002);
         assert_eq!(m.base().as_ptr() as usize % ALIGN, 0);
         let s = Surface::from_engine(Box::new(m));
         assert_eq!(s.alloc_size(), 1002);
-        assert!(s.bytes().iter().all(|&b| b == 0));
+        assert!(s.fp16(501).iter().all(|h| h.is_nan()));
     }
 }

@@ -128,6 +128,17 @@ fn weight_data(ty: i32, n: usize) -> Vec<u8> {
     buf
 }
 
+/// Alignment in bytes of the engine-surface side of the transforms in the plugin (surfaces are
+/// allocated 128-byte aligned; IOSurfaces page aligned).
+const SURFACE_ALIGN: usize = 128;
+
+/// `len` elements of `buf` from its first 128-byte boundary: the side of a transform that is an
+/// engine surface is measured as aligned as it is in the plugin; the ggml side stays as allocated.
+fn surface_side<T>(buf: &mut [T], len: usize) -> &mut [T] {
+    let off = buf.as_ptr().align_offset(SURFACE_ALIGN);
+    &mut buf[off..off + len]
+}
+
 /// Runs the host benchmark at `bytes` per buffer (use 64 MiB or more for DRAM-bound numbers) and
 /// returns one row for memcpy, activations, outputs and every natively converted weight type.
 /// With `ggml`, each row also compares against ggml's path in the same process.
@@ -174,11 +185,13 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
         let n = ((elems / k) & !7).max(8);
         let mut src = vec![0f32; n * k];
         fill_f32(&mut src, 3);
-        let mut dst = vec![f16::ZERO; n * k];
+        let mut dst_buf = vec![f16::ZERO; n * k + SURFACE_ALIGN];
+        let dst = surface_side(&mut dst_buf, n * k);
         let ours = best_time(|| {
-            act_f32_to_f16_transposed(black_box(&src), n, k, k, &mut dst, n).expect("shape");
-            black_box(&mut dst);
+            act_f32_to_f16_transposed(black_box(&src), n, k, k, dst, n).expect("shape");
+            black_box(&mut *dst);
         });
+        let mut dst = vec![f16::ZERO; n * k];
         let theirs = ggml.map(|g| {
             best_time(|| {
                 g.fp32_to_fp16_row(black_box(&src), &mut dst).expect("len");
@@ -195,22 +208,52 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
         let n = ((elems / m) & !7).max(8);
         let mut raw = vec![0u8; n * m * 2];
         fill_bytes(&mut raw, 5);
-        let src: Vec<f16> = raw
-            .chunks_exact(2)
-            .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1] & 0xBF])))
-            .collect();
+        let mut src_buf = vec![f16::ZERO; n * m + SURFACE_ALIGN];
+        let src = surface_side(&mut src_buf, n * m);
+        for (d, b) in src.iter_mut().zip(raw.chunks_exact(2)) {
+            *d = f16::from_bits(u16::from_le_bytes([b[0], b[1] & 0xBF]));
+        }
+        let src = &*src;
         let mut dst = vec![0f32; n * m];
         let ours = best_time(|| {
-            out_f16_to_f32_transposed(black_box(&src), m, n, n, &mut dst, m).expect("shape");
+            out_f16_to_f32_transposed(black_box(src), m, n, n, &mut dst, m).expect("shape");
             black_box(&mut dst);
         });
         let theirs = ggml.map(|g| {
             best_time(|| {
-                g.fp16_to_fp32_row(black_box(&src), &mut dst).expect("len");
+                g.fp16_to_fp32_row(black_box(src), &mut dst).expect("len");
                 black_box(&mut dst);
             })
         });
         push("out_f16_to_f32", n * m * 4, n * m * 6, ours, theirs);
+    }
+
+    // Plugin-like shapes (reported, not the target: 8-28 MiB may sit in a large L3):
+    // activations of 512 tokens x 4096 channels, outputs of 14336 channels x 512 tokens.
+    {
+        let (n, k) = (512, 4096);
+        let mut src = vec![0f32; n * k];
+        fill_f32(&mut src, 3);
+        let mut dst_buf = vec![f16::ZERO; n * k + SURFACE_ALIGN];
+        let dst = surface_side(&mut dst_buf, n * k);
+        let ours = best_time(|| {
+            act_f32_to_f16_transposed(black_box(&src), n, k, k, dst, n).expect("shape");
+            black_box(&mut *dst);
+        });
+        push("act_n512_k4096", n * k * 4, n * k * 6, ours, None);
+        let (m, n) = (14336, 512);
+        let mut src_buf = vec![f16::ZERO; m * n + SURFACE_ALIGN];
+        let src = surface_side(&mut src_buf, m * n);
+        for (i, d) in src.iter_mut().enumerate() {
+            *d = f16::from_bits((i as u64 * 40503 % 0x7C00) as u16);
+        }
+        let src = &*src;
+        let mut dst = vec![0f32; n * m];
+        let ours = best_time(|| {
+            out_f16_to_f32_transposed(black_box(src), m, n, n, &mut dst, m).expect("shape");
+            black_box(&mut dst);
+        });
+        push("out_m14336_n512", n * m * 4, n * m * 6, ours, None);
     }
 
     // The token-major program layout (`GGML_ANE_LAYOUT=tokens`) needs no transpose: activations

@@ -31,6 +31,52 @@ pub(crate) unsafe trait Kernel: Copy {
 
     /// `dst[c * dst_stride + r] = f32(src[r * src_stride + c])` for r, c in 0..8 (strides in elements).
     unsafe fn widen8x8_t(src: *const u16, src_stride: usize, dst: *mut f32, dst_stride: usize);
+
+    /// True when the kernel has non-temporal stores that bypass the cache for whole 64-byte
+    /// lines ([`Kernel::narrow32x16_t_stream`], [`Kernel::stream64_f32`]). The DRAM-sized
+    /// transposes then write each destination line once, without first reading it (the
+    /// read-for-ownership of ordinary stores is a third of an activation's traffic) and without
+    /// evicting the source. Kernels without them keep the staged ordinary-store path.
+    const STREAM: bool = false;
+
+    /// `dst[c * dst_stride + r] = f16(src[r * src_stride + c])` for r in 0..32 (tokens), c in
+    /// 0..16 (channels): 16 destination rows of 64 bytes each. With [`Kernel::STREAM`], every
+    /// destination row must start on a 64-byte boundary and is written with non-temporal stores;
+    /// call [`Kernel::stream_fence`] before the data is handed on.
+    #[inline(always)]
+    unsafe fn narrow32x16_t_stream(
+        src: *const f32,
+        src_stride: usize,
+        dst: *mut u16,
+        dst_stride: usize,
+    ) {
+        for g in (0..32).step_by(8) {
+            for h in [0, 8] {
+                // SAFETY: the caller guarantees the 32x16 block is in bounds on both sides.
+                unsafe {
+                    Self::narrow8x8_t(
+                        src.add(g * src_stride + h),
+                        src_stride,
+                        dst.add(h * dst_stride + g),
+                        dst_stride,
+                    )
+                };
+            }
+        }
+    }
+
+    /// Copies 64 f32 (4 cache lines) from `src` to `dst`; with [`Kernel::STREAM`], both must be
+    /// 64-byte aligned and `dst` is written with non-temporal stores.
+    #[inline(always)]
+    unsafe fn stream64_f32(src: *const f32, dst: *mut f32) {
+        // SAFETY: the caller guarantees 64 elements on both sides, not overlapping.
+        unsafe { core::ptr::copy_nonoverlapping(src, dst, 64) };
+    }
+
+    /// Orders the non-temporal stores before everything after it (`sfence`); a no-op for
+    /// kernels without [`Kernel::STREAM`].
+    #[inline(always)]
+    fn stream_fence() {}
 }
 
 /// One f32 to f16 bits, round to nearest-even, in software (the tails of every kernel).
@@ -164,6 +210,33 @@ mod x86 {
         }
     }
 
+    /// 16 rows x 8 columns of f32 at `src` (row stride `ss`) to 8 registers of 16 f16: register
+    /// `c` holds column `c`, rows 0..16.
+    #[inline(always)]
+    unsafe fn narrow16x8_t(src: *const f32, ss: usize) -> [__m256i; 8] {
+        // SAFETY: only called from functions compiled with AVX2 and F16C; the caller guarantees
+        // the 16x8 block is in bounds.
+        unsafe {
+            let mut a = [_mm256_setzero_ps(); 8];
+            let mut b = [_mm256_setzero_ps(); 8];
+            for (i, v) in a.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(src.add(i * ss));
+            }
+            for (i, v) in b.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(src.add((8 + i) * ss));
+            }
+            transpose8(&mut a);
+            transpose8(&mut b);
+            let mut out = [_mm256_setzero_si256(); 8];
+            for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
+                let lo = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+                let hi = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y);
+                *o = _mm256_set_m128i(hi, lo);
+            }
+            out
+        }
+    }
+
     // SAFETY: the methods are only reached through `dispatch`'s `avx2,f16c` functions after
     // `is_x86_feature_detected!` said yes; loads and stores are the unaligned forms.
     unsafe impl Kernel for F16c {
@@ -215,6 +288,48 @@ mod x86 {
                     _mm256_storeu_ps(dst.add(i * ds), *v);
                 }
             }
+        }
+
+        const STREAM: bool = true;
+
+        /// Four 8x8 tiles (32 tokens) per 8 channels are kept in registers and each destination
+        /// line is written by two consecutive 32-byte streaming stores, so the write-combining
+        /// buffer holds whole lines. Writing each tile's 16-byte pieces as they come (lines
+        /// finished four tiles later) ran at a quarter of the speed, and so did staging the
+        /// block in L1 before streaming it. Two tiles are joined per 32-byte register right after
+        /// the conversion: storing the 16-byte halves to the stack and reloading them as 32 bytes
+        /// stalls on store forwarding and halved the speed.
+        #[inline(always)]
+        unsafe fn narrow32x16_t_stream(src: *const f32, ss: usize, dst: *mut u16, ds: usize) {
+            // SAFETY: see the impl comment; the caller guarantees the 32x16 source block and the
+            // 16 destination rows of 32 values are in bounds, and the rows 64-byte aligned.
+            unsafe {
+                for h in [0, 8] {
+                    let lo = narrow16x8_t(src.add(h), ss);
+                    let hi = narrow16x8_t(src.add(16 * ss + h), ss);
+                    for (i, (l, u)) in lo.into_iter().zip(hi).enumerate() {
+                        let p = dst.add((h + i) * ds);
+                        _mm256_stream_si256(p.cast(), l);
+                        _mm256_stream_si256(p.add(16).cast(), u);
+                    }
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn stream64_f32(src: *const f32, dst: *mut f32) {
+            // SAFETY: see the impl comment; both 64-byte aligned, 64 elements in bounds.
+            unsafe {
+                for j in (0..64).step_by(8) {
+                    _mm256_stream_ps(dst.add(j), _mm256_load_ps(src.add(j)));
+                }
+            }
+        }
+
+        #[inline(always)]
+        fn stream_fence() {
+            // SAFETY: SSE is baseline on x86_64.
+            unsafe { _mm_sfence() };
         }
     }
 }

@@ -8,6 +8,14 @@
 //! a strip in the same cache set, and the transposes ran at a fifth of their in-cache speed.
 //! Source and destination rows of the next block are prefetched, because runs of 128-512 bytes
 //! per row are too short for the hardware prefetchers.
+//!
+//! Kernels with non-temporal stores ([`Kernel::STREAM`], x86_64) take a different path for
+//! the part of the destination that is made of whole, aligned 64-byte lines: each line is
+//! assembled in registers (activations) or in an L1 stage (outputs) and written once with
+//! streaming stores. Ordinary stores read every destination line before writing it and push
+//! the source out of the cache; on 64 MiB buffers that kept the transposes at 0.3x memcpy, the
+//! streaming path runs at 0.6-0.7x (x86_64, one thread). The edges (the unaligned head, the tails) go through the
+//! staged path above.
 
 use crate::kernel::{narrow1, prefetch, widen1, Kernel};
 
@@ -17,6 +25,17 @@ const ACT_BN: usize = 64;
 /// Staging block for outputs: [`OUT_BN`] tokens x [`OUT_BM`] channels of f32 (32 KiB).
 const OUT_BN: usize = 128;
 const OUT_BM: usize = 64;
+
+/// The unit the streaming paths write whole, in bytes.
+const LINE: usize = 64;
+/// Streaming outputs: [`OUT_S_BN`] tokens x [`OUT_S_BM`] channels of f32 per L1 stage (8 KiB),
+/// so every destination row gets a run of 256 bytes (4 lines) and every source row (a channel) is
+/// read one whole 64-byte line at a time; measured best of 16-128 channels x 16-64 tokens.
+const OUT_S_BN: usize = 32;
+const OUT_S_BM: usize = 64;
+/// Streaming outputs: tokens per sweep over the channels, so the destination rows of one sweep
+/// (one page each when M is large) stay in the TLB.
+const OUT_S_NC: usize = 512;
 
 /// `dst[i] = f16(src[i])`; `src.len() == dst.len()`.
 #[inline(always)]
@@ -57,6 +76,98 @@ pub(crate) unsafe fn widen<K: Kernel>(src: &[u16], dst: &mut [f32]) {
 /// The caller checked `stride >= k`, `np >= n`, `src.len() >= (n-1)*stride + k`, `dst.len() >= k*np`.
 #[inline(always)]
 pub(crate) unsafe fn act<K: Kernel>(
+    src: &[f32],
+    n: usize,
+    k: usize,
+    stride: usize,
+    dst: &mut [u16],
+    np: usize,
+) {
+    let mut streamed = false;
+    // Rows are `np * 2` bytes apart: with `np % 32 == 0` the same token starts a line in all rows.
+    if K::STREAM && np.is_multiple_of(32) {
+        let head = (LINE - dst.as_ptr() as usize % LINE) % LINE / 2;
+        // Likewise on the source side when `stride % 16 == 0`: start at a line, so each 16-channel
+        // step reads whole lines. Straddling ones are finished by the next step, after the other
+        // 31 rows (same L1 set at power-of-two strides) evicted them: 0.53x memcpy instead of 0.7.
+        let ch = match stride % 16 {
+            0 => ((LINE - src.as_ptr() as usize % LINE) % LINE / 4).min(k),
+            _ => 0,
+        };
+        let (n32, k16) = (n.saturating_sub(head) & !31, (k - ch) & !15);
+        if n32 > 0 && k16 > 0 {
+            let (t1, c1) = (head + n32, ch + k16);
+            // SAFETY: every call below covers a sub-rectangle of the caller's checked shape:
+            // tokens head..t1 x channels ch..c1 (streamed), then tokens 0..head and t1..n (all
+            // channels), and channels 0..ch and c1..k of tokens head..t1. Offsets keep
+            // `src.len() >= (n'-1)*stride + k'` and `dst.len() >= (k'-1)*np + n'` because
+            // `t1 <= n <= np` and `c1 <= k <= stride`.
+            unsafe {
+                let (s, d) = (&src[head * stride + ch..], &mut dst[ch * np + head..]);
+                act_stream::<K>(s, n32, k16, stride, d, np);
+                if head > 0 {
+                    act_tiles::<K>(src, head, k, stride, dst, np);
+                }
+                if t1 < n {
+                    act_tiles::<K>(&src[t1 * stride..], n - t1, k, stride, &mut dst[t1..], np);
+                }
+                if ch > 0 {
+                    let (s, d) = (&src[head * stride..], &mut dst[head..]);
+                    act_tiles::<K>(s, n32, ch, stride, d, np);
+                }
+                if c1 < k {
+                    let (s, d) = (&src[head * stride + c1..], &mut dst[c1 * np + head..]);
+                    act_tiles::<K>(s, n32, k - c1, stride, d, np);
+                }
+            }
+            streamed = true;
+        }
+    }
+    if !streamed {
+        // SAFETY: the caller's contract.
+        unsafe { act_tiles::<K>(src, n, k, stride, dst, np) };
+    }
+    if np > n {
+        for kk in 0..k {
+            dst[kk * np + n..(kk + 1) * np].fill(0);
+        }
+    }
+}
+
+/// The streaming part of [`act`]: `n` a multiple of 32, `k` of 16, every destination row 64-byte
+/// aligned (`dst` is, and `np % 32 == 0`). Strips of 32 tokens run over all channels, 16 at a
+/// time, so the 32 source rows are read as sequential streams and each step writes 16 whole
+/// lines; chunking the channels (to keep the destination pages in the TLB) measured no better.
+#[inline(always)]
+unsafe fn act_stream<K: Kernel>(
+    src: &[f32],
+    n: usize,
+    k: usize,
+    stride: usize,
+    dst: &mut [u16],
+    np: usize,
+) {
+    debug_assert!(n.is_multiple_of(32) && k.is_multiple_of(16) && np.is_multiple_of(32));
+    debug_assert_eq!(dst.as_ptr() as usize % LINE, 0);
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    for t0 in (0..n).step_by(32) {
+        for c in (0..k).step_by(16) {
+            // SAFETY: tokens t0..+32 <= n, channels c..+16 <= k within the caller's bounds;
+            // destination rows c..+16 start at a line (`dst` aligned, `np * 2` a multiple of 64,
+            // `t0 * 2` too).
+            unsafe {
+                K::narrow32x16_t_stream(s.add(t0 * stride + c), stride, d.add(c * np + t0), np)
+            };
+        }
+    }
+    K::stream_fence();
+}
+
+/// The staged body of [`act`] for a sub-rectangle: writes `dst[k * np + n]` for n < N, k < K
+/// only (no padding), so `np` is just the destination row stride here. Needs
+/// `src.len() >= (n-1)*stride + k`, `dst.len() >= (k-1)*np + n`, `np >= n`.
+#[inline(always)]
+unsafe fn act_tiles<K: Kernel>(
     src: &[f32],
     n: usize,
     k: usize,
@@ -113,11 +224,6 @@ pub(crate) unsafe fn act<K: Kernel>(
             dst[kk * np + nn] = narrow1(src[nn * stride + kk]);
         }
     }
-    if np > n {
-        for kk in 0..k {
-            dst[kk * np + n..(kk + 1) * np].fill(0);
-        }
-    }
 }
 
 /// Outputs: `src` is M rows of `np` f16 (channel-first, N valid columns); writes
@@ -125,6 +231,103 @@ pub(crate) unsafe fn act<K: Kernel>(
 /// The caller checked `np >= n`, `src.len() >= m*np`, `stride >= m`, `dst.len() >= (n-1)*stride + m`.
 #[inline(always)]
 pub(crate) unsafe fn out<K: Kernel>(
+    src: &[u16],
+    m: usize,
+    np: usize,
+    n: usize,
+    dst: &mut [f32],
+    stride: usize,
+) {
+    // Rows are `stride * 4` bytes apart: with `stride % 16 == 0` the same channel starts a line
+    // in every row.
+    if K::STREAM && stride.is_multiple_of(16) {
+        let head = (LINE - dst.as_ptr() as usize % LINE) % LINE / 4;
+        let (m64, n32) = (
+            m.saturating_sub(head) & !(OUT_S_BM - 1),
+            n & !(OUT_S_BN - 1),
+        );
+        if m64 > 0 && n32 > 0 {
+            let m1 = head + m64;
+            // SAFETY: every call below covers a sub-rectangle of the caller's checked shape:
+            // channels head..m1 x tokens 0..n32 (streamed), then channels 0..head, m1..m and the
+            // tokens n32..n of channels head..m1. Offsets keep `src.len() >= (m'-1)*np + n'` and
+            // `dst.len() >= (n'-1)*stride + m'` because `m1 <= m` and `n <= np`.
+            unsafe {
+                out_stream::<K>(&src[head * np..], m64, np, n32, &mut dst[head..], stride);
+                if head > 0 {
+                    out_tiles::<K>(src, head, np, n, dst, stride);
+                }
+                if m1 < m {
+                    out_tiles::<K>(&src[m1 * np..], m - m1, np, n, &mut dst[m1..], stride);
+                }
+                if n32 < n {
+                    let (s, d) = (&src[head * np + n32..], &mut dst[n32 * stride + head..]);
+                    out_tiles::<K>(s, m64, np, n - n32, d, stride);
+                }
+            }
+            return;
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { out_tiles::<K>(src, m, np, n, dst, stride) };
+}
+
+/// The streaming part of [`out`]: `m` a multiple of [`OUT_S_BM`], `n` of [`OUT_S_BN`], every
+/// destination row 64-byte aligned (`dst` is, and `stride % 16 == 0`). Blocks of 64 channels x 32
+/// tokens are transposed into an L1 stage in source-line order, then each token's 256 bytes are
+/// streamed out. Keeping lines in registers instead (16 channels, 64-byte runs) measured slower.
+#[inline(always)]
+unsafe fn out_stream<K: Kernel>(
+    src: &[u16],
+    m: usize,
+    np: usize,
+    n: usize,
+    dst: &mut [f32],
+    stride: usize,
+) {
+    /// Aligned so the stage rows can be read with aligned loads.
+    #[repr(align(64))]
+    struct Stage([f32; OUT_S_BN * OUT_S_BM]);
+    debug_assert!(
+        m.is_multiple_of(OUT_S_BM) && n.is_multiple_of(OUT_S_BN) && stride.is_multiple_of(16)
+    );
+    debug_assert_eq!(dst.as_ptr() as usize % LINE, 0);
+    let mut stage = Stage([0.0; OUT_S_BN * OUT_S_BM]);
+    let st = stage.0.as_mut_ptr();
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    for nb in (0..n).step_by(OUT_S_NC) {
+        let ne = (nb + OUT_S_NC).min(n);
+        for m0 in (0..m).step_by(OUT_S_BM) {
+            for t in (nb..ne).step_by(OUT_S_BN) {
+                for cg in (0..OUT_S_BM).step_by(8) {
+                    for g in (0..OUT_S_BN).step_by(8) {
+                        // SAFETY: source rows m0+cg..+8 < m, columns t+g..+8 <= n <= np; stage
+                        // rows g..+8 < OUT_S_BN, columns cg..+8 <= OUT_S_BM.
+                        unsafe {
+                            K::widen8x8_t(
+                                s.add((m0 + cg) * np + t + g),
+                                np,
+                                st.add(g * OUT_S_BM + cg),
+                                OUT_S_BM,
+                            )
+                        };
+                    }
+                }
+                for r in 0..OUT_S_BN {
+                    // SAFETY: stage row r is 64 values at a 256-byte offset of an aligned array;
+                    // destination row t+r < n, channels m0..+64 <= m, 64-byte aligned.
+                    unsafe { K::stream64_f32(st.add(r * OUT_S_BM), d.add((t + r) * stride + m0)) };
+                }
+            }
+        }
+    }
+    K::stream_fence();
+}
+
+/// The staged body of [`out`] for a sub-rectangle. Needs `src.len() >= (m-1)*np + n`, `np >= n`,
+/// `stride >= m`, `dst.len() >= (n-1)*stride + m`.
+#[inline(always)]
+unsafe fn out_tiles<K: Kernel>(
     src: &[u16],
     m: usize,
     np: usize,

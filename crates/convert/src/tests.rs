@@ -171,13 +171,16 @@ fn errors() {
 #[test]
 fn bench_host_rows() {
     let rows = bench_host(256 * 1024, None);
-    // memcpy, the two transposes, the two token-major copies, one row per weight type.
-    assert_eq!(rows.len(), 5 + types::SUPPORTED.len());
+    // memcpy, the two transposes, the two at plugin shapes, the two token-major copies, one row
+    // per weight type.
+    assert_eq!(rows.len(), 7 + types::SUPPORTED.len());
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
     for want in [
         "memcpy",
         "act_f32_to_f16",
         "out_f16_to_f32",
+        "act_n512_k4096",
+        "out_m14336_n512",
         "act_tokens_f32_to_f16",
         "out_tokens_f16_to_f32",
     ] {
@@ -232,6 +235,64 @@ fn layouts_multi_block() {
                     "{b:?} out {i} {c}"
                 );
             }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Shapes that take the streaming path of kernels with non-temporal stores (`np % 32 == 0`,
+    /// `stride % 16 == 0`, at least 32 tokens and 16 channels past the alignment heads), at every
+    /// alignment of source and destination, with ragged heads and tails on both axes.
+    #[test]
+    fn act_layout_streaming(
+        n in 1usize..140, k in 1usize..90, stride_extra in 0usize..3, pad in 0usize..2,
+        src_off in 0usize..20, dst_off in 0usize..40, odd_stride in any::<bool>(),
+    ) {
+        let stride = if odd_stride { k + stride_extra } else { k.next_multiple_of(16) + 16 * stride_extra };
+        let np = n.next_multiple_of(32) + 32 * pad;
+        let src: Vec<f32> = (0..src_off + (n - 1) * stride + k)
+            .map(|i| (i % 30011) as f32 * 0.37 - 5000.0)
+            .collect();
+        let src = &src[src_off..];
+        let mut want = vec![0u16; k * np];
+        for i in 0..n {
+            for c in 0..k {
+                want[c * np + i] = f16::from_f32(src[i * stride + c]).to_bits();
+            }
+        }
+        for b in Backend::available() {
+            let mut buf = vec![f16::from_bits(0x7C01); dst_off + k * np + 3];
+            act_f32_to_f16_transposed_with(b, src, n, k, stride, &mut buf[dst_off..dst_off + k * np], np).unwrap();
+            prop_assert_eq!(&bits(&buf[dst_off..dst_off + k * np]), &want, "{:?}", b);
+            prop_assert_eq!(bits(&buf[..dst_off]), vec![0x7C01; dst_off]);
+        }
+    }
+
+    /// As [`act_layout_streaming`] for outputs (`stride % 16 == 0`, 64 channels and 32 tokens).
+    #[test]
+    fn out_layout_streaming(
+        m in 1usize..200, n in 1usize..80, pad in 0usize..9, stride_extra in 0usize..3,
+        dst_off in 0usize..20, odd_stride in any::<bool>(),
+    ) {
+        let np = n + pad;
+        let stride = if odd_stride { m + stride_extra } else { m.next_multiple_of(16) + 16 * stride_extra };
+        let src: Vec<f16> = (0..m * np)
+            .map(|i| f16::from_bits(((i as u64 * 40503) % 0x7C00) as u16))
+            .collect();
+        let sentinel = -12345.0f32;
+        let len = (n - 1) * stride + m;
+        let mut want = vec![sentinel; dst_off + len + 5];
+        for i in 0..n {
+            for c in 0..m {
+                want[dst_off + i * stride + c] = src[c * np + i].to_f32();
+            }
+        }
+        for b in Backend::available() {
+            let mut dst = vec![sentinel; dst_off + len + 5];
+            out_f16_to_f32_transposed_with(b, &src, m, np, n, &mut dst[dst_off..dst_off + len], stride).unwrap();
+            prop_assert_eq!(f32_bits(&dst), f32_bits(&want), "{:?}", b);
         }
     }
 }

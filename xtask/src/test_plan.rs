@@ -3,10 +3,15 @@
 //! 1. The plugin compiles exactly the programs `ane plan` predicts for the same model and prompt,
 //!    and dispatches as often: the CLI and the plugin share one planner, and this proves the graph
 //!    model `ane plan` uses matches what llama.cpp actually sends.
+//!    With the lookahead off too, and no byte is copied between host and engine surfaces.
 //! 2. With `GGML_ANE_CHIP=m1` (axis limit 16384), a model whose vocabulary is 20048 tokens has its
 //!    LM head offloaded in row tiles and still generates the CPU's greedy text.
-//! 3. The token-major program layout (`GGML_ANE_LAYOUT=tokens`) generates the CPU's text too.
-//! 4. Compressed weights (`GGML_ANE_WEIGHTS=compressed`): the Q8_0 and Q4_0 models generate the
+//! 3. The lookahead under engine eval faults still gives the CPU's text.
+//! 4. Cost routing with costs that split the tiny model's MUL_MATs: the plugin declines exactly
+//!    what `ane plan --route cost` keeps on the CPU.
+//! 5. The channel-first program layout (`GGML_ANE_LAYOUT=channels`; token-major is the default)
+//!    generates the CPU's text too.
+//! 6. Compressed weights (`GGML_ANE_WEIGHTS=compressed`): the Q8_0 and Q4_0 models generate the
 //!    CPU's text with their lone weights in baked programs (`baked_mb > 0`).
 
 use std::path::Path;
@@ -281,7 +286,7 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
             rrun.where_logged()
         );
     }
-    // 5. The token-major program layout (GGML_ANE_LAYOUT=tokens) gives the same text.
+    // 5. The channel-first program layout (GGML_ANE_LAYOUT=channels) gives the same text.
     let mut layouts = Vec::new();
     for dtype in ["f16", "q4_0"] {
         let model = models::path(dtype);
@@ -294,13 +299,13 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
             &plugin,
             &model,
             extra,
-            &[("GGML_ANE_LAYOUT", "tokens")],
-            &format!("plan-tokens-{dtype}"),
+            &[("GGML_ANE_LAYOUT", "channels")],
+            &format!("plan-channels-{dtype}"),
         )?;
         let offloaded = stat(&tok.stderr, "ops_offloaded")?;
         if ct.trim().is_empty() || ct != tt || offloaded == 0 {
             bail!(
-                "token-major layout, {dtype}: text {tt:?} vs CPU {ct:?}, {offloaded} offloaded\n{}",
+                "channel-first layout, {dtype}: text {tt:?} vs CPU {ct:?}, {offloaded} offloaded\n{}",
                 tok.where_logged()
             );
         }
@@ -357,7 +362,7 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         ));
     }
     Ok(format!(
-        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt, 0 bytes copied; {hits} MUL_MATs from lookahead, {off_dispatches} dispatches without it = planned; with eval faults text identical, {fhits} taken, {ffb} fallbacks); cost routing: {r_dispatches} dispatches = planned, {r_declined} declines, text identical; m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; token-major layout identical ({}); compressed weights identical ({})",
+        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt, 0 bytes copied; {hits} MUL_MATs from lookahead, {off_dispatches} dispatches without it = planned; with eval faults text identical, {fhits} taken, {ffb} fallbacks); cost routing: {r_dispatches} dispatches = planned, {r_declined} declines, text identical; m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; channel-first layout identical ({}); compressed weights identical ({})",
         layouts.join(", "),
         baked.join(", ")
     ))

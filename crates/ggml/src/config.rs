@@ -59,7 +59,8 @@ pub struct Config {
     /// `GGML_ANE_STAGE_MAX_MB`: cap on weights kept converted to fp16 (LRU beyond).
     pub stage_max_mb: usize,
     /// `GGML_ANE_LAYOUT=channels|tokens`: where tokens sit in the programs' activations (see
-    /// `ane_mil::build::Layout`); channel-first by default, as every direct-ANE project does.
+    /// `ane_mil::build::Layout`); token-major by default: host conversions are plain copies and the
+    /// matmul has the operand layout of the weights-as-input matmul measured on an M4.
     pub layout: ane_plan::Layout,
     /// `GGML_ANE_PRESTAGE=0|1`: convert weights to fp16 when llama.cpp reserves its graphs (at
     /// load) instead of at their first dispatch (default 1).
@@ -136,13 +137,13 @@ impl Config {
         )
         .parse()
         .unwrap_or(DEFAULT_MAX_PROGRAMS);
-        let layout = match parse("GGML_ANE_LAYOUT", "channels", &|v| {
+        let layout = match parse("GGML_ANE_LAYOUT", "tokens", &|v| {
             matches!(v.to_ascii_lowercase().as_str(), "channels" | "tokens")
         })
         .as_str()
         {
-            "tokens" => ane_plan::Layout::Tokens,
-            _ => ane_plan::Layout::Channels,
+            "channels" => ane_plan::Layout::Channels,
+            _ => ane_plan::Layout::Tokens,
         };
         let prestage = parse("GGML_ANE_PRESTAGE", "1", &|v| matches!(v, "0" | "1")) == "1";
         let lookahead = parse("GGML_ANE_LOOKAHEAD", "1", &|v| matches!(v, "0" | "1")) == "1";

@@ -485,11 +485,91 @@ unsafe fn stage_key(g: &Group, shape: &TiledShape) -> u128 {
     for v in [shape.tiles, shape.k_chunks, shape.m_tile, shape.k_chunk] {
         h.update(&v.to_le_bytes());
     }
+    h.update(&[shape.layout as u8]);
     h.digest128()
 }
 
-/// The stacked src0 rows of matrix (`i2`, `i3`) of every member in the `b_w` layout
-/// `[tiles][k_chunks][m_tile][k_chunk]`, fp16, zero padded, in a surface of `size` bytes.
+/// Rows of a token-major `b_w` gathered before they are written transposed: one flush writes
+/// runs of this many halves (64 bytes) instead of one element per row.
+const T_BLOCK: usize = 32;
+
+/// Places converted weight rows (consecutive, from row 0) in `b_w` as the layout wants them:
+/// row slices as they are (channel-first), or transposed through blocks of [`T_BLOCK`] rows of one
+/// tile (token-major).
+struct WeightWriter<'a> {
+    w: &'a mut [f16],
+    s: &'a TiledShape,
+    k: usize,
+    block: Vec<f16>,
+    first: usize,
+    rows: usize,
+}
+
+impl<'a> WeightWriter<'a> {
+    fn new(w: &'a mut [f16], s: &'a TiledShape, k: usize) -> Self {
+        let block = match s.layout {
+            Layout::Tokens => vec![f16::ZERO; T_BLOCK * k],
+            Layout::Channels => Vec::new(),
+        };
+        WeightWriter {
+            w,
+            s,
+            k,
+            block,
+            first: 0,
+            rows: 0,
+        }
+    }
+
+    /// Row `r` (converted, `k` values).
+    fn push(&mut self, r: usize, row16: &[f16]) {
+        let s = self.s;
+        let (t, mi) = (r / s.m_tile, r % s.m_tile);
+        if s.layout == Layout::Channels {
+            for c in 0..s.k_chunks {
+                let lo = c * s.k_chunk;
+                let hi = (lo + s.k_chunk).min(self.k);
+                if lo >= hi {
+                    break;
+                }
+                let at = s.w_index(t, c, mi, 0);
+                self.w[at..at + (hi - lo)].copy_from_slice(&row16[lo..hi]);
+            }
+            return;
+        }
+        if self.rows == 0 {
+            self.first = r;
+        }
+        self.block[self.rows * self.k..(self.rows + 1) * self.k].copy_from_slice(row16);
+        self.rows += 1;
+        if self.rows == T_BLOCK || mi + 1 == s.m_tile {
+            self.flush();
+        }
+    }
+
+    /// Writes the gathered token-major rows.
+    fn flush(&mut self) {
+        let (s, k, n) = (self.s, self.k, self.rows);
+        if n == 0 {
+            return;
+        }
+        let (t, mi) = (self.first / s.m_tile, self.first % s.m_tile);
+        for c in 0..s.k_chunks {
+            let lo = c * s.k_chunk;
+            for kk in lo..(lo + s.k_chunk).min(k) {
+                let at = s.w_index(t, c, mi, kk - lo);
+                for (j, v) in self.w[at..at + n].iter_mut().enumerate() {
+                    *v = self.block[j * k + kk];
+                }
+            }
+        }
+        self.rows = 0;
+    }
+}
+
+/// The stacked src0 rows of matrix (`i2`, `i3`) of every member in the `b_w` layout of `s`
+/// (`[tiles][k_chunks][m_tile][k_chunk]`, or its transpose per slice for token-major programs),
+/// fp16, zero padded, in a surface of `size` bytes.
 /// Rows are converted by `ane_convert` (bit-identical to ggml's `to_float` + fp16 rounding, one
 /// pass) when their blocks are contiguous, else through ggml's `to_float`.
 ///
@@ -511,6 +591,7 @@ unsafe fn stage(
     let w = surface.fp16_mut(s.w_len());
     // Engine memory is not cleared: the padding rows and K tails must be zeros.
     w.fill(f16::ZERO);
+    let mut out = WeightWriter::new(w, s, k);
     let mut row = vec![0f32; k];
     let mut row16 = vec![f16::ZERO; k];
     let mut r = 0;
@@ -539,19 +620,11 @@ unsafe fn stage(
                     *h = f16::from_f32(v);
                 }
             }
-            let (t, mi) = (r / s.m_tile, r % s.m_tile);
-            for c in 0..s.k_chunks {
-                let lo = c * s.k_chunk;
-                let hi = (lo + s.k_chunk).min(k);
-                if lo >= hi {
-                    break;
-                }
-                let base = ((t * s.k_chunks + c) * s.m_tile + mi) * s.k_chunk;
-                w[base..base + (hi - lo)].copy_from_slice(&row16[lo..hi]);
-            }
+            out.push(r, &row16);
             r += 1;
         }
     }
+    out.flush();
     Ok(surface)
 }
 

@@ -404,17 +404,23 @@ pub struct TiledShape {
 
 /// Where the tokens sit in a [`tiled_matmul`] program's activations and outputs.
 ///
-/// Every direct-ANE project feeds channel-first `[1, C, 1, S]` tensors, so that is the default; it
-/// costs the host a transpose on the way in and out (ggml rows are token-major). `Tokens` keeps
-/// ggml's row layout and lets the matmul transpose the weights instead (`transpose_y`), which
-/// makes host conversion a plain fp32<->fp16 copy. Which one the ANE runs faster is unmeasured:
-/// the plugin takes `GGML_ANE_LAYOUT=tokens` to compare them on a Mac.
+/// Neither form transposes anything inside the program. `Tokens` (the default) keeps ggml's row
+/// layout for activations and outputs, so the host converts with plain fp32<->fp16 copies, and
+/// takes the weights staged transposed (`[K, M]` per tile, once, at load): `matmul(x = [n, k],
+/// y = [k, m])`, the operand layout of maderix's weights-as-input matmul that ran on M4
+/// (`training_dynamic`: activations `[SEQ, IC]`, weights `[IC, OC]`). `Channels` is the
+/// channel-first `[1, C, 1, S]` convention of the baked-conv projects: `matmul(x = W[m, k],
+/// y = X[k, n])` with the weights in ggml's row layout, at the price of a transpose on the host on
+/// the way in and out. Which one the ANE runs faster is unmeasured: `ane bench --forms
+/// tiled,tokens` on a Mac decides, `GGML_ANE_LAYOUT` picks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Layout {
-    /// `a_x: [heads, k_chunks, k_chunk, n]`, `y: [heads*tiles, k_chunks, m_tile, n]`.
-    #[default]
+    /// `a_x: [heads, k_chunks, k_chunk, n]`, `b_w: [heads*tiles, k_chunks, m_tile, k_chunk]`,
+    /// `y: [heads*tiles, k_chunks, m_tile, n]`.
     Channels,
-    /// `a_x: [heads, k_chunks, n, k_chunk]`, `y: [heads*tiles, k_chunks, n, m_tile]`.
+    /// `a_x: [heads, k_chunks, n, k_chunk]`, `b_w: [heads*tiles, k_chunks, k_chunk, m_tile]`,
+    /// `y: [heads*tiles, k_chunks, n, m_tile]`.
+    #[default]
     Tokens,
 }
 
@@ -423,9 +429,20 @@ impl TiledShape {
     pub fn x_len(&self) -> usize {
         self.heads * self.k_chunks * self.k_chunk * self.n
     }
-    /// Elements of the `b_w` input: `[heads * tiles, k_chunks, m_tile, k_chunk]`.
+    /// Elements of the `b_w` input: `[heads * tiles, k_chunks, m_tile, k_chunk]` (channel-first)
+    /// or `[heads * tiles, k_chunks, k_chunk, m_tile]` (token-major).
     pub fn w_len(&self) -> usize {
         self.heads * self.tiles * self.k_chunks * self.m_tile * self.k_chunk
+    }
+
+    /// Position in `b_w` of weight row `row` of tile `tile` (`heads * tiles` counted together),
+    /// contraction element `kk` of slice `c`.
+    pub fn w_index(&self, tile: usize, c: usize, row: usize, kk: usize) -> usize {
+        let slice = (tile * self.k_chunks + c) * self.m_tile * self.k_chunk;
+        match self.layout {
+            Layout::Channels => slice + row * self.k_chunk + kk,
+            Layout::Tokens => slice + kk * self.m_tile + row,
+        }
     }
     /// Elements of the `y` output: `[heads * tiles, k_chunks, m_tile, n]`.
     pub fn y_len(&self) -> usize {
@@ -440,11 +457,13 @@ impl TiledShape {
 
 /// The shape-shared matmul program: `y = b_w x a_x`, batched as described on [`TiledShape`].
 ///
-/// Inputs `a_x: [heads, k_chunks, k_chunk, n]` (activations, channel-first: element (k, n) of slice
-/// c at `(c * k_chunk + k) * n + n_i`, i.e. exactly the `[K][N]` layout when `heads = 1`) and
-/// `b_w: [heads * tiles, k_chunks, m_tile, k_chunk]` (weights, ggml's row layout per slice); output
-/// `y: [heads * tiles, k_chunks, m_tile, n]`. Names sort `a_x` < `b_w`, so the ANE's alphabetical
-/// binding order equals the declaration order.
+/// Channel-first: inputs `a_x: [heads, k_chunks, k_chunk, n]` (activations: element (k, n) of
+/// slice c at `(c * k_chunk + k) * n + n_i`, i.e. exactly the `[K][N]` layout when `heads = 1`)
+/// and `b_w: [heads * tiles, k_chunks, m_tile, k_chunk]` (weights, ggml's row layout per slice);
+/// output `y: [heads * tiles, k_chunks, m_tile, n]`. Token-major: `a_x: [heads, k_chunks, n,
+/// k_chunk]`, `b_w: [heads * tiles, k_chunks, k_chunk, m_tile]`, `y: [heads * tiles, k_chunks, n,
+/// m_tile]` (see [`Layout`]; [`TiledShape::w_index`] places weights in either). Names sort `a_x` <
+/// `b_w`, so the ANE's alphabetical binding order equals the declaration order.
 ///
 /// # Panics
 /// If `heads > 1` and `tiles > 1` (the batch axis cannot both broadcast and match), or any axis is 0.
@@ -465,12 +484,17 @@ pub fn tiled_matmul(s: TiledShape) -> Program {
     } else {
         [s.heads, s.k_chunks, s.k_chunk, s.n]
     };
+    let w_shape = if tokens {
+        [bw, s.k_chunks, s.k_chunk, s.m_tile]
+    } else {
+        [bw, s.k_chunks, s.m_tile, s.k_chunk]
+    };
     let a_x = f.input("a_x", fp16(&x_shape));
-    let b_w = f.input("b_w", fp16(&[bw, s.k_chunks, s.m_tile, s.k_chunk]));
+    let b_w = f.input("b_w", fp16(&w_shape));
     let tx = f.const_bool("mm_transpose_x", false);
-    let ty = f.const_bool("mm_transpose_y", tokens);
+    let ty = f.const_bool("mm_transpose_y", false);
     let y = if tokens {
-        // y[n][m] = sum_k x[n][k] * w[m][k]: the weights transposed by the matmul itself.
+        // y[n][m] = sum_k x[n][k] * wt[k][m]: the weights were staged transposed.
         f.push(matmul(
             "y",
             fp16(&[bw, s.k_chunks, s.n, s.m_tile]),

@@ -59,14 +59,16 @@ pub fn run_planned(
     let size = request_alloc_size(&[s.x_len() * 2, s.w_len() * 2, s.y_len() * 2]);
     let (mut xs, mut ws, mut ys) = (Surface::new(size), Surface::new(size), Surface::new(size));
     {
-        // Weights: rows of K, cut into tiles of m_tile rows and slices of k_chunk.
+        // Weights: rows of K, cut into tiles of m_tile rows and slices of k_chunk, placed as the
+        // layout wants them (rows, or transposed).
         let wh = ws.fp16_mut(s.w_len());
         for r in 0..m {
             let (tile, mi) = (r / s.m_tile, r % s.m_tile);
             for c in 0..s.k_chunks {
                 let (lo, hi) = ((c * s.k_chunk).min(k), ((c + 1) * s.k_chunk).min(k));
-                let at = ((tile * s.k_chunks + c) * s.m_tile + mi) * s.k_chunk;
-                wh[at..at + hi - lo].copy_from_slice(&w[r * k + lo..r * k + hi]);
+                for kk in lo..hi {
+                    wh[s.w_index(tile, c, mi, kk - lo)] = w[r * k + kk];
+                }
             }
         }
     }

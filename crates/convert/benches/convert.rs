@@ -4,7 +4,8 @@
 use std::hint::black_box;
 
 use ane_convert::{
-    act_f32_to_f16_transposed, block_layout, out_f16_to_f32_transposed, row_to_f16, types,
+    act_f32_to_f16_transposed, block_layout, f16_to_f32, f32_to_f16, out_f16_to_f32_transposed,
+    row_to_f16, types,
 };
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
@@ -12,7 +13,7 @@ use half::f16;
 const SIZES: [usize; 2] = [1 << 20, 64 << 20];
 
 fn activations(c: &mut Criterion) {
-    let mut g = c.benchmark_group("act_f32_to_f16");
+    let mut g = c.benchmark_group("act_channels_f32_to_f16");
     g.sample_size(10);
     for bytes in SIZES {
         let k = 4096;
@@ -28,7 +29,7 @@ fn activations(c: &mut Criterion) {
 }
 
 fn outputs(c: &mut Criterion) {
-    let mut g = c.benchmark_group("out_f16_to_f32");
+    let mut g = c.benchmark_group("out_channels_f16_to_f32");
     g.sample_size(10);
     for bytes in SIZES {
         let m = 4096;
@@ -67,5 +68,29 @@ fn weights(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, activations, outputs, weights);
+/// The default token-major layout: activations and outputs are row conversions.
+fn token_major(c: &mut Criterion) {
+    for bytes in SIZES {
+        let n = bytes / 4;
+        let src: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.01).collect();
+        let mut h = vec![f16::ZERO; n];
+        let mut g = c.benchmark_group("act_f32_to_f16");
+        g.sample_size(10)
+            .throughput(Throughput::Bytes((n * 6) as u64));
+        g.bench_function(BenchmarkId::from_parameter(bytes), |b| {
+            b.iter(|| f32_to_f16(black_box(&src), &mut h).unwrap())
+        });
+        g.finish();
+        let mut out = vec![0f32; n];
+        let mut g = c.benchmark_group("out_f16_to_f32");
+        g.sample_size(10)
+            .throughput(Throughput::Bytes((n * 6) as u64));
+        g.bench_function(BenchmarkId::from_parameter(bytes), |b| {
+            b.iter(|| f16_to_f32(black_box(&h), &mut out).unwrap())
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, token_major, activations, outputs, weights);
 criterion_main!(benches);

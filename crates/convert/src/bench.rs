@@ -25,7 +25,9 @@ use crate::{act_f32_to_f16_transposed, block_layout, out_f16_to_f32_transposed, 
 /// One row of the host benchmark (see the module doc for the definitions).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct HostBenchRow {
-    /// `memcpy`, `act_f32_to_f16`, `out_f16_to_f32`, or a ggml type name (`q4_K`).
+    /// `memcpy`; `act_f32_to_f16` and `out_f16_to_f32` (the plugin's default token-major layout: row
+    /// conversions); `act_channels_*` and `out_channels_*` (channel-first, `GGML_ANE_LAYOUT=channels`:
+    /// with the transpose; also at plugin-sized shapes); or a ggml type name (`q4_K`).
     pub name: String,
     /// Size of the larger buffer, bytes.
     pub bytes: usize,
@@ -178,7 +180,7 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
         });
     };
 
-    // Activations: N tokens x K channels of f32 -> [K][N] fp16.
+    // Channel-first activations: N tokens x K channels of f32 -> [K][N] fp16.
     {
         let elems = bytes / 4;
         let k = if elems >= ROW * 64 { ROW } else { 256 };
@@ -198,10 +200,16 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
                 black_box(&mut dst);
             })
         });
-        push("act_f32_to_f16", n * k * 4, n * k * 6, ours, theirs);
+        push(
+            "act_channels_f32_to_f16",
+            n * k * 4,
+            n * k * 6,
+            ours,
+            theirs,
+        );
     }
 
-    // Outputs: [M][N] fp16 -> N tokens x M channels of f32.
+    // Channel-first outputs: [M][N] fp16 -> N tokens x M channels of f32.
     {
         let elems = bytes / 4;
         let m = if elems >= ROW * 64 { ROW } else { 256 };
@@ -225,7 +233,13 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
                 black_box(&mut dst);
             })
         });
-        push("out_f16_to_f32", n * m * 4, n * m * 6, ours, theirs);
+        push(
+            "out_channels_f16_to_f32",
+            n * m * 4,
+            n * m * 6,
+            ours,
+            theirs,
+        );
     }
 
     // Plugin-like shapes (reported, not the target: 8-28 MiB may sit in a large L3):
@@ -240,7 +254,7 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
             act_f32_to_f16_transposed(black_box(&src), n, k, k, dst, n).expect("shape");
             black_box(&mut *dst);
         });
-        push("act_n512_k4096", n * k * 4, n * k * 6, ours, None);
+        push("act_channels_n512_k4096", n * k * 4, n * k * 6, ours, None);
         let (m, n) = (14336, 512);
         let mut src_buf = vec![f16::ZERO; m * n + SURFACE_ALIGN];
         let src = surface_side(&mut src_buf, m * n);
@@ -253,11 +267,11 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
             out_f16_to_f32_transposed(black_box(src), m, n, n, &mut dst, m).expect("shape");
             black_box(&mut dst);
         });
-        push("out_m14336_n512", n * m * 4, n * m * 6, ours, None);
+        push("out_channels_m14336_n512", n * m * 4, n * m * 6, ours, None);
     }
 
-    // The token-major program layout (`GGML_ANE_LAYOUT=tokens`) needs no transpose: activations
-    // and outputs are plain row conversions.
+    // The default token-major program layout needs no transpose: activations and outputs are
+    // plain row conversions.
     {
         let elems = bytes / 4;
         let mut src = vec![0f32; elems];
@@ -273,7 +287,7 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
                 black_box(&mut dst);
             })
         });
-        push("act_tokens_f32_to_f16", elems * 4, elems * 6, ours, theirs);
+        push("act_f32_to_f16", elems * 4, elems * 6, ours, theirs);
         let src16 = dst.clone();
         let mut out = vec![0f32; elems];
         let ours = best_time(|| {
@@ -287,7 +301,7 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
                 black_box(&mut out);
             })
         });
-        push("out_tokens_f16_to_f32", elems * 4, elems * 6, ours, theirs);
+        push("out_f16_to_f32", elems * 4, elems * 6, ours, theirs);
     }
 
     // Weights: rows of ROW elements to fp16; `bytes` of fp16 output.

@@ -171,18 +171,18 @@ fn errors() {
 #[test]
 fn bench_host_rows() {
     let rows = bench_host(256 * 1024, None);
-    // memcpy, the two transposes, the two at plugin shapes, the two token-major copies, one row
-    // per weight type.
+    // memcpy, the two channel-first transposes, the two at plugin shapes, the two token-major
+    // copies, one row per weight type.
     assert_eq!(rows.len(), 7 + types::SUPPORTED.len());
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
     for want in [
         "memcpy",
         "act_f32_to_f16",
         "out_f16_to_f32",
-        "act_n512_k4096",
-        "out_m14336_n512",
-        "act_tokens_f32_to_f16",
-        "out_tokens_f16_to_f32",
+        "act_channels_f32_to_f16",
+        "out_channels_f16_to_f32",
+        "act_channels_n512_k4096",
+        "out_channels_m14336_n512",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }

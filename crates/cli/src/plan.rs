@@ -46,6 +46,9 @@ pub struct Args {
     /// `--min-batch` tokens) or `cost` (only where the cost model puts the ANE ahead of the CPU).
     #[arg(long, default_value = "batch")]
     pub route: String,
+    /// Model `GGML_ANE_LAYOUT`: `tokens` (the plugin's default) or `channels`.
+    #[arg(long, default_value = "tokens")]
+    pub layout: String,
     /// Replace published costs with measured ones: `key=value,...` (fields of
     /// `ane_plan::cost::ChipCost`, e.g. `dispatch_ms=0.12,matmul_penalty=1.4`), as `GGML_ANE_COST`.
     #[arg(long)]
@@ -103,6 +106,11 @@ pub fn run(args: &Args) -> Result<()> {
         "batch" => Route::Batch,
         "cost" => Route::Cost,
         other => bail!("--route {other}: expected batch or cost"),
+    };
+    o.layout = match args.layout.as_str() {
+        "tokens" => ane_plan::Layout::Tokens,
+        "channels" => ane_plan::Layout::Channels,
+        other => bail!("--layout {other}: expected tokens or channels"),
     };
     if let Some(spec) = &args.cost {
         o.cost = Some(

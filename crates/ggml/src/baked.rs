@@ -217,8 +217,7 @@ unsafe fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Resul
             Ok(())
         })();
         let mut pool = cx.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        pool.give(x);
-        pool.give(y);
+        pool.give_pair(x, y);
         result?;
     }
     Ok(())

@@ -12,6 +12,16 @@ use std::sync::OnceLock;
 
 use crate::ffi::*;
 
+/// The buffer of `t`, or of the tensor it views.
+fn buffer_of(t: &ggml_tensor) -> *mut ggml_backend_buffer {
+    if t.buffer.is_null() && !t.view_src.is_null() {
+        // SAFETY: view_src is a valid tensor for as long as its view is.
+        unsafe { (*t.view_src).buffer }
+    } else {
+        t.buffer
+    }
+}
+
 /// Function pointers into ggml-base.
 #[derive(Debug)]
 pub struct Ggml {
@@ -22,6 +32,11 @@ pub struct Ggml {
     pub graph_node: unsafe extern "C" fn(*mut ggml_cgraph, c_int) -> *mut ggml_tensor,
     /// `ggml_backend_buffer_get_usage` (WEIGHTS = 1 marks immutable model weights).
     pub buffer_get_usage: Option<unsafe extern "C" fn(*mut ggml_backend_buffer) -> c_int>,
+    /// `ggml_backend_buffer_get_base` and `ggml_backend_buffer_get_size`: the live byte range of
+    /// a tensor's buffer (see [`Ggml::buffer_range`]).
+    pub buffer_get_base: Option<unsafe extern "C" fn(*mut ggml_backend_buffer) -> *mut c_void>,
+    /// See `buffer_get_base`.
+    pub buffer_get_size: Option<unsafe extern "C" fn(*mut ggml_backend_buffer) -> usize>,
     /// Where weights and devices are (see [`crate::placement`]); optional, like `buffer_get_usage`.
     pub placement: Placement,
 }
@@ -140,6 +155,18 @@ fn resolve_in(handle: *mut c_void) -> Option<Ggml> {
                     unsafe extern "C" fn(*mut ggml_backend_buffer) -> c_int,
                 >(p)
             }),
+            buffer_get_base: f(c"ggml_backend_buffer_get_base").map(|p| {
+                std::mem::transmute::<
+                    *mut c_void,
+                    unsafe extern "C" fn(*mut ggml_backend_buffer) -> *mut c_void,
+                >(p)
+            }),
+            buffer_get_size: f(c"ggml_backend_buffer_get_size").map(|p| {
+                std::mem::transmute::<
+                    *mut c_void,
+                    unsafe extern "C" fn(*mut ggml_backend_buffer) -> usize,
+                >(p)
+            }),
             placement: resolve_placement(handle),
         })
     }
@@ -185,14 +212,22 @@ impl Ggml {
         let Some(usage) = self.buffer_get_usage else {
             return false;
         };
-        let buf = if t.buffer.is_null() && !t.view_src.is_null() {
-            // SAFETY: view_src is a valid tensor for as long as its view is.
-            unsafe { (*t.view_src).buffer }
-        } else {
-            t.buffer
-        };
+        let buf = buffer_of(t);
         // SAFETY: a non-null buffer of a live tensor is a valid ggml buffer.
         !buf.is_null() && unsafe { usage(buf) } == GGML_BACKEND_BUFFER_USAGE_WEIGHTS
+    }
+
+    /// `[base, base + size)` of the buffer holding `t`: memory that stays readable while `t` is
+    /// (a tensor of the graph being computed). `None` without the functions or a buffer.
+    pub fn buffer_range(&self, t: &ggml_tensor) -> Option<(usize, usize)> {
+        let (base, size) = (self.buffer_get_base?, self.buffer_get_size?);
+        let buf = buffer_of(t);
+        if buf.is_null() {
+            return None;
+        }
+        // SAFETY: a non-null buffer of a live tensor is a valid ggml buffer.
+        let (b, n) = unsafe { (base(buf) as usize, size(buf)) };
+        (b != 0).then_some((b, b + n))
     }
 
     /// Traits of `ty`, or `None` for an unknown type.

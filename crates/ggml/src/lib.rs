@@ -251,8 +251,16 @@ unsafe fn member(
     ))
 }
 
-/// Runs a group through the planner and engine, with its learnt companions (see [`lookahead`]).
-fn run_group(dev: &DeviceState, mut group: Group, stash: &mut lookahead::Stash) {
+/// Runs a group through the planner and engine, with its learnt companions (see [`lookahead`])
+/// when `head_buffer`, the byte range of the buffer holding the group's first weight, is known:
+/// only companions inside it are read (a companion learnt from a model freed since is never
+/// touched).
+fn run_group(
+    dev: &DeviceState,
+    mut group: Group,
+    head_buffer: Option<(usize, usize)>,
+    stash: &mut lookahead::Stash,
+) {
     let cx = matmul::Context {
         engine: dev.engine.as_ref(),
         planner: &dev.planner,
@@ -264,11 +272,18 @@ fn run_group(dev: &DeviceState, mut group: Group, stash: &mut lookahead::Stash) 
     // SAFETY: the group was built from this graph's claimed MUL_MATs (valid host tensors); the
     // stash is borrowed until the group is computed.
     let speculated = Config::get().lookahead
-        && unsafe {
-            stash.speculate(&dev.learner, &dev.stats, &mut group, |w, src1| {
-                cost_says_ane(dev, &w.desc, src1, true)
-            })
-        } > 0;
+        && head_buffer.is_some_and(|(lo, hi)| {
+            // SAFETY: as above.
+            let added = unsafe {
+                stash.speculate(&dev.learner, &dev.stats, &mut group, |w, src1| {
+                    let bytes = w.desc.ne[1] as usize * w.desc.nb[1];
+                    w.data >= lo
+                        && w.data.saturating_add(bytes) <= hi
+                        && cost_says_ane(dev, &w.desc, src1, true)
+                })
+            };
+            added > 0
+        });
     // SAFETY: the group was built from this graph's claimed MUL_MATs: valid host tensors, dst
     // separate from its sources (ggml allocates an op's output apart from its inputs); speculated
     // members write into the stash.
@@ -276,6 +291,8 @@ fn run_group(dev: &DeviceState, mut group: Group, stash: &mut lookahead::Stash) 
     if speculated {
         stash.computed(fallback);
     }
+    // Memory may have changed hands: the next take compares bytes again.
+    stash.begin();
 }
 
 /// Fusion rule: a MUL_MAT joins the open group when it reads the same src1, its src0 is a 2-D
@@ -304,7 +321,8 @@ fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
     let lookahead = Config::get().lookahead;
     // SAFETY: ggml passes a valid graph; nodes are valid tensors for the duration of the call.
     let n = unsafe { (g.graph_n_nodes)(cgraph) };
-    let mut open: Option<Group> = None;
+    // The open group and the buffer range of its first weight.
+    let mut open: Option<(Group, Option<(usize, usize)>)> = None;
     for i in 0..n {
         // SAFETY: 0 <= i < n.
         let Some(node) = (unsafe { (g.graph_node)(cgraph, i).as_ref() }) else {
@@ -332,8 +350,8 @@ fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
         }
         if lookahead && weight && stash.waits_for(&m) {
             // Computed in an earlier split's dispatch: the groups before it run first (graph order).
-            if let Some(done) = open.take() {
-                run_group(dev, done, &mut stash);
+            if let Some((done, range)) = open.take() {
+                run_group(dev, done, range, &mut stash);
             }
             // SAFETY: m and src1 are this graph's MUL_MAT operands (valid host tensors).
             if unsafe { stash.take(&dev.learner, &dev.stats, &m, &src1) } {
@@ -341,23 +359,28 @@ fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
             }
         }
         match open.as_mut() {
-            Some(group) if joins(group, &m, &src1, weight) => group.members.push(m),
+            Some((group, _)) if joins(group, &m, &src1, weight) => group.members.push(m),
             _ => {
-                if let Some(done) = open.take() {
-                    run_group(dev, done, &mut stash);
+                if let Some((done, range)) = open.take() {
+                    run_group(dev, done, range, &mut stash);
                 }
-                open = Some(Group {
-                    src1,
-                    src1_info,
-                    members: vec![m],
-                    weights: weight,
-                    speculative: 0,
-                });
+                // SAFETY: a MUL_MAT node has a valid src0.
+                let range = g.buffer_range(unsafe { &*node.src[0] });
+                open = Some((
+                    Group {
+                        src1,
+                        src1_info,
+                        members: vec![m],
+                        weights: weight,
+                        speculative: 0,
+                    },
+                    range,
+                ));
             }
         }
     }
-    if let Some(done) = open.take() {
-        run_group(dev, done, &mut stash);
+    if let Some((done, range)) = open.take() {
+        run_group(dev, done, range, &mut stash);
     }
     GGML_STATUS_SUCCESS
 }

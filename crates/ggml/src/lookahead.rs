@@ -159,6 +159,9 @@ struct Entry {
     ne: [i64; 4],
     /// Contiguous f32 outputs.
     out: Vec<f32>,
+    /// Speculated, its compute not finished yet.
+    pending: bool,
+    /// Computed and not taken yet.
     live: bool,
     /// Computed by the CPU fallback (counted as such when taken).
     fallback: bool,
@@ -177,7 +180,8 @@ pub struct Stash {
 }
 
 impl Stash {
-    /// Starts a `graph_compute` call: comparisons from an earlier call no longer hold.
+    /// Forgets which src1 was compared: at the start of a `graph_compute` call, whenever the
+    /// stash is refilled, and after any group ran (which may have freed and reused memory).
     pub fn begin(&mut self) {
         self.verified = None;
     }
@@ -185,12 +189,16 @@ impl Stash {
     /// Outputs not taken count as misses of their pair; the stash is emptied.
     fn retire(&mut self, learner: &Mutex<Learner>, stats: &Stats) {
         let mut l = learner.lock().unwrap_or_else(|e| e.into_inner());
-        for e in self.entries.iter_mut().filter(|e| e.live) {
+        for e in self.entries.iter_mut() {
+            if e.live {
+                l.miss(self.head, e.weight);
+                stats.lookahead_wasted.fetch_add(1, Relaxed);
+            }
             e.live = false;
-            l.miss(self.head, e.weight);
-            stats.lookahead_wasted.fetch_add(1, Relaxed);
+            e.pending = false;
         }
         self.src1_desc = None;
+        self.verified = None;
     }
 
     /// Adds the learnt companions of `g`'s first weight that `claims` (would the device claim that
@@ -241,6 +249,7 @@ impl Stash {
             weight_desc: TensorDesc::contiguous(GGML_TYPE_F32, 4, [0; 4]),
             ne: [0; 4],
             out: Vec::new(),
+            pending: false,
             live: false,
             fallback: false,
         });
@@ -251,7 +260,10 @@ impl Stash {
             e.ne = ne;
             e.out.clear();
             e.out.resize(ne.iter().product::<i64>() as usize, 0.0);
-            e.live = true;
+            // Live only once computed (`computed`): a compute that never returns leaves nothing
+            // to take.
+            e.pending = true;
+            e.live = false;
             e.fallback = false;
             g.members.push(Member {
                 src0: Operand {
@@ -269,9 +281,12 @@ impl Stash {
         comps.len()
     }
 
-    /// Records how the speculated outputs were computed.
+    /// The speculated outputs are written (by the engine, or by the CPU path if `fallback`):
+    /// from now on they can be taken.
     pub fn computed(&mut self, fallback: bool) {
-        for e in self.entries.iter_mut().filter(|e| e.live) {
+        for e in self.entries.iter_mut().filter(|e| e.pending) {
+            e.pending = false;
+            e.live = true;
             e.fallback = fallback;
         }
     }

@@ -376,7 +376,15 @@ impl ScratchPool {
         }
     }
 
-    pub(crate) fn give(&mut self, s: Surface) {
+    /// Returns what [`ScratchPool::take_pair`] gave, so that the next `take_pair` of this size gets
+    /// the same surfaces in the same roles: on the ANE a request is cached per binding, and
+    /// swapping x and y each time would double the bindings.
+    pub(crate) fn give_pair(&mut self, x: Surface, y: Surface) {
+        self.give(y);
+        self.give(x);
+    }
+
+    fn give(&mut self, s: Surface) {
         let v = self.free.entry(s.alloc_size()).or_default();
         if v.len() < 2 {
             v.push(s);
@@ -814,8 +822,7 @@ unsafe fn dispatch(
     let result =
         filled.and_then(|()| unsafe { run_and_scatter(cx, g, s, cols, &weights, &x, &mut y) });
     let mut pool = cx.scratch.lock().unwrap_or_else(|e| e.into_inner());
-    pool.give(x);
-    pool.give(y);
+    pool.give_pair(x, y);
     result
 }
 

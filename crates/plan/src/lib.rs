@@ -56,12 +56,12 @@ pub struct ColChunk {
 }
 
 impl Planner {
-    /// The default planner for a chip.
+    /// The default planner for a chip (the plugin's default layout, [`Layout::default`]).
     pub fn new(limits: ChipLimits) -> Self {
         Planner {
             limits,
             n_buckets: DEFAULT_N_BUCKETS.to_vec(),
-            layout: Layout::Channels,
+            layout: Layout::default(),
         }
     }
 

@@ -160,6 +160,9 @@ pub struct PlanOptions {
     pub route: Route,
     /// Costs to use instead of the chip's published ones (`GGML_ANE_COST`, `--cost`).
     pub cost: Option<ChipCost>,
+    /// The programs' layout (`GGML_ANE_LAYOUT`).
+    #[serde(skip)]
+    pub layout: crate::Layout,
 }
 
 /// How MUL_MATs are split between the ANE and the CPU.
@@ -237,6 +240,7 @@ impl PlanOptions {
             lookahead: true,
             route: Route::Batch,
             cost: None,
+            layout: crate::Layout::default(),
         }
     }
 }
@@ -428,7 +432,10 @@ fn ubatches(len: usize, n_ubatch: usize) -> Vec<(usize, usize)> {
 
 /// Plans `model` over `prompt_lengths`.
 pub fn plan(model: &ModelShape, prompt_lengths: &[usize], o: &PlanOptions) -> Plan {
-    let planner = Planner::new(o.chip.limits());
+    let planner = Planner {
+        layout: o.layout,
+        ..Planner::new(o.chip.limits())
+    };
     let cost = o.cost.unwrap_or_else(|| chip_cost(o.chip));
     let mut programs: BTreeSet<ProgramKey> = BTreeSet::new();
     let mut rows = Vec::new();

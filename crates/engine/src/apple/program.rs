@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Weak;
 use std::time::Duration;
 
 use objc2::rc::Retained;
@@ -23,15 +24,27 @@ pub(super) struct LoadedProgram {
     outputs: Vec<IoSurface>,
     /// Built once for this binding of surfaces and reused for every evaluation (§1.3.8).
     request: Retained<AnyObject>,
-    /// Requests binding engine surfaces ([`SharedSurface`]) directly, by their IOSurfaceRefs in
+    /// Requests binding engine surfaces ([`SharedSurface`]) directly, by the surfaces' ids in
     /// binding order: one compiled model evaluated with different requests (§1.3.8, maderix's
-    /// per-layer requests). Bounded by [`MAX_REQUESTS`].
-    bound: HashMap<Vec<usize>, Retained<AnyObject>>,
+    /// per-layer requests). See [`BoundRequest`].
+    bound: HashMap<Vec<u64>, BoundRequest>,
+    /// Direct-binding evaluations so far (least recently used eviction).
+    tick: u64,
 }
 
-/// Cached direct-binding requests per program (a model's layers share programs: one request per
-/// weight group and scratch pair). A request retains its surfaces, so the cache is bounded.
-const MAX_REQUESTS: usize = 128;
+/// A cached direct-binding request. It retains its IOSurfaces (through the `_ANEIOSurfaceObject`s),
+/// so it is purged as soon as one of its surfaces is dropped by the plugin (an evicted staged
+/// weight, a scratch surface the pool let go), and the least recently used one goes when the cache
+/// is full.
+struct BoundRequest {
+    request: Retained<AnyObject>,
+    alive: Vec<Weak<()>>,
+    used: u64,
+}
+
+/// Cached direct-binding requests per program: a model's layers share programs (one request per
+/// weight group and scratch pair; 80 layers for a 70B model, twice with two threads).
+const MAX_REQUESTS: usize = 256;
 
 fn shared(s: &Surface) -> Option<&SharedSurface> {
     s.engine_memory()?.as_any().downcast_ref::<SharedSurface>()
@@ -104,6 +117,7 @@ impl LoadedProgram {
                     outputs,
                     request,
                     bound: HashMap::new(),
+                    tick: 0,
                 },
                 times,
             )),
@@ -125,32 +139,61 @@ impl LoadedProgram {
         inputs: &[&Surface],
         outputs: &mut [&mut Surface],
     ) -> Result<u64, EngineError> {
-        let key: Option<Vec<usize>> = inputs
+        let key: Option<Vec<u64>> = inputs
             .iter()
             .copied()
             .chain(outputs.iter().map(|s| &**s))
-            .map(|s| shared(s).map(|m| m.io().as_ptr() as usize))
+            .map(|s| shared(s).map(SharedSurface::id))
             .collect();
         if let Some(key) = key {
-            let request = match self.bound.get(&key) {
-                Some(r) => r.clone(),
+            self.tick += 1;
+            let tick = self.tick;
+            let request = match self.bound.get_mut(&key) {
+                Some(b) => {
+                    b.used = tick;
+                    b.request.clone()
+                }
                 None => {
-                    let wrap =
-                        |s: &Surface| client.io_object(shared(s).expect("checked above").io());
+                    fn own(s: &Surface) -> &SharedSurface {
+                        shared(s).expect("checked above")
+                    }
                     let ins = inputs
                         .iter()
-                        .map(|s| wrap(s))
+                        .map(|s| client.io_object(own(s).io()))
                         .collect::<Result<Vec<_>, _>>()?;
                     let outs = outputs
                         .iter()
-                        .map(|s| wrap(s))
+                        .map(|s| client.io_object(own(s).io()))
                         .collect::<Result<Vec<_>, _>>()?;
-                    let r = client.request(&ins, &outs)?;
+                    let request = client.request(&ins, &outs)?;
+                    // Requests of dropped surfaces go first, then the least recently used.
+                    self.bound
+                        .retain(|_, b| b.alive.iter().all(|w| w.strong_count() > 0));
                     if self.bound.len() >= MAX_REQUESTS {
-                        self.bound.clear();
+                        let oldest = self
+                            .bound
+                            .iter()
+                            .min_by_key(|(_, b)| b.used)
+                            .map(|(k, _)| k.clone());
+                        if let Some(k) = oldest {
+                            self.bound.remove(&k);
+                        }
                     }
-                    self.bound.insert(key, r.clone());
-                    r
+                    let alive = inputs
+                        .iter()
+                        .copied()
+                        .chain(outputs.iter().map(|s| &**s))
+                        .map(|s| own(s).liveness())
+                        .collect();
+                    self.bound.insert(
+                        key,
+                        BoundRequest {
+                            request: request.clone(),
+                            alive,
+                            used: tick,
+                        },
+                    );
+                    request
                 }
             };
             // Unlocked for the evaluation; relocked when the CPU next touches them.

@@ -7,7 +7,8 @@
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
 
 use objc2::encode::{Encoding, RefEncode};
 use objc2::rc::Retained;
@@ -210,7 +211,13 @@ pub(super) struct SharedSurface {
     io: IoSurface,
     base: NonNull<u8>,
     holder: Mutex<Holder>,
+    /// Unique for the process (addresses can be reused once a surface is freed).
+    id: u64,
+    /// Dropped with the surface: cached requests that bind it hold a `Weak` and are purged.
+    alive: Arc<()>,
 }
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 // SAFETY: the base pointer is only dereferenced under the hand-off protocol, whose state sits
 // behind the mutex; `IoSurface` is Send + Sync.
@@ -233,7 +240,19 @@ impl SharedSurface {
                 cpu: true,
                 users: 0,
             }),
+            id: NEXT_ID.fetch_add(1, Relaxed),
+            alive: Arc::new(()),
         })
+    }
+
+    /// Process-unique id (the request cache key).
+    pub(super) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Turns dead when this surface drops.
+    pub(super) fn liveness(&self) -> Weak<()> {
+        Arc::downgrade(&self.alive)
     }
 
     /// The surface, for `objectWithIOSurface:` and as a request key.

@@ -333,3 +333,66 @@ impl Rig {
         added
     }
 }
+
+/// A comparison made for one snapshot does not carry over to the next: after the stash is
+/// refilled from other activations, the same src1 address is compared again (and refused).
+#[test]
+fn a_refilled_stash_compares_again() {
+    let (kdim, n) = (64, 64);
+    let (q, v) = (W::new(kdim, 64, 51), W::new(kdim, 32, 52));
+    let x = rand_vec(kdim * n, 53);
+    let y = rand_vec(kdim * n, 54);
+    let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
+    let rig = Rig::new();
+    {
+        let mut l = rig.learner.lock().unwrap();
+        l.observe(q.weight(), 0x1000, &xd);
+        l.observe(v.weight(), 0x1000, &xd);
+    }
+    let mut stash = Stash::default();
+    let (mut qo, mut vo) = (vec![0f32; 64 * n], vec![f32::NAN; 32 * n]);
+    stash.begin();
+    rig.run(&x, xd, vec![q.member(&mut qo, n)], Some(&mut stash));
+    let mv = v.member(&mut vo, n);
+    // SAFETY: valid buffers.
+    assert!(unsafe { stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)) });
+    // Same call: Q again on other activations refills the stash.
+    rig.run(&y, xd, vec![q.member(&mut qo, n)], Some(&mut stash));
+    let mut vo2 = vec![f32::NAN; 32 * n];
+    let mv2 = v.member(&mut vo2, n);
+    // SAFETY: valid buffers.
+    assert!(!unsafe { stash.take(&rig.learner, &rig.stats, &mv2, &src1(&x, xd)) });
+    assert!(vo2.iter().all(|v| v.is_nan()));
+}
+
+/// Outputs become takeable only once their compute finished.
+#[test]
+fn nothing_is_taken_before_it_is_computed() {
+    let (kdim, n) = (64, 64);
+    let (q, v) = (W::new(kdim, 64, 61), W::new(kdim, 32, 62));
+    let x = rand_vec(kdim * n, 63);
+    let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
+    let rig = Rig::new();
+    {
+        let mut l = rig.learner.lock().unwrap();
+        l.observe(q.weight(), 0x1000, &xd);
+        l.observe(v.weight(), 0x1000, &xd);
+    }
+    let mut stash = Stash::default();
+    let mut qo = vec![0f32; 64 * n];
+    let mut g = Group {
+        src1: src1(&x, xd),
+        src1_info: F32_INFO,
+        members: vec![q.member(&mut qo, n)],
+        weights: true,
+        speculative: 0,
+    };
+    // SAFETY: valid buffers; the compute is never run (as if it had panicked).
+    let added = unsafe { stash.speculate(&rig.learner, &rig.stats, &mut g, |_, _| true) };
+    assert_eq!(added, 1);
+    let mut vo = vec![f32::NAN; 32 * n];
+    let mv = v.member(&mut vo, n);
+    assert!(!stash.waits_for(&mv));
+    // SAFETY: valid buffers.
+    assert!(!unsafe { stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)) });
+}

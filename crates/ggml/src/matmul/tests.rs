@@ -407,3 +407,21 @@ fn token_major_layout_gives_the_same_results() {
     assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 5e-3);
     assert_eq!(rig.stats.ops_fallback.load(Relaxed), 0);
 }
+
+/// The pool hands the same surfaces back in the same roles (the ANE caches a request per binding).
+#[test]
+fn scratch_pairs_keep_their_roles() {
+    let engine = ReferenceEngine::new(Chip::M4.limits());
+    let mut pool = ScratchPool::default();
+    let size = ane_engine::surface::alloc_size(1 << 16);
+    let base = |s: &Surface| s.engine_memory().map(|m| m.base().as_ptr() as usize);
+    let (x, y) = pool.take_pair(&engine, size).unwrap();
+    let (bx, by) = (base(&x), base(&y));
+    assert!(bx.is_some() && bx != by, "engine memory, two surfaces");
+    pool.give_pair(x, y);
+    for _ in 0..3 {
+        let (x, y) = pool.take_pair(&engine, size).unwrap();
+        assert_eq!((base(&x), base(&y)), (bx, by));
+        pool.give_pair(x, y);
+    }
+}

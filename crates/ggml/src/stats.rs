@@ -157,7 +157,7 @@ impl Stats {
         }
         s.push_str(&format!("  programs compiled        {:>10}\n", e.compiles));
         s.push_str(&format!(
-            "  MiB copied to/from device {:>9.1}\n",
+            "  MiB copied to/from engine{:>10.1}\n",
             e.bytes_copied as f64 / (1u64 << 20) as f64
         ));
         s.push_str(&format!(

@@ -3,7 +3,9 @@
 //!
 //! Definitions (per row):
 //! - `bytes`: size of the larger buffer of the conversion: the f32 side for activations and
-//!   outputs, the fp16 destination for weights (the f32 source for F32 weights).
+//!   outputs, the fp16 destination for weights (the f32 source for F32 weights), either side of
+//!   the fp16 transpose (`transpose_f16`: a square matrix, 4096 x 4096 = 32 MiB when `bytes` is
+//!   64 MiB).
 //! - `gbps`: bytes read plus bytes written, divided by the best time of several runs, in GB/s (1e9).
 //! - `ratio_to_memcpy`: `gbps` over memcpy's (`copy_from_slice` of `bytes` bytes, which reads and
 //!   writes `bytes` each), measured first in the same run: 1.0 means as fast as memory allows.
@@ -20,14 +22,17 @@ use half::f16;
 
 use crate::ggml::GgmlBase;
 use crate::types::{self, GGML_TYPE_F32};
-use crate::{act_f32_to_f16_transposed, block_layout, out_f16_to_f32_transposed, row_to_f16};
+use crate::{
+    act_f32_to_f16_transposed, block_layout, out_f16_to_f32_transposed, row_to_f16, transpose_f16,
+};
 
 /// One row of the host benchmark (see the module doc for the definitions).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct HostBenchRow {
     /// `memcpy`; `act_f32_to_f16` and `out_f16_to_f32` (the plugin's default token-major layout: row
     /// conversions); `act_channels_*` and `out_channels_*` (channel-first, `GGML_ANE_LAYOUT=channels`:
-    /// with the transpose; also at plugin-sized shapes); or a ggml type name (`q4_K`).
+    /// with the transpose; also at plugin-sized shapes); `transpose_f16` (weight staging); or a
+    /// ggml type name (`q4_K`).
     pub name: String,
     /// Size of the larger buffer, bytes.
     pub bytes: usize,
@@ -302,6 +307,32 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
             })
         });
         push("out_f16_to_f32", elems * 4, elems * 6, ours, theirs);
+    }
+
+    // fp16 transpose (staging transposed weights): the largest power-of-two square of fp16 in
+    // half of `bytes` (4096 x 4096, 32 MiB, at the default 64 MiB), so both strides are the
+    // power of two that makes transposes slow. Traffic is both sides, like memcpy's.
+    {
+        let side = 1usize << ((bytes / 4).ilog2() / 2);
+        let mut raw = vec![0u8; side * side * 2];
+        fill_bytes(&mut raw, 9);
+        let src: Vec<f16> = raw
+            .chunks_exact(2)
+            .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+            .collect();
+        let mut dst_buf = vec![f16::ZERO; side * side + SURFACE_ALIGN];
+        let dst = surface_side(&mut dst_buf, side * side);
+        let ours = best_time(|| {
+            transpose_f16(black_box(&src), side, side, side, dst, side).expect("shape");
+            black_box(&mut *dst);
+        });
+        push(
+            "transpose_f16",
+            side * side * 2,
+            side * side * 4,
+            ours,
+            None,
+        );
     }
 
     // Weights: rows of ROW elements to fp16; `bytes` of fp16 output.

@@ -112,6 +112,16 @@ macro_rules! instances {
             }
 
             /// # Safety
+            /// The CPU has the features; the arguments meet `layout::transpose`'s contract.
+            #[target_feature(enable = $features)]
+            pub(crate) unsafe fn transpose(
+                src: &[u16], rows: usize, cols: usize, ss: usize, dst: &mut [u16], ds: usize,
+            ) {
+                // SAFETY: forwarded contract.
+                unsafe { layout::transpose::<$kernel>(src, rows, cols, ss, dst, ds) }
+            }
+
+            /// # Safety
             /// The CPU has the features; the arguments meet `weights::row`'s contract.
             #[target_feature(enable = $features)]
             pub(crate) unsafe fn row(ty: i32, src: &[u8], dst: &mut [u16]) {
@@ -166,6 +176,16 @@ pub(crate) mod scalar {
     }
     pub(crate) unsafe fn row(ty: i32, src: &[u8], dst: &mut [u16]) {
         unsafe { weights::row::<Scalar>(ty, src, dst) }
+    }
+    pub(crate) unsafe fn transpose(
+        s: &[u16],
+        r: usize,
+        c: usize,
+        ss: usize,
+        d: &mut [u16],
+        ds: usize,
+    ) {
+        unsafe { layout::transpose::<Scalar>(s, r, c, ss, d, ds) }
     }
 }
 

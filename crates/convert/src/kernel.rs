@@ -32,6 +32,27 @@ pub(crate) unsafe trait Kernel: Copy {
     /// `dst[c * dst_stride + r] = f32(src[r * src_stride + c])` for r, c in 0..8 (strides in elements).
     unsafe fn widen8x8_t(src: *const u16, src_stride: usize, dst: *mut f32, dst_stride: usize);
 
+    /// `dst[c * dst_stride + r] = src[r * src_stride + c]` for r, c in 0..8 (strides in
+    /// elements): 16-bit patterns moved, never converted, so NaN payloads survive. The default is
+    /// the scalar loop; the vector kernels do it in registers with 8 loads and 8 stores.
+    #[inline(always)]
+    unsafe fn transpose8x8_u16(
+        src: *const u16,
+        src_stride: usize,
+        dst: *mut u16,
+        dst_stride: usize,
+    ) {
+        for r in 0..8 {
+            for c in 0..8 {
+                // SAFETY: the caller guarantees both 8x8 tiles are in bounds.
+                unsafe {
+                    let v = src.add(r * src_stride + c).read_unaligned();
+                    dst.add(c * dst_stride + r).write_unaligned(v);
+                }
+            }
+        }
+    }
+
     /// True when the kernel has non-temporal stores that bypass the cache for whole 64-byte
     /// lines ([`Kernel::narrow32x16_t_stream`], [`Kernel::stream64_f32`]). The DRAM-sized
     /// transposes then write each destination line once, without first reading it (the
@@ -71,6 +92,14 @@ pub(crate) unsafe trait Kernel: Copy {
     unsafe fn stream64_f32(src: *const f32, dst: *mut f32) {
         // SAFETY: the caller guarantees 64 elements on both sides, not overlapping.
         unsafe { core::ptr::copy_nonoverlapping(src, dst, 64) };
+    }
+
+    /// Copies 32 fp16 (one cache line) from `src` to `dst`; with [`Kernel::STREAM`], both must be
+    /// 64-byte aligned and `dst` is written with non-temporal stores.
+    #[inline(always)]
+    unsafe fn stream32_u16(src: *const u16, dst: *mut u16) {
+        // SAFETY: the caller guarantees 32 elements on both sides, not overlapping.
+        unsafe { core::ptr::copy_nonoverlapping(src, dst, 32) };
     }
 
     /// Orders the non-temporal stores before everything after it (`sfence`); a no-op for
@@ -290,6 +319,52 @@ mod x86 {
             }
         }
 
+        /// SSE2 only (baseline; the AVX2 instance just inherits it): three rounds of unpacks
+        /// interleave 16-, 32- and 64-bit pieces of row pairs, so register `c` ends up holding
+        /// column `c`.
+        #[inline(always)]
+        unsafe fn transpose8x8_u16(src: *const u16, ss: usize, dst: *mut u16, ds: usize) {
+            // SAFETY: see the impl comment; the caller guarantees both 8x8 tiles are in bounds.
+            unsafe {
+                let mut a = [_mm_setzero_si128(); 8];
+                for (i, v) in a.iter_mut().enumerate() {
+                    *v = _mm_loadu_si128(src.add(i * ss).cast());
+                }
+                // Pairs of rows, 16-bit interleave: b0 = a00 a10 a01 a11 a02 a12 a03 a13, ...
+                let b0 = _mm_unpacklo_epi16(a[0], a[1]);
+                let b1 = _mm_unpackhi_epi16(a[0], a[1]);
+                let b2 = _mm_unpacklo_epi16(a[2], a[3]);
+                let b3 = _mm_unpackhi_epi16(a[2], a[3]);
+                let b4 = _mm_unpacklo_epi16(a[4], a[5]);
+                let b5 = _mm_unpackhi_epi16(a[4], a[5]);
+                let b6 = _mm_unpacklo_epi16(a[6], a[7]);
+                let b7 = _mm_unpackhi_epi16(a[6], a[7]);
+                // Quads of rows: c0 = columns 0, 1 of rows 0..4; c1 = columns 2, 3; ...
+                let c0 = _mm_unpacklo_epi32(b0, b2);
+                let c1 = _mm_unpackhi_epi32(b0, b2);
+                let c2 = _mm_unpacklo_epi32(b1, b3);
+                let c3 = _mm_unpackhi_epi32(b1, b3);
+                let c4 = _mm_unpacklo_epi32(b4, b6);
+                let c5 = _mm_unpackhi_epi32(b4, b6);
+                let c6 = _mm_unpacklo_epi32(b5, b7);
+                let c7 = _mm_unpackhi_epi32(b5, b7);
+                // All 8 rows: column c of rows 0..4 from c(c/2), rows 4..8 from c(4 + c/2).
+                let d = [
+                    _mm_unpacklo_epi64(c0, c4),
+                    _mm_unpackhi_epi64(c0, c4),
+                    _mm_unpacklo_epi64(c1, c5),
+                    _mm_unpackhi_epi64(c1, c5),
+                    _mm_unpacklo_epi64(c2, c6),
+                    _mm_unpackhi_epi64(c2, c6),
+                    _mm_unpacklo_epi64(c3, c7),
+                    _mm_unpackhi_epi64(c3, c7),
+                ];
+                for (i, v) in d.iter().enumerate() {
+                    _mm_storeu_si128(dst.add(i * ds).cast(), *v);
+                }
+            }
+        }
+
         const STREAM: bool = true;
 
         /// Four 8x8 tiles (32 tokens) per 8 channels are kept in registers and each destination
@@ -323,6 +398,15 @@ mod x86 {
                 for j in (0..64).step_by(8) {
                     _mm256_stream_ps(dst.add(j), _mm256_load_ps(src.add(j)));
                 }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn stream32_u16(src: *const u16, dst: *mut u16) {
+            // SAFETY: see the impl comment; both 64-byte aligned, 32 elements in bounds.
+            unsafe {
+                _mm256_stream_si256(dst.cast(), _mm256_load_si256(src.cast()));
+                _mm256_stream_si256(dst.add(16).cast(), _mm256_load_si256(src.add(16).cast()));
             }
         }
 
@@ -438,6 +522,46 @@ mod arm {
                             vst1q_f32(dst.add((c0 + c) * ds + r0), *v);
                         }
                     }
+                }
+            }
+        }
+
+        /// `trn1`/`trn2` on 16-, 32- and 64-bit lanes: each round transposes 2x2 blocks of the
+        /// previous round's elements, so three rounds transpose 8x8.
+        #[inline(always)]
+        unsafe fn transpose8x8_u16(src: *const u16, ss: usize, dst: *mut u16, ds: usize) {
+            // SAFETY: see the impl comment; the caller guarantees both 8x8 tiles are in bounds.
+            unsafe {
+                let mut a = [vdupq_n_u16(0); 8];
+                for (i, v) in a.iter_mut().enumerate() {
+                    *v = vld1q_u16(src.add(i * ss));
+                }
+                // Row pairs (i, i + 1): even columns in `e`, odd columns in `o`, as 32-bit
+                // lanes of (row i, row i + 1).
+                let mut e = [vdupq_n_u32(0); 4];
+                let mut o = [vdupq_n_u32(0); 4];
+                for p in 0..4 {
+                    e[p] = vreinterpretq_u32_u16(vtrn1q_u16(a[2 * p], a[2 * p + 1]));
+                    o[p] = vreinterpretq_u32_u16(vtrn2q_u16(a[2 * p], a[2 * p + 1]));
+                }
+                // Row quads: q[h] holds rows 4h..4h + 4 as 64-bit lanes of one column each,
+                // columns (0, 4), (1, 5), (2, 6), (3, 7).
+                let mut q = [[vdupq_n_u64(0); 4]; 2];
+                for (h, qh) in q.iter_mut().enumerate() {
+                    let x = 2 * h;
+                    *qh = [
+                        vreinterpretq_u64_u32(vtrn1q_u32(e[x], e[x + 1])),
+                        vreinterpretq_u64_u32(vtrn1q_u32(o[x], o[x + 1])),
+                        vreinterpretq_u64_u32(vtrn2q_u32(e[x], e[x + 1])),
+                        vreinterpretq_u64_u32(vtrn2q_u32(o[x], o[x + 1])),
+                    ];
+                }
+                // Column c: rows 0..4 and rows 4..8 of the same 64-bit lane.
+                for (c, (&lo, &hi)) in q[0].iter().zip(&q[1]).enumerate() {
+                    let first = vreinterpretq_u16_u64(vtrn1q_u64(lo, hi));
+                    let second = vreinterpretq_u16_u64(vtrn2q_u64(lo, hi));
+                    vst1q_u16(dst.add(c * ds), first);
+                    vst1q_u16(dst.add((c + 4) * ds), second);
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! Host-side conversions around an ANE dispatch, at memory speed.
 //!
-//! Three jobs, each one pass over memory with no allocation:
+//! Each job is one pass over memory with no allocation:
 //! - **Weights**: a row of a ggml tensor (F32, F16, BF16, the legacy quants, the K-quants, IQ4) to
 //!   fp16 with [`row_to_f16`], bit-identical to ggml's `to_float` followed by a round-to-nearest-even
 //!   fp16 conversion. Each block is decoded into a small stack array and narrowed straight into the
@@ -9,6 +9,8 @@
 //!   into the ANE's channel-first fp16 layout `[K][Np]` directly in the engine's input buffer.
 //! - **Outputs**: [`out_f16_to_f32_transposed`] turns the ANE's `[M][Np]` fp16 output into ggml's
 //!   dst rows (N x M, f32) directly in the destination tensor.
+//! - **Transposed weights**: [`transpose_f16`] moves fp16 bit patterns from rows to columns, for
+//!   staging weights in the transposed layout.
 //!
 //! # Design choices
 //! - **Write each algorithm once.** The bodies are generic over a small kernel trait (8 values
@@ -363,6 +365,91 @@ pub fn out_f16_to_f32_transposed_with(
     let src: &[u16] = src.reinterpret_cast();
     call!(backend, out(src, m, np, n, dst, dst_stride));
     Ok(())
+}
+
+/// fp16 matrix transpose, for staging transposed weights: `src` holds `rows` rows of `cols`
+/// values, row `r` starting at `r * src_stride`; writes `dst[c * dst_stride + r] = src[r *
+/// src_stride + c]` for every `r < rows`, `c < cols`. Nothing else of `dst` is touched, so both
+/// sides can be windows of larger matrices. The 16-bit patterns are moved, not converted: NaN
+/// payloads and signalling NaNs arrive unchanged. `rows == 0` or `cols == 0` does nothing.
+///
+/// # Errors
+/// [`ConvertError::Stride`] when `src_stride < cols` or `dst_stride < rows`;
+/// [`ConvertError::Length`] when a buffer is too short.
+///
+/// # Examples
+/// ```
+/// use half::f16;
+/// let src: Vec<f16> = (0..6).map(|i| f16::from_f32(i as f32)).collect(); // 2 x 3
+/// let mut dst = [f16::ZERO; 6]; // 3 x 2
+/// ane_convert::transpose_f16(&src, 2, 3, 3, &mut dst, 2).unwrap();
+/// assert_eq!(dst.map(f16::to_f32), [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+/// ```
+pub fn transpose_f16(
+    src: &[f16],
+    rows: usize,
+    cols: usize,
+    src_stride: usize,
+    dst: &mut [f16],
+    dst_stride: usize,
+) -> Result<(), ConvertError> {
+    transpose_f16_with(
+        Backend::best(),
+        src,
+        rows,
+        cols,
+        src_stride,
+        dst,
+        dst_stride,
+    )
+}
+
+/// [`transpose_f16`] on a chosen backend.
+///
+/// # Errors
+/// As [`transpose_f16`], plus [`ConvertError::BackendUnavailable`].
+pub fn transpose_f16_with(
+    backend: Backend,
+    src: &[f16],
+    rows: usize,
+    cols: usize,
+    src_stride: usize,
+    dst: &mut [f16],
+    dst_stride: usize,
+) -> Result<(), ConvertError> {
+    check_backend(backend)?;
+    check_stride("transpose source row stride", cols, src_stride)?;
+    check_stride("transpose destination row stride", rows, dst_stride)?;
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    check_len(
+        "transpose source",
+        strided_len(rows, src_stride, cols),
+        src.len(),
+    )?;
+    check_len(
+        "transpose destination",
+        strided_len(cols, dst_stride, rows),
+        dst.len(),
+    )?;
+    let src: &[u16] = src.reinterpret_cast();
+    let dst: &mut [u16] = dst.reinterpret_cast_mut();
+    call!(
+        backend,
+        transpose(src, rows, cols, src_stride, dst, dst_stride)
+    );
+    Ok(())
+}
+
+/// Elements a buffer of `n >= 1` rows of `len` values, `stride` apart, spans:
+/// `(n - 1) * stride + len`, saturated so an overflowing shape fails the length check instead of
+/// wrapping past it.
+fn strided_len(n: usize, stride: usize, len: usize) -> usize {
+    (n - 1)
+        .checked_mul(stride)
+        .and_then(|x| x.checked_add(len))
+        .unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]

@@ -123,6 +123,161 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Every backend puts every bit pattern (NaN payloads, signalling NaNs included) where the
+    /// naive double loop does, at any starting offset on either side, and touches nothing else
+    /// of `dst` (the gaps between rows and the guard after the end keep their sentinel).
+    #[test]
+    fn transpose_f16_layout(
+        rows in 0usize..70, cols in 0usize..70, src_extra in 0usize..9, dst_extra in 0usize..9,
+        src_off in 0usize..17, dst_off in 0usize..17, seed in any::<u64>(),
+    ) {
+        let (ss, ds) = (cols + src_extra, rows + dst_extra);
+        let src_len = if rows == 0 { 0 } else { (rows - 1) * ss + cols };
+        let dst_len = if cols == 0 { 0 } else { (cols - 1) * ds + rows };
+        let mut x = seed | 1;
+        let buf: Vec<f16> = (0..src_off + src_len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                f16::from_bits((x >> 48) as u16)
+            })
+            .collect();
+        let src = &buf[src_off..];
+        let sentinel = 0x7E5Au16;
+        let mut want = vec![sentinel; dst_off + dst_len + 5];
+        for r in 0..rows {
+            for c in 0..cols {
+                want[dst_off + c * ds + r] = src[r * ss + c].to_bits();
+            }
+        }
+        for b in Backend::available() {
+            let mut out = vec![f16::from_bits(sentinel); dst_off + dst_len + 5];
+            transpose_f16_with(b, src, rows, cols, ss, &mut out[dst_off..dst_off + dst_len], ds)
+                .unwrap();
+            prop_assert_eq!(&bits(&out), &want, "{:?}", b);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Shapes that take the streaming copy of kernels with non-temporal stores (`dst_stride % 32
+    /// == 0`, destination 64-byte aligned, 32-row multiples in a block) next to ones that just
+    /// miss it (unaligned by `dst_skew` elements), with full and partial 128-row blocks.
+    #[test]
+    fn transpose_f16_streaming(
+        rows in 1usize..300, cols in 1usize..150, src_extra in 0usize..3, pad in 0usize..2,
+        dst_skew in prop_oneof![Just(0usize), 0usize..32], src_off in 0usize..9,
+    ) {
+        let ss = cols + src_extra;
+        let ds = rows.next_multiple_of(32) + 32 * pad;
+        let src: Vec<f16> = (0..src_off + (rows - 1) * ss + cols)
+            .map(|i| f16::from_bits((i as u64 * 40503 % 65536) as u16))
+            .collect();
+        let src = &src[src_off..];
+        let len = (cols - 1) * ds + rows;
+        let sentinel = f16::from_bits(0xFC01);
+        let mut buf = vec![sentinel; len + 64 + dst_skew];
+        let base = buf.as_ptr().align_offset(128) + dst_skew;
+        let mut want = vec![sentinel.to_bits(); buf.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                want[base + c * ds + r] = src[r * ss + c].to_bits();
+            }
+        }
+        for b in Backend::available() {
+            buf.fill(sentinel);
+            transpose_f16_with(b, src, rows, cols, ss, &mut buf[base..base + len], ds).unwrap();
+            prop_assert_eq!(&bits(&buf), &want, "{:?}", b);
+        }
+    }
+}
+
+/// Shapes spanning several transpose blocks in both directions (the typical staging call: 32
+/// rows of a long K into a wide tile, and a tall one), with ragged edges and NaN patterns.
+#[test]
+fn transpose_f16_multi_block() {
+    for (rows, cols, ss, ds) in [
+        (32, 4100, 4103, 1024),
+        (301, 203, 211, 320),
+        (256, 128, 128, 256),
+    ] {
+        let src: Vec<f16> = (0..(rows - 1) * ss + cols)
+            .map(|i| f16::from_bits((i as u64 * 40503 % 65536) as u16))
+            .collect();
+        for b in Backend::available() {
+            let mut dst = vec![f16::from_bits(0xFFFF); (cols - 1) * ds + rows];
+            transpose_f16_with(b, &src, rows, cols, ss, &mut dst, ds).unwrap();
+            for c in 0..cols {
+                for r in 0..ds.min(dst.len() - c * ds) {
+                    let want = if r < rows {
+                        src[r * ss + c].to_bits()
+                    } else {
+                        0xFFFF
+                    };
+                    assert_eq!(
+                        dst[c * ds + r].to_bits(),
+                        want,
+                        "{b:?} {rows}x{cols} at {c} {r}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn transpose_f16_errors() {
+    let s = [f16::ZERO; 64];
+    let mut d = [f16::ZERO; 64];
+    // Strides smaller than the row they hold.
+    assert!(matches!(
+        transpose_f16(&s, 4, 8, 7, &mut d, 4),
+        Err(ConvertError::Stride { min: 8, got: 7, .. })
+    ));
+    assert!(matches!(
+        transpose_f16(&s, 4, 8, 8, &mut d, 3),
+        Err(ConvertError::Stride { min: 4, got: 3, .. })
+    ));
+    // Short source: 4 rows of 8 at stride 10 need 38 elements.
+    assert!(matches!(
+        transpose_f16(&s[..37], 4, 8, 10, &mut d, 4),
+        Err(ConvertError::Length {
+            expected: 38,
+            got: 37,
+            ..
+        })
+    ));
+    assert!(transpose_f16(&s[..38], 4, 8, 10, &mut d, 4).is_ok());
+    // Short destination: 8 rows of 4 at stride 6 need 46 elements.
+    assert!(matches!(
+        transpose_f16(&s, 4, 8, 8, &mut d[..45], 6),
+        Err(ConvertError::Length {
+            expected: 46,
+            got: 45,
+            ..
+        })
+    ));
+    assert!(transpose_f16(&s, 4, 8, 8, &mut d[..46], 6).is_ok());
+    // A shape whose span overflows fails the length check instead of wrapping.
+    assert!(matches!(
+        transpose_f16(&s, usize::MAX / 2, 2, 4, &mut d, usize::MAX / 2),
+        Err(ConvertError::Length { .. })
+    ));
+    // Empty shapes are no-ops on empty buffers, but the strides are still checked.
+    assert!(transpose_f16(&[], 0, 5, 5, &mut [], 0).is_ok());
+    assert!(transpose_f16(&[], 5, 0, 0, &mut [], 5).is_ok());
+    assert!(matches!(
+        transpose_f16(&[], 0, 5, 4, &mut [], 0),
+        Err(ConvertError::Stride { .. })
+    ));
+}
+
 #[test]
 fn q4_0_nibble_order() {
     // Scale 1.0; byte j holds element j (low nibble) and element j + 16 (high nibble).
@@ -172,8 +327,8 @@ fn errors() {
 fn bench_host_rows() {
     let rows = bench_host(256 * 1024, None);
     // memcpy, the two channel-first transposes, the two at plugin shapes, the two token-major
-    // copies, one row per weight type.
-    assert_eq!(rows.len(), 7 + types::SUPPORTED.len());
+    // copies, the fp16 transpose, one row per weight type.
+    assert_eq!(rows.len(), 8 + types::SUPPORTED.len());
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
     for want in [
         "memcpy",
@@ -183,6 +338,7 @@ fn bench_host_rows() {
         "out_channels_f16_to_f32",
         "act_channels_n512_k4096",
         "out_channels_m14336_n512",
+        "transpose_f16",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }

@@ -564,10 +564,20 @@ impl<'a> WeightWriter<'a> {
         let (t, mi) = (self.first / s.m_tile, self.first % s.m_tile);
         for c in 0..s.k_chunks {
             let lo = c * s.k_chunk;
-            for kk in lo..(lo + s.k_chunk).min(k) {
-                let at = s.w_index(t, c, mi, kk - lo);
-                for (j, v) in self.w[at..at + n].iter_mut().enumerate() {
-                    *v = self.block[j * k + kk];
+            let hi = (lo + s.k_chunk).min(k);
+            if lo >= hi {
+                break;
+            }
+            // `n` rows x (hi - lo) columns of the block, to k-major runs of `n` in the slice.
+            let at = s.w_index(t, c, mi, 0);
+            let src = &self.block[lo..(n - 1) * k + hi];
+            let dst = &mut self.w[at..at + (hi - lo - 1) * s.m_tile + n];
+            if ane_convert::transpose_f16(src, n, hi - lo, k, dst, s.m_tile).is_err() {
+                // Unreachable with the shapes above; the plain loop keeps it correct regardless.
+                for kk in lo..hi {
+                    for j in 0..n {
+                        dst[(kk - lo) * s.m_tile + j] = self.block[j * k + kk];
+                    }
                 }
             }
         }

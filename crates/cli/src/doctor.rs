@@ -89,6 +89,18 @@ pub fn report(args: &Args) -> Value {
         .unwrap_or(if p.ane_available { 5 } else { 1 })
         .max(1);
     let mut checks: Vec<Check> = p.checks.clone();
+    // The plugin binds the engine's own surfaces (IOSurfaces) directly, and copies through host
+    // memory only if that fails its canary: say which it would do. What follows runs with it.
+    let (ok, detail) = match ane_plan::probe::shape_shared_canary(engine, ane_plan::Layout::default()) {
+        Ok((c, ane_plan::probe::Surfaces::Own, _)) => (c.ok, format!("engine surfaces bound directly (no copies); shape-shared canary max_rel_err {:.2e}", c.max_rel_err)),
+        Ok((c, ane_plan::probe::Surfaces::Host, why)) => (false, format!("engine surfaces failed ({}); host surfaces copied per dispatch instead: canary {} (max_rel_err {:.2e})", why.unwrap_or_default(), if c.ok { "passes" } else { "fails" }, c.max_rel_err)),
+        Err(e) => (false, format!("shape-shared canary failed: {e}")),
+    };
+    checks.push(Check {
+        name: "direct_binding",
+        ok,
+        detail,
+    });
     // The plugin dispatches the shape-shared form, not the baked conv: check it in both layouts.
     for layout in [ane_plan::Layout::Channels, ane_plan::Layout::Tokens] {
         let (ok, detail) = match ane_plan::probe::tiled_canary(engine, layout) {

@@ -96,6 +96,12 @@ pub trait Engine: Send + Sync {
         Ok(Surface::new(bytes))
     }
 
+    /// Whether [`Engine::new_surface`] hands out the engine's own memory (`true`, the default) or
+    /// host memory copied per evaluation (`false`): the fallback when a canary fails with the
+    /// former and passes with the latter (`ane_plan::probe::shape_shared_canary`). Engines
+    /// without memory of their own ignore it.
+    fn use_own_surfaces(&self, _on: bool) {}
+
     /// Compiles `mil` (textual MIL, function `main`) with its weight files and loads the result.
     ///
     /// # Errors

@@ -99,7 +99,15 @@ fn open_ane(cfg: &Config) -> Result<Arc<dyn Engine>, EngineError> {
         Ok(r) if r.ok => {
             // The plugin dispatches the shape-shared form (two inputs, weights as an input, row
             // tiles and K slices): check that form too, in the configured layout.
-            match ane_plan::probe::tiled_canary(engine.as_ref(), cfg.layout) {
+            // With the engine's own surfaces bound directly, or else host copies (said once).
+            let shape_shared = ane_plan::probe::shape_shared_canary(engine.as_ref(), cfg.layout)
+                .map(|(t, surfaces, why)| {
+                    if let (true, ane_plan::probe::Surfaces::Host, Some(why)) = (t.ok, surfaces, why) {
+                        eprintln!("ggml-ane: direct IOSurface binding failed its canary ({why}); copying surfaces per dispatch");
+                    }
+                    t
+                });
+            match shape_shared {
                 Ok(t) if t.ok && cfg.weights == config::WeightsMode::Compressed => {
                     match ane_plan::probe::compressed_canary(engine.as_ref()) {
                         Ok(c) if c.ok => Ok(engine),

@@ -57,11 +57,26 @@ pub fn run_planned(
     let id = engine.compile(&ane_mil::text::emit(&ane_mil::build::tiled_matmul(s)), &[])?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
     let size = request_alloc_size(&[s.x_len() * 2, s.w_len() * 2, s.y_len() * 2]);
-    let (mut xs, mut ws, mut ys) = (Surface::new(size), Surface::new(size), Surface::new(size));
+    // The engine's own surfaces, as the plugin uses them (bound directly on the ANE).
+    let surfaces = (|| {
+        Ok::<_, EngineError>((
+            engine.new_surface(size)?,
+            engine.new_surface(size)?,
+            engine.new_surface(size)?,
+        ))
+    })();
+    let (mut xs, mut ws, mut ys) = match surfaces {
+        Ok(v) => v,
+        Err(e) => {
+            engine.unload(id);
+            return Err(e);
+        }
+    };
     {
         // Weights: rows of K, cut into tiles of m_tile rows and slices of k_chunk, placed as the
-        // layout wants them (rows, or transposed).
+        // layout wants them (rows, or transposed); engine memory is not cleared.
         let wh = ws.fp16_mut(s.w_len());
+        wh.fill(f16::ZERO);
         for r in 0..m {
             let (tile, mi) = (r / s.m_tile, r % s.m_tile);
             for c in 0..s.k_chunks {
@@ -78,6 +93,7 @@ pub fn run_planned(
     for rep in 0..reps.max(1) {
         let t = Instant::now();
         let xh = xs.fp16_mut(s.x_len());
+        xh.fill(f16::ZERO);
         for ki in 0..k {
             let (c, kk) = (ki / s.k_chunk, ki % s.k_chunk);
             for ni in 0..n {
@@ -160,6 +176,43 @@ pub fn tiled_canary(engine: &dyn Engine, layout: Layout) -> Result<TiledCanary, 
         ok: err <= CANARY_TOLERANCE,
         max_rel_err: err,
     })
+}
+
+/// Which memory the shape-shared program passed its canary with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Surfaces {
+    /// The engine's own (IOSurfaces bound directly): the fast path.
+    Own,
+    /// Host memory, copied in and out per evaluation: the engine's own failed the canary.
+    Host,
+}
+
+/// The shape-shared canary the plugin gates on, with the conservative fallback for the one part
+/// no document settles: binding the engine's own surfaces directly. It runs [`tiled_canary`]
+/// with the engine's own surfaces; if that fails or errs, it switches `engine` to host surfaces
+/// (`Engine::use_own_surfaces(false)`, the copy path every direct-ANE project uses) and runs it
+/// again. Returns the last canary, the surfaces it passed (or failed) with, and why the own
+/// surfaces were given up, if they were.
+///
+/// # Errors
+/// Whatever `engine` returns on the host-surface attempt.
+pub fn shape_shared_canary(
+    engine: &dyn Engine,
+    layout: Layout,
+) -> Result<(TiledCanary, Surfaces, Option<String>), EngineError> {
+    let why = match tiled_canary(engine, layout) {
+        Ok(c) if c.ok => return Ok((c, Surfaces::Own, None)),
+        Ok(c) => format!("wrong numbers (max relative error {:.3e})", c.max_rel_err),
+        Err(e) => e.to_string(),
+    };
+    engine.use_own_surfaces(false);
+    match tiled_canary(engine, layout) {
+        Ok(c) => Ok((c, Surfaces::Host, Some(why))),
+        Err(e) => {
+            engine.use_own_surfaces(true);
+            Err(e)
+        }
+    }
 }
 
 /// Runs the baked compressed-weight form (`GGML_ANE_WEIGHTS=compressed`) for Q8_0 and Q4_0 blocks
@@ -304,6 +357,74 @@ mod tests {
     fn wrong_numbers_fail_the_compressed_canary() {
         let r = compressed_canary(&Negated(ReferenceEngine::new(Chip::M4.limits()))).unwrap();
         assert!(!r.ok, "negated outputs passed with error {}", r.max_rel_err);
+    }
+
+    /// Right numbers with host surfaces, wrong ones when its own surfaces are bound: a broken
+    /// direct binding.
+    struct BrokenBinding(ReferenceEngine);
+    impl Engine for BrokenBinding {
+        fn name(&self) -> &'static str {
+            "broken-binding"
+        }
+        fn limits(&self) -> ane_engine::ChipLimits {
+            self.0.limits()
+        }
+        fn new_surface(&self, bytes: usize) -> Result<Surface, EngineError> {
+            self.0.new_surface(bytes)
+        }
+        fn use_own_surfaces(&self, on: bool) {
+            self.0.use_own_surfaces(on)
+        }
+        fn compile(&self, mil: &str, w: &[WeightFile]) -> Result<ProgramId, EngineError> {
+            self.0.compile(mil, w)
+        }
+        fn evaluate(
+            &self,
+            p: ProgramId,
+            i: &[&Surface],
+            o: &mut [&mut Surface],
+        ) -> Result<(), EngineError> {
+            self.0.evaluate(p, i, o)?;
+            if i.iter().any(|s| s.engine_memory().is_some()) {
+                for s in o.iter_mut() {
+                    s.bytes_mut().chunks_exact_mut(2).for_each(|b| b[1] ^= 0x80);
+                }
+            }
+            Ok(())
+        }
+        fn unload(&self, p: ProgramId) {
+            self.0.unload(p)
+        }
+        fn counters(&self) -> ane_engine::EngineCounters {
+            self.0.counters()
+        }
+    }
+
+    #[test]
+    fn a_broken_direct_binding_falls_back_to_host_surfaces() {
+        let good = ReferenceEngine::new(Chip::M4.limits());
+        let (c, s, why) = shape_shared_canary(&good, Layout::Tokens).unwrap();
+        assert!(c.ok && s == Surfaces::Own && why.is_none());
+        assert!(good.new_surface(1 << 16).unwrap().engine_memory().is_some());
+
+        let broken = BrokenBinding(ReferenceEngine::new(Chip::M4.limits()));
+        let (c, s, why) = shape_shared_canary(&broken, Layout::Tokens).unwrap();
+        assert!(c.ok, "host surfaces pass: {}", c.max_rel_err);
+        assert_eq!(s, Surfaces::Host);
+        assert!(why.unwrap().contains("wrong numbers"));
+        assert!(
+            broken
+                .new_surface(1 << 16)
+                .unwrap()
+                .engine_memory()
+                .is_none(),
+            "the engine now hands out host memory"
+        );
+
+        // Wrong with either memory: the canary fails.
+        let bad = Negated(ReferenceEngine::new(Chip::M4.limits()));
+        let (c, _, _) = shape_shared_canary(&bad, Layout::Tokens).unwrap();
+        assert!(!c.ok);
     }
 
     #[test]

@@ -54,6 +54,8 @@ use crate::{
 pub struct AneEngine {
     client: Client,
     chip: Chip,
+    /// `Engine::use_own_surfaces`: IOSurfaces bound directly (default) or host copies.
+    own_surfaces: std::sync::atomic::AtomicBool,
     limits: ChipLimits,
     dirs: Mutex<DirRefcount>,
     state: Mutex<State>,
@@ -125,6 +127,7 @@ pub fn open_with_probe() -> (Result<Arc<AneEngine>, EngineError>, Probe) {
             Arc::new(AneEngine {
                 client,
                 chip,
+                own_surfaces: std::sync::atomic::AtomicBool::new(true),
                 limits: chip.limits(),
                 dirs: Mutex::new(DirRefcount::default()),
                 state: Mutex::new(State::default()),
@@ -174,8 +177,16 @@ impl Engine for AneEngine {
 
     /// An IOSurface written and read in place (`surface::SharedSurface`).
     fn new_surface(&self, bytes: usize) -> Result<Surface, EngineError> {
+        if !self.own_surfaces.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(Surface::new(bytes));
+        }
         let s = surface::SharedSurface::new(bytes)?;
         Ok(Surface::from_engine(Box::new(s)))
+    }
+
+    fn use_own_surfaces(&self, on: bool) {
+        self.own_surfaces
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {

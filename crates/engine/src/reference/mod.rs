@@ -47,6 +47,7 @@ pub struct ReferenceEngine {
     limits: ChipLimits,
     chip: Chip,
     handoffs: Arc<memory::Handoffs>,
+    own_surfaces: std::sync::atomic::AtomicBool,
     numerics: Numerics,
     faults: Option<Faults>,
     state: Mutex<State>,
@@ -73,6 +74,7 @@ impl ReferenceEngine {
             limits,
             chip: Chip::Unknown,
             handoffs: Arc::default(),
+            own_surfaces: std::sync::atomic::AtomicBool::new(true),
             numerics: Numerics::default(),
             faults: None,
             state: Mutex::new(State::default()),
@@ -125,8 +127,16 @@ impl Engine for ReferenceEngine {
     /// Host memory that enforces the IOSurface hand-off protocol ([`memory`]).
     fn new_surface(&self, bytes: usize) -> Result<Surface, EngineError> {
         self.inject(Step::Alloc)?;
+        if !self.own_surfaces.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(Surface::new(bytes));
+        }
         let mem = memory::TrackedMemory::new(bytes, self.handoffs.clone())?;
         Ok(Surface::from_engine(Box::new(mem)))
+    }
+
+    fn use_own_surfaces(&self, on: bool) {
+        self.own_surfaces
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {

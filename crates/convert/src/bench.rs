@@ -146,6 +146,39 @@ fn surface_side<T>(buf: &mut [T], len: usize) -> &mut [T] {
     &mut buf[off..off + len]
 }
 
+/// Times the channel-first activation transform of `n` tokens x `k` channels, the destination
+/// aligned as a surface; returns the source too (for the ggml comparison) and the best time.
+fn time_act(n: usize, k: usize) -> (Vec<f32>, f64) {
+    let mut src = vec![0f32; n * k];
+    fill_f32(&mut src, 3);
+    let mut dst_buf = vec![f16::ZERO; n * k + SURFACE_ALIGN];
+    let dst = surface_side(&mut dst_buf, n * k);
+    let t = best_time(|| {
+        act_f32_to_f16_transposed(black_box(&src), n, k, k, dst, n).expect("shape");
+        black_box(&mut *dst);
+    });
+    (src, t)
+}
+
+/// Times the channel-first output transform of `m` channels x `n` tokens, the source aligned as
+/// a surface; returns the source values too (for the ggml comparison) and the best time.
+fn time_out(m: usize, n: usize) -> (Vec<f16>, f64) {
+    let mut raw = vec![0u8; n * m * 2];
+    fill_bytes(&mut raw, 5);
+    let mut src_buf = vec![f16::ZERO; n * m + SURFACE_ALIGN];
+    let src = surface_side(&mut src_buf, n * m);
+    for (d, b) in src.iter_mut().zip(raw.chunks_exact(2)) {
+        *d = f16::from_bits(u16::from_le_bytes([b[0], b[1] & 0xBF]));
+    }
+    let src = &*src;
+    let mut dst = vec![0f32; n * m];
+    let t = best_time(|| {
+        out_f16_to_f32_transposed(black_box(src), m, n, n, &mut dst, m).expect("shape");
+        black_box(&mut dst);
+    });
+    (src.to_vec(), t)
+}
+
 /// Runs the host benchmark at `bytes` per buffer (use 64 MiB or more for DRAM-bound numbers) and
 /// returns one row for memcpy, activations, outputs and every natively converted weight type.
 /// With `ggml`, each row also compares against ggml's path in the same process.
@@ -190,14 +223,7 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
         let elems = bytes / 4;
         let k = if elems >= ROW * 64 { ROW } else { 256 };
         let n = ((elems / k) & !7).max(8);
-        let mut src = vec![0f32; n * k];
-        fill_f32(&mut src, 3);
-        let mut dst_buf = vec![f16::ZERO; n * k + SURFACE_ALIGN];
-        let dst = surface_side(&mut dst_buf, n * k);
-        let ours = best_time(|| {
-            act_f32_to_f16_transposed(black_box(&src), n, k, k, dst, n).expect("shape");
-            black_box(&mut *dst);
-        });
+        let (src, ours) = time_act(n, k);
         let mut dst = vec![f16::ZERO; n * k];
         let theirs = ggml.map(|g| {
             best_time(|| {
@@ -205,13 +231,8 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
                 black_box(&mut dst);
             })
         });
-        push(
-            "act_channels_f32_to_f16",
-            n * k * 4,
-            n * k * 6,
-            ours,
-            theirs,
-        );
+        let name = "act_channels_f32_to_f16";
+        push(name, n * k * 4, n * k * 6, ours, theirs);
     }
 
     // Channel-first outputs: [M][N] fp16 -> N tokens x M channels of f32.
@@ -219,59 +240,26 @@ pub fn bench_host(bytes: usize, ggml: Option<&GgmlBase>) -> Vec<HostBenchRow> {
         let elems = bytes / 4;
         let m = if elems >= ROW * 64 { ROW } else { 256 };
         let n = ((elems / m) & !7).max(8);
-        let mut raw = vec![0u8; n * m * 2];
-        fill_bytes(&mut raw, 5);
-        let mut src_buf = vec![f16::ZERO; n * m + SURFACE_ALIGN];
-        let src = surface_side(&mut src_buf, n * m);
-        for (d, b) in src.iter_mut().zip(raw.chunks_exact(2)) {
-            *d = f16::from_bits(u16::from_le_bytes([b[0], b[1] & 0xBF]));
-        }
-        let src = &*src;
+        let (src, ours) = time_out(m, n);
         let mut dst = vec![0f32; n * m];
-        let ours = best_time(|| {
-            out_f16_to_f32_transposed(black_box(src), m, n, n, &mut dst, m).expect("shape");
-            black_box(&mut dst);
-        });
         let theirs = ggml.map(|g| {
             best_time(|| {
-                g.fp16_to_fp32_row(black_box(src), &mut dst).expect("len");
+                g.fp16_to_fp32_row(black_box(&src), &mut dst).expect("len");
                 black_box(&mut dst);
             })
         });
-        push(
-            "out_channels_f16_to_f32",
-            n * m * 4,
-            n * m * 6,
-            ours,
-            theirs,
-        );
+        let name = "out_channels_f16_to_f32";
+        push(name, n * m * 4, n * m * 6, ours, theirs);
     }
 
     // Plugin-like shapes (reported, not the target: 8-28 MiB may sit in a large L3):
     // activations of 512 tokens x 4096 channels, outputs of 14336 channels x 512 tokens.
     {
         let (n, k) = (512, 4096);
-        let mut src = vec![0f32; n * k];
-        fill_f32(&mut src, 3);
-        let mut dst_buf = vec![f16::ZERO; n * k + SURFACE_ALIGN];
-        let dst = surface_side(&mut dst_buf, n * k);
-        let ours = best_time(|| {
-            act_f32_to_f16_transposed(black_box(&src), n, k, k, dst, n).expect("shape");
-            black_box(&mut *dst);
-        });
+        let ours = time_act(n, k).1;
         push("act_channels_n512_k4096", n * k * 4, n * k * 6, ours, None);
         let (m, n) = (14336, 512);
-        let mut src_buf = vec![f16::ZERO; m * n + SURFACE_ALIGN];
-        let src = surface_side(&mut src_buf, m * n);
-        for (i, d) in src.iter_mut().enumerate() {
-            *d = f16::from_bits((i as u64 * 40503 % 0x7C00) as u16);
-        }
-        let src = &*src;
-        let mut dst = vec![0f32; n * m];
-        let ours = best_time(|| {
-            out_f16_to_f32_transposed(black_box(src), m, n, n, &mut dst, m).expect("shape");
-            black_box(&mut dst);
-        });
+        let ours = time_out(m, n).1;
         push("out_channels_m14336_n512", n * m * 4, n * m * 6, ours, None);
     }
 

@@ -23,6 +23,8 @@ pub mod matmul;
 pub mod placement;
 pub mod stats;
 pub mod support;
+#[cfg(test)]
+mod test_util;
 
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -572,14 +572,8 @@ impl<'a> WeightWriter<'a> {
             let at = s.w_index(t, c, mi, 0);
             let src = &self.block[lo..(n - 1) * k + hi];
             let dst = &mut self.w[at..at + (hi - lo - 1) * s.m_tile + n];
-            if ane_convert::transpose_f16(src, n, hi - lo, k, dst, s.m_tile).is_err() {
-                // Unreachable with the shapes above; the plain loop keeps it correct regardless.
-                for kk in lo..hi {
-                    for j in 0..n {
-                        dst[(kk - lo) * s.m_tile + j] = self.block[j * k + kk];
-                    }
-                }
-            }
+            ane_convert::transpose_f16(src, n, hi - lo, k, dst, s.m_tile)
+                .expect("the block and the slice were cut to these shapes");
         }
         self.rows = 0;
     }

@@ -285,86 +285,29 @@ mod tests {
         }
     }
 
-    /// Binds the two inputs in declaration order reversed: what a driver with the wrong binding
-    /// order would do.
-    struct Swapped(ReferenceEngine);
-    impl Engine for Swapped {
+    /// What a [`Faulty`] engine gets wrong.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fault {
+        /// Binds the two inputs in declaration order reversed: a driver with the wrong binding
+        /// order.
+        SwapInputs,
+        /// Negates every output: any wrong-numbers engine.
+        Negate,
+        /// Negates the outputs only when its own surfaces are bound: a broken direct binding
+        /// (right numbers with host surfaces).
+        NegateOwnSurfaces,
+    }
+
+    /// The reference engine with one [`Fault`].
+    struct Faulty(ReferenceEngine, Fault);
+
+    fn faulty(fault: Fault) -> Faulty {
+        Faulty(ReferenceEngine::new(Chip::M4.limits()), fault)
+    }
+
+    impl Engine for Faulty {
         fn name(&self) -> &'static str {
-            "swapped"
-        }
-        fn limits(&self) -> ane_engine::ChipLimits {
-            self.0.limits()
-        }
-        fn compile(&self, mil: &str, w: &[WeightFile]) -> Result<ProgramId, EngineError> {
-            self.0.compile(mil, w)
-        }
-        fn evaluate(
-            &self,
-            p: ProgramId,
-            i: &[&Surface],
-            o: &mut [&mut Surface],
-        ) -> Result<(), EngineError> {
-            let rev: Vec<&Surface> = i.iter().rev().copied().collect();
-            self.0.evaluate(p, &rev, o)
-        }
-        fn unload(&self, p: ProgramId) {
-            self.0.unload(p)
-        }
-        fn counters(&self) -> ane_engine::EngineCounters {
-            self.0.counters()
-        }
-    }
-
-    #[test]
-    fn reference_passes_the_compressed_canary() {
-        let r = compressed_canary(&ReferenceEngine::new(Chip::M4.limits())).unwrap();
-        assert!(r.ok && r.max_rel_err == 0.0, "{}", r.max_rel_err);
-    }
-
-    /// Returns every output negated: any wrong-numbers engine.
-    struct Negated(ReferenceEngine);
-    impl Engine for Negated {
-        fn name(&self) -> &'static str {
-            "negated"
-        }
-        fn limits(&self) -> ane_engine::ChipLimits {
-            self.0.limits()
-        }
-        fn compile(&self, mil: &str, w: &[WeightFile]) -> Result<ProgramId, EngineError> {
-            self.0.compile(mil, w)
-        }
-        fn evaluate(
-            &self,
-            p: ProgramId,
-            i: &[&Surface],
-            o: &mut [&mut Surface],
-        ) -> Result<(), EngineError> {
-            self.0.evaluate(p, i, o)?;
-            for s in o.iter_mut() {
-                s.bytes_mut().chunks_exact_mut(2).for_each(|b| b[1] ^= 0x80);
-            }
-            Ok(())
-        }
-        fn unload(&self, p: ProgramId) {
-            self.0.unload(p)
-        }
-        fn counters(&self) -> ane_engine::EngineCounters {
-            self.0.counters()
-        }
-    }
-
-    #[test]
-    fn wrong_numbers_fail_the_compressed_canary() {
-        let r = compressed_canary(&Negated(ReferenceEngine::new(Chip::M4.limits()))).unwrap();
-        assert!(!r.ok, "negated outputs passed with error {}", r.max_rel_err);
-    }
-
-    /// Right numbers with host surfaces, wrong ones when its own surfaces are bound: a broken
-    /// direct binding.
-    struct BrokenBinding(ReferenceEngine);
-    impl Engine for BrokenBinding {
-        fn name(&self) -> &'static str {
-            "broken-binding"
+            "faulty"
         }
         fn limits(&self) -> ane_engine::ChipLimits {
             self.0.limits()
@@ -384,8 +327,19 @@ mod tests {
             i: &[&Surface],
             o: &mut [&mut Surface],
         ) -> Result<(), EngineError> {
-            self.0.evaluate(p, i, o)?;
-            if i.iter().any(|s| s.engine_memory().is_some()) {
+            let reversed: Vec<&Surface> = i.iter().rev().copied().collect();
+            let bound = if self.1 == Fault::SwapInputs {
+                &reversed
+            } else {
+                i
+            };
+            self.0.evaluate(p, bound, o)?;
+            let negate = match self.1 {
+                Fault::SwapInputs => false,
+                Fault::Negate => true,
+                Fault::NegateOwnSurfaces => i.iter().any(|s| s.engine_memory().is_some()),
+            };
+            if negate {
                 for s in o.iter_mut() {
                     s.bytes_mut().chunks_exact_mut(2).for_each(|b| b[1] ^= 0x80);
                 }
@@ -401,13 +355,25 @@ mod tests {
     }
 
     #[test]
+    fn reference_passes_the_compressed_canary() {
+        let r = compressed_canary(&ReferenceEngine::new(Chip::M4.limits())).unwrap();
+        assert!(r.ok && r.max_rel_err == 0.0, "{}", r.max_rel_err);
+    }
+
+    #[test]
+    fn wrong_numbers_fail_the_compressed_canary() {
+        let r = compressed_canary(&faulty(Fault::Negate)).unwrap();
+        assert!(!r.ok, "negated outputs passed with error {}", r.max_rel_err);
+    }
+
+    #[test]
     fn a_broken_direct_binding_falls_back_to_host_surfaces() {
         let good = ReferenceEngine::new(Chip::M4.limits());
         let (c, s, why) = shape_shared_canary(&good, Layout::Tokens).unwrap();
         assert!(c.ok && s == Surfaces::Own && why.is_none());
         assert!(good.new_surface(1 << 16).unwrap().engine_memory().is_some());
 
-        let broken = BrokenBinding(ReferenceEngine::new(Chip::M4.limits()));
+        let broken = faulty(Fault::NegateOwnSurfaces);
         let (c, s, why) = shape_shared_canary(&broken, Layout::Tokens).unwrap();
         assert!(c.ok, "host surfaces pass: {}", c.max_rel_err);
         assert_eq!(s, Surfaces::Host);
@@ -422,14 +388,14 @@ mod tests {
         );
 
         // Wrong with either memory: the canary fails.
-        let bad = Negated(ReferenceEngine::new(Chip::M4.limits()));
+        let bad = faulty(Fault::Negate);
         let (c, _, _) = shape_shared_canary(&bad, Layout::Tokens).unwrap();
         assert!(!c.ok);
     }
 
     #[test]
     fn swapped_inputs_fail_the_canary() {
-        let e = Swapped(ReferenceEngine::new(Chip::M4.limits()));
+        let e = faulty(Fault::SwapInputs);
         // All surfaces have one size, so the swap evaluates; only the numbers give it away.
         let r = tiled_canary(&e, Layout::Channels).expect("swapped inputs still evaluate");
         assert!(!r.ok, "wrong binding passed with error {}", r.max_rel_err);

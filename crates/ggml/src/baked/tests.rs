@@ -8,27 +8,10 @@ use crate::ffi::GGML_TYPE_F32;
 use crate::ggml::TypeInfo;
 use crate::matmul::{compute, Operand, ScratchPool, StagedWeights};
 use crate::support::TensorDesc;
+use crate::test_util::{rand_vec, F32_INFO};
 use ane_engine::reference::ReferenceEngine;
 use ane_engine::Chip;
 use ane_plan::Planner;
-
-const F32_INFO: TypeInfo = TypeInfo {
-    blck_size: 1,
-    type_size: 4,
-    to_float: None,
-};
-
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect()
-}
 
 /// `rows x k` weights as ggml blocks (Q8_0: f16 d + 32 i8; Q4_0: f16 d + 16 bytes, element j in
 /// the low nibble of byte j and j + 16 in the high one, value (q - 8) d), and their values in f64.

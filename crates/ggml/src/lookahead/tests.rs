@@ -2,31 +2,10 @@
 
 use super::*;
 use crate::matmul::{compute, Context, KernelCache, ScratchPool, StagedWeights};
+use crate::test_util::{f32_desc, rand_vec, F32_INFO};
 use ane_engine::reference::ReferenceEngine;
 use ane_engine::Engine;
 use ane_plan::Planner;
-
-const F32_INFO: TypeInfo = TypeInfo {
-    blck_size: 1,
-    type_size: 4,
-    to_float: None,
-};
-
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed ^ 0x9e3779b97f4a7c15;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect()
-}
-
-fn f32_desc(ne: [i64; 4]) -> TensorDesc {
-    TensorDesc::contiguous(GGML_TYPE_F32, 4, ne)
-}
 
 /// A weight `[k, m]` with its values.
 struct W {
@@ -87,13 +66,17 @@ impl Rig {
         }
     }
 
-    /// Computes `members` on `x` as one group, with speculation from `stash` when given.
-    fn run(&self, x: &[f32], xd: TensorDesc, members: Vec<Member>, stash: Option<&mut Stash>) {
+    /// Computes `members` on `x` as one group, with speculation from `stash` when given; returns
+    /// how many companions were speculated.
+    fn run(
+        &self,
+        x: &[f32],
+        xd: TensorDesc,
+        members: Vec<Member>,
+        stash: Option<&mut Stash>,
+    ) -> usize {
         let mut g = Group {
-            src1: Operand {
-                desc: xd,
-                data: x.as_ptr().cast(),
-            },
+            src1: src1(x, xd),
             src1_info: F32_INFO,
             members,
             weights: true,
@@ -110,13 +93,18 @@ impl Rig {
         match stash {
             Some(stash) => {
                 // SAFETY: every buffer matches its description; the stash outlives the compute.
-                unsafe { stash.speculate(&self.learner, &self.stats, &mut g, |_, _| true) };
+                let added =
+                    unsafe { stash.speculate(&self.learner, &self.stats, &mut g, |_, _| true) };
                 // SAFETY: as above; no dst overlaps a source.
                 let fb = unsafe { compute(&cx, &g) };
                 stash.computed(fb);
+                added
             }
-            // SAFETY: as above.
-            None => _ = unsafe { compute(&cx, &g) },
+            None => {
+                // SAFETY: as above.
+                unsafe { compute(&cx, &g) };
+                0
+            }
         }
     }
 
@@ -291,47 +279,13 @@ fn unused_speculation_is_pruned() {
     let mut qo = vec![0f32; 64 * n];
     for round in 0..3 {
         stash.begin();
-        let added = rig.run_count(&x, xd, &q, &mut qo, n, &mut stash);
+        let before = rig.get(&rig.stats.dispatches);
+        let added = rig.run(&x, xd, vec![q.member(&mut qo, n)], Some(&mut stash));
+        assert_eq!(rig.get(&rig.stats.dispatches), before + 1);
         // V never comes: its speculation is wasted twice, then V is no longer added.
         assert_eq!(added, usize::from(round < 2), "round {round}");
     }
     assert_eq!(rig.get(&rig.stats.lookahead_wasted), 2);
-}
-
-impl Rig {
-    fn run_count(
-        &self,
-        x: &[f32],
-        xd: TensorDesc,
-        q: &W,
-        qo: &mut [f32],
-        n: usize,
-        stash: &mut Stash,
-    ) -> usize {
-        let before = self.get(&self.stats.dispatches);
-        let mut g = Group {
-            src1: src1(x, xd),
-            src1_info: F32_INFO,
-            members: vec![q.member(qo, n)],
-            weights: true,
-            speculative: 0,
-        };
-        // SAFETY: valid buffers; the stash outlives the compute.
-        let added = unsafe { stash.speculate(&self.learner, &self.stats, &mut g, |_, _| true) };
-        let cx = Context {
-            engine: &self.engine,
-            planner: &self.planner,
-            cache: &self.cache,
-            staged: &self.staged,
-            scratch: &self.scratch,
-            stats: &self.stats,
-        };
-        // SAFETY: as above.
-        let fb = unsafe { compute(&cx, &g) };
-        stash.computed(fb);
-        assert_eq!(self.get(&self.stats.dispatches), before + 1);
-        added
-    }
 }
 
 /// A comparison made for one snapshot does not carry over to the next: after the stash is

@@ -3,27 +3,10 @@
 
 use super::*;
 use crate::support::TensorDesc;
+use crate::test_util::{f32_desc, rand_vec, F32_INFO};
 use ane_engine::reference::ReferenceEngine;
 use ane_engine::{Chip, ChipLimits, EngineCounters, WeightFile};
 use std::sync::atomic::Ordering::Relaxed;
-
-const F32_INFO: TypeInfo = TypeInfo {
-    blck_size: 1,
-    type_size: 4,
-    to_float: None,
-};
-
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed ^ 0x9e3779b97f4a7c15;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect()
-}
 
 /// dst[i3][i2][n][m] with ggml broadcasting, f64 accumulation.
 fn oracle(a: &[f32], ad: &TensorDesc, b: &[f32], bd: &TensorDesc) -> Vec<f64> {
@@ -134,10 +117,6 @@ fn assert_close(got: &[f32], want: &[f64], tol: f64) {
             "element {i}: got {g}, want {w}"
         );
     }
-}
-
-fn f32_desc(ne: [i64; 4]) -> TensorDesc {
-    TensorDesc::contiguous(GGML_TYPE_F32, 4, ne)
 }
 
 #[test]

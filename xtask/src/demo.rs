@@ -42,5 +42,6 @@ pub fn run() -> Result {
         .env("GGML_ANE_STATS", "1")
         .env("OMP_WAIT_POLICY", crate::test::OMP_WAIT_POLICY)
         .stdin(std::process::Stdio::null());
+    crate::exit_drain::apply(&mut cmd);
     util::run(&mut cmd)
 }

@@ -10,6 +10,7 @@
 
 mod check_apple;
 mod demo;
+mod exit_drain;
 mod flags;
 mod llama;
 mod models;

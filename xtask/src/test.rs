@@ -606,32 +606,43 @@ pub(crate) fn completion(
         cmd.env("GGML_BACKEND_PATH", p)
             .env("GGML_ANE_ENGINE", "reference");
     }
+    crate::exit_drain::apply(&mut cmd);
     cmd
 }
 
 /// Runs llama-completion until its log was flushed completely.
 ///
 /// llama-completion prints generated text and timings through llama.cpp's
-/// asynchronous logger; now and then (seen in CPU-only runs too, without the
-/// plugin) the process exits before the logger's queue is written, losing the
-/// tail of the output. Entries are written in order, so the final
-/// `llama_perf_context_print ... total time` line on stderr proves the text
-/// before it is complete. A run without it is retried (at most 4 tries).
+/// asynchronous logger, which is never drained at exit; a process that exits
+/// while the logger lags loses the tail of its output (seen in CPU-only runs
+/// too, without the plugin). [`completion`] preloads [`crate::exit_drain`]
+/// against that; this is the second line. Entries are written in order, so
+/// the final `llama_perf_context_print ... total time` line on stderr proves
+/// the text before it is complete. A run without it is retried, and a run
+/// still cut after 8 tries is an error: comparing a cut text would blame the
+/// plugin for the host's logger.
 pub(crate) fn run_completion(
     cmd: &mut Command,
     name: &str,
     timeout: Duration,
 ) -> Result<util::Logged> {
-    let mut last = None;
-    for attempt in 1..=4 {
+    const TRIES: u32 = 8;
+    let mut attempt = 1;
+    loop {
         let res = util::run_logged(cmd, name, timeout)?;
         if !res.success() || res.stderr.contains("total time") {
             return Ok(res);
         }
+        if attempt == TRIES {
+            bail!(
+                "{name}: llama-completion exited {TRIES} times without its final timings line \
+                 (output cut at exit by llama.cpp's logger); {}",
+                res.where_logged()
+            );
+        }
         println!("  (llama-completion log truncated at exit, retry {attempt})");
-        last = Some(res);
+        attempt += 1;
     }
-    Ok(last.expect("at least one attempt"))
 }
 
 fn step_e2e(pre: &mut Prereqs) -> Result<String> {

@@ -103,6 +103,7 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
     //    and without it.
     let model = models::path("f16");
     let mut counts = Vec::new();
+    let mut staging = String::new();
     for lookahead in [true, false] {
         let label = if lookahead {
             "plan-counts"
@@ -160,6 +161,23 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
                 "lookahead {lookahead}: {copied} MiB copied between host and engine surfaces; every dispatch should bind engine memory\n{}",
                 run.where_logged()
             );
+        }
+        // With the lookahead every group is known at load and staged then (into the surfaces its
+        // dispatches bind); without it single weights are converted at load and stacked into
+        // their group's surface by its first dispatch.
+        let (at_load, by_dispatch) = (
+            stat(&run.stderr, "groups_staged_load")?,
+            stat(&run.stderr, "groups_staged_dispatch")?,
+        );
+        if lookahead && (at_load == 0 || by_dispatch != 0) || !lookahead && by_dispatch == 0 {
+            bail!(
+                "lookahead {lookahead}: weight groups staged at load {at_load}, by a dispatch {by_dispatch}\n{}",
+                run.where_logged()
+            );
+        }
+        if lookahead {
+            staging =
+                format!("weight groups staged at load {at_load}, inside the prompt {by_dispatch}");
         }
         // Each layer's V and K come from Q's dispatch, and nothing speculated is thrown away.
         if lookahead && (hits == 0 || wasted != 0) || !lookahead && hits != 0 {
@@ -362,7 +380,7 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         ));
     }
     Ok(format!(
-        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt, 0 bytes copied; {hits} MUL_MATs from lookahead, {off_dispatches} dispatches without it = planned; with eval faults text identical, {fhits} taken, {ffb} fallbacks); cost routing: {r_dispatches} dispatches = planned, {r_declined} declines, text identical; m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; channel-first layout identical ({}); compressed weights identical ({})",
+        "programs {compiled} = planned {planned}, dispatches {dispatches} = planned {planned_dispatches} ({tokens}-token prompt, 0 bytes copied, {staging}; {hits} MUL_MATs from lookahead, {off_dispatches} dispatches without it = planned; with eval faults text identical, {fhits} taken, {ffb} fallbacks); cost routing: {r_dispatches} dispatches = planned, {r_declined} declines, text identical; m1 LM head 20048 rows: {tiled} tiled dispatches, text identical; channel-first layout identical ({}); compressed weights identical ({})",
         layouts.join(", "),
         baked.join(", ")
     ))

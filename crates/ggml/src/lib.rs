@@ -603,20 +603,27 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(
             }
             Ok(()) => {
                 let usable = placement::weight_usable(g, s0, &dev.stats.declined_buft);
-                if usable && Config::get().lookahead && g.is_weight(s0) {
+                let learns = usable
+                    && Config::get().lookahead
+                    && g.is_weight(s0)
+                    && lookahead::eligible(&desc(s0), &desc(s1));
+                if learns {
                     if let Some(info) = g.type_info(s0.type_) {
                         let w = lookahead::Weight {
                             data: s0.data as usize,
                             desc: desc(s0),
                             info,
                         };
-                        dev.learner
+                        let ready = dev
+                            .learner
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .observe(w, t.src[1] as usize, &desc(s1));
+                            .observe(w, t.src[1] as usize, &desc(s1), g.buffer_range(s0));
+                        if let Some(r) = ready.filter(|_| Config::get().prestage) {
+                            stage_ready(dev, &r);
+                        }
                     }
-                }
-                if usable && Config::get().prestage && g.is_weight(s0) {
+                } else if usable && Config::get().prestage && g.is_weight(s0) {
                     if let Some(i0) = g.type_info(s0.type_) {
                         let m = matmul::Member {
                             src0: Operand {
@@ -649,6 +656,44 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(
             }
         }
     })
+}
+
+/// Stages a group the lookahead learner completed, as `run_group` will stack it: the head, then
+/// the companions it would speculate (inside the head's buffer, claimed by the cost rule).
+fn stage_ready(dev: &DeviceState, r: &lookahead::Ready) {
+    let Some((lo, hi)) = r.head_buffer else {
+        return;
+    };
+    let member = |w: &lookahead::Weight| matmul::Member::weight_only(w.desc, w.data, w.info);
+    let members: Vec<matmul::Member> = std::iter::once(member(&r.head))
+        .chain(
+            r.companions
+                .iter()
+                .filter(|w| {
+                    let bytes = w.desc.ne[1] as usize * w.desc.nb[1];
+                    w.data >= lo
+                        && w.data.saturating_add(bytes) <= hi
+                        && cost_says_ane(dev, &w.desc, &r.src1_desc, true)
+                })
+                .map(member),
+        )
+        .collect();
+    let cx = matmul::Context {
+        engine: dev.engine.as_ref(),
+        planner: &dev.planner,
+        cache: &dev.cache,
+        staged: &dev.staged,
+        scratch: &dev.scratch,
+        stats: &dev.stats,
+    };
+    // SAFETY: weights of claimed MUL_MATs in live host weights buffers (the head's buffer range
+    // was read just now; companions lie inside it), loaded before llama.cpp reserves its graphs.
+    if let Err(e) = unsafe { matmul::stage_at_load(&cx, &members) } {
+        // Not fatal: the first dispatch stages the group (or falls back to the CPU).
+        if std::env::var_os("GGML_ANE_DEBUG").is_some() {
+            eprintln!("ggml-ane: staging at load failed (the first dispatch stages): {e}");
+        }
+    }
 }
 
 /// `GGML_ANE_ROUTE=cost`: whether the cost model estimates this MUL_MAT faster on the ANE (always

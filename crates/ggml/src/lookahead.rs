@@ -71,6 +71,33 @@ pub struct Learner {
     recent: VecDeque<Sighting>,
     companions: HashMap<usize, Vec<Companion>>,
     refused: HashSet<(usize, usize)>,
+    /// The last head weight seen, while weights reading its src1 may still follow.
+    open: Option<Ready>,
+    /// Heads already handed out as [`Ready`], with their companion count then.
+    handed: HashMap<usize, usize>,
+}
+
+/// A group whose weights are all known: a head weight and the companions a dispatch of it will
+/// stack (see [`Stash::speculate`]), handed out once so the plugin can stage their weights at load
+/// (`matmul::stage_at_load`). A prediction only: the staged surface is found by its weights'
+/// identity, so a dispatch that stacks other weights stages its own.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    /// The group's first weight.
+    pub head: Weight,
+    /// Its companions, in the order a dispatch stacks them.
+    pub companions: Vec<Weight>,
+    /// The src1 the head was seen with.
+    pub src1_desc: TensorDesc,
+    /// What the caller said of the head's buffer when it was seen.
+    pub head_buffer: Option<(usize, usize)>,
+    src1: usize,
+}
+
+/// Whether [`Learner::observe`] learns from a MUL_MAT of these operands (2-D weight, contiguous
+/// f32 activations, as llama.cpp's projections).
+pub fn eligible(weight: &TensorDesc, src1: &TensorDesc) -> bool {
+    two_d(weight) && contiguous_f32(src1)
 }
 
 /// Activations the stash can copy and compare: contiguous f32 (llama.cpp's normed inputs).
@@ -83,20 +110,43 @@ fn two_d(d: &TensorDesc) -> bool {
 }
 
 impl Learner {
-    /// Records that `weight` is multiplied with the graph tensor at `src1` (a claimed MUL_MAT).
-    pub fn observe(&mut self, weight: Weight, src1: usize, src1_desc: &TensorDesc) {
-        if !two_d(&weight.desc) || !contiguous_f32(src1_desc) {
-            return;
+    /// Records that `weight` is multiplied with the graph tensor at `src1` (a claimed MUL_MAT);
+    /// `head_buffer` is kept with it in case it heads a group. Returns the group this sighting
+    /// completed, if any: the open head's, once a weight reading another src1 shows that no more
+    /// companions follow. (The last group of a graph is completed by the next pass; llama.cpp
+    /// reserves its graphs more than once at load.)
+    pub fn observe(
+        &mut self,
+        weight: Weight,
+        src1: usize,
+        src1_desc: &TensorDesc,
+        head_buffer: Option<(usize, usize)>,
+    ) -> Option<Ready> {
+        if !eligible(&weight.desc, src1_desc) {
+            return None;
         }
         let seen = |s: &Sighting| s.src1 == src1 && s.src1_ne == src1_desc.ne;
+        let ready = match &self.open {
+            Some(o) if o.src1 != src1 || o.src1_desc.ne != src1_desc.ne => self.close(),
+            _ => None,
+        };
+        let head = self.recent.iter().find(|s| seen(s)).map(|s| s.weight);
+        if self.open.is_none() && head.is_none_or(|h| h == weight.data) {
+            self.open = Some(Ready {
+                head: weight,
+                companions: Vec::new(),
+                src1_desc: *src1_desc,
+                head_buffer,
+                src1,
+            });
+        }
         if self
             .recent
             .iter()
             .any(|s| seen(s) && s.weight == weight.data)
         {
-            return; // a later pass over the same graph, or the same graph again
+            return ready; // a later pass over the same graph, or the same graph again
         }
-        let head = self.recent.iter().find(|s| seen(s)).map(|s| s.weight);
         self.recent.push_back(Sighting {
             src1,
             src1_ne: src1_desc.ne,
@@ -105,9 +155,9 @@ impl Learner {
         if self.recent.len() > RECENT {
             self.recent.pop_front();
         }
-        let Some(head) = head else { return };
+        let Some(head) = head else { return ready };
         if self.refused.contains(&(head, weight.data)) {
-            return;
+            return ready;
         }
         let list = self.companions.entry(head).or_default();
         let k_of = |w: &Weight| w.desc.ne[0];
@@ -117,6 +167,16 @@ impl Learner {
         {
             list.push(Companion { weight, misses: 0 });
         }
+        ready
+    }
+
+    /// Completes the open group: its head with the companions learnt so far, unless handed out
+    /// before with as many companions.
+    fn close(&mut self) -> Option<Ready> {
+        let mut r = self.open.take()?;
+        r.companions = self.of(r.head.data);
+        let n = r.companions.len();
+        (self.handed.insert(r.head.data, n) != Some(n)).then_some(r)
     }
 
     /// The companions of `head` (empty when none were learnt).

@@ -17,6 +17,7 @@
 //! ANE runs no transposes.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -50,6 +51,23 @@ pub struct Member {
     pub src0_info: TypeInfo,
     /// Output (F32).
     pub dst: Operand,
+}
+
+impl Member {
+    /// A weight without an output, for staging ([`stage_at_load`]): dst is null and never used.
+    pub fn weight_only(desc: TensorDesc, data: usize, info: TypeInfo) -> Member {
+        Member {
+            src0: Operand {
+                desc,
+                data: data as *const u8,
+            },
+            src0_info: info,
+            dst: Operand {
+                desc,
+                data: std::ptr::null(),
+            },
+        }
+    }
 }
 
 /// MUL_MATs sharing one src1, computed together.
@@ -343,6 +361,47 @@ pub unsafe fn prestage(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member)
     size
 }
 
+/// Stages a group of 2-D weights (same K, in the order a dispatch stacks them) into the surface
+/// its dispatches will bind, ahead of the first one. The plugin calls this from `supports_op`
+/// while llama.cpp reserves its graphs at context creation, for the groups the lookahead learner
+/// completes (`lookahead::Ready`), so a prompt finds its weights staged. Returns the bytes added:
+/// 0 if staged already, not 2-D weights of one K, or over `staged.max_bytes` (nothing is evicted
+/// for it; the first dispatch stages what did not fit).
+///
+/// # Safety
+/// Every member's src0 must be a readable weight tensor (dst is not used).
+pub unsafe fn stage_at_load(cx: &Context<'_>, members: &[Member]) -> Result<usize, EngineError> {
+    let Some(first) = members.first() else {
+        return Ok(0);
+    };
+    let k = first.src0.desc.ne[0];
+    if !members.iter().all(|m| {
+        let d = &m.src0.desc;
+        d.ne[0] == k && d.ne[2] == 1 && d.ne[3] == 1 && !m.src0.data.is_null()
+    }) {
+        return Ok(0);
+    }
+    let m_total: usize = members.iter().map(|m| m.src0.desc.ne[1] as usize).sum();
+    // The tiling `compute` uses for weights (it does not depend on the column bucket).
+    let s = cx.planner.tile(k as usize, m_total, cx.planner.max_cols());
+    let size = request_size(&s, cx.planner.max_cols());
+    // SAFETY: forwarded contract.
+    let key = unsafe { stage_key(members, &s) };
+    let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+    if staged.entries.contains_key(&key) || staged.bytes() + size > staged.max_bytes {
+        return Ok(0);
+    }
+    let t = Instant::now();
+    // SAFETY: forwarded contract.
+    let made = unsafe { stage(cx.engine, members, 0, 0, &s, size, &[]) }?;
+    add_time(&cx.stats.ns_stage, t.elapsed());
+    let added = made.alloc_size();
+    staged.get_or_insert(key, || Ok::<_, EngineError>(made))?;
+    cx.stats.groups_staged_load.fetch_add(1, Relaxed);
+    cx.stats.staged_bytes.store(staged.bytes() as u64, Relaxed);
+    Ok(added)
+}
+
 /// Reusable activation and output surfaces, in the engine's own memory (IOSurfaces on the ANE,
 /// written and read in place). Surfaces of one request must all have the size of the largest
 /// (often the weights), so allocating and zeroing them per dispatch would cost as much as the
@@ -484,9 +543,9 @@ pub(crate) unsafe fn read_row(
 ///
 /// # Safety
 /// The members' src0 must be readable.
-unsafe fn stage_key(g: &Group, shape: &TiledShape) -> u128 {
+unsafe fn stage_key(members: &[Member], shape: &TiledShape) -> u128 {
     let mut h = Xxh3::new();
-    for m in &g.members {
+    for m in members {
         // SAFETY: forwarded contract.
         h.update(&unsafe { member_key(m) }.to_le_bytes());
     }
@@ -589,14 +648,14 @@ impl<'a> WeightWriter<'a> {
 /// The members' src0 must be readable.
 unsafe fn stage(
     engine: &dyn Engine,
-    g: &Group,
+    members: &[Member],
     i2: usize,
     i3: usize,
     s: &TiledShape,
     size: usize,
     pre: &[Option<Arc<Vec<f16>>>],
 ) -> Result<Surface, EngineError> {
-    let k = g.members[0].src0.desc.ne[0] as usize;
+    let k = members[0].src0.desc.ne[0] as usize;
     // Engine memory: on the ANE the weights are written once, into the IOSurface every dispatch
     // of this group binds.
     let mut surface = engine.new_surface(size)?;
@@ -607,7 +666,7 @@ unsafe fn stage(
     let mut row = vec![0f32; k];
     let mut row16 = vec![f16::ZERO; k];
     let mut r = 0;
-    for (mi_member, m) in g.members.iter().enumerate() {
+    for (mi_member, m) in members.iter().enumerate() {
         let d = &m.src0.desc;
         let fast = d.nb[0] == m.src0_info.type_size && ane_convert::row_bytes(d.ty, k).is_some();
         let ready = pre.get(mi_member).and_then(|p| p.as_ref());
@@ -653,7 +712,6 @@ fn contiguous_run(cols: &[(usize, usize, usize)]) -> Option<(usize, usize, usize
 /// Every operand must describe valid host tensors of MUL_MATs that [`crate::support::mul_mat`]
 /// accepted; dst memory must be writable and not overlap any source.
 pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
     // GGML_ANE_WEIGHTS=compressed: a lone Q8_0/Q4_0 weight runs its own baked program.
     // SAFETY: forwarded contract.
     if unsafe { crate::baked::try_compute(cx, g) } {
@@ -772,7 +830,7 @@ unsafe fn dispatch(
                     .all(|m| m.src0.desc.ne[2] == 1 && m.src0.desc.ne[3] == 1)
             {
                 // SAFETY: forwarded contract.
-                let key = unsafe { stage_key(g, s) };
+                let key = unsafe { stage_key(&g.members, s) };
                 let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
                 // Matrices converted at load: take them out; the group's surface replaces them.
                 let keys: Vec<u128> = if staged.entries.contains_key(&key) {
@@ -794,8 +852,9 @@ unsafe fn dispatch(
                 let made = staged.get_or_insert(key, || {
                     let t = Instant::now();
                     // SAFETY: forwarded contract.
-                    let made = unsafe { stage(cx.engine, g, i02, i03, s, size, &pre) };
+                    let made = unsafe { stage(cx.engine, &g.members, i02, i03, s, size, &pre) };
                     add_time(&cx.stats.ns_stage, t.elapsed());
+                    cx.stats.groups_staged_dispatch.fetch_add(1, Relaxed);
                     made
                 })?;
                 cx.stats
@@ -804,7 +863,7 @@ unsafe fn dispatch(
                 made
             } else {
                 // SAFETY: forwarded contract.
-                let made = unsafe { stage(cx.engine, g, i02, i03, s, size, &[]) }?;
+                let made = unsafe { stage(cx.engine, &g.members, i02, i03, s, size, &[]) }?;
                 if !guard::fp16_ok(made.fp16(s.w_len())) {
                     return Err(guard::trip(cx.stats, "src0 out of fp16 range"));
                 }

@@ -49,6 +49,10 @@ pub struct Stats {
     pub ns_fallback: AtomicU64,
     /// Nanoseconds converting weights to staged fp16 surfaces (part of `ns_convert`).
     pub ns_stage: AtomicU64,
+    /// Weight groups staged at load (`supports_op`, `matmul::stage_at_load`).
+    pub groups_staged_load: AtomicU64,
+    /// Weight groups staged by a dispatch (not staged at load, or evicted since).
+    pub groups_staged_dispatch: AtomicU64,
     /// Bytes of staged weight surfaces held now.
     pub staged_bytes: AtomicU64,
     /// Compressed weight bytes (`weight.bin` files) held by loaded baked programs
@@ -108,6 +112,8 @@ impl Stats {
             "ms_engine": ms(&self.ns_engine),
             "ms_fallback": ms(&self.ns_fallback),
             "ms_stage": ms(&self.ns_stage),
+            "groups_staged_load": self.groups_staged_load.load(Relaxed),
+            "groups_staged_dispatch": self.groups_staged_dispatch.load(Relaxed),
             "by_weight": self.by_weight.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "staged_mb": self.staged_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
             "baked_mb": self.baked_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
@@ -187,9 +193,12 @@ impl Stats {
             ms(&self.ns_fallback)
         ));
         s.push_str(&format!(
-            "  staged weights: {:.1} MiB, {:.3} ms to convert\n",
+            "  staged weights: {:.1} MiB, {:.3} ms to convert; groups staged at load {}, by a \
+             dispatch {}\n",
             self.staged_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
-            ms(&self.ns_stage)
+            ms(&self.ns_stage),
+            self.groups_staged_load.load(Relaxed),
+            self.groups_staged_dispatch.load(Relaxed)
         ));
         let baked = self.baked_bytes.load(Relaxed);
         if baked > 0 {

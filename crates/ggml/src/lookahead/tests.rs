@@ -133,11 +133,11 @@ fn learns_companions_in_node_order_once() {
     let mut l = Learner::default();
     for _ in 0..3 {
         // The scheduler asks several times (passes, graphs): nothing is learnt twice.
-        l.observe(q.weight(), 0x1000, &xd);
-        l.observe(v.weight(), 0x1000, &xd);
-        l.observe(k.weight(), 0x1000, &xd);
-        l.observe(o.weight(), 0x2000, &xd); // another src1: not a companion
-        l.observe(other_k.weight(), 0x1000, &f32_desc([128, 96, 1, 1])); // other shape
+        l.observe(q.weight(), 0x1000, &xd, None);
+        l.observe(v.weight(), 0x1000, &xd, None);
+        l.observe(k.weight(), 0x1000, &xd, None);
+        l.observe(o.weight(), 0x2000, &xd, None); // another src1: not a companion
+        l.observe(other_k.weight(), 0x1000, &f32_desc([128, 96, 1, 1]), None); // other shape
     }
     let of_q: Vec<usize> = l.of(q.weight().data).iter().map(|w| w.data).collect();
     assert_eq!(of_q, vec![v.weight().data, k.weight().data]);
@@ -151,8 +151,8 @@ fn non_contiguous_activations_teach_nothing() {
     let mut xd = f32_desc([64, 96, 1, 1]);
     xd.nb[1] = 4 * 80; // rows with a gap
     let mut l = Learner::default();
-    l.observe(q.weight(), 0x1000, &xd);
-    l.observe(v.weight(), 0x1000, &xd);
+    l.observe(q.weight(), 0x1000, &xd, None);
+    l.observe(v.weight(), 0x1000, &xd, None);
     assert!(l.of(q.weight().data).is_empty());
 }
 
@@ -172,7 +172,7 @@ fn speculated_outputs_equal_their_own_dispatch() {
     {
         let mut l = rig.learner.lock().unwrap();
         for w in [&q, &v, &k] {
-            l.observe(w.weight(), 0x1000, &xd);
+            l.observe(w.weight(), 0x1000, &xd, None);
         }
     }
     // Without lookahead: Q, then V+K.
@@ -226,8 +226,8 @@ fn changed_activations_are_refused_and_recomputed_by_the_caller() {
     let rig = Rig::new();
     {
         let mut l = rig.learner.lock().unwrap();
-        l.observe(q.weight(), 0x1000, &xd);
-        l.observe(v.weight(), 0x1000, &xd);
+        l.observe(q.weight(), 0x1000, &xd, None);
+        l.observe(v.weight(), 0x1000, &xd, None);
     }
     let mut stash = Stash::default();
     let (mut qo, mut vo) = (vec![0f32; 64 * n], vec![f32::NAN; 32 * n]);
@@ -257,8 +257,8 @@ fn changed_activations_are_refused_and_recomputed_by_the_caller() {
     assert!(rig.learner.lock().unwrap().of(q.weight().data).is_empty());
     {
         let mut l = rig.learner.lock().unwrap();
-        l.observe(q.weight(), 0x3000, &xd);
-        l.observe(v.weight(), 0x3000, &xd);
+        l.observe(q.weight(), 0x3000, &xd, None);
+        l.observe(v.weight(), 0x3000, &xd, None);
         assert!(l.of(q.weight().data).is_empty());
     }
 }
@@ -272,8 +272,8 @@ fn unused_speculation_is_pruned() {
     let rig = Rig::new();
     {
         let mut l = rig.learner.lock().unwrap();
-        l.observe(q.weight(), 0x1000, &xd);
-        l.observe(v.weight(), 0x1000, &xd);
+        l.observe(q.weight(), 0x1000, &xd, None);
+        l.observe(v.weight(), 0x1000, &xd, None);
     }
     let mut stash = Stash::default();
     let mut qo = vec![0f32; 64 * n];
@@ -300,8 +300,8 @@ fn a_refilled_stash_compares_again() {
     let rig = Rig::new();
     {
         let mut l = rig.learner.lock().unwrap();
-        l.observe(q.weight(), 0x1000, &xd);
-        l.observe(v.weight(), 0x1000, &xd);
+        l.observe(q.weight(), 0x1000, &xd, None);
+        l.observe(v.weight(), 0x1000, &xd, None);
     }
     let mut stash = Stash::default();
     let (mut qo, mut vo) = (vec![0f32; 64 * n], vec![f32::NAN; 32 * n]);
@@ -329,8 +329,8 @@ fn nothing_is_taken_before_it_is_computed() {
     let rig = Rig::new();
     {
         let mut l = rig.learner.lock().unwrap();
-        l.observe(q.weight(), 0x1000, &xd);
-        l.observe(v.weight(), 0x1000, &xd);
+        l.observe(q.weight(), 0x1000, &xd, None);
+        l.observe(v.weight(), 0x1000, &xd, None);
     }
     let mut stash = Stash::default();
     let mut qo = vec![0f32; 64 * n];
@@ -349,4 +349,125 @@ fn nothing_is_taken_before_it_is_computed() {
     assert!(!stash.waits_for(&mv));
     // SAFETY: valid buffers.
     assert!(!unsafe { stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)) });
+}
+
+/// One layer as the scheduler shows it (Q, V, K on the attention input; O; gate, up on the FFN
+/// input; down), then the LM head: each group is handed out once it is complete, in the order a
+/// dispatch stacks it, and the last one when the next pass starts.
+#[test]
+fn complete_groups_are_handed_out_once() {
+    let ws: Vec<W> = (0..8).map(|i| W::new(64, 32, 40 + i)).collect();
+    let [q, v, k, o, gate, up, down, head] = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| &ws[i]);
+    let xd = f32_desc([64, 96, 1, 1]);
+    let sightings = [
+        (q, 0x1000),
+        (v, 0x1000),
+        (k, 0x1000),
+        (o, 0x2000),
+        (gate, 0x3000),
+        (up, 0x3000),
+        (down, 0x4000),
+        (head, 0x5000),
+    ];
+    let mut l = Learner::default();
+    let mut got = Vec::new();
+    for pass in 0..3 {
+        for (w, src1) in sightings {
+            if let Some(r) = l.observe(w.weight(), src1, &xd, Some((pass, pass + 1))) {
+                let mut g = vec![r.head.data];
+                g.extend(r.companions.iter().map(|c| c.data));
+                got.push((g, r.head_buffer));
+            }
+        }
+    }
+    let d = |w: &W| w.weight().data;
+    let first = Some((0, 1));
+    assert_eq!(
+        got,
+        vec![
+            (vec![d(q), d(v), d(k)], first),
+            (vec![d(o)], first),
+            (vec![d(gate), d(up)], first),
+            (vec![d(down)], first),
+            (vec![d(head)], first), // completed by the second pass's first sighting
+        ]
+    );
+}
+
+/// A group staged at load is the one its dispatch binds: no staging inside the prompt, and the
+/// outputs equal those of a rig that staged at the first dispatch.
+#[test]
+fn groups_staged_at_load_serve_the_first_dispatch() {
+    let (kdim, n) = (128, 64);
+    let (q, v, k) = (
+        W::new(kdim, 128, 51),
+        W::new(kdim, 64, 52),
+        W::new(kdim, 64, 53),
+    );
+    let x = rand_vec(kdim * n, 54);
+    let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
+    let mut outs = Vec::new();
+    for at_load in [false, true] {
+        let rig = Rig::new();
+        let ready = {
+            let mut l = rig.learner.lock().unwrap();
+            for w in [&q, &v, &k] {
+                assert!(l.observe(w.weight(), 0x1000, &xd, None).is_none());
+            }
+            l.observe(W::new(kdim, 32, 55).weight(), 0x2000, &xd, None)
+        };
+        let r = ready.expect("Q's group is complete once another src1 shows up");
+        if at_load {
+            let members: Vec<Member> = std::iter::once(&r.head)
+                .chain(&r.companions)
+                .map(|w| Member::weight_only(w.desc, w.data, w.info))
+                .collect();
+            let cx = Context {
+                engine: &rig.engine,
+                planner: &rig.planner,
+                cache: &rig.cache,
+                staged: &rig.staged,
+                scratch: &rig.scratch,
+                stats: &rig.stats,
+            };
+            // SAFETY: the weights are live f32 buffers matching their descriptions.
+            let added = unsafe { crate::matmul::stage_at_load(&cx, &members) }.unwrap();
+            assert!(added > 0);
+            // SAFETY: as above.
+            let again = unsafe { crate::matmul::stage_at_load(&cx, &members) }.unwrap();
+            assert_eq!(again, 0, "staged once");
+            assert_eq!(rig.get(&rig.stats.groups_staged_load), 1);
+        }
+        let mut stash = Stash::default();
+        let (mut qo, mut vo, mut ko) = (
+            vec![f32::NAN; 128 * n],
+            vec![f32::NAN; 64 * n],
+            vec![f32::NAN; 64 * n],
+        );
+        stash.begin();
+        assert_eq!(
+            rig.run(&x, xd, vec![q.member(&mut qo, n)], Some(&mut stash)),
+            2
+        );
+        stash.begin();
+        // SAFETY: valid buffers.
+        unsafe {
+            assert!(stash.take(
+                &rig.learner,
+                &rig.stats,
+                &v.member(&mut vo, n),
+                &src1(&x, xd)
+            ));
+            assert!(stash.take(
+                &rig.learner,
+                &rig.stats,
+                &k.member(&mut ko, n),
+                &src1(&x, xd)
+            ));
+        }
+        let dispatch_staged = rig.get(&rig.stats.groups_staged_dispatch);
+        assert_eq!(dispatch_staged, u64::from(!at_load), "at_load {at_load}");
+        outs.push((qo, vo, ko));
+    }
+    assert_eq!(outs[0], outs[1]);
 }

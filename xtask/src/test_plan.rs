@@ -256,6 +256,29 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
             frun.where_logged()
         );
     }
+    // 3b. Two ubatches of the prompt: the first one is a pass over the model, so the groups
+    //     staged at load that it did not use (the last layer's FFN, computed for one row) are
+    //     released when the second starts; the text stays the CPU's.
+    let (ct, ut, urun) = cpu_vs_plugin(
+        &plugin,
+        &model,
+        &["-ub", "64"],
+        &[("GGML_ANE_MIN_BATCH", "16")],
+        "plan-release-unused",
+    )?;
+    let (released, u_dispatch) = (
+        stat(&urun.stderr, "groups_released")?,
+        stat(&urun.stderr, "groups_staged_dispatch")?,
+    );
+    if ct.trim().is_empty() || ct != ut || released == 0 || u_dispatch != 0 {
+        bail!(
+            "two ubatches: text {ut:?} vs CPU {ct:?}, {released} groups released (want > 0), {u_dispatch} staged by a dispatch (want 0)\n{}",
+            urun.where_logged()
+        );
+    }
+    staging.push_str(&format!(
+        ", {released} unused released after a 64-token ubatch"
+    ));
     // 4. Cost routing (GGML_ANE_ROUTE=cost) with costs under which the tiny model's small
     //    projections (K, V) lose to the CPU and the others win: the plugin declines exactly what
     //    `ane plan --route cost` keeps on the CPU, and the text stays the CPU's.

@@ -619,7 +619,10 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .observe(w, t.src[1] as usize, &desc(s1), g.buffer_range(s0));
-                        if let Some(r) = ready.filter(|_| Config::get().prestage) {
+                        // The graph's last group (the LM head) is left to its first dispatch:
+                        // a prefill computes it on the CPU for one row, unless all logits are
+                        // asked for.
+                        if let Some(r) = ready.filter(|r| Config::get().prestage && !r.trailing) {
                             stage_ready(dev, &r);
                         }
                     }

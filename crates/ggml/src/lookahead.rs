@@ -91,6 +91,9 @@ pub struct Ready {
     pub src1_desc: TensorDesc,
     /// What the caller said of the head's buffer when it was seen.
     pub head_buffer: Option<(usize, usize)>,
+    /// Completed by a later pass over the graph (a head handed out before came again): the
+    /// graph's last group, which for an LLM is the LM head, used in prefill for one row only.
+    pub trailing: bool,
     src1: usize,
 }
 
@@ -127,7 +130,10 @@ impl Learner {
         }
         let seen = |s: &Sighting| s.src1 == src1 && s.src1_ne == src1_desc.ne;
         let ready = match &self.open {
-            Some(o) if o.src1 != src1 || o.src1_desc.ne != src1_desc.ne => self.close(),
+            Some(o) if o.src1 != src1 || o.src1_desc.ne != src1_desc.ne => {
+                let trailing = self.handed.contains_key(&weight.data);
+                self.close().map(|r| Ready { trailing, ..r })
+            }
             _ => None,
         };
         let head = self.recent.iter().find(|s| seen(s)).map(|s| s.weight);
@@ -137,6 +143,7 @@ impl Learner {
                 companions: Vec::new(),
                 src1_desc: *src1_desc,
                 head_buffer,
+                trailing: false,
                 src1,
             });
         }

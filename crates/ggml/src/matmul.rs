@@ -222,6 +222,10 @@ pub struct StagedWeights {
     prestaged_bytes: usize,
     bytes: usize,
     tick: u64,
+    /// Staged at load ([`stage_at_load`]) and not used by a dispatch yet.
+    unused: std::collections::HashSet<u128>,
+    /// The first entry a dispatch used: when it is used again, a pass over the model is over.
+    first: Option<u128>,
     /// Cap on staged bytes; least recently used entries go first.
     pub max_bytes: usize,
 }
@@ -238,6 +242,33 @@ impl StagedWeights {
     /// Bytes held (surfaces and prestaged matrices).
     pub fn bytes(&self) -> usize {
         self.bytes + self.prestaged_bytes
+    }
+
+    /// A dispatch is about to use `key`. The first key dispatched marks the start of a pass over
+    /// the model (a prompt, or a ubatch of one); when it comes again, the groups staged at load
+    /// that no dispatch used in between are released: llama.cpp reserves with every row an
+    /// output, but a prefill computes the last layer's FFN and the LM head for one row (CPU), so
+    /// those would otherwise hold their surfaces for nothing. A later use stages them again.
+    /// Returns how many were released.
+    fn note_dispatch(&mut self, key: u128) -> usize {
+        self.unused.remove(&key);
+        match self.first {
+            None => {
+                self.first = Some(key);
+                0
+            }
+            Some(f) if f == key => {
+                let mut n = 0;
+                for k in std::mem::take(&mut self.unused) {
+                    if let Some((e, _)) = self.entries.remove(&k) {
+                        self.bytes -= e.alloc_size();
+                        n += 1;
+                    }
+                }
+                n
+            }
+            Some(_) => 0,
+        }
     }
 
     fn get_or_insert<E>(
@@ -397,6 +428,7 @@ pub unsafe fn stage_at_load(cx: &Context<'_>, members: &[Member]) -> Result<usiz
     add_time(&cx.stats.ns_stage, t.elapsed());
     let added = made.alloc_size();
     staged.get_or_insert(key, || Ok::<_, EngineError>(made))?;
+    staged.unused.insert(key);
     cx.stats.groups_staged_load.fetch_add(1, Relaxed);
     cx.stats.staged_bytes.store(staged.bytes() as u64, Relaxed);
     Ok(added)
@@ -832,6 +864,8 @@ unsafe fn dispatch(
                 // SAFETY: forwarded contract.
                 let key = unsafe { stage_key(&g.members, s) };
                 let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+                let released = staged.note_dispatch(key);
+                cx.stats.groups_released.fetch_add(released as u64, Relaxed);
                 // Matrices converted at load: take them out; the group's surface replaces them.
                 let keys: Vec<u128> = if staged.entries.contains_key(&key) {
                     Vec::new()

@@ -53,6 +53,9 @@ pub struct Stats {
     pub groups_staged_load: AtomicU64,
     /// Weight groups staged by a dispatch (not staged at load, or evicted since).
     pub groups_staged_dispatch: AtomicU64,
+    /// Groups staged at load and released unused after a pass over the model
+    /// (`StagedWeights::note_dispatch`).
+    pub groups_released: AtomicU64,
     /// Bytes of staged weight surfaces held now.
     pub staged_bytes: AtomicU64,
     /// Compressed weight bytes (`weight.bin` files) held by loaded baked programs
@@ -114,6 +117,7 @@ impl Stats {
             "ms_stage": ms(&self.ns_stage),
             "groups_staged_load": self.groups_staged_load.load(Relaxed),
             "groups_staged_dispatch": self.groups_staged_dispatch.load(Relaxed),
+            "groups_released": self.groups_released.load(Relaxed),
             "by_weight": self.by_weight.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "staged_mb": self.staged_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
             "baked_mb": self.baked_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
@@ -194,11 +198,12 @@ impl Stats {
         ));
         s.push_str(&format!(
             "  staged weights: {:.1} MiB, {:.3} ms to convert; groups staged at load {}, by a \
-             dispatch {}\n",
+             dispatch {}, released unused {}\n",
             self.staged_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
             ms(&self.ns_stage),
             self.groups_staged_load.load(Relaxed),
-            self.groups_staged_dispatch.load(Relaxed)
+            self.groups_staged_dispatch.load(Relaxed),
+            self.groups_released.load(Relaxed)
         ));
         let baked = self.baked_bytes.load(Relaxed);
         if baked > 0 {

@@ -376,7 +376,7 @@ fn complete_groups_are_handed_out_once() {
             if let Some(r) = l.observe(w.weight(), src1, &xd, Some((pass, pass + 1))) {
                 let mut g = vec![r.head.data];
                 g.extend(r.companions.iter().map(|c| c.data));
-                got.push((g, r.head_buffer));
+                got.push((g, r.head_buffer, r.trailing));
             }
         }
     }
@@ -385,11 +385,12 @@ fn complete_groups_are_handed_out_once() {
     assert_eq!(
         got,
         vec![
-            (vec![d(q), d(v), d(k)], first),
-            (vec![d(o)], first),
-            (vec![d(gate), d(up)], first),
-            (vec![d(down)], first),
-            (vec![d(head)], first), // completed by the second pass's first sighting
+            (vec![d(q), d(v), d(k)], first, false),
+            (vec![d(o)], first, false),
+            (vec![d(gate), d(up)], first, false),
+            (vec![d(down)], first, false),
+            // completed by the second pass's first sighting: the trailing group (LM head)
+            (vec![d(head)], first, true),
         ]
     );
 }
@@ -470,4 +471,52 @@ fn groups_staged_at_load_serve_the_first_dispatch() {
         outs.push((qo, vo, ko));
     }
     assert_eq!(outs[0], outs[1]);
+}
+
+/// Groups staged at load that a whole pass over the model did not use (the first group dispatched
+/// came again) are released; a later use stages them by its dispatch.
+#[test]
+fn unused_load_staging_is_released_after_a_pass() {
+    let (kdim, n) = (64, 64);
+    let (a, b) = (W::new(kdim, 64, 61), W::new(kdim, 32, 62));
+    let x = rand_vec(kdim * n, 63);
+    let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
+    let rig = Rig::new();
+    let cx = Context {
+        engine: &rig.engine,
+        planner: &rig.planner,
+        cache: &rig.cache,
+        staged: &rig.staged,
+        scratch: &rig.scratch,
+        stats: &rig.stats,
+    };
+    for w in [&a, &b] {
+        let m = [Member::weight_only(w.desc, w.weight().data, F32_INFO)];
+        // SAFETY: live f32 weights matching their descriptions.
+        assert!(unsafe { crate::matmul::stage_at_load(&cx, &m) }.unwrap() > 0);
+    }
+    let held = |r: &Rig| r.staged.lock().unwrap().bytes();
+    let both = held(&rig);
+    let mut out = vec![0f32; 64 * n];
+    rig.run(&x, xd, vec![a.member(&mut out, n)], None);
+    assert_eq!(rig.get(&rig.stats.groups_released), 0);
+    assert_eq!(held(&rig), both);
+    // The next pass: `a` again, `b` never used in between.
+    rig.run(&x, xd, vec![a.member(&mut out, n)], None);
+    assert_eq!(rig.get(&rig.stats.groups_released), 1);
+    assert!(held(&rig) < both);
+    assert_eq!(rig.get(&rig.stats.groups_staged_dispatch), 0);
+    let (mut bo, mut bo_ref) = (vec![f32::NAN; 32 * n], vec![f32::NAN; 32 * n]);
+    rig.run(&x, xd, vec![b.member(&mut bo, n)], None);
+    assert_eq!(
+        rig.get(&rig.stats.groups_staged_dispatch),
+        1,
+        "b staged again"
+    );
+    let fresh = Rig::new();
+    fresh.run(&x, xd, vec![b.member(&mut bo_ref, n)], None);
+    assert_eq!(bo, bo_ref);
+    // Used groups stay: `a` and `b` again release nothing.
+    rig.run(&x, xd, vec![a.member(&mut out, n)], None);
+    assert_eq!(rig.get(&rig.stats.groups_released), 1);
 }

@@ -689,8 +689,10 @@ fn stage_ready(dev: &DeviceState, r: &lookahead::Ready) {
         scratch: &dev.scratch,
         stats: &dev.stats,
     };
-    // SAFETY: weights of claimed MUL_MATs in live host weights buffers (the head's buffer range
-    // was read just now; companions lie inside it), loaded before llama.cpp reserves its graphs.
+    // SAFETY: weights of claimed MUL_MATs in a live host weights buffer: the learner hands a group
+    // out only when the weight seen now (in a graph being scheduled, so alive) lies in the same
+    // buffer range as the head, and companions are kept inside that range. Weights are loaded
+    // before llama.cpp reserves its graphs.
     if let Err(e) = unsafe { matmul::stage_at_load(&cx, &members) } {
         // Not fatal: the first dispatch stages the group (or falls back to the CPU).
         if std::env::var_os("GGML_ANE_DEBUG").is_some() {

@@ -114,10 +114,11 @@ fn two_d(d: &TensorDesc) -> bool {
 
 impl Learner {
     /// Records that `weight` is multiplied with the graph tensor at `src1` (a claimed MUL_MAT);
-    /// `head_buffer` is kept with it in case it heads a group. Returns the group this sighting
-    /// completed, if any: the open head's, once a weight reading another src1 shows that no more
-    /// companions follow. (The last group of a graph is completed by the next pass; llama.cpp
-    /// reserves its graphs more than once at load.)
+    /// `head_buffer` is the byte range of the live buffer holding `weight` (kept in case it heads
+    /// a group). Returns the group this sighting completed, if any: the open head's, once a weight
+    /// reading another src1 shows that no more companions follow, and only when its head lies in
+    /// the same live buffer (see `close`). The last group of a graph is completed by the next pass;
+    /// llama.cpp reserves its graphs more than once at load.
     pub fn observe(
         &mut self,
         weight: Weight,
@@ -132,7 +133,7 @@ impl Learner {
         let ready = match &self.open {
             Some(o) if o.src1 != src1 || o.src1_desc.ne != src1_desc.ne => {
                 let trailing = self.handed.contains_key(&weight.data);
-                self.close().map(|r| Ready { trailing, ..r })
+                self.close(head_buffer).map(|r| Ready { trailing, ..r })
             }
             _ => None,
         };
@@ -178,9 +179,15 @@ impl Learner {
     }
 
     /// Completes the open group: its head with the companions learnt so far, unless handed out
-    /// before with as many companions.
-    fn close(&mut self) -> Option<Ready> {
+    /// before with as many companions. `live` is the buffer of the weight seen now, which is in
+    /// use: the group is handed out only if its head lies in that same buffer, because an open
+    /// group can be left over from a graph whose model was freed since (its weights must not be
+    /// read). A group closed from another buffer waits for a later pass.
+    fn close(&mut self, live: Option<(usize, usize)>) -> Option<Ready> {
         let mut r = self.open.take()?;
+        if r.head_buffer.is_none() || r.head_buffer != live {
+            return None;
+        }
         r.companions = self.of(r.head.data);
         let n = r.companions.len();
         (self.handed.insert(r.head.data, n) != Some(n)).then_some(r)

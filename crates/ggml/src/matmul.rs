@@ -244,6 +244,13 @@ impl StagedWeights {
         self.bytes + self.prestaged_bytes
     }
 
+    /// Takes a matrix converted ahead ([`prestage`]) out of the store.
+    fn take_prestaged(&mut self, key: &u128) -> Option<Arc<Vec<f16>>> {
+        let p = self.prestaged.remove(key)?;
+        self.prestaged_bytes -= p.len() * 2;
+        Some(p)
+    }
+
     /// A dispatch is about to use `key`. The first key dispatched marks the start of a pass over
     /// the model (a prompt, or a ubatch of one); when it comes again, the groups staged at load
     /// that no dispatch used in between are released: llama.cpp reserves with every row an
@@ -253,7 +260,12 @@ impl StagedWeights {
     fn note_dispatch(&mut self, key: u128) -> usize {
         self.unused.remove(&key);
         match self.first {
+            // Also when the marker is gone (evicted, or its group changed): restart the pass.
             None => {
+                self.first = Some(key);
+                0
+            }
+            Some(f) if !self.entries.contains_key(&f) => {
                 self.first = Some(key);
                 0
             }
@@ -418,15 +430,29 @@ pub unsafe fn stage_at_load(cx: &Context<'_>, members: &[Member]) -> Result<usiz
     let size = request_size(&s, cx.planner.max_cols());
     // SAFETY: forwarded contract.
     let key = unsafe { stage_key(members, &s) };
-    let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
-    if staged.entries.contains_key(&key) || staged.bytes() + size > staged.max_bytes {
-        return Ok(0);
-    }
+    // SAFETY: forwarded contract.
+    let member_keys: Vec<u128> = members.iter().map(|m| unsafe { member_key(m) }).collect();
+    let pre: Vec<Option<Arc<Vec<f16>>>> = {
+        let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+        if staged.entries.contains_key(&key) || staged.bytes() + size > staged.max_bytes {
+            return Ok(0);
+        }
+        // Matrices converted ahead (`prestage`) become part of this surface.
+        member_keys
+            .iter()
+            .map(|k| staged.take_prestaged(k))
+            .collect()
+    };
+    // Converted without the lock: other contexts' dispatches go on meanwhile.
     let t = Instant::now();
     // SAFETY: forwarded contract.
-    let made = unsafe { stage(cx.engine, members, 0, 0, &s, size, &[]) }?;
+    let made = unsafe { stage(cx.engine, members, 0, 0, &s, size, &pre) }?;
     add_time(&cx.stats.ns_stage, t.elapsed());
     let added = made.alloc_size();
+    let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+    if staged.entries.contains_key(&key) || staged.bytes() + added > staged.max_bytes {
+        return Ok(0); // staged by a dispatch meanwhile, or the budget filled up
+    }
     staged.get_or_insert(key, || Ok::<_, EngineError>(made))?;
     staged.unused.insert(key);
     cx.stats.groups_staged_load.fetch_add(1, Relaxed);
@@ -873,16 +899,8 @@ unsafe fn dispatch(
                     // SAFETY: forwarded contract.
                     g.members.iter().map(|m| unsafe { member_key(m) }).collect()
                 };
-                let pre: Vec<Option<Arc<Vec<f16>>>> = keys
-                    .iter()
-                    .map(|k| {
-                        let p = staged.prestaged.remove(k);
-                        if let Some(p) = &p {
-                            staged.prestaged_bytes -= p.len() * 2;
-                        }
-                        p
-                    })
-                    .collect();
+                let pre: Vec<Option<Arc<Vec<f16>>>> =
+                    keys.iter().map(|k| staged.take_prestaged(k)).collect();
                 let made = staged.get_or_insert(key, || {
                     let t = Instant::now();
                     // SAFETY: forwarded contract.

@@ -373,7 +373,7 @@ fn complete_groups_are_handed_out_once() {
     let mut got = Vec::new();
     for pass in 0..3 {
         for (w, src1) in sightings {
-            if let Some(r) = l.observe(w.weight(), src1, &xd, Some((pass, pass + 1))) {
+            if let Some(r) = l.observe(w.weight(), src1, &xd, Some((pass / 2, pass / 2 + 1))) {
                 let mut g = vec![r.head.data];
                 g.extend(r.companions.iter().map(|c| c.data));
                 got.push((g, r.head_buffer, r.trailing));
@@ -412,10 +412,11 @@ fn groups_staged_at_load_serve_the_first_dispatch() {
         let rig = Rig::new();
         let ready = {
             let mut l = rig.learner.lock().unwrap();
+            let buf = Some((1, 2));
             for w in [&q, &v, &k] {
-                assert!(l.observe(w.weight(), 0x1000, &xd, None).is_none());
+                assert!(l.observe(w.weight(), 0x1000, &xd, buf).is_none());
             }
-            l.observe(W::new(kdim, 32, 55).weight(), 0x2000, &xd, None)
+            l.observe(W::new(kdim, 32, 55).weight(), 0x2000, &xd, buf)
         };
         let r = ready.expect("Q's group is complete once another src1 shows up");
         if at_load {
@@ -519,4 +520,23 @@ fn unused_load_staging_is_released_after_a_pass() {
     // Used groups stay: `a` and `b` again release nothing.
     rig.run(&x, xd, vec![a.member(&mut out, n)], None);
     assert_eq!(rig.get(&rig.stats.groups_released), 1);
+}
+
+/// A group left open when its model's buffer went away is not handed out by a weight of another
+/// buffer: its weights may be unmapped.
+#[test]
+fn a_group_left_open_by_a_freed_model_is_not_handed_out() {
+    let (q, v, o) = (W::new(64, 32, 71), W::new(64, 32, 72), W::new(64, 32, 73));
+    let xd = f32_desc([64, 96, 1, 1]);
+    let mut l = Learner::default();
+    assert!(l.observe(q.weight(), 0x1000, &xd, Some((10, 20))).is_none());
+    assert!(l.observe(v.weight(), 0x1000, &xd, Some((10, 20))).is_none());
+    // Model freed; a weight of another buffer comes next.
+    assert!(l.observe(o.weight(), 0x2000, &xd, Some((30, 40))).is_none());
+    // The same buffer again (a later pass over the live model): handed out then.
+    assert!(l.observe(q.weight(), 0x1000, &xd, Some((10, 20))).is_none());
+    let r = l.observe(o.weight(), 0x3000, &xd, Some((10, 20)));
+    let r = r.expect("closed from its own buffer");
+    assert_eq!(r.head.data, q.weight().data);
+    assert_eq!(r.companions.len(), 1);
 }

@@ -60,6 +60,20 @@ pub struct DeviceState {
     cost: ane_plan::cost::ChipCost,
 }
 
+impl DeviceState {
+    /// What the compute paths need of the device.
+    fn matmul_cx(&self) -> matmul::Context<'_> {
+        matmul::Context {
+            engine: self.engine.as_ref(),
+            planner: &self.planner,
+            cache: &self.cache,
+            staged: &self.staged,
+            scratch: &self.scratch,
+            stats: &self.stats,
+        }
+    }
+}
+
 /// One backend instance (a llama context): what must not be shared with other instances.
 #[derive(Default)]
 struct BackendCtx {
@@ -271,25 +285,14 @@ fn run_group(
     head_buffer: Option<(usize, usize)>,
     stash: &mut lookahead::Stash,
 ) {
-    let cx = matmul::Context {
-        engine: dev.engine.as_ref(),
-        planner: &dev.planner,
-        cache: &dev.cache,
-        staged: &dev.staged,
-        scratch: &dev.scratch,
-        stats: &dev.stats,
-    };
     // SAFETY: the group was built from this graph's claimed MUL_MATs (valid host tensors); the
     // stash is borrowed until the group is computed.
     let speculated = Config::get().lookahead
-        && head_buffer.is_some_and(|(lo, hi)| {
+        && head_buffer.is_some_and(|range| {
             // SAFETY: as above.
             let added = unsafe {
                 stash.speculate(&dev.learner, &dev.stats, &mut group, |w, src1| {
-                    let bytes = w.desc.ne[1] as usize * w.desc.nb[1];
-                    w.data >= lo
-                        && w.data.saturating_add(bytes) <= hi
-                        && cost_says_ane(dev, &w.desc, src1, true)
+                    companion_claimed(dev, w, src1, range)
                 })
             };
             added > 0
@@ -297,7 +300,7 @@ fn run_group(
     // SAFETY: the group was built from this graph's claimed MUL_MATs: valid host tensors, dst
     // separate from its sources (ggml allocates an op's output apart from its inputs); speculated
     // members write into the stash.
-    let fallback = unsafe { matmul::compute(&cx, &group) };
+    let fallback = unsafe { matmul::compute(&dev.matmul_cx(), &group) };
     if speculated {
         stash.computed(fallback);
     }
@@ -661,10 +664,22 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(
     })
 }
 
+/// Whether a learnt companion joins its head's dispatch: it lies inside the head's buffer
+/// (`head_buffer`, so it belongs to a live model) and the device would claim it with `src1`.
+fn companion_claimed(
+    dev: &DeviceState,
+    w: &lookahead::Weight,
+    src1: &TensorDesc,
+    (lo, hi): (usize, usize),
+) -> bool {
+    let bytes = w.desc.ne[1] as usize * w.desc.nb[1];
+    w.data >= lo && w.data.saturating_add(bytes) <= hi && cost_says_ane(dev, &w.desc, src1, true)
+}
+
 /// Stages a group the lookahead learner completed, as `run_group` will stack it: the head, then
 /// the companions it would speculate (inside the head's buffer, claimed by the cost rule).
 fn stage_ready(dev: &DeviceState, r: &lookahead::Ready) {
-    let Some((lo, hi)) = r.head_buffer else {
+    let Some(range) = r.head_buffer else {
         return;
     };
     let member = |w: &lookahead::Weight| matmul::Member::weight_only(w.desc, w.data, w.info);
@@ -672,28 +687,15 @@ fn stage_ready(dev: &DeviceState, r: &lookahead::Ready) {
         .chain(
             r.companions
                 .iter()
-                .filter(|w| {
-                    let bytes = w.desc.ne[1] as usize * w.desc.nb[1];
-                    w.data >= lo
-                        && w.data.saturating_add(bytes) <= hi
-                        && cost_says_ane(dev, &w.desc, &r.src1_desc, true)
-                })
+                .filter(|w| companion_claimed(dev, w, &r.src1_desc, range))
                 .map(member),
         )
         .collect();
-    let cx = matmul::Context {
-        engine: dev.engine.as_ref(),
-        planner: &dev.planner,
-        cache: &dev.cache,
-        staged: &dev.staged,
-        scratch: &dev.scratch,
-        stats: &dev.stats,
-    };
     // SAFETY: weights of claimed MUL_MATs in a live host weights buffer: the learner hands a group
     // out only when the weight seen now (in a graph being scheduled, so alive) lies in the same
     // buffer range as the head, and companions are kept inside that range. Weights are loaded
     // before llama.cpp reserves its graphs.
-    if let Err(e) = unsafe { matmul::stage_at_load(&cx, &members) } {
+    if let Err(e) = unsafe { matmul::stage_at_load(&dev.matmul_cx(), &members) } {
         // Not fatal: the first dispatch stages the group (or falls back to the CPU).
         if std::env::var_os("GGML_ANE_DEBUG").is_some() {
             eprintln!("ggml-ane: staging at load failed (the first dispatch stages): {e}");

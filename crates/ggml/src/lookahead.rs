@@ -188,9 +188,13 @@ impl Learner {
         if r.head_buffer.is_none() || r.head_buffer != live {
             return None;
         }
+        // Every pass over every prompt's graph closes each group again: count before copying.
+        let n = self.companions.get(&r.head.data).map_or(0, Vec::len);
+        if self.handed.insert(r.head.data, n) == Some(n) {
+            return None;
+        }
         r.companions = self.of(r.head.data);
-        let n = r.companions.len();
-        (self.handed.insert(r.head.data, n) != Some(n)).then_some(r)
+        Some(r)
     }
 
     /// The companions of `head` (empty when none were learnt).

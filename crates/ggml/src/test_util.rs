@@ -1,7 +1,15 @@
 //! Helpers shared by the unit tests of the compute modules.
 
+use std::sync::Mutex;
+
+use ane_engine::reference::ReferenceEngine;
+use ane_engine::Engine;
+use ane_plan::Planner;
+
 use crate::ffi::GGML_TYPE_F32;
 use crate::ggml::TypeInfo;
+use crate::matmul::{Context, KernelCache, ScratchPool, StagedWeights};
+use crate::stats::Stats;
 use crate::support::TensorDesc;
 
 /// Traits of F32 (no `to_float` needed: the plugin reads plain types itself).
@@ -27,4 +35,42 @@ pub(crate) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
 /// A contiguous F32 tensor description.
 pub(crate) fn f32_desc(ne: [i64; 4]) -> TensorDesc {
     TensorDesc::contiguous(GGML_TYPE_F32, 4, ne)
+}
+
+/// What the plugin's device holds around one engine (planner, kernel cache, staged weights,
+/// scratch surfaces, stats), for tests that call the compute paths directly; each module's test
+/// rig derefs to one.
+pub(crate) struct Device<E: Engine = ReferenceEngine> {
+    pub engine: E,
+    pub planner: Planner,
+    pub cache: Mutex<KernelCache>,
+    pub staged: Mutex<StagedWeights>,
+    pub scratch: Mutex<ScratchPool>,
+    pub stats: Stats,
+}
+
+impl<E: Engine> Device<E> {
+    /// A device with a 1 GiB staging cap and `cache`.
+    pub fn new(engine: E, cache: KernelCache) -> Self {
+        Device {
+            planner: Planner::new(engine.limits()),
+            engine,
+            cache: Mutex::new(cache),
+            staged: Mutex::new(StagedWeights::new(1 << 30)),
+            scratch: Mutex::new(ScratchPool::default()),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The compute context over all of it.
+    pub fn cx(&self) -> Context<'_> {
+        Context {
+            engine: &self.engine,
+            planner: &self.planner,
+            cache: &self.cache,
+            staged: &self.staged,
+            scratch: &self.scratch,
+            stats: &self.stats,
+        }
+    }
 }

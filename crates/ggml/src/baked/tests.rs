@@ -1,17 +1,14 @@
 //! Baked compressed-weight programs through the reference engine, against an f64 oracle on real
 //! ggml Q8_0/Q4_0 blocks.
 
-use std::sync::Mutex;
-
 use super::*;
 use crate::ffi::GGML_TYPE_F32;
 use crate::ggml::TypeInfo;
-use crate::matmul::{compute, Operand, ScratchPool, StagedWeights};
+use crate::matmul::{compute, Operand};
 use crate::support::TensorDesc;
-use crate::test_util::{rand_vec, F32_INFO};
+use crate::test_util::{rand_vec, Device, F32_INFO};
 use ane_engine::reference::ReferenceEngine;
 use ane_engine::Chip;
-use ane_plan::Planner;
 
 /// `rows x k` weights as ggml blocks (Q8_0: f16 d + 32 i8; Q4_0: f16 d + 16 bytes, element j in
 /// the low nibble of byte j and j + 16 in the high one, value (q - 8) d), and their values in f64.
@@ -43,26 +40,21 @@ fn blocks(kind: QuantKind, rows: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f6
     (raw, w)
 }
 
-struct Rig {
-    engine: ReferenceEngine,
-    planner: Planner,
-    cache: Mutex<KernelCache>,
-    staged: Mutex<StagedWeights>,
-    scratch: Mutex<ScratchPool>,
-    stats: Stats,
+struct Rig(Device);
+
+impl std::ops::Deref for Rig {
+    type Target = Device;
+    fn deref(&self) -> &Device {
+        &self.0
+    }
 }
 
 impl Rig {
     fn new(max_programs: usize, compressed: bool) -> Self {
-        let engine = ReferenceEngine::new(Chip::M4.limits());
-        Rig {
-            planner: Planner::new(engine.limits()),
-            engine,
-            cache: Mutex::new(KernelCache::new(max_programs).compressed(compressed)),
-            staged: Mutex::new(StagedWeights::new(1 << 30)),
-            scratch: Mutex::new(ScratchPool::default()),
-            stats: Stats::default(),
-        }
+        Rig(Device::new(
+            ReferenceEngine::new(Chip::M4.limits()),
+            KernelCache::new(max_programs).compressed(compressed),
+        ))
     }
 
     /// Every weight `(kind, raw, rows)` times `x` (`[k, n]`, token-major like ggml's src1) as one
@@ -119,16 +111,8 @@ impl Rig {
             weights: true,
             speculative: 0,
         };
-        let cx = Context {
-            engine: &self.engine,
-            planner: &self.planner,
-            cache: &self.cache,
-            staged: &self.staged,
-            scratch: &self.scratch,
-            stats: &self.stats,
-        };
         // SAFETY: every buffer matches its description and no dst overlaps a source.
-        unsafe { compute(&cx, &group) };
+        unsafe { compute(&self.cx(), &group) };
         dsts
     }
 }

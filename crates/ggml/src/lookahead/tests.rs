@@ -1,11 +1,9 @@
 //! Learning, speculation, verification and pruning, through the reference engine.
 
 use super::*;
-use crate::matmul::{compute, Context, KernelCache, ScratchPool, StagedWeights};
-use crate::test_util::{f32_desc, rand_vec, F32_INFO};
+use crate::matmul::{compute, KernelCache};
+use crate::test_util::{f32_desc, rand_vec, Device, F32_INFO};
 use ane_engine::reference::ReferenceEngine;
-use ane_engine::Engine;
-use ane_plan::Planner;
 
 /// A weight `[k, m]` with its values.
 struct W {
@@ -43,26 +41,33 @@ impl W {
 }
 
 struct Rig {
-    engine: ReferenceEngine,
-    planner: Planner,
-    cache: Mutex<KernelCache>,
-    staged: Mutex<StagedWeights>,
-    scratch: Mutex<ScratchPool>,
-    stats: Stats,
+    dev: Device,
     learner: Mutex<Learner>,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = Device;
+    fn deref(&self) -> &Device {
+        &self.dev
+    }
 }
 
 impl Rig {
     fn new() -> Rig {
-        let engine = ReferenceEngine::new(ane_engine::Chip::M4.limits());
         Rig {
-            planner: Planner::new(engine.limits()),
-            engine,
-            cache: Mutex::new(KernelCache::new(8)),
-            staged: Mutex::new(StagedWeights::new(1 << 30)),
-            scratch: Mutex::new(ScratchPool::default()),
-            stats: Stats::default(),
+            dev: Device::new(
+                ReferenceEngine::new(ane_engine::Chip::M4.limits()),
+                KernelCache::new(8),
+            ),
             learner: Mutex::default(),
+        }
+    }
+
+    /// The scheduler's sightings of `ws`, in this order, all reading src1 `0x1000` (no buffer).
+    fn learn(&self, ws: &[&W], xd: &TensorDesc) {
+        let mut l = self.learner.lock().unwrap();
+        for w in ws {
+            l.observe(w.weight(), 0x1000, xd, None);
         }
     }
 
@@ -82,14 +87,7 @@ impl Rig {
             weights: true,
             speculative: 0,
         };
-        let cx = Context {
-            engine: &self.engine,
-            planner: &self.planner,
-            cache: &self.cache,
-            staged: &self.staged,
-            scratch: &self.scratch,
-            stats: &self.stats,
-        };
+        let cx = self.cx();
         match stash {
             Some(stash) => {
                 // SAFETY: every buffer matches its description; the stash outlives the compute.
@@ -169,12 +167,7 @@ fn speculated_outputs_equal_their_own_dispatch() {
     let x = rand_vec(kdim * n, 14);
     let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
     let rig = Rig::new();
-    {
-        let mut l = rig.learner.lock().unwrap();
-        for w in [&q, &v, &k] {
-            l.observe(w.weight(), 0x1000, &xd, None);
-        }
-    }
+    rig.learn(&[&q, &v, &k], &xd);
     // Without lookahead: Q, then V+K.
     let (mut q0, mut v0, mut k0) = (vec![0f32; 128 * n], vec![0f32; 64 * n], vec![0f32; 64 * n]);
     rig.run(&x, xd, vec![q.member(&mut q0, n)], None);
@@ -224,11 +217,7 @@ fn changed_activations_are_refused_and_recomputed_by_the_caller() {
     let mut x = rand_vec(kdim * n, 23);
     let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
     let rig = Rig::new();
-    {
-        let mut l = rig.learner.lock().unwrap();
-        l.observe(q.weight(), 0x1000, &xd, None);
-        l.observe(v.weight(), 0x1000, &xd, None);
-    }
+    rig.learn(&[&q, &v], &xd);
     let mut stash = Stash::default();
     let (mut qo, mut vo) = (vec![0f32; 64 * n], vec![f32::NAN; 32 * n]);
     stash.begin();
@@ -270,11 +259,7 @@ fn unused_speculation_is_pruned() {
     let x = rand_vec(kdim * n, 33);
     let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
     let rig = Rig::new();
-    {
-        let mut l = rig.learner.lock().unwrap();
-        l.observe(q.weight(), 0x1000, &xd, None);
-        l.observe(v.weight(), 0x1000, &xd, None);
-    }
+    rig.learn(&[&q, &v], &xd);
     let mut stash = Stash::default();
     let mut qo = vec![0f32; 64 * n];
     for round in 0..3 {
@@ -298,11 +283,7 @@ fn a_refilled_stash_compares_again() {
     let y = rand_vec(kdim * n, 54);
     let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
     let rig = Rig::new();
-    {
-        let mut l = rig.learner.lock().unwrap();
-        l.observe(q.weight(), 0x1000, &xd, None);
-        l.observe(v.weight(), 0x1000, &xd, None);
-    }
+    rig.learn(&[&q, &v], &xd);
     let mut stash = Stash::default();
     let (mut qo, mut vo) = (vec![0f32; 64 * n], vec![f32::NAN; 32 * n]);
     stash.begin();
@@ -327,11 +308,7 @@ fn nothing_is_taken_before_it_is_computed() {
     let x = rand_vec(kdim * n, 63);
     let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
     let rig = Rig::new();
-    {
-        let mut l = rig.learner.lock().unwrap();
-        l.observe(q.weight(), 0x1000, &xd, None);
-        l.observe(v.weight(), 0x1000, &xd, None);
-    }
+    rig.learn(&[&q, &v], &xd);
     let mut stash = Stash::default();
     let mut qo = vec![0f32; 64 * n];
     let mut g = Group {
@@ -424,14 +401,7 @@ fn groups_staged_at_load_serve_the_first_dispatch() {
                 .chain(&r.companions)
                 .map(|w| Member::weight_only(w.desc, w.data, w.info))
                 .collect();
-            let cx = Context {
-                engine: &rig.engine,
-                planner: &rig.planner,
-                cache: &rig.cache,
-                staged: &rig.staged,
-                scratch: &rig.scratch,
-                stats: &rig.stats,
-            };
+            let cx = rig.cx();
             // SAFETY: the weights are live f32 buffers matching their descriptions.
             let added = unsafe { crate::matmul::stage_at_load(&cx, &members) }.unwrap();
             assert!(added > 0);
@@ -483,14 +453,7 @@ fn unused_load_staging_is_released_after_a_pass() {
     let x = rand_vec(kdim * n, 63);
     let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
     let rig = Rig::new();
-    let cx = Context {
-        engine: &rig.engine,
-        planner: &rig.planner,
-        cache: &rig.cache,
-        staged: &rig.staged,
-        scratch: &rig.scratch,
-        stats: &rig.stats,
-    };
+    let cx = rig.cx();
     for w in [&a, &b] {
         let m = [Member::weight_only(w.desc, w.weight().data, F32_INFO)];
         // SAFETY: live f32 weights matching their descriptions.

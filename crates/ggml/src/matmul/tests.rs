@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::support::TensorDesc;
-use crate::test_util::{f32_desc, rand_vec, F32_INFO};
+use crate::test_util::{f32_desc, rand_vec, Device, F32_INFO};
 use ane_engine::reference::ReferenceEngine;
 use ane_engine::{Chip, ChipLimits, EngineCounters, WeightFile};
 use std::sync::atomic::Ordering::Relaxed;
@@ -35,26 +35,24 @@ fn oracle(a: &[f32], ad: &TensorDesc, b: &[f32], bd: &TensorDesc) -> Vec<f64> {
     out
 }
 
-struct Rig<E: Engine> {
-    engine: E,
-    planner: Planner,
-    cache: Mutex<KernelCache>,
-    staged: Mutex<StagedWeights>,
-    scratch: Mutex<ScratchPool>,
-    stats: Stats,
+struct Rig<E: Engine>(Device<E>);
+
+impl<E: Engine> std::ops::Deref for Rig<E> {
+    type Target = Device<E>;
+    fn deref(&self) -> &Device<E> {
+        &self.0
+    }
+}
+
+impl<E: Engine> std::ops::DerefMut for Rig<E> {
+    fn deref_mut(&mut self) -> &mut Device<E> {
+        &mut self.0
+    }
 }
 
 impl<E: Engine> Rig<E> {
     fn new(engine: E) -> Self {
-        let planner = Planner::new(engine.limits());
-        Rig {
-            engine,
-            planner,
-            cache: Mutex::new(KernelCache::new(8)),
-            staged: Mutex::new(StagedWeights::new(1 << 30)),
-            scratch: Mutex::new(ScratchPool::default()),
-            stats: Stats::default(),
-        }
+        Rig(Device::new(engine, KernelCache::new(8)))
     }
 
     /// Computes every `(src0, desc)` against the shared src1 as one group; returns each dst.
@@ -95,16 +93,8 @@ impl<E: Engine> Rig<E> {
             weights,
             speculative: 0,
         };
-        let cx = Context {
-            engine: &self.engine,
-            planner: &self.planner,
-            cache: &self.cache,
-            staged: &self.staged,
-            scratch: &self.scratch,
-            stats: &self.stats,
-        };
         // SAFETY: every buffer matches its description and no dst overlaps a source.
-        unsafe { compute(&cx, &group) };
+        unsafe { compute(&self.cx(), &group) };
         dsts
     }
 }
@@ -171,21 +161,25 @@ fn dispatches_bind_engine_memory_without_copies() {
     assert!(rig.engine.counters().bytes_copied > 0);
 }
 
+/// src1 stored permuted: logical [K=64, N=40, 6, 2] with N outermost in memory (6 x 2 batches
+/// against 2 src0 matrices: r2 = 3, r3 = 2).
+fn permuted_src1(seed: u64) -> (Vec<f32>, TensorDesc) {
+    let (k, n, b2, b3) = (64usize, 40usize, 6usize, 2usize);
+    let bd = TensorDesc {
+        ty: GGML_TYPE_F32,
+        ne: [k as i64, n as i64, b2 as i64, b3 as i64],
+        nb: [4, 4 * k * b2 * b3, 4 * k, 4 * k * b2],
+    };
+    (rand_vec(k * n * b2 * b3, seed), bd)
+}
+
 #[test]
 fn broadcast_and_permuted_operands() {
     let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));
     // src0: 2 matrices [K=64, M=48]; src1: 6 x 2 batches, N=40 -> r2 = 3, r3 = 2 (ne03 = 1).
     let ad = f32_desc([64, 48, 2, 1]);
     let a = rand_vec(64 * 48 * 2, 4);
-    // src1 stored permuted: logical [K=64, N=40, 6, 2] with N outermost in memory.
-    let (k, n, b2, b3) = (64usize, 40usize, 6usize, 2usize);
-    let nb = [4, 4 * k * b2 * b3, 4 * k, 4 * k * b2];
-    let bd = TensorDesc {
-        ty: GGML_TYPE_F32,
-        ne: [k as i64, n as i64, b2 as i64, b3 as i64],
-        nb,
-    };
-    let b = rand_vec(k * n * b2 * b3, 5);
+    let (b, bd) = permuted_src1(5);
     let got = rig.run(false, &[(&a, ad)], &b, bd);
     assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 5e-3);
     assert_eq!(
@@ -374,14 +368,7 @@ fn token_major_layout_gives_the_same_results() {
     // Broadcast with permuted src1 (the slow conversion path).
     let ad = f32_desc([64, 48, 2, 1]);
     let a = rand_vec(64 * 48 * 2, 21);
-    let (k, n, b2, b3) = (64usize, 40usize, 6usize, 2usize);
-    let nb = [4, 4 * k * b2 * b3, 4 * k, 4 * k * b2];
-    let bd = TensorDesc {
-        ty: GGML_TYPE_F32,
-        ne: [k as i64, n as i64, b2 as i64, b3 as i64],
-        nb,
-    };
-    let b = rand_vec(k * n * b2 * b3, 22);
+    let (b, bd) = permuted_src1(22);
     let got = rig.run(false, &[(&a, ad)], &b, bd);
     assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 5e-3);
     assert_eq!(rig.stats.ops_fallback.load(Relaxed), 0);

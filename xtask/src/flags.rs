@@ -14,7 +14,7 @@ commands:
                     plugin's offload statistics
   test [--only STEPS] [--skip STEPS] [--plugin PATH]
                     the full test suite; STEPS is a comma list of
-                    unit,mil,ops,faults,e2e,overflow,fuzz,sched,placement,plan,contexts (default: all, in that order);
+                    setup,unit,mil,ops,faults,e2e,overflow,fuzz,sched,placement,plan,contexts (default: all, in that order);
                     --plugin uses a prebuilt plugin instead of building
                     target/release/libggml_ane.so
   check-apple       clippy the workspace for aarch64-apple-darwin (the macOS code)
@@ -47,7 +47,8 @@ pub struct TestOpts {
 }
 
 /// Steps of `cargo xtask test`, in the order they run.
-pub const TEST_STEPS: [&str; 11] = [
+pub const TEST_STEPS: [&str; 12] = [
+    "setup",
     "unit",
     "mil",
     "ops",

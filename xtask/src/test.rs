@@ -101,6 +101,7 @@ pub fn run(opts: &TestOpts) -> Result {
         let section = Section::new(format!("test step `{step}`"));
         let start = Instant::now();
         let result = match step {
+            "setup" => step_setup(&mut pre),
             "unit" => step_unit(&mut pre),
             "mil" => step_mil(&mut pre),
             "ops" => step_ops(&mut pre),
@@ -146,6 +147,55 @@ pub fn run(opts: &TestOpts) -> Result {
             Ok(())
         }
     }
+}
+
+// ---------------------------------------------------------------- setup
+
+/// The fresh-machine promise: with every cmake hidden from PATH, set-up still
+/// finds one (the project venv's, installed from PyPI when missing); and a host
+/// Python whose `-m venv` fails as Debian's does without python3-venv still
+/// gets a venv with pip (through virtualenv).
+fn step_setup(pre: &mut Prereqs) -> Result<String> {
+    let python = pre.python()?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let hidden = crate::tools::path_without_cmake(&path);
+    if crate::tools::cmake_on_path(&hidden).is_some() {
+        bail!("a cmake is still visible after hiding every PATH folder that has one");
+    }
+    let cmake = crate::tools::cmake_with(&hidden, &python)?;
+    if cmake != crate::tools::venv_cmake() {
+        bail!("with cmake hidden, set-up chose {} instead of the venv's", cmake.display());
+    }
+    util::read(Command::new(&cmake).arg("--version"))?;
+
+    let dir = abs("target/setup-check");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    // A python3 that refuses `-m venv` like Debian's without python3-venv.
+    let host = dir.join("python3-no-venv");
+    std::fs::write(
+        &host,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = -m ] && [ \"$2\" = venv ]; then\n  \
+             echo 'The virtual environment was not created successfully because ensurepip is \
+             not available.' >&2\n  exit 1\nfi\nexec '{}' \"$@\"\n",
+            util::host_python()
+        ),
+    )?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o755))?;
+    let venv = dir.join("venv");
+    let how = crate::tools::make_venv(&host.to_string_lossy(), &venv, false)?;
+    if how != crate::tools::VenvHow::Virtualenv {
+        bail!("a host without venv support was reported as {how:?}");
+    }
+    let pip = util::read(Command::new(venv.join("bin/python")).args(["-m", "pip", "--version"]))?;
+    let _ = std::fs::remove_dir_all(&venv);
+    Ok(format!(
+        "cmake hidden from PATH -> {} ; python without venv -> virtualenv ({})",
+        cmake.display(),
+        pip.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+    ))
 }
 
 // ---------------------------------------------------------------- unit

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::tools;
 use crate::util::{self, abs, Result, Section, Stamp};
 
 /// pip requirements, pinned where behaviour matters.
@@ -31,6 +32,19 @@ fn usable() -> bool {
             .is_ok_and(|out| out.trim_end().ends_with("ok"))
 }
 
+/// Ensure `target/venv` exists (any packages); returns its Python. Made
+/// without root by [`tools::make_venv`] (stdlib venv, else virtualenv).
+pub fn base() -> Result<PathBuf> {
+    let dir = abs("target/venv");
+    if python().is_file() {
+        return Ok(python());
+    }
+    let host = util::host_python();
+    let how = tools::make_venv(&host, &dir, false)?;
+    println!("created {} ({how:?}, from {host})", dir.display());
+    Ok(python())
+}
+
 /// Ensure `target/venv` has [`REQUIREMENTS`]; returns its Python.
 pub fn run() -> Result<PathBuf> {
     let _s = Section::new("python venv");
@@ -48,14 +62,12 @@ pub fn run() -> Result<PathBuf> {
         stamp.write()?;
         return Ok(python());
     }
-    if !python().is_file() {
-        util::run(
-            Command::new(util::host_python())
-                .args(["-m", "venv"])
-                .arg(&dir),
-        )
-        .map_err(|e| format!("{e}\n(on Debian: `apt-get install python3-venv`)"))?;
-    }
+    base()?;
+    println!(
+        "installing {} from PyPI into {}",
+        REQUIREMENTS.join(" "),
+        dir.display()
+    );
     util::run(
         Command::new(python())
             .args(["-m", "pip", "install", "--quiet"])

@@ -164,7 +164,10 @@ fn step_setup(pre: &mut Prereqs) -> Result<String> {
     }
     let cmake = crate::tools::cmake_with(&hidden, &python)?;
     if cmake != crate::tools::venv_cmake() {
-        bail!("with cmake hidden, set-up chose {} instead of the venv's", cmake.display());
+        bail!(
+            "with cmake hidden, set-up chose {} instead of the venv's",
+            cmake.display()
+        );
     }
     util::read(Command::new(&cmake).arg("--version"))?;
 

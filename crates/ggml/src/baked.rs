@@ -130,7 +130,7 @@ pub(crate) unsafe fn try_compute(cx: &Context<'_>, g: &Group) -> bool {
             true
         }
         Err(e) => {
-            if std::env::var_os("GGML_ANE_DEBUG").is_some() {
+            if crate::config::Config::get().debug {
                 eprintln!("ggml-ane: baked program failed, fp16 path: {e}");
             }
             false

@@ -82,7 +82,17 @@ pub struct Config {
     pub ref_accum: Accum,
     /// `GGML_ANE_WEIGHTS=fp16|compressed` (see [`WeightsMode`]).
     pub weights: WeightsMode,
+    /// `GGML_ANE_GIVE_UP=N`: after N engine failures in a row the device stops claiming MUL_MATs
+    /// (the host's CPU backend takes them with no detour); `0` never gives up (tests of the
+    /// fallback path). Default [`DEFAULT_GIVE_UP`].
+    pub give_up: u32,
+    /// `GGML_ANE_DEBUG` set (any value): log every engine failure that sent work to the CPU.
+    pub debug: bool,
 }
+
+/// Default for `GGML_ANE_GIVE_UP`: far beyond any transient run of faults (a fault mix of 20%
+/// eval errors has 1e-11 odds of 16 in a row), soon enough to cost one layer of one prompt.
+pub const DEFAULT_GIVE_UP: u32 = 16;
 
 /// Default for `GGML_ANE_MIN_BATCH`.
 pub const DEFAULT_MIN_BATCH: usize = 64;
@@ -197,6 +207,11 @@ impl Config {
             "compressed" => WeightsMode::Compressed,
             _ => WeightsMode::Fp16,
         };
+        let give_up = parse("GGML_ANE_GIVE_UP", &DEFAULT_GIVE_UP.to_string(), &|v| {
+            v.parse::<u32>().is_ok()
+        })
+        .parse()
+        .unwrap_or(DEFAULT_GIVE_UP);
         let faults = match get("GGML_ANE_FAULTS") {
             None => None,
             Some(v) => match v.parse::<FaultSpec>() {
@@ -224,6 +239,8 @@ impl Config {
             faults,
             ref_accum,
             weights,
+            give_up,
+            debug: get("GGML_ANE_DEBUG").is_some(),
         }
     }
 
@@ -258,7 +275,12 @@ mod tests {
         assert_eq!(c.chip, Chip::M4);
         assert_eq!(c.max_programs, 96);
         assert_eq!(c.weights, WeightsMode::Fp16);
+        assert_eq!(c.give_up, DEFAULT_GIVE_UP);
         assert!(w.is_empty());
+        let (c, w) = cfg(&[("GGML_ANE_GIVE_UP", "0")]);
+        assert_eq!((c.give_up, w.len()), (0, 0));
+        let (c, w) = cfg(&[("GGML_ANE_GIVE_UP", "-1")]);
+        assert_eq!((c.give_up, w.len()), (DEFAULT_GIVE_UP, 1));
         let (c, w) = cfg(&[("GGML_ANE_WEIGHTS", "Compressed")]);
         assert_eq!((c.weights, w.len()), (WeightsMode::Compressed, 0));
         let (c, w) = cfg(&[("GGML_ANE_WEIGHTS", "q4")]);

@@ -104,6 +104,33 @@ fn resolve_placement(handle: *mut c_void) -> Placement {
     }
 }
 
+/// `name` in the global scope, else in an already loaded libggml or libggml-base (never loading
+/// one: the plugin must use the host's own ggml).
+pub(crate) fn find_symbol(name: &CStr) -> Option<*mut c_void> {
+    let p = lookup(libc::RTLD_DEFAULT, name);
+    if !p.is_null() {
+        return Some(p);
+    }
+    REGISTRY_LIBS
+        .iter()
+        .chain(BASE_LIBS.iter())
+        .find_map(|lib| {
+            // SAFETY: RTLD_NOLOAD only returns a handle to an already loaded library.
+            let h = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
+            (!h.is_null())
+                .then(|| lookup(h, name))
+                .filter(|p| !p.is_null())
+        })
+}
+
+/// Library names of ggml-base.
+const BASE_LIBS: [&CStr; 4] = [
+    c"libggml-base.so",
+    c"libggml-base.so.0",
+    c"libggml-base.dylib",
+    c"libggml-base.0.dylib",
+];
+
 /// `GGML_BACKEND_BUFFER_USAGE_WEIGHTS`.
 pub const GGML_BACKEND_BUFFER_USAGE_WEIGHTS: c_int = 1;
 
@@ -177,14 +204,7 @@ pub fn ggml() -> Option<&'static Ggml> {
     static GGML: OnceLock<Option<Ggml>> = OnceLock::new();
     GGML.get_or_init(|| {
         resolve_in(libc::RTLD_DEFAULT).or_else(|| {
-            [
-                c"libggml-base.so",
-                c"libggml-base.so.0",
-                c"libggml-base.dylib",
-                c"libggml-base.0.dylib",
-            ]
-            .iter()
-            .find_map(|name| {
+            BASE_LIBS.iter().find_map(|name| {
                 // SAFETY: RTLD_NOLOAD only returns a handle to an already loaded library.
                 let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
                 (!h.is_null()).then(|| resolve_in(h)).flatten()

@@ -53,7 +53,14 @@ pub fn output_ok(values: &[f16]) -> bool {
 /// Counts a trip and returns the error that sends the dispatch to the CPU path.
 pub fn trip(stats: &Stats, what: &str) -> EngineError {
     stats.guard_trips.fetch_add(1, Relaxed);
-    EngineError::Eval(format!("numeric guard: {what}"))
+    EngineError::Eval(format!("{TRIP}{what}"))
+}
+
+const TRIP: &str = "numeric guard: ";
+
+/// Whether `e` came from [`trip`] (the data, not the device, was at fault).
+pub fn is_trip(e: &EngineError) -> bool {
+    matches!(e, EngineError::Eval(m) if m.starts_with(TRIP))
 }
 
 #[cfg(test)]

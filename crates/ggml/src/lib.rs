@@ -18,6 +18,8 @@ pub mod config;
 pub mod ffi;
 pub mod ggml;
 pub mod guard;
+pub mod health;
+pub mod host_cpu;
 mod lookahead;
 pub mod matmul;
 pub mod placement;
@@ -26,7 +28,7 @@ pub mod support;
 #[cfg(test)]
 mod test_util;
 
-use std::ffi::{c_char, c_void};
+use std::ffi::{c_char, c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{addr_of, null, null_mut};
 use std::sync::atomic::Ordering::Relaxed;
@@ -58,6 +60,8 @@ pub struct DeviceState {
     learner: Mutex<lookahead::Learner>,
     /// Published costs of the engine's chip (`GGML_ANE_ROUTE=cost`).
     cost: ane_plan::cost::ChipCost,
+    /// Whether the device gave up after a run of engine failures.
+    health: health::Health,
 }
 
 impl DeviceState {
@@ -70,6 +74,8 @@ impl DeviceState {
             staged: &self.staged,
             scratch: &self.scratch,
             stats: &self.stats,
+            health: &self.health,
+            host: None,
         }
     }
 }
@@ -79,6 +85,8 @@ impl DeviceState {
 struct BackendCtx {
     /// Speculated outputs of this instance's graphs.
     stash: Mutex<lookahead::Stash>,
+    /// The host's CPU backend, for this instance's fallbacks (with the host's thread count).
+    host: host_cpu::HostCpu,
 }
 
 /// Opens the engine chosen by the configuration.
@@ -192,6 +200,7 @@ fn device_state() -> Result<&'static DeviceState, &'static str> {
                 ),
                 staged: Mutex::new(StagedWeights::new(cfg.stage_max_mb.saturating_mul(1 << 20))),
                 scratch: Mutex::new(ScratchPool::default()),
+                health: health::Health::new(cfg.give_up),
                 cost: {
                     let published = ane_plan::cost::chip_cost(engine.chip());
                     // Validated when the configuration was read.
@@ -281,6 +290,7 @@ unsafe fn member(
 /// touched).
 fn run_group(
     dev: &DeviceState,
+    host: &host_cpu::HostCpu,
     mut group: Group,
     head_buffer: Option<(usize, usize)>,
     stash: &mut lookahead::Stash,
@@ -288,6 +298,7 @@ fn run_group(
     // SAFETY: the group was built from this graph's claimed MUL_MATs (valid host tensors); the
     // stash is borrowed until the group is computed.
     let speculated = Config::get().lookahead
+        && !dev.health.is_off()
         && head_buffer.is_some_and(|range| {
             // SAFETY: as above.
             let added = unsafe {
@@ -300,7 +311,11 @@ fn run_group(
     // SAFETY: the group was built from this graph's claimed MUL_MATs: valid host tensors, dst
     // separate from its sources (ggml allocates an op's output apart from its inputs); speculated
     // members write into the stash.
-    let fallback = unsafe { matmul::compute(&dev.matmul_cx(), &group) };
+    let cx = matmul::Context {
+        host: Some(host),
+        ..dev.matmul_cx()
+    };
+    let fallback = unsafe { matmul::compute(&cx, &group) };
     if speculated {
         stash.computed(fallback);
     }
@@ -364,7 +379,7 @@ fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
         if lookahead && weight && stash.waits_for(&m) {
             // Computed in an earlier split's dispatch: the groups before it run first (graph order).
             if let Some((done, range)) = open.take() {
-                run_group(dev, done, range, &mut stash);
+                run_group(dev, &ctx.host, done, range, &mut stash);
             }
             // SAFETY: m and src1 are this graph's MUL_MAT operands (valid host tensors).
             if unsafe { stash.take(&dev.learner, &dev.stats, &m, &src1) } {
@@ -375,7 +390,7 @@ fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
             Some((group, _)) if joins(group, &m, &src1, weight) => group.members.push(m),
             _ => {
                 if let Some((done, range)) = open.take() {
-                    run_group(dev, done, range, &mut stash);
+                    run_group(dev, &ctx.host, done, range, &mut stash);
                 }
                 // SAFETY: a MUL_MAT node has a valid src0.
                 let range = g.buffer_range(unsafe { &*node.src[0] });
@@ -393,7 +408,7 @@ fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
         }
     }
     if let Some((done, range)) = open.take() {
-        run_group(dev, done, range, &mut stash);
+        run_group(dev, &ctx.host, done, range, &mut stash);
     }
     GGML_STATUS_SUCCESS
 }
@@ -600,6 +615,10 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(
             g.type_info(s0.type_),
             dev.policy,
         ) {
+            Ok(()) if dev.health.is_off() => {
+                dev.stats.declined[support::Decline::DeviceOff.index()].fetch_add(1, Relaxed);
+                false
+            }
             Ok(()) if !cost_says_ane(dev, &desc(s0), &desc(s1), g.is_weight(s0)) => {
                 dev.stats.declined[support::Decline::CostModel.index()].fetch_add(1, Relaxed);
                 false
@@ -697,7 +716,7 @@ fn stage_ready(dev: &DeviceState, r: &lookahead::Ready) {
     // before llama.cpp reserves its graphs.
     if let Err(e) = unsafe { matmul::stage_at_load(&dev.matmul_cx(), &members) } {
         // Not fatal: the first dispatch stages the group (or falls back to the CPU).
-        if std::env::var_os("GGML_ANE_DEBUG").is_some() {
+        if crate::config::Config::get().debug {
             eprintln!("ggml-ane: staging at load failed (the first dispatch stages): {e}");
         }
     }
@@ -775,12 +794,38 @@ unsafe extern "C" fn ggml_backend_ane_reg_get_device(
     }
 }
 
+/// `ggml_backend_set_n_threads` of this backend: the engine uses no CPU threads, but the host's
+/// count is what the CPU backend computes fallbacks with (as in CPU-only llama.cpp).
+unsafe extern "C" fn ggml_backend_ane_set_n_threads(backend: ggml_backend_t, n_threads: c_int) {
+    guard((), || {
+        // SAFETY: ggml passes a backend of this device (made by init_backend, alive until free);
+        // its context is a `BackendCtx`.
+        let ctx = unsafe { backend.as_ref() }
+            .filter(|b| b.guid == addr_of!(GUID))
+            .and_then(|b| unsafe { b.context.cast::<BackendCtx>().as_ref() });
+        if let Some(ctx) = ctx {
+            ctx.host.set_n_threads(n_threads);
+        }
+    })
+}
+
 unsafe extern "C" fn ggml_backend_ane_reg_get_proc_address(
     _reg: ggml_backend_reg_t,
-    _name: *const c_char,
+    name: *const c_char,
 ) -> *mut c_void {
-    // No optional functions (set_n_threads etc.): the engine does not use CPU threads.
-    null_mut()
+    guard(null_mut(), || {
+        if name.is_null() {
+            return null_mut();
+        }
+        // SAFETY: ggml passes a NUL-terminated name.
+        let name = unsafe { std::ffi::CStr::from_ptr(name) };
+        if name == c"ggml_backend_set_n_threads" {
+            let f: unsafe extern "C" fn(ggml_backend_t, c_int) = ggml_backend_ane_set_n_threads;
+            f as *mut c_void
+        } else {
+            null_mut()
+        }
+    })
 }
 
 static REG: SyncCell<ggml_backend_reg> = SyncCell(ggml_backend_reg {

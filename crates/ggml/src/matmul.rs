@@ -534,6 +534,10 @@ pub struct Context<'a> {
     pub scratch: &'a Mutex<ScratchPool>,
     /// Counters.
     pub stats: &'a Stats,
+    /// Whether the device gave up (see [`crate::health`]).
+    pub health: &'a crate::health::Health,
+    /// The host's CPU backend for fallbacks (`None`: the plugin's own loop).
+    pub host: Option<&'a crate::host_cpu::HostCpu>,
 }
 
 /// Reads element `off` bytes into a plain-typed buffer.
@@ -763,13 +767,21 @@ fn contiguous_run(cols: &[(usize, usize, usize)]) -> Option<(usize, usize, usize
     (b == y && c == x && z + 1 == a + cols.len()).then_some((a, b, c))
 }
 
-/// Computes a group. Never leaves an output unwritten: an engine failure computes the affected
-/// columns on the CPU with f32 accumulation. Returns whether any column fell back to the CPU.
+/// Computes a group. Never leaves an output unwritten: the columns of a failed dispatch are
+/// computed on the CPU ([`fallback`]). Returns whether any column fell back to the CPU.
 ///
 /// # Safety
 /// Every operand must describe valid host tensors of MUL_MATs that [`crate::support::mul_mat`]
 /// accepted; dst memory must be writable and not overlap any source.
 pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
+    let n_ops = (g.members.len() - g.speculative) as u64;
+    if cx.health.is_off() {
+        // The device gave up: no conversion, no dispatch, the whole nodes on the CPU.
+        // SAFETY: forwarded contract.
+        unsafe { fallback(cx, g, &[]) };
+        cx.stats.ops_fallback.fetch_add(n_ops, Relaxed);
+        return true;
+    }
     // GGML_ANE_WEIGHTS=compressed: a lone Q8_0/Q4_0 weight runs its own baked program.
     // SAFETY: forwarded contract.
     if unsafe { crate::baked::try_compute(cx, g) } {
@@ -780,7 +792,8 @@ pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
     let [_, n, ne12, ne13] = g.src1.desc.ne.map(|v| v as usize);
     let (r2, r3) = (ne12 / ne02, ne13 / ne03);
     let m_total: usize = g.members.iter().map(|m| m.src0.desc.ne[1] as usize).sum();
-    let mut any_fallback = false;
+    let mut failed: Vec<Failed> = Vec::new();
+    let mut any_ok = false;
     for i03 in 0..ne03 {
         for i02 in 0..ne02 {
             // Every src1 column (n, i12, i13) that multiplies this src0 matrix.
@@ -799,21 +812,46 @@ pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
             for chunk in cx.planner.col_chunks(cols.len()) {
                 let shape = cx.planner.tile(kp, mp, chunk.bucket);
                 let cols = &cols[chunk.start..chunk.start + chunk.len];
-                // SAFETY: forwarded contract.
-                let r = unsafe { dispatch(cx, g, i02, i03, &shape, cols, &mut w) };
-                if let Err(e) = r {
-                    if std::env::var_os("GGML_ANE_DEBUG").is_some() {
-                        eprintln!("ggml-ane: dispatch failed, CPU fallback: {e}");
-                    }
-                    any_fallback = true;
+                let r = if cx.health.is_off() {
+                    Err(EngineError::Unavailable("device gave up".into()))
+                } else {
                     // SAFETY: forwarded contract.
-                    unsafe { fallback(cx.stats, g, i02, i03, cols) };
+                    unsafe { dispatch(cx, g, i02, i03, &shape, cols, &mut w) }
+                };
+                match r {
+                    Ok(()) => {
+                        any_ok = true;
+                        cx.health.ok();
+                    }
+                    Err(e) => {
+                        if crate::config::Config::get().debug {
+                            eprintln!("ggml-ane: dispatch failed, CPU fallback: {e}");
+                        }
+                        if cx.health.failed(&e) {
+                            cx.stats.device_off.store(1, Relaxed);
+                            eprintln!(
+                                "ggml-ane: {} engine failures in a row (last: {e}); the device \
+                                 stops claiming MUL_MATs, the CPU backend computes them \
+                                 (GGML_ANE_GIVE_UP)",
+                                crate::config::Config::get().give_up
+                            );
+                        }
+                        failed.push(Failed {
+                            i02,
+                            i03,
+                            cols: cols.to_vec(),
+                        });
+                    }
                 }
             }
         }
     }
-    let n_ops = (g.members.len() - g.speculative) as u64;
+    let any_fallback = !failed.is_empty();
     if any_fallback {
+        // All failed: the whole nodes, exactly as CPU-only llama.cpp computes them.
+        let parts: &[Failed] = if any_ok { &failed } else { &[] };
+        // SAFETY: forwarded contract.
+        unsafe { fallback(cx, g, parts) };
         cx.stats.ops_fallback.fetch_add(n_ops, Relaxed);
     } else {
         cx.stats.ops_offloaded.fetch_add(n_ops, Relaxed);
@@ -824,41 +862,153 @@ pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
     any_fallback
 }
 
-/// The CPU path for `cols` of matrix (`i02`, `i03`): f32 accumulation from the original values.
+/// The columns of matrix (`i02`, `i03`) one failed dispatch left to the CPU.
+struct Failed {
+    i02: usize,
+    i03: usize,
+    cols: Vec<(usize, usize, usize)>,
+}
+
+/// The CPU path: `parts` of every member, or, when `parts` is empty, every member whole. Through
+/// the host's CPU backend ([`crate::host_cpu`]) when it has one and takes the nodes (same kernels
+/// and numbers as CPU-only llama.cpp), else the plugin's own f32 loop.
 ///
 /// # Safety
 /// As for [`compute`].
-unsafe fn fallback(
-    stats: &Stats,
-    g: &Group,
-    i02: usize,
-    i03: usize,
-    cols: &[(usize, usize, usize)],
-) {
+unsafe fn fallback(cx: &Context<'_>, g: &Group, parts: &[Failed]) {
     let t = Instant::now();
-    let k = g.members[0].src0.desc.ne[0] as usize;
-    let mut xrow = vec![0f32; k];
-    let mut wrow = vec![0f32; k];
+    let views = cpu_views(g, parts);
+    let ops: Vec<crate::host_cpu::MatMul> = views.iter().map(|v| v.0).collect();
+    // SAFETY: views of the group's valid operands (forwarded contract).
+    let done = cx.host.is_some_and(|h| unsafe { h.compute(&ops) }.is_ok());
+    if done {
+        cx.stats.fallback_cpu_backend.fetch_add(1, Relaxed);
+    } else {
+        cx.stats.fallback_own.fetch_add(1, Relaxed);
+        for (op, wi) in &views {
+            // SAFETY: as above.
+            unsafe { own_fallback(op, wi, &g.src1_info) };
+        }
+    }
+    add_time(&cx.stats.ns_fallback, t.elapsed());
+}
+
+/// The MUL_MATs a fallback computes, as views of the group's operands: whole members, or per
+/// failed part one 2-D product for each run of consecutive tokens of one src1 matrix.
+fn cpu_views(g: &Group, parts: &[Failed]) -> Vec<(crate::host_cpu::MatMul, TypeInfo)> {
+    use crate::host_cpu::MatMul;
+    let mut ops = Vec::new();
     for m in &g.members {
-        let rows = m.src0.desc.ne[1] as usize;
-        // SAFETY: forwarded contract.
-        let w: Vec<Vec<f32>> = (0..rows)
-            .map(|i1| {
-                unsafe { read_row(&m.src0, &m.src0_info, i1, i02, i03, &mut wrow) };
-                wrow.clone()
-            })
-            .collect();
-        for &(i1, i12, i13) in cols {
-            // SAFETY: forwarded contract.
-            unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, &mut xrow) };
-            for (mi, wr) in w.iter().enumerate() {
-                let acc: f32 = wr.iter().zip(&xrow).map(|(a, b)| a * b).sum();
-                // SAFETY: an in-bounds element of a writable f32 dst.
-                unsafe { put(&m.dst, mi, i1, i12, i13, acc) };
+        if parts.is_empty() {
+            let op = MatMul {
+                src0: m.src0,
+                src1: g.src1,
+                dst: m.dst,
+            };
+            ops.push((op, m.src0_info));
+            continue;
+        }
+        for p in parts {
+            let mut rest = &p.cols[..];
+            while let Some(&(i1, i12, i13)) = rest.first() {
+                let len = rest
+                    .iter()
+                    .enumerate()
+                    .take_while(|&(j, &(a, b, c))| a == i1 + j && b == i12 && c == i13)
+                    .count();
+                rest = &rest[len..];
+                let w = m.src0.desc;
+                let x = g.src1.desc;
+                let d = m.dst.desc;
+                let at = |o: &Operand, off: usize, ne: [i64; 4]| Operand {
+                    desc: TensorDesc { ne, ..o.desc },
+                    data: o.data.wrapping_add(off),
+                };
+                let op = MatMul {
+                    src0: at(
+                        &m.src0,
+                        p.i02 * w.nb[2] + p.i03 * w.nb[3],
+                        [w.ne[0], w.ne[1], 1, 1],
+                    ),
+                    src1: at(
+                        &g.src1,
+                        i1 * x.nb[1] + i12 * x.nb[2] + i13 * x.nb[3],
+                        [x.ne[0], len as i64, 1, 1],
+                    ),
+                    dst: at(
+                        &m.dst,
+                        i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3],
+                        [d.ne[0], len as i64, 1, 1],
+                    ),
+                };
+                ops.push((op, m.src0_info));
             }
         }
     }
-    add_time(&stats.ns_fallback, t.elapsed());
+    ops
+}
+
+/// The plugin's own CPU loop for one product: f32 accumulation from the original values, weight
+/// rows split across threads, each widened once per src1 matrix, src1 widened once.
+///
+/// # Safety
+/// As for [`compute`]; `op` is a valid view ([`crate::host_cpu::MatMul::is_valid`]) whose types
+/// `wi` and `xi` describe.
+unsafe fn own_fallback(op: &crate::host_cpu::MatMul, wi: &TypeInfo, xi: &TypeInfo) {
+    /// Operands cross into the scoped threads; each writes disjoint dst rows.
+    #[derive(Clone, Copy)]
+    struct Shared(crate::host_cpu::MatMul);
+    // SAFETY: the memory is valid for the whole call (the scope joins before returning), sources
+    // are only read and every thread writes its own dst rows.
+    unsafe impl Send for Shared {}
+    // SAFETY: as above.
+    unsafe impl Sync for Shared {}
+    impl Shared {
+        /// Through a method, so closures capture the whole `Shared` (edition 2021 would capture
+        /// the non-`Send` field alone).
+        fn get(&self) -> &crate::host_cpu::MatMul {
+            &self.0
+        }
+    }
+
+    let (w, x) = (&op.src0.desc, &op.src1.desc);
+    let [k, rows, ne02, ne03] = w.ne.map(|v| v as usize);
+    let [_, n, ne12, ne13] = x.ne.map(|v| v as usize);
+    let (r2, r3) = (ne12 / ne02, ne13 / ne03);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(rows.div_ceil(16))
+        .max(1);
+    let shared = Shared(*op);
+    for i13 in 0..ne13 {
+        for i12 in 0..ne12 {
+            let mut xs = vec![0f32; n * k];
+            for (i1, row) in xs.chunks_exact_mut(k).enumerate() {
+                // SAFETY: forwarded contract.
+                unsafe { read_row(&op.src1, xi, i1, i12, i13, row) };
+            }
+            let xs = &xs;
+            let per = rows.div_ceil(threads);
+            std::thread::scope(|s| {
+                for t in 0..threads {
+                    let sh = shared;
+                    s.spawn(move || {
+                        let op = sh.get();
+                        let mut wrow = vec![0f32; k];
+                        for r in t * per..((t + 1) * per).min(rows) {
+                            // SAFETY: forwarded contract.
+                            unsafe { read_row(&op.src0, wi, r, i12 / r2, i13 / r3, &mut wrow) };
+                            for (i1, xr) in xs.chunks_exact(k).enumerate() {
+                                let acc: f32 = wrow.iter().zip(xr).map(|(a, b)| a * b).sum();
+                                // SAFETY: an in-bounds element of this thread's dst rows.
+                                unsafe { put(&op.dst, r, i1, i12, i13, acc) };
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    }
 }
 
 /// One engine dispatch for `cols` against matrix (`i02`, `i03`) of every member.

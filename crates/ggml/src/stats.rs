@@ -17,6 +17,13 @@ pub struct Stats {
     pub ops_offloaded: AtomicU64,
     /// MUL_MATs (or parts) computed by the plugin's own CPU path after an engine failure.
     pub ops_fallback: AtomicU64,
+    /// Fallback computations run by the host's own CPU backend (`crate::host_cpu`): one per
+    /// graph of views handed to it.
+    pub fallback_cpu_backend: AtomicU64,
+    /// Fallback computations run by the plugin's own loop (no CPU backend, or it declined).
+    pub fallback_own: AtomicU64,
+    /// 1 once the device gave up after a run of engine failures (`crate::health`).
+    pub device_off: AtomicU64,
     /// MUL_MATs computed as members of a fused group (sharing one dispatch with others).
     pub ops_fused: AtomicU64,
     /// Dispatches whose program has row tiles or contraction slices (axes beyond the chip limit).
@@ -96,6 +103,9 @@ impl Stats {
             "ops_offloaded": self.ops_offloaded.load(Relaxed),
             "ops_fallback": self.ops_fallback.load(Relaxed),
             "ops_fused": self.ops_fused.load(Relaxed),
+            "fallback_cpu_backend": self.fallback_cpu_backend.load(Relaxed),
+            "fallback_own": self.fallback_own.load(Relaxed),
+            "device_off": self.device_off.load(Relaxed),
             "dispatches": self.dispatches.load(Relaxed),
             "dispatches_tiled": self.dispatches_tiled.load(Relaxed),
             "lookahead_hits": self.lookahead_hits.load(Relaxed),
@@ -137,6 +147,14 @@ impl Stats {
             "  MUL_MAT CPU fallback     {:>10}\n",
             self.ops_fallback.load(Relaxed)
         ));
+        s.push_str(&format!(
+            "  ... by CPU backend / own {:>10} / {}\n",
+            self.fallback_cpu_backend.load(Relaxed),
+            self.fallback_own.load(Relaxed)
+        ));
+        if self.device_off.load(Relaxed) > 0 {
+            s.push_str("  device gave up after repeated engine failures (GGML_ANE_GIVE_UP)\n");
+        }
         s.push_str(&format!(
             "  MUL_MAT in fused groups  {:>10}\n",
             self.ops_fused.load(Relaxed)
@@ -262,6 +280,9 @@ mod tests {
             "ms_convert",
             "ms_engine",
             "ms_fallback",
+            "fallback_cpu_backend",
+            "fallback_own",
+            "device_off",
             "engine",
         ] {
             assert!(j.get(k).is_some(), "{k}");

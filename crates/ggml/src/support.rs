@@ -52,6 +52,8 @@ pub enum Decline {
     TinyOutput,
     /// `GGML_ANE_ROUTE=cost`: the cost model (`ane_plan::model::estimate`) puts the CPU ahead.
     CostModel,
+    /// The device gave up after a run of engine failures (`crate::health`, `GGML_ANE_GIVE_UP`).
+    DeviceOff,
 }
 
 /// Smallest number of output values the plugin claims (see [`Decline::TinyOutput`]).
@@ -59,7 +61,7 @@ pub const MIN_OUTPUTS: i64 = 16;
 
 impl Decline {
     /// Every reason, in stats order.
-    pub const ALL: [Decline; 9] = [
+    pub const ALL: [Decline; 10] = [
         Decline::SmallBatch,
         Decline::DstType,
         Decline::Src1Type,
@@ -69,6 +71,7 @@ impl Decline {
         Decline::Empty,
         Decline::TinyOutput,
         Decline::CostModel,
+        Decline::DeviceOff,
     ];
 
     /// Stats key.
@@ -83,6 +86,7 @@ impl Decline {
             Decline::Empty => "empty",
             Decline::TinyOutput => "tiny_output",
             Decline::CostModel => "cost_model",
+            Decline::DeviceOff => "device_off",
         }
     }
 

@@ -47,6 +47,7 @@ pub(crate) struct Device<E: Engine = ReferenceEngine> {
     pub staged: Mutex<StagedWeights>,
     pub scratch: Mutex<ScratchPool>,
     pub stats: Stats,
+    pub health: crate::health::Health,
 }
 
 impl<E: Engine> Device<E> {
@@ -59,6 +60,7 @@ impl<E: Engine> Device<E> {
             staged: Mutex::new(StagedWeights::new(1 << 30)),
             scratch: Mutex::new(ScratchPool::default()),
             stats: Stats::default(),
+            health: crate::health::Health::new(0),
         }
     }
 
@@ -71,6 +73,8 @@ impl<E: Engine> Device<E> {
             staged: &self.staged,
             scratch: &self.scratch,
             stats: &self.stats,
+            health: &self.health,
+            host: None,
         }
     }
 }

@@ -31,6 +31,7 @@ struct Device {
     staged: Mutex<StagedWeights>,
     scratch: Mutex<ScratchPool>,
     stats: Stats,
+    health: ggml_ane::health::Health,
 }
 
 impl Device {
@@ -43,6 +44,7 @@ impl Device {
             staged: Mutex::new(StagedWeights::new(1 << 28)),
             scratch: Mutex::new(ScratchPool::default()),
             stats: Stats::default(),
+            health: ggml_ane::health::Health::new(0),
         }
     }
 
@@ -91,6 +93,8 @@ impl Device {
             staged: &self.staged,
             scratch: &self.scratch,
             stats: &self.stats,
+            health: &self.health,
+            host: None,
         };
         // SAFETY: the buffers match their descriptions and dst overlaps no source.
         unsafe { compute(&cx, &group) };

@@ -391,3 +391,122 @@ fn scratch_pairs_keep_their_roles() {
         pool.give_pair(x, y);
     }
 }
+
+#[test]
+fn partial_failures_recompute_the_failed_columns_only() {
+    // Half the evaluations fail: each failed chunk is recomputed on the CPU, the rest comes from
+    // the engine; broadcast (r2 = 2) and a permuted src1 exercise the per-run views.
+    let faults = ane_engine::reference::faults::FaultSpec {
+        eval: 0.5,
+        seed: 7,
+        ..Default::default()
+    };
+    let rig = Rig::new(ReferenceEngine::with_faults(Chip::M4.limits(), faults));
+    let ad = f32_desc([64, 40, 2, 2]);
+    let a = rand_vec(64 * 40 * 4, 31);
+    let (b, bd) = permuted_src1(32);
+    let got = rig.run(false, &[(&a, ad)], &b, bd);
+    assert_close(&got[0], &oracle(&a, &ad, &b, &bd), 5e-3);
+    let injected = rig.engine.counters().faults_injected;
+    assert!(injected > 0, "some dispatch must fail");
+    assert!(
+        rig.stats.dispatches.load(Relaxed) > 0,
+        "some dispatch must succeed"
+    );
+    assert_eq!(
+        rig.stats.fallback_own.load(Relaxed),
+        1,
+        "one CPU pass per group"
+    );
+}
+
+#[test]
+fn fallback_views_cover_exactly_the_failed_columns() {
+    let (w, x, d) = (
+        f32_desc([8, 4, 2, 1]),
+        f32_desc([8, 6, 4, 1]),
+        f32_desc([4, 6, 4, 1]),
+    );
+    let base = 0x1000 as *const u8;
+    let op = |desc| Operand { desc, data: base };
+    let g = Group {
+        src1: op(x),
+        src1_info: F32_INFO,
+        members: vec![Member {
+            src0: op(w),
+            src0_info: F32_INFO,
+            dst: op(d),
+        }],
+        weights: false,
+        speculative: 0,
+    };
+    let whole = cpu_views(&g, &[]);
+    assert_eq!(whole.len(), 1);
+    assert_eq!(whole[0].0.src1.desc, x, "all failed: the node itself");
+    let part = Failed {
+        i02: 1,
+        i03: 0,
+        cols: vec![(4, 2, 0), (5, 2, 0), (0, 3, 0), (1, 3, 0), (3, 3, 0)],
+    };
+    let v = cpu_views(&g, &[part]);
+    let runs: Vec<(usize, usize, usize, i64)> = v
+        .iter()
+        .map(|(m, _)| {
+            assert!(m.is_valid());
+            (
+                m.src0.data as usize - 0x1000,
+                m.src1.data as usize - 0x1000,
+                m.dst.data as usize - 0x1000,
+                m.src1.desc.ne[1],
+            )
+        })
+        .collect();
+    assert_eq!(
+        runs,
+        vec![
+            (
+                w.nb[2],
+                4 * x.nb[1] + 2 * x.nb[2],
+                4 * d.nb[1] + 2 * d.nb[2],
+                2
+            ),
+            (w.nb[2], 3 * x.nb[2], 3 * d.nb[2], 2),
+            (
+                w.nb[2],
+                3 * x.nb[1] + 3 * x.nb[2],
+                3 * d.nb[1] + 3 * d.nb[2],
+                1
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_device_that_gave_up_dispatches_nothing_and_stays_right() {
+    let faults = ane_engine::reference::faults::FaultSpec {
+        eval: 1.0,
+        ..Default::default()
+    };
+    let mut rig = Rig::new(ReferenceEngine::with_faults(Chip::M4.limits(), faults));
+    rig.health = crate::health::Health::new(2);
+    let ad = f32_desc([64, 72, 1, 1]);
+    let a = rand_vec(64 * 72, 41);
+    let bd = f32_desc([64, 1100, 1, 1]);
+    let b = rand_vec(64 * 1100, 42);
+    let want = oracle(&a, &ad, &b, &bd);
+    let got = rig.run(true, &[(&a, ad)], &b, bd);
+    assert_close(&got[0], &want, 1e-5);
+    assert!(rig.health.is_off(), "two failures in a row turn it off");
+    assert_eq!(rig.stats.device_off.load(Relaxed), 1);
+    let tried = rig.engine.counters().faults_injected;
+    for _ in 0..3 {
+        let got = rig.run(true, &[(&a, ad)], &b, bd);
+        assert_close(&got[0], &want, 1e-5);
+    }
+    assert_eq!(
+        rig.engine.counters().faults_injected,
+        tried,
+        "no dispatch once the device gave up"
+    );
+    assert_eq!(rig.stats.ops_fallback.load(Relaxed), 4);
+}

@@ -1,0 +1,95 @@
+//! When to stop offering the device: a run of engine failures.
+//!
+//! In the field the ANE can fail for good (a macOS update breaks the private API, the compile
+//! budget is spent, the driver wedges). Then every claimed MUL_MAT pays for a conversion and a
+//! failed dispatch before the CPU computes it. After [`Health::new`]'s `limit` failures in a row
+//! the device is *off*: `supports_op` declines, so the scheduler keeps the work on the CPU backend
+//! with no detour at all, and nodes already routed here (a reused graph) go straight to the CPU.
+//! One success resets the run, so a transient fault never switches a healthy device off. Numeric
+//! guard trips are data, not device failures, and do not count.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+
+use ane_engine::EngineError;
+
+/// The device's failure run and whether it gave up.
+#[derive(Debug, Default)]
+pub struct Health {
+    limit: u32,
+    run: AtomicU32,
+    off: AtomicBool,
+}
+
+impl Health {
+    /// Gives up after `limit` failures in a row; `0` never does.
+    pub fn new(limit: u32) -> Self {
+        Health {
+            limit,
+            ..Health::default()
+        }
+    }
+
+    /// A dispatch succeeded.
+    pub fn ok(&self) {
+        self.run.store(0, Relaxed);
+    }
+
+    /// A dispatch failed with `e`. True exactly once: when this failure turns the device off.
+    pub fn failed(&self, e: &EngineError) -> bool {
+        if crate::guard::is_trip(e) {
+            return false;
+        }
+        let n = self.run.fetch_add(1, Relaxed) + 1;
+        self.limit > 0 && n >= self.limit && !self.off.swap(true, Relaxed)
+    }
+
+    /// The device gave up: claim nothing, compute what arrives on the CPU.
+    pub fn is_off(&self) -> bool {
+        self.off.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval() -> EngineError {
+        EngineError::Eval("injected".into())
+    }
+
+    #[test]
+    fn a_run_of_failures_turns_it_off_once() {
+        let h = Health::new(3);
+        assert!(!h.failed(&eval()) && !h.failed(&eval()));
+        assert!(!h.is_off());
+        assert!(h.failed(&eval()), "the third in a row turns it off");
+        assert!(h.is_off());
+        assert!(!h.failed(&eval()), "said once");
+    }
+
+    #[test]
+    fn one_success_resets_the_run() {
+        let h = Health::new(3);
+        for _ in 0..10 {
+            assert!(!h.failed(&eval()));
+            assert!(!h.failed(&eval()));
+            h.ok();
+        }
+        assert!(!h.is_off());
+    }
+
+    #[test]
+    fn guard_trips_and_limit_zero_never_count() {
+        let h = Health::new(1);
+        let stats = crate::stats::Stats::default();
+        for _ in 0..5 {
+            assert!(!h.failed(&crate::guard::trip(&stats, "src1 out of fp16 range")));
+        }
+        assert!(!h.is_off());
+        let never = Health::new(0);
+        for _ in 0..100 {
+            assert!(!never.failed(&eval()));
+        }
+        assert!(!never.is_off());
+    }
+}

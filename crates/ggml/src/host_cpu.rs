@@ -1,0 +1,367 @@
+//! The host's own CPU backend, for MUL_MATs the device claimed but could not compute.
+//!
+//! A user whose ANE fails must get what CPU-only llama.cpp gives: the same quantized kernels (src1
+//! quantized to the weight's `vec_dot_type`), the same threads, the same numbers. So a fallback is
+//! not a loop of ours: it builds a small graph of MUL_MAT nodes over the same memory (views of the
+//! columns the device did not compute) and hands it to the CPU device's backend, found through the
+//! host's registry (`ggml_backend_dev_by_type(CPU)`). Only where the host has no CPU backend, or it
+//! declines a node, does the plugin's own f32 loop ([`crate::matmul`]) run.
+//!
+//! Everything is resolved with `dlsym` like [`crate::ggml`]; a missing symbol just means the own
+//! loop. One CPU backend per plugin backend instance (a llama context), created at the first
+//! fallback and behind a mutex: a ggml CPU backend is not reentrant.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicI32, Ordering::Relaxed};
+use std::sync::{Mutex, OnceLock};
+
+use crate::ffi::{
+    ggml_backend_dev_t, ggml_backend_reg_t, ggml_backend_t, ggml_cgraph, ggml_tensor,
+};
+use crate::matmul::Operand;
+
+/// `GGML_BACKEND_DEVICE_TYPE_CPU`.
+const DEVICE_TYPE_CPU: c_int = 0;
+
+#[repr(C)]
+struct InitParams {
+    mem_size: usize,
+    mem_buffer: *mut c_void,
+    no_alloc: bool,
+}
+
+/// Opaque `struct ggml_context`.
+#[repr(C)]
+struct GgmlContext {
+    _private: [u8; 0],
+}
+
+type SetThreads = unsafe extern "C" fn(ggml_backend_t, c_int);
+
+/// The ggml functions a fallback graph needs (ggml.h, ggml-backend.h of ggml 0.26.0).
+struct Fns {
+    init: unsafe extern "C" fn(InitParams) -> *mut GgmlContext,
+    free: unsafe extern "C" fn(*mut GgmlContext),
+    tensor_overhead: unsafe extern "C" fn() -> usize,
+    graph_overhead_custom: unsafe extern "C" fn(usize, bool) -> usize,
+    new_graph_custom: unsafe extern "C" fn(*mut GgmlContext, usize, bool) -> *mut ggml_cgraph,
+    graph_add_node: unsafe extern "C" fn(*mut ggml_cgraph, *mut ggml_tensor),
+    new_tensor:
+        unsafe extern "C" fn(*mut GgmlContext, c_int, c_int, *const i64) -> *mut ggml_tensor,
+    mul_mat: unsafe extern "C" fn(
+        *mut GgmlContext,
+        *mut ggml_tensor,
+        *mut ggml_tensor,
+    ) -> *mut ggml_tensor,
+    graph_compute: unsafe extern "C" fn(ggml_backend_t, *mut ggml_cgraph) -> c_int,
+    backend_free: unsafe extern "C" fn(ggml_backend_t),
+    dev_by_type: unsafe extern "C" fn(c_int) -> ggml_backend_dev_t,
+    dev_init: unsafe extern "C" fn(ggml_backend_dev_t, *const c_char) -> ggml_backend_t,
+    dev_supports_op: unsafe extern "C" fn(ggml_backend_dev_t, *const ggml_tensor) -> bool,
+    dev_backend_reg: unsafe extern "C" fn(ggml_backend_dev_t) -> ggml_backend_reg_t,
+    reg_get_proc_address: unsafe extern "C" fn(ggml_backend_reg_t, *const c_char) -> *mut c_void,
+}
+
+/// The symbol `name` as a function pointer of type `T`.
+///
+/// # Safety
+/// `T` must be the C function pointer type of the ggml function of that name.
+unsafe fn sym<T>(name: &CStr) -> Option<T> {
+    assert_eq!(std::mem::size_of::<T>(), std::mem::size_of::<*mut c_void>());
+    let p = crate::ggml::find_symbol(name)?;
+    // SAFETY: a non-null function address, read as the pointer type the caller vouches for.
+    Some(unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) })
+}
+
+fn fns() -> Option<&'static Fns> {
+    static FNS: OnceLock<Option<Fns>> = OnceLock::new();
+    FNS.get_or_init(|| {
+        // SAFETY: each field's type is the C signature of the function of that name
+        // (ggml.h / ggml-backend.h, ggml 0.26.0).
+        unsafe {
+            Some(Fns {
+                init: sym(c"ggml_init")?,
+                free: sym(c"ggml_free")?,
+                tensor_overhead: sym(c"ggml_tensor_overhead")?,
+                graph_overhead_custom: sym(c"ggml_graph_overhead_custom")?,
+                new_graph_custom: sym(c"ggml_new_graph_custom")?,
+                graph_add_node: sym(c"ggml_graph_add_node")?,
+                new_tensor: sym(c"ggml_new_tensor")?,
+                mul_mat: sym(c"ggml_mul_mat")?,
+                graph_compute: sym(c"ggml_backend_graph_compute")?,
+                backend_free: sym(c"ggml_backend_free")?,
+                dev_by_type: sym(c"ggml_backend_dev_by_type")?,
+                dev_init: sym(c"ggml_backend_dev_init")?,
+                dev_supports_op: sym(c"ggml_backend_dev_supports_op")?,
+                dev_backend_reg: sym(c"ggml_backend_dev_backend_reg")?,
+                reg_get_proc_address: sym(c"ggml_backend_reg_get_proc_address")?,
+            })
+        }
+    })
+    .as_ref()
+}
+
+/// One MUL_MAT for the CPU backend: `dst = src0 x src1` with ggml's broadcasting, each operand
+/// any view (type, shape, strides, address) of host memory.
+#[derive(Clone, Copy, Debug)]
+pub struct MatMul {
+    /// Weights (or other left operand), `[K, M, ne02, ne03]`.
+    pub src0: Operand,
+    /// Activations, `[K, N, ne12, ne13]`.
+    pub src1: Operand,
+    /// F32 output, `[M, N, ne12, ne13]`.
+    pub dst: Operand,
+}
+
+impl MatMul {
+    /// The shapes ggml's `ggml_mul_mat` accepts without asserting (which would abort the host):
+    /// same K, broadcastable batch dims, src0 not transposed, dst shaped as the product.
+    pub fn is_valid(&self) -> bool {
+        let (a, b, d) = (&self.src0.desc, &self.src1.desc, &self.dst.desc);
+        a.ne[0] == b.ne[0]
+            && a.ne.iter().chain(&b.ne).all(|&v| v > 0)
+            && b.ne[2] % a.ne[2] == 0
+            && b.ne[3] % a.ne[3] == 0
+            && a.nb[0] <= a.nb[1]
+            && d.ne == [a.ne[1], b.ne[1], b.ne[2], b.ne[3]]
+            && d.ty == crate::ffi::GGML_TYPE_F32
+            && d.nb[0] == 4
+    }
+}
+
+/// A created CPU backend.
+struct Cpu {
+    dev: ggml_backend_dev_t,
+    backend: ggml_backend_t,
+    set_threads: Option<SetThreads>,
+    threads: c_int,
+}
+
+// SAFETY: the backend is only used under the slot's mutex, one thread at a time.
+unsafe impl Send for Cpu {}
+
+impl Drop for Cpu {
+    fn drop(&mut self) {
+        if let Some(f) = fns() {
+            // SAFETY: created by ggml_backend_dev_init and freed once, here.
+            unsafe { (f.backend_free)(self.backend) };
+        }
+    }
+}
+
+/// Why a fallback could not use the CPU backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotRun {
+    /// ggml's graph or registry functions are not in this process.
+    NoGgml,
+    /// No CPU device in the host's registry, or it would not start.
+    NoCpuBackend,
+    /// The CPU backend declined (or cannot take) this node.
+    Declined,
+    /// Graph compute returned this status.
+    Failed(i32),
+}
+
+/// The CPU backend of one plugin backend instance, made on first use.
+#[derive(Default)]
+pub struct HostCpu {
+    cpu: Mutex<Option<Option<Cpu>>>,
+    /// Threads the host asked for (`ggml_backend_set_n_threads` on the plugin's backend); 0 until
+    /// it asks, then the CPU backend's own default is kept.
+    n_threads: AtomicI32,
+}
+
+impl HostCpu {
+    /// Records the host's thread count for this backend instance.
+    pub fn set_n_threads(&self, n: i32) {
+        self.n_threads.store(n.max(1), Relaxed);
+    }
+
+    /// Whether the host has a CPU backend to fall back to.
+    pub fn available() -> bool {
+        fns().is_some_and(|f| {
+            // SAFETY: the registry lookup has no preconditions.
+            !unsafe { (f.dev_by_type)(DEVICE_TYPE_CPU) }.is_null()
+        })
+    }
+
+    /// Computes `ops` in one graph on the CPU backend. All or nothing: on `Err` no output was
+    /// written by this call (every node is checked before any runs).
+    ///
+    /// # Safety
+    /// Every operand describes valid host memory of its type, shape and strides; dst memory is
+    /// writable and overlaps no source.
+    pub unsafe fn compute(&self, ops: &[MatMul]) -> Result<(), NotRun> {
+        let f = fns().ok_or(NotRun::NoGgml)?;
+        if ops.is_empty() {
+            return Ok(());
+        }
+        if !ops.iter().all(MatMul::is_valid) {
+            return Err(NotRun::Declined);
+        }
+        let mut slot = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
+        let cpu = slot
+            .get_or_insert_with(|| {
+                // SAFETY: registry calls without preconditions; init with default params.
+                unsafe {
+                    let dev = (f.dev_by_type)(DEVICE_TYPE_CPU);
+                    if dev.is_null() {
+                        return None;
+                    }
+                    let backend = (f.dev_init)(dev, std::ptr::null());
+                    if backend.is_null() {
+                        return None;
+                    }
+                    let reg = (f.dev_backend_reg)(dev);
+                    let p = if reg.is_null() {
+                        std::ptr::null_mut()
+                    } else {
+                        (f.reg_get_proc_address)(reg, c"ggml_backend_set_n_threads".as_ptr())
+                    };
+                    let set_threads =
+                        (!p.is_null()).then(|| std::mem::transmute::<*mut c_void, SetThreads>(p));
+                    Some(Cpu {
+                        dev,
+                        backend,
+                        set_threads,
+                        threads: 0,
+                    })
+                }
+            })
+            .as_mut()
+            .ok_or(NotRun::NoCpuBackend)?;
+        let want = self.n_threads.load(Relaxed);
+        if want > 0 && want != cpu.threads {
+            if let Some(set) = cpu.set_threads {
+                // SAFETY: the CPU backend's own set_n_threads on its backend.
+                unsafe { set(cpu.backend, want) };
+            }
+            cpu.threads = want;
+        }
+        // SAFETY: forwarded from the caller (valid operands); the context is freed on every path.
+        unsafe { run_graph(f, cpu, ops) }
+    }
+}
+
+/// Builds the graph in a metadata-only ggml context and computes it.
+///
+/// # Safety
+/// As for [`HostCpu::compute`]; `ops` are valid ([`MatMul::is_valid`]).
+unsafe fn run_graph(f: &Fns, cpu: &Cpu, ops: &[MatMul]) -> Result<(), NotRun> {
+    let n = ops.len();
+    // SAFETY: size queries without preconditions.
+    let size =
+        unsafe { (f.tensor_overhead)() * 3 * n + (f.graph_overhead_custom)(n, false) } + 1024;
+    // SAFETY: a metadata-only context (no_alloc) of `size` bytes, freed below.
+    let ctx = unsafe {
+        (f.init)(InitParams {
+            mem_size: size,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: true,
+        })
+    };
+    if ctx.is_null() {
+        return Err(NotRun::NoCpuBackend);
+    }
+    let result = (|| {
+        // SAFETY: ctx has room for n nodes (sized above).
+        let graph = unsafe { (f.new_graph_custom)(ctx, n, false) };
+        if graph.is_null() {
+            return Err(NotRun::NoCpuBackend);
+        }
+        let view = |o: &Operand| -> Result<*mut ggml_tensor, NotRun> {
+            // SAFETY: ctx has room; ne is a valid 4-element array.
+            let t = unsafe { (f.new_tensor)(ctx, o.desc.ty, 4, o.desc.ne.as_ptr()) };
+            // SAFETY: a tensor just made in ctx; we point it at the operand's memory.
+            let t_ref = unsafe { t.as_mut() }.ok_or(NotRun::NoCpuBackend)?;
+            t_ref.nb = o.desc.nb;
+            t_ref.data = o.data.cast_mut().cast();
+            Ok(t)
+        };
+        let mut nodes = Vec::with_capacity(n);
+        for op in ops {
+            let (a, b) = (view(&op.src0)?, view(&op.src1)?);
+            // SAFETY: shapes checked by is_valid, so ggml_mul_mat's asserts hold.
+            let d = unsafe { (f.mul_mat)(ctx, a, b) };
+            // SAFETY: the node just made.
+            let d_ref = unsafe { d.as_mut() }.ok_or(NotRun::NoCpuBackend)?;
+            if d_ref.ne != op.dst.desc.ne {
+                return Err(NotRun::Declined);
+            }
+            d_ref.nb = op.dst.desc.nb;
+            d_ref.data = op.dst.data.cast_mut().cast();
+            // ggml_graph_compute skips nodes without it (ggml_build_forward_expand sets it).
+            d_ref.flags |= crate::ffi::GGML_TENSOR_FLAG_COMPUTE;
+            // SAFETY: a valid MUL_MAT node over host memory.
+            if !unsafe { (f.dev_supports_op)(cpu.dev, d) } {
+                return Err(NotRun::Declined);
+            }
+            nodes.push(d);
+        }
+        for d in nodes {
+            // SAFETY: the graph was made for n nodes.
+            unsafe { (f.graph_add_node)(graph, d) };
+        }
+        // SAFETY: every node's operands are valid host memory (caller's contract).
+        match unsafe { (f.graph_compute)(cpu.backend, graph) } {
+            0 => Ok(()),
+            s => Err(NotRun::Failed(s)),
+        }
+    })();
+    // SAFETY: made above, freed once.
+    unsafe { (f.free)(ctx) };
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::support::TensorDesc;
+
+    fn op(ty: i32, elem: usize, ne: [i64; 4]) -> Operand {
+        Operand {
+            desc: TensorDesc::contiguous(ty, elem, ne),
+            data: std::ptr::null(),
+        }
+    }
+
+    #[test]
+    fn shapes_ggml_would_assert_on_are_refused() {
+        let good = MatMul {
+            src0: op(1, 2, [64, 32, 2, 1]),
+            src1: op(0, 4, [64, 8, 4, 1]),
+            dst: op(0, 4, [32, 8, 4, 1]),
+        };
+        assert!(good.is_valid());
+        let mut k = good;
+        k.src1.desc.ne[0] = 63;
+        assert!(!k.is_valid(), "different K");
+        let mut bc = good;
+        bc.src1.desc.ne[2] = 3;
+        bc.dst.desc.ne[2] = 3;
+        assert!(!bc.is_valid(), "batch not a multiple");
+        let mut d = good;
+        d.dst.desc.ne[1] = 9;
+        assert!(!d.is_valid(), "dst shape");
+        let mut t = good;
+        t.src0.desc.nb.swap(0, 1);
+        assert!(!t.is_valid(), "transposed src0");
+        let mut f16dst = good;
+        f16dst.dst.desc.ty = 1;
+        assert!(!f16dst.is_valid(), "dst not f32");
+    }
+
+    #[test]
+    fn without_ggml_nothing_runs() {
+        // cargo test links no ggml: the fallback must say so, not crash.
+        let h = HostCpu::default();
+        let m = MatMul {
+            src0: op(0, 4, [4, 4, 1, 1]),
+            src1: op(0, 4, [4, 4, 1, 1]),
+            dst: op(0, 4, [4, 4, 1, 1]),
+        };
+        // SAFETY: nothing is dereferenced when ggml is absent.
+        assert_eq!(unsafe { h.compute(&[m]) }, Err(NotRun::NoGgml));
+        assert!(!HostCpu::available());
+    }
+}

@@ -165,6 +165,7 @@ mod tests {
         assert_eq!(
             steps("test --skip=unit,mil"),
             vec![
+                "setup",
                 "ops",
                 "faults",
                 "e2e",

@@ -439,46 +439,96 @@ fn strip_ansi(s: &str) -> String {
 /// Fault rates of the `faults` step: the issue's acceptance run (issue 6).
 const FAULTS: &str = "compile=0.3,load=0.1,eval=0.2,seed=6";
 
-/// `test-backend-ops -j 2` with the reference engine failing compiles, loads and evaluations at
-/// random (`GGML_ANE_FAULTS`): every claimed case must still pass, through the plugin's CPU
-/// fallback, and the stats must show that the fallback ran.
+/// `test-backend-ops -j 2` with the reference engine failing: three runs.
+/// 1. Compiles, loads and evaluations fail at random ([`FAULTS`]) under the default give-up rule:
+///    every claimed case passes through the fallback, and the device stays on (a transient run of
+///    faults must not switch it off).
+/// 2. Every evaluation fails and the device never gives up (`GGML_ANE_GIVE_UP=0`): every claimed
+///    case is computed by the host's CPU backend (`fallback_cpu_backend`), none by our own loop.
+/// 3. Every evaluation fails under the default rule: the device gives up (`gave_up`), declines (`device_off`)
+///    what follows, and every case still passes.
 fn step_faults(pre: &mut Prereqs) -> Result<String> {
     let plugin = pre.plugin()?;
     pre.llama()?;
-    let res = util::run_logged(
-        Command::new(llama::bin("test-backend-ops"))
-            .args(["-b", "ANE", "-o", "MUL_MAT", "-j", "2"])
+    let run = |faults: &str, give_up: Option<&str>, log: &str| {
+        let mut cmd = Command::new(llama::bin("test-backend-ops"));
+        cmd.args(["-b", "ANE", "-o", "MUL_MAT", "-j", "2"])
             .env("GGML_BACKEND_PATH", &plugin)
             .env("GGML_ANE_ENGINE", "reference")
             .env("GGML_ANE_MIN_BATCH", "1")
-            .env("GGML_ANE_FAULTS", FAULTS)
-            .env("GGML_ANE_STATS", "json"),
-        "test-backend-ops-faults",
-        Duration::from_secs(45 * 60),
-    )?;
+            .env("GGML_ANE_FAULTS", faults)
+            .env("GGML_ANE_STATS", "json")
+            .env_remove("GGML_ANE_GIVE_UP");
+        if let Some(g) = give_up {
+            cmd.env("GGML_ANE_GIVE_UP", g);
+        }
+        util::run_logged(&mut cmd, log, Duration::from_secs(45 * 60))
+    };
+    let stat = |res: &util::Logged, key: &str| stats_field_max(&res.stderr, key).unwrap_or(0);
+    let counts = |c: &OpsCounts, res: &util::Logged| {
+        format!(
+            "claimed {} passed {} failed {}; offloaded {}, fallback {} (host CPU backend {}, own {}), faults {}, gave up {} ({:.0}s)",
+            c.ok + c.fail,
+            c.ok,
+            c.fail,
+            stat(res, "ops_offloaded"),
+            stat(res, "ops_fallback"),
+            stat(res, "fallback_cpu_backend"),
+            stat(res, "fallback_own"),
+            stat(res, "faults_injected"),
+            stat(res, "gave_up"),
+            res.elapsed.as_secs_f64()
+        )
+    };
+
+    let res = run(FAULTS, None, "test-backend-ops-faults")?;
     let c = OpsCounts::parse(&res.stdout);
-    let stat = |key: &str| stats_field_max(&res.stderr, key).unwrap_or(0);
-    let (fallback, faults, offloaded) = (
-        stat("ops_fallback"),
-        stat("faults_injected"),
-        stat("ops_offloaded"),
-    );
-    let summary = format!(
-        "GGML_ANE_FAULTS={FAULTS}, -j 2: claimed {} passed {} failed {}; ops offloaded {offloaded}, CPU fallback {fallback}, faults injected {faults} ({:.0}s)",
-        c.ok + c.fail,
-        c.ok,
-        c.fail,
-        res.elapsed.as_secs_f64()
-    );
-    println!("test-backend-ops with faults: {summary}");
-    ops_verdict(&c, &res, &summary)?;
-    if fallback == 0 || faults == 0 {
+    let mixed = format!("{FAULTS}: {}", counts(&c, &res));
+    println!("test-backend-ops with faults: {mixed}");
+    ops_verdict(&c, &res, &mixed)?;
+    if stat(&res, "ops_fallback") == 0 || stat(&res, "faults_injected") == 0 {
         bail!(
-            "{summary}: no fault reached the fallback path (is GGML_ANE_FAULTS honoured?)\n{}",
+            "{mixed}: no fault reached the fallback path (is GGML_ANE_FAULTS honoured?)\n{}",
             res.where_logged()
         );
     }
-    Ok(summary)
+    if stat(&res, "gave_up") != 0 {
+        bail!(
+            "{mixed}: random faults switched the device off (GGML_ANE_GIVE_UP rule too eager)\n{}",
+            res.where_logged()
+        );
+    }
+
+    let res = run("eval=1", Some("0"), "test-backend-ops-eval-fails")?;
+    let c = OpsCounts::parse(&res.stdout);
+    let all = format!("eval=1 GIVE_UP=0: {}", counts(&c, &res));
+    println!("test-backend-ops, every evaluation failing: {all}");
+    ops_verdict(&c, &res, &all)?;
+    if stat(&res, "ops_offloaded") != 0
+        || stat(&res, "fallback_own") != 0
+        || stat(&res, "fallback_cpu_backend") == 0
+    {
+        bail!(
+            "{all}: with every evaluation failing, every claimed op must be computed by the host's \
+             CPU backend\n{}",
+            res.where_logged()
+        );
+    }
+
+    let res = run("eval=1", None, "test-backend-ops-gives-up")?;
+    let c = OpsCounts::parse(&res.stdout);
+    let off = format!("eval=1: {}", counts(&c, &res));
+    println!("test-backend-ops, every evaluation failing, default give-up: {off}");
+    if c.fail > 0 || !res.success() {
+        ops_verdict(&c, &res, &off)?;
+    }
+    if stat(&res, "gave_up") != 1 || c.unsupported == 0 {
+        bail!(
+            "{off}: the device did not give up and decline the rest\n{}",
+            res.where_logged()
+        );
+    }
+    Ok(format!("{mixed} | {all} | {off}"))
 }
 
 /// Seconds each `cargo fuzz` target runs in the `fuzz` step.

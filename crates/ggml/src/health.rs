@@ -29,6 +29,11 @@ impl Health {
         }
     }
 
+    /// Failures in a row that turn the device off (`0`: never).
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
     /// A dispatch succeeded.
     pub fn ok(&self) {
         self.run.store(0, Relaxed);

@@ -160,6 +160,14 @@ impl KernelCache {
         }
     }
 
+    /// The remembered compile failure of `shape`, if any: a dispatch of it would fail again, so
+    /// [`compute`] sends its columns to the CPU before converting anything, and the repeat does
+    /// not count as a new engine failure ([`crate::health`]): a shape the compiler rejects is not
+    /// a device that stopped working.
+    pub(crate) fn known_failure(&self, shape: &TiledShape) -> Option<EngineError> {
+        self.failed.get(shape).cloned()
+    }
+
     fn get_or_compile(
         &mut self,
         engine: &dyn Engine,
@@ -812,8 +820,16 @@ pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
             for chunk in cx.planner.col_chunks(cols.len()) {
                 let shape = cx.planner.tile(kp, mp, chunk.bucket);
                 let cols = &cols[chunk.start..chunk.start + chunk.len];
+                let known = cx
+                    .cache
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .known_failure(&shape);
+                let fresh = known.is_none();
                 let r = if cx.health.is_off() {
                     Err(EngineError::Unavailable("device gave up".into()))
+                } else if let Some(e) = known {
+                    Err(e)
                 } else {
                     // SAFETY: forwarded contract.
                     unsafe { dispatch(cx, g, i02, i03, &shape, cols, &mut w) }
@@ -827,13 +843,13 @@ pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
                         if crate::config::Config::get().debug {
                             eprintln!("ggml-ane: dispatch failed, CPU fallback: {e}");
                         }
-                        if cx.health.failed(&e) {
-                            cx.stats.device_off.store(1, Relaxed);
+                        if fresh && cx.health.failed(&e) {
+                            cx.stats.gave_up.store(1, Relaxed);
                             eprintln!(
                                 "ggml-ane: {} engine failures in a row (last: {e}); the device \
                                  stops claiming MUL_MATs, the CPU backend computes them \
                                  (GGML_ANE_GIVE_UP)",
-                                crate::config::Config::get().give_up
+                                cx.health.limit()
                             );
                         }
                         failed.push(Failed {

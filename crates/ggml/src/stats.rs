@@ -23,7 +23,7 @@ pub struct Stats {
     /// Fallback computations run by the plugin's own loop (no CPU backend, or it declined).
     pub fallback_own: AtomicU64,
     /// 1 once the device gave up after a run of engine failures (`crate::health`).
-    pub device_off: AtomicU64,
+    pub gave_up: AtomicU64,
     /// MUL_MATs computed as members of a fused group (sharing one dispatch with others).
     pub ops_fused: AtomicU64,
     /// Dispatches whose program has row tiles or contraction slices (axes beyond the chip limit).
@@ -105,7 +105,7 @@ impl Stats {
             "ops_fused": self.ops_fused.load(Relaxed),
             "fallback_cpu_backend": self.fallback_cpu_backend.load(Relaxed),
             "fallback_own": self.fallback_own.load(Relaxed),
-            "device_off": self.device_off.load(Relaxed),
+            "gave_up": self.gave_up.load(Relaxed),
             "dispatches": self.dispatches.load(Relaxed),
             "dispatches_tiled": self.dispatches_tiled.load(Relaxed),
             "lookahead_hits": self.lookahead_hits.load(Relaxed),
@@ -152,7 +152,7 @@ impl Stats {
             self.fallback_cpu_backend.load(Relaxed),
             self.fallback_own.load(Relaxed)
         ));
-        if self.device_off.load(Relaxed) > 0 {
+        if self.gave_up.load(Relaxed) > 0 {
             s.push_str("  device gave up after repeated engine failures (GGML_ANE_GIVE_UP)\n");
         }
         s.push_str(&format!(
@@ -282,7 +282,7 @@ mod tests {
             "ms_fallback",
             "fallback_cpu_backend",
             "fallback_own",
-            "device_off",
+            "gave_up",
             "engine",
         ] {
             assert!(j.get(k).is_some(), "{k}");

@@ -497,7 +497,7 @@ fn a_device_that_gave_up_dispatches_nothing_and_stays_right() {
     let got = rig.run(true, &[(&a, ad)], &b, bd);
     assert_close(&got[0], &want, 1e-5);
     assert!(rig.health.is_off(), "two failures in a row turn it off");
-    assert_eq!(rig.stats.device_off.load(Relaxed), 1);
+    assert_eq!(rig.stats.gave_up.load(Relaxed), 1);
     let tried = rig.engine.counters().faults_injected;
     for _ in 0..3 {
         let got = rig.run(true, &[(&a, ad)], &b, bd);
@@ -509,4 +509,33 @@ fn a_device_that_gave_up_dispatches_nothing_and_stays_right() {
         "no dispatch once the device gave up"
     );
     assert_eq!(rig.stats.ops_fallback.load(Relaxed), 4);
+}
+
+#[test]
+fn a_shape_the_compiler_rejects_falls_back_without_turning_the_device_off() {
+    let faults = ane_engine::reference::faults::FaultSpec {
+        compile: 1.0,
+        ..Default::default()
+    };
+    let mut rig = Rig::new(ReferenceEngine::with_faults(Chip::M4.limits(), faults));
+    rig.health = crate::health::Health::new(2);
+    let ad = f32_desc([64, 72, 1, 1]);
+    let a = rand_vec(64 * 72, 43);
+    let bd = f32_desc([64, 512, 1, 1]);
+    let b = rand_vec(64 * 512, 44);
+    let want = oracle(&a, &ad, &b, &bd);
+    for _ in 0..5 {
+        let got = rig.run(true, &[(&a, ad)], &b, bd);
+        assert_close(&got[0], &want, 1e-5);
+    }
+    assert_eq!(
+        rig.engine.counters().faults_injected,
+        1,
+        "the rejected shape is compiled once, its later dispatches go straight to the CPU"
+    );
+    assert!(
+        !rig.health.is_off(),
+        "repeats of a remembered compile failure are not new device failures"
+    );
+    assert_eq!(rig.stats.ops_fallback.load(Relaxed), 5);
 }

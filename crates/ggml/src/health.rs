@@ -7,17 +7,47 @@
 //! with no detour at all, and nodes already routed here (a reused graph) go straight to the CPU.
 //! One success resets the run, so a transient fault never switches a healthy device off. Numeric
 //! guard trips are data, not device failures, and do not count.
+//!
+//! A shape the device's compiler rejects is not a dead device: its compile failure is remembered
+//! (`matmul::KernelCache`) and its repeats do not count toward the run. Once a MUL_MAT of given
+//! types and dimensions was computed entirely on the CPU because of such a remembered failure,
+//! [`Health::reject`] records it and `supports_op` declines it from then on (`shape_failed`), so
+//! the scheduler keeps that op on the CPU backend with no copies.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+use std::sync::Mutex;
 
 use ane_engine::EngineError;
 
-/// The device's failure run and whether it gave up.
+use crate::support::TensorDesc;
+
+/// A MUL_MAT as `supports_op` sees it: src0's type and dimensions, src1's dimensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OpKey {
+    ty: i32,
+    src0: [i64; 4],
+    src1: [i64; 4],
+}
+
+impl OpKey {
+    /// The key of `src0 x src1`.
+    pub fn of(src0: &TensorDesc, src1: &TensorDesc) -> Self {
+        OpKey {
+            ty: src0.ty,
+            src0: src0.ne,
+            src1: src1.ne,
+        }
+    }
+}
+
+/// The device's failure run, whether it gave up, and the ops it cannot compute.
 #[derive(Debug, Default)]
 pub struct Health {
     limit: u32,
     run: AtomicU32,
     off: AtomicBool,
+    rejected: Mutex<HashSet<OpKey>>,
 }
 
 impl Health {
@@ -51,6 +81,23 @@ impl Health {
     /// The device gave up: claim nothing, compute what arrives on the CPU.
     pub fn is_off(&self) -> bool {
         self.off.load(Relaxed)
+    }
+
+    /// `op` failed for good (every dispatch of it hit a remembered compile failure): decline it
+    /// from now on. True the first time, so the caller logs it once.
+    pub fn reject(&self, op: OpKey) -> bool {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(op)
+    }
+
+    /// Whether `op` was rejected.
+    pub fn is_rejected(&self, op: &OpKey) -> bool {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(op)
     }
 }
 
@@ -96,5 +143,19 @@ mod tests {
             assert!(!never.failed(&eval()));
         }
         assert!(!never.is_off());
+    }
+
+    #[test]
+    fn a_rejected_op_is_declined_by_its_dimensions() {
+        let h = Health::new(3);
+        let w = TensorDesc::contiguous(0, 4, [64, 72, 1, 1]);
+        let x = TensorDesc::contiguous(0, 4, [64, 512, 1, 1]);
+        let other = TensorDesc::contiguous(0, 4, [64, 511, 1, 1]);
+        assert!(!h.is_rejected(&OpKey::of(&w, &x)));
+        assert!(h.reject(OpKey::of(&w, &x)));
+        assert!(!h.reject(OpKey::of(&w, &x)), "said once");
+        assert!(h.is_rejected(&OpKey::of(&w, &x)));
+        assert!(!h.is_rejected(&OpKey::of(&w, &other)));
+        assert!(!h.is_off(), "a rejected shape leaves the device on");
     }
 }

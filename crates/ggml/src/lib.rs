@@ -619,6 +619,14 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(
                 dev.stats.declined[support::Decline::DeviceOff.index()].fetch_add(1, Relaxed);
                 false
             }
+            Ok(())
+                if dev
+                    .health
+                    .is_rejected(&health::OpKey::of(&desc(s0), &desc(s1))) =>
+            {
+                dev.stats.declined[support::Decline::ShapeFailed.index()].fetch_add(1, Relaxed);
+                false
+            }
             Ok(()) if !cost_says_ane(dev, &desc(s0), &desc(s1), g.is_weight(s0)) => {
                 dev.stats.declined[support::Decline::CostModel.index()].fetch_add(1, Relaxed);
                 false

@@ -802,6 +802,8 @@ pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
     let m_total: usize = g.members.iter().map(|m| m.src0.desc.ne[1] as usize).sum();
     let mut failed: Vec<Failed> = Vec::new();
     let mut any_ok = false;
+    // Every failure so far repeated a remembered compile failure (a shape the device rejects).
+    let mut all_known = true;
     for i03 in 0..ne03 {
         for i02 in 0..ne02 {
             // Every src1 column (n, i12, i13) that multiplies this src0 matrix.
@@ -826,6 +828,7 @@ pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
                     .unwrap_or_else(|e| e.into_inner())
                     .known_failure(&shape);
                 let fresh = known.is_none();
+                all_known &= !fresh;
                 let r = if cx.health.is_off() {
                     Err(EngineError::Unavailable("device gave up".into()))
                 } else if let Some(e) = known {
@@ -863,6 +866,18 @@ pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
         }
     }
     let any_fallback = !failed.is_empty();
+    if any_fallback && !any_ok && all_known {
+        for m in &g.members[..g.members.len() - g.speculative] {
+            let op = crate::health::OpKey::of(&m.src0.desc, &g.src1.desc);
+            if cx.health.reject(op) {
+                eprintln!(
+                    "ggml-ane: MUL_MAT {:?} x {:?} does not compile for the device; the CPU \
+                     backend computes it from now on (declined: shape_failed)",
+                    m.src0.desc.ne, g.src1.desc.ne
+                );
+            }
+        }
+    }
     if any_fallback {
         // All failed: the whole nodes, exactly as CPU-only llama.cpp computes them.
         let parts: &[Failed] = if any_ok { &failed } else { &[] };

@@ -54,6 +54,9 @@ pub enum Decline {
     CostModel,
     /// The device gave up after a run of engine failures (`crate::health`, `GGML_ANE_GIVE_UP`).
     DeviceOff,
+    /// This op's types and dimensions failed for good on the device (a shape its compiler
+    /// rejects, `crate::health::Health::reject`).
+    ShapeFailed,
 }
 
 /// Smallest number of output values the plugin claims (see [`Decline::TinyOutput`]).
@@ -61,7 +64,7 @@ pub const MIN_OUTPUTS: i64 = 16;
 
 impl Decline {
     /// Every reason, in stats order.
-    pub const ALL: [Decline; 10] = [
+    pub const ALL: [Decline; 11] = [
         Decline::SmallBatch,
         Decline::DstType,
         Decline::Src1Type,
@@ -72,6 +75,7 @@ impl Decline {
         Decline::TinyOutput,
         Decline::CostModel,
         Decline::DeviceOff,
+        Decline::ShapeFailed,
     ];
 
     /// Stats key.
@@ -87,6 +91,7 @@ impl Decline {
             Decline::TinyOutput => "tiny_output",
             Decline::CostModel => "cost_model",
             Decline::DeviceOff => "device_off",
+            Decline::ShapeFailed => "shape_failed",
         }
     }
 

@@ -537,5 +537,9 @@ fn a_shape_the_compiler_rejects_falls_back_without_turning_the_device_off() {
         !rig.health.is_off(),
         "repeats of a remembered compile failure are not new device failures"
     );
+    assert!(
+        rig.health.is_rejected(&crate::health::OpKey::of(&ad, &bd)),
+        "an op that failed for good is declined from then on"
+    );
     assert_eq!(rig.stats.ops_fallback.load(Relaxed), 5);
 }

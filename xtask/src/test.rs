@@ -106,6 +106,7 @@ pub fn run(opts: &TestOpts) -> Result {
             "mil" => step_mil(&mut pre),
             "ops" => step_ops(&mut pre),
             "faults" => step_faults(&mut pre),
+            "fallback" => pre.plugin().and_then(|p| crate::bench_fallback::run(&p)),
             "overflow" => step_overflow(&mut pre),
             "fuzz" => step_fuzz(),
             "e2e" => step_e2e(&mut pre),

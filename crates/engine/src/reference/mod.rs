@@ -229,6 +229,11 @@ impl Engine for ReferenceEngine {
                     .map(|(b, _)| b.bytes()),
             )
             .sum();
+        // An injected evaluation failure comes back as soon as the device has the surfaces, before
+        // this engine widens them to f32: that widening is the emulation's cost, not the device's,
+        // and a fault after it would charge the plugin's fallback for it (`cargo xtask
+        // bench-fallback` measures that path).
+        self.inject(Step::Eval)?;
         // Surfaces arrive in the plan's binding order; the interpreter wants declaration order.
         let mut by_decl: Vec<Vec<f32>> = vec![Vec::new(); func.inputs.len()];
         for (b, s) in prog.plan.inputs.iter().zip(&ins) {
@@ -242,7 +247,6 @@ impl Engine for ReferenceEngine {
                 _ => s.fp32_vec(b.ty.numel()),
             };
         }
-        self.inject(Step::Eval)?;
         let results = exec::run(&prog.checked, by_decl, self.numerics)?;
         for (b, s) in prog.plan.outputs.iter().zip(outs.iter_mut()) {
             let pos = func

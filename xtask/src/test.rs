@@ -438,7 +438,7 @@ fn strip_ansi(s: &str) -> String {
 // ---------------------------------------------------------------- faults
 
 /// Fault rates of the `faults` step: the issue's acceptance run (issue 6).
-const FAULTS: &str = "compile=0.3,load=0.1,eval=0.2,seed=6";
+const FAULTS: &str = "compile=0.3,load=0.1,eval=0.2,exception=0.05,seed=6";
 
 /// `test-backend-ops -j 2` with the reference engine failing: three runs.
 /// 1. Compiles, loads and evaluations fail at random ([`FAULTS`]) under the default give-up rule:
@@ -490,6 +490,12 @@ fn step_faults(pre: &mut Prereqs) -> Result<String> {
     if stat(&res, "ops_fallback") == 0 || stat(&res, "faults_injected") == 0 {
         bail!(
             "{mixed}: no fault reached the fallback path (is GGML_ANE_FAULTS honoured?)\n{}",
+            res.where_logged()
+        );
+    }
+    if stat(&res, "engine_exceptions") == 0 {
+        bail!(
+            "{mixed}: no injected Objective-C exception was counted (engine_exceptions)\n{}",
             res.where_logged()
         );
     }

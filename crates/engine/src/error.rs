@@ -38,4 +38,9 @@ pub enum EngineError {
     /// Evaluation failed.
     #[error("evaluation failed: {0}")]
     Eval(String),
+    /// A private class threw an Objective-C exception; caught at the call (it would otherwise
+    /// unwind into Rust and abort the host process). Holds the call, the exception's name and
+    /// reason.
+    #[error("Objective-C exception: {0}")]
+    Exception(String),
 }

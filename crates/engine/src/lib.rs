@@ -67,6 +67,9 @@ pub struct EngineCounters {
     /// reference engine counts what the ANE driver would copy). Zero when every surface came
     /// from [`Engine::new_surface`].
     pub bytes_copied: u64,
+    /// Objective-C exceptions caught around calls into the framework (each became an
+    /// [`EngineError::Exception`] and a CPU fallback); injected ones count too.
+    pub exceptions: u64,
 }
 
 /// An engine that compiles MIL text into loaded programs and evaluates them on surfaces.

@@ -74,7 +74,7 @@ pub struct Config {
     /// `GGML_ANE_COST="key=value,..."`: measured costs replacing the chip's published ones
     /// (`ane_plan::cost::ChipCost::with_overrides`); `None` when unset or malformed.
     pub cost: Option<String>,
-    /// `GGML_ANE_FAULTS="compile=P,load=P,eval=P,alloc=P[,seed=S]"`: failures the reference engine
+    /// `GGML_ANE_FAULTS="compile=P,load=P,eval=P,alloc=P,exception=P[,seed=S]"`: failures the reference engine
     /// injects (tests of the fallback path). `None` when unset, all zero or malformed.
     pub faults: Option<FaultSpec>,
     /// `GGML_ANE_REF_ACCUM=fp32|fp16`: the reference engine's matmul accumulation (fp16 models the

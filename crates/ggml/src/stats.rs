@@ -113,6 +113,7 @@ impl Stats {
             "lookahead_mismatch": self.lookahead_mismatch.load(Relaxed),
             "guard_trips": self.guard_trips.load(Relaxed),
             "faults_injected": e.faults_injected,
+            "engine_exceptions": e.exceptions,
             "declined": declined,
             "declined_buft": self.declined_buft.load(Relaxed),
             "cache_hits": self.cache_hits.load(Relaxed),
@@ -181,6 +182,12 @@ impl Stats {
             s.push_str(&format!(
                 "  engine faults injected   {:>10}\n",
                 e.faults_injected
+            ));
+        }
+        if e.exceptions > 0 {
+            s.push_str(&format!(
+                "  Objective-C exceptions   {:>10}\n",
+                e.exceptions
             ));
         }
         s.push_str(&format!("  programs compiled        {:>10}\n", e.compiles));
@@ -276,6 +283,7 @@ mod tests {
             "lookahead_mismatch",
             "guard_trips",
             "faults_injected",
+            "engine_exceptions",
             "mb_copied",
             "ms_convert",
             "ms_engine",

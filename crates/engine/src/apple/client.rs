@@ -44,14 +44,36 @@ pub struct Discovery {
     pub missing_selectors: Vec<String>,
 }
 
-/// Turns an `NSError` into our error, keeping description, domain and code.
+/// Turns an `NSError` into our error, keeping description, domain, code and `userInfo`: the ANE
+/// compiler says what it disliked in `userInfo`, not in the description.
 pub(super) fn ns_error(step: &str, e: &NSError) -> String {
+    let info = e.userInfo();
+    let info = if info.count() == 0 {
+        String::new()
+    } else {
+        format!(", userInfo {info:?}")
+    };
     format!(
-        "{step}: {} (domain {}, code {})",
+        "{step}: {} (domain {}, code {}{info})",
         e.localizedDescription(),
         e.domain(),
         e.code()
     )
+}
+
+/// Runs one message send under `@try`/`@catch` (objc2's `exception` feature). A private class
+/// that throws (an argument it no longer takes, a selector that changed meaning) would otherwise
+/// unwind an Objective-C exception into Rust and abort the host process; here it becomes an
+/// [`EngineError::Exception`] naming the call, the exception's name and reason, and the op falls
+/// back to the CPU.
+fn guarded<R>(call: &str, send: impl FnOnce() -> R) -> Result<R, EngineError> {
+    objc2::exception::catch(std::panic::AssertUnwindSafe(send)).map_err(|e| {
+        let what = match e {
+            Some(e) => format!("{e:?}"),
+            None => "nil exception object".to_string(),
+        };
+        EngineError::Exception(format!("{call}: {what}"))
+    })
 }
 
 fn class(name: &CStr) -> Option<&'static AnyClass> {
@@ -165,9 +187,12 @@ impl Client {
     pub(super) fn ane_subtype(&self) -> Option<String> {
         let cls = self.device_info?;
         cls.class_method(sel!(aneSubType))?;
-        // SAFETY: `+aneSubType` takes no argument and returns an NSString or nil (§1.5); the
-        // method's presence was checked just above.
-        let s: Option<Retained<NSString>> = unsafe { msg_send![cls, aneSubType] };
+        let s: Option<Retained<NSString>> = guarded("aneSubType", || {
+            // SAFETY: `+aneSubType` takes no argument and returns an NSString or nil (§1.5); the
+            // method's presence was checked just above.
+            unsafe { msg_send![cls, aneSubType] }
+        })
+        .ok()?;
         s.map(|s| s.to_string())
     }
 
@@ -177,25 +202,34 @@ impl Client {
         let mil = NSData::with_bytes(&plan.mil);
         let weights = weights_dictionary(plan);
         let options: Option<&AnyObject> = None;
-        // SAFETY: §1.3.1: MIL as NSData, a non-nil weights NSDictionary, optionsPlist nil; returns
-        // a descriptor or nil.
-        let desc: Option<Retained<AnyObject>> = unsafe {
-            msg_send![self.descriptor, modelWithMILText: &*mil, weights: &*weights, optionsPlist: options]
-        };
+        let desc: Option<Retained<AnyObject>> = guarded(
+            "modelWithMILText:weights:optionsPlist:",
+            || {
+                // SAFETY: §1.3.1: MIL as NSData, a non-nil weights NSDictionary, optionsPlist nil;
+                // returns a descriptor or nil.
+                unsafe {
+                    msg_send![self.descriptor, modelWithMILText: &*mil, weights: &*weights, optionsPlist: options]
+                }
+            },
+        )?;
         let desc = desc.ok_or_else(|| {
             EngineError::Compile("modelWithMILText:weights:optionsPlist: returned nil".into())
         })?;
-        // SAFETY: `+inMemoryModelWithDescriptor:` takes the descriptor and returns a model or nil.
-        let model: Option<Retained<AnyObject>> =
-            unsafe { msg_send![self.model, inMemoryModelWithDescriptor: &*desc] };
+        let model: Option<Retained<AnyObject>> = guarded("inMemoryModelWithDescriptor:", || {
+            // SAFETY: `+inMemoryModelWithDescriptor:` takes the descriptor and returns a model or
+            // nil.
+            unsafe { msg_send![self.model, inMemoryModelWithDescriptor: &*desc] }
+        })?;
         model
             .ok_or_else(|| EngineError::Compile("inMemoryModelWithDescriptor: returned nil".into()))
     }
 
     /// `-hexStringIdentifier` (`SHA256(MIL)_SHA256(weights)_SHA256(options)`).
     pub(super) fn hex_identifier(&self, model: &AnyObject) -> Result<String, EngineError> {
-        // SAFETY: `-hexStringIdentifier` takes no argument and returns an NSString.
-        let s: Option<Retained<NSString>> = unsafe { msg_send![model, hexStringIdentifier] };
+        let s: Option<Retained<NSString>> = guarded("hexStringIdentifier", || {
+            // SAFETY: `-hexStringIdentifier` takes no argument and returns an NSString.
+            unsafe { msg_send![model, hexStringIdentifier] }
+        })?;
         s.map(|s| s.to_string())
             .ok_or_else(|| EngineError::Compile("hexStringIdentifier returned nil".into()))
     }
@@ -205,9 +239,13 @@ impl Client {
     /// for older frameworks). Never `std::env::temp_dir()`, which differs when `TMPDIR` is unset.
     pub(super) fn model_dir(&self, model: &AnyObject, hex: &str) -> std::path::PathBuf {
         if self.has_local_model_path {
-            // SAFETY: `-localModelPath` takes no argument and returns an NSString or nil; its
-            // presence was probed in `load`.
-            let p: Option<Retained<NSString>> = unsafe { msg_send![model, localModelPath] };
+            let p: Option<Retained<NSString>> = guarded("localModelPath", || {
+                // SAFETY: `-localModelPath` takes no argument and returns an NSString or nil; its
+                // presence was probed in `load`.
+                unsafe { msg_send![model, localModelPath] }
+            })
+            .ok()
+            .flatten();
             if let Some(p) = p {
                 return std::path::PathBuf::from(p.to_string());
             }
@@ -218,19 +256,21 @@ impl Client {
     /// `-compileWithQoS:options:error:` with `@{}`.
     pub(super) fn compile(&self, model: &AnyObject, qos: u32) -> Result<(), EngineError> {
         let opts = empty_dictionary();
-        // SAFETY: `BOOL (id, SEL, unsigned int, NSDictionary*, NSError**)` (§1.2); `error: _` maps
-        // NO plus the NSError to Err.
-        let r: Result<(), Retained<NSError>> =
-            unsafe { msg_send![model, compileWithQoS: qos, options: &*opts, error: _] };
+        let r: Result<(), Retained<NSError>> = guarded("compileWithQoS:options:error:", || {
+            // SAFETY: `BOOL (id, SEL, unsigned int, NSDictionary*, NSError**)` (§1.2); `error: _`
+            // maps NO plus the NSError to Err.
+            unsafe { msg_send![model, compileWithQoS: qos, options: &*opts, error: _] }
+        })?;
         r.map_err(|e| EngineError::Compile(ns_error("compileWithQoS", &e)))
     }
 
     /// `-loadWithQoS:options:error:` with `@{}` (no retry here; see `with_one_retry`).
     pub(super) fn load(&self, model: &AnyObject, qos: u32) -> Result<(), EngineError> {
         let opts = empty_dictionary();
-        // SAFETY: `BOOL (id, SEL, unsigned int, NSDictionary*, NSError**)` (§1.2).
-        let r: Result<(), Retained<NSError>> =
-            unsafe { msg_send![model, loadWithQoS: qos, options: &*opts, error: _] };
+        let r: Result<(), Retained<NSError>> = guarded("loadWithQoS:options:error:", || {
+            // SAFETY: `BOOL (id, SEL, unsigned int, NSDictionary*, NSError**)` (§1.2).
+            unsafe { msg_send![model, loadWithQoS: qos, options: &*opts, error: _] }
+        })?;
         r.map_err(|e| EngineError::Load(ns_error("loadWithQoS", &e)))
     }
 
@@ -242,28 +282,36 @@ impl Client {
         qos: u32,
     ) -> Result<(), EngineError> {
         let opts = empty_dictionary();
-        // SAFETY: `BOOL (id, SEL, unsigned int, NSDictionary*, _ANERequest*, NSError**)` (§1.2);
-        // the request's surfaces are not touched by us during the call (caller holds the lock).
-        let r: Result<(), Retained<NSError>> = unsafe {
-            msg_send![model, evaluateWithQoS: qos, options: &*opts, request: request, error: _]
-        };
+        let r: Result<(), Retained<NSError>> = guarded(
+            "evaluateWithQoS:options:request:error:",
+            || {
+                // SAFETY: `BOOL (id, SEL, unsigned int, NSDictionary*, _ANERequest*, NSError**)`
+                // (§1.2); the request's surfaces are not touched by us during the call (caller
+                // holds the lock).
+                unsafe {
+                    msg_send![model, evaluateWithQoS: qos, options: &*opts, request: request, error: _]
+                }
+            },
+        )?;
         r.map_err(|e| EngineError::Eval(ns_error("evaluateWithQoS", &e)))
     }
 
     /// `-unloadWithQoS:error:` (two arguments).
     pub(super) fn unload(&self, model: &AnyObject, qos: u32) -> Result<(), EngineError> {
-        // SAFETY: `BOOL (id, SEL, unsigned int, NSError**)` (§1.3.10).
-        let r: Result<(), Retained<NSError>> =
-            unsafe { msg_send![model, unloadWithQoS: qos, error: _] };
+        let r: Result<(), Retained<NSError>> = guarded("unloadWithQoS:error:", || {
+            // SAFETY: `BOOL (id, SEL, unsigned int, NSError**)` (§1.3.10).
+            unsafe { msg_send![model, unloadWithQoS: qos, error: _] }
+        })?;
         r.map_err(|e| EngineError::Load(ns_error("unloadWithQoS", &e)))
     }
 
     /// `+[_ANEIOSurfaceObject objectWithIOSurface:]`.
     pub(super) fn io_object(&self, s: &IoSurface) -> Result<Retained<AnyObject>, EngineError> {
-        // SAFETY: takes an `IOSurfaceRef` (encoded `^{__IOSurface=}`) and returns a wrapper that
-        // retains the surface; `s` is live.
-        let o: Option<Retained<AnyObject>> =
-            unsafe { msg_send![self.io_object, objectWithIOSurface: s.as_ptr()] };
+        let o: Option<Retained<AnyObject>> = guarded("objectWithIOSurface:", || {
+            // SAFETY: takes an `IOSurfaceRef` (encoded `^{__IOSurface=}`) and returns a wrapper
+            // that retains the surface; `s` is live.
+            unsafe { msg_send![self.io_object, objectWithIOSurface: s.as_ptr()] }
+        })?;
         o.ok_or_else(|| EngineError::Surface("objectWithIOSurface: returned nil".into()))
     }
 
@@ -280,19 +328,22 @@ impl Client {
         let out_idx = indices(outputs.len());
         let procedure = NSNumber::new_u32(PROCEDURE_INDEX);
         let none: Option<&AnyObject> = None;
-        // SAFETY: argument types as in §1.2: four NSArrays, nil, nil, NSNumber; returns a request.
-        let r: Option<Retained<AnyObject>> = unsafe {
-            msg_send![
-                self.request,
-                requestWithInputs: &*ins,
-                inputIndices: &*in_idx,
-                outputs: &*outs,
-                outputIndices: &*out_idx,
-                weightsBuffer: none,
-                perfStats: none,
-                procedureIndex: &*procedure
-            ]
-        };
+        let r: Option<Retained<AnyObject>> = guarded("requestWithInputs:...", || {
+            // SAFETY: argument types as in §1.2: four NSArrays, nil, nil, NSNumber; returns a
+            // request.
+            unsafe {
+                msg_send![
+                    self.request,
+                    requestWithInputs: &*ins,
+                    inputIndices: &*in_idx,
+                    outputs: &*outs,
+                    outputIndices: &*out_idx,
+                    weightsBuffer: none,
+                    perfStats: none,
+                    procedureIndex: &*procedure
+                ]
+            }
+        })?;
         r.ok_or_else(|| EngineError::Eval("requestWithInputs:... returned nil".into()))
     }
 }

@@ -150,6 +150,14 @@ impl AneEngine {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// `r`, counting a caught Objective-C exception in the counters.
+    fn counted<T>(&self, r: Result<T, EngineError>) -> Result<T, EngineError> {
+        if let Err(EngineError::Exception(_)) = &r {
+            self.lock().counters.exceptions += 1;
+        }
+        r
+    }
+
     /// The identified chip.
     pub fn chip(&self) -> Chip {
         self.chip
@@ -200,8 +208,9 @@ impl Engine for AneEngine {
                 });
             }
         }
-        let (program, times) =
-            autoreleasepool(|_| LoadedProgram::build(&self.client, plan, &self.dirs))?;
+        let (program, times) = self.counted(autoreleasepool(|_| {
+            LoadedProgram::build(&self.client, plan, &self.dirs)
+        }))?;
         let mut st = self.lock();
         st.counters.compiles += 1;
         st.counters.loads += 1;
@@ -233,7 +242,9 @@ impl Engine for AneEngine {
             &sizes(&mut inputs.iter().map(|s| s.alloc_size())),
             &sizes(&mut outputs.iter().map(|s| s.alloc_size())),
         )?;
-        let copied = autoreleasepool(|_| prog.evaluate(&self.client, inputs, outputs))?;
+        let copied = self.counted(autoreleasepool(|_| {
+            prog.evaluate(&self.client, inputs, outputs)
+        }))?;
         drop(prog);
         let mut st = self.lock();
         st.counters.evaluations += 1;

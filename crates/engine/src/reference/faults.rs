@@ -40,6 +40,9 @@ pub struct FaultSpec {
     pub eval: f64,
     /// Surface allocation for an evaluation fails ([`EngineError::Surface`]).
     pub alloc: f64,
+    /// A compile or an evaluation throws an Objective-C exception ([`EngineError::Exception`]),
+    /// as a private class does when the framework changed under us.
+    pub exception: f64,
     /// Seed of the PRNG.
     pub seed: u64,
 }
@@ -51,6 +54,7 @@ impl Default for FaultSpec {
             load: 0.0,
             eval: 0.0,
             alloc: 0.0,
+            exception: 0.0,
             seed: DEFAULT_SEED,
         }
     }
@@ -59,9 +63,15 @@ impl Default for FaultSpec {
 impl FaultSpec {
     /// True when some probability is above zero.
     pub fn any(&self) -> bool {
-        [self.compile, self.load, self.eval, self.alloc]
-            .iter()
-            .any(|&p| p > 0.0)
+        [
+            self.compile,
+            self.load,
+            self.eval,
+            self.alloc,
+            self.exception,
+        ]
+        .iter()
+        .any(|&p| p > 0.0)
     }
 }
 
@@ -108,9 +118,10 @@ impl FromStr for FaultSpec {
                 "load" => spec.load = p,
                 "eval" => spec.eval = p,
                 "alloc" => spec.alloc = p,
+                "exception" => spec.exception = p,
                 other => {
                     return Err(FaultSpecError(format!(
-                        "unknown key `{other}` (compile, load, eval, alloc, seed)"
+                        "unknown key `{other}` (compile, load, eval, alloc, exception, seed)"
                     )))
                 }
             }
@@ -126,6 +137,8 @@ pub(crate) enum Step {
     Load,
     Alloc,
     Eval,
+    /// Drawn at the start of every compile and evaluation.
+    Throw,
 }
 
 /// A fault source: the spec, the PRNG state and how many faults were injected.
@@ -163,6 +176,7 @@ impl Faults {
             Step::Load => self.spec.load,
             Step::Alloc => self.spec.alloc,
             Step::Eval => self.spec.eval,
+            Step::Throw => self.spec.exception,
         };
         if p <= 0.0 || self.draw() >= p {
             return Ok(());
@@ -177,6 +191,11 @@ impl Faults {
             Step::Eval => {
                 EngineError::Eval("injected fault: Program Inference error (0x1d)".into())
             }
+            Step::Throw => EngineError::Exception(
+                "injected fault: NSInvalidArgumentException: -[_ANEInMemoryModel \
+                 evaluateWithQoS:options:request:error:]: unrecognized selector"
+                    .into(),
+            ),
         })
     }
 
@@ -202,6 +221,7 @@ mod tests {
                 load: 0.1,
                 eval: 0.2,
                 alloc: 0.0,
+                exception: 0.0,
                 seed: 7
             }
         );
@@ -252,6 +272,7 @@ mod tests {
             load: 1.0,
             eval: 1.0,
             alloc: 1.0,
+            exception: 1.0,
             seed: 1,
         });
         assert!(matches!(
@@ -261,7 +282,11 @@ mod tests {
         assert!(matches!(f.check(Step::Load), Err(EngineError::Load(_))));
         assert!(matches!(f.check(Step::Alloc), Err(EngineError::Surface(_))));
         assert!(matches!(f.check(Step::Eval), Err(EngineError::Eval(_))));
-        assert_eq!(f.injected(), 4);
+        assert!(matches!(
+            f.check(Step::Throw),
+            Err(EngineError::Exception(_))
+        ));
+        assert_eq!(f.injected(), 5);
     }
 
     #[test]
@@ -275,6 +300,7 @@ mod tests {
             load,
             eval,
             alloc,
+            exception: 0.0,
             seed: 3,
         };
         let limits = Chip::M4.limits();

@@ -102,7 +102,12 @@ impl ReferenceEngine {
     }
 
     fn inject(&self, step: Step) -> Result<(), EngineError> {
-        self.faults.as_ref().map_or(Ok(()), |f| f.check(step))
+        let r = self.faults.as_ref().map_or(Ok(()), |f| f.check(step));
+        if let Err(EngineError::Exception(_)) = &r {
+            // Counted like the ANE driver counts the exceptions it catches.
+            self.lock().counters.exceptions += 1;
+        }
+        r
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -164,6 +169,7 @@ impl Engine for ReferenceEngine {
             Ok((b.dtype, b.data.to_vec()))
         };
         let checked = exec::check(func, self.limits.max_axis, &blob)?;
+        self.inject(Step::Throw)?;
         self.inject(Step::Compile)?;
         let program = Program { plan, checked };
         let mut st = self.lock();
@@ -196,6 +202,7 @@ impl Engine for ReferenceEngine {
             .get(&program.0)
             .cloned()
             .ok_or(EngineError::UnknownProgram(program.0))?;
+        self.inject(Step::Throw)?;
         self.inject(Step::Alloc)?;
         let sizes = |s: &mut dyn Iterator<Item = usize>| s.collect::<Vec<_>>();
         prog.plan.check_request(

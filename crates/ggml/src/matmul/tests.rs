@@ -543,3 +543,24 @@ fn a_shape_the_compiler_rejects_falls_back_without_turning_the_device_off() {
     );
     assert_eq!(rig.stats.ops_fallback.load(Relaxed), 5);
 }
+
+#[test]
+fn an_objective_c_exception_is_an_engine_error_and_a_fallback() {
+    // The ANE driver catches exceptions thrown by private classes (`apple/client.rs`, `guarded`);
+    // the reference engine throws the same error on purpose. The op must still be right.
+    let faults = ane_engine::reference::faults::FaultSpec {
+        exception: 1.0,
+        ..Default::default()
+    };
+    let rig = Rig::new(ReferenceEngine::with_faults(Chip::M4.limits(), faults));
+    let ad = f32_desc([64, 72, 1, 1]);
+    let a = rand_vec(64 * 72, 45);
+    let bd = f32_desc([64, 256, 1, 1]);
+    let b = rand_vec(64 * 256, 46);
+    let want = oracle(&a, &ad, &b, &bd);
+    let got = rig.run(true, &[(&a, ad)], &b, bd);
+    assert_close(&got[0], &want, 1e-5);
+    assert!(rig.engine.counters().exceptions >= 1, "counted");
+    assert_eq!(rig.stats.ops_fallback.load(Relaxed), 1);
+    assert_eq!(rig.stats.ops_offloaded.load(Relaxed), 0);
+}

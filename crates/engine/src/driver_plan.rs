@@ -379,6 +379,28 @@ impl DirRefcount {
     pub fn holders(&self, dir: &std::path::Path) -> usize {
         self.counts.get(dir).copied().unwrap_or(0)
     }
+
+    /// Registers one more holder of `dir` and, for the first, runs `write` (the model files)
+    /// *under the same lock*: a second thread building the same program waits until the files
+    /// are complete instead of compiling from a half-written directory, and a release cannot
+    /// remove the directory mid-write. If `write` fails the registration is undone and the
+    /// directory removed by `remove`, so nothing half-written stays behind.
+    pub fn acquire_and_write<E>(
+        dirs: &std::sync::Mutex<DirRefcount>,
+        dir: &std::path::Path,
+        write: impl FnOnce() -> Result<(), E>,
+        remove: impl FnOnce(&std::path::Path),
+    ) -> Result<(), E> {
+        let mut d = dirs.lock().unwrap_or_else(|e| e.into_inner());
+        if !d.acquire(dir) {
+            return Ok(());
+        }
+        write().inspect_err(|_| {
+            if d.release(dir) {
+                remove(dir);
+            }
+        })
+    }
 }
 
 /// Creates `dir` private (see [`crate::model_dir`]: mode 0700, symlinks and foreign directories

@@ -24,6 +24,7 @@ pub mod driver_plan;
 mod error;
 pub mod model_dir;
 pub mod reference;
+pub mod resident;
 pub mod surface;
 
 #[cfg(target_vendor = "apple")]

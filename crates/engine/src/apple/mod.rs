@@ -35,7 +35,6 @@ mod client;
 mod program;
 mod surface;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use objc2::rc::autoreleasepool;
@@ -45,6 +44,7 @@ pub use client::Discovery;
 use program::LoadedProgram;
 
 use crate::driver_plan::{DirRefcount, DriverPlan};
+use crate::resident::Table;
 use crate::{
     identify_chip, Chip, ChipLimits, Engine, EngineCounters, EngineError, ProgramId, Surface,
     WeightFile,
@@ -57,14 +57,15 @@ pub struct AneEngine {
     /// `Engine::use_own_surfaces`: IOSurfaces bound directly (default) or host copies.
     own_surfaces: std::sync::atomic::AtomicBool,
     limits: ChipLimits,
-    dirs: Mutex<DirRefcount>,
+    dirs: Arc<Mutex<DirRefcount>>,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
     next_id: u64,
-    programs: HashMap<u64, Arc<Mutex<LoadedProgram>>>,
+    /// Unloaded exactly once, by the last holder (`crate::resident`).
+    programs: Table<LoadedProgram>,
     counters: EngineCounters,
     last_compile_ms: f64,
     last_load_ms: f64,
@@ -129,7 +130,7 @@ pub fn open_with_probe() -> (Result<Arc<AneEngine>, EngineError>, Probe) {
                 chip,
                 own_surfaces: std::sync::atomic::AtomicBool::new(true),
                 limits: chip.limits(),
-                dirs: Mutex::new(DirRefcount::default()),
+                dirs: Arc::new(Mutex::new(DirRefcount::default())),
                 state: Mutex::new(State::default()),
             })
         });
@@ -218,7 +219,7 @@ impl Engine for AneEngine {
         st.last_load_ms = times.load.as_secs_f64() * 1e3;
         st.next_id += 1;
         let id = st.next_id;
-        st.programs.insert(id, Arc::new(Mutex::new(program)));
+        st.programs.insert(id, program);
         st.counters.loaded = st.programs.len() as u64;
         st.counters.loaded_peak = st.counters.loaded_peak.max(st.counters.loaded);
         Ok(ProgramId(id))
@@ -230,13 +231,14 @@ impl Engine for AneEngine {
         inputs: &[&Surface],
         outputs: &mut [&mut Surface],
     ) -> Result<(), EngineError> {
-        let prog = self
+        // Held for the evaluation: an `unload` meanwhile leaves the program loaded until this
+        // handle drops, and the drop then unloads it.
+        let handle = self
             .lock()
             .programs
-            .get(&program.0)
-            .cloned()
+            .get(program.0)
             .ok_or(EngineError::UnknownProgram(program.0))?;
-        let mut prog = prog.lock().unwrap_or_else(|e| e.into_inner());
+        let mut prog = handle.lock();
         let sizes = |v: &mut dyn Iterator<Item = usize>| v.collect::<Vec<_>>();
         prog.plan.check_request(
             &sizes(&mut inputs.iter().map(|s| s.alloc_size())),
@@ -255,27 +257,15 @@ impl Engine for AneEngine {
     fn unload(&self, program: ProgramId) {
         let removed = {
             let mut st = self.lock();
-            let p = st.programs.remove(&program.0);
+            let p = st.programs.remove(program.0);
             if p.is_some() {
                 st.counters.unloads += 1;
                 st.counters.loaded = st.programs.len() as u64;
             }
             p
         };
-        if let Some(p) = removed {
-            // Wait for an evaluation in flight, then unload.
-            let p = match Arc::try_unwrap(p) {
-                Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
-                Err(shared) => {
-                    // Another thread still holds it (mid-evaluate): let the last holder drop it.
-                    // The program stays loaded until then; counted as unloaded already.
-                    tracing::warn!("ggml-ane: program {} unloaded while in use", program.0);
-                    drop(shared);
-                    return;
-                }
-            };
-            autoreleasepool(|_| p.unload(&self.client, &self.dirs));
-        }
+        // Outside the engine lock: unloaded here, or by an evaluation in flight when it ends.
+        drop(removed);
     }
 
     fn counters(&self) -> EngineCounters {
@@ -285,8 +275,7 @@ impl Engine for AneEngine {
 
 impl Drop for AneEngine {
     fn drop(&mut self) {
-        let ids: Vec<u64> = self.lock().programs.keys().copied().collect();
-        for id in ids {
+        for id in self.lock().programs.ids() {
             self.unload(ProgramId(id));
         }
     }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Weak;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use objc2::rc::Retained;
@@ -13,10 +13,14 @@ use super::surface::{IoSurface, SharedSurface};
 use crate::driver_plan::{
     with_one_retry, write_model_dir, DirRefcount, DriverPlan, LOAD_RETRY_DELAY_MS,
 };
+use crate::resident::Release;
 use crate::{EngineError, Surface};
 
-/// A loaded program. Everything in it is used only under the owning mutex in `super::AneEngine`.
+/// A loaded program. Everything in it is used only under its [`crate::resident::Resident`] mutex;
+/// it is unloaded and its directory released when the last holder drops it ([`Release`]).
 pub(super) struct LoadedProgram {
+    client: Client,
+    dirs: Arc<Mutex<DirRefcount>>,
     pub(super) plan: DriverPlan,
     model: Retained<AnyObject>,
     pub(super) dir: PathBuf,
@@ -67,18 +71,20 @@ impl LoadedProgram {
     pub(super) fn build(
         client: &Client,
         plan: DriverPlan,
-        dirs: &std::sync::Mutex<DirRefcount>,
+        dirs: &Arc<Mutex<DirRefcount>>,
     ) -> Result<(LoadedProgram, BuildTimes), EngineError> {
         let lock = || dirs.lock().unwrap_or_else(|e| e.into_inner());
         let model = client.model(&plan)?;
         let hex = client.hex_identifier(&model)?;
         let dir = client.model_dir(&model, &hex);
-        if lock().acquire(&dir) {
-            if let Err(e) = write_model_dir(&dir, &plan) {
-                release_dir(&mut lock(), &dir);
-                return Err(e);
-            }
-        }
+        // The files are written under the directory lock: a second builder of the same program
+        // waits for them to be complete.
+        DirRefcount::acquire_and_write(
+            dirs,
+            &dir,
+            || write_model_dir(&dir, &plan),
+            crate::model_dir::remove,
+        )?;
         let mut times = BuildTimes::default();
         let t = std::time::Instant::now();
         let done = client.compile(&model, plan.qos).and_then(|()| {
@@ -110,6 +116,8 @@ impl LoadedProgram {
         match bound {
             Ok((inputs, outputs, request)) => Ok((
                 LoadedProgram {
+                    client: *client,
+                    dirs: dirs.clone(),
                     plan,
                     model,
                     dir,
@@ -226,15 +234,20 @@ impl LoadedProgram {
         }
         Ok(copied)
     }
+}
 
-    /// `unloadWithQoS:error:`, then the directory is released (removed by the last holder).
-    /// Surfaces are released when `self` drops.
-    pub(super) fn unload(self, client: &Client, dirs: &std::sync::Mutex<DirRefcount>) {
-        if let Err(e) = client.unload(&self.model, self.plan.qos) {
-            tracing::warn!("ggml-ane: {e}");
-        }
+impl Release for LoadedProgram {
+    /// `unloadWithQoS:error:`, then the directory is released (removed by its last holder).
+    /// Surfaces and cached requests are released when the fields drop, right after.
+    fn release(&mut self) {
+        objc2::rc::autoreleasepool(|_| {
+            if let Err(e) = self.client.unload(&self.model, self.plan.qos) {
+                tracing::warn!("ggml-ane: {e}");
+            }
+        });
+        self.bound.clear();
         release_dir(
-            &mut dirs.lock().unwrap_or_else(|e| e.into_inner()),
+            &mut self.dirs.lock().unwrap_or_else(|e| e.into_inner()),
             &self.dir,
         );
     }

@@ -364,3 +364,65 @@ fn load_is_retried_exactly_once() {
     assert_eq!((r, calls), (Ok(()), 1));
     assert_eq!(LOAD_RETRY_DELAY_MS, 100);
 }
+
+#[test]
+fn the_directory_lock_covers_the_writing_of_the_files() {
+    use std::sync::{Arc, Mutex};
+    let dirs = Arc::new(Mutex::new(DirRefcount::default()));
+    let root = std::env::temp_dir().join(format!("ane-dirlock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let dir = root.join("model");
+    let file = dir.join("model.mil");
+    let writers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (dirs, dir, file, writers) =
+                (dirs.clone(), dir.clone(), file.clone(), writers.clone());
+            std::thread::spawn(move || {
+                DirRefcount::acquire_and_write(
+                    &dirs,
+                    &dir,
+                    || {
+                        writers.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        std::fs::create_dir_all(&dir)?;
+                        // Slow on purpose: a second builder must wait for the whole file.
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        std::fs::write(&file, b"program(1.3)")
+                    },
+                    |_| {},
+                )
+                .unwrap();
+                // Whoever returns sees the complete file.
+                assert_eq!(std::fs::read(&file).unwrap(), b"program(1.3)");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        writers.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "written once"
+    );
+    assert_eq!(dirs.lock().unwrap().holders(&dir), 4);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_failed_write_leaves_no_holder_and_no_directory() {
+    use std::sync::Mutex;
+    let dirs = Mutex::new(DirRefcount::default());
+    let dir = std::path::Path::new("/nonexistent/ane-model");
+    let mut removed = Vec::new();
+    let r: Result<(), &str> = DirRefcount::acquire_and_write(
+        &dirs,
+        dir,
+        || Err("disk full"),
+        |d| removed.push(d.to_path_buf()),
+    );
+    assert_eq!(r, Err("disk full"));
+    assert_eq!(dirs.lock().unwrap().holders(dir), 0);
+    assert_eq!(removed, vec![dir.to_path_buf()]);
+}

@@ -24,6 +24,10 @@
 //! - **Rows** [§2.2]: the last axis of every I/O tensor is a multiple of 64 bytes (fp16: a multiple
 //!   of 32 elements), so the packed layout Orion describes and the 64-byte-row layout axiom uses
 //!   are the same bytes. A program breaking this is refused at compile time.
+//! - **Shortest last axis** [§2.2]: at least [`MIN_LAST_AXIS`] elements. Other implementations
+//!   report that an I/O tensor whose last axis is below 64 fp16 values compiles and then fails at
+//!   load (status 0x1d); 32 satisfies the row rule above but not this one. Refused at compile time
+//!   until `ane doctor` has shown a shorter axis loading on real hardware.
 //! - **QoS** [§1.4]: 21 for compile, load, evaluate and unload.
 
 use std::collections::BTreeMap;
@@ -48,6 +52,8 @@ pub const MODEL_MIL_FILE: &str = "model.mil";
 pub const WEIGHT_ENTRY_OFFSET: u64 = 0;
 /// Row granularity that makes packed and row-padded surface layouts identical.
 pub const ROW_ALIGN: usize = 64;
+/// Shortest last axis of an I/O tensor, in elements (see the module doc).
+pub const MIN_LAST_AXIS: usize = 64;
 /// Names the framework itself writes into the model directory; a weight file must not collide.
 pub const RESERVED_FILES: [&str; 3] = [MODEL_MIL_FILE, "net.plist", "data"];
 /// `procedureIndex` of every request (programs have one function, `main`).
@@ -200,6 +206,12 @@ impl DriverPlan {
                 return Err(EngineError::Compile(format!(
                     "`{}` is a scalar: surfaces carry tensors",
                     b.name
+                )));
+            }
+            if b.ty.shape.last().is_some_and(|&d| d < MIN_LAST_AXIS) {
+                return Err(EngineError::Compile(format!(
+                    "`{}` {:?}: a last axis below {MIN_LAST_AXIS} elements fails at load on the ANE (status 0x1d)",
+                    b.name, b.ty.shape
                 )));
             }
             if !b.row_bytes().is_multiple_of(ROW_ALIGN) {

@@ -25,6 +25,7 @@ pub mod gguf;
 pub mod model;
 pub mod probe;
 
+use ane_engine::driver_plan::MIN_LAST_AXIS;
 use ane_engine::surface::SPATIAL_MULTIPLE;
 use ane_engine::ChipLimits;
 pub use ane_mil::build::{Layout, TiledShape};
@@ -120,11 +121,15 @@ impl Planner {
             // Token-major outputs have the rows as their last axis: same 64-byte row rule.
             m_tile: match self.layout {
                 Layout::Channels => m_tile,
-                Layout::Tokens => m_tile.next_multiple_of(SPATIAL_MULTIPLE),
+                Layout::Tokens => m_tile.next_multiple_of(SPATIAL_MULTIPLE).max(MIN_LAST_AXIS),
             },
             // The contraction is the weights' last axis: fp16 rows must be a multiple of 64 bytes
-            // (surface row rule), so slices are padded with zeros to a multiple of 32.
-            k_chunk: k.div_ceil(k_chunks).next_multiple_of(SPATIAL_MULTIPLE),
+            // (surface row rule), so slices are padded with zeros to a multiple of 32, and to at
+            // least 64 (the driver's shortest last axis).
+            k_chunk: k
+                .div_ceil(k_chunks)
+                .next_multiple_of(SPATIAL_MULTIPLE)
+                .max(MIN_LAST_AXIS),
             n: n_bucket,
             layout: self.layout,
         }

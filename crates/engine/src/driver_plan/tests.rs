@@ -17,7 +17,8 @@ struct Io {
 }
 
 fn io() -> impl Strategy<Value = Io> {
-    (any::<bool>(), 1usize..48, 1usize..40).prop_map(|(fp32, c, j)| {
+    // j >= 4: the last axis is at least MIN_LAST_AXIS (64) elements in both dtypes.
+    (any::<bool>(), 1usize..48, 4usize..40).prop_map(|(fp32, c, j)| {
         // A 64-byte row: 32 fp16 or 16 fp32 elements per step.
         let (dtype, step) = if fp32 {
             (DType::Fp32, 16)
@@ -156,7 +157,7 @@ proptest! {
     /// The baked-weight form: one dictionary entry keyed by the MIL path, offset 0, the file's bytes,
     /// written at the path relative to the model directory.
     #[test]
-    fn conv_matmul_plan(k in 1usize..300, m in 1usize..300, j in 1usize..20) {
+    fn conv_matmul_plan(k in 1usize..300, m in 1usize..300, j in 2usize..20) {
         let n = 32 * j;
         let text = ane_mil::text::emit(&conv_matmul(k, m, n));
         let blob = weights_blob_fp16(&vec![half::f16::ONE; m * k]);
@@ -216,12 +217,22 @@ proptest! {
 
     /// Rows that are not a multiple of 64 bytes are refused.
     #[test]
-    fn odd_rows_are_refused(s in 1usize..2000) {
+    fn odd_rows_are_refused(s in MIN_LAST_AXIS..2000) {
         prop_assume!(s % 32 != 0);
         let ins = vec![("x_in".to_string(), Io { dtype: DType::Fp16, c: 2, s })];
         let text = ane_mil::text::emit(&identity_program(&ins, &["y_out".into()], &[]));
         let err = DriverPlan::new(&text, &[]).unwrap_err();
         prop_assert!(matches!(err, EngineError::Compile(ref m) if m.contains("row rule")));
+    }
+
+    /// A last axis below 64 elements is refused even when its rows are a multiple of 64 bytes.
+    #[test]
+    fn short_last_axes_are_refused(j in 1usize..2) {
+        let s = 32 * j;
+        let ins = vec![("x_in".to_string(), Io { dtype: DType::Fp16, c: 2, s })];
+        let text = ane_mil::text::emit(&identity_program(&ins, &["y_out".into()], &[]));
+        let err = DriverPlan::new(&text, &[]).unwrap_err();
+        prop_assert!(matches!(err, EngineError::Compile(ref m) if m.contains("last axis below 64")));
     }
 
     /// Weight paths escaping the model directory are refused.

@@ -213,12 +213,20 @@ fn rejects_unknown_ops_and_bad_text() {
 #[test]
 fn driver_plan_rules_fail_on_the_reference_engine() {
     let e = engine();
-    // Row rule: 40 fp16 columns are 80-byte rows.
+    // Row rule: 80 fp16 columns are 160-byte rows.
     let err = e
-        .compile(&ane_mil::text::emit(&dyn_matmul(64, 64, 40)), &[])
+        .compile(&ane_mil::text::emit(&dyn_matmul(64, 64, 80)), &[])
         .unwrap_err();
     assert!(
         matches!(err, EngineError::Compile(ref m) if m.contains("row rule")),
+        "{err}"
+    );
+    // Shortest last axis: 32 fp16 columns are 64-byte rows, but fail at load on the ANE.
+    let err = e
+        .compile(&ane_mil::text::emit(&dyn_matmul(64, 64, 32)), &[])
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::Compile(ref m) if m.contains("last axis below 64")),
         "{err}"
     );
     // A BLOBFILE escaping the model directory.
@@ -316,7 +324,7 @@ fn run_conv(
 #[test]
 fn compressed_forms_equal_fp16_conv_on_dequantized_weights() {
     use ane_mil::build::{conv_matmul_quant, weights_blob_quant, QuantKind};
-    let (k, m, n) = (128, 48, 32);
+    let (k, m, n) = (128, 48, 64);
     let e = engine();
     let x = values(k * n, 9);
     for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
@@ -347,7 +355,7 @@ fn compressed_forms_equal_fp16_conv_on_dequantized_weights() {
 #[test]
 fn blockwise_shift_scale_checks_ranks_and_offsets() {
     use ane_mil::build::{conv_matmul_q4_0, weights_blob_q4_0, QuantKind};
-    let (k, m, n) = (64, 16, 32);
+    let (k, m, n) = (64, 16, 64);
     let (raw, _) = ggml_blocks(QuantKind::Q4_0, m, k, 5);
     let good = ane_mil::text::emit(&conv_matmul_q4_0(k, m, n));
     let w = || {

@@ -13,7 +13,11 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 use half::f16;
 
-use ane_mil::{build, text, Program};
+use ane_engine::reference::ReferenceEngine;
+use ane_engine::surface::{self, Surface, SPATIAL_MULTIPLE};
+use ane_engine::{Engine as _, WeightFile};
+use ane_mil::build::{Layout, TiledShape};
+use ane_mil::{build, text, Program, ValueType};
 
 /// Program forms `ane mil` can emit.
 // Every form is a matmul; the prefix is the part that differs, and it is also the CLI name.
@@ -39,6 +43,22 @@ pub enum Form {
     /// `build::conv_matmul_q4_0`: the weight kept as Q4_0 blocks (int4), random blocks.
     #[value(name = "q4-0-matmul")]
     Q4_0Matmul,
+    /// With `--shape`: the plugin's shape-shared program (`build::tiled_matmul` as the planner
+    /// tiles it for an M4, `--layout`, `--tiles`, `--k-chunks`). Not listed by `--list-forms`.
+    #[value(hide = true)]
+    Shared,
+    /// With `--shape`: the weights baked in as a constant (`build::conv_matmul`). Not listed.
+    #[value(hide = true)]
+    Baked,
+}
+
+/// Where the shared form's tokens sit (`GGML_ANE_LAYOUT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LayoutArg {
+    /// Token-major activations and outputs (the plugin's default).
+    Tokens,
+    /// Channel-first activations and outputs.
+    Channels,
 }
 
 impl Form {
@@ -82,6 +102,10 @@ impl Form {
             }),
             Form::Q8_0Matmul => build::conv_matmul_q8_0(k, m, n),
             Form::Q4_0Matmul => build::conv_matmul_q4_0(k, m, n),
+            Form::Baked => build::conv_matmul(k, m, n),
+            Form::Shared => {
+                build::tiled_matmul(shared_shape(k, m, n, Layout::default(), None, None))
+            }
         }
     }
 
@@ -96,7 +120,7 @@ impl Form {
 
     /// Whether the form reads `@model_path/weights/weight.bin`.
     fn has_weights(self) -> bool {
-        matches!(self, Form::ConvMatmul) || self.quant().is_some()
+        matches!(self, Form::ConvMatmul | Form::Baked) || self.quant().is_some()
     }
 }
 
@@ -106,18 +130,38 @@ pub struct Args {
     /// Print the form names, one per line, and exit.
     #[arg(long, exclusive = true)]
     pub list_forms: bool,
-    /// Which program to emit.
-    #[arg(long, value_enum, required_unless_present = "list_forms")]
+    /// Which program to emit (with `--coreml` also `shared`, the default, or `baked`).
+    #[arg(long, value_enum, required_unless_present_any = ["list_forms", "coreml"])]
     pub form: Option<Form>,
     /// Inner (contracted) dimension.
-    #[arg(long, required_unless_present = "list_forms", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, required_unless_present_any = ["list_forms", "shape"], conflicts_with = "shape", value_parser = clap::value_parser!(u32).range(1..))]
     pub k: Option<u32>,
     /// Output rows (weight rows).
-    #[arg(long, required_unless_present = "list_forms", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, required_unless_present_any = ["list_forms", "shape"], conflicts_with = "shape", value_parser = clap::value_parser!(u32).range(1..))]
     pub m: Option<u32>,
     /// Output columns (tokens).
-    #[arg(long, required_unless_present = "list_forms", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, required_unless_present_any = ["list_forms", "shape"], conflicts_with = "shape", value_parser = clap::value_parser!(u32).range(1..))]
     pub n: Option<u32>,
+    /// `MxKxN` (weight rows x contraction x tokens), instead of `--m --k --n`.
+    #[arg(long, value_parser = parse_shape)]
+    pub shape: Option<(usize, usize, usize)>,
+    /// Write a Core ML package (`OUT.mlpackage`: Manifest.json, the mlProgram protobuf, weights).
+    #[arg(long, value_name = "OUT.mlpackage")]
+    pub coreml: Option<PathBuf>,
+    /// `--form shared`: where tokens sit in activations and outputs.
+    #[arg(long, value_enum, default_value = "tokens")]
+    pub layout: LayoutArg,
+    /// `--form shared`: row tiles (default: the planner's for an M4).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub tiles: Option<u32>,
+    /// `--form shared`: contraction slices (default: the planner's for an M4).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub k_chunks: Option<u32>,
+    /// With `--coreml`: read the package back, check it gives the same IR, and run the read-back
+    /// program and the MIL text on the reference engine with the same inputs: outputs must be
+    /// bit-identical.
+    #[arg(long, requires = "coreml")]
+    pub verify: bool,
     /// Write DIR/model.mil (and DIR/weights/weight.bin for baked forms) instead of printing.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -128,15 +172,54 @@ pub fn run(args: &Args) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     if args.list_forms {
         for form in Form::value_variants() {
-            writeln!(stdout, "{}", form.name())?;
+            if !form.to_possible_value().is_some_and(|v| v.is_hide_set()) {
+                writeln!(stdout, "{}", form.name())?;
+            }
         }
         return Ok(());
     }
     // clap enforces presence; the expects document that.
-    let form = args.form.expect("clap requires --form");
+    let form = args.form.unwrap_or(Form::Shared);
     let dims = |d: Option<u32>| d.expect("clap requires --k/--m/--n") as usize;
-    let (k, m, n) = (dims(args.k), dims(args.m), dims(args.n));
-    let mil = text::emit(&form.program(k, m, n));
+    let (k, m, n) = match args.shape {
+        Some((m, k, n)) => (k, m, n),
+        None => (dims(args.k), dims(args.m), dims(args.n)),
+    };
+    let program = match form {
+        Form::Shared => build::tiled_matmul(shared_shape(
+            k,
+            m,
+            n,
+            match args.layout {
+                LayoutArg::Tokens => Layout::Tokens,
+                LayoutArg::Channels => Layout::Channels,
+            },
+            args.tiles.map(|t| t as usize),
+            args.k_chunks.map(|c| c as usize),
+        )),
+        f => f.program(k, m, n),
+    };
+    let weights = if form.has_weights() {
+        Some(weights_file(form, k, m)?)
+    } else {
+        None
+    };
+    if let Some(pkg) = &args.coreml {
+        let model = ane_coreml::to_model(&program)?;
+        let files: Vec<(&str, &[u8])> = weights
+            .iter()
+            .map(|w| (build::WEIGHT_PATH, w.as_slice()))
+            .collect();
+        ane_coreml::package::write(pkg, &model, &files)?;
+        if args.verify {
+            let summary = verify_package(pkg, &program)?;
+            writeln!(stdout, "{}: {summary}", pkg.display())?;
+        }
+    }
+    let mil = text::emit(&program);
+    if args.coreml.is_some() && args.out.is_none() {
+        return Ok(());
+    }
     let Some(dir) = &args.out else {
         stdout.write_all(mil.as_bytes())?;
         return Ok(());
@@ -144,23 +227,151 @@ pub fn run(args: &Args) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mil_path = dir.join("model.mil");
     fs::write(&mil_path, mil).with_context(|| format!("writing {}", mil_path.display()))?;
-    if form.has_weights() {
+    if let Some(blob) = weights {
         let wdir = dir.join("weights");
         fs::create_dir_all(&wdir).with_context(|| format!("creating {}", wdir.display()))?;
         let wpath = wdir.join("weight.bin");
-        let seed = 0x5eed_0000 ^ (m * k) as u64;
-        let blob = match form.quant() {
-            Some(kind) => {
-                if !k.is_multiple_of(build::QuantKind::BLOCK) {
-                    anyhow::bail!("--form {} needs k to be a multiple of 32", form.name());
-                }
-                build::weights_blob_quant(kind, &pseudo_random_blocks(kind, m * k, seed), m, k)
-            }
-            None => build::weights_blob_fp16(&pseudo_random_weights(m * k, seed)),
-        };
         fs::write(&wpath, blob).with_context(|| format!("writing {}", wpath.display()))?;
     }
     Ok(())
+}
+
+/// The deterministic `weight.bin` of a baked form.
+fn weights_file(form: Form, k: usize, m: usize) -> Result<Vec<u8>> {
+    let seed = 0x5eed_0000 ^ (m * k) as u64;
+    Ok(match form.quant() {
+        Some(kind) => {
+            if !k.is_multiple_of(build::QuantKind::BLOCK) {
+                anyhow::bail!("--form {} needs k to be a multiple of 32", form.name());
+            }
+            build::weights_blob_quant(kind, &pseudo_random_blocks(kind, m * k, seed), m, k)
+        }
+        None => build::weights_blob_fp16(&pseudo_random_weights(m * k, seed)),
+    })
+}
+
+/// `MxKxN` as `(m, k, n)`, each at least 1.
+fn parse_shape(s: &str) -> Result<(usize, usize, usize), String> {
+    let dims: Vec<usize> = s
+        .split('x')
+        .map(|d| d.parse::<usize>().ok().filter(|&v| v > 0))
+        .collect::<Option<_>>()
+        .ok_or_else(|| format!("`{s}` is not MxKxN with positive integers"))?;
+    match dims[..] {
+        [m, k, n] => Ok((m, k, n)),
+        _ => Err(format!("`{s}` is not MxKxN")),
+    }
+}
+
+/// The plugin's program shape for an `m x k` weight at `n` tokens: the planner's tiling for an M4
+/// (`ane_plan::Planner::tile`), with the tile and slice counts overridden if given (rows per tile
+/// and the slice length then follow the planner's rounding rules).
+pub fn shared_shape(
+    k: usize,
+    m: usize,
+    n: usize,
+    layout: Layout,
+    tiles: Option<usize>,
+    k_chunks: Option<usize>,
+) -> TiledShape {
+    let planner = ane_plan::Planner {
+        layout,
+        ..ane_plan::Planner::new(ane_engine::Chip::M4.limits())
+    };
+    let mut s = planner.tile(k, m, n);
+    if let Some(t) = tiles {
+        s.tiles = t;
+        s.m_tile = match layout {
+            Layout::Channels => m.div_ceil(t),
+            Layout::Tokens => m.div_ceil(t).next_multiple_of(SPATIAL_MULTIPLE),
+        };
+    }
+    if let Some(c) = k_chunks {
+        s.k_chunks = c;
+        s.k_chunk = k.div_ceil(c).next_multiple_of(SPATIAL_MULTIPLE);
+    }
+    s
+}
+
+/// Runs `mil` on the reference engine with deterministic inputs; the fp16 bits of each output.
+pub fn run_reference(mil: &str, weights: &[WeightFile]) -> Result<Vec<Vec<u16>>> {
+    let program = text::parse(mil)?;
+    let main = program.function("main").context("no function main")?;
+    let engine = ReferenceEngine::new(ane_engine::Chip::M4.limits());
+    engine.use_own_surfaces(false);
+    let id = engine.compile(mil, weights)?;
+    // The engine binds in alphabetical order of the names.
+    let mut ins: Vec<(String, ValueType)> = main.inputs.clone();
+    ins.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut outs: Vec<(String, ValueType)> = main
+        .outputs
+        .iter()
+        .map(|o| {
+            (
+                o.clone(),
+                main.value_type(o).cloned().expect("typed output"),
+            )
+        })
+        .collect();
+    outs.sort_by(|a, b| a.0.cmp(&b.0));
+    let bytes: Vec<usize> = ins
+        .iter()
+        .chain(&outs)
+        .map(|(_, t)| t.byte_size())
+        .collect();
+    let alloc = surface::request_alloc_size(&bytes);
+    let inputs: Vec<Surface> = ins
+        .iter()
+        .enumerate()
+        .map(|(i, (_, t))| {
+            let mut s = Surface::new(alloc);
+            let vals = pseudo_random_weights(t.numel(), 0x1234 + i as u64);
+            s.fp16_mut(t.numel()).copy_from_slice(&vals);
+            s
+        })
+        .collect();
+    let mut outputs: Vec<Surface> = outs.iter().map(|_| Surface::new(alloc)).collect();
+    {
+        let in_refs: Vec<&Surface> = inputs.iter().collect();
+        let mut out_refs: Vec<&mut Surface> = outputs.iter_mut().collect();
+        engine.evaluate(id, &in_refs, &mut out_refs)?;
+    }
+    Ok(outputs
+        .iter()
+        .zip(&outs)
+        .map(|(s, (_, t))| s.fp16(t.numel()).iter().map(|h| h.to_bits()).collect())
+        .collect())
+}
+
+/// Reads `pkg` back and checks it against `program`: the same IR, the same weights, and
+/// bit-identical reference-engine outputs for the read-back program and `program`'s MIL text.
+pub fn verify_package(pkg: &std::path::Path, program: &Program) -> Result<String> {
+    let read = ane_coreml::package::read(pkg)?;
+    let back = ane_coreml::from_model(&read.model)?;
+    if back != *program {
+        anyhow::bail!(
+            "the program read back from {} differs from the one written",
+            pkg.display()
+        );
+    }
+    let weights: Vec<WeightFile> = read
+        .weights
+        .iter()
+        .map(|(path, bytes)| WeightFile {
+            path: path.clone(),
+            bytes: bytes.clone(),
+        })
+        .collect();
+    let from_proto = run_reference(&text::emit(&back), &weights)?;
+    let from_text = run_reference(&text::emit(program), &weights)?;
+    if from_proto != from_text {
+        anyhow::bail!("reference engine outputs differ between the protobuf and the MIL text");
+    }
+    let values: usize = from_text.iter().map(Vec::len).sum();
+    Ok(format!(
+        "same IR, {} weight file(s), reference outputs bit-identical ({values} fp16 values)",
+        weights.len()
+    ))
 }
 
 /// `len` fp16 values in [-1, 1), from a fixed-seed SplitMix64 stream (no dependency needed for
@@ -209,6 +420,51 @@ mod tests {
         assert_eq!(a, pseudo_random_weights(100, 7));
         assert!(a.iter().all(|v| (-1.0..=1.0).contains(&v.to_f32())));
         assert!(a.iter().any(|v| v.to_f32() < 0.0) && a.iter().any(|v| v.to_f32() > 0.0));
+    }
+
+    /// Each Core ML package form reads back to the same IR, and the reference engine gives the same
+    /// bits for the read-back program as for the MIL text; a program that differs is caught.
+    #[test]
+    fn coreml_packages_verify_against_the_text_path() {
+        let dir = std::env::temp_dir().join(format!("ane-cli-coreml-{}", std::process::id()));
+        let cases = [
+            (Form::Baked, Layout::Tokens, None, None),
+            (Form::Shared, Layout::Tokens, None, None),
+            (Form::Shared, Layout::Tokens, Some(2), Some(3)),
+            (Form::Shared, Layout::Channels, Some(2), Some(2)),
+        ];
+        for (i, (form, layout, tiles, kc)) in cases.into_iter().enumerate() {
+            let (m, k, n) = (96, 64, 32);
+            let program = match form {
+                Form::Shared => build::tiled_matmul(shared_shape(k, m, n, layout, tiles, kc)),
+                f => f.program(k, m, n),
+            };
+            let pkg = dir.join(format!("{i}.mlpackage"));
+            let w = form
+                .has_weights()
+                .then(|| weights_file(form, k, m).unwrap());
+            let files: Vec<(&str, &[u8])> = w
+                .iter()
+                .map(|w| (build::WEIGHT_PATH, w.as_slice()))
+                .collect();
+            ane_coreml::package::write(&pkg, &ane_coreml::to_model(&program).unwrap(), &files)
+                .unwrap();
+            let summary = verify_package(&pkg, &program).unwrap();
+            assert!(summary.contains("bit-identical"), "{summary}");
+            let mut other = program.clone();
+            other.functions[0].statements[0].output.push('_');
+            assert!(verify_package(&pkg, &other).is_err());
+        }
+        let s = shared_shape(64, 96, 32, Layout::Tokens, Some(2), Some(3));
+        assert_eq!((s.tiles, s.m_tile, s.k_chunks, s.k_chunk), (2, 64, 3, 32));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shapes_parse() {
+        assert_eq!(parse_shape("96x64x32"), Ok((96, 64, 32)));
+        assert!(parse_shape("96x64").is_err());
+        assert!(parse_shape("0x1x1").is_err());
     }
 
     #[test]

@@ -10,11 +10,20 @@ For each OUT.mlpackage given:
      rebuilds every non-const op with `mb.<op>` (argument names, dtypes, shape rules), compares
      each declared output type with its own type inference, and reads every BLOBFILE with the
      native MILBlob reader;
-  4. the pymil program's `main` inputs and outputs have the names, dtypes and shapes the model
+  4. pymil's own validation of the program (`Program.validate`: variable visibility, producer and
+     consumer links) passes;
+  5. the pymil program's `main` inputs and outputs have the names, dtypes and shapes the model
      description declares, and every op the protobuf has is in the pymil program.
 
 Exit status: 0 if every package passes, 1 if any fails (each failure printed), 2 on bad usage.
 `--expect-fail` inverts the verdict per package (for the deliberately broken packages of the test).
+
+`--corrupt KIND SRC DST` writes DST, a copy of the package SRC broken in one way only coremltools'
+rules catch (the model description is kept consistent with the change), so a test can show that
+this judge rejects what it should:
+  output-shape  the last op declares an output one row longer than its inputs give;
+  input-dtype   `main`'s first input is fp32 (the ops take it with fp16 operands);
+  blob-offset   the first BLOBFILE value points 64 bytes past its blob's descriptor.
 """
 import argparse
 import os
@@ -35,6 +44,7 @@ def check(path, ct, milproto_load, types, opset, spec_version):
     n_ops = len(funcs["main"].block_specializations[opset].operations)
     prog = milproto_load(spec, specification_version=spec.specificationVersion,
                          file_weights_dir=m.weights_dir)
+    prog.validate()
     main = prog.functions["main"]
     desc = spec.description
     dt = {65552: types.fp16, 65568: types.fp32, 131104: types.int32}
@@ -63,9 +73,41 @@ def check(path, ct, milproto_load, types, opset, spec_version):
         f"{v.name}{tuple(v.shape)}" for v in main.outputs)
 
 
+def corrupt(kind, src, dst, ct):
+    import shutil
+    spec = ct.models.MLModel(src, skip_model_load=True).get_spec()
+    func = spec.mlProgram.functions["main"]
+    ops = func.block_specializations[func.opset].operations
+    if kind == "output-shape":
+        out = ops[-1].outputs[0]
+        dims = out.type.tensorType.dimensions
+        dims[len(dims) - 2].constant.size += 1
+        for feat in spec.description.output:
+            if feat.name == out.name:
+                feat.type.multiArrayType.shape[len(dims) - 2] += 1
+    elif kind == "input-dtype":
+        fp32 = 65568  # ArrayFeatureType.FLOAT32
+        func.inputs[0].type.tensorType.dataType = ct.proto.MIL_pb2.FLOAT32
+        spec.description.input[0].type.multiArrayType.dataType = fp32
+    elif kind == "blob-offset":
+        blobs = [a for op in ops for a in op.attributes.values()
+                 if a.WhichOneof("value") == "blobFileValue"]
+        if not blobs:
+            raise SystemExit(f"{src}: no BLOBFILE value to corrupt")
+        blobs[0].blobFileValue.offset += 64
+    else:
+        raise SystemExit(f"unknown corruption {kind}")
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "Data", "com.apple.CoreML", "model.mlmodel"), "wb") as f:
+        f.write(spec.SerializeToString())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("packages", nargs="+")
+    ap.add_argument("--corrupt", nargs=3, metavar=("KIND", "SRC", "DST"))
+    ap.add_argument("packages", nargs="*")
     ap.add_argument("--opset", default="CoreML8")
     ap.add_argument("--spec", type=int, default=9)
     ap.add_argument("--expect-fail", action="store_true")
@@ -76,6 +118,11 @@ def main():
         import coremltools as ct
         from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
         from coremltools.converters.mil.mil import types
+    if a.corrupt:
+        corrupt(*a.corrupt, ct)
+        return 0
+    if not a.packages:
+        ap.error("no packages given")
     bad = 0
     for p in a.packages:
         if not os.path.isdir(p):

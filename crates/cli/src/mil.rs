@@ -103,9 +103,7 @@ impl Form {
             Form::Q8_0Matmul => build::conv_matmul_q8_0(k, m, n),
             Form::Q4_0Matmul => build::conv_matmul_q4_0(k, m, n),
             Form::Baked => build::conv_matmul(k, m, n),
-            Form::Shared => {
-                build::tiled_matmul(shared_shape(k, m, n, Layout::default(), None, None))
-            }
+            Form::Shared => build::tiled_matmul(planner_shape(k, m, n, Layout::default())),
         }
     }
 
@@ -145,12 +143,14 @@ pub struct Args {
     /// `MxKxN` (weight rows x contraction x tokens), instead of `--m --k --n`.
     #[arg(long, value_parser = parse_shape)]
     pub shape: Option<(usize, usize, usize)>,
-    /// Write a Core ML package (`OUT.mlpackage`: Manifest.json, the mlProgram protobuf, weights).
+    /// Write a Core ML package (`OUT.mlpackage`: Manifest.json, the mlProgram protobuf, weights)
+    /// instead of printing MIL text; `--form` defaults to `shared`.
     #[arg(long, value_name = "OUT.mlpackage")]
     pub coreml: Option<PathBuf>,
-    /// `--form shared`: where tokens sit in activations and outputs.
-    #[arg(long, value_enum, default_value = "tokens")]
-    pub layout: LayoutArg,
+    /// `--form shared`: where tokens sit in activations and outputs (default `tokens`, the
+    /// plugin's default `GGML_ANE_LAYOUT`).
+    #[arg(long, value_enum)]
+    pub layout: Option<LayoutArg>,
     /// `--form shared`: row tiles (default: the planner's for an M4).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub tiles: Option<u32>,
@@ -178,33 +178,28 @@ pub fn run(args: &Args) -> Result<()> {
         }
         return Ok(());
     }
-    // clap enforces presence; the expects document that.
+    // clap enforces presence (`--form` or `--coreml`, `--shape` or all of `--k --m --n`); the
+    // expect documents that.
     let form = args.form.unwrap_or(Form::Shared);
     let dims = |d: Option<u32>| d.expect("clap requires --k/--m/--n") as usize;
     let (k, m, n) = match args.shape {
         Some((m, k, n)) => (k, m, n),
         None => (dims(args.k), dims(args.m), dims(args.n)),
     };
-    let program = match form {
-        Form::Shared => build::tiled_matmul(shared_shape(
-            k,
-            m,
-            n,
-            match args.layout {
-                LayoutArg::Tokens => Layout::Tokens,
-                LayoutArg::Channels => Layout::Channels,
-            },
-            args.tiles.map(|t| t as usize),
-            args.k_chunks.map(|c| c as usize),
-        )),
-        f => f.program(k, m, n),
-    };
+    let program = program_for(form, k, m, n, args)?;
     let weights = if form.has_weights() {
         Some(weights_file(form, k, m)?)
     } else {
         None
     };
     if let Some(pkg) = &args.coreml {
+        if pkg.extension().is_none_or(|e| e != "mlpackage") {
+            anyhow::bail!(
+                "--coreml {}: the package must be named *.mlpackage (Core ML recognises a \
+                 package by its extension)",
+                pkg.display()
+            );
+        }
         let model = ane_coreml::to_model(&program)?;
         let files: Vec<(&str, &[u8])> = weights
             .iter()
@@ -236,6 +231,45 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// The program `form` stands for at `k x m x n`, after checking what its builder would panic on
+/// and what the plugin never dispatches, so bad arguments are an error message.
+fn program_for(form: Form, k: usize, m: usize, n: usize, args: &Args) -> Result<Program> {
+    if form != Form::Shared {
+        for (given, flag) in [
+            (args.layout.is_some(), "--layout"),
+            (args.tiles.is_some(), "--tiles"),
+            (args.k_chunks.is_some(), "--k-chunks"),
+        ] {
+            if given {
+                anyhow::bail!(
+                    "{flag} applies to --form shared only, not to --form {}",
+                    form.name()
+                );
+            }
+        }
+    }
+    if form.quant().is_some() && !k.is_multiple_of(build::QuantKind::BLOCK) {
+        anyhow::bail!(
+            "--form {} needs k (= {k}) to be a multiple of 32, one ggml block",
+            form.name()
+        );
+    }
+    Ok(match form {
+        Form::Shared => build::tiled_matmul(shared_shape(
+            k,
+            m,
+            n,
+            match args.layout.unwrap_or(LayoutArg::Tokens) {
+                LayoutArg::Tokens => Layout::Tokens,
+                LayoutArg::Channels => Layout::Channels,
+            },
+            args.tiles.map(|t| t as usize),
+            args.k_chunks.map(|c| c as usize),
+        )?),
+        f => f.program(k, m, n),
+    })
+}
+
 /// The deterministic `weight.bin` of a baked form.
 fn weights_file(form: Form, k: usize, m: usize) -> Result<Vec<u8>> {
     let seed = 0x5eed_0000 ^ (m * k) as u64;
@@ -263,9 +297,24 @@ fn parse_shape(s: &str) -> Result<(usize, usize, usize), String> {
     }
 }
 
+/// The planner's tiling of an `m x k` weight at `n` tokens for an M4 (`ane_plan::Planner::tile`).
+fn planner_shape(k: usize, m: usize, n: usize, layout: Layout) -> TiledShape {
+    ane_plan::Planner {
+        layout,
+        ..ane_plan::Planner::new(ane_engine::Chip::M4.limits())
+    }
+    .tile(k, m, n)
+}
+
 /// The plugin's program shape for an `m x k` weight at `n` tokens: the planner's tiling for an M4
 /// (`ane_plan::Planner::tile`), with the tile and slice counts overridden if given (rows per tile
 /// and the slice length then follow the planner's rounding rules).
+///
+/// # Errors
+///
+/// What the plugin never dispatches: `n` not a multiple of 32 (its column buckets are), fewer
+/// tiles or slices than the chip's axis limit needs, or so many that a whole tile or slice would
+/// be padding.
 pub fn shared_shape(
     k: usize,
     m: usize,
@@ -273,24 +322,54 @@ pub fn shared_shape(
     layout: Layout,
     tiles: Option<usize>,
     k_chunks: Option<usize>,
-) -> TiledShape {
-    let planner = ane_plan::Planner {
-        layout,
-        ..ane_plan::Planner::new(ane_engine::Chip::M4.limits())
-    };
-    let mut s = planner.tile(k, m, n);
+) -> Result<TiledShape> {
+    let limits = ane_engine::Chip::M4.limits();
+    if !n.is_multiple_of(SPATIAL_MULTIPLE) || n > limits.max_axis {
+        anyhow::bail!(
+            "--form shared: n = {n} is not a column bucket of the plugin (a multiple of \
+             {SPATIAL_MULTIPLE} up to {})",
+            limits.max_axis
+        );
+    }
+    let mut s = planner_shape(k, m, n, layout);
     if let Some(t) = tiles {
+        if t < s.tiles {
+            anyhow::bail!(
+                "--tiles {t}: m = {m} needs at least {} row tiles (axis limit {})",
+                s.tiles,
+                limits.max_axis
+            );
+        }
         s.tiles = t;
         s.m_tile = match layout {
             Layout::Channels => m.div_ceil(t),
             Layout::Tokens => m.div_ceil(t).next_multiple_of(SPATIAL_MULTIPLE),
         };
+        if (t - 1) * s.m_tile >= m {
+            anyhow::bail!(
+                "--tiles {t}: with {} rows per tile the last tile of m = {m} would be all padding",
+                s.m_tile
+            );
+        }
     }
     if let Some(c) = k_chunks {
+        if c < s.k_chunks {
+            anyhow::bail!(
+                "--k-chunks {c}: k = {k} needs at least {} slices (axis limit {})",
+                s.k_chunks,
+                limits.max_axis
+            );
+        }
         s.k_chunks = c;
         s.k_chunk = k.div_ceil(c).next_multiple_of(SPATIAL_MULTIPLE);
+        if (c - 1) * s.k_chunk >= k {
+            anyhow::bail!(
+                "--k-chunks {c}: with slices of {} the last slice of k = {k} would be all padding",
+                s.k_chunk
+            );
+        }
     }
-    s
+    Ok(s)
 }
 
 /// Runs `mil` on the reference engine with deterministic inputs; the fp16 bits of each output.
@@ -367,6 +446,10 @@ pub fn verify_package(pkg: &std::path::Path, program: &Program) -> Result<String
     if from_proto != from_text {
         anyhow::bail!("reference engine outputs differ between the protobuf and the MIL text");
     }
+    // fp16 +0 and -0: outputs that are all zero would make "identical" prove nothing.
+    if from_text.iter().flatten().all(|&b| b & 0x7fff == 0) {
+        anyhow::bail!("reference engine outputs are all zero: the comparison would prove nothing");
+    }
     let values: usize = from_text.iter().map(Vec::len).sum();
     Ok(format!(
         "same IR, {} weight file(s), reference outputs bit-identical ({values} fp16 values)",
@@ -430,13 +513,17 @@ mod tests {
         let cases = [
             (Form::Baked, Layout::Tokens, None, None),
             (Form::Shared, Layout::Tokens, None, None),
-            (Form::Shared, Layout::Tokens, Some(2), Some(3)),
-            (Form::Shared, Layout::Channels, Some(2), Some(2)),
+            (Form::Shared, Layout::Tokens, Some(2), Some(2)),
+            (Form::Shared, Layout::Channels, Some(3), Some(2)),
+            (Form::Q8_0Matmul, Layout::Tokens, None, None),
+            (Form::Q4_0Matmul, Layout::Tokens, None, None),
         ];
         for (i, (form, layout, tiles, kc)) in cases.into_iter().enumerate() {
             let (m, k, n) = (96, 64, 32);
             let program = match form {
-                Form::Shared => build::tiled_matmul(shared_shape(k, m, n, layout, tiles, kc)),
+                Form::Shared => {
+                    build::tiled_matmul(shared_shape(k, m, n, layout, tiles, kc).unwrap())
+                }
                 f => f.program(k, m, n),
             };
             let pkg = dir.join(format!("{i}.mlpackage"));
@@ -455,8 +542,85 @@ mod tests {
             other.functions[0].statements[0].output.push('_');
             assert!(verify_package(&pkg, &other).is_err());
         }
-        let s = shared_shape(64, 96, 32, Layout::Tokens, Some(2), Some(3));
-        assert_eq!((s.tiles, s.m_tile, s.k_chunks, s.k_chunk), (2, 64, 3, 32));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shared_shapes_follow_the_planner_and_refuse_what_it_never_makes() {
+        let s = shared_shape(64, 96, 32, Layout::Tokens, Some(2), Some(2)).unwrap();
+        assert_eq!((s.tiles, s.m_tile, s.k_chunks, s.k_chunk), (2, 64, 2, 32));
+        let s = shared_shape(64, 96, 32, Layout::Channels, Some(3), None).unwrap();
+        assert_eq!((s.tiles, s.m_tile, s.k_chunks, s.k_chunk), (3, 32, 1, 64));
+        // The planner's own tiling beyond the M4's axis limit.
+        let s = shared_shape(70_000, 140_000, 64, Layout::Tokens, None, None).unwrap();
+        assert_eq!((s.tiles, s.k_chunks), (3, 2));
+        let err = |r: Result<TiledShape>| r.unwrap_err().to_string();
+        assert!(err(shared_shape(64, 96, 50, Layout::Tokens, None, None)).contains("n = 50"));
+        // k = 64 in 3 slices of 32: the third would be padding only.
+        assert!(err(shared_shape(64, 96, 32, Layout::Tokens, None, Some(3))).contains("padding"));
+        assert!(err(shared_shape(64, 96, 32, Layout::Tokens, Some(4), None)).contains("padding"));
+        assert!(
+            err(shared_shape(64, 140_000, 32, Layout::Tokens, Some(2), None))
+                .contains("at least 3")
+        );
+    }
+
+    /// `ane mil` as the command line parses it.
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn run_line(line: &str) -> Result<()> {
+        use clap::Parser as _;
+        let cli = Cli::try_parse_from(std::iter::once("mil").chain(line.split_whitespace()))?;
+        run(&cli.args)
+    }
+
+    #[test]
+    fn bad_arguments_are_errors_that_say_why() {
+        let dir = std::env::temp_dir().join(format!("ane-cli-coreml-args-{}", std::process::id()));
+        let pkg = |name: &str| dir.join(name).display().to_string();
+        let err = |line: String| run_line(&line).unwrap_err().to_string();
+        let ok = pkg("ok.mlpackage");
+        assert!(err(format!("--coreml {} --shape 96x64x64", pkg("x.pkg"))).contains(".mlpackage"));
+        assert!(err(format!("--coreml {ok} --shape 96x64")).contains("MxKxN"));
+        assert!(err(format!(
+            "--coreml {ok} --shape 96x64x64 --form baked --tiles 2"
+        ))
+        .contains("--form shared only"));
+        assert!(err(format!(
+            "--coreml {ok} --shape 96x64x64 --form conv-matmul --layout channels"
+        ))
+        .contains("--layout"));
+        assert!(
+            err(format!("--coreml {ok} --shape 96x48x64 --form q4-0-matmul"))
+                .contains("multiple of 32")
+        );
+        assert!(err(format!("--coreml {ok} --shape 96x64x64 --k 64")).contains("--k"));
+        assert!(err("--shape 96x64x64 --verify".to_string()).contains("--coreml"));
+        assert!(
+            !dir.join("ok.mlpackage").exists(),
+            "no package from a refused command"
+        );
+        // Something at the path that is not a package is not replaced.
+        std::fs::create_dir_all(dir.join("keep.mlpackage")).unwrap();
+        std::fs::write(dir.join("keep.mlpackage/notes.txt"), "mine").unwrap();
+        assert!(err(format!(
+            "--coreml {} --shape 96x64x64",
+            pkg("keep.mlpackage")
+        ))
+        .contains("not a Core ML package"));
+        assert!(dir.join("keep.mlpackage/notes.txt").is_file());
+        // The good line writes a package, and writing it again replaces it.
+        for _ in 0..2 {
+            run_line(
+                format!("--coreml {ok} --shape 96x64x64 --layout channels --tiles 2").as_str(),
+            )
+            .unwrap();
+            assert!(dir.join("ok.mlpackage/Manifest.json").is_file());
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -479,7 +643,9 @@ mod tests {
                 "heads-matmul",
                 "tokens-matmul",
                 "q8-0-matmul",
-                "q4-0-matmul"
+                "q4-0-matmul",
+                "shared",
+                "baked"
             ]
         );
     }

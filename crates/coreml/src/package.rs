@@ -93,13 +93,35 @@ pub fn manifest(model_bytes: &[u8]) -> serde_json::Value {
 
 /// Writes `dir` (e.g. `OUT.mlpackage`) holding `model` and the weight files `weights`, each given
 /// by its BLOBFILE path (`@model_path/weights/weight.bin`) and bytes. An existing package at `dir`
-/// is replaced.
+/// is replaced; anything else there is left alone and is an error, because replacing means
+/// deleting the folder and a mistyped path must not cost the user a directory.
 ///
 /// # Errors
 ///
-/// A weight path outside `@model_path/weights/`, or an I/O error naming the path.
+/// A weight path outside `@model_path/weights/`, something other than a package (a folder with a
+/// `Manifest.json`) at `dir`, or an I/O error naming the path.
 pub fn write(dir: &Path, model: &Model, weights: &[(&str, &[u8])]) -> Result<(), PackageError> {
-    if dir.exists() {
+    let files = weights
+        .iter()
+        .map(|(path, bytes)| {
+            path.strip_prefix(MODEL_PATH_PREFIX)
+                .and_then(|r| r.strip_prefix("weights/"))
+                .filter(|r| !r.is_empty() && !r.contains('/') && !r.contains(".."))
+                .map(|name| (name, *bytes))
+                .ok_or_else(|| {
+                    PackageError::Format(format!(
+                        "weight path `{path}` is not @model_path/weights/NAME"
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if dir.symlink_metadata().is_ok() {
+        if !dir.is_dir() || !dir.join("Manifest.json").is_file() {
+            return Err(PackageError::Format(format!(
+                "{} exists and is not a Core ML package (no Manifest.json): not replacing it",
+                dir.display()
+            )));
+        }
         std::fs::remove_dir_all(dir).map_err(io(dir))?;
     }
     let data = dir.join("Data").join(CORE_ML_DIR);
@@ -108,17 +130,8 @@ pub fn write(dir: &Path, model: &Model, weights: &[(&str, &[u8])]) -> Result<(),
     let bytes = model.encode_to_vec();
     let mpath = data.join("model.mlmodel");
     std::fs::write(&mpath, &bytes).map_err(io(&mpath))?;
-    for (path, data_bytes) in weights {
-        let rel = path
-            .strip_prefix(MODEL_PATH_PREFIX)
-            .and_then(|r| r.strip_prefix("weights/"))
-            .filter(|r| !r.is_empty() && !r.contains('/') && !r.contains(".."))
-            .ok_or_else(|| {
-                PackageError::Format(format!(
-                    "weight path `{path}` is not @model_path/weights/NAME"
-                ))
-            })?;
-        let wpath = wdir.join(rel);
+    for (name, data_bytes) in files {
+        let wpath = wdir.join(name);
         std::fs::write(&wpath, data_bytes).map_err(io(&wpath))?;
     }
     let man = dir.join("Manifest.json");

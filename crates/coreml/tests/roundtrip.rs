@@ -121,5 +121,18 @@ fn package_writes_and_reads_back() {
     // Weights outside @model_path/weights/ are refused.
     let err = package::write(&pkg, &to_model(&p).unwrap(), &[("/etc/weight.bin", &w)]);
     assert!(err.is_err());
+    // ... before anything is touched: the package written above is still whole.
+    assert_eq!(from_model(&package::read(&pkg).unwrap().model).unwrap(), p);
+    // A folder that is not a package is not replaced, nor is a file.
+    let other = dir.join("other.mlpackage");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("keep.txt"), "mine").unwrap();
+    let err = package::write(&other, &to_model(&p).unwrap(), &[]).unwrap_err();
+    assert!(err.to_string().contains("not a Core ML package"), "{err}");
+    assert!(other.join("keep.txt").is_file());
+    let file = dir.join("file.mlpackage");
+    std::fs::write(&file, "mine").unwrap();
+    assert!(package::write(&file, &to_model(&p).unwrap(), &[]).is_err());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
     std::fs::remove_dir_all(&dir).unwrap();
 }

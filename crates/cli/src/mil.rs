@@ -34,7 +34,7 @@ pub enum Form {
     /// `build::tiled_matmul` as used for attention: 2 independent heads.
     HeadsMatmul,
     /// `build::tiled_matmul` with token-major activations (`Layout::Tokens`, `GGML_ANE_LAYOUT=tokens`),
-    /// 2 row tiles and 2 contraction slices.
+    /// 2 row tiles and 2 contraction slices, each padded to a multiple of 32 as the planner does.
     TokensMatmul,
     /// `build::conv_matmul_q8_0`: the weight kept as Q8_0 blocks through
     /// `constexpr_blockwise_shift_scale` (k must be a multiple of 32), random blocks.
@@ -86,8 +86,10 @@ impl Form {
                 heads: 1,
                 tiles: 2,
                 k_chunks: 2,
-                m_tile: m.div_ceil(2),
-                k_chunk: k.div_ceil(2),
+                // Both are a last axis here (`b_w`, `y`; `a_x`): padded to whole 64-byte rows
+                // as the planner pads them, so the reference engine runs it.
+                m_tile: m.div_ceil(2).next_multiple_of(SPATIAL_MULTIPLE),
+                k_chunk: k.div_ceil(2).next_multiple_of(SPATIAL_MULTIPLE),
                 n,
                 layout: build::Layout::Tokens,
             }),
@@ -207,7 +209,7 @@ pub fn run(args: &Args) -> Result<()> {
             .collect();
         ane_coreml::package::write(pkg, &model, &files)?;
         if args.verify {
-            let summary = verify_package(pkg, &program)?;
+            let summary = verify_package(pkg, &program, &files)?;
             writeln!(stdout, "{}: {summary}", pkg.display())?;
         }
     }
@@ -422,9 +424,29 @@ pub fn run_reference(mil: &str, weights: &[WeightFile]) -> Result<Vec<Vec<u16>>>
         .collect())
 }
 
-/// Reads `pkg` back and checks it against `program`: the same IR, the same weights, and
-/// bit-identical reference-engine outputs for the read-back program and `program`'s MIL text.
-pub fn verify_package(pkg: &std::path::Path, program: &Program) -> Result<String> {
+/// The engine's weight files from `(BLOBFILE path, bytes)` pairs.
+fn weight_files<'a>(w: impl Iterator<Item = (&'a str, &'a [u8])>) -> Vec<WeightFile> {
+    w.map(|(path, bytes)| WeightFile {
+        path: path.to_string(),
+        bytes: bytes.to_vec(),
+    })
+    .collect()
+}
+
+/// Reads `pkg` back and checks it against `program` and its weight files `weights` (what
+/// `--out` writes next to the MIL text): the same IR, and bit-identical reference-engine outputs
+/// for the read-back program with the package's weight files and for `program`'s MIL text with
+/// `weights`, so the package's protobuf and its `weights/` folder are both judged.
+///
+/// # Errors
+///
+/// A package that does not read back, a different IR, outputs that differ or are all zero (which
+/// would make the comparison prove nothing), or a reference-engine failure.
+pub fn verify_package(
+    pkg: &std::path::Path,
+    program: &Program,
+    weights: &[(&str, &[u8])],
+) -> Result<String> {
     let read = ane_coreml::package::read(pkg)?;
     let back = ane_coreml::from_model(&read.model)?;
     if back != *program {
@@ -433,16 +455,9 @@ pub fn verify_package(pkg: &std::path::Path, program: &Program) -> Result<String
             pkg.display()
         );
     }
-    let weights: Vec<WeightFile> = read
-        .weights
-        .iter()
-        .map(|(path, bytes)| WeightFile {
-            path: path.clone(),
-            bytes: bytes.clone(),
-        })
-        .collect();
-    let from_proto = run_reference(&text::emit(&back), &weights)?;
-    let from_text = run_reference(&text::emit(program), &weights)?;
+    let from_package = weight_files(read.weights.iter().map(|(p, b)| (p.as_str(), b.as_slice())));
+    let from_proto = run_reference(&text::emit(&back), &from_package)?;
+    let from_text = run_reference(&text::emit(program), &weight_files(weights.iter().copied()))?;
     if from_proto != from_text {
         anyhow::bail!("reference engine outputs differ between the protobuf and the MIL text");
     }
@@ -453,7 +468,7 @@ pub fn verify_package(pkg: &std::path::Path, program: &Program) -> Result<String
     let values: usize = from_text.iter().map(Vec::len).sum();
     Ok(format!(
         "same IR, {} weight file(s), reference outputs bit-identical ({values} fp16 values)",
-        weights.len()
+        from_package.len()
     ))
 }
 
@@ -536,11 +551,22 @@ mod tests {
                 .collect();
             ane_coreml::package::write(&pkg, &ane_coreml::to_model(&program).unwrap(), &files)
                 .unwrap();
-            let summary = verify_package(&pkg, &program).unwrap();
+            let summary = verify_package(&pkg, &program, &files).unwrap();
             assert!(summary.contains("bit-identical"), "{summary}");
             let mut other = program.clone();
             other.functions[0].statements[0].output.push('_');
-            assert!(verify_package(&pkg, &other).is_err());
+            assert!(verify_package(&pkg, &other, &files).is_err());
+            if let Some(w) = &w {
+                // One weight flipped in the package's file: its outputs are no longer the text's.
+                let path = pkg.join("Data/com.apple.CoreML/weights/weight.bin");
+                let mut bytes = std::fs::read(&path).unwrap();
+                let at = build::FIRST_BLOB_OFFSET as usize + 64;
+                bytes[at] ^= 0x55;
+                std::fs::write(&path, &bytes).unwrap();
+                let e = verify_package(&pkg, &program, &files).unwrap_err();
+                assert!(e.to_string().contains("differ"), "{e}");
+                assert_ne!(&bytes, w);
+            }
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -130,7 +130,9 @@ pub struct Args {
     /// Print the form names, one per line, and exit.
     #[arg(long, exclusive = true)]
     pub list_forms: bool,
-    /// Which program to emit (with `--coreml` also `shared`, the default, or `baked`).
+    /// Which program to emit. Also `shared` (the plugin's shape-shared program as the planner
+    /// tiles it, see `--layout`, `--tiles`, `--k-chunks`; the default with `--coreml`) and `baked`
+    /// (fp16 weights baked in, the doctor's canary), left out of `--list-forms`.
     #[arg(long, value_enum, required_unless_present_any = ["list_forms", "coreml"])]
     pub form: Option<Form>,
     /// Inner (contracted) dimension.

@@ -17,7 +17,7 @@ commands:
                     plugin's offload statistics
   test [--only STEPS] [--skip STEPS] [--plugin PATH]
                     the full test suite; STEPS is a comma list of
-                    setup,unit,mil,ops,faults,fallback,e2e,overflow,fuzz,sched,placement,plan,contexts (default: all, in that order);
+                    setup,unit,mil,coreml,ops,faults,fallback,e2e,overflow,fuzz,sched,placement,plan,contexts (default: all, in that order);
                     --plugin uses a prebuilt plugin instead of building
                     target/release/libggml_ane.so
   check-apple       clippy the workspace for aarch64-apple-darwin (the macOS code)
@@ -51,10 +51,11 @@ pub struct TestOpts {
 }
 
 /// Steps of `cargo xtask test`, in the order they run.
-pub const TEST_STEPS: [&str; 13] = [
+pub const TEST_STEPS: [&str; 14] = [
     "setup",
     "unit",
     "mil",
+    "coreml",
     "ops",
     "faults",
     "fallback",
@@ -161,6 +162,11 @@ mod tests {
     }
 
     #[test]
+    fn help_lists_every_test_step_in_order() {
+        assert!(HELP.contains(&TEST_STEPS.join(",")));
+    }
+
+    #[test]
     fn parses_test_steps() {
         let steps = |s| match p(s) {
             Ok(Cmd::Test(o)) => o.steps,
@@ -168,10 +174,12 @@ mod tests {
         };
         assert_eq!(steps("test"), TEST_STEPS.to_vec());
         assert_eq!(steps("test --only e2e,unit"), vec!["unit", "e2e"]);
+        assert_eq!(steps("test --only coreml,mil"), vec!["mil", "coreml"]);
         assert_eq!(
             steps("test --skip=unit,mil"),
             vec![
                 "setup",
+                "coreml",
                 "ops",
                 "faults",
                 "fallback",

@@ -7,6 +7,11 @@
 //! * `unit`  - `cargo test --workspace`, with `ANE_GGML_TESTS=1` (llama.cpp built first);
 //! * `mil`   - every MIL form `ane mil` can emit, at a few shapes, checked by
 //!   the coremltools-based validator `miltext_check.py`;
+//! * `coreml` - the same forms and shapes, plus the plugin's shape-shared program in both
+//!   layouts (with row tiles and K slices) and the baked one, written as Core ML packages by
+//!   `ane mil --coreml --verify` (read back, executed on the reference engine bit-identical to the
+//!   MIL text) and loaded, converted to pymil and type-checked by `validators/coreml_check.py`;
+//!   broken copies must be rejected;
 //! * `ops`   - llama.cpp's `test-backend-ops -b ANE -o MUL_MAT` against the
 //!   CPU backend, with the plugin on the reference engine;
 //! * `faults` - the same with `-j 2` and injected engine failures
@@ -104,6 +109,7 @@ pub fn run(opts: &TestOpts) -> Result {
             "setup" => step_setup(&mut pre),
             "unit" => step_unit(&mut pre),
             "mil" => step_mil(&mut pre),
+            "coreml" => step_coreml(&mut pre),
             "ops" => step_ops(&mut pre),
             "faults" => step_faults(&mut pre),
             "fallback" => pre.plugin().and_then(|p| crate::bench_fallback::run(&p)),
@@ -294,6 +300,178 @@ fn step_mil(pre: &mut Prereqs) -> Result<String> {
         "{checked} programs valid ({} forms x {} shapes)",
         forms.len(),
         MIL_SHAPES.len()
+    ))
+}
+
+// ---------------------------------------------------------------- coreml
+
+/// The plugin's own program forms, beyond the listed ones, as `ane mil --coreml` arguments: the
+/// shape-shared program as the planner tiles it (one tile, one slice at these shapes) in both
+/// layouts, the same with row tiles and K slices forced (what larger weights get), and the baked
+/// fp16 conv (the doctor's canary). The quantized baked forms are among the listed ones.
+const COREML_PLUGIN_FORMS: [(&str, &[&str]); 5] = [
+    ("shared-tokens", &["--form", "shared", "--layout", "tokens"]),
+    (
+        "shared-channels",
+        &["--form", "shared", "--layout", "channels"],
+    ),
+    (
+        "shared-tokens-t2-k2",
+        &[
+            "--form",
+            "shared",
+            "--layout",
+            "tokens",
+            "--tiles",
+            "2",
+            "--k-chunks",
+            "2",
+        ],
+    ),
+    (
+        "shared-channels-t3-k2",
+        &[
+            "--form",
+            "shared",
+            "--layout",
+            "channels",
+            "--tiles",
+            "3",
+            "--k-chunks",
+            "2",
+        ],
+    ),
+    ("baked", &["--form", "baked"]),
+];
+
+/// Broken copies the Core ML validator must reject: (corruption, package it is applied to). One
+/// per rule family: an op's output type against type inference, operand dtypes, the blob file.
+const COREML_CORRUPTIONS: [(&str, &str); 3] = [
+    ("output-shape", "shared-tokens-t2-k2"),
+    ("input-dtype", "shared-channels"),
+    ("blob-offset", "q4-0-matmul"),
+];
+
+/// `N passed, M failed`, the last line `coreml_check.py` prints.
+fn coreml_verdict(stdout: &str) -> Option<(usize, usize)> {
+    let last = stdout.lines().rev().find(|l| !l.trim().is_empty())?;
+    let (p, f) = last.trim().split_once(" passed, ")?;
+    Some((p.parse().ok()?, f.strip_suffix(" failed")?.parse().ok()?))
+}
+
+fn step_coreml(pre: &mut Prereqs) -> Result<String> {
+    let validator = util::project_root().join("validators/coreml_check.py");
+    if !validator.is_file() {
+        bail!("Core ML validator {} is missing", validator.display());
+    }
+    let python = pre.python()?;
+    util::run(util::cargo().args(["build", "-p", "ane-cli"]))?;
+    let ane = abs("target/debug/ane");
+    let forms = parse_forms(&util::read(
+        Command::new(&ane).args(["mil", "--list-forms"]),
+    )?);
+    if forms.is_empty() {
+        bail!("`ane mil --list-forms` listed no forms");
+    }
+    let out_root = abs("target/xtask-coreml");
+    if out_root.exists() {
+        std::fs::remove_dir_all(&out_root)?;
+    }
+    std::fs::create_dir_all(&out_root)?;
+    let mut cases: Vec<(String, Vec<String>)> = forms
+        .iter()
+        .map(|f| (f.clone(), vec!["--form".to_string(), f.clone()]))
+        .collect();
+    cases.extend(COREML_PLUGIN_FORMS.iter().map(|(name, args)| {
+        (
+            name.to_string(),
+            args.iter().map(|a| a.to_string()).collect(),
+        )
+    }));
+    let mut packages = Vec::new();
+    let mut values = 0usize;
+    for (name, form_args) in &cases {
+        for (k, m, n) in MIL_SHAPES {
+            let pkg = out_root.join(format!("{name}-m{m}-k{k}-n{n}.mlpackage"));
+            let out = util::read(
+                Command::new(&ane)
+                    .arg("mil")
+                    .args(form_args)
+                    .args(["--shape", &format!("{m}x{k}x{n}"), "--verify", "--coreml"])
+                    .arg(&pkg),
+            )?;
+            // "PKG: same IR, 1 weight file(s), reference outputs bit-identical (6144 fp16 values)"
+            let Some(count) = out
+                .split("bit-identical (")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|c| c.parse::<usize>().ok())
+            else {
+                bail!("`ane mil --coreml --verify` for {name} at {m}x{k}x{n} said:\n{out}");
+            };
+            values += count;
+            packages.push(pkg);
+        }
+    }
+    let judge = |pkgs: &[PathBuf], expect_fail: bool, log: &str| -> Result<()> {
+        let mut cmd = Command::new(&python);
+        cmd.arg(&validator);
+        if expect_fail {
+            cmd.arg("--expect-fail");
+        }
+        let res = util::run_logged(cmd.args(pkgs), log, Duration::from_secs(600))?;
+        let verdict = coreml_verdict(&res.stdout);
+        if !res.success() || verdict != Some((pkgs.len(), 0)) {
+            let fails: Vec<&str> = res
+                .stdout
+                .lines()
+                .filter(|l| l.starts_with("FAIL"))
+                .collect();
+            bail!(
+                "{} ({}, verdict {verdict:?} for {} packages):\n{}\n{}\n{}",
+                if expect_fail {
+                    "coreml_check.py accepted a broken package"
+                } else {
+                    "coreml_check.py rejected a package"
+                },
+                res.status_text(),
+                pkgs.len(),
+                if fails.is_empty() {
+                    util::tail(&res.stdout, 30)
+                } else {
+                    fails.join("\n")
+                },
+                res.stderr_tail(10),
+                res.where_logged()
+            );
+        }
+        Ok(())
+    };
+    judge(&packages, false, "coreml-check")?;
+    let (k, m, n) = MIL_SHAPES[0];
+    let mut broken = Vec::new();
+    for (kind, source) in COREML_CORRUPTIONS {
+        let src = out_root.join(format!("{source}-m{m}-k{k}-n{n}.mlpackage"));
+        let dst = out_root.join(format!("broken-{kind}.mlpackage"));
+        util::read(
+            Command::new(&python)
+                .arg(&validator)
+                .args(["--corrupt", kind])
+                .arg(&src)
+                .arg(&dst),
+        )?;
+        broken.push(dst);
+    }
+    judge(&broken, true, "coreml-check-broken")?;
+    Ok(format!(
+        "{} packages ({} forms x {} shapes) loaded, converted to pymil and type-checked by \
+         coremltools; reference engine on the read-back programs bit-identical to the MIL text \
+         ({values} fp16 values); {} broken copies rejected ({})",
+        packages.len(),
+        cases.len(),
+        MIL_SHAPES.len(),
+        broken.len(),
+        COREML_CORRUPTIONS.map(|c| c.0).join(", ")
     ))
 }
 
@@ -1251,6 +1429,27 @@ mod tests {
     fn strips_prompt_echo() {
         let out = format!(" {PROMPT} and then some");
         assert_eq!(generated(&out), " and then some");
+    }
+
+    #[test]
+    fn reads_the_coreml_verdict() {
+        assert_eq!(
+            coreml_verdict("PASS a: x\nFAIL b: y\n1 passed, 1 failed\n"),
+            Some((1, 1))
+        );
+        assert_eq!(coreml_verdict("24 passed, 0 failed"), Some((24, 0)));
+        assert_eq!(coreml_verdict("Traceback ...\nValueError: x\n"), None);
+        assert_eq!(coreml_verdict(""), None);
+    }
+
+    #[test]
+    fn coreml_corruptions_name_swept_packages() {
+        for (_, source) in COREML_CORRUPTIONS {
+            assert!(
+                COREML_PLUGIN_FORMS.iter().any(|f| f.0 == source) || source == "q4-0-matmul",
+                "{source}"
+            );
+        }
     }
 
     #[test]

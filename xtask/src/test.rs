@@ -55,7 +55,7 @@ fisherman who told stories about the stars to anyone who would listen.";
 const MIN_CLAIMED_OPS: usize = 1900;
 
 /// Shapes (k, m, n) the MIL forms are emitted and validated at.
-const MIL_SHAPES: [(u32, u32, u32); 2] = [(64, 96, 64), (256, 512, 128)];
+const MIL_SHAPES: [(u32, u32, u32); 2] = [(128, 96, 64), (256, 512, 128)];
 
 /// Lazily built prerequisites shared by the steps.
 #[derive(Default)]

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 use half::f16;
 
+use ane_engine::driver_plan::MIN_LAST_AXIS;
 use ane_engine::reference::ReferenceEngine;
 use ane_engine::surface::{self, Surface, SPATIAL_MULTIPLE};
 use ane_engine::{Engine as _, WeightFile};
@@ -78,7 +79,8 @@ impl Form {
                 tiles: 2,
                 k_chunks: 2,
                 m_tile: m.div_ceil(2),
-                k_chunk: k.div_ceil(2),
+                // The weights' last axis: at least the driver's shortest (MIN_LAST_AXIS).
+                k_chunk: k.div_ceil(2).max(MIN_LAST_AXIS),
                 n,
                 layout: build::Layout::Channels,
             }),
@@ -88,8 +90,14 @@ impl Form {
                 k_chunks: 2,
                 // Both are a last axis here (`b_w`, `y`; `a_x`): padded to whole 64-byte rows
                 // as the planner pads them, so the reference engine runs it.
-                m_tile: m.div_ceil(2).next_multiple_of(SPATIAL_MULTIPLE),
-                k_chunk: k.div_ceil(2).next_multiple_of(SPATIAL_MULTIPLE),
+                m_tile: m
+                    .div_ceil(2)
+                    .next_multiple_of(SPATIAL_MULTIPLE)
+                    .max(MIN_LAST_AXIS),
+                k_chunk: k
+                    .div_ceil(2)
+                    .next_multiple_of(SPATIAL_MULTIPLE)
+                    .max(MIN_LAST_AXIS),
                 n,
                 layout: build::Layout::Tokens,
             }),
@@ -347,7 +355,10 @@ pub fn shared_shape(
         s.tiles = t;
         s.m_tile = match layout {
             Layout::Channels => m.div_ceil(t),
-            Layout::Tokens => m.div_ceil(t).next_multiple_of(SPATIAL_MULTIPLE),
+            Layout::Tokens => m
+                .div_ceil(t)
+                .next_multiple_of(SPATIAL_MULTIPLE)
+                .max(MIN_LAST_AXIS),
         };
         if (t - 1) * s.m_tile >= m {
             anyhow::bail!(
@@ -365,7 +376,10 @@ pub fn shared_shape(
             );
         }
         s.k_chunks = c;
-        s.k_chunk = k.div_ceil(c).next_multiple_of(SPATIAL_MULTIPLE);
+        s.k_chunk = k
+            .div_ceil(c)
+            .next_multiple_of(SPATIAL_MULTIPLE)
+            .max(MIN_LAST_AXIS);
         if (c - 1) * s.k_chunk >= k {
             anyhow::bail!(
                 "--k-chunks {c}: with slices of {} the last slice of k = {k} would be all padding",
@@ -536,7 +550,7 @@ mod tests {
             (Form::Q4_0Matmul, Layout::Tokens, None, None),
         ];
         for (i, (form, layout, tiles, kc)) in cases.into_iter().enumerate() {
-            let (m, k, n) = (96, 64, 32);
+            let (m, k, n) = (96, 128, 64);
             let program = match form {
                 Form::Shared => {
                     build::tiled_matmul(shared_shape(k, m, n, layout, tiles, kc).unwrap())
@@ -575,8 +589,8 @@ mod tests {
 
     #[test]
     fn shared_shapes_follow_the_planner_and_refuse_what_it_never_makes() {
-        let s = shared_shape(64, 96, 32, Layout::Tokens, Some(2), Some(2)).unwrap();
-        assert_eq!((s.tiles, s.m_tile, s.k_chunks, s.k_chunk), (2, 64, 2, 32));
+        let s = shared_shape(128, 96, 32, Layout::Tokens, Some(2), Some(2)).unwrap();
+        assert_eq!((s.tiles, s.m_tile, s.k_chunks, s.k_chunk), (2, 64, 2, 64));
         let s = shared_shape(64, 96, 32, Layout::Channels, Some(3), None).unwrap();
         assert_eq!((s.tiles, s.m_tile, s.k_chunks, s.k_chunk), (3, 32, 1, 64));
         // The planner's own tiling beyond the M4's axis limit.

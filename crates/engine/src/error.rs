@@ -43,4 +43,12 @@ pub enum EngineError {
     /// reason.
     #[error("Objective-C exception: {0}")]
     Exception(String),
+    /// The per-process compile cap is spent ([`crate::compile_cap`]).
+    #[error(
+        "compile cap of {max} per process reached (the ANE leaks after ~119 compiles per process)"
+    )]
+    CompileCap {
+        /// The cap.
+        max: u64,
+    },
 }

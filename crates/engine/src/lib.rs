@@ -20,6 +20,7 @@
 
 pub mod canary;
 mod chip;
+pub mod compile_cap;
 pub mod driver_plan;
 mod error;
 pub mod model_dir;
@@ -71,6 +72,8 @@ pub struct EngineCounters {
     /// Objective-C exceptions caught around calls into the framework (each became an
     /// [`EngineError::Exception`] and a CPU fallback); injected ones count too.
     pub exceptions: u64,
+    /// Compiles attempted, counted against [`compile_cap::MAX_COMPILES`].
+    pub compile_attempts: u64,
 }
 
 /// An engine that compiles MIL text into loaded programs and evaluates them on surfaces.

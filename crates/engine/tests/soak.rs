@@ -18,7 +18,8 @@ fn rss_bytes() -> Option<u64> {
 #[test]
 fn ten_thousand_compile_evict_cycles_keep_memory_flat() {
     const CYCLES: usize = 10_000;
-    let e = ReferenceEngine::new(Chip::M4.limits());
+    // Far past the per-process compile cap on purpose: this measures memory, not the cap.
+    let e = ReferenceEngine::new(Chip::M4.limits()).with_compile_cap(u64::MAX);
     // Two tiny programs, alternated, as an LRU of one would evict them.
     let mils: Vec<String> = [(64, 64, 64), (64, 32, 64)]
         .iter()

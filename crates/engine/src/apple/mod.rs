@@ -58,6 +58,8 @@ pub struct AneEngine {
     own_surfaces: std::sync::atomic::AtomicBool,
     limits: ChipLimits,
     dirs: Arc<Mutex<DirRefcount>>,
+    /// Compiles left before the framework's per-process leak (`crate::compile_cap`).
+    cap: crate::compile_cap::CompileCap,
     state: Mutex<State>,
 }
 
@@ -131,6 +133,7 @@ pub fn open_with_probe() -> (Result<Arc<AneEngine>, EngineError>, Probe) {
                 own_surfaces: std::sync::atomic::AtomicBool::new(true),
                 limits: chip.limits(),
                 dirs: Arc::new(Mutex::new(DirRefcount::default())),
+                cap: crate::compile_cap::CompileCap::default(),
                 state: Mutex::new(State::default()),
             })
         });
@@ -209,6 +212,7 @@ impl Engine for AneEngine {
                 });
             }
         }
+        self.cap.take()?;
         let (program, times) = self.counted(autoreleasepool(|_| {
             LoadedProgram::build(&self.client, plan, &self.dirs)
         }))?;
@@ -269,7 +273,9 @@ impl Engine for AneEngine {
     }
 
     fn counters(&self) -> EngineCounters {
-        self.lock().counters
+        let mut c = self.lock().counters;
+        c.compile_attempts = self.cap.used();
+        c
     }
 }
 

@@ -50,6 +50,8 @@ pub struct ReferenceEngine {
     own_surfaces: std::sync::atomic::AtomicBool,
     numerics: Numerics,
     faults: Option<Faults>,
+    /// The same per-process cap as the ANE driver, so the plugin's behaviour past it is tested.
+    cap: crate::compile_cap::CompileCap,
     state: Mutex<State>,
 }
 
@@ -77,6 +79,7 @@ impl ReferenceEngine {
             own_surfaces: std::sync::atomic::AtomicBool::new(true),
             numerics: Numerics::default(),
             faults: None,
+            cap: crate::compile_cap::CompileCap::default(),
             state: Mutex::new(State::default()),
         }
     }
@@ -87,6 +90,13 @@ impl ReferenceEngine {
             faults: faults.any().then(|| Faults::new(faults)),
             ..Self::new(limits)
         }
+    }
+
+    /// The same engine with a compile cap of `max` attempts instead of
+    /// [`crate::compile_cap::MAX_COMPILES`] (tests).
+    pub fn with_compile_cap(mut self, max: u64) -> Self {
+        self.cap = crate::compile_cap::CompileCap::new(max);
+        self
     }
 
     /// The same engine standing for `chip` (its costs; limits are set apart).
@@ -169,6 +179,7 @@ impl Engine for ReferenceEngine {
             Ok((b.dtype, b.data.to_vec()))
         };
         let checked = exec::check(func, self.limits.max_axis, &blob)?;
+        self.cap.take()?;
         self.inject(Step::Throw)?;
         self.inject(Step::Compile)?;
         let program = Program { plan, checked };
@@ -293,6 +304,7 @@ impl Engine for ReferenceEngine {
     fn counters(&self) -> EngineCounters {
         let mut c = self.lock().counters;
         c.faults_injected = self.faults.as_ref().map_or(0, Faults::injected);
+        c.compile_attempts = self.cap.used();
         c
     }
 }

@@ -564,3 +564,27 @@ fn an_objective_c_exception_is_an_engine_error_and_a_fallback() {
     assert_eq!(rig.stats.ops_fallback.load(Relaxed), 1);
     assert_eq!(rig.stats.ops_offloaded.load(Relaxed), 0);
 }
+
+#[test]
+fn past_the_compile_cap_ops_fall_back_and_the_framework_is_not_asked() {
+    let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()).with_compile_cap(1));
+    let cases = [(64usize, 72usize, 256usize, 47u64), (128, 80, 256, 48)];
+    // The first runs on the engine (fp16 inputs), the second on the CPU (exact).
+    for ((k, m, n, seed), tol) in cases.into_iter().zip([1e-2, 1e-5]) {
+        let ad = f32_desc([k as i64, m as i64, 1, 1]);
+        let a = rand_vec(k * m, seed);
+        let bd = f32_desc([k as i64, n as i64, 1, 1]);
+        let b = rand_vec(k * n, seed + 100);
+        let want = oracle(&a, &ad, &b, &bd);
+        let got = rig.run(true, &[(&a, ad)], &b, bd);
+        assert_close(&got[0], &want, tol);
+    }
+    let c = rig.engine.counters();
+    assert_eq!(
+        c.compile_attempts, 1,
+        "the second shape was refused before compiling"
+    );
+    assert_eq!(c.compiles, 1);
+    assert_eq!(rig.stats.ops_offloaded.load(Relaxed), 1);
+    assert_eq!(rig.stats.ops_fallback.load(Relaxed), 1);
+}

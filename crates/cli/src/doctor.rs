@@ -182,7 +182,20 @@ pub fn report(args: &Args) -> Value {
             Err(e) => json!({ "error": e.to_string() }),
         }
     };
+    // Every call into the framework, in order: on a failed first run, where it stopped.
+    let (steps_engine, steps) = match p.ane_steps {
+        Some(s) => ("ane", s),
+        None => (engine.name(), engine.steps()),
+    };
+    let first_failed = ane_engine::steps::first_failure(&steps);
+    let steps: Vec<Value> = steps
+        .iter()
+        .map(|r| json!({"step": r.step, "ok": r.ok, "ms": round(r.ms, 3), "error": r.error}))
+        .collect();
     json!({
+        "steps_engine": steps_engine,
+        "steps": steps,
+        "first_failed_step": first_failed,
         "platform": format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
         "ane_available": p.ane_available,
         "engine": engine.name(),
@@ -252,4 +265,28 @@ fn print_text(r: &Value) {
         );
     }
     println!("latency: {}", r["latency"]);
+    let steps = r["steps"].as_array().cloned().unwrap_or_default();
+    let line: Vec<String> = steps
+        .iter()
+        .take(16)
+        .map(|s| {
+            format!(
+                "{}{} {:.1}ms",
+                s["step"].as_str().unwrap_or("?"),
+                if s["ok"] == true { "" } else { " FAILED" },
+                s["ms"].as_f64().unwrap_or(f64::NAN)
+            )
+        })
+        .collect();
+    println!(
+        "steps ({}, first {} of {}): {}",
+        r["steps_engine"].as_str().unwrap_or("?"),
+        line.len(),
+        steps.len(),
+        line.join(", ")
+    );
+    match r["first_failed_step"].as_str() {
+        Some(f) => println!("first failed step: {f}"),
+        None => println!("first failed step: none"),
+    }
 }

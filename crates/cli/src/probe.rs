@@ -27,6 +27,9 @@ pub struct Probed {
     pub checks: Vec<Check>,
     /// Compile and load time of the ANE canary (ms), when the ANE was used.
     pub ane_build_ms: Option<(f64, f64)>,
+    /// The ANE driver's step log when it opened but its canary failed and the reference engine
+    /// is measured instead: the first Mac report must say where the ANE stopped.
+    pub ane_steps: Option<Vec<ane_engine::steps::StepRecord>>,
 }
 
 fn check(name: &'static str, ok: bool, detail: impl Into<String>) -> Check {
@@ -105,8 +108,17 @@ pub fn probe(want_ane: bool) -> Probed {
                         chip: p.chip,
                         checks,
                         ane_build_ms: Some(build),
+                        ane_steps: None,
                     };
                 }
+                let steps = ane.steps();
+                let mut fell_back = reference_fallback(
+                    checks,
+                    p.chip,
+                    "the ANE is not usable (see the checks above)",
+                );
+                fell_back.ane_steps = Some(steps);
+                return fell_back;
             }
             Err(e) => checks.push(check("canary", false, format!("not run: {e}"))),
         }
@@ -153,5 +165,6 @@ fn reference_fallback(mut checks: Vec<Check>, chip: Chip, why: &str) -> Probed {
         chip,
         checks,
         ane_build_ms: None,
+        ane_steps: None,
     }
 }

@@ -40,6 +40,21 @@ fn doctor_json_contract_without_ane() {
             "{c}"
         );
     }
+    // The step log: every call the engine made, in order, and none failed here.
+    assert_eq!(r["steps_engine"], "reference");
+    let steps: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(&steps[..3], ["compile", "load", "evaluate"], "{steps:?}");
+    assert!(steps.contains(&"unload"), "{steps:?}");
+    assert!(
+        r["first_failed_step"].is_null(),
+        "{}",
+        r["first_failed_step"]
+    );
     let canary = checks.iter().find(|c| c["name"] == "canary").unwrap();
     assert_eq!(canary["ok"], true, "{canary}");
     let bench = r["bench"].as_array().unwrap();

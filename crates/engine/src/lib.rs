@@ -26,6 +26,7 @@ mod error;
 pub mod model_dir;
 pub mod reference;
 pub mod resident;
+pub mod steps;
 pub mod surface;
 
 #[cfg(target_vendor = "apple")]
@@ -133,4 +134,10 @@ pub trait Engine: Send + Sync {
 
     /// Counter snapshot.
     fn counters(&self) -> EngineCounters;
+
+    /// Each call made into the framework so far, bounded ([`steps`]); empty for engines that
+    /// keep none.
+    fn steps(&self) -> Vec<steps::StepRecord> {
+        Vec::new()
+    }
 }

@@ -60,6 +60,8 @@ pub struct AneEngine {
     dirs: Arc<Mutex<DirRefcount>>,
     /// Compiles left before the framework's per-process leak (`crate::compile_cap`).
     cap: crate::compile_cap::CompileCap,
+    /// Each call into the framework, for `ane doctor` (`crate::steps`).
+    steps: Arc<crate::steps::StepLog>,
     state: Mutex<State>,
 }
 
@@ -134,6 +136,7 @@ pub fn open_with_probe() -> (Result<Arc<AneEngine>, EngineError>, Probe) {
                 limits: chip.limits(),
                 dirs: Arc::new(Mutex::new(DirRefcount::default())),
                 cap: crate::compile_cap::CompileCap::default(),
+                steps: Arc::default(),
                 state: Mutex::new(State::default()),
             })
         });
@@ -214,7 +217,7 @@ impl Engine for AneEngine {
         }
         self.cap.take()?;
         let (program, times) = self.counted(autoreleasepool(|_| {
-            LoadedProgram::build(&self.client, plan, &self.dirs)
+            LoadedProgram::build(&self.client, plan, &self.dirs, &self.steps)
         }))?;
         let mut st = self.lock();
         st.counters.compiles += 1;
@@ -248,8 +251,8 @@ impl Engine for AneEngine {
             &sizes(&mut inputs.iter().map(|s| s.alloc_size())),
             &sizes(&mut outputs.iter().map(|s| s.alloc_size())),
         )?;
-        let copied = self.counted(autoreleasepool(|_| {
-            prog.evaluate(&self.client, inputs, outputs)
+        let copied = self.counted(self.steps.run("evaluate", || {
+            autoreleasepool(|_| prog.evaluate(&self.client, inputs, outputs))
         }))?;
         drop(prog);
         let mut st = self.lock();
@@ -270,6 +273,10 @@ impl Engine for AneEngine {
         };
         // Outside the engine lock: unloaded here, or by an evaluation in flight when it ends.
         drop(removed);
+    }
+
+    fn steps(&self) -> Vec<crate::steps::StepRecord> {
+        self.steps.records()
     }
 
     fn counters(&self) -> EngineCounters {

@@ -14,12 +14,14 @@ use crate::driver_plan::{
     with_one_retry, write_model_dir, DirRefcount, DriverPlan, LOAD_RETRY_DELAY_MS,
 };
 use crate::resident::Release;
+use crate::steps::StepLog;
 use crate::{EngineError, Surface};
 
 /// A loaded program. Everything in it is used only under its [`crate::resident::Resident`] mutex;
 /// it is unloaded and its directory released when the last holder drops it ([`Release`]).
 pub(super) struct LoadedProgram {
     client: Client,
+    steps: Arc<StepLog>,
     dirs: Arc<Mutex<DirRefcount>>,
     pub(super) plan: DriverPlan,
     model: Retained<AnyObject>,
@@ -72,36 +74,43 @@ impl LoadedProgram {
         client: &Client,
         plan: DriverPlan,
         dirs: &Arc<Mutex<DirRefcount>>,
+        steps: &Arc<StepLog>,
     ) -> Result<(LoadedProgram, BuildTimes), EngineError> {
         let lock = || dirs.lock().unwrap_or_else(|e| e.into_inner());
-        let model = client.model(&plan)?;
-        let hex = client.hex_identifier(&model)?;
+        let model = steps.run("descriptor", || client.model(&plan))?;
+        let hex = steps.run("identifier", || client.hex_identifier(&model))?;
         let dir = client.model_dir(&model, &hex);
         // The files are written under the directory lock: a second builder of the same program
         // waits for them to be complete.
-        DirRefcount::acquire_and_write(
-            dirs,
-            &dir,
-            || write_model_dir(&dir, &plan),
-            crate::model_dir::remove,
-        )?;
+        steps.run("model_dir", || {
+            DirRefcount::acquire_and_write(
+                dirs,
+                &dir,
+                || write_model_dir(&dir, &plan),
+                crate::model_dir::remove,
+            )
+        })?;
         let mut times = BuildTimes::default();
         let t = std::time::Instant::now();
-        let done = client.compile(&model, plan.qos).and_then(|()| {
-            times.compile = t.elapsed();
-            let t = std::time::Instant::now();
-            let r = with_one_retry(
-                || client.load(&model, plan.qos),
-                || std::thread::sleep(Duration::from_millis(LOAD_RETRY_DELAY_MS)),
-            );
-            times.load = t.elapsed();
-            r
-        });
+        let done = steps
+            .run("compile", || client.compile(&model, plan.qos))
+            .and_then(|()| {
+                times.compile = t.elapsed();
+                let t = std::time::Instant::now();
+                let r = steps.run("load", || {
+                    with_one_retry(
+                        || client.load(&model, plan.qos),
+                        || std::thread::sleep(Duration::from_millis(LOAD_RETRY_DELAY_MS)),
+                    )
+                });
+                times.load = t.elapsed();
+                r
+            });
         if let Err(e) = done {
             release_dir(&mut lock(), &dir);
             return Err(e);
         }
-        let bound = (|| {
+        let bound = steps.run("surfaces", || {
             let make = |n: usize| -> Result<Vec<IoSurface>, EngineError> {
                 (0..n).map(|_| IoSurface::new(plan.surface_bytes)).collect()
             };
@@ -112,11 +121,12 @@ impl LoadedProgram {
             };
             let request = client.request(&wrap(&inputs)?, &wrap(&outputs)?)?;
             Ok((inputs, outputs, request))
-        })();
+        });
         match bound {
             Ok((inputs, outputs, request)) => Ok((
                 LoadedProgram {
                     client: *client,
+                    steps: steps.clone(),
                     dirs: dirs.clone(),
                     plan,
                     model,
@@ -241,7 +251,10 @@ impl Release for LoadedProgram {
     /// Surfaces and cached requests are released when the fields drop, right after.
     fn release(&mut self) {
         objc2::rc::autoreleasepool(|_| {
-            if let Err(e) = self.client.unload(&self.model, self.plan.qos) {
+            if let Err(e) = self
+                .steps
+                .run("unload", || self.client.unload(&self.model, self.plan.qos))
+            {
                 tracing::warn!("ggml-ane: {e}");
             }
         });

@@ -52,6 +52,8 @@ pub struct ReferenceEngine {
     faults: Option<Faults>,
     /// The same per-process cap as the ANE driver, so the plugin's behaviour past it is tested.
     cap: crate::compile_cap::CompileCap,
+    /// Each compile, load, evaluate and unload ([`crate::steps`]).
+    steps: crate::steps::StepLog,
     state: Mutex<State>,
 }
 
@@ -80,6 +82,7 @@ impl ReferenceEngine {
             numerics: Numerics::default(),
             faults: None,
             cap: crate::compile_cap::CompileCap::default(),
+            steps: crate::steps::StepLog::default(),
             state: Mutex::new(State::default()),
         }
     }
@@ -126,35 +129,9 @@ impl ReferenceEngine {
     }
 }
 
-impl Engine for ReferenceEngine {
-    fn name(&self) -> &'static str {
-        "reference"
-    }
-
-    fn limits(&self) -> ChipLimits {
-        self.limits
-    }
-
-    fn chip(&self) -> Chip {
-        self.chip
-    }
-
-    /// Host memory that enforces the IOSurface hand-off protocol ([`memory`]).
-    fn new_surface(&self, bytes: usize) -> Result<Surface, EngineError> {
-        self.inject(Step::Alloc)?;
-        if !self.own_surfaces.load(std::sync::atomic::Ordering::Relaxed) {
-            return Ok(Surface::new(bytes));
-        }
-        let mem = memory::TrackedMemory::new(bytes, self.handoffs.clone())?;
-        Ok(Surface::from_engine(Box::new(mem)))
-    }
-
-    fn use_own_surfaces(&self, on: bool) {
-        self.own_surfaces
-            .store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {
+impl ReferenceEngine {
+    /// Parse, plan, check and the compile faults: the `compile` step.
+    fn compile_checked(&self, mil: &str, weights: &[WeightFile]) -> Result<Program, EngineError> {
         let program = ane_mil::text::parse(mil).map_err(|e| EngineError::Parse(e.to_string()))?;
         let func = program
             .functions
@@ -182,7 +159,11 @@ impl Engine for ReferenceEngine {
         self.cap.take()?;
         self.inject(Step::Throw)?;
         self.inject(Step::Compile)?;
-        let program = Program { plan, checked };
+        Ok(Program { plan, checked })
+    }
+
+    /// The budget and the load faults: the `load` step.
+    fn load(&self, program: Program) -> Result<ProgramId, EngineError> {
         let mut st = self.lock();
         st.counters.compiles += 1;
         self.inject(Step::Load)?;
@@ -201,7 +182,8 @@ impl Engine for ReferenceEngine {
         Ok(ProgramId(id))
     }
 
-    fn evaluate(
+    /// The `evaluate` step.
+    fn evaluate_checked(
         &self,
         program: ProgramId,
         inputs: &[&Surface],
@@ -292,13 +274,67 @@ impl Engine for ReferenceEngine {
         st.counters.bytes_copied += copied as u64;
         Ok(())
     }
+}
 
-    fn unload(&self, program: ProgramId) {
-        let mut st = self.lock();
-        if st.programs.remove(&program.0).is_some() {
-            st.counters.unloads += 1;
-            st.counters.loaded = st.programs.len() as u64;
+impl Engine for ReferenceEngine {
+    fn name(&self) -> &'static str {
+        "reference"
+    }
+
+    fn limits(&self) -> ChipLimits {
+        self.limits
+    }
+
+    fn chip(&self) -> Chip {
+        self.chip
+    }
+
+    /// Host memory that enforces the IOSurface hand-off protocol ([`memory`]).
+    fn new_surface(&self, bytes: usize) -> Result<Surface, EngineError> {
+        self.inject(Step::Alloc)?;
+        if !self.own_surfaces.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(Surface::new(bytes));
         }
+        let mem = memory::TrackedMemory::new(bytes, self.handoffs.clone())?;
+        Ok(Surface::from_engine(Box::new(mem)))
+    }
+
+    fn use_own_surfaces(&self, on: bool) {
+        self.own_surfaces
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {
+        let program = self
+            .steps
+            .run("compile", || self.compile_checked(mil, weights))?;
+        self.steps.run("load", || self.load(program))
+    }
+
+    fn evaluate(
+        &self,
+        program: ProgramId,
+        inputs: &[&Surface],
+        outputs: &mut [&mut Surface],
+    ) -> Result<(), EngineError> {
+        self.steps.run("evaluate", || {
+            self.evaluate_checked(program, inputs, outputs)
+        })
+    }
+
+    fn steps(&self) -> Vec<crate::steps::StepRecord> {
+        self.steps.records()
+    }
+    fn unload(&self, program: ProgramId) {
+        let _ = self.steps.run("unload", || {
+            let mut st = self.lock();
+            if st.programs.remove(&program.0).is_some() {
+                st.counters.unloads += 1;
+                st.counters.loaded = st.programs.len() as u64;
+            }
+            // Unloading an unknown id is a no-op by contract, not a failed step.
+            Ok(())
+        });
     }
 
     fn counters(&self) -> EngineCounters {

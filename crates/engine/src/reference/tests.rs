@@ -378,3 +378,29 @@ fn blockwise_shift_scale_checks_ranks_and_offsets() {
     let bad = good.replace("tensor<int4,", "tensor<int8,");
     assert!(e.compile(&bad, &w()).is_err());
 }
+
+#[test]
+fn every_step_is_logged_and_a_failure_names_its_step() {
+    use crate::steps::first_failure;
+    let e = engine();
+    let mil = ane_mil::text::emit(&dyn_matmul(64, 64, 64));
+    let id = e.compile(&mil, &[]).unwrap();
+    let size = request_alloc_size(&[64 * 64 * 2]);
+    let (x, w) = (Surface::new(size), Surface::new(size));
+    let mut y = Surface::new(size);
+    e.evaluate(id, &[&x, &w], &mut [&mut y]).unwrap();
+    e.unload(id);
+    let steps: Vec<&str> = e.steps().iter().map(|r| r.step).collect();
+    assert_eq!(steps, ["compile", "load", "evaluate", "unload"]);
+    assert!(e.steps().iter().all(|r| r.ok && r.ms >= 0.0));
+    assert_eq!(first_failure(&e.steps()), None);
+
+    let faults = crate::reference::faults::FaultSpec {
+        load: 1.0,
+        ..Default::default()
+    };
+    let e = ReferenceEngine::with_faults(Chip::M4.limits(), faults);
+    assert!(e.compile(&mil, &[]).is_err());
+    let f = first_failure(&e.steps()).unwrap();
+    assert!(f.starts_with("load: load failed"), "{f}");
+}

@@ -124,6 +124,41 @@ pub struct DriverPlan {
 }
 
 impl DriverPlan {
+    /// A key of the program's content (MIL bytes, weight keys and bytes): two plans with the same
+    /// key are the same program, and the driver compiles it once (the second compile would cost a
+    /// slot of the per-process compile budget for nothing). 128 bits from two independent
+    /// SipHash streams.
+    pub fn content_key(&self) -> u128 {
+        use std::hash::{Hash, Hasher};
+        let half = |salt: u8| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            salt.hash(&mut h);
+            self.mil.hash(&mut h);
+            for w in &self.weights {
+                w.key.hash(&mut h);
+                w.offset.hash(&mut h);
+                w.data.hash(&mut h);
+            }
+            h.finish()
+        };
+        (u128::from(half(1)) << 64) | u128::from(half(2))
+    }
+
+    /// Drops the MIL, weight and file bytes once the program is loaded (the framework and the
+    /// model directory hold what they need): a loaded program keeps only its bindings, surface
+    /// size and QoS, so baked weights are not held twice for the program's lifetime.
+    pub fn release_contents(&mut self) {
+        self.mil = Arc::from(&[][..]);
+        self.weights.clear();
+        self.files.clear();
+    }
+
+    /// `self` after [`DriverPlan::release_contents`].
+    pub fn loaded(mut self) -> Self {
+        self.release_contents();
+        self
+    }
+
     /// Plans a program given as MIL text (function `main`) and its weight files.
     ///
     /// # Errors

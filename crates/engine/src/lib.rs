@@ -75,6 +75,8 @@ pub struct EngineCounters {
     pub exceptions: u64,
     /// Compiles attempted, counted against [`compile_cap::MAX_COMPILES`].
     pub compile_attempts: u64,
+    /// Compiles answered with an already loaded identical program (same MIL and weights).
+    pub shared: u64,
 }
 
 /// An engine that compiles MIL text into loaded programs and evaluates them on surfaces.

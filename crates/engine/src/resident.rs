@@ -9,7 +9,7 @@
 //! The ANE driver (`apple/`) keeps its programs here; the rule is tested on Linux below.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// What a loaded program does when its last user is gone (unload, remove its directory).
 pub trait Release {
@@ -41,12 +41,15 @@ impl<T: Release> Drop for Resident<T> {
 #[derive(Debug)]
 pub struct Table<T: Release> {
     programs: HashMap<u64, Arc<Resident<T>>>,
+    /// Loaded programs by content key ([`Table::insert_keyed`]), while any id holds them.
+    keyed: HashMap<u128, Weak<Resident<T>>>,
 }
 
 impl<T: Release> Default for Table<T> {
     fn default() -> Self {
         Table {
             programs: HashMap::new(),
+            keyed: HashMap::new(),
         }
     }
 }
@@ -56,6 +59,26 @@ impl<T: Release> Table<T> {
     pub fn insert(&mut self, id: u64, program: T) {
         self.programs
             .insert(id, Arc::new(Resident(Mutex::new(program))));
+    }
+
+    /// Adds `program` under `id`, findable by its content `key` ([`Table::share`]).
+    pub fn insert_keyed(&mut self, id: u64, key: u128, program: T) {
+        let r = Arc::new(Resident(Mutex::new(program)));
+        self.keyed.retain(|_, w| w.strong_count() > 0);
+        self.keyed.insert(key, Arc::downgrade(&r));
+        self.programs.insert(id, r);
+    }
+
+    /// Makes `id` a second name of the loaded program with content `key`, if one is loaded:
+    /// the same program is not compiled twice. It is released when every id is removed.
+    pub fn share(&mut self, key: u128, id: u64) -> bool {
+        match self.keyed.get(&key).and_then(Weak::upgrade) {
+            Some(r) => {
+                self.programs.insert(id, r);
+                true
+            }
+            None => false,
+        }
     }
 
     /// A handle for one use; the program stays loaded while it is held, even if removed.
@@ -155,5 +178,21 @@ mod tests {
         }
         drop(t);
         assert_eq!(n.load(SeqCst), 5);
+    }
+
+    #[test]
+    fn identical_programs_share_one_load_released_with_the_last_id() {
+        let n = Arc::new(AtomicUsize::new(0));
+        let mut t = Table::default();
+        assert!(!t.share(9, 1), "nothing loaded with that content yet");
+        t.insert_keyed(1, 9, Probe(n.clone()));
+        assert!(t.share(9, 2));
+        assert!(!t.share(8, 3), "other content");
+        assert_eq!(t.len(), 2);
+        drop(t.remove(1));
+        assert_eq!(n.load(SeqCst), 0, "id 2 still uses it");
+        drop(t.remove(2));
+        assert_eq!(n.load(SeqCst), 1, "released once, with the last id");
+        assert!(!t.share(9, 4), "a released program is not shared again");
     }
 }

@@ -206,8 +206,16 @@ impl Engine for AneEngine {
 
     fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {
         let plan = DriverPlan::new(mil, weights)?;
+        let key = plan.content_key();
         {
-            let st = self.lock();
+            let mut st = self.lock();
+            // The same MIL and weights already loaded: a second id for it, no compile.
+            let id = st.next_id + 1;
+            if st.programs.share(key, id) {
+                st.next_id = id;
+                st.counters.shared += 1;
+                return Ok(ProgramId(id));
+            }
             if st.programs.len() >= self.limits.max_loaded_programs {
                 return Err(EngineError::Budget {
                     loaded: st.programs.len(),
@@ -226,7 +234,7 @@ impl Engine for AneEngine {
         st.last_load_ms = times.load.as_secs_f64() * 1e3;
         st.next_id += 1;
         let id = st.next_id;
-        st.programs.insert(id, program);
+        st.programs.insert_keyed(id, key, program);
         st.counters.loaded = st.programs.len() as u64;
         st.counters.loaded_peak = st.counters.loaded_peak.max(st.counters.loaded);
         Ok(ProgramId(id))

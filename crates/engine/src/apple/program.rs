@@ -125,10 +125,11 @@ impl LoadedProgram {
         match bound {
             Ok((inputs, outputs, request)) => Ok((
                 LoadedProgram {
+                    // Loaded: the framework and the directory have the weights; keep no copy.
+                    plan: plan.loaded(),
                     client: *client,
                     steps: steps.clone(),
                     dirs: dirs.clone(),
-                    plan,
                     model,
                     dir,
                     inputs,

@@ -437,3 +437,28 @@ fn a_failed_write_leaves_no_holder_and_no_directory() {
     assert_eq!(dirs.lock().unwrap().holders(dir), 0);
     assert_eq!(removed, vec![dir.to_path_buf()]);
 }
+
+#[test]
+fn content_keys_tell_programs_apart_and_contents_can_be_dropped_after_load() {
+    let text = ane_mil::text::emit(&conv_matmul(64, 64, 64));
+    let w = |v: f32| WeightFile {
+        path: WEIGHT_PATH.into(),
+        bytes: weights_blob_fp16(&vec![half::f16::from_f32(v); 64 * 64]),
+    };
+    let a = DriverPlan::new(&text, &[w(1.0)]).unwrap();
+    let same = DriverPlan::new(&text, &[w(1.0)]).unwrap();
+    let other_weights = DriverPlan::new(&text, &[w(2.0)]).unwrap();
+    let other_mil =
+        DriverPlan::new(&ane_mil::text::emit(&conv_matmul(64, 64, 128)), &[w(1.0)]).unwrap();
+    assert_eq!(a.content_key(), same.content_key());
+    assert_ne!(a.content_key(), other_weights.content_key());
+    assert_ne!(a.content_key(), other_mil.content_key());
+    let mut loaded = a.clone();
+    loaded.release_contents();
+    assert!(loaded.weights.is_empty() && loaded.files.is_empty() && loaded.mil.is_empty());
+    // What evaluations need stays.
+    let sizes_in = vec![a.surface_bytes; a.inputs.len()];
+    let sizes_out = vec![a.surface_bytes; a.outputs.len()];
+    assert!(loaded.check_request(&sizes_in, &sizes_out).is_ok());
+    assert_eq!(loaded.inputs, a.inputs);
+}

@@ -18,6 +18,45 @@ pub const SPATIAL_MULTIPLE: usize = 32;
 /// Smallest spatial length the ANE evaluates reliably (the `ane` crate's `MIN_SPATIAL_WIDTH`).
 pub const MIN_SPATIAL: usize = 64;
 
+/// What IOSurface reports about a surface it allocated (`IOSurfaceGet{AllocSize, BytesPerRow,
+/// Width, Height}`), read back by the ANE driver after creating each one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Bytes allocated.
+    pub alloc: usize,
+    /// Bytes per row.
+    pub bytes_per_row: usize,
+    /// Width in elements (bytes: one byte per element).
+    pub width: usize,
+    /// Rows.
+    pub height: usize,
+}
+
+/// Checks that a surface requested flat (`bytes` x 1, one byte per element, rows of `bytes`) came
+/// back that way: the driver writes and the ANE reads it as one packed run of `bytes`, so a
+/// surface that IOSurface padded into several rows, or allocated short, would be written out of
+/// bounds or read with gaps. Such a surface is refused (the op falls back) instead.
+///
+/// # Errors
+/// [`crate::EngineError::Surface`] naming the field that differs.
+pub fn check_flat(bytes: usize, g: Geometry) -> Result<(), crate::EngineError> {
+    let bad = |what: &str| {
+        Err(crate::EngineError::Surface(format!(
+            "IOSurface asked flat {bytes} bytes came back {what} ({g:?})"
+        )))
+    };
+    if g.alloc < bytes {
+        return bad("short");
+    }
+    if g.height != 1 {
+        return bad("with several rows");
+    }
+    if g.width != bytes || g.bytes_per_row < bytes {
+        return bad("with another row width");
+    }
+    Ok(())
+}
+
 /// Allocation size for a surface that must hold `bytes`.
 pub fn alloc_size(bytes: usize) -> usize {
     bytes.max(MIN_SURFACE_BYTES).next_multiple_of(SURFACE_ALIGN)
@@ -294,6 +333,36 @@ mod tests {
             prop_assert_eq!((s * 2) % 64, 0);
             prop_assert!(s < n.max(MIN_SPATIAL) + SPATIAL_MULTIPLE);
         }
+    }
+
+    #[test]
+    fn flat_geometry_is_checked_field_by_field() {
+        let n = 49152;
+        let ok = Geometry {
+            alloc: n,
+            bytes_per_row: n,
+            width: n,
+            height: 1,
+        };
+        assert!(check_flat(n, ok).is_ok());
+        assert!(check_flat(
+            n,
+            Geometry {
+                alloc: n + 4096,
+                bytes_per_row: n + 64,
+                ..ok
+            }
+        )
+        .is_ok());
+        let err = |g| check_flat(n, g).unwrap_err().to_string();
+        assert!(err(Geometry { alloc: n - 1, ..ok }).contains("short"));
+        assert!(err(Geometry { height: 2, ..ok }).contains("several rows"));
+        assert!(err(Geometry { width: n / 2, ..ok }).contains("row width"));
+        assert!(err(Geometry {
+            bytes_per_row: n - 128,
+            ..ok
+        })
+        .contains("row width"));
     }
 
     #[test]

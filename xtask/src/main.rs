@@ -18,6 +18,7 @@ mod models;
 mod test;
 mod test_contexts;
 mod test_plan;
+mod test_real;
 mod tidy;
 mod tools;
 mod util;

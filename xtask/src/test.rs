@@ -116,6 +116,7 @@ pub fn run(opts: &TestOpts) -> Result {
             "overflow" => step_overflow(&mut pre),
             "fuzz" => step_fuzz(),
             "e2e" => step_e2e(&mut pre),
+            "real" => crate::test_real::step(&mut pre),
             "sched" => step_sched(&mut pre),
             "placement" => step_placement(&mut pre),
             "plan" => crate::test_plan::step(&mut pre),

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::test::{json_u64, run_completion, OMP_WAIT_POLICY};
+use crate::test::{greedy_text, stat};
 use crate::util::{self, abs, bail, Result, Stamp};
 use crate::{llama, models};
 
@@ -159,16 +159,6 @@ fn bench_ts(cmd: &mut Command, name: &str) -> Result<f64> {
         .map_err(|e| format!("{name}: avg_ts `{num}`: {e}").into())
 }
 
-/// The largest `key` over the plugin's stats lines in `stderr`.
-fn stat(stderr: &str, key: &str) -> u64 {
-    stderr
-        .lines()
-        .filter_map(|l| l.strip_prefix("ggml-ane-stats: "))
-        .filter_map(|j| json_u64(j, key))
-        .max()
-        .unwrap_or(0)
-}
-
 /// A prompt of a few hundred tokens for the text check: long enough that the plugin claims its
 /// matmuls (at least `GGML_ANE_MIN_BATCH` = 64 tokens).
 pub(crate) const TEXT_PROMPT: &str =
@@ -250,32 +240,13 @@ pub fn run(plugin: &Path) -> Result<String> {
     }
 
     // 3. Text.
-    let complete = |give_up: Option<Option<&str>>, name: &str| -> Result<(String, String)> {
-        let mut cmd = Command::new(llama::bin("llama-completion"));
-        cmd.arg("-m")
-            .arg(&model)
-            .args(["-p", TEXT_PROMPT, "-n", "24", "-no-cnv", "--temp", "0"])
-            .args(["-t", &threads, "--no-warmup", "--no-repack"])
-            .env("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
-            .env_remove("GGML_BACKEND_PATH");
-        if let Some(g) = give_up {
-            failing(&mut cmd, &plugin, g);
-        }
-        crate::exit_drain::apply(&mut cmd);
-        let res = run_completion(&mut cmd, name, Duration::from_secs(600))?;
-        if !res.success() {
-            bail!(
-                "{name}: llama-completion {}:\n{}\n{}",
-                res.status_text(),
-                res.stderr_tail(10),
-                res.where_logged()
-            );
-        }
-        let text = match res.stdout.find(TEXT_PROMPT) {
-            Some(i) => res.stdout[i + TEXT_PROMPT.len()..].to_string(),
-            None => res.stdout.clone(),
+    let complete = |give_up: Option<Option<&str>>, name: &str| {
+        let env = |cmd: &mut Command| {
+            if let Some(g) = give_up {
+                failing(cmd, &plugin, g);
+            }
         };
-        Ok((text, res.stderr))
+        greedy_text(&model, TEXT_PROMPT, 24, &threads, env, name)
     };
     let (cpu_text, _) = complete(None, "bench-fallback-text-cpu")?;
     if cpu_text.trim().is_empty() {

@@ -874,6 +874,55 @@ fn step_overflow(pre: &mut Prereqs) -> Result<String> {
 }
 
 /// The largest value of an integer field over the `ggml-ane-stats: {json}` stderr lines.
+/// [`stats_field_max`], 0 when absent.
+pub(crate) fn stat(stderr: &str, key: &str) -> u64 {
+    stats_field_max(stderr, key).unwrap_or(0)
+}
+
+/// Greedy `llama-completion` of `prompt` (`--temp 0`, `--no-repack`, `threads`) on `model`;
+/// `env` adds the plugin's environment, or nothing for CPU-only. Returns the generated text
+/// (what follows the echoed prompt) and stderr (the plugin's stats lines).
+pub(crate) fn greedy_text(
+    model: &Path,
+    prompt: &str,
+    n_predict: u32,
+    threads: &str,
+    env: impl FnOnce(&mut Command),
+    name: &str,
+) -> Result<(String, String)> {
+    let mut cmd = Command::new(llama::bin("llama-completion"));
+    cmd.arg("-m")
+        .arg(model)
+        .args([
+            "-p",
+            prompt,
+            "-n",
+            &n_predict.to_string(),
+            "-no-cnv",
+            "--temp",
+            "0",
+        ])
+        .args(["-t", threads, "--no-warmup", "--no-repack"])
+        .env("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+        .env_remove("GGML_BACKEND_PATH");
+    env(&mut cmd);
+    crate::exit_drain::apply(&mut cmd);
+    let res = run_completion(&mut cmd, name, Duration::from_secs(600))?;
+    if !res.success() {
+        bail!(
+            "{name}: llama-completion {}:\n{}\n{}",
+            res.status_text(),
+            res.stderr_tail(10),
+            res.where_logged()
+        );
+    }
+    let text = match res.stdout.find(prompt) {
+        Some(i) => res.stdout[i + prompt.len()..].to_string(),
+        None => res.stdout.clone(),
+    };
+    Ok((text, res.stderr))
+}
+
 fn stats_field_max(stderr: &str, key: &str) -> Option<u64> {
     stderr
         .lines()

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::bench_fallback::TEXT_PROMPT;
-use crate::test::{json_u64, run_completion, Prereqs, OMP_WAIT_POLICY};
+use crate::test::{greedy_text, stat, Prereqs, OMP_WAIT_POLICY};
 use crate::util::{self, abs, bail, Result};
 use crate::{llama, models};
 
@@ -28,16 +28,6 @@ const PPL_TARGET: f64 = 0.003;
 /// not of a wrong result; a real defect (a dropped K slice, a wrong tile, a bad layout) moves
 /// perplexity by far more than this gate.
 const PPL_GATE: f64 = 0.025;
-
-/// The largest `key` over the plugin's stats lines.
-fn stat(stderr: &str, key: &str) -> u64 {
-    stderr
-        .lines()
-        .filter_map(|l| l.strip_prefix("ggml-ane-stats: "))
-        .filter_map(|j| json_u64(j, key))
-        .max()
-        .unwrap_or(0)
-}
 
 fn with_plugin(cmd: &mut Command, plugin: Option<&Path>) {
     cmd.env_remove("GGML_BACKEND_PATH")
@@ -65,28 +55,15 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
     let model = models::gemma()?;
 
     // Greedy text.
-    let complete = |p: Option<&Path>, name: &str| -> Result<(String, String)> {
-        let mut cmd = Command::new(llama::bin("llama-completion"));
-        cmd.arg("-m")
-            .arg(&model)
-            .args(["-p", TEXT_PROMPT, "-n", "32", "-no-cnv", "--temp", "0"])
-            .args(["-t", "2", "--no-warmup", "--no-repack"]);
-        with_plugin(&mut cmd, p);
-        crate::exit_drain::apply(&mut cmd);
-        let res = run_completion(&mut cmd, name, Duration::from_secs(600))?;
-        if !res.success() {
-            bail!(
-                "{name}: llama-completion {}:\n{}\n{}",
-                res.status_text(),
-                res.stderr_tail(10),
-                res.where_logged()
-            );
-        }
-        let text = match res.stdout.find(TEXT_PROMPT) {
-            Some(i) => res.stdout[i + TEXT_PROMPT.len()..].to_string(),
-            None => res.stdout.clone(),
-        };
-        Ok((text, res.stderr))
+    let complete = |p: Option<&Path>, name: &str| {
+        greedy_text(
+            &model,
+            TEXT_PROMPT,
+            32,
+            "2",
+            |cmd| with_plugin(cmd, p),
+            name,
+        )
     };
     let (cpu_text, _) = complete(None, "real-gemma-text-cpu")?;
     let (ane_text, stderr) = complete(Some(&plugin), "real-gemma-text-ane")?;

@@ -21,16 +21,20 @@
 pub mod canary;
 mod chip;
 pub mod compile_cap;
+pub mod coreml_plan;
 pub mod driver_plan;
 mod error;
 pub mod model_dir;
 pub mod reference;
 pub mod resident;
 pub mod steps;
+pub mod strided;
 pub mod surface;
 
 #[cfg(target_vendor = "apple")]
 pub mod apple;
+#[cfg(target_vendor = "apple")]
+pub mod coreml;
 
 pub use chip::{chip_from_ane_subtype, chip_from_brand, identify_chip, Chip, ChipLimits};
 pub use error::EngineError;
@@ -77,6 +81,8 @@ pub struct EngineCounters {
     pub compile_attempts: u64,
     /// Compiles answered with an already loaded identical program (same MIL and weights).
     pub shared: u64,
+    /// Compiled models reused from an on-disk cache instead of compiled (Core ML).
+    pub cache_reused: u64,
 }
 
 /// An engine that compiles MIL text into loaded programs and evaluates them on surfaces.
@@ -136,6 +142,13 @@ pub trait Engine: Send + Sync {
 
     /// Counter snapshot.
     fn counters(&self) -> EngineCounters;
+
+    /// Where each operation of a loaded program runs, when the engine can tell (Core ML's compute
+    /// plan); `None` when it cannot. The private-API driver and the reference engine answer `None`:
+    /// they have no other device to place an operation on.
+    fn op_placement(&self, _program: ProgramId) -> Option<Vec<coreml_plan::OpPlacement>> {
+        None
+    }
 
     /// Each call made into the framework so far, bounded ([`steps`]); empty for engines that
     /// keep none.

@@ -112,7 +112,8 @@ pub fn remove(dir: &Path) {
     }
 }
 
-fn alive(pid: u32) -> bool {
+/// Whether process `pid` still exists (signal 0); other users' processes count as alive.
+pub fn process_alive(pid: u32) -> bool {
     #[cfg(unix)]
     {
         // SAFETY: kill with signal 0 only checks whether the process exists.
@@ -145,7 +146,7 @@ pub fn clean_stale(root: &Path) -> usize {
         let pid = fs::read_to_string(e.path())
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok());
-        if pid.is_some_and(|p| p != std::process::id() && !alive(p)) {
+        if pid.is_some_and(|p| p != std::process::id() && !process_alive(p)) {
             remove(&root.join(dir_name));
             removed += 1;
         }

@@ -86,6 +86,7 @@ impl KernelCache {
         );
         let r = match r {
             Ok(id) => {
+                stats.count_placement(engine, id);
                 self.baked.insert(key, (id, tick, size));
                 self.baked_bytes += size;
                 Ok(id)

@@ -12,10 +12,13 @@ use ane_engine::Chip;
 /// Which engine the plugin uses (`GGML_ANE_ENGINE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineChoice {
-    /// The ANE when it is usable; otherwise the plugin declines (score 0).
+    /// The private ANE API when its canaries pass, else Core ML when its canaries pass and its
+    /// compute plan puts the matmul on the Neural Engine; otherwise the plugin declines (score 0).
     Auto,
-    /// The ANE or nothing.
+    /// The private ANE API or nothing.
     Ane,
+    /// Core ML (`CPUAndNeuralEngine`) or nothing.
+    CoreMl,
     /// The CPU reference engine (tests, and Linux).
     Reference,
 }
@@ -45,7 +48,7 @@ pub enum WeightsMode {
 /// Every setting of the plugin.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// `GGML_ANE_ENGINE=auto|ane|reference`.
+    /// `GGML_ANE_ENGINE=auto|ane|coreml|reference`.
     pub engine: EngineChoice,
     /// `GGML_ANE_MIN_BATCH`: smallest token batch (src1 columns) the plugin claims. Decode (1 token)
     /// stays on the CPU/GPU, where one dispatch's fixed cost would dominate.
@@ -123,12 +126,13 @@ impl Config {
         let engine = match parse("GGML_ANE_ENGINE", "auto", &|v| {
             matches!(
                 v.to_ascii_lowercase().as_str(),
-                "auto" | "ane" | "reference"
+                "auto" | "ane" | "coreml" | "reference"
             )
         })
         .as_str()
         {
             "ane" => EngineChoice::Ane,
+            "coreml" => EngineChoice::CoreMl,
             "reference" => EngineChoice::Reference,
             _ => EngineChoice::Auto,
         };

@@ -22,6 +22,7 @@ pub mod health;
 pub mod host_cpu;
 mod lookahead;
 pub mod matmul;
+mod open;
 pub mod placement;
 pub mod stats;
 pub mod support;
@@ -34,8 +35,7 @@ use std::ptr::{addr_of, null, null_mut};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use ane_engine::reference::ReferenceEngine;
-use ane_engine::{Engine, EngineError};
+use ane_engine::Engine;
 
 use ane_plan::Planner;
 use config::{Config, EngineChoice, StatsMode};
@@ -89,89 +89,6 @@ struct BackendCtx {
     host: host_cpu::HostCpu,
 }
 
-/// Opens the engine chosen by the configuration.
-///
-/// # Errors
-/// [`EngineError::Unavailable`] when the chosen engine cannot run here.
-pub fn open_engine(cfg: &Config) -> Result<Arc<dyn Engine>, EngineError> {
-    let reference = || {
-        let limits = cfg.chip.limits();
-        let engine = match cfg.faults {
-            Some(f) => ReferenceEngine::with_faults(limits, f),
-            None => ReferenceEngine::new(limits),
-        };
-        let numerics = ane_engine::reference::Numerics {
-            accum: cfg.ref_accum,
-            ..Default::default()
-        };
-        Arc::new(engine.numerics(numerics).for_chip(cfg.chip)) as Arc<dyn Engine>
-    };
-    match cfg.engine {
-        EngineChoice::Reference => Ok(reference()),
-        EngineChoice::Ane | EngineChoice::Auto => open_ane(cfg),
-    }
-}
-
-/// The ANE, if it is usable here: the framework, classes and selectors resolve (`apple::open`), and
-/// a canary program (`conv_matmul(64, 64, 64)` with known weights) compiles, loads and matches the
-/// reference engine within [`ane_engine::canary::CANARY_TOLERANCE`]. Otherwise the reason, which
-/// `ggml_backend_score` prints once while declining.
-#[cfg(target_vendor = "apple")]
-fn open_ane(cfg: &Config) -> Result<Arc<dyn Engine>, EngineError> {
-    let engine = ane_engine::apple::open()?;
-    match ane_engine::canary::canary(engine.as_ref()) {
-        Ok(r) if r.ok => {
-            // The plugin dispatches the shape-shared form (two inputs, weights as an input, row
-            // tiles and K slices): check that form too, in the configured layout.
-            // With the engine's own surfaces bound directly, or else host copies (said once).
-            let shape_shared = ane_plan::probe::shape_shared_canary(engine.as_ref(), cfg.layout)
-                .map(|(t, surfaces, why)| {
-                    if let (true, ane_plan::probe::Surfaces::Host, Some(why)) = (t.ok, surfaces, why) {
-                        eprintln!("ggml-ane: direct IOSurface binding failed its canary ({why}); copying surfaces per dispatch");
-                    }
-                    t
-                });
-            match shape_shared {
-                Ok(t) if t.ok && cfg.weights == config::WeightsMode::Compressed => {
-                    match ane_plan::probe::compressed_canary(engine.as_ref()) {
-                        Ok(c) if c.ok => Ok(engine),
-                        Ok(c) => Err(EngineError::Unavailable(format!(
-                            "the ANE gave wrong numbers for compressed weights (max relative error {:.3e}); unset GGML_ANE_WEIGHTS",
-                            c.max_rel_err
-                        ))),
-                        Err(e) => Err(EngineError::Unavailable(format!(
-                            "the compressed-weight ANE program failed ({e}); unset GGML_ANE_WEIGHTS"
-                        ))),
-                    }
-                }
-                Ok(t) if t.ok => Ok(engine),
-                Ok(t) => Err(EngineError::Unavailable(format!(
-                    "the ANE gave wrong numbers for the shape-shared program ({:?} layout, max relative error {:.3e})",
-                    cfg.layout, t.max_rel_err
-                ))),
-                Err(e) => Err(EngineError::Unavailable(format!(
-                    "the shape-shared ANE program failed: {e}"
-                ))),
-            }
-        }
-        Ok(r) => Err(EngineError::Unavailable(format!(
-            "the ANE canary program gave wrong numbers (max relative error {:.3e} > {:.0e})",
-            r.max_rel_err,
-            ane_engine::canary::CANARY_TOLERANCE
-        ))),
-        Err(e) => Err(EngineError::Unavailable(format!(
-            "the ANE canary program failed: {e}"
-        ))),
-    }
-}
-
-#[cfg(not(target_vendor = "apple"))]
-fn open_ane(_cfg: &Config) -> Result<Arc<dyn Engine>, EngineError> {
-    Err(EngineError::Unavailable(
-        "no Apple Neural Engine on this platform; set GGML_ANE_ENGINE=reference to use the CPU reference engine".into(),
-    ))
-}
-
 /// The device state, or why there is none. Created on first use, never in `ggml_backend_score`'s
 /// hot path more than once.
 fn device_state() -> Result<&'static DeviceState, &'static str> {
@@ -182,7 +99,7 @@ fn device_state() -> Result<&'static DeviceState, &'static str> {
             if ggml::ggml().is_none() {
                 return Err("ggml-base symbols not found in this process".into());
             }
-            let engine = open_engine(cfg).map_err(|e| e.to_string())?;
+            let engine = open::open_engine(cfg).map_err(|e| e.to_string())?;
             // SAFETY: registering a plain `extern "C" fn()` has no preconditions; it runs once at
             // normal process exit.
             unsafe { libc::atexit(ggml_backend_ane_at_exit) };
@@ -417,10 +334,14 @@ fn print_stats(dev: &DeviceState) {
     let counters = dev.engine.counters();
     let text = match Config::get().stats {
         StatsMode::Off => return,
-        StatsMode::Table => dev.stats.to_table(dev.engine.name(), counters),
+        StatsMode::Table => {
+            dev.stats
+                .to_table(dev.engine.name(), counters, open::engine_attempts())
+        }
         StatsMode::Json => format!(
             "ggml-ane-stats: {}\n",
-            dev.stats.to_json(dev.engine.name(), counters)
+            dev.stats
+                .to_json(dev.engine.name(), counters, open::engine_attempts())
         ),
     };
     // One write for the whole text: the host's logger thread writes to stderr concurrently, and

@@ -191,6 +191,7 @@ impl KernelCache {
         let mil = ane_mil::text::emit(&ane_mil::build::tiled_matmul(shape));
         match engine.compile(&mil, &[]) {
             Ok(id) => {
+                stats.count_placement(engine, id);
                 self.entries.insert(shape, (id, self.tick));
                 Ok(id)
             }

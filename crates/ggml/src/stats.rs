@@ -71,6 +71,30 @@ pub struct Stats {
     /// MUL_MATs this device computed, by the name of their src0 (weights are named
     /// `blk.N.attn_q.weight` etc.): "where each matmul ran", for the table and the JSON.
     pub by_weight: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Operations of the compiled programs by the device the engine placed them on (Core ML's
+    /// compute plan; empty for engines that cannot tell).
+    pub op_placement: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+/// How one engine fared when the plugin opened (`ane_plan::choice`), for stats `engine_choice`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    /// `ane` or `coreml`.
+    pub engine: &'static str,
+    /// Whether it was chosen.
+    pub chosen: bool,
+    /// Why not, or a note on the chosen one.
+    pub detail: Option<String>,
+}
+
+impl From<&ane_plan::choice::Attempt> for Attempt {
+    fn from(a: &ane_plan::choice::Attempt) -> Self {
+        Attempt {
+            engine: a.kind.name(),
+            chosen: a.outcome.is_ok(),
+            detail: a.outcome.clone().err().or_else(|| a.note.clone()),
+        }
+    }
 }
 
 /// Adds a duration to a nanosecond counter.
@@ -79,6 +103,17 @@ pub fn add_time(c: &AtomicU64, d: Duration) {
 }
 
 impl Stats {
+    /// Counts where the operations of a freshly compiled program run, when the engine can tell.
+    pub fn count_placement(&self, engine: &dyn ane_engine::Engine, id: ane_engine::ProgramId) {
+        let Some(ops) = engine.op_placement(id) else {
+            return;
+        };
+        let mut m = self.op_placement.lock().unwrap_or_else(|e| e.into_inner());
+        for (device, n) in ane_engine::coreml_plan::count_by_device(&ops) {
+            *m.entry(device.name()).or_insert(0) += n as u64;
+        }
+    }
+
     /// Counts one MUL_MAT computed by this device, by src0 name (unnamed tensors are grouped).
     pub fn count_weight(&self, name: &str) {
         let key = if name.is_empty() { "(unnamed)" } else { name };
@@ -87,7 +122,12 @@ impl Stats {
     }
 
     /// The stats as one JSON object (the `ggml-ane-stats:` line).
-    pub fn to_json(&self, engine: &str, e: EngineCounters) -> serde_json::Value {
+    pub fn to_json(
+        &self,
+        engine: &str,
+        e: EngineCounters,
+        choice: &[Attempt],
+    ) -> serde_json::Value {
         let ms = |c: &AtomicU64| c.load(Relaxed) as f64 / 1e6;
         let declined: serde_json::Map<String, serde_json::Value> = Decline::ALL
             .iter()
@@ -100,6 +140,12 @@ impl Stats {
             .collect();
         serde_json::json!({
             "engine": engine,
+            "engine_choice": choice
+                .iter()
+                .map(|a| serde_json::json!({"engine": a.engine, "chosen": a.chosen, "detail": a.detail}))
+                .collect::<Vec<_>>(),
+            "op_placement": self.op_placement.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            "compiled_models_reused": e.cache_reused,
             "ops_offloaded": self.ops_offloaded.load(Relaxed),
             "ops_fallback": self.ops_fallback.load(Relaxed),
             "ops_fused": self.ops_fused.load(Relaxed),
@@ -138,10 +184,26 @@ impl Stats {
     }
 
     /// The stats as a small table for people.
-    pub fn to_table(&self, engine: &str, e: EngineCounters) -> String {
+    pub fn to_table(&self, engine: &str, e: EngineCounters, choice: &[Attempt]) -> String {
         let ms = |c: &AtomicU64| c.load(Relaxed) as f64 / 1e6;
         let mut s = String::new();
         s.push_str(&format!("ggml-ane stats (engine: {engine})\n"));
+        for a in choice.iter().filter(|a| !a.chosen) {
+            s.push_str(&format!(
+                "  not used: {} ({})\n",
+                a.engine,
+                a.detail.as_deref().unwrap_or("")
+            ));
+        }
+        let placed = self.op_placement.lock().unwrap_or_else(|e| e.into_inner());
+        if !placed.is_empty() {
+            let parts: Vec<String> = placed.iter().map(|(d, n)| format!("{n} on {d}")).collect();
+            s.push_str(&format!(
+                "  program ops placed       {}\n",
+                parts.join(", ")
+            ));
+        }
+        drop(placed);
         s.push_str(&format!(
             "  MUL_MAT on ANE device    {:>10}\n",
             self.ops_offloaded.load(Relaxed)
@@ -265,14 +327,34 @@ mod tests {
         s.ops_offloaded.fetch_add(3, Relaxed);
         s.declined[Decline::SmallBatch.index()].fetch_add(2, Relaxed);
         s.declined_buft.fetch_add(5, Relaxed);
+        s.op_placement.lock().unwrap().insert("neural_engine", 6);
+        let choice = [
+            Attempt {
+                engine: "ane",
+                chosen: false,
+                detail: Some("the canary program failed: compile failed: x".into()),
+            },
+            Attempt {
+                engine: "coreml",
+                chosen: true,
+                detail: None,
+            },
+        ];
         let j = s.to_json(
-            "reference",
+            "coreml",
             EngineCounters {
                 compiles: 4,
                 loaded_peak: 2,
+                cache_reused: 1,
                 ..Default::default()
             },
+            &choice,
         );
+        assert_eq!(j["engine_choice"][0]["engine"], "ane");
+        assert_eq!(j["engine_choice"][0]["chosen"], false);
+        assert_eq!(j["engine_choice"][1]["chosen"], true);
+        assert_eq!(j["op_placement"]["neural_engine"], 6);
+        assert_eq!(j["compiled_models_reused"], 1);
         assert_eq!(j["ops_offloaded"], 3);
         assert_eq!(j["declined"]["small_batch"], 2);
         assert_eq!(j["declined_buft"], 5);
@@ -299,8 +381,12 @@ mod tests {
         ] {
             assert!(j.get(k).is_some(), "{k}");
         }
-        assert!(s
-            .to_table("reference", EngineCounters::default())
-            .contains("small_batch"));
+        let t = s.to_table("coreml", EngineCounters::default(), &choice);
+        assert!(t.contains("small_batch"));
+        assert!(
+            t.contains("not used: ane (the canary program failed"),
+            "{t}"
+        );
+        assert!(t.contains("6 on neural_engine"), "{t}");
     }
 }

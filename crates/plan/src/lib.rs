@@ -20,6 +20,7 @@
 
 #![warn(missing_docs)]
 
+pub mod choice;
 pub mod cost;
 pub mod gguf;
 pub mod model;

@@ -54,6 +54,9 @@ pub struct ReferenceEngine {
     cap: crate::compile_cap::CompileCap,
     /// Each compile, load, evaluate and unload ([`crate::steps`]).
     steps: crate::steps::StepLog,
+    /// `with_placement`: the device every operation reports, standing in for Core ML's compute
+    /// plan in tests of the engine choice.
+    placed_on: Option<crate::coreml_plan::OpDevice>,
     state: Mutex<State>,
 }
 
@@ -62,6 +65,8 @@ pub struct ReferenceEngine {
 struct Program {
     plan: DriverPlan,
     checked: Checked,
+    /// Operator of each statement of `main` but constants, for `op_placement`.
+    ops: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +88,7 @@ impl ReferenceEngine {
             faults: None,
             cap: crate::compile_cap::CompileCap::default(),
             steps: crate::steps::StepLog::default(),
+            placed_on: None,
             state: Mutex::new(State::default()),
         }
     }
@@ -105,6 +111,13 @@ impl ReferenceEngine {
     /// The same engine standing for `chip` (its costs; limits are set apart).
     pub fn for_chip(mut self, chip: Chip) -> Self {
         self.chip = chip;
+        self
+    }
+
+    /// The same engine answering `op_placement` as a Core ML compute plan would: every
+    /// operation of a program (constants aside) on `device` (tests of the engine choice).
+    pub fn with_placement(mut self, device: crate::coreml_plan::OpDevice) -> Self {
+        self.placed_on = Some(device);
         self
     }
 
@@ -155,11 +168,17 @@ impl ReferenceEngine {
                 .map_err(|e| EngineError::Weights(format!("{path}: {e}")))?;
             Ok((b.dtype, b.data.to_vec()))
         };
+        let ops = func
+            .statements
+            .iter()
+            .filter(|st| st.op != "const")
+            .map(|st| st.op.clone())
+            .collect();
         let checked = exec::check(func, self.limits.max_axis, &blob)?;
         self.cap.take()?;
         self.inject(Step::Throw)?;
         self.inject(Step::Compile)?;
-        Ok(Program { plan, checked })
+        Ok(Program { plan, checked, ops })
     }
 
     /// The budget and the load faults: the `load` step.
@@ -325,6 +344,20 @@ impl Engine for ReferenceEngine {
     fn steps(&self) -> Vec<crate::steps::StepRecord> {
         self.steps.records()
     }
+    fn op_placement(&self, program: ProgramId) -> Option<Vec<crate::coreml_plan::OpPlacement>> {
+        let device = self.placed_on?;
+        let prog = self.lock().programs.get(&program.0).cloned()?;
+        Some(
+            prog.ops
+                .iter()
+                .map(|op| crate::coreml_plan::OpPlacement {
+                    op: op.clone(),
+                    device,
+                })
+                .collect(),
+        )
+    }
+
     fn unload(&self, program: ProgramId) {
         let _ = self.steps.run("unload", || {
             let mut st = self.lock();

@@ -15,6 +15,10 @@ use ane_engine::canary::{cpu_matmul_f32, max_rel_err, run_conv_matmul, test_valu
 use ane_plan::probe::run_tiled;
 use ane_plan::Layout;
 
+use std::sync::Arc;
+
+use ane_engine::Engine;
+
 use crate::probe::probe;
 
 /// Arguments of `ane bench`.
@@ -40,9 +44,27 @@ pub struct Args {
     /// Measure the reference engine even on a Mac.
     #[arg(long)]
     pub reference: bool,
+    /// Engines to time: `auto` (the private ANE API when usable, else the reference engine),
+    /// `coreml` (Core ML, CPUAndNeuralEngine), or `both` (the two side by side, same shapes).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub engine: Engines,
+    /// Time the reference engine in Core ML's place (tests off macOS; labelled as such).
+    #[arg(long, hide = true)]
+    pub stand_in_coreml: bool,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Which engines `ane bench` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engines {
+    /// The private ANE API when usable, else the reference engine.
+    Auto,
+    /// Core ML only.
+    Coreml,
+    /// Both, side by side.
+    Both,
 }
 
 /// What else `ane bench` can measure.
@@ -72,13 +94,40 @@ pub fn run(args: &Args) -> Result<()> {
         .iter()
         .map(|s| parse_shape(s))
         .collect::<Result<_>>()?;
-    let p = probe(!args.reference);
-    let engine = p.engine.as_ref();
-    let label = if p.ane_available {
-        "ane"
-    } else {
-        "reference (CPU, not ANE)"
-    };
+    let mut engines: Vec<(String, Arc<dyn Engine>, bool)> = Vec::new();
+    if args.engine != Engines::Coreml {
+        let p = probe(!args.reference);
+        let label = if p.ane_available {
+            "ane"
+        } else {
+            "reference (CPU, not ANE)"
+        };
+        engines.push((label.to_string(), p.engine, p.ane_available));
+    }
+    if args.engine != Engines::Auto {
+        match crate::probe::open_coreml(args.stand_in_coreml) {
+            Ok(e) if args.stand_in_coreml => {
+                engines.push(("coreml stand-in (reference, not Core ML)".into(), e, false))
+            }
+            Ok(e) => engines.push(("coreml".into(), e, true)),
+            Err(why) if args.engine == Engines::Coreml => bail!("Core ML: {why}"),
+            Err(why) => println!("coreml: not measured: {why}"),
+        }
+    }
+    for (label, engine, on_device) in &engines {
+        bench_engine(args, &shapes, label, engine.as_ref(), *on_device)?;
+    }
+    Ok(())
+}
+
+/// Times every shape and form on one engine, against the f32 CPU loop.
+fn bench_engine(
+    args: &Args,
+    shapes: &[(usize, usize, usize)],
+    label: &str,
+    engine: &dyn Engine,
+    on_device: bool,
+) -> Result<()> {
     if !args.json {
         println!(
             "engine: {label}; baseline: f32 CPU loop on {} threads",
@@ -119,7 +168,7 @@ pub fn run(args: &Args) -> Result<()> {
                 if args.json {
                     println!(
                         "{}",
-                        json!({"engine": engine.name(), "form": form, "m": m, "k": k, "n": n, "error": e.to_string()})
+                        json!({"engine": engine.name(), "label": label, "form": form, "m": m, "k": k, "n": n, "error": e.to_string()})
                     );
                 } else {
                     println!("{form:>7} {m:>6} {k:>6} {n:>5}  failed: {e}");
@@ -143,7 +192,7 @@ pub fn run(args: &Args) -> Result<()> {
         if args.json {
             println!(
                 "{}",
-                json!({"engine": engine.name(), "ane": p.ane_available, "form": form, "m": m, "k": k, "n": n,
+                json!({"engine": engine.name(), "label": label, "ane": on_device, "form": form, "m": m, "k": k, "n": n,
                        "engine_ms": r.eval_ms, "cpu_ms": cpu_ms, "speedup": speedup,
                        "engine_tflops": tf(r.eval_ms), "cpu_tflops": tf(cpu_ms), "max_rel_err": err})
             );
@@ -159,7 +208,7 @@ pub fn run(args: &Args) -> Result<()> {
             );
         }
     }
-    if !p.ane_available && !args.json {
+    if !on_device && !args.json {
         println!("no ANE measured: the speedup column compares the reference engine with the CPU baseline");
     }
     // The cost model's most uncertain constant, measured: how much slower the shape-shared
@@ -173,9 +222,9 @@ pub fn run(args: &Args) -> Result<()> {
             println!(
                 "{}",
                 json!({"calibration": {"layout": layout, "matmul_penalty": ratio,
-                       "measured_on_ane": p.ane_available, "cost": line}})
+                       "measured_on_ane": on_device, "cost": line}})
             );
-        } else if p.ane_available {
+        } else if on_device {
             println!(
                 "{layout} layout: {form} / conv time = {ratio:.3}: GGML_ANE_COST={line} (also `ane plan --cost {line}`)"
             );

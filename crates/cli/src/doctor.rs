@@ -29,7 +29,7 @@ pub enum Sweep {
 }
 
 impl Sweep {
-    fn shapes(self) -> Vec<(usize, usize, usize)> {
+    pub(crate) fn shapes(self) -> Vec<(usize, usize, usize)> {
         let mk: &[usize] = match self {
             Sweep::Full => &[1024, 2048, 4096],
             Sweep::Small => &[256],
@@ -62,6 +62,9 @@ pub struct Args {
     /// Which sweep to run; `full` is the documented report, `small` exists for tests.
     #[arg(long, value_enum, default_value = "full", hide = true)]
     pub sweep: Sweep,
+    /// Measure the reference engine in Core ML's place (tests of the report off macOS).
+    #[arg(long, hide = true)]
+    pub stand_in_coreml: bool,
 }
 
 /// Runs the doctor.
@@ -126,31 +129,7 @@ pub fn report(args: &Args) -> Value {
         ok,
         detail,
     });
-    let mut bench = Vec::new();
-    let mut worst = 0f64;
-    let mut failures = Vec::new();
-    for (m, k, n) in args.sweep.shapes() {
-        let w = test_values(m * k, (m * 31 + k) as u64);
-        let x = test_values(k * n, (k * 17 + n) as u64);
-        match run_conv_matmul(engine, (k, m, n), &w, &x, reps) {
-            Ok(r) => {
-                let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-                let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-                let err = max_rel_err(&r.y, &cpu_matmul_f32(&wf, &xf, (k, m, n)));
-                worst = worst.max(err);
-                let flops = 2.0 * (m * k * n) as f64;
-                bench.push(json!({
-                    "m": m, "k": k, "n": n,
-                    "ms": round(r.eval_ms, 4),
-                    "tflops": round(flops / (r.eval_ms * 1e-3) / 1e12, 5),
-                    "max_rel_err": err,
-                    "compile_ms": round(r.compile_ms, 3),
-                    "first_ms": round(r.first_eval_ms, 4),
-                }));
-            }
-            Err(e) => failures.push(format!("{m}x{k}x{n}: {e}")),
-        }
-    }
+    let (bench, worst, failures) = sweep(engine, args.sweep, reps);
     checks.push(Check {
         name: "sweep",
         ok: failures.is_empty() && worst < 0.05,
@@ -188,10 +167,12 @@ pub fn report(args: &Args) -> Value {
         None => (engine.name(), engine.steps()),
     };
     let first_failed = ane_engine::steps::first_failure(&steps);
-    let steps: Vec<Value> = steps
-        .iter()
-        .map(|r| json!({"step": r.step, "ok": r.ok, "ms": round(r.ms, 3), "error": r.error}))
-        .collect();
+    let steps = steps_json(&steps);
+    let coreml = crate::doctor_coreml::section(args);
+    let ane_ok = p.ane_available && checks.iter().all(|c| c.ok || c.name == "canary_compressed");
+    let compare =
+        crate::doctor_coreml::compare(if p.ane_available { Some(&bench) } else { None }, &coreml);
+    let plugin_engine = crate::doctor_coreml::plugin_engine(ane_ok, &coreml);
     json!({
         "steps_engine": steps_engine,
         "steps": steps,
@@ -210,10 +191,55 @@ pub fn report(args: &Args) -> Value {
         "sweep": format!("{:?}", args.sweep).to_lowercase(),
         "reps": reps,
         "version": env!("CARGO_PKG_VERSION"),
+        "coreml": coreml,
+        "compare": compare,
+        "plugin_engine": plugin_engine,
     })
 }
 
-fn round(v: f64, digits: i32) -> f64 {
+/// The sweep on one engine: a row per shape, the worst error against f32, and the failures.
+pub(crate) fn sweep(
+    engine: &dyn ane_engine::Engine,
+    which: Sweep,
+    reps: usize,
+) -> (Vec<Value>, f64, Vec<String>) {
+    let mut bench = Vec::new();
+    let mut worst = 0f64;
+    let mut failures = Vec::new();
+    for (m, k, n) in which.shapes() {
+        let w = test_values(m * k, (m * 31 + k) as u64);
+        let x = test_values(k * n, (k * 17 + n) as u64);
+        match run_conv_matmul(engine, (k, m, n), &w, &x, reps) {
+            Ok(r) => {
+                let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+                let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+                let err = max_rel_err(&r.y, &cpu_matmul_f32(&wf, &xf, (k, m, n)));
+                worst = worst.max(err);
+                let flops = 2.0 * (m * k * n) as f64;
+                bench.push(json!({
+                    "m": m, "k": k, "n": n,
+                    "ms": round(r.eval_ms, 4),
+                    "tflops": round(flops / (r.eval_ms * 1e-3) / 1e12, 5),
+                    "max_rel_err": err,
+                    "compile_ms": round(r.compile_ms, 3),
+                    "first_ms": round(r.first_eval_ms, 4),
+                }));
+            }
+            Err(e) => failures.push(format!("{m}x{k}x{n}: {e}")),
+        }
+    }
+    (bench, worst, failures)
+}
+
+/// Step records as JSON.
+pub(crate) fn steps_json(steps: &[ane_engine::steps::StepRecord]) -> Vec<Value> {
+    steps
+        .iter()
+        .map(|r| json!({"step": r.step, "ok": r.ok, "ms": round(r.ms, 3), "error": r.error}))
+        .collect()
+}
+
+pub(crate) fn round(v: f64, digits: i32) -> f64 {
     let p = 10f64.powi(digits);
     (v * p).round() / p
 }
@@ -256,9 +282,9 @@ fn print_text(r: &Value) {
     for b in r["bench"].as_array().into_iter().flatten() {
         println!(
             "{:>6} {:>6} {:>5} {:>10.3} {:>9.4} {:>11.2e}",
-            b["m"],
-            b["k"],
-            b["n"],
+            b["m"].as_u64().unwrap_or(0),
+            b["k"].as_u64().unwrap_or(0),
+            b["n"].as_u64().unwrap_or(0),
             b["ms"].as_f64().unwrap_or(f64::NAN),
             b["tflops"].as_f64().unwrap_or(f64::NAN),
             b["max_rel_err"].as_f64().unwrap_or(f64::NAN)
@@ -289,4 +315,5 @@ fn print_text(r: &Value) {
         Some(f) => println!("first failed step: {f}"),
         None => println!("first failed step: none"),
     }
+    crate::doctor_coreml::print_text(r);
 }

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_host;
 mod doctor;
+mod doctor_coreml;
 mod mil;
 mod plan;
 mod probe;

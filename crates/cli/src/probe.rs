@@ -168,3 +168,23 @@ fn reference_fallback(mut checks: Vec<Check>, chip: Chip, why: &str) -> Probed {
         ane_steps: None,
     }
 }
+
+/// Core ML (`CPUAndNeuralEngine`), opened for measuring beside the private API, or why it cannot
+/// run here. `stand_in`: the reference engine answering compute-plan queries as if every
+/// operation ran on the Neural Engine, so the report's Core ML section is exercised on Linux
+/// (hidden `--stand-in-coreml`; its numbers are the reference engine's and labelled so).
+pub fn open_coreml(stand_in: bool) -> Result<Arc<dyn Engine>, String> {
+    if stand_in {
+        let e = ReferenceEngine::new(Chip::Unknown.limits())
+            .with_placement(ane_engine::coreml_plan::OpDevice::NeuralEngine);
+        return Ok(Arc::new(e));
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        ane_engine::coreml::open()
+            .map(|e| e as Arc<dyn Engine>)
+            .map_err(|e| e.to_string())
+    }
+    #[cfg(not(target_vendor = "apple"))]
+    Err("not macOS: Core ML exists only on Apple platforms".into())
+}

@@ -69,3 +69,77 @@ fn doctor_json_contract_without_ane() {
         assert!(b["max_rel_err"].as_f64().unwrap() < 1e-2, "{b}");
     }
 }
+
+fn doctor(extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_ane"))
+        .args(["doctor", "--json", "--sweep", "small"])
+        .args(extra)
+        .output()
+        .expect("run ane doctor");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is JSON")
+}
+
+#[test]
+fn the_report_has_a_core_ml_section_and_says_which_engine_the_plugin_would_use() {
+    let r = doctor(&[]);
+    let c = &r["coreml"];
+    assert_eq!(c["engine"], "coreml");
+    assert!(c["available"].is_boolean());
+    if cfg!(target_vendor = "apple") {
+        return;
+    }
+    assert_eq!(c["available"], false);
+    assert!(c["error"].as_str().unwrap().contains("not macOS"), "{c}");
+    assert_eq!(r["plugin_engine"], "none");
+    assert_eq!(r["compare"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn the_core_ml_section_measures_what_the_private_api_section_does() {
+    // The reference engine stands in for Core ML: every field of the section is filled as on a
+    // Mac, and labelled as the stand-in's.
+    let r = doctor(&["--stand-in-coreml"]);
+    let c = &r["coreml"];
+    assert_eq!(c["measured"], "reference");
+    assert_eq!(c["available"], true, "{c}");
+    let names: Vec<&str> = c["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["canary", "canary_tiled_tokens", "placement", "sweep"]
+    );
+    let placement = c["placement"].as_array().unwrap();
+    assert!(placement
+        .iter()
+        .any(|o| o["op"] == "matmul" && o["device"] == "neural_engine"));
+    assert_eq!(
+        c["bench"].as_array().unwrap().len(),
+        r["bench"].as_array().unwrap().len()
+    );
+    for f in [
+        "compile_and_load_ms",
+        "compile_and_load_again_ms",
+        "dispatch_ms",
+    ] {
+        assert!(c["latency"][f].as_f64().unwrap() >= 0.0, "{}", c["latency"]);
+    }
+    assert!(c["steps"].as_array().unwrap().len() > 4);
+    // Side by side: a row per shape; no private-API time where the ANE was not measured.
+    let rows = r["compare"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(rows.iter().all(|row| row["coreml_ms"].as_f64().is_some()));
+    if !cfg!(target_vendor = "apple") {
+        assert!(rows.iter().all(|row| row["ane_ms"].is_null()));
+        // A stand-in is never what the plugin would use.
+        assert_eq!(r["plugin_engine"], "none");
+    }
+}

@@ -1,0 +1,63 @@
+//! `ane bench --engine both`: the private API's (here the reference engine's) and Core ML's rows
+//! side by side, each labelled with what was really measured.
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ane"))
+        .args([
+            "bench",
+            "--json",
+            "--shapes",
+            "128x128x64",
+            "--forms",
+            "conv,tokens",
+            "--reps",
+            "1",
+        ])
+        .args(args)
+        .output()
+        .expect("run ane bench")
+}
+
+#[test]
+fn both_engines_are_timed_on_the_same_shapes() {
+    let out = bench(&["--engine", "both", "--stand-in-coreml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("form").is_some())
+        .collect();
+    let labels: Vec<&str> = rows.iter().map(|r| r["label"].as_str().unwrap()).collect();
+    if cfg!(target_vendor = "apple") {
+        return;
+    }
+    assert_eq!(
+        labels,
+        [
+            "reference (CPU, not ANE)",
+            "reference (CPU, not ANE)",
+            "coreml stand-in (reference, not Core ML)",
+            "coreml stand-in (reference, not Core ML)"
+        ]
+    );
+    for r in &rows {
+        assert_eq!(r["ane"], false, "{r}");
+        assert!(r["engine_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["max_rel_err"].as_f64().unwrap() < 1e-2, "{r}");
+    }
+}
+
+#[cfg(not(target_vendor = "apple"))]
+#[test]
+fn core_ml_alone_off_macos_is_a_clear_error() {
+    let out = bench(&["--engine", "coreml"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Core ML: not macOS"), "{err}");
+}

@@ -296,7 +296,10 @@ impl Engine for AneEngine {
 
 impl Drop for AneEngine {
     fn drop(&mut self) {
-        for id in self.lock().programs.ids() {
+        // Collect first: a guard in the `for` expression would live through the loop, and
+        // `unload` takes the same lock (a deadlock on every drop with programs loaded).
+        let ids = self.lock().programs.ids();
+        for id in ids {
             self.unload(ProgramId(id));
         }
     }

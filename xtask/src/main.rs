@@ -17,6 +17,7 @@ mod llama;
 mod models;
 mod test;
 mod test_contexts;
+mod test_host2;
 mod test_plan;
 mod test_real;
 mod tidy;
@@ -44,7 +45,9 @@ fn main() -> ExitCode {
             println!("{}", flags::HELP);
             Ok(())
         }
-        flags::Cmd::Llama { force } => llama::run(force).map(|_| ()),
+        flags::Cmd::Llama { force } => llama::run(force)
+            .and_then(|_| llama::build(&llama::API2, force))
+            .map(|_| ()),
         flags::Cmd::Venv => venv::run().map(|_| ()),
         flags::Cmd::Models => models::run().and_then(|_| models::gemma()).map(|_| ()),
         flags::Cmd::Demo => demo::run(),

@@ -121,6 +121,7 @@ pub fn run(opts: &TestOpts) -> Result {
             "placement" => step_placement(&mut pre),
             "plan" => crate::test_plan::step(&mut pre),
             "contexts" => crate::test_contexts::step(&mut pre),
+            "host2" => crate::test_host2::step(&mut pre),
             other => Err(format!("unknown step {other}").into()),
         };
         drop(section);
@@ -519,7 +520,7 @@ fn step_ops(pre: &mut Prereqs) -> Result<String> {
 
 /// The verdict both `test-backend-ops` steps share: no failing case, a clean
 /// exit, and at least [`MIN_CLAIMED_OPS`] cases claimed by the plugin.
-fn ops_verdict(c: &OpsCounts, res: &util::Logged, summary: &str) -> Result {
+pub(crate) fn ops_verdict(c: &OpsCounts, res: &util::Logged, summary: &str) -> Result {
     ops_verdict_declining(c, res, summary, 0)
 }
 
@@ -561,7 +562,7 @@ fn ops_verdict_declining(
 /// `  MUL_MAT(type_a=f16,type_b=f32,m=16,n=1,k=256,...): OK` with ANSI colour
 /// around `OK`/`FAIL`, or `...): not supported [ANE]`.
 #[derive(Debug, Default, PartialEq)]
-struct OpsCounts {
+pub(crate) struct OpsCounts {
     ok: usize,
     fail: usize,
     unsupported: usize,
@@ -571,7 +572,19 @@ struct OpsCounts {
 }
 
 impl OpsCounts {
-    fn parse(stdout: &str) -> OpsCounts {
+    /// `claimed N passed N failed N declined by ANE N not supported by the CPU judge N`.
+    pub(crate) fn summary(&self) -> String {
+        format!(
+            "claimed {} passed {} failed {} declined by ANE {} not supported by the CPU judge {}",
+            self.ok + self.fail,
+            self.ok,
+            self.fail,
+            self.unsupported,
+            self.unsupported_judge
+        )
+    }
+
+    pub(crate) fn parse(stdout: &str) -> OpsCounts {
         let mut c = OpsCounts::default();
         for raw in stdout.lines() {
             let line = strip_ansi(raw);
@@ -947,7 +960,18 @@ pub(crate) fn completion(
     n_predict: u32,
     extra: &[&str],
 ) -> Command {
-    let mut cmd = Command::new(llama::bin("llama-completion"));
+    completion_on(&llama::API3, model, plugin, n_predict, extra)
+}
+
+/// [`completion`] with the `llama-completion` of another host version.
+pub(crate) fn completion_on(
+    host: &llama::Host,
+    model: &Path,
+    plugin: Option<&Path>,
+    n_predict: u32,
+    extra: &[&str],
+) -> Command {
+    let mut cmd = Command::new(host.bin("llama-completion"));
     cmd.arg("-m")
         .arg(model)
         .args(["-p", PROMPT, "-n", &n_predict.to_string()])
@@ -1084,7 +1108,7 @@ pub(crate) fn generated(stdout: &str) -> &str {
 
 /// `ops_offloaded` from the plugin's `ggml-ane-stats: {json}` stderr lines
 /// (one per freed backend instance; the largest count wins).
-fn stats_ops_offloaded(stderr: &str) -> Result<u64> {
+pub(crate) fn stats_ops_offloaded(stderr: &str) -> Result<u64> {
     const PREFIX: &str = "ggml-ane-stats: ";
     let mut best = None;
     for line in stderr.lines().filter(|l| l.starts_with(PREFIX)) {

@@ -184,7 +184,8 @@ pub struct ggml_backend_reg_i {
 
 #[repr(C)]
 pub struct ggml_backend_reg {
-    pub api_version: c_int,
+    /// Atomic (same layout as `int`) so the plugin can set it to the host's version at init.
+    pub api_version: std::sync::atomic::AtomicI32,
     pub iface: ggml_backend_reg_i,
     pub context: *mut c_void,
 }

@@ -19,6 +19,7 @@ pub mod ffi;
 pub mod ggml;
 pub mod guard;
 pub mod health;
+pub mod host_api;
 pub mod host_cpu;
 mod lookahead;
 pub mod matmul;
@@ -758,7 +759,8 @@ unsafe extern "C" fn ggml_backend_ane_reg_get_proc_address(
 }
 
 static REG: SyncCell<ggml_backend_reg> = SyncCell(ggml_backend_reg {
-    api_version: GGML_BACKEND_API_VERSION,
+    // Set by `ggml_backend_init` to the host's version (`host_api`).
+    api_version: std::sync::atomic::AtomicI32::new(GGML_BACKEND_API_VERSION),
     iface: ggml_backend_reg_i {
         get_name: Some(ggml_backend_ane_reg_get_name),
         get_device_count: Some(ggml_backend_ane_reg_get_device_count),
@@ -771,30 +773,55 @@ static REG: SyncCell<ggml_backend_reg> = SyncCell(ggml_backend_reg {
 // ---------------------------------------------------------------------------------------------
 // entry points
 
-/// The registry of this backend (`GGML_BACKEND_DL_IMPL`). Always the same pointer.
+/// The registry of this backend (`GGML_BACKEND_DL_IMPL`), always the same pointer, reporting the
+/// host's backend API version when it is one the plugin supports (`host_api`); NULL otherwise,
+/// so no struct is read with a layout the plugin was not built for.
 ///
 /// # Safety
 /// Called by ggml's loader; no preconditions.
 #[no_mangle]
 pub unsafe extern "C" fn ggml_backend_init() -> ggml_backend_reg_t {
-    addr_of!(REG.0) as *mut ggml_backend_reg
+    guard(null_mut(), || match host_api::host_api() {
+        host_api::HostApi::Supported { api, .. } => {
+            REG.0.api_version.store(*api, Relaxed);
+            addr_of!(REG.0) as *mut ggml_backend_reg
+        }
+        host_api::HostApi::Unsupported(line) => {
+            say_unsupported(line);
+            null_mut()
+        }
+    })
 }
 
-/// 0 when the plugin has nothing to offer here (no ANE and no `GGML_ANE_ENGINE=reference`), so
-/// loading it on Linux changes nothing unless asked; 10 otherwise.
+/// The one line for a host of another version, once per process.
+fn say_unsupported(line: &str) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| eprintln!("{line}"));
+}
+
+/// 0 when the plugin has nothing to offer here: a host whose ggml backend API it does not speak
+/// (one line says which versions work; checked first, before anything else runs), no ANE and no
+/// `GGML_ANE_ENGINE=reference` (so loading it on Linux changes nothing unless asked); 10
+/// otherwise.
 ///
 /// # Safety
 /// Called by ggml's loader; no preconditions.
 #[no_mangle]
 pub unsafe extern "C" fn ggml_backend_score() -> i32 {
-    guard(0, || match device_state() {
-        Ok(_) => 10,
-        Err(why) => {
-            static SAID: std::sync::Once = std::sync::Once::new();
-            if Config::get().engine != EngineChoice::Auto {
-                SAID.call_once(|| eprintln!("ggml-ane: not available: {why}"));
+    guard(0, || {
+        if let host_api::HostApi::Unsupported(line) = host_api::host_api() {
+            say_unsupported(line);
+            return 0;
+        }
+        match device_state() {
+            Ok(_) => 10,
+            Err(why) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                if Config::get().engine != EngineChoice::Auto {
+                    SAID.call_once(|| eprintln!("ggml-ane: not available: {why}"));
+                }
+                0
             }
-            0
         }
     })
 }
@@ -807,8 +834,10 @@ mod tests {
     fn registry_points_at_one_device() {
         // SAFETY: plain calls into our own statics.
         unsafe {
-            let reg = ggml_backend_init();
-            assert_eq!((*reg).api_version, 3);
+            // No ggml in the test process: init refuses; the registry itself is checked.
+            assert!(ggml_backend_init().is_null());
+            let reg = addr_of!(REG.0) as *mut ggml_backend_reg;
+            assert_eq!((*reg).api_version.load(Relaxed), 3);
             let get_device = (*reg).iface.get_device.unwrap();
             let dev = get_device(reg, 0);
             assert!(!dev.is_null());

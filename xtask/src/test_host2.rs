@@ -16,6 +16,11 @@ use crate::llama::{self, API2};
 use crate::test::{self, OpsCounts, Prereqs};
 use crate::util::{self, abs, bail, Result};
 
+/// b11349's suite has 1689 MUL_MAT cases, 360 of which its CPU judge does not support; the plugin
+/// claims 1325 of the other 1329 (4 declined as `tiny_output`), measured. A floor that catches a
+/// plugin that stopped claiming a whole type on this host.
+const MIN_CLAIMED_OPS: usize = 1300;
+
 pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
     let plugin = pre.plugin()?;
     pre.models()?;
@@ -46,7 +51,7 @@ fn ops(plugin: &std::path::Path) -> Result<String> {
         res.elapsed.as_secs_f64()
     );
     println!("{summary}");
-    test::ops_verdict(&c, &res, &summary)?;
+    test::ops_verdict_at_least(&c, &res, &summary, 0, MIN_CLAIMED_OPS)?;
     Ok(summary)
 }
 

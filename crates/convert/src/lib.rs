@@ -29,6 +29,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod act_round;
 mod bench;
 mod dispatch;
 pub mod ggml;
@@ -63,6 +64,8 @@ pub mod types {
     pub const GGML_TYPE_IQ4_NL: i32 = 20;
     pub const GGML_TYPE_IQ4_XS: i32 = 23;
     pub const GGML_TYPE_BF16: i32 = 30;
+    /// MXFP4 (not converted here; its activations round like Q8_0's on the CPU).
+    pub const GGML_TYPE_MXFP4: i32 = 39;
 
     /// Every type [`crate::row_to_f16`] converts natively, with ggml's name for it.
     pub const SUPPORTED: [(i32, &str); 15] = [

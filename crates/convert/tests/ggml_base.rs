@@ -357,3 +357,76 @@ fn block_layouts_match_ggml() {
     let mut out = [f16::ZERO; 32];
     row_to_f16(GGML_TYPE_Q8_0, &[0u8; 34], &mut out).unwrap();
 }
+
+/// `from_float` of ggml-cpu's `vec_dot_type`s, from the libggml-cpu beside libggml-base: the
+/// quantizer the CPU backend runs on activations, which `ane_convert::act_round` reproduces.
+/// ggml-cpu's `from_float` of a type.
+type FromFloat = unsafe extern "C" fn(*const f32, *mut u8, i64);
+
+fn cpu_from_float() -> Option<(libloading::Library, Vec<(i32, FromFloat)>)> {
+    let base = ggml()?.path().to_path_buf();
+    let name = if cfg!(target_vendor = "apple") {
+        "libggml-cpu.dylib"
+    } else {
+        "libggml-cpu.so"
+    };
+    let path = base.with_file_name(name);
+    // SAFETY: loading libggml-cpu runs its static initializers only.
+    let lib = unsafe { libloading::Library::new(&path) }.unwrap_or_else(|e| {
+        panic!(
+            "ANE_GGML_TESTS=1 but {} cannot be loaded: {e}",
+            path.display()
+        )
+    });
+    // `struct ggml_type_traits_cpu` starts with `ggml_from_float_t from_float`.
+    type Traits =
+        unsafe extern "C" fn(i32) -> *const Option<unsafe extern "C" fn(*const f32, *mut u8, i64)>;
+    // SAFETY: the prototypes of ggml-cpu.h.
+    let fns = unsafe {
+        if let Ok(init) = lib.get::<unsafe extern "C" fn()>(b"ggml_cpu_init\0") {
+            init();
+        }
+        let traits: Traits = *lib.get(b"ggml_get_type_traits_cpu\0").unwrap();
+        [GGML_TYPE_Q8_0, 9, 15]
+            .iter()
+            .map(|&ty| (ty, (*traits(ty)).expect("from_float")))
+            .collect()
+    };
+    Some((lib, fns))
+}
+
+#[test]
+fn activation_rounding_matches_the_cpu_backends_quantizers_byte_for_byte() {
+    use ane_convert::act_round::ActRound;
+    let Some((_lib, fns)) = cpu_from_float() else {
+        return;
+    };
+    for (ty, from_float) in fns {
+        let mode = match ty {
+            GGML_TYPE_Q8_0 => ActRound::Q8_0,
+            9 => ActRound::Q8_1,
+            _ => ActRound::Q8K,
+        };
+        for seed in 0..40u64 {
+            // Rows of 512 with magnitudes from 1e-3 to 1e3, a zero block, and a spike.
+            let scale = 10f32.powi((seed % 7) as i32 - 3);
+            let mut row: Vec<f32> = (0..512)
+                .map(|i| {
+                    let h = (i as u64 * 2654435761 + seed * 40503) % 100_003;
+                    (h as f32 / 50_001.5 - 1.0) * scale
+                })
+                .collect();
+            if seed % 5 == 0 {
+                row[..256].fill(0.0);
+            }
+            if seed % 3 == 0 {
+                row[300] = 40.0 * scale;
+            }
+            let ours = mode.quantize(&row);
+            let mut theirs = vec![0u8; ours.len()];
+            // SAFETY: `theirs` holds 512 values of the quantized type.
+            unsafe { from_float(row.as_ptr(), theirs.as_mut_ptr(), 512) };
+            assert_eq!(ours, theirs, "{mode:?} seed {seed}");
+        }
+    }
+}

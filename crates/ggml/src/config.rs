@@ -65,6 +65,10 @@ pub struct Config {
     /// `ane_mil::build::Layout`); token-major by default: host conversions are plain copies and the
     /// matmul has the operand layout of the weights-as-input matmul measured on an M4.
     pub layout: ane_plan::Layout,
+    /// `GGML_ANE_ACT_ROUND=cpu|off`: round activations as llama.cpp's CPU backend does for each
+    /// weight type (Q8_0, Q8_1, Q8_K or bf16) before converting them to fp16, so the device
+    /// multiplies the values the CPU multiplies (default `cpu`); `off`: plain fp16.
+    pub act_round: bool,
     /// `GGML_ANE_PRESTAGE=0|1`: convert weights to fp16 when llama.cpp reserves its graphs (at
     /// load) instead of at their first dispatch (default 1).
     pub prestage: bool,
@@ -159,6 +163,9 @@ impl Config {
             "channels" => ane_plan::Layout::Channels,
             _ => ane_plan::Layout::Tokens,
         };
+        let act_round = parse("GGML_ANE_ACT_ROUND", "cpu", &|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "cpu" | "off")
+        }) == "cpu";
         let prestage = parse("GGML_ANE_PRESTAGE", "1", &|v| matches!(v, "0" | "1")) == "1";
         let lookahead = parse("GGML_ANE_LOOKAHEAD", "1", &|v| matches!(v, "0" | "1")) == "1";
         let cost = parse("GGML_ANE_COST", "", &|v| {
@@ -236,6 +243,7 @@ impl Config {
             max_programs,
             stage_max_mb,
             layout,
+            act_round,
             prestage,
             lookahead: lookahead && weights == WeightsMode::Fp16,
             route,

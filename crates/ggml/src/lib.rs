@@ -77,6 +77,7 @@ impl DeviceState {
             stats: &self.stats,
             health: &self.health,
             host: None,
+            act_round: Config::get().act_round,
         }
     }
 }
@@ -215,13 +216,14 @@ fn run_group(
 ) {
     // SAFETY: the group was built from this graph's claimed MUL_MATs (valid host tensors); the
     // stash is borrowed until the group is computed.
+    let head_ty = group.members[0].src0.desc.ty;
     let speculated = Config::get().lookahead
         && !dev.health.is_off()
         && head_buffer.is_some_and(|range| {
             // SAFETY: as above.
             let added = unsafe {
                 stash.speculate(&dev.learner, &dev.stats, &mut group, |w, src1| {
-                    companion_claimed(dev, w, src1, range)
+                    companion_claimed(dev, head_ty, w, src1, range)
                 })
             };
             added > 0
@@ -231,6 +233,7 @@ fn run_group(
     // members write into the stash.
     let cx = matmul::Context {
         host: Some(host),
+        act_round: Config::get().act_round,
         ..dev.matmul_cx()
     };
     let fallback = unsafe { matmul::compute(&cx, &group) };
@@ -256,6 +259,7 @@ fn joins(group: &Group, m: &Member, src1: &Operand, weight: bool) -> bool {
         && m.src0.desc.ne[2] == 1
         && m.src0.desc.ne[3] == 1
         && m.src0.desc.ne[0] == first.ne[0]
+        && matmul::rounds_alike(first.ty, m.src0.desc.ty)
 }
 
 fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
@@ -614,15 +618,20 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_op(
 }
 
 /// Whether a learnt companion joins its head's dispatch: it lies inside the head's buffer
-/// (`head_buffer`, so it belongs to a live model) and the device would claim it with `src1`.
+/// (`head_buffer`, so it belongs to a live model), its activations round as the head's do
+/// (`matmul::rounds_alike`), and the device would claim it with `src1`.
 fn companion_claimed(
     dev: &DeviceState,
+    head_ty: i32,
     w: &lookahead::Weight,
     src1: &TensorDesc,
     (lo, hi): (usize, usize),
 ) -> bool {
     let bytes = w.desc.ne[1] as usize * w.desc.nb[1];
-    w.data >= lo && w.data.saturating_add(bytes) <= hi && cost_says_ane(dev, &w.desc, src1, true)
+    w.data >= lo
+        && w.data.saturating_add(bytes) <= hi
+        && matmul::rounds_alike(head_ty, w.desc.ty)
+        && cost_says_ane(dev, &w.desc, src1, true)
 }
 
 /// Stages a group the lookahead learner completed, as `run_group` will stack it: the head, then
@@ -636,7 +645,7 @@ fn stage_ready(dev: &DeviceState, r: &lookahead::Ready) {
         .chain(
             r.companions
                 .iter()
-                .filter(|w| companion_claimed(dev, w, &r.src1_desc, range))
+                .filter(|w| companion_claimed(dev, r.head.desc.ty, w, &r.src1_desc, range))
                 .map(member),
         )
         .collect();

@@ -21,6 +21,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use ane_convert::act_round::ActRound;
 use ane_engine::surface::request_alloc_size;
 use ane_engine::{Engine, EngineError, ProgramId, Surface};
 use ane_plan::{Layout, Planner, TiledShape};
@@ -547,6 +548,9 @@ pub struct Context<'a> {
     pub health: &'a crate::health::Health,
     /// The host's CPU backend for fallbacks (`None`: the plugin's own loop).
     pub host: Option<&'a crate::host_cpu::HostCpu>,
+    /// `GGML_ANE_ACT_ROUND=cpu`: activations rounded as the CPU backend rounds them for each
+    /// weight type (`ane_convert::act_round`) before their fp16 conversion.
+    pub act_round: bool,
 }
 
 /// Reads element `off` bytes into a plain-typed buffer.
@@ -1141,8 +1145,13 @@ unsafe fn fill_activations(
     }
     let xs = x.fp16_mut(s.x_len());
     let d = &g.src1.desc;
-    let run = contiguous_run(cols)
-        .filter(|_| d.ty == GGML_TYPE_F32 && d.nb[0] == 4 && d.nb[1].is_multiple_of(4));
+    let round = act_round(cx, g);
+    let run = contiguous_run(cols).filter(|_| {
+        round == ActRound::None
+            && d.ty == GGML_TYPE_F32
+            && d.nb[0] == 4
+            && d.nb[1].is_multiple_of(4)
+    });
     if let Some((i1, i12, i13)) = run {
         let stride = d.nb[1] / 4;
         let len = (cols.len() - 1) * stride + k;
@@ -1173,11 +1182,28 @@ unsafe fn fill_activations(
         if !guard::input_ok(&row) {
             return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
         }
+        round.apply(&mut row);
         for (ki, &v) in row.iter().enumerate() {
             xs[ki * s.n + c] = f16::from_f32(v);
         }
     }
     Ok(())
+}
+
+/// Whether MUL_MATs with weights of these types may share one dispatch: their activations are
+/// rounded alike by the CPU backend (`ane_convert::act_round`), so one activation surface serves
+/// both.
+pub fn rounds_alike(a: i32, b: i32) -> bool {
+    ActRound::for_weight(a) == ActRound::for_weight(b)
+}
+
+/// How the CPU backend would round this group's activations: by its first member's weight type
+/// (members of one dispatch share it, see `group_round`), nothing when `GGML_ANE_ACT_ROUND=off`.
+fn act_round(cx: &Context<'_>, g: &Group) -> ActRound {
+    match g.members.first() {
+        Some(m) if cx.act_round => ActRound::for_weight(m.src0.desc.ty),
+        _ => ActRound::None,
+    }
 }
 
 /// Token-major activations (`[k_chunks][n][k_chunk]`): each token's row is a plain fp32 -> fp16
@@ -1196,15 +1222,20 @@ unsafe fn fill_tokens(
     let xs = x.fp16_mut(s.x_len());
     let d = &g.src1.desc;
     let plain_f32 = d.ty == GGML_TYPE_F32 && d.nb[0] == 4;
+    let round = act_round(cx, g);
     let mut row = vec![0f32; k];
     for (cidx, &(i1, i12, i13)) in cols.iter().enumerate() {
         let base = i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3];
-        let src: &[f32] = if plain_f32 {
+        let src: &[f32] = if plain_f32 && round == ActRound::None {
             // SAFETY: a contiguous f32 row of k values starts at `base`.
             unsafe { std::slice::from_raw_parts(g.src1.data.add(base).cast::<f32>(), k) }
         } else {
             // SAFETY: forwarded contract.
             unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, &mut row) };
+            if !guard::input_ok(&row) {
+                return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
+            }
+            round.apply(&mut row);
             &row
         };
         for c in 0..s.k_chunks {

@@ -48,6 +48,8 @@ pub(crate) struct Device<E: Engine = ReferenceEngine> {
     pub scratch: Mutex<ScratchPool>,
     pub stats: Stats,
     pub health: crate::health::Health,
+    /// `Context::act_round` (off: the rigs check the device's own numerics).
+    pub act_round: bool,
 }
 
 impl<E: Engine> Device<E> {
@@ -61,6 +63,7 @@ impl<E: Engine> Device<E> {
             scratch: Mutex::new(ScratchPool::default()),
             stats: Stats::default(),
             health: crate::health::Health::new(0),
+            act_round: false,
         }
     }
 
@@ -75,6 +78,7 @@ impl<E: Engine> Device<E> {
             stats: &self.stats,
             health: &self.health,
             host: None,
+            act_round: self.act_round,
         }
     }
 }

@@ -95,6 +95,7 @@ impl Device {
             stats: &self.stats,
             health: &self.health,
             host: None,
+            act_round: false,
         };
         // SAFETY: the buffers match their descriptions and dst overlaps no source.
         unsafe { compute(&cx, &group) };

@@ -196,6 +196,32 @@ fn off_by_default_and_fused_groups_take_the_fp16_path() {
 }
 
 #[test]
+fn activations_are_rounded_as_the_cpu_backend_rounds_them() {
+    use ane_convert::act_round::ActRound;
+    let (k, rows, n) = (64, 32, 40);
+    let x = rand_vec(k * n, 3);
+    let (raw, w) = blocks(QuantKind::Q8_0, rows, k, 5);
+    let mut dev = Device::new(ReferenceEngine::new(Chip::M4.limits()), KernelCache::new(8));
+    dev.act_round = true;
+    let rig = Rig(dev);
+    let got = rig.run(&[(QuantKind::Q8_0, &raw, rows)], &x, k, n);
+    // The CPU backend multiplies Q8_0 weights by Q8_0-rounded activations: so does the device.
+    let mut xr = x.clone();
+    for row in xr.chunks_exact_mut(k) {
+        assert!(ActRound::Q8_0.apply(row));
+    }
+    assert_close(&got[0], &oracle(&w, &xr, k, rows, n));
+    // ... and that is not the product with the plain activations.
+    let plain = oracle(&w, &x, k, rows, n);
+    let off = got[0]
+        .iter()
+        .zip(&plain)
+        .filter(|(g, (w, mag))| (**g as f64 - w).abs() > mag / 1024.0 + w.abs() / 1024.0 + 1e-6)
+        .count();
+    assert!(off > 0, "no output moved: the activations were not rounded");
+}
+
+#[test]
 fn baked_programs_share_the_loaded_budget() {
     let (k, rows, n) = (64, 32, 40);
     let x = rand_vec(k * n, 3);

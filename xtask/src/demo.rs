@@ -27,16 +27,38 @@ pub fn build_plugin() -> Result<std::path::PathBuf> {
     Ok(lib)
 }
 
-pub fn run() -> Result {
+/// The demo on the tiny generated f16 model, or on `model` (any GGUF, with `--no-repack` so
+/// quantized weights stay where the plugin can read them, and a prompt long enough for a real
+/// tokenizer to pass the minimum batch).
+pub fn run(model: Option<&std::path::Path>) -> Result {
+    if let Some(m) = model {
+        if !m.is_file() {
+            return Err(format!("--model {}: no such file", m.display()).into());
+        }
+    }
     let plugin = build_plugin()?;
     llama::run(false)?;
-    models::run()?;
-    let _s = Section::new("demo: llama-completion with the ANE plugin (reference engine)");
+    let (path, prompt, extra): (std::path::PathBuf, &str, &[&str]) = match model {
+        Some(m) => (
+            m.to_path_buf(),
+            crate::bench_fallback::TEXT_PROMPT,
+            &["--no-repack"],
+        ),
+        None => {
+            models::run()?;
+            (models::path("f16"), PROMPT, &[])
+        }
+    };
+    let _s = Section::new(format!(
+        "demo: llama-completion on {} with the ANE plugin (reference engine)",
+        path.display()
+    ));
     let mut cmd = Command::new(llama::bin("llama-completion"));
     cmd.arg("-m")
-        .arg(models::path("f16"))
-        .args(["-p", PROMPT, "-n", "16", "-no-cnv", "--temp", "0"])
+        .arg(&path)
+        .args(["-p", prompt, "-n", "16", "-no-cnv", "--temp", "0"])
         .args(["-t", "2", "--no-warmup"])
+        .args(extra)
         .env("GGML_BACKEND_PATH", &plugin)
         .env("GGML_ANE_ENGINE", "reference")
         .env("GGML_ANE_STATS", "1")

@@ -14,8 +14,10 @@ commands:
                     model (Gemma 3 270M Q4_K_M) once into target/models
   bench-fallback    every ANE dispatch failing against CPU-only llama.cpp, same run: prompt
                     t/s of the real model, per-op ms of an 8B layer's matmuls, greedy text
-  demo              build the plugin and run llama-completion with it, printing the
-                    plugin's offload statistics
+  demo [--model PATH]
+                    build the plugin and run llama-completion with it, printing the
+                    plugin's offload statistics (where each matmul ran); on the tiny
+                    generated model, or on any GGUF with --model (run with --no-repack)
   test [--only STEPS] [--skip STEPS] [--plugin PATH]
                     the full test suite; STEPS is a comma list of
                     setup,unit,mil,coreml,ops,faults,fallback,e2e,real,overflow,fuzz,sched,placement,plan,contexts,host2 (default: all, in that order);
@@ -34,10 +36,15 @@ environment:
 #[derive(Debug, PartialEq)]
 pub enum Cmd {
     Help,
-    Llama { force: bool },
+    Llama {
+        force: bool,
+    },
     Venv,
     Models,
-    Demo,
+    /// `demo [--model PATH]`.
+    Demo {
+        model: Option<std::path::PathBuf>,
+    },
     BenchFallback,
     Test(TestOpts),
     CheckApple,
@@ -95,7 +102,20 @@ pub fn parse(args: impl Iterator<Item = String>) -> Result<Cmd, String> {
         }
         "venv" => no_flags(&mut rest).map(|()| Cmd::Venv),
         "models" => no_flags(&mut rest).map(|()| Cmd::Models),
-        "demo" => no_flags(&mut rest).map(|()| Cmd::Demo),
+        "demo" => {
+            let mut model = None;
+            while let Some(a) = rest.next() {
+                match a.split_once('=') {
+                    Some(("--model", v)) => model = Some(v.into()),
+                    None if a == "--model" => match rest.next() {
+                        Some(v) => model = Some(v.into()),
+                        None => return Err("`--model` needs a GGUF path".into()),
+                    },
+                    _ => return Err(format!("unexpected argument `{a}` for `demo`")),
+                }
+            }
+            Ok(Cmd::Demo { model })
+        }
         "bench-fallback" => no_flags(&mut rest).map(|()| Cmd::BenchFallback),
         "check-apple" => no_flags(&mut rest).map(|()| Cmd::CheckApple),
         "test" => {

@@ -62,12 +62,13 @@ pub const API2: Host = Host {
 };
 
 /// The binaries the tests and the demo run on [`API3`].
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "test-backend-ops",
     "llama-completion",
     "llama-bench",
     "llama-simple",
     "llama-perplexity",
+    "llama-quantize",
 ];
 
 impl Host {

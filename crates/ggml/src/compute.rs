@@ -1,0 +1,200 @@
+//! Computing a graph split: claimed MUL_MAT nodes in order, fused into groups that share src1
+//! (`joins`), the lookahead's speculated companions added (`lookahead`), each group handed to
+//! [`matmul::compute`].
+
+use crate::boundary::{desc, is_noop};
+use crate::claim::companion_claimed;
+use crate::config::{Config, StatsMode};
+use crate::device::*;
+use crate::ffi::*;
+use crate::matmul::{self, Group, Member, Operand};
+use crate::support::{self, Policy};
+use crate::{ggml, host_cpu, lookahead, open};
+
+/// A claimed MUL_MAT node as a group member, after re-checking what compute relies on.
+///
+/// # Safety
+/// `node` is a MUL_MAT of the graph ggml handed to `graph_compute`, with allocated host tensors.
+pub(crate) unsafe fn member(
+    g: &ggml::Ggml,
+    node: &ggml_tensor,
+) -> Result<(Member, Operand, ggml::TypeInfo, bool), String> {
+    // SAFETY: a MUL_MAT node has two valid sources.
+    let (s0, s1) = unsafe { (&*node.src[0], &*node.src[1]) };
+    let i0 = g.type_info(s0.type_).ok_or("unknown src0 type")?;
+    let i1 = g.type_info(s1.type_).ok_or("unknown src1 type")?;
+    // Whatever the scheduler sends, compute only what support::mul_mat accepts shape-wise (the
+    // batch-size gate does not matter for correctness here).
+    let policy = Policy { min_batch: 0 };
+    support::mul_mat(&desc(s0), &desc(s1), &desc(node), Some(i0), policy)
+        .map_err(|d| format!("unsupported MUL_MAT: {}", d.name()))?;
+    if s0.data.is_null() || s1.data.is_null() || node.data.is_null() {
+        return Err("MUL_MAT tensor without data".into());
+    }
+    let op = |t: &ggml_tensor| Operand {
+        desc: desc(t),
+        data: t.data as *const u8,
+    };
+    Ok((
+        Member {
+            src0: op(s0),
+            src0_info: i0,
+            dst: op(node),
+        },
+        op(s1),
+        i1,
+        g.is_weight(s0),
+    ))
+}
+
+/// Runs a group through the planner and engine, with its learnt companions (see [`lookahead`])
+/// when `head_buffer`, the byte range of the buffer holding the group's first weight, is known:
+/// only companions inside it are read (a companion learnt from a model freed since is never
+/// touched).
+pub(crate) fn run_group(
+    dev: &DeviceState,
+    host: &host_cpu::HostCpu,
+    mut group: Group,
+    head_buffer: Option<(usize, usize)>,
+    stash: &mut lookahead::Stash,
+) {
+    // SAFETY: the group was built from this graph's claimed MUL_MATs (valid host tensors); the
+    // stash is borrowed until the group is computed.
+    let head_ty = group.members[0].src0.desc.ty;
+    let speculated = Config::get().lookahead
+        && !dev.health.is_off()
+        && head_buffer.is_some_and(|range| {
+            // SAFETY: as above.
+            let added = unsafe {
+                stash.speculate(&dev.learner, &dev.stats, &mut group, |w, src1| {
+                    companion_claimed(dev, head_ty, w, src1, range)
+                })
+            };
+            added > 0
+        });
+    // SAFETY: the group was built from this graph's claimed MUL_MATs: valid host tensors, dst
+    // separate from its sources (ggml allocates an op's output apart from its inputs); speculated
+    // members write into the stash.
+    let cx = matmul::Context {
+        host: Some(host),
+        act_round: Config::get().act_round,
+        ..dev.matmul_cx()
+    };
+    let fallback = unsafe { matmul::compute(&cx, &group) };
+    if speculated {
+        stash.computed(fallback);
+    }
+    // Memory may have changed hands: the next take compares bytes again.
+    stash.begin();
+}
+
+/// Fusion rule: a MUL_MAT joins the open group when it reads the same src1, its src0 is a 2-D
+/// weight with the same K, and only no-op nodes or group members lie in between. Then no tensor is
+/// freed (and its memory handed to a later member's output) between the first and the last member,
+/// so computing all of them at once is the same as computing them in graph order.
+pub(crate) fn joins(group: &Group, m: &Member, src1: &Operand, weight: bool) -> bool {
+    let first = &group.members[0].src0.desc;
+    group.weights
+        && weight
+        && group.src1.data == src1.data
+        && group.src1.desc == src1.desc
+        && first.ne[2] == 1
+        && first.ne[3] == 1
+        && m.src0.desc.ne[2] == 1
+        && m.src0.desc.ne[3] == 1
+        && m.src0.desc.ne[0] == first.ne[0]
+        && matmul::rounds_alike(first.ty, m.src0.desc.ty)
+}
+
+pub(crate) fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
+    let (Ok(dev), Some(g)) = (device_state(), ggml::ggml()) else {
+        return GGML_STATUS_FAILED;
+    };
+    let mut stash = ctx.stash.lock().unwrap_or_else(|e| e.into_inner());
+    stash.begin();
+    let lookahead = Config::get().lookahead;
+    // SAFETY: ggml passes a valid graph; nodes are valid tensors for the duration of the call.
+    let n = unsafe { (g.graph_n_nodes)(cgraph) };
+    // The open group and the buffer range of its first weight.
+    let mut open: Option<(Group, Option<(usize, usize)>)> = None;
+    for i in 0..n {
+        // SAFETY: 0 <= i < n.
+        let Some(node) = (unsafe { (g.graph_node)(cgraph, i).as_ref() }) else {
+            return GGML_STATUS_FAILED;
+        };
+        if is_noop(node.op) || node.flags & GGML_TENSOR_FLAG_COMPUTE == 0 {
+            continue;
+        }
+        if node.op != GGML_OP_MUL_MAT {
+            eprintln!("ggml-ane: graph_compute got op {} it never claims", node.op);
+            return GGML_STATUS_FAILED;
+        }
+        // SAFETY: node is a MUL_MAT of this graph.
+        let (m, src1, src1_info, weight) = match unsafe { member(g, node) } {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("ggml-ane: {e}");
+                return GGML_STATUS_FAILED;
+            }
+        };
+        if Config::get().stats != StatsMode::Off {
+            // SAFETY: a MUL_MAT has a valid src0 with a NUL-terminated name.
+            let name = unsafe { std::ffi::CStr::from_ptr((*node.src[0]).name.as_ptr()) };
+            dev.stats.count_weight(&name.to_string_lossy());
+        }
+        if lookahead && weight && stash.waits_for(&m) {
+            // Computed in an earlier split's dispatch: the groups before it run first (graph order).
+            if let Some((done, range)) = open.take() {
+                run_group(dev, &ctx.host, done, range, &mut stash);
+            }
+            // SAFETY: m and src1 are this graph's MUL_MAT operands (valid host tensors).
+            if unsafe { stash.take(&dev.learner, &dev.stats, &m, &src1) } {
+                continue;
+            }
+        }
+        match open.as_mut() {
+            Some((group, _)) if joins(group, &m, &src1, weight) => group.members.push(m),
+            _ => {
+                if let Some((done, range)) = open.take() {
+                    run_group(dev, &ctx.host, done, range, &mut stash);
+                }
+                // SAFETY: a MUL_MAT node has a valid src0.
+                let range = g.buffer_range(unsafe { &*node.src[0] });
+                open = Some((
+                    Group {
+                        src1,
+                        src1_info,
+                        members: vec![m],
+                        weights: weight,
+                        speculative: 0,
+                    },
+                    range,
+                ));
+            }
+        }
+    }
+    if let Some((done, range)) = open.take() {
+        run_group(dev, &ctx.host, done, range, &mut stash);
+    }
+    GGML_STATUS_SUCCESS
+}
+
+pub(crate) fn print_stats(dev: &DeviceState) {
+    let counters = dev.engine.counters();
+    let text = match Config::get().stats {
+        StatsMode::Off => return,
+        StatsMode::Table => {
+            dev.stats
+                .to_table(dev.engine.name(), counters, open::engine_attempts())
+        }
+        StatsMode::Json => format!(
+            "ggml-ane-stats: {}\n",
+            dev.stats
+                .to_json(dev.engine.name(), counters, open::engine_attempts())
+        ),
+    };
+    // One write for the whole text: the host's logger thread writes to stderr concurrently, and
+    // `eprint!` would issue several writes that its lines could split.
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}

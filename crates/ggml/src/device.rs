@@ -1,0 +1,115 @@
+//! The device state every backend instance of the `ANE` device shares: engine, planner, kernel
+//! cache, staged weights, stats, health; created once, on first use.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use ane_engine::Engine;
+
+use crate::boundary::catch_panic;
+use crate::config::{self, Config};
+use crate::matmul::{self, KernelCache, ScratchPool, StagedWeights};
+use crate::stats::Stats;
+use crate::support::Policy;
+use crate::{ggml, health, host_cpu, lookahead, open};
+use ane_plan::Planner;
+
+/// Everything one `ANE` device shares across its backend instances (threads may call at once).
+pub struct DeviceState {
+    pub(crate) engine: Arc<dyn Engine>,
+    pub(crate) planner: Planner,
+    pub(crate) cache: Mutex<KernelCache>,
+    pub(crate) staged: Mutex<StagedWeights>,
+    pub(crate) scratch: Mutex<ScratchPool>,
+    pub(crate) stats: Stats,
+    pub(crate) policy: Policy,
+    /// Which weights share activations across splits (see [`lookahead`]).
+    pub(crate) learner: Mutex<lookahead::Learner>,
+    /// Published costs of the engine's chip (`GGML_ANE_ROUTE=cost`).
+    pub(crate) cost: ane_plan::cost::ChipCost,
+    /// Whether the device gave up after a run of engine failures.
+    pub(crate) health: health::Health,
+}
+
+impl DeviceState {
+    /// What the compute paths need of the device.
+    pub(crate) fn matmul_cx(&self) -> matmul::Context<'_> {
+        matmul::Context {
+            engine: self.engine.as_ref(),
+            planner: &self.planner,
+            cache: &self.cache,
+            staged: &self.staged,
+            scratch: &self.scratch,
+            stats: &self.stats,
+            health: &self.health,
+            host: None,
+            act_round: Config::get().act_round,
+        }
+    }
+}
+
+/// One backend instance (a llama context): what must not be shared with other instances.
+#[derive(Default)]
+pub(crate) struct BackendCtx {
+    /// Speculated outputs of this instance's graphs.
+    pub(crate) stash: Mutex<lookahead::Stash>,
+    /// The host's CPU backend, for this instance's fallbacks (with the host's thread count).
+    pub(crate) host: host_cpu::HostCpu,
+}
+
+/// The device state, or why there is none. Created on first use, never in `ggml_backend_score`'s
+/// hot path more than once.
+pub(crate) fn device_state() -> Result<&'static DeviceState, &'static str> {
+    static STATE: OnceLock<Result<DeviceState, String>> = OnceLock::new();
+    STATE
+        .get_or_init(|| {
+            let cfg = Config::get();
+            if ggml::ggml().is_none() {
+                return Err("ggml-base symbols not found in this process".into());
+            }
+            let engine = open::open_engine(cfg).map_err(|e| e.to_string())?;
+            // SAFETY: registering a plain `extern "C" fn()` has no preconditions; it runs once at
+            // normal process exit.
+            unsafe { libc::atexit(ggml_backend_ane_at_exit) };
+            Ok(DeviceState {
+                policy: Policy {
+                    min_batch: cfg.min_batch,
+                },
+                planner: Planner {
+                    layout: cfg.layout,
+                    ..Planner::new(engine.limits())
+                },
+                cache: Mutex::new(
+                    KernelCache::new(cfg.max_programs.min(engine.limits().max_loaded_programs))
+                        .compressed(cfg.weights == config::WeightsMode::Compressed),
+                ),
+                staged: Mutex::new(StagedWeights::new(cfg.stage_max_mb.saturating_mul(1 << 20))),
+                scratch: Mutex::new(ScratchPool::default()),
+                health: health::Health::new(cfg.give_up),
+                cost: {
+                    let published = ane_plan::cost::chip_cost(engine.chip());
+                    // Validated when the configuration was read.
+                    cfg.cost
+                        .as_deref()
+                        .and_then(|s| published.with_overrides(s).ok())
+                        .unwrap_or(published)
+                },
+                engine,
+                stats: Stats::default(),
+                learner: Mutex::default(),
+            })
+        })
+        .as_ref()
+        .map_err(|s| s.as_str())
+}
+
+/// At normal exit, unloads every program: on the ANE that frees the driver's slots and removes
+/// the model directories (they hold weights). Skipped if another thread holds the cache.
+pub(crate) extern "C" fn ggml_backend_ane_at_exit() {
+    catch_panic((), || {
+        if let Ok(dev) = device_state() {
+            if let Ok(mut cache) = dev.cache.try_lock() {
+                cache.clear(dev.engine.as_ref());
+            }
+        }
+    })
+}

@@ -1,0 +1,413 @@
+//! Weight staging: fp16 copies of weight matrices in the layout a dispatch binds, kept by identity
+//! (at load through `stage_at_load`/`prestage`, or by a group's first dispatch through `stage`).
+
+use super::*;
+
+/// Staged weights: fp16 copies of weight matrices in the program's `b_w` layout, by identity,
+/// each already in a surface of the request size, so a dispatch hands it to the engine as is.
+#[derive(Debug, Default)]
+pub struct StagedWeights {
+    pub(super) entries: HashMap<u128, (Arc<Surface>, u64)>,
+    /// Single weight matrices converted ahead of time ([`prestage`]), by [`member_key`], until a
+    /// group's surface is built from them.
+    pub(super) prestaged: HashMap<u128, Arc<Vec<f16>>>,
+    pub(super) prestaged_bytes: usize,
+    pub(super) bytes: usize,
+    pub(super) tick: u64,
+    /// Staged at load ([`stage_at_load`]) and not used by a dispatch yet.
+    pub(super) unused: std::collections::HashSet<u128>,
+    /// The first entry a dispatch used: when it is used again, a pass over the model is over.
+    pub(super) first: Option<u128>,
+    /// Cap on staged bytes; least recently used entries go first.
+    pub max_bytes: usize,
+}
+
+impl StagedWeights {
+    /// A store holding at most `max_bytes` of surfaces.
+    pub fn new(max_bytes: usize) -> Self {
+        StagedWeights {
+            max_bytes,
+            ..Default::default()
+        }
+    }
+
+    /// Bytes held (surfaces and prestaged matrices).
+    pub fn bytes(&self) -> usize {
+        self.bytes + self.prestaged_bytes
+    }
+
+    /// Takes a matrix converted ahead ([`prestage`]) out of the store.
+    pub(super) fn take_prestaged(&mut self, key: &u128) -> Option<Arc<Vec<f16>>> {
+        let p = self.prestaged.remove(key)?;
+        self.prestaged_bytes -= p.len() * 2;
+        Some(p)
+    }
+
+    /// A dispatch is about to use `key`. The first key dispatched marks the start of a pass over
+    /// the model (a prompt, or a ubatch of one); when it comes again, the groups staged at load
+    /// that no dispatch used in between are released: llama.cpp reserves with every row an
+    /// output, but a prefill computes the last layer's FFN and the LM head for one row (CPU), so
+    /// those would otherwise hold their surfaces for nothing. A later use stages them again.
+    /// Returns how many were released.
+    pub(super) fn note_dispatch(&mut self, key: u128) -> usize {
+        self.unused.remove(&key);
+        match self.first {
+            // Also when the marker is gone (evicted, or its group changed): restart the pass.
+            None => {
+                self.first = Some(key);
+                0
+            }
+            Some(f) if !self.entries.contains_key(&f) => {
+                self.first = Some(key);
+                0
+            }
+            Some(f) if f == key => {
+                let mut n = 0;
+                for k in std::mem::take(&mut self.unused) {
+                    if let Some((e, _)) = self.entries.remove(&k) {
+                        self.bytes -= e.alloc_size();
+                        n += 1;
+                    }
+                }
+                n
+            }
+            Some(_) => 0,
+        }
+    }
+
+    pub(super) fn get_or_insert<E>(
+        &mut self,
+        key: u128,
+        make: impl FnOnce() -> Result<Surface, E>,
+    ) -> Result<Arc<Surface>, E> {
+        self.tick += 1;
+        if let Some(e) = self.entries.get_mut(&key) {
+            e.1 = self.tick;
+            return Ok(e.0.clone());
+        }
+        let v = Arc::new(make()?);
+        let size = v.alloc_size();
+        while self.bytes + size > self.max_bytes && !self.entries.is_empty() {
+            let (&old, _) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .expect("non-empty");
+            if let Some((e, _)) = self.entries.remove(&old) {
+                self.bytes -= e.alloc_size();
+            }
+        }
+        if size <= self.max_bytes {
+            self.bytes += size;
+            self.entries.insert(key, (v.clone(), self.tick));
+        }
+        Ok(v)
+    }
+}
+
+/// Identity of one weight matrix: address, description and a fingerprint of its first and last
+/// bytes (see [`stage_key`]).
+///
+/// # Safety
+/// `m.src0` must be readable.
+pub(crate) unsafe fn member_key(m: &Member) -> u128 {
+    let d = &m.src0.desc;
+    let mut h = Xxh3::new();
+    h.update(&(m.src0.data as usize).to_le_bytes());
+    h.update(&d.ty.to_le_bytes());
+    for v in
+        d.ne.iter()
+            .map(|v| *v as u64)
+            .chain(d.nb.iter().map(|v| *v as u64))
+    {
+        h.update(&v.to_le_bytes());
+    }
+    let row = (d.ne[0] as usize) / m.src0_info.blck_size * m.src0_info.type_size;
+    let n = row.min(256);
+    let last = (d.ne[1] as usize - 1) * d.nb[1];
+    // SAFETY: the first and the last row each have at least `n` readable bytes.
+    unsafe {
+        h.update(std::slice::from_raw_parts(m.src0.data, n));
+        h.update(std::slice::from_raw_parts(m.src0.data.add(last), n));
+    }
+    h.digest128()
+}
+
+/// The rows of a 2-D weight as fp16, row-major `[M][K]`.
+///
+/// # Safety
+/// `m.src0` must be readable.
+pub(super) unsafe fn rows_f16(m: &Member) -> Vec<f16> {
+    let d = &m.src0.desc;
+    let (k, rows) = (d.ne[0] as usize, d.ne[1] as usize);
+    let mut out = vec![f16::ZERO; k * rows];
+    let mut row = vec![0f32; k];
+    let len = ane_convert::row_bytes(d.ty, k).filter(|_| d.nb[0] == m.src0_info.type_size);
+    for (i1, dst) in out.chunks_exact_mut(k).enumerate() {
+        let base = i1 * d.nb[1];
+        let converted = len.is_some_and(|len| {
+            // SAFETY: a contiguous row of k elements is `len` readable bytes at `base`.
+            let bytes = unsafe { std::slice::from_raw_parts(m.src0.data.add(base), len) };
+            ane_convert::row_to_f16(d.ty, bytes, dst).is_ok()
+        });
+        if !converted {
+            // SAFETY: forwarded contract.
+            unsafe { read_row(&m.src0, &m.src0_info, i1, 0, 0, &mut row) };
+            for (h, &v) in dst.iter_mut().zip(&row) {
+                *h = f16::from_f32(v);
+            }
+        }
+    }
+    out
+}
+
+/// Converts a 2-D weight matrix to fp16 ahead of its first dispatch. The plugin calls this from
+/// `supports_op` when llama.cpp reserves its prefill graph at context creation, so a model's
+/// weights are converted at load rather than inside the first prompt. Returns the bytes added (0
+/// if already there, not 2-D, or over `staged.max_bytes`).
+///
+/// # Safety
+/// `m.src0` must be a readable weight tensor.
+pub unsafe fn prestage(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member) -> usize {
+    let d = &m.src0.desc;
+    if d.ne[2] != 1 || d.ne[3] != 1 || m.src0.data.is_null() {
+        return 0;
+    }
+    // SAFETY: forwarded contract.
+    let key = unsafe { member_key(m) };
+    let size = (d.ne[0] * d.ne[1]) as usize * 2;
+    {
+        let s = staged.lock().unwrap_or_else(|e| e.into_inner());
+        if s.prestaged.contains_key(&key) || s.bytes() + size > s.max_bytes {
+            return 0;
+        }
+    }
+    let t = Instant::now();
+    // SAFETY: forwarded contract.
+    let rows = Arc::new(unsafe { rows_f16(m) });
+    add_time(&stats.ns_stage, t.elapsed());
+    let mut s = staged.lock().unwrap_or_else(|e| e.into_inner());
+    if s.prestaged.insert(key, rows).is_none() {
+        s.prestaged_bytes += size;
+    }
+    stats
+        .staged_bytes
+        .store(s.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
+    size
+}
+
+/// Stages a group of 2-D weights (same K, in the order a dispatch stacks them) into the surface
+/// its dispatches will bind, ahead of the first one. The plugin calls this from `supports_op`
+/// while llama.cpp reserves its graphs at context creation, for the groups the lookahead learner
+/// completes (`lookahead::Ready`), so a prompt finds its weights staged. Returns the bytes added:
+/// 0 if staged already, not 2-D weights of one K, or over `staged.max_bytes` (nothing is evicted
+/// for it; the first dispatch stages what did not fit).
+///
+/// # Safety
+/// Every member's src0 must be a readable weight tensor (dst is not used).
+pub unsafe fn stage_at_load(cx: &Context<'_>, members: &[Member]) -> Result<usize, EngineError> {
+    let Some(first) = members.first() else {
+        return Ok(0);
+    };
+    let k = first.src0.desc.ne[0];
+    if !members.iter().all(|m| {
+        let d = &m.src0.desc;
+        d.ne[0] == k && d.ne[2] == 1 && d.ne[3] == 1 && !m.src0.data.is_null()
+    }) {
+        return Ok(0);
+    }
+    let m_total: usize = members.iter().map(|m| m.src0.desc.ne[1] as usize).sum();
+    // The tiling `compute` uses for weights (it does not depend on the column bucket).
+    let s = cx.planner.tile(k as usize, m_total, cx.planner.max_cols());
+    let size = request_size(&s, cx.planner.max_cols());
+    // SAFETY: forwarded contract.
+    let key = unsafe { stage_key(members, &s) };
+    // SAFETY: forwarded contract.
+    let member_keys: Vec<u128> = members.iter().map(|m| unsafe { member_key(m) }).collect();
+    let pre: Vec<Option<Arc<Vec<f16>>>> = {
+        let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+        if staged.entries.contains_key(&key) || staged.bytes() + size > staged.max_bytes {
+            return Ok(0);
+        }
+        // Matrices converted ahead (`prestage`) become part of this surface.
+        member_keys
+            .iter()
+            .map(|k| staged.take_prestaged(k))
+            .collect()
+    };
+    // Converted without the lock: other contexts' dispatches go on meanwhile.
+    let t = Instant::now();
+    // SAFETY: forwarded contract.
+    let made = unsafe { stage(cx.engine, members, 0, 0, &s, size, &pre) }?;
+    add_time(&cx.stats.ns_stage, t.elapsed());
+    let added = made.alloc_size();
+    let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+    if staged.entries.contains_key(&key) || staged.bytes() + added > staged.max_bytes {
+        return Ok(0); // staged by a dispatch meanwhile, or the budget filled up
+    }
+    staged.get_or_insert(key, || Ok::<_, EngineError>(made))?;
+    staged.unused.insert(key);
+    cx.stats.groups_staged_load.fetch_add(1, Relaxed);
+    cx.stats.staged_bytes.store(staged.bytes() as u64, Relaxed);
+    Ok(added)
+}
+
+/// Identity of a group's staged weights: its members' [`member_key`]s and the program's tiling.
+///
+/// # Safety
+/// The members' src0 must be readable.
+pub(super) unsafe fn stage_key(members: &[Member], shape: &TiledShape) -> u128 {
+    let mut h = Xxh3::new();
+    for m in members {
+        // SAFETY: forwarded contract.
+        h.update(&unsafe { member_key(m) }.to_le_bytes());
+    }
+    for v in [shape.tiles, shape.k_chunks, shape.m_tile, shape.k_chunk] {
+        h.update(&v.to_le_bytes());
+    }
+    h.update(&[shape.layout as u8]);
+    h.digest128()
+}
+
+/// Rows of a token-major `b_w` gathered before they are written transposed: one flush writes
+/// runs of this many halves (64 bytes) instead of one element per row.
+pub(super) const T_BLOCK: usize = 32;
+
+/// Places converted weight rows (consecutive, from row 0) in `b_w` as the layout wants them:
+/// row slices as they are (channel-first), or transposed through blocks of [`T_BLOCK`] rows of one
+/// tile (token-major).
+pub(super) struct WeightWriter<'a> {
+    pub(super) w: &'a mut [f16],
+    pub(super) s: &'a TiledShape,
+    pub(super) k: usize,
+    pub(super) block: Vec<f16>,
+    pub(super) first: usize,
+    pub(super) rows: usize,
+}
+
+impl<'a> WeightWriter<'a> {
+    pub(super) fn new(w: &'a mut [f16], s: &'a TiledShape, k: usize) -> Self {
+        let block = match s.layout {
+            Layout::Tokens => vec![f16::ZERO; T_BLOCK * k],
+            Layout::Channels => Vec::new(),
+        };
+        WeightWriter {
+            w,
+            s,
+            k,
+            block,
+            first: 0,
+            rows: 0,
+        }
+    }
+
+    /// Row `r` (converted, `k` values).
+    pub(super) fn push(&mut self, r: usize, row16: &[f16]) {
+        let s = self.s;
+        let (t, mi) = (r / s.m_tile, r % s.m_tile);
+        if s.layout == Layout::Channels {
+            for c in 0..s.k_chunks {
+                let lo = c * s.k_chunk;
+                let hi = (lo + s.k_chunk).min(self.k);
+                if lo >= hi {
+                    break;
+                }
+                let at = s.w_index(t, c, mi, 0);
+                self.w[at..at + (hi - lo)].copy_from_slice(&row16[lo..hi]);
+            }
+            return;
+        }
+        if self.rows == 0 {
+            self.first = r;
+        }
+        self.block[self.rows * self.k..(self.rows + 1) * self.k].copy_from_slice(row16);
+        self.rows += 1;
+        if self.rows == T_BLOCK || mi + 1 == s.m_tile {
+            self.flush();
+        }
+    }
+
+    /// Writes the gathered token-major rows.
+    pub(super) fn flush(&mut self) {
+        let (s, k, n) = (self.s, self.k, self.rows);
+        if n == 0 {
+            return;
+        }
+        let (t, mi) = (self.first / s.m_tile, self.first % s.m_tile);
+        for c in 0..s.k_chunks {
+            let lo = c * s.k_chunk;
+            let hi = (lo + s.k_chunk).min(k);
+            if lo >= hi {
+                break;
+            }
+            // `n` rows x (hi - lo) columns of the block, to k-major runs of `n` in the slice.
+            let at = s.w_index(t, c, mi, 0);
+            let src = &self.block[lo..(n - 1) * k + hi];
+            let dst = &mut self.w[at..at + (hi - lo - 1) * s.m_tile + n];
+            ane_convert::transpose_f16(src, n, hi - lo, k, dst, s.m_tile)
+                .expect("the block and the slice were cut to these shapes");
+        }
+        self.rows = 0;
+    }
+}
+
+/// The stacked src0 rows of matrix (`i2`, `i3`) of every member in the `b_w` layout of `s`
+/// (`[tiles][k_chunks][m_tile][k_chunk]`, or its transpose per slice for token-major programs),
+/// fp16, zero padded, in a surface of `size` bytes.
+/// Rows are converted by `ane_convert` (bit-identical to ggml's `to_float` + fp16 rounding, one
+/// pass) when their blocks are contiguous, else through ggml's `to_float`.
+///
+/// # Safety
+/// The members' src0 must be readable.
+pub(super) unsafe fn stage(
+    engine: &dyn Engine,
+    members: &[Member],
+    i2: usize,
+    i3: usize,
+    s: &TiledShape,
+    size: usize,
+    pre: &[Option<Arc<Vec<f16>>>],
+) -> Result<Surface, EngineError> {
+    let k = members[0].src0.desc.ne[0] as usize;
+    // Engine memory: on the ANE the weights are written once, into the IOSurface every dispatch
+    // of this group binds.
+    let mut surface = engine.new_surface(size)?;
+    let w = surface.fp16_mut(s.w_len());
+    // Engine memory is not cleared: the padding rows and K tails must be zeros.
+    w.fill(f16::ZERO);
+    let mut out = WeightWriter::new(w, s, k);
+    let mut row = vec![0f32; k];
+    let mut row16 = vec![f16::ZERO; k];
+    let mut r = 0;
+    for (mi_member, m) in members.iter().enumerate() {
+        let d = &m.src0.desc;
+        let fast = d.nb[0] == m.src0_info.type_size && ane_convert::row_bytes(d.ty, k).is_some();
+        let ready = pre.get(mi_member).and_then(|p| p.as_ref());
+        for i1 in 0..d.ne[1] as usize {
+            let base = i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3];
+            let converted = if let Some(rows) = ready {
+                // Converted at load by `prestage`: a copy.
+                row16.copy_from_slice(&rows[i1 * k..(i1 + 1) * k]);
+                true
+            } else {
+                fast && {
+                    let len = ane_convert::row_bytes(d.ty, k).unwrap_or(0);
+                    // SAFETY: a contiguous row of k elements is `len` readable bytes at `base`.
+                    let bytes = unsafe { std::slice::from_raw_parts(m.src0.data.add(base), len) };
+                    ane_convert::row_to_f16(d.ty, bytes, &mut row16).is_ok()
+                }
+            };
+            if !converted {
+                // SAFETY: forwarded contract.
+                unsafe { read_row(&m.src0, &m.src0_info, i1, i2, i3, &mut row) };
+                for (h, &v) in row16.iter_mut().zip(&row) {
+                    *h = f16::from_f32(v);
+                }
+            }
+            out.push(r, &row16);
+            r += 1;
+        }
+    }
+    out.flush();
+    Ok(surface)
+}

@@ -434,7 +434,7 @@ impl Stash {
                                 m.dst
                                     .data
                                     .cast_mut()
-                                    .add(i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3])
+                                    .add(d.row_offset(i1, i2, i3))
                                     .cast::<f32>(),
                                 m0,
                             )

@@ -19,6 +19,17 @@ pub struct TensorDesc {
 }
 
 impl TensorDesc {
+    /// Byte offset of element (`i0`, `i1`, `i2`, `i3`): the one place the plugin does ggml's
+    /// stride arithmetic.
+    pub fn offset(&self, i0: usize, i1: usize, i2: usize, i3: usize) -> usize {
+        i0 * self.nb[0] + self.row_offset(i1, i2, i3)
+    }
+
+    /// Byte offset of row `i1` of matrix (`i2`, `i3`).
+    pub fn row_offset(&self, i1: usize, i2: usize, i3: usize) -> usize {
+        i1 * self.nb[1] + i2 * self.nb[2] + i3 * self.nb[3]
+    }
+
     /// Contiguous f32 (or any plain type of `elem` bytes) tensor of shape `ne`.
     pub fn contiguous(ty: i32, elem: usize, ne: [i64; 4]) -> Self {
         let mut nb = [elem, 0, 0, 0];

@@ -140,7 +140,7 @@ pub(super) unsafe fn run_and_scatter(
                     m.dst
                         .data
                         .cast_mut()
-                        .add(i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3])
+                        .add(d.row_offset(i1, i12, i13))
                         .cast::<f32>(),
                     len,
                 )

@@ -68,17 +68,17 @@ pub(super) fn cpu_views(g: &Group, parts: &[Failed]) -> Vec<(crate::host_cpu::Ma
                 let op = MatMul {
                     src0: at(
                         &m.src0,
-                        p.i02 * w.nb[2] + p.i03 * w.nb[3],
+                        w.row_offset(0, p.i02, p.i03),
                         [w.ne[0], w.ne[1], 1, 1],
                     ),
                     src1: at(
                         &g.src1,
-                        i1 * x.nb[1] + i12 * x.nb[2] + i13 * x.nb[3],
+                        x.row_offset(i1, i12, i13),
                         [x.ne[0], len as i64, 1, 1],
                     ),
                     dst: at(
                         &m.dst,
-                        i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3],
+                        d.row_offset(i1, i12, i13),
                         [d.ne[0], len as i64, 1, 1],
                     ),
                 };

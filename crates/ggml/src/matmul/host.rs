@@ -26,7 +26,7 @@ pub(super) unsafe fn read_plain(ty: i32, base: *const u8, off: usize) -> f32 {
 /// `dst` is a writable f32 tensor and the index is within its shape.
 pub(crate) unsafe fn put(dst: &Operand, i0: usize, i1: usize, i2: usize, i3: usize, v: f32) {
     let d = &dst.desc;
-    let off = i0 * d.nb[0] + i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3];
+    let off = d.offset(i0, i1, i2, i3);
     // SAFETY: in bounds by the caller's contract; unaligned-safe write.
     unsafe {
         dst.data
@@ -51,7 +51,7 @@ pub(crate) unsafe fn read_row(
     out: &mut [f32],
 ) {
     let d = &op.desc;
-    let base = i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3];
+    let base = d.row_offset(i1, i2, i3);
     if is_plain(d.ty) {
         for (i0, o) in out.iter_mut().enumerate() {
             // SAFETY: in bounds by the tensor's shape and strides.
@@ -95,10 +95,7 @@ pub(super) unsafe fn fill_activations(
         // SAFETY: rows i1..i1+len of matrix (i12, i13) are readable f32, `len` values from here.
         let src = unsafe {
             std::slice::from_raw_parts(
-                g.src1
-                    .data
-                    .add(i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3])
-                    .cast::<f32>(),
+                g.src1.data.add(d.row_offset(i1, i12, i13)).cast::<f32>(),
                 len,
             )
         };
@@ -155,7 +152,7 @@ pub(super) unsafe fn fill_tokens(
     let round = act_round(cx, g);
     let mut row = vec![0f32; k];
     for (cidx, &(i1, i12, i13)) in cols.iter().enumerate() {
-        let base = i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3];
+        let base = d.row_offset(i1, i12, i13);
         let src: &[f32] = if plain_f32 && round == ActRound::None {
             // SAFETY: a contiguous f32 row of k values starts at `base`.
             unsafe { std::slice::from_raw_parts(g.src1.data.add(base).cast::<f32>(), k) }
@@ -202,7 +199,7 @@ pub(super) unsafe fn scatter_tokens(
         let d = &m.dst.desc;
         let rows = d.ne[0] as usize;
         for (cidx, &(i1, i12, i13)) in cols.iter().enumerate() {
-            let base = i1 * d.nb[1] + i12 * d.nb[2] + i13 * d.nb[3];
+            let base = d.row_offset(i1, i12, i13);
             let mut mi = 0;
             while mi < rows {
                 let (t, row) = ((r0 + mi) / s.m_tile, (r0 + mi) % s.m_tile);

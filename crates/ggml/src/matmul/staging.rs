@@ -384,7 +384,7 @@ pub(super) unsafe fn stage(
         let fast = d.nb[0] == m.src0_info.type_size && ane_convert::row_bytes(d.ty, k).is_some();
         let ready = pre.get(mi_member).and_then(|p| p.as_ref());
         for i1 in 0..d.ne[1] as usize {
-            let base = i1 * d.nb[1] + i2 * d.nb[2] + i3 * d.nb[3];
+            let base = d.row_offset(i1, i2, i3);
             let converted = if let Some(rows) = ready {
                 // Converted at load by `prestage`: a copy.
                 row16.copy_from_slice(&rows[i1 * k..(i1 + 1) * k]);

@@ -12,12 +12,8 @@ use std::sync::atomic::Ordering::Relaxed;
 fn oracle(a: &[f32], ad: &TensorDesc, b: &[f32], bd: &TensorDesc) -> Vec<f64> {
     let [k, m, ne02, ne03] = ad.ne.map(|v| v as usize);
     let [_, n, ne12, ne13] = bd.ne.map(|v| v as usize);
-    let at = |i0: usize, i1: usize, i2: usize, i3: usize| {
-        a[(i0 * ad.nb[0] + i1 * ad.nb[1] + i2 * ad.nb[2] + i3 * ad.nb[3]) / 4] as f64
-    };
-    let bt = |i0: usize, i1: usize, i2: usize, i3: usize| {
-        b[(i0 * bd.nb[0] + i1 * bd.nb[1] + i2 * bd.nb[2] + i3 * bd.nb[3]) / 4] as f64
-    };
+    let at = |i0: usize, i1: usize, i2: usize, i3: usize| a[(ad.offset(i0, i1, i2, i3)) / 4] as f64;
+    let bt = |i0: usize, i1: usize, i2: usize, i3: usize| b[(bd.offset(i0, i1, i2, i3)) / 4] as f64;
     let mut out = vec![0.0; m * n * ne12 * ne13];
     for i3 in 0..ne13 {
         for i2 in 0..ne12 {

@@ -108,6 +108,180 @@ pub const DEFAULT_STAGE_MAX_MB: usize = 16384;
 /// Default for `GGML_ANE_MAX_PROGRAMS`: well under the ~128 loaded-program cap of the ANE.
 pub const DEFAULT_MAX_PROGRAMS: usize = 96;
 
+/// What a knob accepts.
+#[derive(Clone, Copy, Debug)]
+pub enum Values {
+    /// One of these words (case-insensitive).
+    OneOf(&'static [&'static str]),
+    /// An integer >= 1.
+    Positive,
+    /// An integer >= 0.
+    Count,
+    /// A chip name (`m1` .. `m5`).
+    Chip,
+    /// `key=value,...` overrides of the cost model (`ane_plan::cost`).
+    Costs,
+    /// The fault spec of the reference engine (`ane_engine::reference::faults`).
+    Faults,
+    /// Anything: the knob is on when set.
+    Presence,
+}
+
+/// One environment variable of the plugin: its name, default, and what it accepts, listed once
+/// (`KNOBS`): the parser, the warnings and the README's table all follow it.
+#[derive(Clone, Copy, Debug)]
+pub struct Knob {
+    /// `GGML_ANE_...`.
+    pub name: &'static str,
+    /// The value used when unset or invalid.
+    pub default: &'static str,
+    /// What it accepts.
+    pub values: Values,
+}
+
+impl Knob {
+    /// Whether `v` (trimmed) is a value this knob accepts.
+    pub fn accepts(&self, v: &str) -> bool {
+        match self.values {
+            Values::OneOf(words) => words.iter().any(|w| w.eq_ignore_ascii_case(v)),
+            Values::Positive => v.parse::<usize>().is_ok_and(|n| n >= 1),
+            Values::Count => v.parse::<u32>().is_ok(),
+            Values::Chip => Chip::from_str(v).is_ok(),
+            Values::Costs => ane_plan::cost::chip_cost(Chip::M4)
+                .with_overrides(v)
+                .is_ok(),
+            Values::Faults => v.parse::<FaultSpec>().is_ok(),
+            Values::Presence => true,
+        }
+    }
+
+    /// The accepted values, for warnings.
+    pub fn describe(&self) -> String {
+        match self.values {
+            Values::OneOf(words) => words.join(", "),
+            Values::Positive => "an integer >= 1".into(),
+            Values::Count => "an integer >= 0".into(),
+            Values::Chip => "m1, m2, m3, m4, m5".into(),
+            Values::Costs => "key=value,... (dispatch_ms, peak_tflops, half_gflop, sram_bytes, \
+                compile_ms, load_ms, cpu_tflops, matmul_penalty)"
+                .into(),
+            Values::Faults => "compile=P,load=P,eval=P,alloc=P,exception=P[,seed=S]".into(),
+            Values::Presence => "any value".into(),
+        }
+    }
+
+    /// The value to use: the variable's (trimmed, lower-cased) when it is accepted, else the
+    /// default, with one warning naming the variable, what it accepts and the default.
+    fn read(&self, get: &dyn Fn(&str) -> Option<String>, warn: &mut dyn FnMut(String)) -> String {
+        match get(self.name) {
+            Some(v) if self.accepts(v.trim()) => v.trim().to_ascii_lowercase(),
+            Some(v) => {
+                warn(format!(
+                    "ggml-ane: ignoring {}={v:?} (valid: {}); using {}",
+                    self.name,
+                    self.describe(),
+                    if self.default.is_empty() {
+                        "none"
+                    } else {
+                        self.default
+                    }
+                ));
+                self.default.to_string()
+            }
+            None => self.default.to_string(),
+        }
+    }
+}
+
+/// Every environment variable the plugin reads.
+pub const KNOBS: [Knob; 17] = [
+    Knob {
+        name: "GGML_ANE_ENGINE",
+        default: "auto",
+        values: Values::OneOf(&["auto", "ane", "coreml", "reference"]),
+    },
+    Knob {
+        name: "GGML_ANE_MIN_BATCH",
+        default: "64",
+        values: Values::Positive,
+    },
+    Knob {
+        name: "GGML_ANE_STATS",
+        default: "0",
+        values: Values::OneOf(&["0", "1", "json", ""]),
+    },
+    Knob {
+        name: "GGML_ANE_CHIP",
+        default: "m4",
+        values: Values::Chip,
+    },
+    Knob {
+        name: "GGML_ANE_MAX_PROGRAMS",
+        default: "96",
+        values: Values::Positive,
+    },
+    Knob {
+        name: "GGML_ANE_STAGE_MAX_MB",
+        default: "16384",
+        values: Values::Positive,
+    },
+    Knob {
+        name: "GGML_ANE_LAYOUT",
+        default: "tokens",
+        values: Values::OneOf(&["tokens", "channels"]),
+    },
+    Knob {
+        name: "GGML_ANE_ACT_ROUND",
+        default: "cpu",
+        values: Values::OneOf(&["cpu", "off"]),
+    },
+    Knob {
+        name: "GGML_ANE_PRESTAGE",
+        default: "1",
+        values: Values::OneOf(&["1", "0"]),
+    },
+    Knob {
+        name: "GGML_ANE_LOOKAHEAD",
+        default: "1",
+        values: Values::OneOf(&["1", "0"]),
+    },
+    Knob {
+        name: "GGML_ANE_ROUTE",
+        default: "batch",
+        values: Values::OneOf(&["batch", "cost"]),
+    },
+    Knob {
+        name: "GGML_ANE_COST",
+        default: "",
+        values: Values::Costs,
+    },
+    Knob {
+        name: "GGML_ANE_FAULTS",
+        default: "",
+        values: Values::Faults,
+    },
+    Knob {
+        name: "GGML_ANE_REF_ACCUM",
+        default: "fp32",
+        values: Values::OneOf(&["fp32", "fp16"]),
+    },
+    Knob {
+        name: "GGML_ANE_WEIGHTS",
+        default: "fp16",
+        values: Values::OneOf(&["fp16", "compressed"]),
+    },
+    Knob {
+        name: "GGML_ANE_GIVE_UP",
+        default: "16",
+        values: Values::Count,
+    },
+    Knob {
+        name: "GGML_ANE_DEBUG",
+        default: "",
+        values: Values::Presence,
+    },
+];
+
 impl Config {
     /// Reads the settings through `get` (the environment in production, a map in tests); warnings go
     /// to `warn`.
@@ -115,126 +289,60 @@ impl Config {
         get: impl Fn(&str) -> Option<String>,
         mut warn: impl FnMut(String),
     ) -> Config {
-        let mut parse = |name: &str, default: &str, ok: &dyn Fn(&str) -> bool| -> String {
-            match get(name) {
-                Some(v) if ok(v.trim()) => v.trim().to_ascii_lowercase(),
-                Some(v) => {
-                    warn(format!(
-                        "ggml-ane: ignoring {name}={v:?} (invalid); using {default}"
-                    ));
-                    default.to_string()
-                }
-                None => default.to_string(),
-            }
+        let mut read = |name: &str| -> String {
+            let knob = KNOBS
+                .iter()
+                .find(|k| k.name == name)
+                .expect("a knob of KNOBS");
+            knob.read(&get, &mut warn)
         };
-        let engine = match parse("GGML_ANE_ENGINE", "auto", &|v| {
-            matches!(
-                v.to_ascii_lowercase().as_str(),
-                "auto" | "ane" | "coreml" | "reference"
-            )
-        })
-        .as_str()
-        {
+        let engine = match read("GGML_ANE_ENGINE").as_str() {
             "ane" => EngineChoice::Ane,
             "coreml" => EngineChoice::CoreMl,
             "reference" => EngineChoice::Reference,
             _ => EngineChoice::Auto,
         };
-        let positive = |v: &str| v.parse::<usize>().is_ok_and(|n| n >= 1);
-        let min_batch = parse(
-            "GGML_ANE_MIN_BATCH",
-            &DEFAULT_MIN_BATCH.to_string(),
-            &positive,
-        )
-        .parse()
-        .unwrap_or(DEFAULT_MIN_BATCH);
-        let max_programs = parse(
-            "GGML_ANE_MAX_PROGRAMS",
-            &DEFAULT_MAX_PROGRAMS.to_string(),
-            &positive,
-        )
-        .parse()
-        .unwrap_or(DEFAULT_MAX_PROGRAMS);
-        let layout = match parse("GGML_ANE_LAYOUT", "tokens", &|v| {
-            matches!(v.to_ascii_lowercase().as_str(), "channels" | "tokens")
-        })
-        .as_str()
-        {
+        let min_batch = read("GGML_ANE_MIN_BATCH")
+            .parse()
+            .unwrap_or(DEFAULT_MIN_BATCH);
+        let max_programs = read("GGML_ANE_MAX_PROGRAMS")
+            .parse()
+            .unwrap_or(DEFAULT_MAX_PROGRAMS);
+        let layout = match read("GGML_ANE_LAYOUT").as_str() {
             "channels" => ane_plan::Layout::Channels,
             _ => ane_plan::Layout::Tokens,
         };
-        let act_round = parse("GGML_ANE_ACT_ROUND", "cpu", &|v| {
-            matches!(v.to_ascii_lowercase().as_str(), "cpu" | "off")
-        }) == "cpu";
-        let prestage = parse("GGML_ANE_PRESTAGE", "1", &|v| matches!(v, "0" | "1")) == "1";
-        let lookahead = parse("GGML_ANE_LOOKAHEAD", "1", &|v| matches!(v, "0" | "1")) == "1";
-        let cost = parse("GGML_ANE_COST", "", &|v| {
-            ane_plan::cost::chip_cost(Chip::M4)
-                .with_overrides(v)
-                .is_ok()
-        });
-        let cost = (!cost.trim().is_empty()).then_some(cost);
-        let route = match parse("GGML_ANE_ROUTE", "batch", &|v| {
-            matches!(v.to_ascii_lowercase().as_str(), "batch" | "cost")
-        })
-        .to_ascii_lowercase()
-        .as_str()
-        {
+        let act_round = read("GGML_ANE_ACT_ROUND") == "cpu";
+        let prestage = read("GGML_ANE_PRESTAGE") == "1";
+        let lookahead = read("GGML_ANE_LOOKAHEAD") == "1";
+        let cost = Some(read("GGML_ANE_COST")).filter(|c| !c.trim().is_empty());
+        let route = match read("GGML_ANE_ROUTE").as_str() {
             "cost" => ane_plan::model::Route::Cost,
             _ => ane_plan::model::Route::Batch,
         };
-        let stage_max_mb = parse(
-            "GGML_ANE_STAGE_MAX_MB",
-            &DEFAULT_STAGE_MAX_MB.to_string(),
-            &positive,
-        )
-        .parse()
-        .unwrap_or(DEFAULT_STAGE_MAX_MB);
-        let stats = match parse("GGML_ANE_STATS", "0", &|v| {
-            matches!(v.to_ascii_lowercase().as_str(), "0" | "1" | "json" | "")
-        })
-        .as_str()
-        {
+        let stage_max_mb = read("GGML_ANE_STAGE_MAX_MB")
+            .parse()
+            .unwrap_or(DEFAULT_STAGE_MAX_MB);
+        let stats = match read("GGML_ANE_STATS").as_str() {
             "1" => StatsMode::Table,
             "json" => StatsMode::Json,
             _ => StatsMode::Off,
         };
-        let chip = parse("GGML_ANE_CHIP", "m4", &|v| Chip::from_str(v).is_ok())
-            .parse()
-            .unwrap_or(Chip::M4);
-        let ref_accum = match parse("GGML_ANE_REF_ACCUM", "fp32", &|v| {
-            matches!(v.to_ascii_lowercase().as_str(), "fp32" | "fp16")
-        })
-        .as_str()
-        {
+        let chip = read("GGML_ANE_CHIP").parse().unwrap_or(Chip::M4);
+        let ref_accum = match read("GGML_ANE_REF_ACCUM").as_str() {
             "fp16" => Accum::Fp16,
             _ => Accum::Fp32,
         };
-        let weights = match parse("GGML_ANE_WEIGHTS", "fp16", &|v| {
-            matches!(v.to_ascii_lowercase().as_str(), "fp16" | "compressed")
-        })
-        .as_str()
-        {
+        let weights = match read("GGML_ANE_WEIGHTS").as_str() {
             "compressed" => WeightsMode::Compressed,
             _ => WeightsMode::Fp16,
         };
-        let give_up = parse("GGML_ANE_GIVE_UP", &DEFAULT_GIVE_UP.to_string(), &|v| {
-            v.parse::<u32>().is_ok()
-        })
-        .parse()
-        .unwrap_or(DEFAULT_GIVE_UP);
-        let faults = match get("GGML_ANE_FAULTS") {
-            None => None,
-            Some(v) => match v.parse::<FaultSpec>() {
-                Ok(f) => f.any().then_some(f),
-                Err(e) => {
-                    warn(format!(
-                        "ggml-ane: ignoring GGML_ANE_FAULTS={v:?} ({e}); injecting no faults"
-                    ));
-                    None
-                }
-            },
-        };
+        let give_up = read("GGML_ANE_GIVE_UP").parse().unwrap_or(DEFAULT_GIVE_UP);
+        let faults = read("GGML_ANE_FAULTS")
+            .parse::<FaultSpec>()
+            .ok()
+            .filter(FaultSpec::any);
+        let debug = get("GGML_ANE_DEBUG").is_some();
         Config {
             engine,
             min_batch,
@@ -252,7 +360,7 @@ impl Config {
             ref_accum,
             weights,
             give_up,
-            debug: get("GGML_ANE_DEBUG").is_some(),
+            debug,
         }
     }
 
@@ -350,6 +458,36 @@ mod tests {
         // Compressed weights turn the lookahead off.
         let (c, _) = cfg(&[("GGML_ANE_WEIGHTS", "compressed")]);
         assert!(!c.lookahead);
+    }
+
+    #[test]
+    fn readme_lists_every_knob_with_its_values() {
+        let readme = include_str!("../../../README.md");
+        for k in KNOBS {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}`", k.name)))
+                .unwrap_or_else(|| panic!("README has no row for {}", k.name));
+            if let Values::OneOf(words) = k.values {
+                for w in words.iter().filter(|w| !w.is_empty()) {
+                    assert!(
+                        row.contains(&format!("`{w}`")),
+                        "README's {} row lacks `{w}`",
+                        k.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn warnings_say_what_is_valid() {
+        let (_, w) = cfg(&[("GGML_ANE_LAYOUT", "rows")]);
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("valid: tokens, channels") && w[0].contains("using tokens"),
+            "{w:?}"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ commands:
                     generated model, or on any GGUF with --model (run with --no-repack)
   test [--only STEPS] [--skip STEPS] [--plugin PATH]
                     the full test suite; STEPS is a comma list of
-                    setup,unit,mil,coreml,ops,faults,fallback,e2e,real,overflow,fuzz,sched,placement,plan,contexts,host2 (default: all, in that order);
+                    setup,unit,mil,coreml,ops,moe,faults,fallback,e2e,real,overflow,fuzz,sched,placement,plan,contexts,host2 (default: all, in that order);
                     --plugin uses a prebuilt plugin instead of building
                     target/release/libggml_ane.so
   check-apple       clippy the workspace for aarch64-apple-darwin (the macOS code)
@@ -59,12 +59,13 @@ pub struct TestOpts {
 }
 
 /// Steps of `cargo xtask test`, in the order they run.
-pub const TEST_STEPS: [&str; 16] = [
+pub const TEST_STEPS: [&str; 17] = [
     "setup",
     "unit",
     "mil",
     "coreml",
     "ops",
+    "moe",
     "faults",
     "fallback",
     "e2e",
@@ -204,6 +205,7 @@ mod tests {
                 "setup",
                 "coreml",
                 "ops",
+                "moe",
                 "faults",
                 "fallback",
                 "e2e",

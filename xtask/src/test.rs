@@ -111,6 +111,7 @@ pub fn run(opts: &TestOpts) -> Result {
             "mil" => step_mil(&mut pre),
             "coreml" => step_coreml(&mut pre),
             "ops" => step_ops(&mut pre),
+            "moe" => crate::test_moe::step(&mut pre),
             "faults" => step_faults(&mut pre),
             "fallback" => pre.plugin().and_then(|p| crate::bench_fallback::run(&p)),
             "overflow" => step_overflow(&mut pre),

@@ -197,12 +197,33 @@ pub(crate) unsafe extern "C" fn ggml_backend_ane_device_supports_op(
         if is_noop(t.op) {
             return true;
         }
-        if t.op != GGML_OP_MUL_MAT {
+        if t.op != GGML_OP_MUL_MAT && t.op != GGML_OP_MUL_MAT_ID {
             return false;
         }
         let (Ok(dev), Some(g)) = (device_state(), ggml::ggml()) else {
             return false;
         };
+        if t.op == GGML_OP_MUL_MAT_ID {
+            // SAFETY: a MUL_MAT_ID has three valid sources.
+            let (s0, s1, ids) = unsafe { (&*t.src[0], &*t.src[1], &*t.src[2]) };
+            let usable = || placement::weight_usable(g, s0, &dev.stats.declined_buft);
+            return match decide_id(
+                dev,
+                &desc(s0),
+                &desc(s1),
+                &desc(ids),
+                &desc(t),
+                g.type_info(s0.type_),
+                usable,
+            ) {
+                Verdict::Claim => true,
+                Verdict::Decline(Some(d)) => {
+                    dev.stats.declined[d.index()].fetch_add(1, Relaxed);
+                    false
+                }
+                Verdict::Decline(None) => false,
+            };
+        }
         // SAFETY: a MUL_MAT has two valid sources.
         let (s0, s1) = unsafe { (&*t.src[0], &*t.src[1]) };
         let node = ClaimedNode {

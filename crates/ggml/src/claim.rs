@@ -60,6 +60,31 @@ pub(crate) fn decide<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>>(
     Verdict::Claim
 }
 
+/// Whether the device claims a MUL_MAT_ID: each expert's product a MUL_MAT it computes
+/// ([`support::mul_mat_id`]), a device that has not given up, and expert weights in a buffer it
+/// reads. Nothing is staged ahead: an expert's weight is staged by the first dispatch that
+/// routes tokens to it.
+pub(crate) fn decide_id(
+    dev: &DeviceState,
+    src0: &TensorDesc,
+    src1: &TensorDesc,
+    ids: &TensorDesc,
+    dst: &TensorDesc,
+    src0_info: Option<crate::ggml::TypeInfo>,
+    weight_usable: impl Fn() -> bool,
+) -> Verdict {
+    if let Err(d) = support::mul_mat_id(src0, src1, ids, dst, src0_info, dev.policy) {
+        return Verdict::Decline(Some(d));
+    }
+    if dev.health.is_off() {
+        return Verdict::Decline(Some(support::Decline::DeviceOff));
+    }
+    if !weight_usable() {
+        return Verdict::Decline(None);
+    }
+    Verdict::Claim
+}
+
 /// After a claim: the lookahead learns which weights share src1 and stages each group it
 /// completes into the surface its dispatches bind; without the lookahead a lone weight is
 /// converted to fp16 now. Both happen while llama.cpp reserves its graphs at context creation,

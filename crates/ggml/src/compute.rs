@@ -2,6 +2,8 @@
 //! (`joins`), the lookahead's speculated companions added (`lookahead`), each group handed to
 //! [`matmul::compute`].
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use crate::boundary::{desc, is_noop};
 use crate::claim::companion_claimed;
 use crate::config::{Config, StatsMode};
@@ -123,6 +125,32 @@ pub(crate) fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
             return GGML_STATUS_FAILED;
         };
         if is_noop(node.op) || node.flags & GGML_TENSOR_FLAG_COMPUTE == 0 {
+            continue;
+        }
+        if node.op == GGML_OP_MUL_MAT_ID {
+            // Graph order: the open group first.
+            if let Some((done, range)) = open.take() {
+                run_group(dev, &ctx.host, done, range, &mut stash);
+            }
+            let cx = matmul::Context {
+                host: Some(&ctx.host),
+                act_round: Config::get().act_round,
+                ..dev.matmul_cx()
+            };
+            // SAFETY: node is a claimed MUL_MAT_ID of this graph (valid host tensors).
+            match unsafe { crate::mul_mat_id::compute(&cx, g, node) } {
+                Ok(experts) => {
+                    dev.stats.mul_mat_id_ops.fetch_add(1, Relaxed);
+                    dev.stats
+                        .mul_mat_id_experts
+                        .fetch_add(experts as u64, Relaxed);
+                }
+                Err(e) => {
+                    eprintln!("ggml-ane: {e}");
+                    return GGML_STATUS_FAILED;
+                }
+            }
+            stash.begin();
             continue;
         }
         if node.op != GGML_OP_MUL_MAT {

@@ -20,6 +20,7 @@ pub const GGML_MAX_NAME: usize = 64;
 // `enum ggml_op` values used here.
 pub const GGML_OP_NONE: c_int = 0;
 pub const GGML_OP_MUL_MAT: c_int = 29;
+pub const GGML_OP_MUL_MAT_ID: c_int = 30;
 pub const GGML_OP_RESHAPE: c_int = 36;
 pub const GGML_OP_VIEW: c_int = 37;
 pub const GGML_OP_PERMUTE: c_int = 38;
@@ -29,6 +30,7 @@ pub const GGML_OP_TRANSPOSE: c_int = 39;
 pub const GGML_TYPE_F32: c_int = 0;
 pub const GGML_TYPE_F16: c_int = 1;
 pub const GGML_TYPE_BF16: c_int = 30;
+pub const GGML_TYPE_I32: c_int = 26;
 pub const GGML_TYPE_COUNT: c_int = 43;
 
 pub const GGML_TENSOR_FLAG_COMPUTE: i32 = 16;

@@ -29,6 +29,7 @@ pub mod host_api;
 pub mod host_cpu;
 mod lookahead;
 pub mod matmul;
+mod mul_mat_id;
 mod open;
 pub mod placement;
 pub mod stats;

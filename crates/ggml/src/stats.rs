@@ -13,8 +13,12 @@ use crate::support::Decline;
 /// Process-wide counters of one device (shared by all its backend instances).
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// MUL_MATs computed through the engine.
+    /// MUL_MATs computed through the engine (each expert product of a MUL_MAT_ID counts as one).
     pub ops_offloaded: AtomicU64,
+    /// MUL_MAT_ID nodes (mixture-of-experts matmuls) computed by the device.
+    pub mul_mat_id_ops: AtomicU64,
+    /// Expert products those nodes took (one MUL_MAT each, on the engine or its fallback).
+    pub mul_mat_id_experts: AtomicU64,
     /// MUL_MATs (or parts) computed by the plugin's own CPU path after an engine failure.
     pub ops_fallback: AtomicU64,
     /// Fallback computations run by the host's own CPU backend (`crate::host_cpu`): one per
@@ -147,6 +151,8 @@ impl Stats {
             "op_placement": self.op_placement.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "compiled_models_reused": e.cache_reused,
             "ops_offloaded": self.ops_offloaded.load(Relaxed),
+            "mul_mat_id_ops": self.mul_mat_id_ops.load(Relaxed),
+            "mul_mat_id_experts": self.mul_mat_id_experts.load(Relaxed),
             "ops_fallback": self.ops_fallback.load(Relaxed),
             "ops_fused": self.ops_fused.load(Relaxed),
             "fallback_cpu_backend": self.fallback_cpu_backend.load(Relaxed),
@@ -208,6 +214,13 @@ impl Stats {
             "  MUL_MAT on ANE device    {:>10}\n",
             self.ops_offloaded.load(Relaxed)
         ));
+        if self.mul_mat_id_ops.load(Relaxed) > 0 {
+            s.push_str(&format!(
+                "  MUL_MAT_ID (experts)     {:>10} ({} expert products)\n",
+                self.mul_mat_id_ops.load(Relaxed),
+                self.mul_mat_id_experts.load(Relaxed)
+            ));
+        }
         s.push_str(&format!(
             "  MUL_MAT CPU fallback     {:>10}\n",
             self.ops_fallback.load(Relaxed)

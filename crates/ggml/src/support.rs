@@ -4,7 +4,7 @@
 //! the engine fails). The decision is a pure function of the op's types and shapes so that it is
 //! cheap (the scheduler calls it very often) and testable without ggml.
 
-use crate::ffi::{GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32};
+use crate::ffi::{GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_I32};
 use crate::ggml::TypeInfo;
 
 /// Types, shape and strides of one tensor.
@@ -168,10 +168,90 @@ pub fn mul_mat(
     Ok(())
 }
 
+/// The shapes of a MUL_MAT_ID: experts `[K, M, n_expert]`, src1 `[K, r, n_tokens]` with r = 1
+/// (broadcast) or n_used, ids I32 `[n_used, n_tokens]`, dst F32 `[M, n_used, n_tokens]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeShape {
+    /// Contraction.
+    pub k: usize,
+    /// Rows of one expert.
+    pub m: usize,
+    /// Experts in src0.
+    pub n_expert: usize,
+    /// Experts each token uses.
+    pub n_used: usize,
+    /// src1 rows per token (1 or n_used).
+    pub r: usize,
+    /// Tokens.
+    pub n_tokens: usize,
+}
+
+/// Decides whether a MUL_MAT_ID is claimed: each expert's product must be a MUL_MAT the device
+/// computes ([`mul_mat`] on one expert against the gathered rows), src1 F32 with contiguous
+/// rows, ids I32, dst F32 with contiguous rows; the batch is the token count.
+pub fn mul_mat_id(
+    src0: &TensorDesc,
+    src1: &TensorDesc,
+    ids: &TensorDesc,
+    dst: &TensorDesc,
+    src0_info: Option<TypeInfo>,
+    policy: Policy,
+) -> Result<MoeShape, Decline> {
+    if src1.ty != GGML_TYPE_F32 || src1.nb[0] != 4 {
+        return Err(Decline::Src1Type);
+    }
+    if dst.ty != GGML_TYPE_F32 || dst.nb[0] != 4 {
+        return Err(Decline::DstType);
+    }
+    if ids.ty != GGML_TYPE_I32 || ids.nb[0] != 4 {
+        return Err(Decline::Shape);
+    }
+    if [src0.ne, src1.ne, ids.ne].iter().flatten().any(|&d| d <= 0) {
+        return Err(Decline::Empty);
+    }
+    let [k, m, n_expert, e3] = src0.ne.map(|v| v as usize);
+    let [k1, r, n_tokens, b3] = src1.ne.map(|v| v as usize);
+    let [n_used, n_tok_ids, i2, i3] = ids.ne.map(|v| v as usize);
+    let shape_ok = k == k1
+        && e3 == 1
+        && b3 == 1
+        && i2 == 1
+        && i3 == 1
+        && n_tok_ids == n_tokens
+        && (r == 1 || r == n_used)
+        && n_used <= n_expert
+        && dst.ne == [m as i64, n_used as i64, n_tokens as i64, 1];
+    if !shape_ok {
+        return Err(Decline::Shape);
+    }
+    let expert = TensorDesc {
+        ne: [k as i64, m as i64, 1, 1],
+        nb: [src0.nb[0], src0.nb[1], src0.nb[1] * m, src0.nb[1] * m],
+        ty: src0.ty,
+    };
+    let rows = TensorDesc::contiguous(GGML_TYPE_F32, 4, [k as i64, n_tokens as i64, 1, 1]);
+    let out = TensorDesc::contiguous(GGML_TYPE_F32, 4, [m as i64, n_tokens as i64, 1, 1]);
+    mul_mat(&expert, &rows, &out, src0_info, Policy { min_batch: 0 })?;
+    if n_tokens < policy.min_batch {
+        return Err(Decline::SmallBatch);
+    }
+    if policy.min_batch > 0 && m * n_used * n_tokens < MIN_OUTPUTS as usize {
+        return Err(Decline::TinyOutput);
+    }
+    Ok(MoeShape {
+        k,
+        m,
+        n_expert,
+        n_used,
+        r,
+        n_tokens,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ffi::GGML_TYPE_F32;
+    use crate::ffi::{GGML_TYPE_F32, GGML_TYPE_I32};
 
     const POLICY: Policy = Policy { min_batch: 64 };
     const PLAIN: TypeInfo = TypeInfo {
@@ -186,6 +266,77 @@ mod tests {
             TensorDesc::contiguous(GGML_TYPE_F32, 4, [k, n, 1, 1]),
             TensorDesc::contiguous(GGML_TYPE_F32, 4, [m, n, 1, 1]),
         )
+    }
+
+    fn moe(
+        k: i64,
+        m: i64,
+        n_expert: i64,
+        n_used: i64,
+        r: i64,
+        n: i64,
+    ) -> (TensorDesc, TensorDesc, TensorDesc, TensorDesc) {
+        let mut ids = TensorDesc::contiguous(GGML_TYPE_I32, 4, [n_used, n, 1, 1]);
+        // A strided view of an argsort over every expert, as llama.cpp makes it.
+        ids.nb[1] = 4 * n_expert as usize;
+        (
+            TensorDesc::contiguous(GGML_TYPE_F32, 4, [k, m, n_expert, 1]),
+            TensorDesc::contiguous(GGML_TYPE_F32, 4, [k, r, n, 1]),
+            ids,
+            TensorDesc::contiguous(GGML_TYPE_F32, 4, [m, n_used, n, 1]),
+        )
+    }
+
+    #[test]
+    fn mul_mat_id_claims_prefill_expert_products() {
+        let (a, b, ids, d) = moe(256, 128, 8, 2, 1, 64);
+        let s = mul_mat_id(&a, &b, &ids, &d, Some(PLAIN), POLICY).unwrap();
+        assert_eq!(
+            (s.k, s.m, s.n_expert, s.n_used, s.r, s.n_tokens),
+            (256, 128, 8, 2, 1, 64)
+        );
+        // down projections: one src1 row per used expert.
+        let (a, b, ids, d) = moe(256, 128, 8, 2, 2, 64);
+        assert_eq!(
+            mul_mat_id(&a, &b, &ids, &d, Some(PLAIN), POLICY).unwrap().r,
+            2
+        );
+        // decode, wrong dst, F16 src1, bad ids, r neither 1 nor n_used
+        let (a, b, ids, d) = moe(256, 128, 8, 2, 1, 1);
+        assert_eq!(
+            mul_mat_id(&a, &b, &ids, &d, Some(PLAIN), POLICY),
+            Err(Decline::SmallBatch)
+        );
+        let (a, b, ids, _) = moe(256, 128, 8, 2, 1, 64);
+        let wrong = TensorDesc::contiguous(GGML_TYPE_F32, 4, [128, 3, 64, 1]);
+        assert_eq!(
+            mul_mat_id(&a, &b, &ids, &wrong, Some(PLAIN), POLICY),
+            Err(Decline::Shape)
+        );
+        let (a, mut b, ids, d) = moe(256, 128, 8, 2, 1, 64);
+        b.ty = crate::ffi::GGML_TYPE_F16;
+        assert_eq!(
+            mul_mat_id(&a, &b, &ids, &d, Some(PLAIN), POLICY),
+            Err(Decline::Src1Type)
+        );
+        let (a, b, mut ids, d) = moe(256, 128, 8, 2, 1, 64);
+        ids.ty = GGML_TYPE_F32;
+        assert_eq!(
+            mul_mat_id(&a, &b, &ids, &d, Some(PLAIN), POLICY),
+            Err(Decline::Shape)
+        );
+        let (a, b, ids, d) = moe(256, 128, 8, 2, 3, 64);
+        assert_eq!(
+            mul_mat_id(&a, &b, &ids, &d, Some(PLAIN), POLICY),
+            Err(Decline::Shape)
+        );
+        // an expert type without a conversion is declined like a MUL_MAT's
+        let (mut a, b, ids, d) = moe(256, 128, 8, 2, 1, 64);
+        a.ty = 15; // Q8_K: no to_float in the traits given
+        assert_eq!(
+            mul_mat_id(&a, &b, &ids, &d, Some(PLAIN), POLICY),
+            Err(Decline::Src0Type)
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `cargo xtask test` step `moe`: mixture-of-experts matmuls on the device.
 //!
-//! `test-backend-ops -b ANE -o MUL_MAT_ID` on the reference engine (minimum batch 1, so every
+//! `GGML_ANE_MOE=on test-backend-ops -b ANE -o MUL_MAT_ID` on the reference engine (minimum batch 1, so every
 //! case is offered to the plugin): every claimed case must pass against the CPU backend, and the
 //! plugin must claim at least [`MIN_CLAIMED`] of the suite's 945 cases (issue 16). The stats line
 //! says how many MUL_MAT_ID nodes and expert products the device computed and how many expert
@@ -25,6 +25,7 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
             .env("GGML_BACKEND_PATH", &plugin)
             .env("GGML_ANE_ENGINE", "reference")
             .env("GGML_ANE_MIN_BATCH", "1")
+            .env("GGML_ANE_MOE", "on")
             .env("GGML_ANE_STATS", "json"),
         "test-backend-ops-mul-mat-id",
         Duration::from_secs(45 * 60),

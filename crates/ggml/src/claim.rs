@@ -76,6 +76,9 @@ pub(crate) fn decide_id(
     if let Err(d) = support::mul_mat_id(src0, src1, ids, dst, src0_info, dev.policy) {
         return Verdict::Decline(Some(d));
     }
+    if !Config::get().moe {
+        return Verdict::Decline(Some(support::Decline::MoeOff));
+    }
     if dev.health.is_off() {
         return Verdict::Decline(Some(support::Decline::DeviceOff));
     }

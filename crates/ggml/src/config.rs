@@ -69,6 +69,10 @@ pub struct Config {
     /// weight type (Q8_0, Q8_1, Q8_K or bf16) before converting them to fp16, so the device
     /// multiplies the values the CPU multiplies (default `cpu`); `off`: plain fp16.
     pub act_round: bool,
+    /// `GGML_ANE_MOE=on|off`: claim MUL_MAT_ID (mixture-of-experts matmuls). Off by default
+    /// until measured on a Mac: each active expert is one dispatch padded to the smallest column
+    /// bucket, and every expert a prompt touches is staged in fp16.
+    pub moe: bool,
     /// `GGML_ANE_PRESTAGE=0|1`: convert weights to fp16 when llama.cpp reserves its graphs (at
     /// load) instead of at their first dispatch (default 1).
     pub prestage: bool,
@@ -194,7 +198,7 @@ impl Knob {
 }
 
 /// Every environment variable the plugin reads.
-pub const KNOBS: [Knob; 17] = [
+pub const KNOBS: [Knob; 18] = [
     Knob {
         name: "GGML_ANE_ENGINE",
         default: "auto",
@@ -234,6 +238,11 @@ pub const KNOBS: [Knob; 17] = [
         name: "GGML_ANE_ACT_ROUND",
         default: "cpu",
         values: Values::OneOf(&["cpu", "off"]),
+    },
+    Knob {
+        name: "GGML_ANE_MOE",
+        default: "off",
+        values: Values::OneOf(&["off", "on"]),
     },
     Knob {
         name: "GGML_ANE_PRESTAGE",
@@ -313,6 +322,7 @@ impl Config {
             _ => ane_plan::Layout::Tokens,
         };
         let act_round = read("GGML_ANE_ACT_ROUND") == "cpu";
+        let moe = read("GGML_ANE_MOE") == "on";
         let prestage = read("GGML_ANE_PRESTAGE") == "1";
         let lookahead = read("GGML_ANE_LOOKAHEAD") == "1";
         let cost = Some(read("GGML_ANE_COST")).filter(|c| !c.trim().is_empty());
@@ -352,6 +362,7 @@ impl Config {
             stage_max_mb,
             layout,
             act_round,
+            moe,
             prestage,
             lookahead: lookahead && weights == WeightsMode::Fp16,
             route,

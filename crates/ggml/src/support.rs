@@ -68,6 +68,8 @@ pub enum Decline {
     /// This op's types and dimensions failed for good on the device (a shape its compiler
     /// rejects, `crate::health::Health::reject`).
     ShapeFailed,
+    /// A MUL_MAT_ID while `GGML_ANE_MOE=off` (the default until measured on a Mac).
+    MoeOff,
 }
 
 /// Smallest number of output values the plugin claims (see [`Decline::TinyOutput`]).
@@ -75,7 +77,7 @@ pub const MIN_OUTPUTS: i64 = 16;
 
 impl Decline {
     /// Every reason, in stats order.
-    pub const ALL: [Decline; 11] = [
+    pub const ALL: [Decline; 12] = [
         Decline::SmallBatch,
         Decline::DstType,
         Decline::Src1Type,
@@ -87,6 +89,7 @@ impl Decline {
         Decline::CostModel,
         Decline::DeviceOff,
         Decline::ShapeFailed,
+        Decline::MoeOff,
     ];
 
     /// Stats key.
@@ -103,6 +106,7 @@ impl Decline {
             Decline::CostModel => "cost_model",
             Decline::DeviceOff => "device_off",
             Decline::ShapeFailed => "shape_failed",
+            Decline::MoeOff => "moe_off",
         }
     }
 

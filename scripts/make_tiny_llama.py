@@ -82,6 +82,10 @@ def main() -> int:
                     help="gain of attn_output/ffn_down (how much layers move the residual)")
     ap.add_argument("--logit-scale", type=float, default=4.0, help="std of the output logits")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--experts", type=int, default=0,
+                    help="mixture of experts: this many FFN experts per layer (Mixtral-style llama), "
+                         "their matmuls are MUL_MAT_ID nodes")
+    ap.add_argument("--experts-used", type=int, default=2, help="experts each token uses")
     ap.add_argument("--extra-vocab", type=int, default=0,
                     help="filler tokens appended to the vocabulary (LM head rows)")
     ap.add_argument("--overflow-gain", type=float, default=1.0,
@@ -109,6 +113,9 @@ def main() -> int:
     w.add_embedding_length(a.dim)
     w.add_block_count(a.layers)
     w.add_feed_forward_length(a.ff)
+    if a.experts:
+        w.add_expert_count(a.experts)
+        w.add_expert_used_count(a.experts_used)
     w.add_head_count(a.heads)
     w.add_head_count_kv(a.kv_heads)
     w.add_layer_norm_rms_eps(1e-5)
@@ -159,9 +166,19 @@ def main() -> int:
         proj(p + "attn_output.weight", a.dim, a.dim, a.layer_gain)
         norm(p + "ffn_norm.weight")
         ffn_gain = a.overflow_gain if i == 0 else 1.0
-        proj(p + "ffn_gate.weight", a.ff, a.dim, ffn_gain)
-        proj(p + "ffn_up.weight", a.ff, a.dim, ffn_gain)
-        proj(p + "ffn_down.weight", a.dim, a.ff, a.layer_gain)
+        if a.experts:
+            # numpy (n_expert, rows, cols) == ggml ne = [cols, rows, n_expert].
+            def experts(name: str, rows: int, cols: int, gain: float) -> None:
+                x = rng.normal(0.0, gain / np.sqrt(cols), size=(a.experts, rows, cols))
+                tensor(name, x.astype(np.float32))
+            proj(p + "ffn_gate_inp.weight", a.experts, a.dim, 4.0)
+            experts(p + "ffn_gate_exps.weight", a.ff, a.dim, ffn_gain)
+            experts(p + "ffn_up_exps.weight", a.ff, a.dim, ffn_gain)
+            experts(p + "ffn_down_exps.weight", a.dim, a.ff, a.layer_gain)
+        else:
+            proj(p + "ffn_gate.weight", a.ff, a.dim, ffn_gain)
+            proj(p + "ffn_up.weight", a.ff, a.dim, ffn_gain)
+            proj(p + "ffn_down.weight", a.dim, a.ff, a.layer_gain)
     norm("output_norm.weight")
     normal = np.flatnonzero(np.asarray(types) == gguf.TokenType.NORMAL)
     normal = normal[normal < n_vocab - a.extra_vocab]  # filler words never win

@@ -128,6 +128,30 @@ pub fn smollm2_as(ty: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// `target/models/tiny-llama-moe-q8_0.gguf`: the tiny q8_0 model with a mixture of 8 FFN experts
+/// per layer, 2 used per token (Mixtral-style llama): its expert matmuls are MUL_MAT_ID nodes.
+pub fn moe() -> Result<PathBuf> {
+    let python = venv::run()?;
+    let script = abs("scripts/make_tiny_llama.py");
+    let p = abs("target/models/tiny-llama-moe-q8_0.gguf");
+    let script_time = std::fs::metadata(&script)?.modified()?;
+    let fresh = std::fs::metadata(&p)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t >= script_time);
+    if !fresh {
+        std::fs::create_dir_all(abs("target/models"))?;
+        util::run(
+            Command::new(&python)
+                .arg(&script)
+                .arg(&p)
+                .args(["--dtype", "q8_0", "--seed", "0", "--experts", "8"])
+                .args(["--experts-used", "2"])
+                .args(SHAPE),
+        )?;
+    }
+    Ok(p)
+}
+
 /// Write the models that are missing or older than the generator script.
 pub fn run() -> Result<Vec<PathBuf>> {
     let python = venv::run()?;

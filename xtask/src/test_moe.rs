@@ -4,7 +4,9 @@
 //! case is offered to the plugin): every claimed case must pass against the CPU backend, and the
 //! plugin must claim at least [`MIN_CLAIMED`] of the suite's 945 cases (issue 16). The stats line
 //! says how many MUL_MAT_ID nodes and expert products the device computed and how many expert
-//! products its guard sent to the CPU (inputs beyond fp16's range).
+//! products its guard sent to the CPU (inputs beyond fp16's range). Then a tiny generated MoE
+//! model (`models::moe`: 8 experts, 2 used, q8_0) gives CPU-only llama.cpp's greedy text with
+//! `GGML_ANE_MOE=on`, with MUL_MAT_ID nodes offloaded.
 
 use std::process::Command;
 use std::time::Duration;
@@ -42,5 +44,53 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
     );
     println!("{summary}");
     test::ops_verdict_at_least(&c, &res, &summary, 0, MIN_CLAIMED)?;
-    Ok(summary)
+    let text = moe_text(&plugin)?;
+    Ok(format!("{summary}; {text}"))
+}
+
+/// Greedy text of the tiny MoE model with the plugin (MoE on) against CPU-only.
+fn moe_text(plugin: &std::path::Path) -> Result<String> {
+    let model = crate::models::moe()?;
+    let timeout = Duration::from_secs(300);
+    let cpu = test::run_completion(
+        &mut test::completion(&model, None, 24, &[]),
+        "moe-text-cpu",
+        timeout,
+    )?;
+    let ane = test::run_completion(
+        test::completion(&model, Some(plugin), 24, &[])
+            .env("GGML_ANE_STATS", "json")
+            .env("GGML_ANE_MOE", "on"),
+        "moe-text-ane",
+        timeout,
+    )?;
+    for (what, run) in [("CPU-only", &cpu), ("with the plugin", &ane)] {
+        if !run.success() {
+            return Err(format!(
+                "tiny MoE llama-completion {what} {}:\n{}\n{}",
+                run.status_text(),
+                run.stderr_tail(15),
+                run.where_logged()
+            )
+            .into());
+        }
+    }
+    let (c, a) = (test::generated(&cpu.stdout), test::generated(&ane.stdout));
+    if c.trim().is_empty() || c != a {
+        return Err(format!(
+            "tiny MoE greedy text differs\n  cpu: {c:?}\n  ane: {a:?}\n{}",
+            ane.where_logged()
+        )
+        .into());
+    }
+    let (ops, experts) = (
+        stat(&ane.stderr, "mul_mat_id_ops"),
+        stat(&ane.stderr, "mul_mat_id_experts"),
+    );
+    if ops == 0 {
+        return Err(format!("tiny MoE: no MUL_MAT_ID offloaded; {}", ane.where_logged()).into());
+    }
+    Ok(format!(
+        "tiny MoE (8 experts, 2 used, q8_0): text identical, {ops} MUL_MAT_IDs ({experts} expert products) offloaded"
+    ))
 }

@@ -137,6 +137,11 @@ pub(crate) fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
                 act_round: Config::get().act_round,
                 ..dev.matmul_cx()
             };
+            if Config::get().stats != StatsMode::Off {
+                // SAFETY: a MUL_MAT_ID has a valid src0 with a NUL-terminated name.
+                let name = unsafe { std::ffi::CStr::from_ptr((*node.src[0]).name.as_ptr()) };
+                dev.stats.count_weight(&name.to_string_lossy());
+            }
             // SAFETY: node is a claimed MUL_MAT_ID of this graph (valid host tensors).
             match unsafe { crate::mul_mat_id::compute(&cx, g, node) } {
                 Ok(experts) => {

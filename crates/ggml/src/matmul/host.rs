@@ -108,6 +108,17 @@ pub(super) unsafe fn fill_activations(
         }
         return Ok(());
     }
+    if round != ActRound::None {
+        // SAFETY: forwarded contract.
+        let rows = unsafe { read_rounded(cx, g, cols, k, round)? };
+        ane_convert::act_f32_to_f16_transposed(&rows, cols.len(), k, k, &mut xs[..k * s.n], s.n)
+            .map_err(|e| EngineError::Eval(format!("activation conversion: {e}")))?;
+        xs[k * s.n..].fill(f16::ZERO);
+        if !guard::fp16_ok(&xs[..k * s.n]) {
+            return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
+        }
+        return Ok(());
+    }
     xs.fill(f16::ZERO);
     let mut row = vec![0f32; k];
     for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
@@ -116,12 +127,53 @@ pub(super) unsafe fn fill_activations(
         if !guard::input_ok(&row) {
             return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
         }
-        round.apply(&mut row);
         for (ki, &v) in row.iter().enumerate() {
             xs[ki * s.n + c] = f16::from_f32(v);
         }
     }
     Ok(())
+}
+
+/// Values of a batch from which rounding runs on several threads (the host's own threads are
+/// idle while a device split runs).
+const PAR_ROUND_MIN: usize = 1 << 16;
+
+/// The src1 rows of `cols` (`[cols][k]`, f32), rounded as the CPU backend rounds them for this
+/// group's weights (`round`), on up to 8 threads for large batches.
+///
+/// # Safety
+/// As for [`compute`].
+unsafe fn read_rounded(
+    cx: &Context<'_>,
+    g: &Group,
+    cols: &[(usize, usize, usize)],
+    k: usize,
+    round: ActRound,
+) -> Result<Vec<f32>, EngineError> {
+    let mut rows = vec![0f32; cols.len() * k];
+    for (r, &(i1, i12, i13)) in rows.chunks_exact_mut(k).zip(cols) {
+        // SAFETY: forwarded contract.
+        unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, r) };
+    }
+    if !guard::input_ok(&rows) {
+        return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
+    }
+    let threads = if rows.len() >= PAR_ROUND_MIN {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+    } else {
+        1
+    };
+    if threads > 1 {
+        let per = cols.len().div_ceil(threads) * k;
+        std::thread::scope(|sc| {
+            for chunk in rows.chunks_mut(per) {
+                sc.spawn(move || chunk.chunks_exact_mut(k).for_each(|r| _ = round.apply(r)));
+            }
+        });
+    } else {
+        rows.chunks_exact_mut(k).for_each(|r| _ = round.apply(r));
+    }
+    Ok(rows)
 }
 
 /// How the CPU backend would round this group's activations: by its first member's weight type
@@ -150,10 +202,17 @@ pub(super) unsafe fn fill_tokens(
     let d = &g.src1.desc;
     let plain_f32 = d.ty == GGML_TYPE_F32 && d.nb[0] == 4;
     let round = act_round(cx, g);
+    let rounded = match round {
+        ActRound::None => None,
+        // SAFETY: forwarded contract.
+        _ => Some(unsafe { read_rounded(cx, g, cols, k, round)? }),
+    };
     let mut row = vec![0f32; k];
     for (cidx, &(i1, i12, i13)) in cols.iter().enumerate() {
         let base = d.row_offset(i1, i12, i13);
-        let src: &[f32] = if plain_f32 && round == ActRound::None {
+        let src: &[f32] = if let Some(r) = &rounded {
+            &r[cidx * k..(cidx + 1) * k]
+        } else if plain_f32 {
             // SAFETY: a contiguous f32 row of k values starts at `base`.
             unsafe { std::slice::from_raw_parts(g.src1.data.add(base).cast::<f32>(), k) }
         } else {
@@ -162,7 +221,6 @@ pub(super) unsafe fn fill_tokens(
             if !guard::input_ok(&row) {
                 return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
             }
-            round.apply(&mut row);
             &row
         };
         for c in 0..s.k_chunks {

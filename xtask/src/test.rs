@@ -495,28 +495,37 @@ fn parse_forms(listing: &str) -> Vec<String> {
 fn step_ops(pre: &mut Prereqs) -> Result<String> {
     let plugin = pre.plugin()?;
     pre.llama()?;
-    let res = util::run_logged(
-        Command::new(llama::bin("test-backend-ops"))
-            .args(["-b", "ANE", "-o", "MUL_MAT"])
-            .env("GGML_BACKEND_PATH", &plugin)
-            .env("GGML_ANE_ENGINE", "reference")
-            .env("GGML_ANE_MIN_BATCH", "1"),
+    let (c, res) = backend_ops(
+        &llama::API3,
+        &plugin,
+        &["-o", "MUL_MAT"],
+        &[],
         "test-backend-ops",
-        Duration::from_secs(45 * 60),
     )?;
-    let c = OpsCounts::parse(&res.stdout);
-    let summary = format!(
-        "claimed {} passed {} failed {} declined by ANE {} not supported by the CPU judge {} ({:.0}s)",
-        c.ok + c.fail,
-        c.ok,
-        c.fail,
-        c.unsupported,
-        c.unsupported_judge,
-        res.elapsed.as_secs_f64()
-    );
+    let summary = format!("{} ({:.0}s)", c.summary(), res.elapsed.as_secs_f64());
     println!("test-backend-ops: {summary}");
     ops_verdict(&c, &res, &summary)?;
     Ok(summary)
+}
+
+/// `test-backend-ops -b ANE ARGS` of `host` with the plugin on the reference engine, every batch
+/// size offered to it (`GGML_ANE_MIN_BATCH=1`), plus `env`; its output parsed into cases.
+pub(crate) fn backend_ops(
+    host: &llama::Host,
+    plugin: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    name: &str,
+) -> Result<(OpsCounts, util::Logged)> {
+    let mut cmd = Command::new(host.bin("test-backend-ops"));
+    cmd.args(["-b", "ANE"])
+        .args(args)
+        .env("GGML_BACKEND_PATH", plugin)
+        .env("GGML_ANE_ENGINE", "reference")
+        .env("GGML_ANE_MIN_BATCH", "1")
+        .envs(env.iter().copied());
+    let res = util::run_logged(&mut cmd, name, Duration::from_secs(45 * 60))?;
+    Ok((OpsCounts::parse(&res.stdout), res))
 }
 
 /// The verdict both `test-backend-ops` steps share: no failing case, a clean

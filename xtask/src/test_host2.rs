@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::llama::{self, API2};
-use crate::test::{self, OpsCounts, Prereqs};
+use crate::test::{self, Prereqs};
 use crate::util::{self, abs, bail, Result};
 
 /// b11349's suite has 1689 MUL_MAT cases, 360 of which its CPU judge does not support; the plugin
@@ -35,16 +35,13 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
 }
 
 fn ops(plugin: &std::path::Path) -> Result<String> {
-    let res = util::run_logged(
-        Command::new(API2.bin("test-backend-ops"))
-            .args(["-b", "ANE", "-o", "MUL_MAT"])
-            .env("GGML_BACKEND_PATH", plugin)
-            .env("GGML_ANE_ENGINE", "reference")
-            .env("GGML_ANE_MIN_BATCH", "1"),
+    let (c, res) = test::backend_ops(
+        &API2,
+        plugin,
+        &["-o", "MUL_MAT"],
+        &[],
         "test-backend-ops-b11349",
-        Duration::from_secs(45 * 60),
     )?;
-    let c = OpsCounts::parse(&res.stdout);
     let summary = format!(
         "test-backend-ops MUL_MAT {} ({:.0}s)",
         c.summary(),

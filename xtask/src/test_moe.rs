@@ -8,12 +8,11 @@
 //! model (`models::moe`: 8 experts, 2 used, q8_0) gives CPU-only llama.cpp's greedy text with
 //! `GGML_ANE_MOE=on`, with MUL_MAT_ID nodes offloaded.
 
-use std::process::Command;
 use std::time::Duration;
 
 use crate::llama;
-use crate::test::{self, stat, OpsCounts, Prereqs};
-use crate::util::{self, Result};
+use crate::test::{self, stat, Prereqs};
+use crate::util::Result;
 
 /// Cases the plugin must claim (it claims all 945 of b11434's, measured).
 const MIN_CLAIMED: usize = 800;
@@ -21,18 +20,13 @@ const MIN_CLAIMED: usize = 800;
 pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
     let plugin = pre.plugin()?;
     pre.llama()?;
-    let res = util::run_logged(
-        Command::new(llama::bin("test-backend-ops"))
-            .args(["-b", "ANE", "-o", "MUL_MAT_ID", "-j", "2"])
-            .env("GGML_BACKEND_PATH", &plugin)
-            .env("GGML_ANE_ENGINE", "reference")
-            .env("GGML_ANE_MIN_BATCH", "1")
-            .env("GGML_ANE_MOE", "on")
-            .env("GGML_ANE_STATS", "json"),
+    let (c, res) = test::backend_ops(
+        &llama::API3,
+        &plugin,
+        &["-o", "MUL_MAT_ID", "-j", "2"],
+        &[("GGML_ANE_MOE", "on"), ("GGML_ANE_STATS", "json")],
         "test-backend-ops-mul-mat-id",
-        Duration::from_secs(45 * 60),
     )?;
-    let c = OpsCounts::parse(&res.stdout);
     let all = format!("{}{}", res.stdout, res.stderr);
     let summary = format!(
         "test-backend-ops MUL_MAT_ID {}; {} MUL_MAT_ID nodes, {} expert products, {} by the CPU (guard) ({:.0}s)",

@@ -85,6 +85,14 @@ pub struct EngineCounters {
     pub cache_reused: u64,
 }
 
+impl EngineCounters {
+    /// Records that `n` programs are loaded now (after a load or an unload), keeping the peak.
+    pub fn set_loaded(&mut self, n: usize) {
+        self.loaded = n as u64;
+        self.loaded_peak = self.loaded_peak.max(self.loaded);
+    }
+}
+
 /// An engine that compiles MIL text into loaded programs and evaluates them on surfaces.
 ///
 /// Engines are shared by every backend instance of the plugin, so they are `Send + Sync` and take

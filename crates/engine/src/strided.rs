@@ -95,18 +95,8 @@ pub fn scatter(
     if check(shape, strides, elem, packed.len(), storage.len())? == 0 {
         return Ok(());
     }
-    let row_len = shape.last().copied().unwrap_or(1);
-    let inner = strides.last().copied().unwrap_or(1);
-    for_each_row(shape, strides, |p, s| {
-        if inner == 1 {
-            let n = row_len * elem;
-            storage[s * elem..s * elem + n].copy_from_slice(&packed[p * elem..p * elem + n]);
-        } else {
-            for i in 0..row_len {
-                let (from, to) = ((p + i) * elem, (s + i * inner) * elem);
-                storage[to..to + elem].copy_from_slice(&packed[from..from + elem]);
-            }
-        }
+    copy_rows(shape, strides, elem, |p, s, n| {
+        storage[s..s + n].copy_from_slice(&packed[p..p + n]);
     });
     Ok(())
 }
@@ -126,20 +116,31 @@ pub fn gather(
     if check(shape, strides, elem, packed.len(), storage.len())? == 0 {
         return Ok(());
     }
+    copy_rows(shape, strides, elem, |p, s, n| {
+        packed[p..p + n].copy_from_slice(&storage[s..s + n]);
+    });
+    Ok(())
+}
+
+/// Calls `copy(packed_byte, strided_byte, bytes)` for every run of elements that is contiguous
+/// in both layouts: whole rows when the innermost stride is 1, single elements otherwise.
+fn copy_rows(
+    shape: &[usize],
+    strides: &[usize],
+    elem: usize,
+    mut copy: impl FnMut(usize, usize, usize),
+) {
     let row_len = shape.last().copied().unwrap_or(1);
     let inner = strides.last().copied().unwrap_or(1);
     for_each_row(shape, strides, |p, s| {
         if inner == 1 {
-            let n = row_len * elem;
-            packed[p * elem..p * elem + n].copy_from_slice(&storage[s * elem..s * elem + n]);
+            copy(p * elem, s * elem, row_len * elem);
         } else {
             for i in 0..row_len {
-                let (to, from) = ((p + i) * elem, (s + i * inner) * elem);
-                packed[to..to + elem].copy_from_slice(&storage[from..from + elem]);
+                copy((p + i) * elem, (s + i * inner) * elem, elem);
             }
         }
     });
-    Ok(())
 }
 
 #[cfg(test)]

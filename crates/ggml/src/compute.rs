@@ -90,6 +90,15 @@ pub(crate) fn run_group(
     stash.begin();
 }
 
+/// Counts a computed node by its weight's name ("where each matmul ran"), when stats are on.
+fn count_weight(dev: &DeviceState, node: &ggml_tensor) {
+    if Config::get().stats != StatsMode::Off {
+        // SAFETY: a MUL_MAT or MUL_MAT_ID has a valid src0 with a NUL-terminated name.
+        let name = unsafe { std::ffi::CStr::from_ptr((*node.src[0]).name.as_ptr()) };
+        dev.stats.count_weight(&name.to_string_lossy());
+    }
+}
+
 /// Fusion rule: a MUL_MAT joins the open group when it reads the same src1, its src0 is a 2-D
 /// weight with the same K, and only no-op nodes or group members lie in between. Then no tensor is
 /// freed (and its memory handed to a later member's output) between the first and the last member,
@@ -137,11 +146,7 @@ pub(crate) fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
                 act_round: Config::get().act_round,
                 ..dev.matmul_cx()
             };
-            if Config::get().stats != StatsMode::Off {
-                // SAFETY: a MUL_MAT_ID has a valid src0 with a NUL-terminated name.
-                let name = unsafe { std::ffi::CStr::from_ptr((*node.src[0]).name.as_ptr()) };
-                dev.stats.count_weight(&name.to_string_lossy());
-            }
+            count_weight(dev, node);
             // SAFETY: node is a claimed MUL_MAT_ID of this graph (valid host tensors).
             match unsafe { crate::mul_mat_id::compute(&cx, g, node) } {
                 Ok(experts) => {
@@ -170,11 +175,7 @@ pub(crate) fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
                 return GGML_STATUS_FAILED;
             }
         };
-        if Config::get().stats != StatsMode::Off {
-            // SAFETY: a MUL_MAT has a valid src0 with a NUL-terminated name.
-            let name = unsafe { std::ffi::CStr::from_ptr((*node.src[0]).name.as_ptr()) };
-            dev.stats.count_weight(&name.to_string_lossy());
-        }
+        count_weight(dev, node);
         if lookahead && weight && stash.waits_for(&m) {
             // Computed in an earlier split's dispatch: the groups before it run first (graph order).
             if let Some((done, range)) = open.take() {

@@ -14,6 +14,7 @@
 //! smallest column bucket), small-row buckets, expert staging limits beyond
 //! `GGML_ANE_STAGE_MAX_MB`.
 
+use crate::boundary::desc;
 use crate::ffi::*;
 use crate::ggml;
 use crate::matmul::{self, Group, Member, Operand};
@@ -54,15 +55,11 @@ pub(crate) unsafe fn compute(
 ) -> Result<usize, String> {
     // SAFETY: a MUL_MAT_ID node has three valid sources.
     let (s0, s1, ids) = unsafe { (&*node.src[0], &*node.src[1], &*node.src[2]) };
-    let d = |t: &ggml_tensor| TensorDesc {
-        ty: t.type_,
-        ne: t.ne,
-        nb: t.nb,
-    };
-    let (d0, d1, di, dd) = (d(s0), d(s1), d(ids), d(node));
+    let (d0, d1, di, dd) = (desc(s0), desc(s1), desc(ids), desc(node));
     let info = g
         .type_info(s0.type_)
         .ok_or("MUL_MAT_ID: unknown src0 type")?;
+    let f32_info = g.type_info(GGML_TYPE_F32).ok_or("no f32 traits")?;
     let s = support::mul_mat_id(&d0, &d1, &di, &dd, Some(info), Policy { min_batch: 0 })
         .map_err(|e| format!("unsupported MUL_MAT_ID: {}", e.name()))?;
     if [s0.data, s1.data, ids.data, node.data]
@@ -100,7 +97,7 @@ pub(crate) unsafe fn compute(
                 desc: TensorDesc::contiguous(GGML_TYPE_F32, 4, [s.k as i64, n as i64, 1, 1]),
                 data: x.as_ptr().cast(),
             },
-            src1_info: g.type_info(GGML_TYPE_F32).ok_or("no f32 traits")?,
+            src1_info: f32_info,
             members: vec![Member {
                 src0: Operand {
                     desc: expert,

@@ -168,8 +168,8 @@ impl Engine for CoreMlEngine {
         st.next_id += 1;
         let id = st.next_id;
         st.programs.insert_keyed(id, key, program);
-        st.counters.loaded = st.programs.len() as u64;
-        st.counters.loaded_peak = st.counters.loaded_peak.max(st.counters.loaded);
+        let n = st.programs.len();
+        st.counters.set_loaded(n);
         Ok(ProgramId(id))
     }
 
@@ -206,7 +206,8 @@ impl Engine for CoreMlEngine {
             let p = st.programs.remove(program.0);
             if p.is_some() {
                 st.counters.unloads += 1;
-                st.counters.loaded = st.programs.len() as u64;
+                let n = st.programs.len();
+                st.counters.set_loaded(n);
             }
             p
         };

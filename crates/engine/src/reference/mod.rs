@@ -196,8 +196,8 @@ impl ReferenceEngine {
         let id = st.next_id;
         st.programs.insert(id, Arc::new(program));
         st.counters.loads += 1;
-        st.counters.loaded = st.programs.len() as u64;
-        st.counters.loaded_peak = st.counters.loaded_peak.max(st.counters.loaded);
+        let n = st.programs.len();
+        st.counters.set_loaded(n);
         Ok(ProgramId(id))
     }
 
@@ -363,7 +363,8 @@ impl Engine for ReferenceEngine {
             let mut st = self.lock();
             if st.programs.remove(&program.0).is_some() {
                 st.counters.unloads += 1;
-                st.counters.loaded = st.programs.len() as u64;
+                let n = st.programs.len();
+                st.counters.set_loaded(n);
             }
             // Unloading an unknown id is a no-op by contract, not a failed step.
             Ok(())

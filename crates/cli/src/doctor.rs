@@ -169,7 +169,12 @@ pub fn report(args: &Args) -> Value {
     let first_failed = ane_engine::steps::first_failure(&steps);
     let steps = steps_json(&steps);
     let coreml = crate::doctor_coreml::section(args);
-    let ane_ok = p.ane_available && checks.iter().all(|c| c.ok || c.name == "canary_compressed");
+    // The plugin's own rule: the baked canary (ane_available) and the shape-shared program in
+    // its default layout; platform and chip checks do not gate it.
+    let ane_ok = p.ane_available
+        && checks
+            .iter()
+            .any(|c| c.name == "canary_tiled_tokens" && c.ok);
     let compare =
         crate::doctor_coreml::compare(if p.ane_available { Some(&bench) } else { None }, &coreml);
     let plugin_engine = crate::doctor_coreml::plugin_engine(ane_ok, &coreml);

@@ -6,7 +6,8 @@
 //! says how many MUL_MAT_ID nodes and expert products the device computed and how many expert
 //! products its guard sent to the CPU (inputs beyond fp16's range). Then a tiny generated MoE
 //! model (`models::moe`: 8 experts, 2 used, q8_0) gives CPU-only llama.cpp's greedy text with
-//! `GGML_ANE_MOE=on`, with MUL_MAT_ID nodes offloaded.
+//! `GGML_ANE_MOE=on`, with MUL_MAT_ID nodes offloaded. Both runs must use packs of experts
+//! (`ane_plan::moe`); experts that do not pack (odd row counts) go one per dispatch.
 
 use std::time::Duration;
 
@@ -29,15 +30,19 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
     )?;
     let all = format!("{}{}", res.stdout, res.stderr);
     let summary = format!(
-        "test-backend-ops MUL_MAT_ID {}; {} MUL_MAT_ID nodes, {} expert products, {} by the CPU (guard) ({:.0}s)",
+        "test-backend-ops MUL_MAT_ID {}; {} MUL_MAT_ID nodes, {} expert products, {} pack dispatches, {} by the CPU (guard) ({:.0}s)",
         c.summary(),
         stat(&all, "mul_mat_id_ops"),
         stat(&all, "mul_mat_id_experts"),
+        stat(&all, "mul_mat_id_packs"),
         stat(&all, "fallback_cpu_backend"),
         res.elapsed.as_secs_f64()
     );
     println!("{summary}");
     test::ops_verdict_at_least(&c, &res, &summary, 0, MIN_CLAIMED)?;
+    if stat(&all, "mul_mat_id_packs") == 0 {
+        return Err(format!("{summary}: no expert pack ran; {}", res.where_logged()).into());
+    }
     let text = moe_text(&plugin)?;
     Ok(format!("{summary}; {text}"))
 }
@@ -77,14 +82,19 @@ fn moe_text(plugin: &std::path::Path) -> Result<String> {
         )
         .into());
     }
-    let (ops, experts) = (
+    let (ops, experts, packs) = (
         stat(&ane.stderr, "mul_mat_id_ops"),
         stat(&ane.stderr, "mul_mat_id_experts"),
+        stat(&ane.stderr, "mul_mat_id_packs"),
     );
-    if ops == 0 {
-        return Err(format!("tiny MoE: no MUL_MAT_ID offloaded; {}", ane.where_logged()).into());
+    if ops == 0 || packs == 0 {
+        return Err(format!(
+            "tiny MoE: {ops} MUL_MAT_IDs offloaded, {packs} expert packs (want both > 0); {}",
+            ane.where_logged()
+        )
+        .into());
     }
     Ok(format!(
-        "tiny MoE (8 experts, 2 used, q8_0): text identical, {ops} MUL_MAT_IDs ({experts} expert products) offloaded"
+        "tiny MoE (8 experts, 2 used, q8_0): text identical, {ops} MUL_MAT_IDs ({experts} expert products, {packs} pack dispatches) offloaded"
     ))
 }

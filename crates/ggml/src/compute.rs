@@ -149,11 +149,14 @@ pub(crate) fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
             count_weight(dev, node);
             // SAFETY: node is a claimed MUL_MAT_ID of this graph (valid host tensors).
             match unsafe { crate::mul_mat_id::compute(&cx, g, node) } {
-                Ok(experts) => {
+                Ok(done) => {
                     dev.stats.mul_mat_id_ops.fetch_add(1, Relaxed);
                     dev.stats
                         .mul_mat_id_experts
-                        .fetch_add(experts as u64, Relaxed);
+                        .fetch_add(done.experts as u64, Relaxed);
+                    dev.stats
+                        .mul_mat_id_packs
+                        .fetch_add(done.packs as u64, Relaxed);
                 }
                 Err(e) => {
                     eprintln!("ggml-ane: {e}");

@@ -69,10 +69,12 @@ pub struct Config {
     /// weight type (Q8_0, Q8_1, Q8_K or bf16) before converting them to fp16, so the device
     /// multiplies the values the CPU multiplies (default `cpu`); `off`: plain fp16.
     pub act_round: bool,
-    /// `GGML_ANE_MOE=on|off`: claim MUL_MAT_ID (mixture-of-experts matmuls). Off by default
-    /// until measured on a Mac: each active expert is one dispatch padded to the smallest column
-    /// bucket, and every expert a prompt touches is staged in fp16.
+    /// `GGML_ANE_MOE=off|on|single`: claim MUL_MAT_ID (mixture-of-experts matmuls). Off by
+    /// default until measured on a Mac. `on` runs packs of experts per dispatch where the shapes
+    /// allow (`ane_plan::moe`); `single` one expert per dispatch (for comparing the two).
     pub moe: bool,
+    /// `GGML_ANE_MOE=on` (not `single`): pack experts.
+    pub moe_pack: bool,
     /// `GGML_ANE_PRESTAGE=0|1`: convert weights to fp16 when llama.cpp reserves its graphs (at
     /// load) instead of at their first dispatch (default 1).
     pub prestage: bool,
@@ -242,7 +244,7 @@ pub const KNOBS: [Knob; 18] = [
     Knob {
         name: "GGML_ANE_MOE",
         default: "off",
-        values: Values::OneOf(&["off", "on"]),
+        values: Values::OneOf(&["off", "on", "single"]),
     },
     Knob {
         name: "GGML_ANE_PRESTAGE",
@@ -322,7 +324,8 @@ impl Config {
             _ => ane_plan::Layout::Tokens,
         };
         let act_round = read("GGML_ANE_ACT_ROUND") == "cpu";
-        let moe = read("GGML_ANE_MOE") == "on";
+        let moe_pack = read("GGML_ANE_MOE") == "on";
+        let moe = moe_pack || read("GGML_ANE_MOE") == "single";
         let prestage = read("GGML_ANE_PRESTAGE") == "1";
         let lookahead = read("GGML_ANE_LOOKAHEAD") == "1";
         let cost = Some(read("GGML_ANE_COST")).filter(|c| !c.trim().is_empty());
@@ -363,6 +366,7 @@ impl Config {
             layout,
             act_round,
             moe,
+            moe_pack,
             prestage,
             lookahead: lookahead && weights == WeightsMode::Fp16,
             route,

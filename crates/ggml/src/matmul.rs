@@ -245,6 +245,7 @@ mod cache;
 mod dispatch;
 mod fallback;
 mod host;
+mod pack;
 mod scratch;
 mod staging;
 
@@ -253,6 +254,7 @@ use dispatch::*;
 use fallback::*;
 use host::*;
 pub(crate) use host::{put, read_row};
+pub use pack::{compute_pack, Pack};
 pub use scratch::ScratchPool;
 use scratch::*;
 pub(crate) use staging::member_key;

@@ -10,9 +10,9 @@
 //! `[M, count]` result is copied to each (i, t) slice. Every expert's product goes through the
 //! same dispatch and fallback as a MUL_MAT, so every claimed op is computed.
 //!
-//! Not yet: packing several experts into one dispatch (few tokens per expert are padded to the
-//! smallest column bucket), small-row buckets, expert staging limits beyond
-//! `GGML_ANE_STAGE_MAX_MB`.
+//! Few tokens per expert: with `GGML_ANE_MOE=on` consecutive experts run in packs, one dispatch
+//! per pack with small column buckets (`ane_plan::moe`, [`matmul::compute_pack`]); a pack that
+//! fails, or experts that do not pack, go one expert per dispatch as above.
 
 use crate::boundary::desc;
 use crate::ffi::*;
@@ -44,6 +44,15 @@ unsafe fn routes(
     Ok(by_expert)
 }
 
+/// What a MUL_MAT_ID node took: experts computed, and pack dispatches among them.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Done {
+    /// Experts some token was routed to.
+    pub experts: usize,
+    /// Packs of experts run by one dispatch each.
+    pub packs: usize,
+}
+
 /// Computes a claimed MUL_MAT_ID node.
 ///
 /// # Safety
@@ -52,7 +61,7 @@ pub(crate) unsafe fn compute(
     cx: &matmul::Context<'_>,
     g: &ggml::Ggml,
     node: &ggml_tensor,
-) -> Result<usize, String> {
+) -> Result<Done, String> {
     // SAFETY: a MUL_MAT_ID node has three valid sources.
     let (s0, s1, ids) = unsafe { (&*node.src[0], &*node.src[1], &*node.src[2]) };
     let (d0, d1, di, dd) = (desc(s0), desc(s1), desc(ids), desc(node));
@@ -70,21 +79,94 @@ pub(crate) unsafe fn compute(
     }
     // SAFETY: ids is this node's I32 source, described by di.
     let by_expert = unsafe { routes(ids.data as *const u8, &di, &s)? };
+    let io = Io {
+        s,
+        src1: s1.data as *const u8,
+        d1,
+        dst: node.data as *mut u8,
+        dd,
+    };
     let weight = g.is_weight(s0);
-    let mut experts = 0;
+    // Experts stacked back to back, so a pack of them is one [K, pack * M] matrix.
+    let stacked = d0.nb[2] == d0.nb[1] * s.m;
+    let pack = (crate::config::Config::get().moe_pack && stacked)
+        .then(|| ane_plan::moe::pack_size(cx.planner, s.k, s.m, s.n_expert))
+        .flatten()
+        .filter(|_| cx.planner.layout == ane_plan::Layout::Tokens);
+    let mut done = Done::default();
+    let mut singles: Vec<usize> = Vec::new();
+    match pack {
+        Some(n) => {
+            for (p, experts) in by_expert.chunks(n).enumerate() {
+                let e0 = p * n;
+                let busiest = experts.iter().map(Vec::len).max().unwrap_or(0);
+                let bucket = ane_plan::moe::pack_bucket(busiest).filter(|_| experts.len() == n);
+                let routed = (e0..e0 + experts.len()).filter(|&e| !by_expert[e].is_empty());
+                let Some(bucket) = bucket.filter(|_| busiest > 0) else {
+                    singles.extend(routed);
+                    continue;
+                };
+                let pack_desc = TensorDesc {
+                    ne: [s.k as i64, (n * s.m) as i64, 1, 1],
+                    nb: [d0.nb[0], d0.nb[1], d0.nb[1] * n * s.m, d0.nb[1] * n * s.m],
+                    ty: d0.ty,
+                };
+                let mut x = vec![0f32; n * bucket * s.k];
+                for (h, rows) in experts.iter().enumerate() {
+                    let at = h * bucket * s.k;
+                    // SAFETY: the node's tensors, checked by `support::mul_mat_id`.
+                    unsafe { io.gather(rows, &mut x[at..at + rows.len() * s.k]) };
+                }
+                let mut y = vec![0f32; n * bucket * s.m];
+                let mut job = matmul::Pack {
+                    experts: Operand {
+                        desc: pack_desc,
+                        // SAFETY: expert e0's slice starts e0 * nb[2] bytes into src0.
+                        data: unsafe { (s0.data as *const u8).add(e0 * d0.nb[2]) },
+                    },
+                    info,
+                    heads: n,
+                    m: s.m,
+                    bucket,
+                    x: &x,
+                    f32_info,
+                    y: &mut y,
+                    weights: weight,
+                };
+                // SAFETY: the pack's experts are a readable slice of src0.
+                match unsafe { matmul::compute_pack(cx, &mut job) } {
+                    Ok(()) => {
+                        for (h, rows) in experts.iter().enumerate() {
+                            let at = h * bucket * s.m;
+                            // SAFETY: as for the gather.
+                            unsafe { io.scatter(rows, &y[at..at + rows.len() * s.m]) };
+                        }
+                        let products = experts.iter().filter(|r| !r.is_empty()).count();
+                        done.packs += 1;
+                        done.experts += products;
+                        cx.stats
+                            .ops_offloaded
+                            .fetch_add(products as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if crate::config::Config::get().debug {
+                            eprintln!("ggml-ane: expert pack failed, one expert at a time: {e}");
+                        }
+                        singles.extend(routed);
+                    }
+                }
+            }
+        }
+        None => singles.extend((0..s.n_expert).filter(|&e| !by_expert[e].is_empty())),
+    }
     let (mut x, mut y) = (Vec::<f32>::new(), Vec::<f32>::new());
-    for (e, rows) in by_expert.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+    for e in singles {
+        let rows = &by_expert[e];
         let n = rows.len();
         x.clear();
         x.resize(n * s.k, 0.0);
-        for (j, &(i, t)) in rows.iter().enumerate() {
-            let off = d1.row_offset(i % s.r, t, 0);
-            // SAFETY: row (i % r, t) of src1 holds K contiguous f32 (checked by mul_mat_id).
-            let src = unsafe {
-                std::slice::from_raw_parts((s1.data as *const u8).add(off).cast::<f32>(), s.k)
-            };
-            x[j * s.k..(j + 1) * s.k].copy_from_slice(src);
-        }
+        // SAFETY: the node's tensors, checked by `support::mul_mat_id`.
+        unsafe { io.gather(rows, &mut x) };
         y.clear();
         y.resize(n * s.m, 0.0);
         let expert = TensorDesc {
@@ -116,15 +198,48 @@ pub(crate) unsafe fn compute(
         // SAFETY: the expert slice is a readable weight of this graph; x and y are host buffers
         // of the described shapes that nothing else aliases.
         unsafe { matmul::compute(cx, &group) };
-        for (j, &(i, t)) in rows.iter().enumerate() {
-            let off = dd.row_offset(i, t, 0);
-            // SAFETY: slice (i, t) of dst holds M contiguous f32 (checked by mul_mat_id).
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut((node.data as *mut u8).add(off).cast::<f32>(), s.m)
-            };
-            dst.copy_from_slice(&y[j * s.m..(j + 1) * s.m]);
-        }
-        experts += 1;
+        // SAFETY: as for the gather.
+        unsafe { io.scatter(rows, &y) };
+        done.experts += 1;
     }
-    Ok(experts)
+    Ok(done)
+}
+
+/// The node's activations and outputs, for moving one expert's rows in and out.
+struct Io {
+    s: MoeShape,
+    src1: *const u8,
+    d1: TensorDesc,
+    dst: *mut u8,
+    dd: TensorDesc,
+}
+
+impl Io {
+    /// Copies src1 row `(i % r, t)` of each routed pair into consecutive `K`-rows of `x`.
+    ///
+    /// # Safety
+    /// `src1` is the node's src1, described by `d1` and accepted by `support::mul_mat_id`.
+    unsafe fn gather(&self, rows: &[(usize, usize)], x: &mut [f32]) {
+        let k = self.s.k;
+        for (j, &(i, t)) in rows.iter().enumerate() {
+            let off = self.d1.row_offset(i % self.s.r, t, 0);
+            // SAFETY: row (i % r, t) of src1 holds K contiguous f32 (checked by mul_mat_id).
+            let src = unsafe { std::slice::from_raw_parts(self.src1.add(off).cast::<f32>(), k) };
+            x[j * k..(j + 1) * k].copy_from_slice(src);
+        }
+    }
+
+    /// Copies consecutive `M`-rows of `y` to dst slice `(i, t)` of each routed pair.
+    ///
+    /// # Safety
+    /// `dst` is the node's output, described by `dd` and accepted by `support::mul_mat_id`.
+    unsafe fn scatter(&self, rows: &[(usize, usize)], y: &[f32]) {
+        let m = self.s.m;
+        for (j, &(i, t)) in rows.iter().enumerate() {
+            let off = self.dd.row_offset(i, t, 0);
+            // SAFETY: slice (i, t) of dst holds M contiguous f32 (checked by mul_mat_id).
+            let dst = unsafe { std::slice::from_raw_parts_mut(self.dst.add(off).cast::<f32>(), m) };
+            dst.copy_from_slice(&y[j * m..(j + 1) * m]);
+        }
+    }
 }

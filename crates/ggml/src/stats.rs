@@ -19,6 +19,8 @@ pub struct Stats {
     pub mul_mat_id_ops: AtomicU64,
     /// Expert products those nodes took (one MUL_MAT each, on the engine or its fallback).
     pub mul_mat_id_experts: AtomicU64,
+    /// Dispatches that ran a pack of several experts (`ane_plan::moe`).
+    pub mul_mat_id_packs: AtomicU64,
     /// MUL_MATs (or parts) computed by the plugin's own CPU path after an engine failure.
     pub ops_fallback: AtomicU64,
     /// Fallback computations run by the host's own CPU backend (`crate::host_cpu`): one per
@@ -153,6 +155,7 @@ impl Stats {
             "ops_offloaded": self.ops_offloaded.load(Relaxed),
             "mul_mat_id_ops": self.mul_mat_id_ops.load(Relaxed),
             "mul_mat_id_experts": self.mul_mat_id_experts.load(Relaxed),
+            "mul_mat_id_packs": self.mul_mat_id_packs.load(Relaxed),
             "ops_fallback": self.ops_fallback.load(Relaxed),
             "ops_fused": self.ops_fused.load(Relaxed),
             "fallback_cpu_backend": self.fallback_cpu_backend.load(Relaxed),
@@ -216,9 +219,10 @@ impl Stats {
         ));
         if self.mul_mat_id_ops.load(Relaxed) > 0 {
             s.push_str(&format!(
-                "  MUL_MAT_ID (experts)     {:>10} ({} expert products)\n",
+                "  MUL_MAT_ID (experts)     {:>10} ({} expert products, {} in packs of experts)\n",
                 self.mul_mat_id_ops.load(Relaxed),
-                self.mul_mat_id_experts.load(Relaxed)
+                self.mul_mat_id_experts.load(Relaxed),
+                self.mul_mat_id_packs.load(Relaxed)
             ));
         }
         s.push_str(&format!(

@@ -24,6 +24,7 @@ pub mod choice;
 pub mod cost;
 pub mod gguf;
 pub mod model;
+pub mod moe;
 pub mod probe;
 
 use ane_engine::driver_plan::MIN_LAST_AXIS;

@@ -1,0 +1,175 @@
+//! One dispatch for a pack of experts (`ane_plan::moe`): the pack's consecutive expert matrices
+//! are the `heads` batch of the shape-shared program, each with its own `bucket` activation
+//! columns.
+//!
+//! The staged weights of a pack are the same bytes as one `[K, heads * M]` matrix staged with
+//! `heads` row tiles of `M` rows (both place row `r` of expert `h` at `w_index(h, 0, r, ..)`), so
+//! the ordinary staging builds them; and with one contraction slice the activations and outputs
+//! of `heads` blocks of `bucket` columns sit exactly where a single matrix's `heads * bucket`
+//! columns would, so the ordinary token-major fill and scatter move them.
+
+use super::*;
+
+/// A pack of experts and the gathered activations they multiply.
+pub struct Pack<'a> {
+    /// The pack's experts as one matrix: `[K, heads * M]`, rows of expert `h` at `h * M`.
+    pub experts: Operand,
+    /// ggml traits of the experts' type.
+    pub info: TypeInfo,
+    /// Experts in the pack.
+    pub heads: usize,
+    /// Rows of one expert.
+    pub m: usize,
+    /// Columns per expert: expert `h`'s activations are columns `h * bucket ..` of `x`.
+    pub bucket: usize,
+    /// Activations, f32 `[heads][bucket][K]` (padding columns zero).
+    pub x: &'a [f32],
+    /// f32 traits, for reading `x`.
+    pub f32_info: TypeInfo,
+    /// Outputs, f32 `[heads][bucket][M]`.
+    pub y: &'a mut [f32],
+    /// The experts live in a weights buffer: staged once, kept.
+    pub weights: bool,
+}
+
+impl Pack<'_> {
+    /// The program shape of the pack, or an error when the planner would tile it (packing is
+    /// planned only for shapes that need no tiles or slices: `ane_plan::moe::pack_size`).
+    fn shape(&self, planner: &Planner) -> Result<TiledShape, EngineError> {
+        let k = self.experts.desc.ne[0] as usize;
+        let s = planner.tile(k, self.m, self.bucket);
+        if s.tiles != 1 || s.k_chunks != 1 || s.m_tile != self.m || s.layout != Layout::Tokens {
+            return Err(EngineError::Compile(format!(
+                "expert pack {k}x{} needs tiles",
+                self.m
+            )));
+        }
+        Ok(TiledShape {
+            heads: self.heads,
+            ..s
+        })
+    }
+}
+
+/// Runs a pack on the engine. On error nothing is known about `y`: the caller computes the pack's
+/// experts another way.
+///
+/// # Safety
+/// `p.experts` describes readable memory (the expert matrices of one ggml tensor).
+pub unsafe fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineError> {
+    if cx.health.is_off() {
+        return Err(EngineError::Unavailable("device gave up".into()));
+    }
+    let s = p.shape(cx.planner)?;
+    let k = p.experts.desc.ne[0] as usize;
+    // The weights as `heads` row tiles of one matrix: the same layout as the program's heads.
+    let staged_shape = TiledShape {
+        heads: 1,
+        tiles: p.heads,
+        ..s
+    };
+    let widest = TiledShape {
+        n: *ane_plan::moe::PACK_BUCKETS.last().expect("buckets"),
+        ..s
+    };
+    let size = request_alloc_size(&[widest.x_len() * 2, s.w_len() * 2, widest.y_len() * 2]);
+    let member = Member {
+        src0: p.experts,
+        src0_info: p.info,
+        dst: p.experts,
+    };
+    let make = || -> Result<Surface, EngineError> {
+        let t = Instant::now();
+        // SAFETY: the caller guarantees the experts are readable.
+        let made = unsafe { stage(cx.engine, &[member], 0, 0, &staged_shape, size, &[]) }?;
+        add_time(&cx.stats.ns_stage, t.elapsed());
+        if !guard::fp16_ok(made.fp16(s.w_len())) {
+            return Err(guard::trip(cx.stats, "src0 out of fp16 range"));
+        }
+        Ok(made)
+    };
+    let weights = if p.weights {
+        // SAFETY: as above.
+        let key = unsafe { stage_key(&[member], &staged_shape) };
+        let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+        let made = staged.get_or_insert(key, || {
+            cx.stats.groups_staged_dispatch.fetch_add(1, Relaxed);
+            make()
+        })?;
+        cx.stats.staged_bytes.store(staged.bytes() as u64, Relaxed);
+        made
+    } else {
+        Arc::new(make()?)
+    };
+
+    // Activations and outputs as one matrix of `heads * bucket` columns (see the module doc).
+    let cols: Vec<(usize, usize, usize)> = (0..p.heads * p.bucket).map(|c| (c, 0, 0)).collect();
+    let flat = TiledShape {
+        heads: 1,
+        n: p.heads * p.bucket,
+        ..s
+    };
+    let t = Instant::now();
+    let group = Group {
+        src1: Operand {
+            desc: TensorDesc::contiguous(GGML_TYPE_F32, 4, [k as i64, cols.len() as i64, 1, 1]),
+            data: p.x.as_ptr().cast(),
+        },
+        src1_info: p.f32_info,
+        members: vec![Member {
+            src0: p.experts,
+            src0_info: p.info,
+            dst: Operand {
+                desc: TensorDesc::contiguous(
+                    GGML_TYPE_F32,
+                    4,
+                    [p.m as i64, cols.len() as i64, 1, 1],
+                ),
+                data: p.y.as_mut_ptr().cast(),
+            },
+        }],
+        weights: p.weights,
+        speculative: 0,
+    };
+    let (mut x, mut y) = cx
+        .scratch
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take_pair(cx.engine, size)?;
+    // SAFETY: the group's src1 is `p.x` ([heads * bucket][K] f32), its dst `p.y`.
+    let filled = unsafe { fill_tokens(cx, &group, &flat, k, &cols, &mut x) };
+    add_time(&cx.stats.ns_convert, t.elapsed());
+    let result = filled.and_then(|()| {
+        let t = Instant::now();
+        let r = {
+            let mut cache = cx.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .get_or_compile(cx.engine, s, cx.stats)
+                .and_then(|id| cx.engine.evaluate(id, &[&x, &*weights], &mut [&mut y]))
+        };
+        add_time(&cx.stats.ns_engine, t.elapsed());
+        r?;
+        cx.stats.dispatches.fetch_add(1, Relaxed);
+        let t = Instant::now();
+        let ys = y.fp16(s.y_len());
+        if !guard::output_ok(ys) {
+            return Err(guard::trip(
+                cx.stats,
+                "output non-finite or past the matmul cliff",
+            ));
+        }
+        // SAFETY: as for the fill.
+        let r = unsafe { scatter_tokens(&group, &flat, &cols, ys) };
+        add_time(&cx.stats.ns_convert, t.elapsed());
+        r
+    });
+    cx.scratch
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .give_pair(x, y);
+    // A failure is counted by the per-expert path the caller falls back to, not twice.
+    if result.is_ok() {
+        cx.health.ok();
+    }
+    result
+}

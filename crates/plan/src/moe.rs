@@ -1,0 +1,378 @@
+//! Mixture-of-experts planning: how the expert matmuls of one MUL_MAT_ID become few dispatches.
+//!
+//! # Why packs
+//! In a 512-token ubatch Qwen3-30B-A3B routes ~32 tokens to each of its 128 experts. One dispatch
+//! per routed expert per matmul is 384 dispatches per layer, each padded to the smallest dense
+//! column bucket (128): 4x padding and a dispatch floor of seconds per ubatch. So the experts of
+//! a layer are cut into **packs** of `pack` consecutive experts (consecutive in memory, so a pack's
+//! weights are one staged surface, converted once, never copied per dispatch), and one dispatch
+//! runs a whole pack as the `heads` batch of the shape-shared program
+//! ([`ane_mil::build::TiledShape`]): every expert of the pack gets the same number of activation
+//! columns, the pack's **column bucket** ([`pack_bucket`]: the smallest of [`PACK_BUCKETS`] that
+//! holds the pack's busiest expert). Buckets 8 apart below 64 keep padding low where MoE layers
+//! live (tens of tokens per expert); only the buckets a prompt meets are compiled.
+//!
+//! A pack's weight surface is capped at [`PACK_MAX_BYTES`] (engine surfaces of one request share
+//! one size, so the activations and outputs are allocated that large too); experts bigger than
+//! that run one per dispatch with the dense buckets, as MUL_MATs do.
+//!
+//! [`presets`] and [`plan_layer`] feed `ane plan --moe`: dispatches, padding, programs and staged
+//! memory per ubatch for known MoE models under a routing model ([`Routing`]).
+
+use std::collections::BTreeSet;
+
+use ane_engine::driver_plan::MIN_LAST_AXIS;
+use ane_engine::surface::SPATIAL_MULTIPLE;
+
+use crate::Planner;
+
+/// Largest weight surface of one pack (fp16 bytes of all its experts).
+pub const PACK_MAX_BYTES: usize = 32 << 20;
+
+/// Column buckets of a pack dispatch: per expert, the columns every expert of the pack gets.
+/// Past the last one a pack runs its experts one per dispatch (each has enough tokens for the
+/// dense buckets).
+pub const PACK_BUCKETS: [usize; 14] = [16, 24, 32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 224, 256];
+
+/// Experts per pack for experts of contraction `k` and `m` rows, `n_expert` of them, or `None`
+/// when packing does not apply: a pack would hold one expert, or the shape needs what the pack
+/// program does not do (row tiles or contraction slices beyond the chip's axis limit; rows that
+/// the token-major layout would pad, which would misplace the experts in the staged surface).
+pub fn pack_size(planner: &Planner, k: usize, m: usize, n_expert: usize) -> Option<usize> {
+    let max = planner.limits.max_axis;
+    let rows_exact = m.is_multiple_of(SPATIAL_MULTIPLE) && m >= MIN_LAST_AXIS;
+    if k > max || m > max || !rows_exact || n_expert < 2 {
+        return None;
+    }
+    let k_pad = k.next_multiple_of(SPATIAL_MULTIPLE).max(MIN_LAST_AXIS);
+    let per_expert = k_pad * m * 2;
+    let fit = (PACK_MAX_BYTES / per_expert).min(n_expert);
+    // A power of two, so the packs of n_expert = 2^j experts (all known models) are all full.
+    let pack = if fit == 0 { 0 } else { 1 << fit.ilog2() };
+    (pack >= 2).then_some(pack)
+}
+
+/// The column bucket of a pack whose busiest expert has `max_count` columns, or `None` when that
+/// is past [`PACK_BUCKETS`].
+pub fn pack_bucket(max_count: usize) -> Option<usize> {
+    PACK_BUCKETS.iter().copied().find(|&b| b >= max_count)
+}
+
+/// How one MUL_MAT_ID's experts are dispatched, for one ubatch's routing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayerPlan {
+    /// Dispatches of packs.
+    pub pack_dispatches: usize,
+    /// Dispatches of single experts (packing off, or a pack past the last bucket).
+    pub single_dispatches: usize,
+    /// Activation columns computed, padding included.
+    pub padded_cols: usize,
+    /// Routed (expert, token) pairs: the columns that carry data.
+    pub routed_cols: usize,
+    /// Program shapes used: `(heads, column bucket)`; `heads = 1` for single experts.
+    pub programs: BTreeSet<(usize, usize)>,
+}
+
+impl LayerPlan {
+    /// All dispatches.
+    pub fn dispatches(&self) -> usize {
+        self.pack_dispatches + self.single_dispatches
+    }
+    /// Padded over routed columns (1.0 = no padding).
+    pub fn padding(&self) -> f64 {
+        self.padded_cols as f64 / self.routed_cols.max(1) as f64
+    }
+}
+
+/// Plans one MUL_MAT_ID: `counts[e]` columns routed to expert `e`, packs of `pack` experts
+/// (`None`: one dispatch per routed expert, dense buckets).
+pub fn plan_layer(planner: &Planner, counts: &[usize], pack: Option<usize>) -> LayerPlan {
+    let mut p = LayerPlan {
+        routed_cols: counts.iter().sum(),
+        ..LayerPlan::default()
+    };
+    let single = |p: &mut LayerPlan, n: usize| {
+        for c in planner.col_chunks(n) {
+            p.single_dispatches += 1;
+            p.padded_cols += c.bucket;
+            p.programs.insert((1, c.bucket));
+        }
+    };
+    match pack {
+        Some(g) => {
+            for experts in counts.chunks(g) {
+                let busiest = experts.iter().copied().max().unwrap_or(0);
+                if busiest == 0 {
+                    continue;
+                }
+                match pack_bucket(busiest) {
+                    Some(b) => {
+                        p.pack_dispatches += 1;
+                        p.padded_cols += g * b;
+                        p.programs.insert((g, b));
+                    }
+                    None => experts
+                        .iter()
+                        .filter(|&&n| n > 0)
+                        .for_each(|&n| single(&mut p, n)),
+                }
+            }
+        }
+        None => counts
+            .iter()
+            .filter(|&&n| n > 0)
+            .for_each(|&n| single(&mut p, n)),
+    }
+    p
+}
+
+/// How tokens pick experts in a planned ubatch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Routing {
+    /// Every token picks `n_used` distinct experts uniformly (a well-balanced router).
+    Uniform,
+    /// Expert `e` is picked with weight `1 / (rank + 1)^s` over a fixed random ranking: popular
+    /// experts take several times their share (routers seen in practice are between the two).
+    Skewed(f64),
+}
+
+/// Deterministic per-expert column counts of `tokens` tokens choosing `n_used` of `n_expert`
+/// experts each (`seed` picks the draw).
+pub fn route(
+    n_expert: usize,
+    n_used: usize,
+    tokens: usize,
+    routing: Routing,
+    seed: u64,
+) -> Vec<usize> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        // xorshift64*: reproducible without a dependency.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut rank: Vec<usize> = (0..n_expert).collect();
+    for i in (1..n_expert).rev() {
+        let j = (next() * (i + 1) as f64) as usize;
+        rank.swap(i, j.min(i));
+    }
+    let weight: Vec<f64> = (0..n_expert)
+        .map(|e| match routing {
+            Routing::Uniform => 1.0,
+            Routing::Skewed(s) => 1.0 / ((rank[e] + 1) as f64).powf(s),
+        })
+        .collect();
+    let mut counts = vec![0; n_expert];
+    let n_used = n_used.min(n_expert);
+    for _ in 0..tokens {
+        let mut picked: Vec<usize> = Vec::with_capacity(n_used);
+        while picked.len() < n_used {
+            let total: f64 = (0..n_expert)
+                .filter(|e| !picked.contains(e))
+                .map(|e| weight[e])
+                .sum();
+            let mut r = next() * total;
+            let mut choice = None;
+            for e in (0..n_expert).filter(|e| !picked.contains(e)) {
+                choice = Some(e);
+                r -= weight[e];
+                if r <= 0.0 {
+                    break;
+                }
+            }
+            picked.push(choice.expect("n_used <= n_expert"));
+        }
+        picked.iter().for_each(|&e| counts[e] += 1);
+    }
+    counts
+}
+
+/// The expert part of a MoE model's shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoePreset {
+    /// Name for `ane plan --moe`.
+    pub name: &'static str,
+    /// MoE layers.
+    pub layers: usize,
+    /// Hidden size (gate/up contraction, down rows).
+    pub hidden: usize,
+    /// Expert FFN size (gate/up rows, down contraction).
+    pub ffn: usize,
+    /// Experts per layer.
+    pub n_expert: usize,
+    /// Experts each token uses.
+    pub n_used: usize,
+}
+
+/// Known MoE models (shapes from their published configs).
+pub const PRESETS: [MoePreset; 3] = [
+    MoePreset {
+        name: "qwen3-30b-a3b",
+        layers: 48,
+        hidden: 2048,
+        ffn: 768,
+        n_expert: 128,
+        n_used: 8,
+    },
+    MoePreset {
+        name: "olmoe-1b-7b",
+        layers: 16,
+        hidden: 2048,
+        ffn: 1024,
+        n_expert: 64,
+        n_used: 8,
+    },
+    MoePreset {
+        name: "mixtral-8x7b",
+        layers: 32,
+        hidden: 4096,
+        ffn: 14336,
+        n_expert: 8,
+        n_used: 2,
+    },
+];
+
+/// The preset called `name`.
+pub fn preset(name: &str) -> Option<MoePreset> {
+    PRESETS.iter().copied().find(|p| p.name == name)
+}
+
+/// One MoE layer of a preset planned for one ubatch: gate and up (contraction `hidden`, `ffn`
+/// rows, sharing their activations, so llama.cpp may merge them) and down (the transpose).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeLayerPlan {
+    /// Gate + up + down, each as its own MUL_MAT_ID.
+    pub matmuls: Vec<LayerPlan>,
+    /// Experts per pack of gate/up and of down (`None`: no packing).
+    pub packs: (Option<usize>, Option<usize>),
+}
+
+impl MoeLayerPlan {
+    /// Dispatches of the layer.
+    pub fn dispatches(&self) -> usize {
+        self.matmuls.iter().map(LayerPlan::dispatches).sum()
+    }
+    /// Padded over routed columns, over the layer.
+    pub fn padding(&self) -> f64 {
+        let padded: usize = self.matmuls.iter().map(|p| p.padded_cols).sum();
+        let routed: usize = self.matmuls.iter().map(|p| p.routed_cols).sum();
+        padded as f64 / routed.max(1) as f64
+    }
+    /// Distinct programs: `(k, m, heads, bucket)`.
+    pub fn programs(&self, p: &MoePreset) -> BTreeSet<(usize, usize, usize, usize)> {
+        let mut out = BTreeSet::new();
+        for (i, l) in self.matmuls.iter().enumerate() {
+            let (k, m) = if i < 2 {
+                (p.hidden, p.ffn)
+            } else {
+                (p.ffn, p.hidden)
+            };
+            out.extend(l.programs.iter().map(|&(h, b)| (k, m, h, b)));
+        }
+        out
+    }
+}
+
+/// Plans one MoE layer of `p` for `tokens` tokens routed by `counts`.
+pub fn plan_moe_layer(
+    planner: &Planner,
+    p: &MoePreset,
+    counts: &[usize],
+    packing: bool,
+) -> MoeLayerPlan {
+    let up = packing
+        .then(|| pack_size(planner, p.hidden, p.ffn, p.n_expert))
+        .flatten();
+    let down = packing
+        .then(|| pack_size(planner, p.ffn, p.hidden, p.n_expert))
+        .flatten();
+    MoeLayerPlan {
+        matmuls: vec![
+            plan_layer(planner, counts, up),
+            plan_layer(planner, counts, up),
+            plan_layer(planner, counts, down),
+        ],
+        packs: (up, down),
+    }
+}
+
+/// Bytes of all experts of `p` in fp16 (what staging every expert would hold).
+pub fn experts_fp16_bytes(p: &MoePreset) -> u64 {
+    3 * (p.layers * p.n_expert * p.hidden * p.ffn) as u64 * 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ane_engine::Chip;
+
+    fn planner() -> Planner {
+        Planner::new(Chip::M4.limits())
+    }
+
+    #[test]
+    fn pack_sizes_follow_the_surface_cap_and_the_row_rule() {
+        let p = planner();
+        // Qwen3-30B-A3B: 3 MiB per expert -> 8 per 32 MiB pack, both directions.
+        assert_eq!(pack_size(&p, 2048, 768, 128), Some(8));
+        assert_eq!(pack_size(&p, 768, 2048, 128), Some(8));
+        // Mixtral: one expert is past the cap.
+        assert_eq!(pack_size(&p, 4096, 14336, 8), None);
+        // Rows the token-major layout would pad.
+        assert_eq!(pack_size(&p, 256, 100, 8), None);
+        // Never more than the experts there are.
+        assert_eq!(pack_size(&p, 64, 64, 4), Some(4));
+        assert_eq!(pack_size(&p, 64, 64, 6), Some(4));
+        assert_eq!(pack_size(&p, 64, 64, 1), None);
+    }
+
+    #[test]
+    fn buckets_hold_the_busiest_expert() {
+        assert_eq!(pack_bucket(1), Some(16));
+        assert_eq!(pack_bucket(33), Some(40));
+        assert_eq!(pack_bucket(256), Some(256));
+        assert_eq!(pack_bucket(257), None);
+    }
+
+    #[test]
+    fn routing_is_deterministic_and_conserves_pairs() {
+        for r in [Routing::Uniform, Routing::Skewed(0.8)] {
+            let a = route(128, 8, 512, r, 7);
+            assert_eq!(a, route(128, 8, 512, r, 7));
+            assert_eq!(a.iter().sum::<usize>(), 512 * 8);
+        }
+        let skew = route(128, 8, 512, Routing::Skewed(1.0), 1);
+        let uni = route(128, 8, 512, Routing::Uniform, 1);
+        assert!(skew.iter().max() > uni.iter().max());
+    }
+
+    /// The targets for Qwen3-30B-A3B at 512 tokens: at most 64 dispatches per MoE layer
+    /// and padding at most 1.5x, for a balanced router.
+    #[test]
+    fn qwen3_targets_hold_with_packs() {
+        let p = planner();
+        let q = preset("qwen3-30b-a3b").unwrap();
+        for seed in 0..4 {
+            let counts = route(q.n_expert, q.n_used, 512, Routing::Uniform, seed);
+            let l = plan_moe_layer(&p, &q, &counts, true);
+            assert!(l.dispatches() <= 64, "{} dispatches", l.dispatches());
+            assert!(l.padding() <= 1.5, "padding {}", l.padding());
+            let single = plan_moe_layer(&p, &q, &counts, false);
+            assert!(single.dispatches() >= 3 * 120);
+            assert!(single.padding() >= 3.5);
+        }
+    }
+
+    #[test]
+    fn past_the_last_bucket_a_pack_runs_its_experts_alone() {
+        let p = planner();
+        let l = plan_layer(&p, &[300, 0, 5, 0], Some(4));
+        assert_eq!((l.pack_dispatches, l.single_dispatches), (0, 2));
+        assert_eq!(l.padded_cols, 512 + 128);
+        let l = plan_layer(&p, &[0, 0, 0, 0, 3, 9, 0, 1], Some(4));
+        assert_eq!((l.pack_dispatches, l.single_dispatches), (1, 0));
+        assert_eq!((l.padded_cols, l.routed_cols), (64, 13));
+    }
+}

@@ -5,7 +5,9 @@
 //! `GGML_BACKEND_PATH` on the reference engine. The prompt is long enough
 //! (> 64 tokens) that the prefill MUL_MATs reach the plugin's default minimum
 //! batch; the stats table the plugin prints at backend free shows which
-//! matmuls it ran.
+//! matmuls it ran. Then the same on a tiny generated mixture-of-experts model
+//! with `GGML_ANE_MOE=on`: the table's `MUL_MAT_ID (experts)` row counts the
+//! expert matmuls and the packs of experts that ran them.
 
 use std::process::Command;
 
@@ -49,19 +51,39 @@ pub fn run(model: Option<&std::path::Path>) -> Result {
             (models::path("f16"), PROMPT, &[])
         }
     };
+    completion(&plugin, &path, prompt, extra, &[])?;
+    if model.is_none() {
+        let moe = models::moe()?;
+        completion(&plugin, &moe, PROMPT, &[], &[("GGML_ANE_MOE", "on")])?;
+    }
+    Ok(())
+}
+
+/// One greedy `llama-completion` with the plugin loaded and its stats table printed.
+fn completion(
+    plugin: &std::path::Path,
+    path: &std::path::Path,
+    prompt: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Result {
     let _s = Section::new(format!(
-        "demo: llama-completion on {} with the ANE plugin (reference engine)",
-        path.display()
+        "demo: llama-completion on {} with the ANE plugin (reference engine{})",
+        path.display(),
+        env.iter()
+            .map(|(k, v)| format!(", {k}={v}"))
+            .collect::<String>()
     ));
     let mut cmd = Command::new(llama::bin("llama-completion"));
     cmd.arg("-m")
-        .arg(&path)
+        .arg(path)
         .args(["-p", prompt, "-n", "16", "-no-cnv", "--temp", "0"])
         .args(["-t", "2", "--no-warmup"])
         .args(extra)
-        .env("GGML_BACKEND_PATH", &plugin)
+        .env("GGML_BACKEND_PATH", plugin)
         .env("GGML_ANE_ENGINE", "reference")
         .env("GGML_ANE_STATS", "1")
+        .envs(env.iter().copied())
         .env("OMP_WAIT_POLICY", crate::test::OMP_WAIT_POLICY)
         .stdin(std::process::Stdio::null());
     crate::exit_drain::apply(&mut cmd);

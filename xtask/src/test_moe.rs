@@ -43,9 +43,34 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
     if stat(&all, "mul_mat_id_packs") == 0 {
         return Err(format!("{summary}: no expert pack ran; {}", res.where_logged()).into());
     }
+    let graphs = graph_cases(&plugin)?;
     let text = moe_text(&plugin)?;
-    Ok(format!("{summary}; {text}"))
+    Ok(format!("{summary}; {graphs}; {text}"))
 }
+
+/// The suite's MUL_MAT_ID graph cases: `MUL_MAT_ID_W4A8`/`_W4A4` (one MUL_MAT_ID each: must all
+/// be claimed and pass) and `MUL_MAT_ID_FUSION`/`_SHARED` (graphs that also hold ADD, MUL or GLU
+/// nodes; test-backend-ops runs a graph only on a backend that supports every node, so the plugin,
+/// which claims matmuls only, is reported "not supported" there and none may fail).
+fn graph_cases(plugin: &std::path::Path) -> Result<String> {
+    let (c, res) = test::backend_ops(
+        &llama::API3,
+        plugin,
+        &[
+            "-o",
+            "MUL_MAT_ID_W4A8,MUL_MAT_ID_W4A4,MUL_MAT_ID_FUSION,MUL_MAT_ID_SHARED",
+        ],
+        &[("GGML_ANE_MOE", "on"), ("GGML_ANE_STATS", "json")],
+        "test-backend-ops-mul-mat-id-graphs",
+    )?;
+    let summary = format!("MUL_MAT_ID graph cases {}", c.summary());
+    println!("{summary}");
+    test::ops_verdict_at_least(&c, &res, &summary, 0, MIN_GRAPH_CLAIMED)?;
+    Ok(summary)
+}
+
+/// W4A8 and W4A4 cases of b11434 (all claimed, measured).
+const MIN_GRAPH_CLAIMED: usize = 6;
 
 /// Greedy text of the tiny MoE model with the plugin (MoE on) against CPU-only.
 fn moe_text(plugin: &std::path::Path) -> Result<String> {

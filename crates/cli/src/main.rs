@@ -13,6 +13,7 @@ mod doctor;
 mod doctor_coreml;
 mod mil;
 mod plan;
+mod plan_moe;
 mod probe;
 
 /// Tools for the ggml Apple Neural Engine backend.

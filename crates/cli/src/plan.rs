@@ -56,6 +56,14 @@ pub struct Args {
     /// Print the plan as JSON (one row per prompt length).
     #[arg(long)]
     pub json: bool,
+    /// Plan the expert matmuls (MUL_MAT_ID) of a mixture-of-experts preset, or `all`:
+    /// qwen3-30b-a3b, olmoe-1b-7b, mixtral-8x7b. Uses --chip, --n-ubatch, --cost, --json.
+    #[arg(long, conflicts_with_all = ["model", "preset"])]
+    pub moe: Option<String>,
+    /// With --moe: the staging budget (`GGML_ANE_STAGE_MAX_MB`) that expert layers are admitted
+    /// against.
+    #[arg(long, default_value_t = 16384)]
+    pub stage_max_mb: u64,
 }
 
 /// Parses `a-b` or `a,b,c`.
@@ -81,6 +89,9 @@ pub fn parse_lengths(s: &str) -> Result<Vec<usize>> {
 
 /// Runs `ane plan`.
 pub fn run(args: &Args) -> Result<()> {
+    if let Some(which) = &args.moe {
+        return crate::plan_moe::run(args, which);
+    }
     let model: ModelShape = match (&args.model, &args.preset) {
         (Some(path), _) => {
             let g = Gguf::read(path)?;

@@ -214,6 +214,7 @@ pub(crate) unsafe extern "C" fn ggml_backend_ane_device_supports_op(
                 &desc(ids),
                 &desc(t),
                 g.type_info(s0.type_),
+                g.is_weight(s0).then_some(s0.data as usize),
                 usable,
             ) {
                 Verdict::Claim => true,

@@ -61,9 +61,11 @@ pub(crate) fn decide<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>>(
 }
 
 /// Whether the device claims a MUL_MAT_ID: each expert's product a MUL_MAT it computes
-/// ([`support::mul_mat_id`]), a device that has not given up, and expert weights in a buffer it
-/// reads. Nothing is staged ahead: an expert's weight is staged by the first dispatch that
-/// routes tokens to it.
+/// ([`support::mul_mat_id`]), `GGML_ANE_MOE` on, a device that has not given up, the cost model
+/// (`GGML_ANE_ROUTE=cost`: [`ane_plan::moe::estimate`]), room for its experts in the staging
+/// budget ([`ExpertBudget`]), and expert weights in a buffer it reads. Nothing is staged here: a
+/// pack (or expert) is staged by the first dispatch that routes tokens to it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn decide_id(
     dev: &DeviceState,
     src0: &TensorDesc,
@@ -71,21 +73,82 @@ pub(crate) fn decide_id(
     ids: &TensorDesc,
     dst: &TensorDesc,
     src0_info: Option<crate::ggml::TypeInfo>,
+    experts: Option<usize>,
     weight_usable: impl Fn() -> bool,
 ) -> Verdict {
-    if let Err(d) = support::mul_mat_id(src0, src1, ids, dst, src0_info, dev.policy) {
-        return Verdict::Decline(Some(d));
-    }
-    if !Config::get().moe {
+    let s = match support::mul_mat_id(src0, src1, ids, dst, src0_info, dev.policy) {
+        Ok(s) => s,
+        Err(d) => return Verdict::Decline(Some(d)),
+    };
+    let cfg = Config::get();
+    if !cfg.moe {
         return Verdict::Decline(Some(support::Decline::MoeOff));
     }
     if dev.health.is_off() {
         return Verdict::Decline(Some(support::Decline::DeviceOff));
     }
+    if cfg.route == ane_plan::model::Route::Cost {
+        let e = ane_plan::moe::ExpertShape {
+            k: s.k,
+            m: s.m,
+            n_expert: s.n_expert,
+            n_used: s.n_used,
+        };
+        let est = ane_plan::moe::estimate(&dev.planner, &dev.cost, e, s.n_tokens, cfg.moe_pack);
+        if !est.ane_wins() {
+            return Verdict::Decline(Some(support::Decline::CostModel));
+        }
+    }
     if !weight_usable() {
         return Verdict::Decline(None);
     }
+    if let Some(data) = experts {
+        let bytes = (s.k.next_multiple_of(32).max(64) * s.m * s.n_expert * 2) as u64;
+        let mut budget = dev.experts.lock().unwrap_or_else(|e| e.into_inner());
+        if !budget.admit(data, bytes) {
+            return Verdict::Decline(Some(support::Decline::MoeMemory));
+        }
+    }
     Verdict::Claim
+}
+
+/// The expert tensors claimed so far and their fp16 size, against the staging budget.
+///
+/// Staging every expert of a large MoE in fp16 does not fit a Mac (Qwen3-30B-A3B: 58 GB), and
+/// staged surfaces beyond `GGML_ANE_STAGE_MAX_MB` are evicted least recently used first, so a
+/// prompt that touched more experts than fit would convert them again on every ubatch. So expert
+/// tensors are admitted in the order llama.cpp offers them (layer by layer) while their fp16 size
+/// fits the budget, and the rest stay on the CPU (`moe_memory`): the first layers run on the
+/// device, every ubatch, without re-staging.
+#[derive(Debug, Default)]
+pub(crate) struct ExpertBudget {
+    admitted: std::collections::HashMap<usize, u64>,
+    bytes: u64,
+    /// Cap in bytes.
+    pub(crate) max_bytes: u64,
+}
+
+impl ExpertBudget {
+    /// A budget of `max_bytes`.
+    pub(crate) fn new(max_bytes: u64) -> Self {
+        ExpertBudget {
+            max_bytes,
+            ..Default::default()
+        }
+    }
+
+    /// Whether the experts at `data` (`bytes` in fp16) are, or now become, admitted.
+    pub(crate) fn admit(&mut self, data: usize, bytes: u64) -> bool {
+        if self.admitted.contains_key(&data) {
+            return true;
+        }
+        if self.bytes + bytes > self.max_bytes {
+            return false;
+        }
+        self.admitted.insert(data, bytes);
+        self.bytes += bytes;
+        true
+    }
 }
 
 /// After a claim: the lookahead learns which weights share src1 and stages each group it
@@ -199,4 +262,23 @@ pub(crate) fn cost_says_ane(
     let [_, n, ne12, ne13] = s1.ne.map(|v| v as usize);
     let cols = n * (ne12 / ne02.max(1)) * (ne13 / ne03.max(1));
     ane_plan::model::estimate(&dev.planner, &dev.cost, k, m, cols, ne02 * ne03, weight).ane_wins()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ExpertBudget;
+
+    #[test]
+    fn experts_are_admitted_in_order_while_they_fit() {
+        let mut b = ExpertBudget::new(100);
+        assert!(b.admit(1, 40));
+        assert!(b.admit(2, 40));
+        // Layer 3 does not fit; asking again gives the same answer, so reservations agree with
+        // the graphs computed later.
+        assert!(!b.admit(3, 40));
+        assert!(!b.admit(3, 40));
+        assert!(b.admit(1, 40), "admitted tensors stay admitted");
+        assert!(b.admit(4, 20), "a smaller one still fits");
+        assert!(!ExpertBudget::new(10).admit(5, 11));
+    }
 }

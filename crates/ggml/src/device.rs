@@ -28,6 +28,8 @@ pub struct DeviceState {
     pub(crate) cost: ane_plan::cost::ChipCost,
     /// Whether the device gave up after a run of engine failures.
     pub(crate) health: health::Health,
+    /// Expert tensors admitted against the staging budget (`GGML_ANE_MOE`).
+    pub(crate) experts: Mutex<crate::claim::ExpertBudget>,
 }
 
 impl DeviceState {
@@ -85,6 +87,9 @@ pub(crate) fn device_state() -> Result<&'static DeviceState, &'static str> {
                 staged: Mutex::new(StagedWeights::new(cfg.stage_max_mb.saturating_mul(1 << 20))),
                 scratch: Mutex::new(ScratchPool::default()),
                 health: health::Health::new(cfg.give_up),
+                experts: Mutex::new(crate::claim::ExpertBudget::new(
+                    (cfg.stage_max_mb as u64).saturating_mul(1 << 20),
+                )),
                 cost: {
                     let published = ane_plan::cost::chip_cost(engine.chip());
                     // Validated when the configuration was read.

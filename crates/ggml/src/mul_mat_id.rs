@@ -99,20 +99,36 @@ pub(crate) unsafe fn compute(
         Some(n) => {
             for (p, experts) in by_expert.chunks(n).enumerate() {
                 let e0 = p * n;
-                let busiest = experts.iter().map(Vec::len).max().unwrap_or(0);
-                let bucket = ane_plan::moe::pack_bucket(busiest).filter(|_| experts.len() == n);
                 let routed = (e0..e0 + experts.len()).filter(|&e| !by_expert[e].is_empty());
-                let Some(bucket) = bucket.filter(|_| busiest > 0) else {
+                if experts.len() < n {
                     singles.extend(routed);
                     continue;
+                }
+                let counts: Vec<usize> = experts.iter().map(Vec::len).collect();
+                let split = ane_plan::moe::split_pack(cx.planner, &counts);
+                singles.extend(split.alone.iter().map(|&h| e0 + h));
+                let Some(bucket) = split.bucket else {
+                    continue;
                 };
+                // The pack's rows: experts that run alone get none here.
+                let packed: Vec<&[(usize, usize)]> = experts
+                    .iter()
+                    .enumerate()
+                    .map(|(h, r)| {
+                        if split.alone.contains(&h) {
+                            &[][..]
+                        } else {
+                            &r[..]
+                        }
+                    })
+                    .collect();
                 let pack_desc = TensorDesc {
                     ne: [s.k as i64, (n * s.m) as i64, 1, 1],
                     nb: [d0.nb[0], d0.nb[1], d0.nb[1] * n * s.m, d0.nb[1] * n * s.m],
                     ty: d0.ty,
                 };
                 let mut x = vec![0f32; n * bucket * s.k];
-                for (h, rows) in experts.iter().enumerate() {
+                for (h, rows) in packed.iter().enumerate() {
                     let at = h * bucket * s.k;
                     // SAFETY: the node's tensors, checked by `support::mul_mat_id`.
                     unsafe { io.gather(rows, &mut x[at..at + rows.len() * s.k]) };
@@ -136,12 +152,12 @@ pub(crate) unsafe fn compute(
                 // SAFETY: the pack's experts are a readable slice of src0.
                 match unsafe { matmul::compute_pack(cx, &mut job) } {
                     Ok(()) => {
-                        for (h, rows) in experts.iter().enumerate() {
+                        for (h, rows) in packed.iter().enumerate() {
                             let at = h * bucket * s.m;
                             // SAFETY: as for the gather.
                             unsafe { io.scatter(rows, &y[at..at + rows.len() * s.m]) };
                         }
-                        let products = experts.iter().filter(|r| !r.is_empty()).count();
+                        let products = packed.iter().filter(|r| !r.is_empty()).count();
                         done.packs += 1;
                         done.experts += products;
                         cx.stats
@@ -152,7 +168,7 @@ pub(crate) unsafe fn compute(
                         if crate::config::Config::get().debug {
                             eprintln!("ggml-ane: expert pack failed, one expert at a time: {e}");
                         }
-                        singles.extend(routed);
+                        singles.extend((0..n).filter(|&h| !packed[h].is_empty()).map(|h| e0 + h));
                     }
                 }
             }

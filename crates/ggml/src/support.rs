@@ -70,6 +70,9 @@ pub enum Decline {
     ShapeFailed,
     /// A MUL_MAT_ID while `GGML_ANE_MOE=off` (the default until measured on a Mac).
     MoeOff,
+    /// A MUL_MAT_ID whose experts, in fp16, do not fit what is left of `GGML_ANE_STAGE_MAX_MB`
+    /// after the experts already claimed (`crate::claim::ExpertBudget`).
+    MoeMemory,
 }
 
 /// Smallest number of output values the plugin claims (see [`Decline::TinyOutput`]).
@@ -77,7 +80,7 @@ pub const MIN_OUTPUTS: i64 = 16;
 
 impl Decline {
     /// Every reason, in stats order.
-    pub const ALL: [Decline; 12] = [
+    pub const ALL: [Decline; 13] = [
         Decline::SmallBatch,
         Decline::DstType,
         Decline::Src1Type,
@@ -90,6 +93,7 @@ impl Decline {
         Decline::DeviceOff,
         Decline::ShapeFailed,
         Decline::MoeOff,
+        Decline::MoeMemory,
     ];
 
     /// Stats key.
@@ -107,6 +111,7 @@ impl Decline {
             Decline::DeviceOff => "device_off",
             Decline::ShapeFailed => "shape_failed",
             Decline::MoeOff => "moe_off",
+            Decline::MoeMemory => "moe_memory",
         }
     }
 

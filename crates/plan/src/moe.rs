@@ -24,7 +24,9 @@ use std::collections::BTreeSet;
 use ane_engine::driver_plan::MIN_LAST_AXIS;
 use ane_engine::surface::SPATIAL_MULTIPLE;
 
-use crate::Planner;
+use crate::cost::ChipCost;
+use crate::model::Estimate;
+use crate::{Planner, TiledShape};
 
 /// Largest weight surface of one pack (fp16 bytes of all its experts).
 pub const PACK_MAX_BYTES: usize = 32 << 20;
@@ -56,6 +58,54 @@ pub fn pack_size(planner: &Planner, k: usize, m: usize, n_expert: usize) -> Opti
 /// is past [`PACK_BUCKETS`].
 pub fn pack_bucket(max_count: usize) -> Option<usize> {
     PACK_BUCKETS.iter().copied().find(|&b| b >= max_count)
+}
+
+/// Columns that one dispatch is worth, for choosing between padding and dispatches: the fixed
+/// cost of an evaluate (~0.1 ms on an M4) is about what 64 columns of a 2048 x 768 expert take at
+/// the runtime-weight matmul's estimated throughput (`cost::ChipCost`).
+pub const DISPATCH_COLS: usize = 64;
+
+/// How a pack's experts are dispatched: the packed ones in one dispatch of `bucket` columns each,
+/// the `alone` ones (indexes into the pack) one per dispatch with the dense buckets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PackSplit {
+    /// The pack dispatch's column bucket; `None`: no pack dispatch.
+    pub bucket: Option<usize>,
+    /// Experts that run alone: busier than the bucket (a popular expert would otherwise pad the
+    /// whole pack to its count).
+    pub alone: Vec<usize>,
+}
+
+/// Splits a pack with `counts[h]` columns for expert `h` into one pack dispatch and experts that
+/// run alone, minimising padded columns plus [`DISPATCH_COLS`] per dispatch.
+pub fn split_pack(planner: &Planner, counts: &[usize]) -> PackSplit {
+    let alone_cost = |n: usize| -> usize {
+        planner
+            .col_chunks(n)
+            .iter()
+            .map(|c| c.bucket + DISPATCH_COLS)
+            .sum()
+    };
+    let heads = counts.len();
+    let mut best = PackSplit {
+        bucket: None,
+        alone: (0..heads).filter(|&h| counts[h] > 0).collect(),
+    };
+    let mut best_cost: usize = best.alone.iter().map(|&h| alone_cost(counts[h])).sum();
+    for b in PACK_BUCKETS {
+        let alone: Vec<usize> = (0..heads).filter(|&h| counts[h] > b).collect();
+        let packed = counts.iter().any(|&n| n > 0 && n <= b);
+        let cost = alone.iter().map(|&h| alone_cost(counts[h])).sum::<usize>()
+            + if packed { heads * b + DISPATCH_COLS } else { 0 };
+        if packed && cost < best_cost {
+            best_cost = cost;
+            best = PackSplit {
+                bucket: Some(b),
+                alone,
+            };
+        }
+    }
+    best
 }
 
 /// How one MUL_MAT_ID's experts are dispatched, for one ubatch's routing.
@@ -101,21 +151,20 @@ pub fn plan_layer(planner: &Planner, counts: &[usize], pack: Option<usize>) -> L
     match pack {
         Some(g) => {
             for experts in counts.chunks(g) {
-                let busiest = experts.iter().copied().max().unwrap_or(0);
-                if busiest == 0 {
-                    continue;
-                }
-                match pack_bucket(busiest) {
-                    Some(b) => {
-                        p.pack_dispatches += 1;
-                        p.padded_cols += g * b;
-                        p.programs.insert((g, b));
-                    }
-                    None => experts
+                if experts.len() < g {
+                    experts
                         .iter()
                         .filter(|&&n| n > 0)
-                        .for_each(|&n| single(&mut p, n)),
+                        .for_each(|&n| single(&mut p, n));
+                    continue;
                 }
+                let split = split_pack(planner, experts);
+                if let Some(b) = split.bucket {
+                    p.pack_dispatches += 1;
+                    p.padded_cols += g * b;
+                    p.programs.insert((g, b));
+                }
+                split.alone.iter().for_each(|&h| single(&mut p, experts[h]));
             }
         }
         None => counts
@@ -298,6 +347,60 @@ pub fn plan_moe_layer(
     }
 }
 
+/// Estimated device and CPU times of one MUL_MAT_ID, for `GGML_ANE_ROUTE=cost` before the routing
+/// is known: `tokens` tokens each using `n_used` of `n_expert` experts of contraction `k` and `m`
+/// rows, spread evenly, with the busiest expert of a pack taking a quarter more than its share
+/// (what a balanced router gives for packs of 8 at tens of tokens per expert, see [`route`]).
+pub fn estimate(
+    planner: &Planner,
+    cost: &ChipCost,
+    e: ExpertShape,
+    tokens: usize,
+    packing: bool,
+) -> Estimate {
+    let routed = tokens * e.n_used;
+    let share = routed.div_ceil(e.n_expert.max(1));
+    let pack = packing
+        .then(|| pack_size(planner, e.k, e.m, e.n_expert))
+        .flatten();
+    let busiest = (share * 5).div_ceil(4).min(tokens);
+    let single = |n: usize| -> f64 {
+        planner
+            .col_chunks(n)
+            .iter()
+            .map(|c| cost.dispatch_time_ms(&planner.tile(e.k, e.m, c.bucket)))
+            .sum()
+    };
+    let active = e.n_expert.min(routed);
+    let ane_ms = match (pack, pack_bucket(busiest)) {
+        (Some(g), Some(b)) => {
+            let s = TiledShape {
+                heads: g,
+                ..planner.tile(e.k, e.m, b)
+            };
+            active.div_ceil(g) as f64 * cost.dispatch_time_ms(&s)
+        }
+        _ => active as f64 * single(share),
+    };
+    Estimate {
+        ane_ms,
+        cpu_ms: cost.cpu_ms(2.0 * (e.k * e.m * routed) as f64),
+    }
+}
+
+/// The expert shape of a MUL_MAT_ID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertShape {
+    /// Contraction.
+    pub k: usize,
+    /// Rows of one expert.
+    pub m: usize,
+    /// Experts.
+    pub n_expert: usize,
+    /// Experts each token uses.
+    pub n_used: usize,
+}
+
 /// Bytes of all experts of `p` in fp16 (what staging every expert would hold).
 pub fn experts_fp16_bytes(p: &MoePreset) -> u64 {
     3 * (p.layers * p.n_expert * p.hidden * p.ffn) as u64 * 2
@@ -366,11 +469,46 @@ mod tests {
     }
 
     #[test]
-    fn past_the_last_bucket_a_pack_runs_its_experts_alone() {
+    fn estimates_favour_packs_and_scale_with_work() {
+        let p = planner();
+        let c = crate::cost::chip_cost(Chip::M4);
+        let e = ExpertShape {
+            k: 2048,
+            m: 768,
+            n_expert: 128,
+            n_used: 8,
+        };
+        let packed = estimate(&p, &c, e, 512, true);
+        let single = estimate(&p, &c, e, 512, false);
+        assert!(packed.ane_ms < single.ane_ms, "{packed:?} vs {single:?}");
+        assert_eq!(packed.cpu_ms, single.cpu_ms);
+        let half = estimate(&p, &c, e, 256, true);
+        assert!(half.cpu_ms < packed.cpu_ms && half.ane_ms <= packed.ane_ms);
+        // One token: a few experts, the dispatch floor against a tiny CPU cost.
+        assert!(!estimate(&p, &c, e, 1, true).ane_wins());
+    }
+
+    #[test]
+    fn a_popular_expert_runs_alone_and_the_rest_stay_packed() {
         let p = planner();
         let l = plan_layer(&p, &[300, 0, 5, 0], Some(4));
-        assert_eq!((l.pack_dispatches, l.single_dispatches), (0, 2));
-        assert_eq!(l.padded_cols, 512 + 128);
+        assert_eq!((l.pack_dispatches, l.single_dispatches), (1, 1));
+        assert_eq!(l.padded_cols, 512 + 4 * 16);
+        let s = split_pack(&p, &[200, 20, 18, 30, 25, 19, 22, 21]);
+        assert_eq!(
+            s,
+            PackSplit {
+                bucket: Some(32),
+                alone: vec![0]
+            }
+        );
+        // All busy: one pack of the largest bucket beats eight dense dispatches.
+        let s = split_pack(&p, &[250; 8]);
+        assert_eq!(s.bucket, Some(256));
+        assert!(s.alone.is_empty());
+        // One lone expert: alone it takes 128 columns, packed 4 x 16 + a dispatch.
+        let s = split_pack(&p, &[0, 0, 0, 9]);
+        assert_eq!(s.bucket, Some(16));
         let l = plan_layer(&p, &[0, 0, 0, 0, 3, 9, 0, 1], Some(4));
         assert_eq!((l.pack_dispatches, l.single_dispatches), (1, 0));
         assert_eq!((l.padded_cols, l.routed_cols), (64, 13));

@@ -219,7 +219,7 @@ impl Stats {
         ));
         if self.mul_mat_id_ops.load(Relaxed) > 0 {
             s.push_str(&format!(
-                "  MUL_MAT_ID (experts)     {:>10} ({} expert products, {} in packs of experts)\n",
+                "  MUL_MAT_ID (experts)     {:>10} ({} expert products, {} pack dispatches)\n",
                 self.mul_mat_id_ops.load(Relaxed),
                 self.mul_mat_id_experts.load(Relaxed),
                 self.mul_mat_id_packs.load(Relaxed)

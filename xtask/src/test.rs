@@ -924,6 +924,20 @@ pub(crate) fn greedy_text(
     env: impl FnOnce(&mut Command),
     name: &str,
 ) -> Result<(String, String)> {
+    greedy_text_repack(model, prompt, n_predict, threads, false, env, name)
+}
+
+/// [`greedy_text`], with llama.cpp's default CPU_REPACK buffers when `repack` (the CPU backend's
+/// own other kernels for quantized weights: a yardstick of how far CPU-only text itself moves).
+pub(crate) fn greedy_text_repack(
+    model: &Path,
+    prompt: &str,
+    n_predict: u32,
+    threads: &str,
+    repack: bool,
+    env: impl FnOnce(&mut Command),
+    name: &str,
+) -> Result<(String, String)> {
     let mut cmd = Command::new(llama::bin("llama-completion"));
     cmd.arg("-m")
         .arg(model)
@@ -936,7 +950,12 @@ pub(crate) fn greedy_text(
             "--temp",
             "0",
         ])
-        .args(["-t", threads, "--no-warmup", "--no-repack"])
+        .args(["-t", threads, "--no-warmup"])
+        .args(if repack {
+            &[][..]
+        } else {
+            &["--no-repack"][..]
+        })
         .env("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
         .env_remove("GGML_BACKEND_PATH");
     env(&mut cmd);
@@ -960,7 +979,12 @@ pub(crate) fn greedy_text(
 fn stats_field_max(stderr: &str, key: &str) -> Option<u64> {
     stderr
         .lines()
-        .filter_map(|l| l.strip_prefix("ggml-ane-stats: "))
+        // Anywhere in a line: the host's own progress output may precede it on the same line
+        // (llama-perplexity's `ETA` has no newline when the plugin prints at exit).
+        .filter_map(|l| {
+            l.find("ggml-ane-stats: ")
+                .map(|i| &l[i + "ggml-ane-stats: ".len()..])
+        })
         .filter_map(|j| json_u64(j, key))
         .max()
 }

@@ -118,8 +118,9 @@ pub(crate) fn decide_id(
 /// staged surfaces beyond `GGML_ANE_STAGE_MAX_MB` are evicted least recently used first, so a
 /// prompt that touched more experts than fit would convert them again on every ubatch. So expert
 /// tensors are admitted in the order llama.cpp offers them (layer by layer) while their fp16 size
-/// fits the budget, and the rest stay on the CPU (`moe_memory`): the first layers run on the
-/// device, every ubatch, without re-staging.
+/// fits [`ane_plan::moe::EXPERT_SHARE`] of the budget (the rest of it holds the dense weights:
+/// attention and shared experts), and the rest stay on the CPU (`moe_memory`): the first layers
+/// run on the device, every ubatch, without re-staging.
 #[derive(Debug, Default)]
 pub(crate) struct ExpertBudget {
     admitted: std::collections::HashMap<usize, u64>,

@@ -88,7 +88,7 @@ pub(crate) fn device_state() -> Result<&'static DeviceState, &'static str> {
                 scratch: Mutex::new(ScratchPool::default()),
                 health: health::Health::new(cfg.give_up),
                 experts: Mutex::new(crate::claim::ExpertBudget::new(
-                    (cfg.stage_max_mb as u64).saturating_mul(1 << 20),
+                    ane_plan::moe::expert_budget((cfg.stage_max_mb as u64).saturating_mul(1 << 20)),
                 )),
                 cost: {
                     let published = ane_plan::cost::chip_cost(engine.chip());

@@ -401,6 +401,16 @@ pub struct ExpertShape {
     pub n_used: usize,
 }
 
+/// Share of the staging budget (`GGML_ANE_STAGE_MAX_MB`) that expert tensors may take: the rest
+/// keeps the dense weights (attention, shared experts) staged, so that experts never push them
+/// out and make every ubatch convert them again.
+pub const EXPERT_SHARE: (u64, u64) = (3, 4);
+
+/// Bytes of expert tensors admitted under a staging budget of `stage_max_bytes`.
+pub fn expert_budget(stage_max_bytes: u64) -> u64 {
+    stage_max_bytes / EXPERT_SHARE.1 * EXPERT_SHARE.0
+}
+
 /// Bytes of all experts of `p` in fp16 (what staging every expert would hold).
 pub fn experts_fp16_bytes(p: &MoePreset) -> u64 {
     3 * (p.layers * p.n_expert * p.hidden * p.ffn) as u64 * 2

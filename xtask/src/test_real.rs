@@ -135,7 +135,7 @@ fn one(m: &Model, plugin: &Path) -> Result<String> {
     }
 
     // Perplexity and KL divergence against CPU-only's logits, saved once.
-    let base = abs(&format!("target/tmp/real-{tag}.kld"));
+    let base = abs(format!("target/tmp/real-{tag}.kld"));
     if let Some(dir) = base.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -25,7 +25,7 @@ use ane_mil::build::{self, QuantKind};
 use half::f16;
 
 use crate::guard;
-use crate::matmul::{member_key, put, read_row, Context, Group, KernelCache, Member};
+use crate::matmul::{member_key, Context, Group, KernelCache, Member};
 use crate::stats::{add_time, Stats};
 
 /// The block type of a weight the baked path takes, if it takes it.
@@ -45,7 +45,7 @@ fn kind_of(m: &Member, max_axis: usize) -> Option<QuantKind> {
         && (1..=max_axis).contains(&rows)
         && d.nb[0] == m.src0_info.type_size
         && d.nb[1] == row_bytes
-        && !m.src0.data.is_null();
+        && !m.src0.is_null();
     ok.then_some(kind)
 }
 
@@ -106,10 +106,7 @@ impl KernelCache {
 
 /// Computes `g` with a baked compressed-weight program when it qualifies; `false` leaves it to
 /// the fp16 path untouched (outputs possibly half written, which that path overwrites).
-///
-/// # Safety
-/// As for [`crate::matmul::compute`].
-pub(crate) unsafe fn try_compute(cx: &Context<'_>, g: &Group) -> bool {
+pub(crate) fn try_compute(cx: &Context<'_>, g: &Group) -> bool {
     let max_axis = cx.engine.limits().max_axis;
     let enabled = cx
         .cache
@@ -123,8 +120,7 @@ pub(crate) unsafe fn try_compute(cx: &Context<'_>, g: &Group) -> bool {
     let Some(kind) = kind_of(m, max_axis) else {
         return false;
     };
-    // SAFETY: forwarded contract.
-    let r = unsafe { run(cx, g, m, kind) };
+    let r = run(cx, g, m, kind);
     match r {
         Ok(()) => {
             cx.stats.ops_offloaded.fetch_add(1, Relaxed);
@@ -139,11 +135,9 @@ pub(crate) unsafe fn try_compute(cx: &Context<'_>, g: &Group) -> bool {
     }
 }
 
-/// Every column chunk of `g` through the baked program of its bucket.
-///
-/// # Safety
-/// As for [`crate::matmul::compute`]; `m` qualified by [`kind_of`].
-unsafe fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Result<(), EngineError> {
+/// Every column chunk of `g` through the baked program of its bucket (`m` qualified by
+/// [`kind_of`]).
+fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Result<(), EngineError> {
     let d = &m.src0.desc;
     let (k, rows) = (d.ne[0] as usize, d.ne[1] as usize);
     let [_, n, ne12, ne13] = g.src1.desc.ne.map(|v| v as usize);
@@ -151,8 +145,7 @@ unsafe fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Resul
     let cols: Vec<(usize, usize, usize)> = (0..ne13)
         .flat_map(|i13| (0..ne12).flat_map(move |i12| (0..n).map(move |i1| (i1, i12, i13))))
         .collect();
-    // SAFETY: forwarded contract.
-    let wkey = unsafe { member_key(m) };
+    let wkey = member_key(m);
     let mut xrow = vec![0f32; k];
     for chunk in cx.planner.col_chunks(cols.len()) {
         let nb = chunk.bucket;
@@ -170,8 +163,7 @@ unsafe fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Resul
                 // Pooled surfaces hold old data: padding columns must be zero.
                 xs.fill(f16::ZERO);
                 for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
-                    // SAFETY: forwarded contract.
-                    unsafe { read_row(&g.src1, &g.src1_info, i1, i12, i13, &mut xrow) };
+                    g.src1.read_row(&g.src1_info, i1, i12, i13, &mut xrow);
                     if !guard::input_ok(&xrow) {
                         return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
                     }
@@ -188,8 +180,8 @@ unsafe fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Resul
                     .get_or_compile_baked(cx.engine, (wkey, nb), cx.stats, || {
                         let ts = Instant::now();
                         let len = rows * k / QuantKind::BLOCK * kind.block_bytes();
-                        // SAFETY: `kind_of` checked the rows are contiguous blocks: `len` bytes.
-                        let raw = unsafe { std::slice::from_raw_parts(m.src0.data, len) };
+                        // `kind_of` checked the rows are contiguous blocks: `len` bytes.
+                        let raw = m.src0.bytes(0, len);
                         let blob = build::weights_blob_quant(kind, raw, rows, k);
                         add_time(&cx.stats.ns_stage, ts.elapsed());
                         let mil = ane_mil::text::emit(&build::conv_matmul_quant(kind, k, rows, nb));
@@ -210,8 +202,7 @@ unsafe fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Resul
             }
             for mi in 0..rows {
                 for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
-                    // SAFETY: an in-bounds element of a writable f32 dst.
-                    unsafe { put(&m.dst, mi, i1, i12, i13, ys[mi * nb + c].to_f32()) };
+                    m.dst.put(mi, i1, i12, i13, ys[mi * nb + c].to_f32());
                 }
             }
             add_time(&cx.stats.ns_convert, t.elapsed());

@@ -14,6 +14,7 @@ use crate::config::{Config, EngineChoice};
 use crate::device::*;
 use crate::ffi::*;
 use crate::support::TensorDesc;
+use crate::view::Operand;
 use crate::{ggml, host_api, placement};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -231,9 +232,12 @@ pub(crate) unsafe extern "C" fn ggml_backend_ane_device_supports_op(
             src0: desc(s0),
             src1: desc(s1),
             dst: desc(t),
-            src0_data: s0.data as usize,
+            // SAFETY: ggml's tensor, alive while the model is; used only when src0 is a weight
+            // (loaded before llama.cpp reserves the graphs that ask).
+            src0_view: g
+                .type_info(s0.type_)
+                .map(|i| unsafe { Operand::of_tensor(s0, &i) }),
             src1_id: t.src[1] as usize,
-            dst_data: t.data as usize,
             weight: g.is_weight(s0),
             src0_info: g.type_info(s0.type_),
             weight_usable: || placement::weight_usable(g, s0, &dev.stats.declined_buft),

@@ -12,10 +12,10 @@ pub(crate) struct ClaimedNode<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>
     pub src0: TensorDesc,
     pub src1: TensorDesc,
     pub dst: TensorDesc,
-    pub src0_data: usize,
+    /// src0's memory (`None` for a type without ggml traits).
+    pub src0_view: Option<Operand>,
     /// src1's tensor address: the lookahead learns which weights share it.
     pub src1_id: usize,
-    pub dst_data: usize,
     /// src0 lives in a weights buffer.
     pub weight: bool,
     pub src0_info: Option<crate::ggml::TypeInfo>,
@@ -166,7 +166,7 @@ pub(crate) fn after_claim<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>>(
     };
     if cfg.lookahead && lookahead::eligible(&n.src0, &n.src1) {
         let w = lookahead::Weight {
-            data: n.src0_data,
+            data: n.src0_view.map_or(0, |v| v.addr()),
             desc: n.src0,
             info,
         };
@@ -180,26 +180,14 @@ pub(crate) fn after_claim<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>>(
         if let Some(r) = ready.filter(|r| cfg.prestage && !r.trailing) {
             stage_ready(dev, &r);
         }
-    } else if cfg.prestage {
-        let m = Member {
-            src0: Operand {
-                desc: n.src0,
-                data: n.src0_data as *const u8,
-            },
-            src0_info: info,
-            dst: Operand {
-                desc: n.dst,
-                data: n.dst_data as *const u8,
-            },
-        };
+    } else if let Some(view) = n.src0_view.filter(|_| cfg.prestage) {
+        let m = Member::weight_only(view, info);
         // With compressed weights a Q8_0/Q4_0 weight is not converted ahead: alone it runs
         // baked; in a fused group it is staged at first dispatch.
         let bakeable = cfg.weights == config::WeightsMode::Compressed
             && baked::may_bake(&m, dev.engine.limits().max_axis);
         if !bakeable {
-            // SAFETY: a weight in a host weights buffer, loaded (llama.cpp reserves its graphs
-            // after loading the model); converted once, at load.
-            unsafe { matmul::prestage(&dev.staged, &dev.stats, &m) };
+            matmul::prestage(&dev.staged, &dev.stats, &m);
         }
     }
 }
@@ -227,7 +215,16 @@ pub(crate) fn stage_ready(dev: &DeviceState, r: &lookahead::Ready) {
     let Some(range) = r.head_buffer else {
         return;
     };
-    let member = |w: &lookahead::Weight| matmul::Member::weight_only(w.desc, w.data, w.info);
+    // SAFETY: weights of claimed MUL_MATs in a live host weights buffer: the learner hands a group
+    // out only when the weight seen now (in a graph being scheduled, so alive) lies in the same
+    // buffer range as the head, and companions are kept inside that range. Weights are loaded
+    // before llama.cpp reserves its graphs.
+    let member = |w: &lookahead::Weight| {
+        matmul::Member::weight_only(
+            unsafe { Operand::of_parts(w.desc, w.data, &w.info) },
+            w.info,
+        )
+    };
     let members: Vec<matmul::Member> = std::iter::once(member(&r.head))
         .chain(
             r.companions
@@ -236,11 +233,7 @@ pub(crate) fn stage_ready(dev: &DeviceState, r: &lookahead::Ready) {
                 .map(member),
         )
         .collect();
-    // SAFETY: weights of claimed MUL_MATs in a live host weights buffer: the learner hands a group
-    // out only when the weight seen now (in a graph being scheduled, so alive) lies in the same
-    // buffer range as the head, and companions are kept inside that range. Weights are loaded
-    // before llama.cpp reserves its graphs.
-    if let Err(e) = unsafe { matmul::stage_at_load(&dev.matmul_cx(), &members) } {
+    if let Err(e) = matmul::stage_at_load(&dev.matmul_cx(), &members) {
         // Not fatal: the first dispatch stages the group (or falls back to the CPU).
         if crate::config::Config::get().debug {
             eprintln!("ggml-ane: staging at load failed (the first dispatch stages): {e}");

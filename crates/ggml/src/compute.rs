@@ -25,6 +25,7 @@ pub(crate) unsafe fn member(
     let (s0, s1) = unsafe { (&*node.src[0], &*node.src[1]) };
     let i0 = g.type_info(s0.type_).ok_or("unknown src0 type")?;
     let i1 = g.type_info(s1.type_).ok_or("unknown src1 type")?;
+    let f32_info = g.type_info(GGML_TYPE_F32).ok_or("no f32 traits")?;
     // Whatever the scheduler sends, compute only what support::mul_mat accepts shape-wise (the
     // batch-size gate does not matter for correctness here).
     let policy = Policy { min_batch: 0 };
@@ -33,17 +34,16 @@ pub(crate) unsafe fn member(
     if s0.data.is_null() || s1.data.is_null() || node.data.is_null() {
         return Err("MUL_MAT tensor without data".into());
     }
-    let op = |t: &ggml_tensor| Operand {
-        desc: desc(t),
-        data: t.data as *const u8,
-    };
+    // SAFETY: tensors of the graph being computed: allocated host memory of their shapes, the
+    // output apart from its sources (ggml allocates an op's output apart from its inputs).
+    let op = |t: &ggml_tensor, i: &ggml::TypeInfo| unsafe { Operand::of_tensor(t, i) };
     Ok((
         Member {
-            src0: op(s0),
+            src0: op(s0, &i0),
             src0_info: i0,
-            dst: op(node),
+            dst: op(node, &f32_info),
         },
-        op(s1),
+        op(s1, &i1),
         i1,
         g.is_weight(s0),
     ))
@@ -74,15 +74,12 @@ pub(crate) fn run_group(
             };
             added > 0
         });
-    // SAFETY: the group was built from this graph's claimed MUL_MATs: valid host tensors, dst
-    // separate from its sources (ggml allocates an op's output apart from its inputs); speculated
-    // members write into the stash.
     let cx = matmul::Context {
         host: Some(host),
         act_round: Config::get().act_round,
         ..dev.matmul_cx()
     };
-    let fallback = unsafe { matmul::compute(&cx, &group) };
+    let fallback = matmul::compute(&cx, &group);
     if speculated {
         stash.computed(fallback);
     }
@@ -107,7 +104,7 @@ pub(crate) fn joins(group: &Group, m: &Member, src1: &Operand, weight: bool) -> 
     let first = &group.members[0].src0.desc;
     group.weights
         && weight
-        && group.src1.data == src1.data
+        && group.src1.addr() == src1.addr()
         && group.src1.desc == src1.desc
         && first.ne[2] == 1
         && first.ne[3] == 1
@@ -184,8 +181,7 @@ pub(crate) fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
             if let Some((done, range)) = open.take() {
                 run_group(dev, &ctx.host, done, range, &mut stash);
             }
-            // SAFETY: m and src1 are this graph's MUL_MAT operands (valid host tensors).
-            if unsafe { stash.take(&dev.learner, &dev.stats, &m, &src1) } {
+            if stash.take(&dev.learner, &dev.stats, &m, &src1) {
                 continue;
             }
         }

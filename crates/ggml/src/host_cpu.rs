@@ -186,17 +186,19 @@ impl HostCpu {
     }
 
     /// Computes `ops` in one graph on the CPU backend. All or nothing: on `Err` no output was
-    /// written by this call (every node is checked before any runs).
-    ///
-    /// # Safety
-    /// Every operand describes valid host memory of its type, shape and strides; dst memory is
-    /// writable and overlaps no source.
-    pub unsafe fn compute(&self, ops: &[MatMul]) -> Result<(), NotRun> {
+    /// written by this call (every node is checked before any runs). The operands are views
+    /// ([`Operand`]): valid memory of their shapes, outputs apart from sources.
+    pub fn compute(&self, ops: &[MatMul]) -> Result<(), NotRun> {
         let f = fns().ok_or(NotRun::NoGgml)?;
         if ops.is_empty() {
             return Ok(());
         }
-        if !ops.iter().all(MatMul::is_valid) {
+        // ggml reads what the descriptions say: each must lie inside its view's memory.
+        let inside = |o: &Operand| o.covers_desc();
+        if !ops
+            .iter()
+            .all(|op| op.is_valid() && inside(&op.src0) && inside(&op.src1) && inside(&op.dst))
+        {
             return Err(NotRun::Declined);
         }
         let mut slot = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
@@ -238,7 +240,8 @@ impl HostCpu {
             }
             cpu.threads = want;
         }
-        // SAFETY: forwarded from the caller (valid operands); the context is freed on every path.
+        // SAFETY: the operands are views (valid memory, their invariant); `is_valid` held for
+        // each; the context is freed on every path.
         unsafe { run_graph(f, cpu, ops) }
     }
 }
@@ -275,7 +278,7 @@ unsafe fn run_graph(f: &Fns, cpu: &Cpu, ops: &[MatMul]) -> Result<(), NotRun> {
             // SAFETY: a tensor just made in ctx; we point it at the operand's memory.
             let t_ref = unsafe { t.as_mut() }.ok_or(NotRun::NoCpuBackend)?;
             t_ref.nb = o.desc.nb;
-            t_ref.data = o.data.cast_mut().cast();
+            t_ref.data = o.as_ptr().cast_mut().cast();
             Ok(t)
         };
         let mut nodes = Vec::with_capacity(n);
@@ -289,7 +292,7 @@ unsafe fn run_graph(f: &Fns, cpu: &Cpu, ops: &[MatMul]) -> Result<(), NotRun> {
                 return Err(NotRun::Declined);
             }
             d_ref.nb = op.dst.desc.nb;
-            d_ref.data = op.dst.data.cast_mut().cast();
+            d_ref.data = op.dst.as_ptr().cast_mut().cast();
             // ggml_graph_compute skips nodes without it (ggml_build_forward_expand sets it).
             d_ref.flags |= crate::ffi::GGML_TENSOR_FLAG_COMPUTE;
             // SAFETY: a valid MUL_MAT node over host memory.
@@ -319,10 +322,7 @@ mod tests {
     use crate::support::TensorDesc;
 
     fn op(ty: i32, elem: usize, ne: [i64; 4]) -> Operand {
-        Operand {
-            desc: TensorDesc::contiguous(ty, elem, ne),
-            data: std::ptr::null(),
-        }
+        Operand::detached(TensorDesc::contiguous(ty, elem, ne))
     }
 
     #[test]
@@ -360,8 +360,7 @@ mod tests {
             src1: op(0, 4, [4, 4, 1, 1]),
             dst: op(0, 4, [4, 4, 1, 1]),
         };
-        // SAFETY: nothing is dereferenced when ggml is absent.
-        assert_eq!(unsafe { h.compute(&[m]) }, Err(NotRun::NoGgml));
+        assert_eq!(h.compute(&[m]), Err(NotRun::NoGgml));
         assert!(!HostCpu::available());
     }
 }

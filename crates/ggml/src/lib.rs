@@ -36,6 +36,7 @@ pub mod stats;
 pub mod support;
 #[cfg(test)]
 mod test_util;
+pub mod view;
 
 pub use boundary::{ggml_backend_init, ggml_backend_score};
 pub use device::DeviceState;

@@ -30,7 +30,7 @@ use std::sync::Mutex;
 
 use crate::ffi::GGML_TYPE_F32;
 use crate::ggml::TypeInfo;
-use crate::matmul::{put, Group, Member, Operand};
+use crate::matmul::{Group, Member, Operand};
 use crate::stats::Stats;
 use crate::support::TensorDesc;
 
@@ -284,8 +284,9 @@ impl Stash {
     /// src1. Returns how many were added (also in `g.speculative`).
     ///
     /// # Safety
-    /// `g` describes valid host tensors (as for `matmul::compute`); the stash must outlive the
-    /// computation of `g` and not change in between (the added members point into it).
+    /// `claims` passes only weights whose memory is alive (inside the head's live buffer); the
+    /// stash must outlive the computation of `g` and not change in between (the added members'
+    /// outputs are views of it).
     pub unsafe fn speculate(
         &mut self,
         learner: &Mutex<Learner>,
@@ -297,7 +298,7 @@ impl Stash {
         if !g.weights || !contiguous_f32(&d) || !g.members.iter().all(|m| two_d(&m.src0.desc)) {
             return 0;
         }
-        let head = g.members[0].src0.data as usize;
+        let head = g.members[0].src0.addr();
         let k = g.members[0].src0.desc.ne[0];
         if head == self.head {
             // The same head again: what it stashed last time was not used.
@@ -309,7 +310,7 @@ impl Stash {
             .of(head)
             .into_iter()
             .filter(|w| w.desc.ne[0] == k && claims(w, &d))
-            .filter(|w| !g.members.iter().any(|m| m.src0.data as usize == w.data))
+            .filter(|w| !g.members.iter().any(|m| m.src0.addr() == w.data))
             .collect();
         if comps.is_empty() {
             return 0;
@@ -318,8 +319,8 @@ impl Stash {
         self.head = head;
         self.src1_desc = Some(d);
         let bytes = d.nb[3] * d.ne[3] as usize;
-        // SAFETY: src1 is a contiguous f32 tensor of `bytes` readable bytes (checked above).
-        let src = unsafe { std::slice::from_raw_parts(g.src1.data, bytes) };
+        // src1 is a contiguous f32 tensor of `bytes` bytes (checked above).
+        let src = g.src1.bytes(0, bytes);
         self.snapshot.clear();
         self.snapshot.extend_from_slice(src);
         self.entries.resize_with(comps.len(), || Entry {
@@ -344,15 +345,10 @@ impl Stash {
             e.live = false;
             e.fallback = false;
             g.members.push(Member {
-                src0: Operand {
-                    desc: w.desc,
-                    data: w.data as *const u8,
-                },
+                // SAFETY: `claims` passed it: a live weight (this function's contract).
+                src0: unsafe { Operand::of_parts(w.desc, w.data, &w.info) },
                 src0_info: w.info,
-                dst: Operand {
-                    desc: TensorDesc::contiguous(GGML_TYPE_F32, 4, ne),
-                    data: e.out.as_mut_ptr().cast::<u8>(),
-                },
+                dst: Operand::of_f32_mut(TensorDesc::contiguous(GGML_TYPE_F32, 4, ne), &mut e.out),
             });
         }
         g.speculative = comps.len();
@@ -373,16 +369,13 @@ impl Stash {
     pub fn waits_for(&self, m: &Member) -> bool {
         self.entries
             .iter()
-            .any(|e| e.live && e.weight == m.src0.data as usize)
+            .any(|e| e.live && e.weight == m.src0.addr())
     }
 
     /// Writes the stashed output of `m` into its dst if it is exactly what computing `m` on
-    /// `src1` would give; returns whether it did.
-    ///
-    /// # Safety
-    /// `m` and `src1` describe valid host tensors of one MUL_MAT of the graph being computed; dst
-    /// is writable f32 and overlaps no source.
-    pub unsafe fn take(
+    /// `src1` would give; returns whether it did. `m` and `src1` are one MUL_MAT of the graph
+    /// being computed.
+    pub fn take(
         &mut self,
         learner: &Mutex<Learner>,
         stats: &Stats,
@@ -392,7 +385,7 @@ impl Stash {
         let Some(i) = self
             .entries
             .iter()
-            .position(|e| e.live && e.weight == m.src0.data as usize)
+            .position(|e| e.live && e.weight == m.src0.addr())
         else {
             return false;
         };
@@ -403,11 +396,9 @@ impl Stash {
                 && self.src1_desc == Some(src1.desc)
         };
         let same_bytes = same_shape
-            && (self.verified == Some(src1.data as usize) || {
-                // SAFETY: src1 has the snapshot's (contiguous) description, so as many bytes.
-                let now = unsafe { std::slice::from_raw_parts(src1.data, self.snapshot.len()) };
-                now == self.snapshot.as_slice()
-            });
+            && (self.verified == Some(src1.addr())
+                // src1 has the snapshot's (contiguous) description, so as many bytes.
+                || src1.bytes(0, self.snapshot.len()) == self.snapshot.as_slice());
         let e = &mut self.entries[i];
         e.live = false;
         let mut l = learner.lock().unwrap_or_else(|e| e.into_inner());
@@ -418,32 +409,20 @@ impl Stash {
         }
         l.hit(self.head, e.weight);
         drop(l);
-        self.verified = Some(src1.data as usize);
+        self.verified = Some(src1.addr());
         let [m0, n, n2, n3] = e.ne.map(|v| v as usize);
-        let d = &m.dst.desc;
         let mut at = 0;
         for i3 in 0..n3 {
             for i2 in 0..n2 {
                 for i1 in 0..n {
                     let row = &e.out[at..at + m0];
                     at += m0;
-                    if d.nb[0] == 4 {
-                        // SAFETY: row i1 of matrix (i2, i3) holds m0 contiguous writable f32.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                m.dst
-                                    .data
-                                    .cast_mut()
-                                    .add(d.row_offset(i1, i2, i3))
-                                    .cast::<f32>(),
-                                m0,
-                            )
-                        };
-                        dst.copy_from_slice(row);
-                    } else {
+                    let copied = m
+                        .dst
+                        .with_f32s_mut(i1, i2, i3, m0, |dst| dst.copy_from_slice(row));
+                    if copied.is_none() {
                         for (i0, &v) in row.iter().enumerate() {
-                            // SAFETY: an in-bounds element of a writable f32 dst.
-                            unsafe { put(&m.dst, i0, i1, i2, i3, v) };
+                            m.dst.put(i0, i1, i2, i3, v);
                         }
                     }
                 }

@@ -25,23 +25,16 @@ use ane_convert::act_round::ActRound;
 use ane_engine::surface::request_alloc_size;
 use ane_engine::{Engine, EngineError, ProgramId, Surface};
 use ane_plan::{Layout, Planner, TiledShape};
-use half::{bf16, f16};
+use half::f16;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::ffi::{GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32};
+use crate::ffi::GGML_TYPE_F32;
 use crate::ggml::TypeInfo;
 use crate::guard;
 use crate::stats::{add_time, Stats};
-use crate::support::{is_plain, TensorDesc};
+use crate::support::TensorDesc;
 
-/// A tensor operand: its description and the address of its first element.
-#[derive(Clone, Copy, Debug)]
-pub struct Operand {
-    /// Types, shape, strides.
-    pub desc: TensorDesc,
-    /// `tensor->data`.
-    pub data: *const u8,
-}
+pub use crate::view::Operand;
 
 /// One MUL_MAT of a group.
 #[derive(Clone, Copy, Debug)]
@@ -55,18 +48,12 @@ pub struct Member {
 }
 
 impl Member {
-    /// A weight without an output, for staging ([`stage_at_load`]): dst is null and never used.
-    pub fn weight_only(desc: TensorDesc, data: usize, info: TypeInfo) -> Member {
+    /// A weight without an output, for staging ([`stage_at_load`]): dst is detached, never used.
+    pub fn weight_only(src0: Operand, info: TypeInfo) -> Member {
         Member {
-            src0: Operand {
-                desc,
-                data: data as *const u8,
-            },
+            src0,
             src0_info: info,
-            dst: Operand {
-                desc,
-                data: std::ptr::null(),
-            },
+            dst: Operand::detached(src0.desc),
         }
     }
 }
@@ -117,23 +104,18 @@ fn contiguous_run(cols: &[(usize, usize, usize)]) -> Option<(usize, usize, usize
 }
 
 /// Computes a group. Never leaves an output unwritten: the columns of a failed dispatch are
-/// computed on the CPU ([`fallback`]). Returns whether any column fell back to the CPU.
-///
-/// # Safety
-/// Every operand must describe valid host tensors of MUL_MATs that [`crate::support::mul_mat`]
-/// accepted; dst memory must be writable and not overlap any source.
-pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
+/// computed on the CPU ([`fallback`]). Returns whether any column fell back to the CPU. The
+/// operands are MUL_MATs that [`crate::support::mul_mat`] accepted.
+pub fn compute(cx: &Context<'_>, g: &Group) -> bool {
     let n_ops = (g.members.len() - g.speculative) as u64;
     if cx.health.is_off() {
         // The device gave up: no conversion, no dispatch, the whole nodes on the CPU.
-        // SAFETY: forwarded contract.
-        unsafe { fallback(cx, g, &[]) };
+        fallback(cx, g, &[]);
         cx.stats.ops_fallback.fetch_add(n_ops, Relaxed);
         return true;
     }
     // GGML_ANE_WEIGHTS=compressed: a lone Q8_0/Q4_0 weight runs its own baked program.
-    // SAFETY: forwarded contract.
-    if unsafe { crate::baked::try_compute(cx, g) } {
+    if crate::baked::try_compute(cx, g) {
         return false;
     }
     let src0 = &g.members[0].src0.desc;
@@ -175,8 +157,7 @@ pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
                 } else if let Some(e) = known {
                     Err(e)
                 } else {
-                    // SAFETY: forwarded contract.
-                    unsafe { dispatch(cx, g, i02, i03, &shape, cols, &mut w) }
+                    dispatch(cx, g, i02, i03, &shape, cols, &mut w)
                 };
                 match r {
                     Ok(()) => {
@@ -222,8 +203,7 @@ pub unsafe fn compute(cx: &Context<'_>, g: &Group) -> bool {
     if any_fallback {
         // All failed: the whole nodes, exactly as CPU-only llama.cpp computes them.
         let parts: &[Failed] = if any_ok { &failed } else { &[] };
-        // SAFETY: forwarded contract.
-        unsafe { fallback(cx, g, parts) };
+        fallback(cx, g, parts);
         cx.stats.ops_fallback.fetch_add(n_ops, Relaxed);
     } else {
         cx.stats.ops_offloaded.fetch_add(n_ops, Relaxed);
@@ -253,7 +233,6 @@ pub use cache::KernelCache;
 use dispatch::*;
 use fallback::*;
 use host::*;
-pub(crate) use host::{put, read_row};
 pub use pack::{compute_pack, Pack};
 pub use scratch::ScratchPool;
 use scratch::*;

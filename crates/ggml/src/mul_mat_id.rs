@@ -16,33 +16,9 @@
 
 use crate::boundary::desc;
 use crate::ffi::*;
-use crate::ggml;
+use crate::ggml::{self, TypeInfo};
 use crate::matmul::{self, Group, Member, Operand};
 use crate::support::{self, MoeShape, Policy, TensorDesc};
-
-/// Which (slot, token) pairs each expert takes, from ids.
-///
-/// # Safety
-/// `ids` points at an I32 tensor described by `d` (`[n_used, n_tokens]`, rows of 4-byte elements).
-unsafe fn routes(
-    ids: *const u8,
-    d: &TensorDesc,
-    s: &MoeShape,
-) -> Result<Vec<Vec<(usize, usize)>>, String> {
-    let mut by_expert = vec![Vec::new(); s.n_expert];
-    for t in 0..s.n_tokens {
-        for i in 0..s.n_used {
-            // SAFETY: (i, t) is inside ids' shape; elements are 4-byte I32.
-            let e = unsafe { ids.add(d.offset(i, t, 0, 0)).cast::<i32>().read_unaligned() };
-            let e = usize::try_from(e)
-                .ok()
-                .filter(|&e| e < s.n_expert)
-                .ok_or_else(|| format!("MUL_MAT_ID: expert id {e} outside 0..{}", s.n_expert))?;
-            by_expert[e].push((i, t));
-        }
-    }
-    Ok(by_expert)
-}
 
 /// What a MUL_MAT_ID node took: experts computed, and pack dispatches among them.
 #[derive(Clone, Copy, Debug, Default)]
@@ -51,6 +27,18 @@ pub(crate) struct Done {
     pub experts: usize,
     /// Packs of experts run by one dispatch each.
     pub packs: usize,
+}
+
+/// A MUL_MAT_ID's operands as views.
+struct Node {
+    s: MoeShape,
+    experts: Operand,
+    info: TypeInfo,
+    src1: Operand,
+    f32_info: TypeInfo,
+    ids: Operand,
+    dst: Operand,
+    weight: bool,
 }
 
 /// Computes a claimed MUL_MAT_ID node.
@@ -69,6 +57,7 @@ pub(crate) unsafe fn compute(
         .type_info(s0.type_)
         .ok_or("MUL_MAT_ID: unknown src0 type")?;
     let f32_info = g.type_info(GGML_TYPE_F32).ok_or("no f32 traits")?;
+    let i32_info = g.type_info(GGML_TYPE_I32).ok_or("no i32 traits")?;
     let s = support::mul_mat_id(&d0, &d1, &di, &dd, Some(info), Policy { min_batch: 0 })
         .map_err(|e| format!("unsupported MUL_MAT_ID: {}", e.name()))?;
     if [s0.data, s1.data, ids.data, node.data]
@@ -77,16 +66,45 @@ pub(crate) unsafe fn compute(
     {
         return Err("MUL_MAT_ID tensor without data".into());
     }
-    // SAFETY: ids is this node's I32 source, described by di.
-    let by_expert = unsafe { routes(ids.data as *const u8, &di, &s)? };
-    let io = Io {
-        s,
-        src1: s1.data as *const u8,
-        d1,
-        dst: node.data as *mut u8,
-        dd,
+    // SAFETY: the node's tensors, allocated host memory of their shapes (the caller's contract);
+    // the output is apart from its sources.
+    let n = unsafe {
+        Node {
+            s,
+            experts: Operand::of_tensor(s0, &info),
+            info,
+            src1: Operand::of_tensor(s1, &f32_info),
+            f32_info,
+            ids: Operand::of_tensor(ids, &i32_info),
+            dst: Operand::of_tensor(node, &f32_info),
+            weight: g.is_weight(s0),
+        }
     };
-    let weight = g.is_weight(s0);
+    run(cx, &n)
+}
+
+/// Which (slot, token) pairs each expert takes, from ids.
+fn routes(n: &Node) -> Result<Vec<Vec<(usize, usize)>>, String> {
+    let s = &n.s;
+    let mut by_expert = vec![Vec::new(); s.n_expert];
+    for t in 0..s.n_tokens {
+        for i in 0..s.n_used {
+            let e = n.ids.get_i32(i, t, 0, 0);
+            let e = usize::try_from(e)
+                .ok()
+                .filter(|&e| e < s.n_expert)
+                .ok_or_else(|| format!("MUL_MAT_ID: expert id {e} outside 0..{}", s.n_expert))?;
+            by_expert[e].push((i, t));
+        }
+    }
+    Ok(by_expert)
+}
+
+/// Gathers, multiplies (packs of experts, then single experts) and scatters.
+fn run(cx: &matmul::Context<'_>, n: &Node) -> Result<Done, String> {
+    let s = n.s;
+    let by_expert = routes(n)?;
+    let d0 = n.experts.desc;
     // Experts stacked back to back, so a pack of them is one [K, pack * M] matrix.
     let stacked = d0.nb[2] == d0.nb[1] * s.m;
     let pack = (crate::config::Config::get().moe_pack && stacked)
@@ -96,11 +114,11 @@ pub(crate) unsafe fn compute(
     let mut done = Done::default();
     let mut singles: Vec<usize> = Vec::new();
     match pack {
-        Some(n) => {
-            for (p, experts) in by_expert.chunks(n).enumerate() {
-                let e0 = p * n;
+        Some(g) => {
+            for (p, experts) in by_expert.chunks(g).enumerate() {
+                let e0 = p * g;
                 let routed = (e0..e0 + experts.len()).filter(|&e| !by_expert[e].is_empty());
-                if experts.len() < n {
+                if experts.len() < g {
                     singles.extend(routed);
                     continue;
                 }
@@ -122,40 +140,30 @@ pub(crate) unsafe fn compute(
                         }
                     })
                     .collect();
-                let pack_desc = TensorDesc {
-                    ne: [s.k as i64, (n * s.m) as i64, 1, 1],
-                    nb: [d0.nb[0], d0.nb[1], d0.nb[1] * n * s.m, d0.nb[1] * n * s.m],
-                    ty: d0.ty,
-                };
-                let mut x = vec![0f32; n * bucket * s.k];
+                let mut x = vec![0f32; g * bucket * s.k];
                 for (h, rows) in packed.iter().enumerate() {
                     let at = h * bucket * s.k;
-                    // SAFETY: the node's tensors, checked by `support::mul_mat_id`.
-                    unsafe { io.gather(rows, &mut x[at..at + rows.len() * s.k]) };
+                    gather(n, rows, &mut x[at..at + rows.len() * s.k])?;
                 }
-                let mut y = vec![0f32; n * bucket * s.m];
+                let mut y = vec![0f32; g * bucket * s.m];
                 let mut job = matmul::Pack {
-                    experts: Operand {
-                        desc: pack_desc,
-                        // SAFETY: expert e0's slice starts e0 * nb[2] bytes into src0.
-                        data: unsafe { (s0.data as *const u8).add(e0 * d0.nb[2]) },
-                    },
-                    info,
-                    heads: n,
+                    experts: n
+                        .experts
+                        .sub(e0 * d0.nb[2], [s.k as i64, (g * s.m) as i64, 1, 1]),
+                    info: n.info,
+                    heads: g,
                     m: s.m,
                     bucket,
                     x: &x,
-                    f32_info,
+                    f32_info: n.f32_info,
                     y: &mut y,
-                    weights: weight,
+                    weights: n.weight,
                 };
-                // SAFETY: the pack's experts are a readable slice of src0.
-                match unsafe { matmul::compute_pack(cx, &mut job) } {
+                match matmul::compute_pack(cx, &mut job) {
                     Ok(()) => {
                         for (h, rows) in packed.iter().enumerate() {
                             let at = h * bucket * s.m;
-                            // SAFETY: as for the gather.
-                            unsafe { io.scatter(rows, &y[at..at + rows.len() * s.m]) };
+                            scatter(n, rows, &y[at..at + rows.len() * s.m])?;
                         }
                         let products = packed.iter().filter(|r| !r.is_empty()).count();
                         done.packs += 1;
@@ -168,7 +176,7 @@ pub(crate) unsafe fn compute(
                         if crate::config::Config::get().debug {
                             eprintln!("ggml-ane: expert pack failed, one expert at a time: {e}");
                         }
-                        singles.extend((0..n).filter(|&h| !packed[h].is_empty()).map(|h| e0 + h));
+                        singles.extend((0..g).filter(|&h| !packed[h].is_empty()).map(|h| e0 + h));
                     }
                 }
             }
@@ -178,84 +186,58 @@ pub(crate) unsafe fn compute(
     let (mut x, mut y) = (Vec::<f32>::new(), Vec::<f32>::new());
     for e in singles {
         let rows = &by_expert[e];
-        let n = rows.len();
+        let cols = rows.len();
         x.clear();
-        x.resize(n * s.k, 0.0);
-        // SAFETY: the node's tensors, checked by `support::mul_mat_id`.
-        unsafe { io.gather(rows, &mut x) };
+        x.resize(cols * s.k, 0.0);
+        gather(n, rows, &mut x)?;
         y.clear();
-        y.resize(n * s.m, 0.0);
-        let expert = TensorDesc {
-            ne: [s.k as i64, s.m as i64, 1, 1],
-            nb: [d0.nb[0], d0.nb[1], d0.nb[1] * s.m, d0.nb[1] * s.m],
-            ty: d0.ty,
-        };
+        y.resize(cols * s.m, 0.0);
         let group = Group {
-            src1: Operand {
-                desc: TensorDesc::contiguous(GGML_TYPE_F32, 4, [s.k as i64, n as i64, 1, 1]),
-                data: x.as_ptr().cast(),
-            },
-            src1_info: f32_info,
+            src1: Operand::of_f32(
+                TensorDesc::contiguous(GGML_TYPE_F32, 4, [s.k as i64, cols as i64, 1, 1]),
+                &x,
+            ),
+            src1_info: n.f32_info,
             members: vec![Member {
-                src0: Operand {
-                    desc: expert,
-                    // SAFETY: expert e's slice starts e * nb[2] bytes into src0.
-                    data: unsafe { (s0.data as *const u8).add(e * d0.nb[2]) },
-                },
-                src0_info: info,
-                dst: Operand {
-                    desc: TensorDesc::contiguous(GGML_TYPE_F32, 4, [s.m as i64, n as i64, 1, 1]),
-                    data: y.as_mut_ptr().cast(),
-                },
+                src0: n.experts.sub(e * d0.nb[2], [s.k as i64, s.m as i64, 1, 1]),
+                src0_info: n.info,
+                dst: Operand::of_f32_mut(
+                    TensorDesc::contiguous(GGML_TYPE_F32, 4, [s.m as i64, cols as i64, 1, 1]),
+                    &mut y,
+                ),
             }],
-            weights: weight,
+            weights: n.weight,
             speculative: 0,
         };
-        // SAFETY: the expert slice is a readable weight of this graph; x and y are host buffers
-        // of the described shapes that nothing else aliases.
-        unsafe { matmul::compute(cx, &group) };
-        // SAFETY: as for the gather.
-        unsafe { io.scatter(rows, &y) };
+        matmul::compute(cx, &group);
+        scatter(n, rows, &y)?;
         done.experts += 1;
     }
     Ok(done)
 }
 
-/// The node's activations and outputs, for moving one expert's rows in and out.
-struct Io {
-    s: MoeShape,
-    src1: *const u8,
-    d1: TensorDesc,
-    dst: *mut u8,
-    dd: TensorDesc,
+/// Copies src1 row `(i % r, t)` of each routed pair into consecutive `K`-rows of `x`.
+fn gather(n: &Node, rows: &[(usize, usize)], x: &mut [f32]) -> Result<(), String> {
+    let k = n.s.k;
+    for (j, &(i, t)) in rows.iter().enumerate() {
+        let src = n
+            .src1
+            .f32s(i % n.s.r, t, 0, k)
+            .ok_or("MUL_MAT_ID: src1 row not contiguous f32")?;
+        x[j * k..(j + 1) * k].copy_from_slice(src);
+    }
+    Ok(())
 }
 
-impl Io {
-    /// Copies src1 row `(i % r, t)` of each routed pair into consecutive `K`-rows of `x`.
-    ///
-    /// # Safety
-    /// `src1` is the node's src1, described by `d1` and accepted by `support::mul_mat_id`.
-    unsafe fn gather(&self, rows: &[(usize, usize)], x: &mut [f32]) {
-        let k = self.s.k;
-        for (j, &(i, t)) in rows.iter().enumerate() {
-            let off = self.d1.row_offset(i % self.s.r, t, 0);
-            // SAFETY: row (i % r, t) of src1 holds K contiguous f32 (checked by mul_mat_id).
-            let src = unsafe { std::slice::from_raw_parts(self.src1.add(off).cast::<f32>(), k) };
-            x[j * k..(j + 1) * k].copy_from_slice(src);
-        }
+/// Copies consecutive `M`-rows of `y` to dst slice `(i, t)` of each routed pair.
+fn scatter(n: &Node, rows: &[(usize, usize)], y: &[f32]) -> Result<(), String> {
+    let m = n.s.m;
+    for (j, &(i, t)) in rows.iter().enumerate() {
+        n.dst
+            .with_f32s_mut(i, t, 0, m, |dst| {
+                dst.copy_from_slice(&y[j * m..(j + 1) * m])
+            })
+            .ok_or("MUL_MAT_ID: dst slice not contiguous f32")?;
     }
-
-    /// Copies consecutive `M`-rows of `y` to dst slice `(i, t)` of each routed pair.
-    ///
-    /// # Safety
-    /// `dst` is the node's output, described by `dd` and accepted by `support::mul_mat_id`.
-    unsafe fn scatter(&self, rows: &[(usize, usize)], y: &[f32]) {
-        let m = self.s.m;
-        for (j, &(i, t)) in rows.iter().enumerate() {
-            let off = self.dd.row_offset(i, t, 0);
-            // SAFETY: slice (i, t) of dst holds M contiguous f32 (checked by mul_mat_id).
-            let dst = unsafe { std::slice::from_raw_parts_mut(self.dst.add(off).cast::<f32>(), m) };
-            dst.copy_from_slice(&y[j * m..(j + 1) * m]);
-        }
-    }
+    Ok(())
 }

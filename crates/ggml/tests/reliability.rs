@@ -67,21 +67,12 @@ impl Device {
             TensorDesc::contiguous(GGML_TYPE_F32, 4, [ne0 as i64, ne1 as i64, 1, 1])
         };
         let group = Group {
-            src1: Operand {
-                desc: desc(k, n),
-                data: b.as_ptr().cast(),
-            },
+            src1: Operand::of_f32(desc(k, n), b),
             src1_info: F32_INFO,
             members: vec![Member {
-                src0: Operand {
-                    desc: desc(k, m),
-                    data: a.as_ptr().cast(),
-                },
+                src0: Operand::of_f32(desc(k, m), a),
                 src0_info: F32_INFO,
-                dst: Operand {
-                    desc: desc(m, n),
-                    data: dst.as_mut_ptr().cast(),
-                },
+                dst: Operand::of_f32_mut(desc(m, n), &mut dst),
             }],
             weights,
             speculative: 0,
@@ -97,8 +88,7 @@ impl Device {
             host: None,
             act_round: false,
         };
-        // SAFETY: the buffers match their descriptions and dst overlaps no source.
-        unsafe { compute(&cx, &group) };
+        compute(&cx, &group);
         dst
     }
 }

@@ -76,43 +76,41 @@ impl Rig {
                     QuantKind::Q4_0 => (GGML_TYPE_Q4_0, 18),
                 };
                 let row = k / 32 * bs;
+                let info = TypeInfo {
+                    blck_size: 32,
+                    type_size: bs,
+                    to_float: None,
+                };
                 Member {
-                    src0: Operand {
-                        desc: TensorDesc {
+                    src0: Operand::of_bytes(
+                        TensorDesc {
                             ty,
                             ne: [k as i64, rows as i64, 1, 1],
                             nb: [bs, row, row * rows, row * rows],
                         },
-                        data: raw.as_ptr(),
-                    },
-                    src0_info: TypeInfo {
-                        blck_size: 32,
-                        type_size: bs,
-                        to_float: None,
-                    },
-                    dst: Operand {
-                        desc: TensorDesc::contiguous(
-                            GGML_TYPE_F32,
-                            4,
-                            [rows as i64, n as i64, 1, 1],
-                        ),
-                        data: d.as_mut_ptr().cast(),
-                    },
+                        raw,
+                        &info,
+                    ),
+                    src0_info: info,
+                    dst: Operand::of_f32_mut(
+                        TensorDesc::contiguous(GGML_TYPE_F32, 4, [rows as i64, n as i64, 1, 1]),
+                        d,
+                    ),
                 }
             })
             .collect();
         let group = Group {
-            src1: Operand {
-                desc: TensorDesc::contiguous(GGML_TYPE_F32, 4, [k as i64, n as i64, 1, 1]),
-                data: x.as_ptr().cast(),
-            },
+            src1: Operand::of_f32(
+                TensorDesc::contiguous(GGML_TYPE_F32, 4, [k as i64, n as i64, 1, 1]),
+                x,
+            ),
             src1_info: F32_INFO,
             members,
             weights: true,
             speculative: 0,
         };
         // SAFETY: every buffer matches its description and no dst overlaps a source.
-        unsafe { compute(&self.cx(), &group) };
+        compute(&self.cx(), &group);
         dsts
     }
 }

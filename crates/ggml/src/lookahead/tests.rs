@@ -27,15 +27,9 @@ impl W {
     }
     fn member(&self, dst: &mut [f32], n: usize) -> Member {
         Member {
-            src0: Operand {
-                desc: self.desc,
-                data: self.vals.as_ptr().cast(),
-            },
+            src0: Operand::of_f32(self.desc, &self.vals),
             src0_info: F32_INFO,
-            dst: Operand {
-                desc: f32_desc([self.desc.ne[1], n as i64, 1, 1]),
-                data: dst.as_mut_ptr().cast(),
-            },
+            dst: Operand::of_f32_mut(f32_desc([self.desc.ne[1], n as i64, 1, 1]), dst),
         }
     }
 }
@@ -94,13 +88,13 @@ impl Rig {
                 let added =
                     unsafe { stash.speculate(&self.learner, &self.stats, &mut g, |_, _| true) };
                 // SAFETY: as above; no dst overlaps a source.
-                let fb = unsafe { compute(&cx, &g) };
+                let fb = compute(&cx, &g);
                 stash.computed(fb);
                 added
             }
             None => {
                 // SAFETY: as above.
-                unsafe { compute(&cx, &g) };
+                compute(&cx, &g);
                 0
             }
         }
@@ -112,10 +106,7 @@ impl Rig {
 }
 
 fn src1(x: &[f32], d: TensorDesc) -> Operand {
-    Operand {
-        desc: d,
-        data: x.as_ptr().cast(),
-    }
+    Operand::of_f32(d, x)
 }
 
 #[test]
@@ -191,11 +182,8 @@ fn speculated_outputs_equal_their_own_dispatch() {
     stash.begin();
     let (mv, mk) = (v.member(&mut v1, n), k.member(&mut k1, n));
     assert!(stash.waits_for(&mv) && stash.waits_for(&mk));
-    // SAFETY: the members and x describe valid buffers.
-    unsafe {
-        assert!(stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)));
-        assert!(stash.take(&rig.learner, &rig.stats, &mk, &src1(&x, xd)));
-    }
+    assert!(stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)));
+    assert!(stash.take(&rig.learner, &rig.stats, &mk, &src1(&x, xd)));
     assert_eq!(
         rig.get(&rig.stats.dispatches),
         3,
@@ -227,7 +215,7 @@ fn changed_activations_are_refused_and_recomputed_by_the_caller() {
     stash.begin();
     let mv = v.member(&mut vo, n);
     // SAFETY: valid buffers.
-    assert!(!unsafe { stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)) });
+    assert!(!stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)));
     assert!(
         vo.iter().all(|v| v.is_nan()),
         "nothing written on a refusal"
@@ -241,7 +229,7 @@ fn changed_activations_are_refused_and_recomputed_by_the_caller() {
     let mut v_short = vec![f32::NAN; 32 * (n - 1)];
     let mv = v.member(&mut v_short, n - 1);
     // SAFETY: valid buffers (src1 is larger than its shorter description).
-    assert!(!unsafe { stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, short)) });
+    assert!(!stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, short)));
     // Two refusals in a row: the pair is dropped and not learnt again.
     assert!(rig.learner.lock().unwrap().of(q.weight().data).is_empty());
     {
@@ -290,13 +278,13 @@ fn a_refilled_stash_compares_again() {
     rig.run(&x, xd, vec![q.member(&mut qo, n)], Some(&mut stash));
     let mv = v.member(&mut vo, n);
     // SAFETY: valid buffers.
-    assert!(unsafe { stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)) });
+    assert!(stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)));
     // Same call: Q again on other activations refills the stash.
     rig.run(&y, xd, vec![q.member(&mut qo, n)], Some(&mut stash));
     let mut vo2 = vec![f32::NAN; 32 * n];
     let mv2 = v.member(&mut vo2, n);
     // SAFETY: valid buffers.
-    assert!(!unsafe { stash.take(&rig.learner, &rig.stats, &mv2, &src1(&x, xd)) });
+    assert!(!stash.take(&rig.learner, &rig.stats, &mv2, &src1(&x, xd)));
     assert!(vo2.iter().all(|v| v.is_nan()));
 }
 
@@ -325,7 +313,7 @@ fn nothing_is_taken_before_it_is_computed() {
     let mv = v.member(&mut vo, n);
     assert!(!stash.waits_for(&mv));
     // SAFETY: valid buffers.
-    assert!(!unsafe { stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)) });
+    assert!(!stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)));
 }
 
 /// One layer as the scheduler shows it (Q, V, K on the attention input; O; gate, up on the FFN
@@ -399,14 +387,19 @@ fn groups_staged_at_load_serve_the_first_dispatch() {
         if at_load {
             let members: Vec<Member> = std::iter::once(&r.head)
                 .chain(&r.companions)
-                .map(|w| Member::weight_only(w.desc, w.data, w.info))
+                .map(|w| {
+                    Member::weight_only(
+                        unsafe { Operand::of_parts(w.desc, w.data, &w.info) },
+                        w.info,
+                    )
+                })
                 .collect();
             let cx = rig.cx();
             // SAFETY: the weights are live f32 buffers matching their descriptions.
-            let added = unsafe { crate::matmul::stage_at_load(&cx, &members) }.unwrap();
+            let added = crate::matmul::stage_at_load(&cx, &members).unwrap();
             assert!(added > 0);
             // SAFETY: as above.
-            let again = unsafe { crate::matmul::stage_at_load(&cx, &members) }.unwrap();
+            let again = crate::matmul::stage_at_load(&cx, &members).unwrap();
             assert_eq!(again, 0, "staged once");
             assert_eq!(rig.get(&rig.stats.groups_staged_load), 1);
         }
@@ -422,21 +415,18 @@ fn groups_staged_at_load_serve_the_first_dispatch() {
             2
         );
         stash.begin();
-        // SAFETY: valid buffers.
-        unsafe {
-            assert!(stash.take(
-                &rig.learner,
-                &rig.stats,
-                &v.member(&mut vo, n),
-                &src1(&x, xd)
-            ));
-            assert!(stash.take(
-                &rig.learner,
-                &rig.stats,
-                &k.member(&mut ko, n),
-                &src1(&x, xd)
-            ));
-        }
+        assert!(stash.take(
+            &rig.learner,
+            &rig.stats,
+            &v.member(&mut vo, n),
+            &src1(&x, xd)
+        ));
+        assert!(stash.take(
+            &rig.learner,
+            &rig.stats,
+            &k.member(&mut ko, n),
+            &src1(&x, xd)
+        ));
         let dispatch_staged = rig.get(&rig.stats.groups_staged_dispatch);
         assert_eq!(dispatch_staged, u64::from(!at_load), "at_load {at_load}");
         outs.push((qo, vo, ko));
@@ -455,9 +445,12 @@ fn unused_load_staging_is_released_after_a_pass() {
     let rig = Rig::new();
     let cx = rig.cx();
     for w in [&a, &b] {
-        let m = [Member::weight_only(w.desc, w.weight().data, F32_INFO)];
+        let m = [Member::weight_only(
+            Operand::of_f32(w.desc, &w.vals),
+            F32_INFO,
+        )];
         // SAFETY: live f32 weights matching their descriptions.
-        assert!(unsafe { crate::matmul::stage_at_load(&cx, &m) }.unwrap() > 0);
+        assert!(crate::matmul::stage_at_load(&cx, &m).unwrap() > 0);
     }
     let held = |r: &Rig| r.staged.lock().unwrap().bytes();
     let both = held(&rig);

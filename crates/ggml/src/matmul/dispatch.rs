@@ -3,10 +3,7 @@
 use super::*;
 
 /// One engine dispatch for `cols` against matrix (`i02`, `i03`) of every member.
-///
-/// # Safety
-/// As for [`compute`].
-pub(super) unsafe fn dispatch(
+pub(super) fn dispatch(
     cx: &Context<'_>,
     g: &Group,
     i02: usize,
@@ -28,8 +25,7 @@ pub(super) unsafe fn dispatch(
                     .iter()
                     .all(|m| m.src0.desc.ne[2] == 1 && m.src0.desc.ne[3] == 1)
             {
-                // SAFETY: forwarded contract.
-                let key = unsafe { stage_key(&g.members, s) };
+                let key = stage_key(&g.members, s);
                 let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
                 let released = staged.note_dispatch(key);
                 cx.stats.groups_released.fetch_add(released as u64, Relaxed);
@@ -37,15 +33,13 @@ pub(super) unsafe fn dispatch(
                 let keys: Vec<u128> = if staged.entries.contains_key(&key) {
                     Vec::new()
                 } else {
-                    // SAFETY: forwarded contract.
-                    g.members.iter().map(|m| unsafe { member_key(m) }).collect()
+                    g.members.iter().map(member_key).collect()
                 };
                 let pre: Vec<Option<Arc<Vec<f16>>>> =
                     keys.iter().map(|k| staged.take_prestaged(k)).collect();
                 let made = staged.get_or_insert(key, || {
                     let t = Instant::now();
-                    // SAFETY: forwarded contract.
-                    let made = unsafe { stage(cx.engine, &g.members, i02, i03, s, size, &pre) };
+                    let made = stage(cx.engine, &g.members, i02, i03, s, size, &pre);
                     add_time(&cx.stats.ns_stage, t.elapsed());
                     cx.stats.groups_staged_dispatch.fetch_add(1, Relaxed);
                     made
@@ -55,8 +49,7 @@ pub(super) unsafe fn dispatch(
                     .store(staged.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
                 made
             } else {
-                // SAFETY: forwarded contract.
-                let made = unsafe { stage(cx.engine, &g.members, i02, i03, s, size, &[]) }?;
+                let made = stage(cx.engine, &g.members, i02, i03, s, size, &[])?;
                 if !guard::fp16_ok(made.fp16(s.w_len())) {
                     return Err(guard::trip(cx.stats, "src0 out of fp16 range"));
                 }
@@ -71,22 +64,16 @@ pub(super) unsafe fn dispatch(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take_pair(cx.engine, size)?;
-    // SAFETY: forwarded contract.
-    let filled = unsafe { fill_activations(cx, g, s, k, cols, &mut x) };
+    let filled = fill_activations(cx, g, s, k, cols, &mut x);
     add_time(&cx.stats.ns_convert, t.elapsed());
-    // SAFETY: forwarded contract.
-    let result =
-        filled.and_then(|()| unsafe { run_and_scatter(cx, g, s, cols, &weights, &x, &mut y) });
+    let result = filled.and_then(|()| run_and_scatter(cx, g, s, cols, &weights, &x, &mut y));
     let mut pool = cx.scratch.lock().unwrap_or_else(|e| e.into_inner());
     pool.give_pair(x, y);
     result
 }
 
 /// Compiles (or reuses) the program, evaluates it, checks and scatters the outputs.
-///
-/// # Safety
-/// As for [`compute`].
-pub(super) unsafe fn run_and_scatter(
+pub(super) fn run_and_scatter(
     cx: &Context<'_>,
     g: &Group,
     s: &TiledShape,
@@ -119,8 +106,7 @@ pub(super) unsafe fn run_and_scatter(
         ));
     }
     if s.layout == Layout::Tokens {
-        // SAFETY: forwarded contract.
-        unsafe { scatter_tokens(g, s, cols, ys)? };
+        scatter_tokens(g, s, cols, ys)?;
         add_time(&cx.stats.ns_convert, t.elapsed());
         return Ok(());
     }
@@ -129,27 +115,19 @@ pub(super) unsafe fn run_and_scatter(
     for m in &g.members {
         let d = &m.dst.desc;
         let rows = d.ne[0] as usize;
-        if let Some((i1, i12, i13)) = run.filter(|_| d.nb[0] == 4 && d.nb[1].is_multiple_of(4)) {
+        if let Some((i1, i12, i13)) = run.filter(|_| d.nb[1].is_multiple_of(4)) {
             // One slice: output rows r..r+rows are contiguous in `y` (`[tiles][m_tile][n]`).
             let stride = d.nb[1] / 4;
             let len = (cols.len() - 1) * stride + rows;
-            // SAFETY: dst rows i1..i1+len of matrix (i12, i13) are writable f32 and do not overlap
-            // any source.
-            let out = unsafe {
-                std::slice::from_raw_parts_mut(
-                    m.dst
-                        .data
-                        .cast_mut()
-                        .add(d.row_offset(i1, i12, i13))
-                        .cast::<f32>(),
-                    len,
-                )
-            };
             let src = &ys[r * s.n..(r + rows) * s.n];
-            ane_convert::out_f16_to_f32_transposed(src, rows, s.n, cols.len(), out, stride)
-                .map_err(|e| EngineError::Eval(format!("output conversion: {e}")))?;
-            r += rows;
-            continue;
+            let done = m.dst.with_f32s_mut(i1, i12, i13, len, |out| {
+                ane_convert::out_f16_to_f32_transposed(src, rows, s.n, cols.len(), out, stride)
+            });
+            if let Some(done) = done {
+                done.map_err(|e| EngineError::Eval(format!("output conversion: {e}")))?;
+                r += rows;
+                continue;
+            }
         }
         for mi in 0..rows {
             let (tile, row) = (r / s.m_tile, r % s.m_tile);
@@ -157,8 +135,7 @@ pub(super) unsafe fn run_and_scatter(
                 let acc: f32 = (0..s.k_chunks)
                     .map(|kc| ys[((tile * s.k_chunks + kc) * s.m_tile + row) * s.n + c].to_f32())
                     .sum();
-                // SAFETY: an in-bounds element of a writable f32 dst.
-                unsafe { put(&m.dst, mi, i1, i12, i13, acc) };
+                m.dst.put(mi, i1, i12, i13, acc);
             }
             r += 1;
         }

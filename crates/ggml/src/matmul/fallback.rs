@@ -13,22 +13,17 @@ pub(super) struct Failed {
 /// The CPU path: `parts` of every member, or, when `parts` is empty, every member whole. Through
 /// the host's CPU backend ([`crate::host_cpu`]) when it has one and takes the nodes (same kernels
 /// and numbers as CPU-only llama.cpp), else the plugin's own f32 loop.
-///
-/// # Safety
-/// As for [`compute`].
-pub(super) unsafe fn fallback(cx: &Context<'_>, g: &Group, parts: &[Failed]) {
+pub(super) fn fallback(cx: &Context<'_>, g: &Group, parts: &[Failed]) {
     let t = Instant::now();
     let views = cpu_views(g, parts);
     let ops: Vec<crate::host_cpu::MatMul> = views.iter().map(|v| v.0).collect();
-    // SAFETY: views of the group's valid operands (forwarded contract).
-    let done = cx.host.is_some_and(|h| unsafe { h.compute(&ops) }.is_ok());
+    let done = cx.host.is_some_and(|h| h.compute(&ops).is_ok());
     if done {
         cx.stats.fallback_cpu_backend.fetch_add(1, Relaxed);
     } else {
         cx.stats.fallback_own.fetch_add(1, Relaxed);
         for (op, wi) in &views {
-            // SAFETY: as above.
-            unsafe { own_fallback(op, wi, &g.src1_info) };
+            own_fallback(op, wi, &g.src1_info);
         }
     }
     add_time(&cx.stats.ns_fallback, t.elapsed());
@@ -58,29 +53,17 @@ pub(super) fn cpu_views(g: &Group, parts: &[Failed]) -> Vec<(crate::host_cpu::Ma
                     .take_while(|&(j, &(a, b, c))| a == i1 + j && b == i12 && c == i13)
                     .count();
                 rest = &rest[len..];
-                let w = m.src0.desc;
-                let x = g.src1.desc;
-                let d = m.dst.desc;
-                let at = |o: &Operand, off: usize, ne: [i64; 4]| Operand {
-                    desc: TensorDesc { ne, ..o.desc },
-                    data: o.data.wrapping_add(off),
-                };
+                let (w, x, d) = (m.src0.desc, g.src1.desc, m.dst.desc);
                 let op = MatMul {
-                    src0: at(
-                        &m.src0,
-                        w.row_offset(0, p.i02, p.i03),
-                        [w.ne[0], w.ne[1], 1, 1],
-                    ),
-                    src1: at(
-                        &g.src1,
-                        x.row_offset(i1, i12, i13),
-                        [x.ne[0], len as i64, 1, 1],
-                    ),
-                    dst: at(
-                        &m.dst,
-                        d.row_offset(i1, i12, i13),
-                        [d.ne[0], len as i64, 1, 1],
-                    ),
+                    src0: m
+                        .src0
+                        .sub(w.row_offset(0, p.i02, p.i03), [w.ne[0], w.ne[1], 1, 1]),
+                    src1: g
+                        .src1
+                        .sub(x.row_offset(i1, i12, i13), [x.ne[0], len as i64, 1, 1]),
+                    dst: m
+                        .dst
+                        .sub(d.row_offset(i1, i12, i13), [d.ne[0], len as i64, 1, 1]),
                 };
                 ops.push((op, m.src0_info));
             }
@@ -91,27 +74,9 @@ pub(super) fn cpu_views(g: &Group, parts: &[Failed]) -> Vec<(crate::host_cpu::Ma
 
 /// The plugin's own CPU loop for one product: f32 accumulation from the original values, weight
 /// rows split across threads, each widened once per src1 matrix, src1 widened once.
-///
-/// # Safety
-/// As for [`compute`]; `op` is a valid view ([`crate::host_cpu::MatMul::is_valid`]) whose types
-/// `wi` and `xi` describe.
-pub(super) unsafe fn own_fallback(op: &crate::host_cpu::MatMul, wi: &TypeInfo, xi: &TypeInfo) {
-    /// Operands cross into the scoped threads; each writes disjoint dst rows.
-    #[derive(Clone, Copy)]
-    struct Shared(crate::host_cpu::MatMul);
-    // SAFETY: the memory is valid for the whole call (the scope joins before returning), sources
-    // are only read and every thread writes its own dst rows.
-    unsafe impl Send for Shared {}
-    // SAFETY: as above.
-    unsafe impl Sync for Shared {}
-    impl Shared {
-        /// Through a method, so closures capture the whole `Shared` (edition 2021 would capture
-        /// the non-`Send` field alone).
-        fn get(&self) -> &crate::host_cpu::MatMul {
-            &self.0
-        }
-    }
-
+/// `op` is a valid product ([`crate::host_cpu::MatMul::is_valid`]) whose types `wi` and `xi`
+/// describe; each thread writes its own dst rows.
+pub(super) fn own_fallback(op: &crate::host_cpu::MatMul, wi: &TypeInfo, xi: &TypeInfo) {
     let (w, x) = (&op.src0.desc, &op.src1.desc);
     let [k, rows, ne02, ne03] = w.ne.map(|v| v as usize);
     let [_, n, ne12, ne13] = x.ne.map(|v| v as usize);
@@ -120,29 +85,23 @@ pub(super) unsafe fn own_fallback(op: &crate::host_cpu::MatMul, wi: &TypeInfo, x
         .map_or(1, |t| t.get())
         .min(rows.div_ceil(16))
         .max(1);
-    let shared = Shared(*op);
     for i13 in 0..ne13 {
         for i12 in 0..ne12 {
             let mut xs = vec![0f32; n * k];
             for (i1, row) in xs.chunks_exact_mut(k).enumerate() {
-                // SAFETY: forwarded contract.
-                unsafe { read_row(&op.src1, xi, i1, i12, i13, row) };
+                op.src1.read_row(xi, i1, i12, i13, row);
             }
             let xs = &xs;
             let per = rows.div_ceil(threads);
             std::thread::scope(|s| {
                 for t in 0..threads {
-                    let sh = shared;
                     s.spawn(move || {
-                        let op = sh.get();
                         let mut wrow = vec![0f32; k];
                         for r in t * per..((t + 1) * per).min(rows) {
-                            // SAFETY: forwarded contract.
-                            unsafe { read_row(&op.src0, wi, r, i12 / r2, i13 / r3, &mut wrow) };
+                            op.src0.read_row(wi, r, i12 / r2, i13 / r3, &mut wrow);
                             for (i1, xr) in xs.chunks_exact(k).enumerate() {
                                 let acc: f32 = wrow.iter().zip(xr).map(|(a, b)| a * b).sum();
-                                // SAFETY: an in-bounds element of this thread's dst rows.
-                                unsafe { put(&op.dst, r, i1, i12, i13, acc) };
+                                op.dst.put(r, i1, i12, i13, acc);
                             }
                         }
                     });

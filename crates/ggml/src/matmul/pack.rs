@@ -53,10 +53,7 @@ impl Pack<'_> {
 
 /// Runs a pack on the engine. On error nothing is known about `y`: the caller computes the pack's
 /// experts another way.
-///
-/// # Safety
-/// `p.experts` describes readable memory (the expert matrices of one ggml tensor).
-pub unsafe fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineError> {
+pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineError> {
     if cx.health.is_off() {
         return Err(EngineError::Unavailable("device gave up".into()));
     }
@@ -80,8 +77,7 @@ pub unsafe fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), Eng
     };
     let make = || -> Result<Surface, EngineError> {
         let t = Instant::now();
-        // SAFETY: the caller guarantees the experts are readable.
-        let made = unsafe { stage(cx.engine, &[member], 0, 0, &staged_shape, size, &[]) }?;
+        let made = stage(cx.engine, &[member], 0, 0, &staged_shape, size, &[])?;
         add_time(&cx.stats.ns_stage, t.elapsed());
         if !guard::fp16_ok(made.fp16(s.w_len())) {
             return Err(guard::trip(cx.stats, "src0 out of fp16 range"));
@@ -89,8 +85,7 @@ pub unsafe fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), Eng
         Ok(made)
     };
     let weights = if p.weights {
-        // SAFETY: as above.
-        let key = unsafe { stage_key(&[member], &staged_shape) };
+        let key = stage_key(&[member], &staged_shape);
         let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
         let made = staged.get_or_insert(key, || {
             cx.stats.groups_staged_dispatch.fetch_add(1, Relaxed);
@@ -111,22 +106,18 @@ pub unsafe fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), Eng
     };
     let t = Instant::now();
     let group = Group {
-        src1: Operand {
-            desc: TensorDesc::contiguous(GGML_TYPE_F32, 4, [k as i64, cols.len() as i64, 1, 1]),
-            data: p.x.as_ptr().cast(),
-        },
+        src1: Operand::of_f32(
+            TensorDesc::contiguous(GGML_TYPE_F32, 4, [k as i64, cols.len() as i64, 1, 1]),
+            p.x,
+        ),
         src1_info: p.f32_info,
         members: vec![Member {
             src0: p.experts,
             src0_info: p.info,
-            dst: Operand {
-                desc: TensorDesc::contiguous(
-                    GGML_TYPE_F32,
-                    4,
-                    [p.m as i64, cols.len() as i64, 1, 1],
-                ),
-                data: p.y.as_mut_ptr().cast(),
-            },
+            dst: Operand::of_f32_mut(
+                TensorDesc::contiguous(GGML_TYPE_F32, 4, [p.m as i64, cols.len() as i64, 1, 1]),
+                p.y,
+            ),
         }],
         weights: p.weights,
         speculative: 0,
@@ -136,8 +127,7 @@ pub unsafe fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), Eng
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take_pair(cx.engine, size)?;
-    // SAFETY: the group's src1 is `p.x` ([heads * bucket][K] f32), its dst `p.y`.
-    let filled = unsafe { fill_tokens(cx, &group, &flat, k, &cols, &mut x) };
+    let filled = fill_tokens(cx, &group, &flat, k, &cols, &mut x);
     add_time(&cx.stats.ns_convert, t.elapsed());
     let result = filled.and_then(|()| {
         let t = Instant::now();
@@ -158,8 +148,7 @@ pub unsafe fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), Eng
                 "output non-finite or past the matmul cliff",
             ));
         }
-        // SAFETY: as for the fill.
-        let r = unsafe { scatter_tokens(&group, &flat, &cols, ys) };
+        let r = scatter_tokens(&group, &flat, &cols, ys);
         add_time(&cx.stats.ns_convert, t.elapsed());
         r
     });

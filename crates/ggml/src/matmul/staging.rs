@@ -107,13 +107,10 @@ impl StagedWeights {
 
 /// Identity of one weight matrix: address, description and a fingerprint of its first and last
 /// bytes (see [`stage_key`]).
-///
-/// # Safety
-/// `m.src0` must be readable.
-pub(crate) unsafe fn member_key(m: &Member) -> u128 {
+pub(crate) fn member_key(m: &Member) -> u128 {
     let d = &m.src0.desc;
     let mut h = Xxh3::new();
-    h.update(&(m.src0.data as usize).to_le_bytes());
+    h.update(&m.src0.addr().to_le_bytes());
     h.update(&d.ty.to_le_bytes());
     for v in
         d.ne.iter()
@@ -122,37 +119,22 @@ pub(crate) unsafe fn member_key(m: &Member) -> u128 {
     {
         h.update(&v.to_le_bytes());
     }
-    let row = (d.ne[0] as usize) / m.src0_info.blck_size * m.src0_info.type_size;
-    let n = row.min(256);
-    let last = (d.ne[1] as usize - 1) * d.nb[1];
-    // SAFETY: the first and the last row each have at least `n` readable bytes.
-    unsafe {
-        h.update(std::slice::from_raw_parts(m.src0.data, n));
-        h.update(std::slice::from_raw_parts(m.src0.data.add(last), n));
-    }
+    m.src0.fingerprint(&mut h);
     h.digest128()
 }
 
 /// The rows of a 2-D weight as fp16, row-major `[M][K]`.
-///
-/// # Safety
-/// `m.src0` must be readable.
-pub(super) unsafe fn rows_f16(m: &Member) -> Vec<f16> {
+pub(super) fn rows_f16(m: &Member) -> Vec<f16> {
     let d = &m.src0.desc;
     let (k, rows) = (d.ne[0] as usize, d.ne[1] as usize);
     let mut out = vec![f16::ZERO; k * rows];
     let mut row = vec![0f32; k];
-    let len = ane_convert::row_bytes(d.ty, k).filter(|_| d.nb[0] == m.src0_info.type_size);
+    let fast = ane_convert::row_bytes(d.ty, k).is_some() && d.nb[0] == m.src0_info.type_size;
     for (i1, dst) in out.chunks_exact_mut(k).enumerate() {
-        let base = i1 * d.nb[1];
-        let converted = len.is_some_and(|len| {
-            // SAFETY: a contiguous row of k elements is `len` readable bytes at `base`.
-            let bytes = unsafe { std::slice::from_raw_parts(m.src0.data.add(base), len) };
-            ane_convert::row_to_f16(d.ty, bytes, dst).is_ok()
-        });
+        let converted =
+            fast && ane_convert::row_to_f16(d.ty, m.src0.row_bytes(i1, 0, 0), dst).is_ok();
         if !converted {
-            // SAFETY: forwarded contract.
-            unsafe { read_row(&m.src0, &m.src0_info, i1, 0, 0, &mut row) };
+            m.src0.read_row(&m.src0_info, i1, 0, 0, &mut row);
             for (h, &v) in dst.iter_mut().zip(&row) {
                 *h = f16::from_f32(v);
             }
@@ -165,16 +147,12 @@ pub(super) unsafe fn rows_f16(m: &Member) -> Vec<f16> {
 /// `supports_op` when llama.cpp reserves its prefill graph at context creation, so a model's
 /// weights are converted at load rather than inside the first prompt. Returns the bytes added (0
 /// if already there, not 2-D, or over `staged.max_bytes`).
-///
-/// # Safety
-/// `m.src0` must be a readable weight tensor.
-pub unsafe fn prestage(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member) -> usize {
+pub fn prestage(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member) -> usize {
     let d = &m.src0.desc;
-    if d.ne[2] != 1 || d.ne[3] != 1 || m.src0.data.is_null() {
+    if d.ne[2] != 1 || d.ne[3] != 1 || m.src0.is_null() {
         return 0;
     }
-    // SAFETY: forwarded contract.
-    let key = unsafe { member_key(m) };
+    let key = member_key(m);
     let size = (d.ne[0] * d.ne[1]) as usize * 2;
     {
         let s = staged.lock().unwrap_or_else(|e| e.into_inner());
@@ -183,8 +161,7 @@ pub unsafe fn prestage(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member)
         }
     }
     let t = Instant::now();
-    // SAFETY: forwarded contract.
-    let rows = Arc::new(unsafe { rows_f16(m) });
+    let rows = Arc::new(rows_f16(m));
     add_time(&stats.ns_stage, t.elapsed());
     let mut s = staged.lock().unwrap_or_else(|e| e.into_inner());
     if s.prestaged.insert(key, rows).is_none() {
@@ -202,17 +179,14 @@ pub unsafe fn prestage(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member)
 /// completes (`lookahead::Ready`), so a prompt finds its weights staged. Returns the bytes added:
 /// 0 if staged already, not 2-D weights of one K, or over `staged.max_bytes` (nothing is evicted
 /// for it; the first dispatch stages what did not fit).
-///
-/// # Safety
-/// Every member's src0 must be a readable weight tensor (dst is not used).
-pub unsafe fn stage_at_load(cx: &Context<'_>, members: &[Member]) -> Result<usize, EngineError> {
+pub fn stage_at_load(cx: &Context<'_>, members: &[Member]) -> Result<usize, EngineError> {
     let Some(first) = members.first() else {
         return Ok(0);
     };
     let k = first.src0.desc.ne[0];
     if !members.iter().all(|m| {
         let d = &m.src0.desc;
-        d.ne[0] == k && d.ne[2] == 1 && d.ne[3] == 1 && !m.src0.data.is_null()
+        d.ne[0] == k && d.ne[2] == 1 && d.ne[3] == 1 && !m.src0.is_null()
     }) {
         return Ok(0);
     }
@@ -220,10 +194,8 @@ pub unsafe fn stage_at_load(cx: &Context<'_>, members: &[Member]) -> Result<usiz
     // The tiling `compute` uses for weights (it does not depend on the column bucket).
     let s = cx.planner.tile(k as usize, m_total, cx.planner.max_cols());
     let size = request_size(&s, cx.planner.max_cols());
-    // SAFETY: forwarded contract.
-    let key = unsafe { stage_key(members, &s) };
-    // SAFETY: forwarded contract.
-    let member_keys: Vec<u128> = members.iter().map(|m| unsafe { member_key(m) }).collect();
+    let key = stage_key(members, &s);
+    let member_keys: Vec<u128> = members.iter().map(member_key).collect();
     let pre: Vec<Option<Arc<Vec<f16>>>> = {
         let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
         if staged.entries.contains_key(&key) || staged.bytes() + size > staged.max_bytes {
@@ -237,8 +209,7 @@ pub unsafe fn stage_at_load(cx: &Context<'_>, members: &[Member]) -> Result<usiz
     };
     // Converted without the lock: other contexts' dispatches go on meanwhile.
     let t = Instant::now();
-    // SAFETY: forwarded contract.
-    let made = unsafe { stage(cx.engine, members, 0, 0, &s, size, &pre) }?;
+    let made = stage(cx.engine, members, 0, 0, &s, size, &pre)?;
     add_time(&cx.stats.ns_stage, t.elapsed());
     let added = made.alloc_size();
     let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
@@ -253,14 +224,10 @@ pub unsafe fn stage_at_load(cx: &Context<'_>, members: &[Member]) -> Result<usiz
 }
 
 /// Identity of a group's staged weights: its members' [`member_key`]s and the program's tiling.
-///
-/// # Safety
-/// The members' src0 must be readable.
-pub(super) unsafe fn stage_key(members: &[Member], shape: &TiledShape) -> u128 {
+pub(super) fn stage_key(members: &[Member], shape: &TiledShape) -> u128 {
     let mut h = Xxh3::new();
     for m in members {
-        // SAFETY: forwarded contract.
-        h.update(&unsafe { member_key(m) }.to_le_bytes());
+        h.update(&member_key(m).to_le_bytes());
     }
     for v in [shape.tiles, shape.k_chunks, shape.m_tile, shape.k_chunk] {
         h.update(&v.to_le_bytes());
@@ -356,10 +323,7 @@ impl<'a> WeightWriter<'a> {
 /// fp16, zero padded, in a surface of `size` bytes.
 /// Rows are converted by `ane_convert` (bit-identical to ggml's `to_float` + fp16 rounding, one
 /// pass) when their blocks are contiguous, else through ggml's `to_float`.
-///
-/// # Safety
-/// The members' src0 must be readable.
-pub(super) unsafe fn stage(
+pub(super) fn stage(
     engine: &dyn Engine,
     members: &[Member],
     i2: usize,
@@ -384,22 +348,16 @@ pub(super) unsafe fn stage(
         let fast = d.nb[0] == m.src0_info.type_size && ane_convert::row_bytes(d.ty, k).is_some();
         let ready = pre.get(mi_member).and_then(|p| p.as_ref());
         for i1 in 0..d.ne[1] as usize {
-            let base = d.row_offset(i1, i2, i3);
             let converted = if let Some(rows) = ready {
                 // Converted at load by `prestage`: a copy.
                 row16.copy_from_slice(&rows[i1 * k..(i1 + 1) * k]);
                 true
             } else {
-                fast && {
-                    let len = ane_convert::row_bytes(d.ty, k).unwrap_or(0);
-                    // SAFETY: a contiguous row of k elements is `len` readable bytes at `base`.
-                    let bytes = unsafe { std::slice::from_raw_parts(m.src0.data.add(base), len) };
-                    ane_convert::row_to_f16(d.ty, bytes, &mut row16).is_ok()
-                }
+                fast && ane_convert::row_to_f16(d.ty, m.src0.row_bytes(i1, i2, i3), &mut row16)
+                    .is_ok()
             };
             if !converted {
-                // SAFETY: forwarded contract.
-                unsafe { read_row(&m.src0, &m.src0_info, i1, i2, i3, &mut row) };
+                m.src0.read_row(&m.src0_info, i1, i2, i3, &mut row);
                 for (h, &v) in row16.iter_mut().zip(&row) {
                     *h = f16::from_f32(v);
                 }

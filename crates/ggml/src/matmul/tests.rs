@@ -68,29 +68,23 @@ impl<E: Engine> Rig<E> {
             .iter()
             .zip(dsts.iter_mut())
             .map(|((a, ad), d)| Member {
-                src0: Operand {
-                    desc: *ad,
-                    data: a.as_ptr().cast(),
-                },
+                src0: Operand::of_f32(*ad, a),
                 src0_info: F32_INFO,
-                dst: Operand {
-                    desc: TensorDesc::contiguous(GGML_TYPE_F32, 4, [ad.ne[1], n, ne12, ne13]),
-                    data: d.as_mut_ptr().cast(),
-                },
+                dst: Operand::of_f32_mut(
+                    TensorDesc::contiguous(GGML_TYPE_F32, 4, [ad.ne[1], n, ne12, ne13]),
+                    d,
+                ),
             })
             .collect();
         let group = Group {
-            src1: Operand {
-                desc: bd,
-                data: b.as_ptr().cast(),
-            },
+            src1: Operand::of_f32(bd, b),
             src1_info: F32_INFO,
             members,
             weights,
             speculative: 0,
         };
         // SAFETY: every buffer matches its description and no dst overlaps a source.
-        unsafe { compute(&self.cx(), &group) };
+        compute(&self.cx(), &group);
         dsts
     }
 }
@@ -423,8 +417,9 @@ fn fallback_views_cover_exactly_the_failed_columns() {
         f32_desc([8, 6, 4, 1]),
         f32_desc([4, 6, 4, 1]),
     );
-    let base = 0x1000 as *const u8;
-    let op = |desc| Operand { desc, data: base };
+    let buf = vec![0f32; 192];
+    let base = buf.as_ptr() as usize;
+    let op = |desc| Operand::of_f32(desc, &buf);
     let g = Group {
         src1: op(x),
         src1_info: F32_INFO,
@@ -450,9 +445,9 @@ fn fallback_views_cover_exactly_the_failed_columns() {
         .map(|(m, _)| {
             assert!(m.is_valid());
             (
-                m.src0.data as usize - 0x1000,
-                m.src1.data as usize - 0x1000,
-                m.dst.data as usize - 0x1000,
+                m.src0.addr() - base,
+                m.src1.addr() - base,
+                m.dst.addr() - base,
                 m.src1.desc.ne[1],
             )
         })

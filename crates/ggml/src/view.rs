@@ -1,0 +1,371 @@
+//! Checked views of tensor memory: the one place below the C boundary that reads or writes
+//! through a tensor's address.
+//!
+//! ggml hands the plugin raw tensors (an address, a shape, byte strides). They become an
+//! [`Operand`] once: at the boundary ([`Operand::of_tensor`], whose caller vouches for the
+//! memory, the only `unsafe` step), or over the plugin's own buffers ([`Operand::of_f32`], checked
+//! against the buffer's length). Every access after that goes through a method here that checks
+//! the bytes it touches lie inside the view, so the compute path above it has no `unsafe fn`
+//! taking raw tensors and no stride arithmetic of its own (that lives in
+//! [`TensorDesc::row_offset`]).
+
+use half::{bf16, f16};
+
+use crate::ffi::{ggml_tensor, GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32};
+use crate::ggml::TypeInfo;
+use crate::support::{is_plain, TensorDesc};
+
+/// A tensor operand: its description and the memory it may touch.
+///
+/// Invariant (established by the constructors): `len` bytes from `data` are readable, and
+/// writable where the view is used as an output, for as long as the view or a copy of it is used;
+/// `row` is the byte length of one row (`ne[0]` elements); every row that `desc` addresses lies
+/// inside the `len` bytes. An output overlaps no source of the same computation.
+#[derive(Clone, Copy, Debug)]
+pub struct Operand {
+    /// Types, shape, strides.
+    pub desc: TensorDesc,
+    data: *const u8,
+    len: usize,
+    row: usize,
+}
+
+/// Bytes a view of `desc` with rows of `row` bytes spans from its first element.
+fn span(desc: &TensorDesc, row: usize) -> usize {
+    if desc.ne.iter().any(|&n| n <= 0) {
+        return 0;
+    }
+    (1..4)
+        .map(|i| (desc.ne[i] as usize - 1) * desc.nb[i])
+        .sum::<usize>()
+        + row
+}
+
+/// Bytes of one row of `ne0` elements: whole blocks for block types, strided elements for plain
+/// types.
+fn row_len(desc: &TensorDesc, info: &TypeInfo) -> usize {
+    let ne0 = desc.ne[0].max(0) as usize;
+    if info.blck_size > 1 {
+        ne0 / info.blck_size * info.type_size
+    } else if ne0 == 0 {
+        0
+    } else {
+        (ne0 - 1) * desc.nb[0] + info.type_size
+    }
+}
+
+impl Operand {
+    /// A view of a ggml tensor.
+    ///
+    /// # Safety
+    /// `t.data` points at the memory `t`'s shape and strides describe, readable (writable if the
+    /// view is used as an output) while the view is used, and `info` is the traits of `t`'s type.
+    pub unsafe fn of_tensor(t: &ggml_tensor, info: &TypeInfo) -> Operand {
+        // SAFETY: forwarded to the caller.
+        unsafe { Operand::of_parts(crate::boundary::desc(t), t.data as usize, info) }
+    }
+
+    /// A view of a tensor known by its description and address (a weight the lookahead learnt
+    /// in an earlier graph).
+    ///
+    /// # Safety
+    /// As for [`Operand::of_tensor`]: the memory at `addr` is a live tensor described by `desc`.
+    pub unsafe fn of_parts(desc: TensorDesc, addr: usize, info: &TypeInfo) -> Operand {
+        let row = row_len(&desc, info);
+        Operand {
+            desc,
+            data: addr as *const u8,
+            len: span(&desc, row),
+            row,
+        }
+    }
+
+    /// A view of `buf`, described by `desc` (plain f32 elements).
+    ///
+    /// # Panics
+    /// If `desc` addresses anything outside `buf` or is not F32.
+    pub fn of_f32(desc: TensorDesc, buf: &[f32]) -> Operand {
+        assert_eq!(desc.ty, GGML_TYPE_F32, "of_f32 on another type");
+        let row = if desc.ne[0] > 0 {
+            (desc.ne[0] as usize - 1) * desc.nb[0] + 4
+        } else {
+            0
+        };
+        let len = span(&desc, row);
+        assert!(len <= std::mem::size_of_val(buf), "view past its buffer");
+        Operand {
+            desc,
+            data: buf.as_ptr().cast(),
+            len,
+            row,
+        }
+    }
+
+    /// A view of `buf` used as an output: as [`Operand::of_f32`], with the address taken from
+    /// the mutable borrow (writes go through it).
+    pub fn of_f32_mut(desc: TensorDesc, buf: &mut [f32]) -> Operand {
+        let v = Operand::of_f32(desc, buf);
+        Operand {
+            data: buf.as_mut_ptr().cast_const().cast(),
+            ..v
+        }
+    }
+
+    /// A view of `buf` holding a tensor of any type (`info`: its traits), checked against the
+    /// buffer's length.
+    ///
+    /// # Panics
+    /// If `desc` addresses anything outside `buf`.
+    pub fn of_bytes(desc: TensorDesc, buf: &[u8], info: &TypeInfo) -> Operand {
+        let row = row_len(&desc, info);
+        let len = span(&desc, row);
+        assert!(len <= buf.len(), "view past its buffer");
+        Operand {
+            desc,
+            data: buf.as_ptr(),
+            len,
+            row,
+        }
+    }
+
+    /// A description without memory (a weight's identity where no output exists): every access
+    /// panics.
+    pub fn detached(desc: TensorDesc) -> Operand {
+        Operand {
+            desc,
+            data: std::ptr::null(),
+            len: 0,
+            row: 0,
+        }
+    }
+
+    /// The address, as identity (staging keys, buffer ranges); never dereferenced by callers.
+    pub fn addr(&self) -> usize {
+        self.data as usize
+    }
+
+    /// Whether the view has no memory.
+    pub fn is_null(&self) -> bool {
+        self.data.is_null()
+    }
+
+    /// Whether everything `desc` addresses lies inside the view's memory (`desc` is public, so
+    /// checked again before the description goes to ggml with [`Operand::as_ptr`]).
+    pub fn covers_desc(&self) -> bool {
+        !self.data.is_null() && span(&self.desc, self.row) <= self.len
+    }
+
+    /// The address for handing the view to ggml (the host's CPU backend), which touches the same
+    /// memory under the same invariant.
+    pub(crate) fn as_ptr(&self) -> *const u8 {
+        self.data
+    }
+
+    /// The view of `ne` starting `off` bytes in (same strides and row length): one matrix of a
+    /// batch, one expert, a run of rows.
+    ///
+    /// # Panics
+    /// If the sub-view reaches outside this one.
+    pub fn sub(&self, off: usize, ne: [i64; 4]) -> Operand {
+        let desc = TensorDesc { ne, ..self.desc };
+        let len = span(&desc, self.row);
+        assert!(
+            off <= self.len && len <= self.len - off,
+            "sub-view past its tensor"
+        );
+        Operand {
+            desc,
+            data: self.data.wrapping_add(off),
+            len,
+            row: self.row,
+        }
+    }
+
+    /// Byte range `[off, off + n)`, checked.
+    fn range(&self, off: usize, n: usize) -> *const u8 {
+        assert!(
+            !self.data.is_null() && off <= self.len && n <= self.len - off,
+            "access past the tensor: {off}+{n} of {} bytes",
+            self.len
+        );
+        self.data.wrapping_add(off)
+    }
+
+    /// `n` bytes from `off` bytes in (the rows of a contiguous matrix, say).
+    ///
+    /// # Panics
+    /// If they are not all inside the view.
+    pub fn bytes(&self, off: usize, n: usize) -> &[u8] {
+        let p = self.range(off, n);
+        // SAFETY: in bounds of the view (checked), readable by the invariant.
+        unsafe { std::slice::from_raw_parts(p, n) }
+    }
+
+    /// The bytes of row `i1` of matrix (`i2`, `i3`): `ne[0]` elements (whole blocks).
+    pub fn row_bytes(&self, i1: usize, i2: usize, i3: usize) -> &[u8] {
+        let off = self.desc.row_offset(i1, i2, i3);
+        let p = self.range(off, self.row);
+        // SAFETY: in bounds of the view (checked), readable by the invariant.
+        unsafe { std::slice::from_raw_parts(p, self.row) }
+    }
+
+    /// `n` f32 values from the start of row `i1` of matrix (`i2`, `i3`), when the view is F32,
+    /// aligned and they are inside it (a run of rows with `nb[1] = 4 * ne[0]` included).
+    pub fn f32s(&self, i1: usize, i2: usize, i3: usize, n: usize) -> Option<&[f32]> {
+        let off = self.desc.row_offset(i1, i2, i3);
+        let ok = self.desc.ty == GGML_TYPE_F32
+            && self.desc.nb[0] == 4
+            && (self.data as usize + off).is_multiple_of(4)
+            && off <= self.len
+            && n * 4 <= self.len - off;
+        // SAFETY: in bounds and aligned (checked), readable by the invariant.
+        ok.then(|| unsafe { std::slice::from_raw_parts(self.range(off, n * 4).cast::<f32>(), n) })
+    }
+
+    /// Element `i0` of row (`i1`, `i2`, `i3`) of a plain-typed view, widened to f32.
+    pub fn get(&self, i0: usize, i1: usize, i2: usize, i3: usize) -> f32 {
+        let p = self.range(self.desc.offset(i0, i1, i2, i3), elem_size(self.desc.ty));
+        // SAFETY: in bounds (checked); unaligned reads.
+        unsafe {
+            match self.desc.ty {
+                GGML_TYPE_F32 => p.cast::<f32>().read_unaligned(),
+                GGML_TYPE_F16 => f16::from_bits(p.cast::<u16>().read_unaligned()).to_f32(),
+                GGML_TYPE_BF16 => bf16::from_bits(p.cast::<u16>().read_unaligned()).to_f32(),
+                _ => unreachable!("get on a non-plain type"),
+            }
+        }
+    }
+
+    /// Element (`i0`, `i1`, `i2`, `i3`) of an I32 view (MUL_MAT_ID's expert ids).
+    pub fn get_i32(&self, i0: usize, i1: usize, i2: usize, i3: usize) -> i32 {
+        assert_eq!(
+            self.desc.ty,
+            crate::ffi::GGML_TYPE_I32,
+            "get_i32 on another type"
+        );
+        let p = self.range(self.desc.offset(i0, i1, i2, i3), 4);
+        // SAFETY: in bounds (checked); unaligned read.
+        unsafe { p.cast::<i32>().read_unaligned() }
+    }
+
+    /// Row `i1` of matrix (`i2`, `i3`), widened to f32 into `out` (length `ne[0]`): plain types
+    /// element by element, block types through ggml's `to_float` (`info`).
+    pub fn read_row(&self, info: &TypeInfo, i1: usize, i2: usize, i3: usize, out: &mut [f32]) {
+        if is_plain(self.desc.ty) {
+            for (i0, o) in out.iter_mut().enumerate() {
+                *o = self.get(i0, i1, i2, i3);
+            }
+            return;
+        }
+        let bytes = self.row_bytes(i1, i2, i3);
+        let f = info.to_float.expect("supports_op checked to_float");
+        assert!(
+            out.len() / info.blck_size.max(1) * info.type_size <= bytes.len(),
+            "row shorter than its output"
+        );
+        // SAFETY: `bytes` holds the row's whole blocks (checked above), `out` its values.
+        unsafe { f(bytes.as_ptr().cast(), out.as_mut_ptr(), out.len() as i64) };
+    }
+
+    /// Writes `v` to element (`i0`, `i1`, `i2`, `i3`) of an F32 output.
+    pub fn put(&self, i0: usize, i1: usize, i2: usize, i3: usize, v: f32) {
+        let p = self.range(self.desc.offset(i0, i1, i2, i3), 4);
+        // SAFETY: in bounds (checked), writable by the invariant; unaligned write.
+        unsafe { p.cast_mut().cast::<f32>().write_unaligned(v) };
+    }
+
+    /// Lends `n` f32 values of an F32 output from the start of row `i1` of matrix (`i2`, `i3`) to
+    /// `f`, when aligned and inside the view; `None` (and `f` not called) otherwise. The closure
+    /// holds the only reference to that memory while it runs.
+    pub fn with_f32s_mut<R>(
+        &self,
+        i1: usize,
+        i2: usize,
+        i3: usize,
+        n: usize,
+        f: impl FnOnce(&mut [f32]) -> R,
+    ) -> Option<R> {
+        let off = self.desc.row_offset(i1, i2, i3);
+        let ok = self.desc.ty == GGML_TYPE_F32
+            && self.desc.nb[0] == 4
+            && (self.data as usize + off).is_multiple_of(4)
+            && off <= self.len
+            && n * 4 <= self.len - off;
+        if !ok {
+            return None;
+        }
+        let p = self.range(off, n * 4).cast_mut().cast::<f32>();
+        // SAFETY: in bounds and aligned (checked), writable by the invariant; the slice lives
+        // only inside `f`.
+        Some(f(unsafe { std::slice::from_raw_parts_mut(p, n) }))
+    }
+
+    /// A fingerprint of the first and last rows' leading bytes (at most 256 each): with the
+    /// address and description, how a weight is recognised again.
+    pub fn fingerprint(&self, h: &mut xxhash_rust::xxh3::Xxh3) {
+        let last = self.desc.ne[1].max(1) as usize - 1;
+        for i1 in [0, last] {
+            let b = self.row_bytes(i1, 0, 0);
+            h.update(&b[..b.len().min(256)]);
+        }
+    }
+}
+
+// SAFETY: a view is an address with its checked extent; the invariant makes it valid for every
+// thread that uses it (ggml runs a graph's nodes on several threads; outputs of one computation
+// are written by disjoint rows).
+unsafe impl Send for Operand {}
+// SAFETY: as above.
+unsafe impl Sync for Operand {}
+
+/// Bytes of one element of a plain type.
+fn elem_size(ty: i32) -> usize {
+    match ty {
+        GGML_TYPE_F32 => 4,
+        _ => 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_check_every_access() {
+        let buf: Vec<f32> = (0..24).map(|v| v as f32).collect();
+        let v = Operand::of_f32(TensorDesc::contiguous(GGML_TYPE_F32, 4, [4, 3, 2, 1]), &buf);
+        assert_eq!(v.get(1, 2, 1, 0), 21.0);
+        assert_eq!(v.f32s(1, 0, 0, 3).unwrap(), &[4.0, 5.0, 6.0]);
+        assert!(v.f32s(2, 1, 0, 5).is_none(), "past the end");
+        let m = v.sub(12 * 4, [4, 3, 1, 1]);
+        assert_eq!(m.get(0, 0, 0, 0), 12.0);
+        assert!(std::panic::catch_unwind(|| v.sub(13 * 4, [4, 3, 1, 1])).is_err());
+        assert!(std::panic::catch_unwind(|| v.get(4, 2, 1, 0)).is_err());
+        let mut out = vec![0f32; 8];
+        let o = Operand::of_f32_mut(
+            TensorDesc::contiguous(GGML_TYPE_F32, 4, [4, 2, 1, 1]),
+            &mut out,
+        );
+        o.put(3, 1, 0, 0, 9.0);
+        assert_eq!(o.with_f32s_mut(1, 0, 0, 4, |s| s[0] = 7.0), Some(()));
+        assert!(o.with_f32s_mut(1, 0, 0, 5, |_| ()).is_none());
+        assert_eq!(out[7], 9.0);
+        assert_eq!(out[4], 7.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "view past its buffer")]
+    fn a_view_longer_than_its_buffer_is_refused() {
+        Operand::of_f32(
+            TensorDesc::contiguous(GGML_TYPE_F32, 4, [4, 3, 1, 1]),
+            &[0.0; 11],
+        );
+    }
+
+    #[test]
+    fn detached_views_refuse_access() {
+        let d = Operand::detached(TensorDesc::contiguous(GGML_TYPE_F32, 4, [4, 1, 1, 1]));
+        assert!(d.is_null());
+        assert!(std::panic::catch_unwind(|| d.get(0, 0, 0, 0)).is_err());
+    }
+}

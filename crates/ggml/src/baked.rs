@@ -20,13 +20,13 @@ use std::time::Instant;
 
 use ane_convert::types::{GGML_TYPE_Q4_0, GGML_TYPE_Q8_0};
 use ane_engine::surface::request_alloc_size;
-use ane_engine::{Engine, EngineError, ProgramId, WeightFile};
+use ane_engine::{EngineError, WeightFile};
 use ane_mil::build::{self, QuantKind};
 use half::f16;
 
 use crate::guard;
-use crate::matmul::{member_key, Context, Group, KernelCache, Member};
-use crate::stats::{add_time, Stats};
+use crate::matmul::{member_key, Context, Group, Member, ProgramKey};
+use crate::stats::add_time;
 
 /// The block type of a weight the baked path takes, if it takes it.
 fn kind_of(m: &Member, max_axis: usize) -> Option<QuantKind> {
@@ -53,55 +53,6 @@ fn kind_of(m: &Member, max_axis: usize) -> Option<QuantKind> {
 /// whether it does also depends on its group being a single MUL_MAT.
 pub(crate) fn may_bake(m: &Member, max_axis: usize) -> bool {
     kind_of(m, max_axis).is_some()
-}
-
-impl KernelCache {
-    /// The baked program of weight `key` for `n` columns, compiled by `make` on a miss.
-    fn get_or_compile_baked(
-        &mut self,
-        engine: &dyn Engine,
-        key: (u128, usize),
-        stats: &Stats,
-        make: impl FnOnce() -> (String, Vec<u8>),
-    ) -> Result<ProgramId, EngineError> {
-        let tick = self.next_tick();
-        if let Some(e) = self.baked.get_mut(&key) {
-            e.1 = tick;
-            stats.cache_hits.fetch_add(1, Relaxed);
-            return Ok(e.0);
-        }
-        if let Some(e) = self.baked_failed.get(&key) {
-            return Err(e.clone());
-        }
-        stats.cache_misses.fetch_add(1, Relaxed);
-        self.make_room(engine);
-        let (mil, bytes) = make();
-        let size = bytes.len();
-        let r = engine.compile(
-            &mil,
-            &[WeightFile {
-                path: build::WEIGHT_PATH.into(),
-                bytes,
-            }],
-        );
-        let r = match r {
-            Ok(id) => {
-                stats.count_placement(engine, id);
-                self.baked.insert(key, (id, tick, size));
-                self.baked_bytes += size;
-                Ok(id)
-            }
-            Err(e) => {
-                // As for the shared programs: compile failures repeat, budget/load ones may not.
-                if !matches!(e, EngineError::Budget { .. } | EngineError::Load(_)) {
-                    self.baked_failed.insert(key, e.clone());
-                }
-                Err(e)
-            }
-        };
-        stats.baked_bytes.store(self.baked_bytes as u64, Relaxed);
-        r
-    }
 }
 
 /// Computes `g` with a baked compressed-weight program when it qualifies; `false` leaves it to
@@ -177,7 +128,7 @@ fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Result<(), E
             let result = {
                 let mut cache = cx.cache.lock().unwrap_or_else(|e| e.into_inner());
                 cache
-                    .get_or_compile_baked(cx.engine, (wkey, nb), cx.stats, || {
+                    .program(cx.engine, ProgramKey::Baked { weight: wkey, n: nb }, cx.stats, || {
                         let ts = Instant::now();
                         let len = rows * k / QuantKind::BLOCK * kind.block_bytes();
                         // `kind_of` checked the rows are contiguous blocks: `len` bytes.
@@ -185,7 +136,11 @@ fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Result<(), E
                         let blob = build::weights_blob_quant(kind, raw, rows, k);
                         add_time(&cx.stats.ns_stage, ts.elapsed());
                         let mil = ane_mil::text::emit(&build::conv_matmul_quant(kind, k, rows, nb));
-                        (mil, blob)
+                        let file = WeightFile {
+                            path: build::WEIGHT_PATH.into(),
+                            bytes: blob,
+                        };
+                        (mil, vec![file])
                     })
                     .and_then(|id| cx.engine.evaluate(id, &[&x], &mut [&mut y]))
             };

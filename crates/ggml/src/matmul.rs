@@ -229,7 +229,7 @@ mod pack;
 mod scratch;
 mod staging;
 
-pub use cache::KernelCache;
+pub use cache::{KernelCache, ProgramKey};
 use dispatch::*;
 use fallback::*;
 use host::*;

@@ -212,14 +212,22 @@ impl Operand {
     /// `n` f32 values from the start of row `i1` of matrix (`i2`, `i3`), when the view is F32,
     /// aligned and they are inside it (a run of rows with `nb[1] = 4 * ne[0]` included).
     pub fn f32s(&self, i1: usize, i2: usize, i3: usize, n: usize) -> Option<&[f32]> {
+        let p = self.f32_run(i1, i2, i3, n)?;
+        // SAFETY: in bounds and aligned (checked by f32_run), readable by the invariant.
+        Some(unsafe { std::slice::from_raw_parts(p, n) })
+    }
+
+    /// The address of `n` f32 values from the start of row `i1` of matrix (`i2`, `i3`), when the
+    /// view is F32 with unit stride, the address is aligned and all `n` lie inside the view.
+    fn f32_run(&self, i1: usize, i2: usize, i3: usize, n: usize) -> Option<*const f32> {
         let off = self.desc.row_offset(i1, i2, i3);
         let ok = self.desc.ty == GGML_TYPE_F32
             && self.desc.nb[0] == 4
+            && !self.data.is_null()
             && (self.data as usize + off).is_multiple_of(4)
             && off <= self.len
             && n * 4 <= self.len - off;
-        // SAFETY: in bounds and aligned (checked), readable by the invariant.
-        ok.then(|| unsafe { std::slice::from_raw_parts(self.range(off, n * 4).cast::<f32>(), n) })
+        ok.then(|| self.range(off, n * 4).cast::<f32>())
     }
 
     /// Element `i0` of row (`i1`, `i2`, `i3`) of a plain-typed view, widened to f32.
@@ -285,18 +293,9 @@ impl Operand {
         n: usize,
         f: impl FnOnce(&mut [f32]) -> R,
     ) -> Option<R> {
-        let off = self.desc.row_offset(i1, i2, i3);
-        let ok = self.desc.ty == GGML_TYPE_F32
-            && self.desc.nb[0] == 4
-            && (self.data as usize + off).is_multiple_of(4)
-            && off <= self.len
-            && n * 4 <= self.len - off;
-        if !ok {
-            return None;
-        }
-        let p = self.range(off, n * 4).cast_mut().cast::<f32>();
-        // SAFETY: in bounds and aligned (checked), writable by the invariant; the slice lives
-        // only inside `f`.
+        let p = self.f32_run(i1, i2, i3, n)?.cast_mut();
+        // SAFETY: in bounds and aligned (checked by f32_run), writable by the invariant; the
+        // slice lives only inside `f`.
         Some(f(unsafe { std::slice::from_raw_parts_mut(p, n) }))
     }
 

@@ -21,15 +21,16 @@ use crate::gguf::{Gguf, GgufError};
 use crate::{Planner, TiledShape};
 
 /// A compiled program: a shape-shared tiled program, or (with compressed weights) one baked
-/// program per weight matrix and column bucket.
+/// program per weight matrix and column bucket. The plugin's kernel cache is keyed by it too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ProgramKey {
     /// `ane_mil::build::tiled_matmul` of this shape.
     Tiled(TiledShape),
-    /// A baked compressed-weight conv for the weight group at this index of the graph model.
+    /// A baked compressed-weight conv for one weight matrix.
     Baked {
-        /// Index of the group in the per-ubatch graph model.
-        group: usize,
+        /// Which weight: in the plugin a fingerprint of the weight tensor, in the planner the
+        /// index of its group in the per-ubatch graph model.
+        weight: u128,
         /// Column bucket.
         n: usize,
     },
@@ -459,7 +460,7 @@ pub fn plan(model: &ModelShape, prompt_lengths: &[usize], o: &PlanOptions) -> Pl
     let baked_groups: BTreeSet<usize> = programs
         .iter()
         .filter_map(|p| match p {
-            ProgramKey::Baked { group, .. } => Some(*group),
+            ProgramKey::Baked { weight, .. } => Some(*weight as usize),
             ProgramKey::Tiled(_) => None,
         })
         .collect();
@@ -537,7 +538,7 @@ fn plan_ubatch(
                 ms += cost.gemm_ms(flops, bytes, 1.0);
                 dispatches += 1;
                 used.insert(ProgramKey::Baked {
-                    group: i,
+                    weight: i as u128,
                     n: c.bucket,
                 });
             }

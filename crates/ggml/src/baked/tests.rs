@@ -4,7 +4,8 @@
 use super::*;
 use crate::ffi::GGML_TYPE_F32;
 use crate::ggml::TypeInfo;
-use crate::matmul::{compute, Operand};
+use crate::matmul::{compute, KernelCache, Operand};
+use ane_engine::Engine;
 use crate::support::TensorDesc;
 use crate::test_util::{rand_vec, Device, F32_INFO};
 use ane_engine::reference::ReferenceEngine;

@@ -1,32 +1,40 @@
-//! The kernel cache: loaded programs by shape (and baked programs by weight), bounded, LRU.
+//! The kernel cache: loaded programs by [`ProgramKey`] (shape-shared programs by shape, baked
+//! programs by weight and column bucket), bounded, least recently used first.
 
 use super::*;
+pub use ane_plan::model::ProgramKey;
 
-/// Loaded programs keyed by shape, bounded, least recently used evicted first. Baked programs
-/// (compressed weights, [`crate::baked`]) share the bound: they are keyed by weight identity and
-/// column bucket, and evicting one frees its compressed weight bytes.
+/// A loaded program.
+#[derive(Debug, Clone, Copy)]
+struct Loaded {
+    id: ProgramId,
+    tick: u64,
+    /// Weight bytes compiled into it (baked programs; 0 for shape-shared ones).
+    weight_bytes: usize,
+}
+
+/// Loaded programs, bounded, least recently used unloaded first. Baked programs (compressed
+/// weights, [`crate::baked`]) share the bound with the shape-shared ones; evicting one frees its
+/// compressed weight bytes.
 #[derive(Debug)]
 pub struct KernelCache {
-    pub(super) entries: HashMap<TiledShape, (ProgramId, u64)>,
-    pub(super) failed: HashMap<TiledShape, EngineError>,
-    pub(crate) baked: HashMap<(u128, usize), (ProgramId, u64, usize)>,
-    pub(crate) baked_failed: HashMap<(u128, usize), EngineError>,
+    loaded: HashMap<ProgramKey, Loaded>,
+    /// Compile failures, remembered: the same program fails again.
+    failed: HashMap<ProgramKey, EngineError>,
     /// Compressed weight bytes held by the loaded baked programs.
     pub(crate) baked_bytes: usize,
     /// `GGML_ANE_WEIGHTS=compressed`: single Q8_0/Q4_0 weights run as baked programs.
     pub(crate) compressed: bool,
-    pub(super) tick: u64,
-    pub(super) max: usize,
+    tick: u64,
+    max: usize,
 }
 
 impl KernelCache {
     /// A cache that keeps at most `max` programs loaded.
     pub fn new(max: usize) -> Self {
         KernelCache {
-            entries: HashMap::new(),
+            loaded: HashMap::new(),
             failed: HashMap::new(),
-            baked: HashMap::new(),
-            baked_failed: HashMap::new(),
             baked_bytes: 0,
             compressed: false,
             tick: 0,
@@ -43,7 +51,7 @@ impl KernelCache {
 
     /// Number of programs loaded through this cache.
     pub fn len(&self) -> usize {
-        self.entries.len() + self.baked.len()
+        self.loaded.len()
     }
 
     /// True when nothing is loaded.
@@ -51,28 +59,15 @@ impl KernelCache {
         self.len() == 0
     }
 
-    pub(crate) fn next_tick(&mut self) -> u64 {
-        self.tick += 1;
-        self.tick
-    }
-
-    /// Unloads least recently used programs (shape-shared or baked) until one more fits.
-    pub(crate) fn make_room(&mut self, engine: &dyn Engine) {
-        while self.len() >= self.max {
-            let shared = self.entries.iter().min_by_key(|(_, (_, t))| *t);
-            let baked = self.baked.iter().min_by_key(|(_, (_, t, _))| *t);
-            match (shared, baked) {
-                (Some((&s, &(id, ts))), b) if b.is_none_or(|(_, &(_, tb, _))| ts <= tb) => {
-                    self.entries.remove(&s);
-                    engine.unload(id);
-                }
-                (_, Some((&key, &(id, _, bytes)))) => {
-                    self.baked.remove(&key);
-                    self.baked_bytes -= bytes;
-                    engine.unload(id);
-                }
-                _ => break,
-            }
+    /// Unloads least recently used programs until one more fits.
+    fn make_room(&mut self, engine: &dyn Engine) {
+        while self.loaded.len() >= self.max {
+            let Some((&key, &old)) = self.loaded.iter().min_by_key(|(_, l)| l.tick) else {
+                break;
+            };
+            self.loaded.remove(&key);
+            self.baked_bytes -= old.weight_bytes;
+            engine.unload(old.id);
         }
     }
 
@@ -81,34 +76,59 @@ impl KernelCache {
     /// not count as a new engine failure ([`crate::health`]): a shape the compiler rejects is not
     /// a device that stopped working.
     pub(crate) fn known_failure(&self, shape: &TiledShape) -> Option<EngineError> {
-        self.failed.get(shape).cloned()
+        self.failed.get(&ProgramKey::Tiled(*shape)).cloned()
     }
 
-    pub(super) fn get_or_compile(
+    /// The shape-shared program of `shape`, compiled on a miss.
+    pub(crate) fn get_or_compile(
         &mut self,
         engine: &dyn Engine,
         shape: TiledShape,
         stats: &Stats,
     ) -> Result<ProgramId, EngineError> {
+        self.program(engine, ProgramKey::Tiled(shape), stats, || {
+            (
+                ane_mil::text::emit(&ane_mil::build::tiled_matmul(shape)),
+                Vec::new(),
+            )
+        })
+    }
+
+    /// The program of `key`, made by `make` (MIL text and weight files) and compiled on a miss.
+    pub(crate) fn program(
+        &mut self,
+        engine: &dyn Engine,
+        key: ProgramKey,
+        stats: &Stats,
+        make: impl FnOnce() -> (String, Vec<ane_engine::WeightFile>),
+    ) -> Result<ProgramId, EngineError> {
         use std::sync::atomic::Ordering::Relaxed;
         self.tick += 1;
-        if let Some(e) = self.entries.get_mut(&shape) {
-            e.1 = self.tick;
+        if let Some(l) = self.loaded.get_mut(&key) {
+            l.tick = self.tick;
             stats.cache_hits.fetch_add(1, Relaxed);
-            return Ok(e.0);
+            return Ok(l.id);
         }
-        if let Some(e) = self.failed.get(&shape) {
+        if let Some(e) = self.failed.get(&key) {
             // A program that failed to compile fails again; don't pay for it on every call.
             return Err(e.clone());
         }
         stats.cache_misses.fetch_add(1, Relaxed);
         self.make_room(engine);
-        stats.baked_bytes.store(self.baked_bytes as u64, Relaxed);
-        let mil = ane_mil::text::emit(&ane_mil::build::tiled_matmul(shape));
-        match engine.compile(&mil, &[]) {
+        let (mil, weights) = make();
+        let weight_bytes: usize = weights.iter().map(|w| w.bytes.len()).sum();
+        let r = match engine.compile(&mil, &weights) {
             Ok(id) => {
                 stats.count_placement(engine, id);
-                self.entries.insert(shape, (id, self.tick));
+                self.loaded.insert(
+                    key,
+                    Loaded {
+                        id,
+                        tick: self.tick,
+                        weight_bytes,
+                    },
+                );
+                self.baked_bytes += weight_bytes;
                 Ok(id)
             }
             Err(e) => {
@@ -117,20 +137,19 @@ impl KernelCache {
                 // the next call tries again. The reference engine's injected compile faults are
                 // random but remembered all the same: they stand for a shape the compiler rejects.
                 if !matches!(e, EngineError::Budget { .. } | EngineError::Load(_)) {
-                    self.failed.insert(shape, e.clone());
+                    self.failed.insert(key, e.clone());
                 }
                 Err(e)
             }
-        }
+        };
+        stats.baked_bytes.store(self.baked_bytes as u64, Relaxed);
+        r
     }
 
     /// Unloads everything.
     pub fn clear(&mut self, engine: &dyn Engine) {
-        for (_, (id, _)) in self.entries.drain() {
-            engine.unload(id);
-        }
-        for (_, (id, _, _)) in self.baked.drain() {
-            engine.unload(id);
+        for (_, l) in self.loaded.drain() {
+            engine.unload(l.id);
         }
         self.baked_bytes = 0;
     }

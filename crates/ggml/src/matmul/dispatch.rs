@@ -72,6 +72,38 @@ pub(super) fn dispatch(
     result
 }
 
+/// Compiles (or reuses) the shape-shared program of `s`, evaluates it on activations `x` and
+/// weights `w` into `y`, counts the dispatch and checks the outputs (the numeric guard).
+pub(super) fn evaluate<'y>(
+    cx: &Context<'_>,
+    s: &TiledShape,
+    x: &Surface,
+    w: &Surface,
+    y: &'y mut Surface,
+) -> Result<&'y [f16], EngineError> {
+    let t = Instant::now();
+    let result = {
+        let mut cache = cx.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get_or_compile(cx.engine, *s, cx.stats)
+            .and_then(|id| cx.engine.evaluate(id, &[x, w], &mut [&mut *y]))
+    };
+    add_time(&cx.stats.ns_engine, t.elapsed());
+    result?;
+    cx.stats.dispatches.fetch_add(1, Relaxed);
+    if s.tiles > 1 || s.k_chunks > 1 {
+        cx.stats.dispatches_tiled.fetch_add(1, Relaxed);
+    }
+    let ys = y.fp16(s.y_len());
+    if !guard::output_ok(ys) {
+        return Err(guard::trip(
+            cx.stats,
+            "output non-finite or past the matmul cliff",
+        ));
+    }
+    Ok(ys)
+}
+
 /// Compiles (or reuses) the program, evaluates it, checks and scatters the outputs.
 pub(super) fn run_and_scatter(
     cx: &Context<'_>,
@@ -82,29 +114,8 @@ pub(super) fn run_and_scatter(
     x: &Surface,
     y: &mut Surface,
 ) -> Result<(), EngineError> {
-    use std::sync::atomic::Ordering::Relaxed;
+    let ys = evaluate(cx, s, x, ws, y)?;
     let t = Instant::now();
-    let result = {
-        let mut cache = cx.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .get_or_compile(cx.engine, *s, cx.stats)
-            .and_then(|id| cx.engine.evaluate(id, &[x, ws], &mut [y]))
-    };
-    add_time(&cx.stats.ns_engine, t.elapsed());
-    result?;
-    cx.stats.dispatches.fetch_add(1, Relaxed);
-    if s.tiles > 1 || s.k_chunks > 1 {
-        cx.stats.dispatches_tiled.fetch_add(1, Relaxed);
-    }
-
-    let t = Instant::now();
-    let ys = y.fp16(s.y_len());
-    if !guard::output_ok(ys) {
-        return Err(guard::trip(
-            cx.stats,
-            "output non-finite or past the matmul cliff",
-        ));
-    }
     if s.layout == Layout::Tokens {
         scatter_tokens(g, s, cols, ys)?;
         add_time(&cx.stats.ns_convert, t.elapsed());

@@ -25,7 +25,8 @@ pub(super) fn fill_activations(
             let len = (cols.len() - 1) * stride + k;
             Some((g.src1.f32s(i1, i12, i13, len)?, stride))
         });
-    if let Some((src, stride)) = run {
+    // Rows of `stride` values, transposed into `[k][n]` with the padding zeroed.
+    let mut transposed = |src: &[f32], stride: usize| {
         ane_convert::act_f32_to_f16_transposed(src, cols.len(), k, stride, &mut xs[..k * s.n], s.n)
             .map_err(|e| EngineError::Eval(format!("activation conversion: {e}")))?;
         xs[k * s.n..].fill(f16::ZERO);
@@ -33,17 +34,13 @@ pub(super) fn fill_activations(
         if !guard::fp16_ok(&xs[..k * s.n]) {
             return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
         }
-        return Ok(());
+        Ok(())
+    };
+    if let Some((src, stride)) = run {
+        return transposed(src, stride);
     }
     if round != ActRound::None {
-        let rows = read_rounded(cx, g, cols, k, round)?;
-        ane_convert::act_f32_to_f16_transposed(&rows, cols.len(), k, k, &mut xs[..k * s.n], s.n)
-            .map_err(|e| EngineError::Eval(format!("activation conversion: {e}")))?;
-        xs[k * s.n..].fill(f16::ZERO);
-        if !guard::fp16_ok(&xs[..k * s.n]) {
-            return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
-        }
-        return Ok(());
+        return transposed(&read_rounded(cx, g, cols, k, round)?, k);
     }
     xs.fill(f16::ZERO);
     let mut row = vec![0f32; k];

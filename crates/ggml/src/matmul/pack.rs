@@ -130,24 +130,8 @@ pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineErro
     let filled = fill_tokens(cx, &group, &flat, k, &cols, &mut x);
     add_time(&cx.stats.ns_convert, t.elapsed());
     let result = filled.and_then(|()| {
+        let ys = evaluate(cx, &s, &x, &weights, &mut y)?;
         let t = Instant::now();
-        let r = {
-            let mut cache = cx.cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache
-                .get_or_compile(cx.engine, s, cx.stats)
-                .and_then(|id| cx.engine.evaluate(id, &[&x, &*weights], &mut [&mut y]))
-        };
-        add_time(&cx.stats.ns_engine, t.elapsed());
-        r?;
-        cx.stats.dispatches.fetch_add(1, Relaxed);
-        let t = Instant::now();
-        let ys = y.fp16(s.y_len());
-        if !guard::output_ok(ys) {
-            return Err(guard::trip(
-                cx.stats,
-                "output non-finite or past the matmul cliff",
-            ));
-        }
         let r = scatter_tokens(&group, &flat, &cols, ys);
         add_time(&cx.stats.ns_convert, t.elapsed());
         r

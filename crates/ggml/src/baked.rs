@@ -128,20 +128,29 @@ fn run(cx: &Context<'_>, g: &Group, m: &Member, kind: QuantKind) -> Result<(), E
             let result = {
                 let mut cache = cx.cache.lock().unwrap_or_else(|e| e.into_inner());
                 cache
-                    .program(cx.engine, ProgramKey::Baked { weight: wkey, n: nb }, cx.stats, || {
-                        let ts = Instant::now();
-                        let len = rows * k / QuantKind::BLOCK * kind.block_bytes();
-                        // `kind_of` checked the rows are contiguous blocks: `len` bytes.
-                        let raw = m.src0.bytes(0, len);
-                        let blob = build::weights_blob_quant(kind, raw, rows, k);
-                        add_time(&cx.stats.ns_stage, ts.elapsed());
-                        let mil = ane_mil::text::emit(&build::conv_matmul_quant(kind, k, rows, nb));
-                        let file = WeightFile {
-                            path: build::WEIGHT_PATH.into(),
-                            bytes: blob,
-                        };
-                        (mil, vec![file])
-                    })
+                    .program(
+                        cx.engine,
+                        ProgramKey::Baked {
+                            weight: wkey,
+                            n: nb,
+                        },
+                        cx.stats,
+                        || {
+                            let ts = Instant::now();
+                            let len = rows * k / QuantKind::BLOCK * kind.block_bytes();
+                            // `kind_of` checked the rows are contiguous blocks: `len` bytes.
+                            let raw = m.src0.bytes(0, len);
+                            let blob = build::weights_blob_quant(kind, raw, rows, k);
+                            add_time(&cx.stats.ns_stage, ts.elapsed());
+                            let mil =
+                                ane_mil::text::emit(&build::conv_matmul_quant(kind, k, rows, nb));
+                            let file = WeightFile {
+                                path: build::WEIGHT_PATH.into(),
+                                bytes: blob,
+                            };
+                            (mil, vec![file])
+                        },
+                    )
                     .and_then(|id| cx.engine.evaluate(id, &[&x], &mut [&mut y]))
             };
             add_time(&cx.stats.ns_engine, t.elapsed());

@@ -34,8 +34,9 @@ mod open;
 pub mod placement;
 pub mod stats;
 pub mod support;
-#[cfg(test)]
-mod test_util;
+/// Test devices and data for the compute paths (the unit tests and `tests/`); not plugin API.
+#[doc(hidden)]
+pub mod test_util;
 pub mod view;
 
 pub use boundary::{ggml_backend_init, ggml_backend_score};

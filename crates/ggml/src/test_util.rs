@@ -1,4 +1,5 @@
-//! Helpers shared by the unit tests of the compute modules.
+//! Helpers shared by the tests of the compute modules (unit tests and `tests/`): a device around
+//! the reference engine, F32 traits and descriptions, reproducible data.
 
 use std::sync::Mutex;
 
@@ -13,14 +14,14 @@ use crate::stats::Stats;
 use crate::support::TensorDesc;
 
 /// Traits of F32 (no `to_float` needed: the plugin reads plain types itself).
-pub(crate) const F32_INFO: TypeInfo = TypeInfo {
+pub const F32_INFO: TypeInfo = TypeInfo {
     blck_size: 1,
     type_size: 4,
     to_float: None,
 };
 
 /// `n` pseudo-random values in [-1, 1) from `seed` (xorshift, reproducible).
-pub(crate) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
     (0..n)
         .map(|_| {
@@ -33,14 +34,14 @@ pub(crate) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// A contiguous F32 tensor description.
-pub(crate) fn f32_desc(ne: [i64; 4]) -> TensorDesc {
+pub fn f32_desc(ne: [i64; 4]) -> TensorDesc {
     TensorDesc::contiguous(GGML_TYPE_F32, 4, ne)
 }
 
 /// What the plugin's device holds around one engine (planner, kernel cache, staged weights,
 /// scratch surfaces, stats), for tests that call the compute paths directly; each module's test
 /// rig derefs to one.
-pub(crate) struct Device<E: Engine = ReferenceEngine> {
+pub struct Device<E: Engine = ReferenceEngine> {
     pub engine: E,
     pub planner: Planner,
     pub cache: Mutex<KernelCache>,

@@ -3,106 +3,46 @@
 //! through one shared device state at once.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
 
 use ane_engine::reference::faults::FaultSpec;
 use ane_engine::reference::ReferenceEngine;
 use ane_engine::{Chip, Engine};
-use ane_plan::Planner;
-use ggml_ane::ffi::GGML_TYPE_F32;
-use ggml_ane::ggml::TypeInfo;
-use ggml_ane::matmul::{
-    compute, Context, Group, KernelCache, Member, Operand, ScratchPool, StagedWeights,
-};
-use ggml_ane::stats::Stats;
-use ggml_ane::support::TensorDesc;
+use ggml_ane::matmul::{compute, Group, KernelCache, Member, Operand};
+use ggml_ane::test_util::{f32_desc, rand_vec, F32_INFO};
 
-const F32_INFO: TypeInfo = TypeInfo {
-    blck_size: 1,
-    type_size: 4,
-    to_float: None,
-};
+/// One device's shared state, as `DeviceState` holds it (the crate's test device).
+type Device = ggml_ane::test_util::Device;
 
-/// One device's shared state, as `DeviceState` holds it.
-struct Device {
-    engine: Arc<dyn Engine>,
-    planner: Planner,
-    cache: Mutex<KernelCache>,
-    staged: Mutex<StagedWeights>,
-    scratch: Mutex<ScratchPool>,
-    stats: Stats,
-    health: ggml_ane::health::Health,
+fn device(engine: ReferenceEngine, max_programs: usize) -> Device {
+    Device::new(engine, KernelCache::new(max_programs))
 }
 
-impl Device {
-    fn new(engine: ReferenceEngine, max_programs: usize) -> Self {
-        let planner = Planner::new(engine.limits());
-        Device {
-            engine: Arc::new(engine),
-            planner,
-            cache: Mutex::new(KernelCache::new(max_programs)),
-            staged: Mutex::new(StagedWeights::new(1 << 28)),
-            scratch: Mutex::new(ScratchPool::default()),
-            stats: Stats::default(),
-            health: ggml_ane::health::Health::new(0),
-        }
-    }
-
-    fn reference() -> Self {
-        Device::new(ReferenceEngine::new(Chip::M4.limits()), 16)
-    }
-
-    /// `dst[n][m] = sum_k a[m][k] b[n][k]` through `compute`, one 2-D MUL_MAT.
-    fn mul_mat(
-        &self,
-        weights: bool,
-        a: &[f32],
-        b: &[f32],
-        k: usize,
-        m: usize,
-        n: usize,
-    ) -> Vec<f32> {
-        let mut dst = vec![f32::NAN; m * n];
-        let desc = |ne0: usize, ne1: usize| {
-            TensorDesc::contiguous(GGML_TYPE_F32, 4, [ne0 as i64, ne1 as i64, 1, 1])
-        };
-        let group = Group {
-            src1: Operand::of_f32(desc(k, n), b),
-            src1_info: F32_INFO,
-            members: vec![Member {
-                src0: Operand::of_f32(desc(k, m), a),
-                src0_info: F32_INFO,
-                dst: Operand::of_f32_mut(desc(m, n), &mut dst),
-            }],
-            weights,
-            speculative: 0,
-        };
-        let cx = Context {
-            engine: self.engine.as_ref(),
-            planner: &self.planner,
-            cache: &self.cache,
-            staged: &self.staged,
-            scratch: &self.scratch,
-            stats: &self.stats,
-            health: &self.health,
-            host: None,
-            act_round: false,
-        };
-        compute(&cx, &group);
-        dst
-    }
+fn reference() -> Device {
+    device(ReferenceEngine::new(Chip::M4.limits()), 16)
 }
 
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect()
+/// `dst[n][m] = sum_k a[m][k] b[n][k]` through `compute`, one 2-D MUL_MAT.
+fn mul_mat(
+    dev: &Device,
+    weights: bool,
+    a: &[f32],
+    b: &[f32],
+    (k, m, n): (usize, usize, usize),
+) -> Vec<f32> {
+    let mut dst = vec![f32::NAN; m * n];
+    let group = Group {
+        src1: Operand::of_f32(f32_desc([k as i64, n as i64, 1, 1]), b),
+        src1_info: F32_INFO,
+        members: vec![Member {
+            src0: Operand::of_f32(f32_desc([k as i64, m as i64, 1, 1]), a),
+            src0_info: F32_INFO,
+            dst: Operand::of_f32_mut(f32_desc([m as i64, n as i64, 1, 1]), &mut dst),
+        }],
+        weights,
+        speculative: 0,
+    };
+    compute(&dev.cx(), &group);
+    dst
 }
 
 fn oracle(a: &[f32], b: &[f32], k: usize, m: usize, n: usize) -> Vec<f64> {
@@ -137,12 +77,12 @@ fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
 
 #[test]
 fn src1_beyond_fp16_range_is_computed_on_the_cpu() {
-    let dev = Device::reference();
+    let dev = reference();
     let (k, m, n) = (64, 32, 16);
     let a = rand_vec(m * k, 1);
     let mut b = rand_vec(n * k, 2);
     b[5 * k + 3] = 70000.0; // converts to inf in fp16
-    let got = dev.mul_mat(true, &a, &b, k, m, n);
+    let got = mul_mat(&dev, true, &a, &b, (k, m, n));
     assert_close(&got, &oracle(&a, &b, k, m, n), 1e-5, "src1 overflow");
     assert!(got.iter().all(|v| v.is_finite()));
     assert!(dev.stats.guard_trips.load(Relaxed) >= 1);
@@ -151,12 +91,12 @@ fn src1_beyond_fp16_range_is_computed_on_the_cpu() {
 
 #[test]
 fn non_staged_src0_beyond_fp16_range_is_computed_on_the_cpu() {
-    let dev = Device::reference();
+    let dev = reference();
     let (k, m, n) = (64, 32, 16);
     let mut a = rand_vec(m * k, 3);
     a[7] = -1.0e5;
     let b = rand_vec(n * k, 4);
-    let got = dev.mul_mat(false, &a, &b, k, m, n);
+    let got = mul_mat(&dev, false, &a, &b, (k, m, n));
     assert_close(&got, &oracle(&a, &b, k, m, n), 1e-5, "src0 overflow");
     assert!(dev.stats.guard_trips.load(Relaxed) >= 1);
 }
@@ -165,16 +105,16 @@ fn non_staged_src0_beyond_fp16_range_is_computed_on_the_cpu() {
 fn outputs_past_the_matmul_cliff_are_computed_on_the_cpu() {
     // Every input is exact in fp16, every dot product is 64 * 25 * 25 = 40000: finite in fp16, but
     // past the ANE's 32752 output cliff, which the reference engine reproduces.
-    let dev = Device::reference();
+    let dev = reference();
     let (k, m, n) = (64, 16, 8);
     let a = vec![25.0; m * k];
     let b = vec![25.0; n * k];
-    let got = dev.mul_mat(true, &a, &b, k, m, n);
+    let got = mul_mat(&dev, true, &a, &b, (k, m, n));
     assert!(got.iter().all(|&v| v == 40000.0), "{:?}", &got[..4]);
     assert_eq!(dev.stats.guard_trips.load(Relaxed), 1);
     // Just under the cliff, the engine's result is used.
     let b = vec![20.0; n * k]; // 32000
-    let got = dev.mul_mat(true, &a, &b, k, m, n);
+    let got = mul_mat(&dev, true, &a, &b, (k, m, n));
     assert!(got.iter().all(|&v| v == 32000.0));
     assert_eq!(dev.stats.guard_trips.load(Relaxed), 1);
     assert_eq!(dev.stats.ops_offloaded.load(Relaxed), 1);
@@ -187,7 +127,7 @@ fn every_result_is_right_under_injected_faults() {
     let spec: FaultSpec = "compile=0.3,load=0.1,eval=0.2,alloc=0.1,seed=11"
         .parse()
         .unwrap();
-    let dev = Device::new(ReferenceEngine::with_faults(Chip::M4.limits(), spec), 4);
+    let dev = device(ReferenceEngine::with_faults(Chip::M4.limits(), spec), 4);
     for (i, (k, m, n)) in [(64, 64, 8), (96, 40, 70), (128, 16, 3), (32, 200, 65)]
         .into_iter()
         .cycle()
@@ -196,7 +136,7 @@ fn every_result_is_right_under_injected_faults() {
     {
         let a = rand_vec(m * k, 100 + i as u64);
         let b = rand_vec(n * k, 200 + i as u64);
-        let got = dev.mul_mat(i % 2 == 0, &a, &b, k, m, n);
+        let got = mul_mat(&dev, i % 2 == 0, &a, &b, (k, m, n));
         assert_close(&got, &oracle(&a, &b, k, m, n), TOL, "under faults");
     }
     let s = &dev.stats;
@@ -240,7 +180,7 @@ fn threads_share_one_device_state() {
             Some(f) => ReferenceEngine::with_faults(limits, f.parse().unwrap()),
             None => ReferenceEngine::new(limits),
         };
-        let dev = Device::new(engine, 3);
+        let dev = device(engine, 3);
         std::thread::scope(|scope| {
             for t in 0..THREADS {
                 let (dev, weights, shapes) = (&dev, &weights, &shapes);
@@ -250,7 +190,7 @@ fn threads_share_one_device_state() {
                         let (k, m, n) = shapes[i];
                         let b = rand_vec(n * k, (t * 1000 + r) as u64);
                         let staged = r % 3 != 0;
-                        let got = dev.mul_mat(staged, &weights[i], &b, k, m, n);
+                        let got = mul_mat(dev, staged, &weights[i], &b, (k, m, n));
                         let want = oracle(&weights[i], &b, k, m, n);
                         assert_close(&got, &want, TOL, &format!("thread {t} round {r}"));
                     }

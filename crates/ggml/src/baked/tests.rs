@@ -5,11 +5,11 @@ use super::*;
 use crate::ffi::GGML_TYPE_F32;
 use crate::ggml::TypeInfo;
 use crate::matmul::{compute, KernelCache, Operand};
-use ane_engine::Engine;
 use crate::support::TensorDesc;
 use crate::test_util::{rand_vec, Device, F32_INFO};
 use ane_engine::reference::ReferenceEngine;
 use ane_engine::Chip;
+use ane_engine::Engine;
 
 /// `rows x k` weights as ggml blocks (Q8_0: f16 d + 32 i8; Q4_0: f16 d + 16 bytes, element j in
 /// the low nibble of byte j and j + 16 in the high one, value (q - 8) d), and their values in f64.

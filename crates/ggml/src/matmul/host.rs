@@ -12,10 +12,10 @@ pub(super) fn fill_activations(
     cols: &[(usize, usize, usize)],
     x: &mut Surface,
 ) -> Result<(), EngineError> {
-    if s.layout == Layout::Tokens {
-        return fill_tokens(cx, g, s, k, cols, x);
-    }
     let xs = x.fp16_mut(s.x_len());
+    if s.layout == Layout::Tokens {
+        return fill_tokens(cx, g, s, cols, xs);
+    }
     let d = &g.src1.desc;
     let round = act_round(cx, g);
     let run = contiguous_run(cols)
@@ -105,15 +105,14 @@ pub(super) fn act_round(cx: &Context<'_>, g: &Group) -> ActRound {
 
 /// Token-major activations (`[k_chunks][n][k_chunk]`): each token's row is a plain fp32 -> fp16
 /// conversion of the src1 row, no transpose; padding (K tail, extra tokens) is zeroed.
-pub(super) fn fill_tokens(
+fn fill_tokens(
     cx: &Context<'_>,
     g: &Group,
     s: &TiledShape,
-    k: usize,
     cols: &[(usize, usize, usize)],
-    x: &mut Surface,
+    xs: &mut [f16],
 ) -> Result<(), EngineError> {
-    let xs = x.fp16_mut(s.x_len());
+    let k = g.src1.desc.ne[0] as usize;
     let round = act_round(cx, g);
     let rounded = match round {
         ActRound::None => None,

@@ -127,7 +127,7 @@ pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineErro
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take_pair(cx.engine, size)?;
-    let filled = fill_tokens(cx, &group, &flat, k, &cols, &mut x);
+    let filled = fill_activations(cx, &group, &flat, k, &cols, &mut x);
     add_time(&cx.stats.ns_convert, t.elapsed());
     let result = filled.and_then(|()| {
         let ys = evaluate(cx, &s, &x, &weights, &mut y)?;

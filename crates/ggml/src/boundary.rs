@@ -76,7 +76,7 @@ unsafe extern "C" fn ggml_backend_ane_graph_compute(
         else {
             return GGML_STATUS_FAILED;
         };
-        graph_compute(ctx, cgraph)
+        graph_compute(ctx, cgraph, companion_claimed)
     })
 }
 

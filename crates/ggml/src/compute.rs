@@ -5,12 +5,11 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use crate::boundary::{desc, is_noop};
-use crate::claim::companion_claimed;
 use crate::config::{Config, StatsMode};
 use crate::device::*;
 use crate::ffi::*;
 use crate::matmul::{self, Group, Member, Operand};
-use crate::support::{self, Policy};
+use crate::support::{self, Policy, TensorDesc};
 use crate::{ggml, host_cpu, lookahead, open};
 
 /// A claimed MUL_MAT node as a group member, after re-checking what compute relies on.
@@ -54,12 +53,12 @@ pub(crate) unsafe fn member(
 /// only companions inside it are read (a companion learnt from a model freed since is never
 /// touched).
 pub(crate) fn run_group(
-    dev: &DeviceState,
-    host: &host_cpu::HostCpu,
+    split: &mut Split<'_, '_>,
     mut group: Group,
     head_buffer: Option<(usize, usize)>,
-    stash: &mut lookahead::Stash,
 ) {
+    let (dev, host, companions) = (split.dev, split.host, split.companions);
+    let stash = &mut *split.stash;
     // SAFETY: the group was built from this graph's claimed MUL_MATs (valid host tensors); the
     // stash is borrowed until the group is computed.
     let head_ty = group.members[0].src0.desc.ty;
@@ -69,7 +68,7 @@ pub(crate) fn run_group(
             // SAFETY: as above.
             let added = unsafe {
                 stash.speculate(&dev.learner, &dev.stats, &mut group, |w, src1| {
-                    companion_claimed(dev, head_ty, w, src1, range)
+                    companions(dev, head_ty, w, src1, range)
                 })
             };
             added > 0
@@ -114,12 +113,35 @@ pub(crate) fn joins(group: &Group, m: &Member, src1: &Operand, weight: bool) -> 
         && matmul::rounds_alike(first.ty, m.src0.desc.ty)
 }
 
-pub(crate) fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
+/// Which learnt companions a group may speculate: the claim rule (`crate::claim`), handed down
+/// by the boundary so that computing never reaches back into claiming.
+pub(crate) type CompanionRule =
+    fn(&DeviceState, i32, &lookahead::Weight, &TensorDesc, (usize, usize)) -> bool;
+
+/// What the groups of one graph split share.
+pub(crate) struct Split<'a, 's> {
+    dev: &'a DeviceState,
+    host: &'a host_cpu::HostCpu,
+    stash: &'s mut lookahead::Stash,
+    companions: CompanionRule,
+}
+
+pub(crate) fn graph_compute(
+    ctx: &BackendCtx,
+    cgraph: *mut ggml_cgraph,
+    companions: CompanionRule,
+) -> i32 {
     let (Ok(dev), Some(g)) = (device_state(), ggml::ggml()) else {
         return GGML_STATUS_FAILED;
     };
     let mut stash = ctx.stash.lock().unwrap_or_else(|e| e.into_inner());
     stash.begin();
+    let mut split = Split {
+        dev,
+        host: &ctx.host,
+        stash: &mut stash,
+        companions,
+    };
     let lookahead = Config::get().lookahead;
     // SAFETY: ggml passes a valid graph; nodes are valid tensors for the duration of the call.
     let n = unsafe { (g.graph_n_nodes)(cgraph) };
@@ -136,7 +158,7 @@ pub(crate) fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
         if node.op == GGML_OP_MUL_MAT_ID {
             // Graph order: the open group first.
             if let Some((done, range)) = open.take() {
-                run_group(dev, &ctx.host, done, range, &mut stash);
+                run_group(&mut split, done, range);
             }
             let cx = matmul::Context {
                 host: Some(&ctx.host),
@@ -160,7 +182,7 @@ pub(crate) fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
                     return GGML_STATUS_FAILED;
                 }
             }
-            stash.begin();
+            split.stash.begin();
             continue;
         }
         if node.op != GGML_OP_MUL_MAT {
@@ -176,12 +198,12 @@ pub(crate) fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
             }
         };
         count_weight(dev, node);
-        if lookahead && weight && stash.waits_for(&m) {
+        if lookahead && weight && split.stash.waits_for(&m) {
             // Computed in an earlier split's dispatch: the groups before it run first (graph order).
             if let Some((done, range)) = open.take() {
-                run_group(dev, &ctx.host, done, range, &mut stash);
+                run_group(&mut split, done, range);
             }
-            if stash.take(&dev.learner, &dev.stats, &m, &src1) {
+            if split.stash.take(&dev.learner, &dev.stats, &m, &src1) {
                 continue;
             }
         }
@@ -189,7 +211,7 @@ pub(crate) fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
             Some((group, _)) if joins(group, &m, &src1, weight) => group.members.push(m),
             _ => {
                 if let Some((done, range)) = open.take() {
-                    run_group(dev, &ctx.host, done, range, &mut stash);
+                    run_group(&mut split, done, range);
                 }
                 // SAFETY: a MUL_MAT node has a valid src0.
                 let range = g.buffer_range(unsafe { &*node.src[0] });
@@ -207,7 +229,7 @@ pub(crate) fn graph_compute(ctx: &BackendCtx, cgraph: *mut ggml_cgraph) -> i32 {
         }
     }
     if let Some((done, range)) = open.take() {
-        run_group(dev, &ctx.host, done, range, &mut stash);
+        run_group(&mut split, done, range);
     }
     GGML_STATUS_SUCCESS
 }

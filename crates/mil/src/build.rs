@@ -444,6 +444,28 @@ impl TiledShape {
             Layout::Tokens => slice + kk * self.m_tile + row,
         }
     }
+    /// Position in `a_x` of contraction element `kk` of slice `c` for column (token) `ni` of
+    /// head `head`: `[heads, k_chunks, k_chunk, n]` (channel-first) or `[heads, k_chunks, n,
+    /// k_chunk]` (token-major). The one place the activation layout is written down: the plugin,
+    /// the canaries and the CLI all index through it.
+    pub fn x_index(&self, head: usize, c: usize, kk: usize, ni: usize) -> usize {
+        let slice = head * self.k_chunks + c;
+        match self.layout {
+            Layout::Channels => (slice * self.k_chunk + kk) * self.n + ni,
+            Layout::Tokens => (slice * self.n + ni) * self.k_chunk + kk,
+        }
+    }
+
+    /// Position in `y` of output row `row` of tile `tile` (`heads * tiles` counted together),
+    /// partial product of slice `c`, column (token) `ni`.
+    pub fn y_index(&self, tile: usize, c: usize, row: usize, ni: usize) -> usize {
+        let slice = tile * self.k_chunks + c;
+        match self.layout {
+            Layout::Channels => (slice * self.m_tile + row) * self.n + ni,
+            Layout::Tokens => (slice * self.n + ni) * self.m_tile + row,
+        }
+    }
+
     /// Elements of the `y` output: `[heads * tiles, k_chunks, m_tile, n]`.
     pub fn y_len(&self) -> usize {
         self.heads * self.tiles * self.k_chunks * self.m_tile * self.n
@@ -723,6 +745,49 @@ mod tests {
 
     fn sorted(st: &Statement) -> bool {
         st.args.windows(2).all(|w| w[0].0 < w[1].0)
+    }
+
+    #[test]
+    fn x_and_y_indexes_fill_their_tensors_exactly_once() {
+        for layout in [Layout::Channels, Layout::Tokens] {
+            let s = TiledShape {
+                heads: 2,
+                tiles: 1,
+                k_chunks: 3,
+                m_tile: 4,
+                k_chunk: 5,
+                n: 6,
+                layout,
+            };
+            let mut seen = vec![0u8; s.x_len()];
+            for h in 0..2 {
+                for c in 0..3 {
+                    for kk in 0..5 {
+                        for ni in 0..6 {
+                            seen[s.x_index(h, c, kk, ni)] += 1;
+                        }
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&v| v == 1), "{layout:?} x");
+            let mut seen = vec![0u8; s.y_len() * 2];
+            for t in 0..2 {
+                for c in 0..3 {
+                    for row in 0..4 {
+                        for ni in 0..6 {
+                            seen[s.y_index(t, c, row, ni)] += 1;
+                        }
+                    }
+                }
+            }
+            assert_eq!(seen.iter().filter(|&&v| v == 1).count(), 2 * 3 * 4 * 6, "{layout:?} y");
+            // Token-major: a token's K values are contiguous; channel-first: a channel's tokens.
+            let step = |a: usize, b: usize| b - a;
+            match layout {
+                Layout::Tokens => assert_eq!(step(s.x_index(0, 0, 0, 0), s.x_index(0, 0, 1, 0)), 1),
+                Layout::Channels => assert_eq!(step(s.x_index(0, 0, 0, 0), s.x_index(0, 0, 0, 1)), 1),
+            }
+        }
     }
 
     #[test]

@@ -44,7 +44,6 @@ pub fn run_planned(
     x: &[f16],
     reps: usize,
 ) -> Result<MatmulRun, EngineError> {
-    let layout = planner.layout;
     let chunk = planner.col_chunks(n);
     if chunk.len() != 1 {
         return Err(EngineError::Compile(format!(
@@ -97,11 +96,7 @@ pub fn run_planned(
         for ki in 0..k {
             let (c, kk) = (ki / s.k_chunk, ki % s.k_chunk);
             for ni in 0..n {
-                let at = match layout {
-                    Layout::Channels => (c * s.k_chunk + kk) * s.n + ni,
-                    Layout::Tokens => (c * s.n + ni) * s.k_chunk + kk,
-                };
-                xh[at] = x[ki * n + ni];
+                xh[s.x_index(0, c, kk, ni)] = x[ki * n + ni];
             }
         }
         let r = engine.evaluate(id, &[&xs, &ws], &mut [&mut ys]);
@@ -114,15 +109,7 @@ pub fn run_planned(
             let (tile, row) = (mi / s.m_tile, mi % s.m_tile);
             for ni in 0..n {
                 y[mi * n + ni] = (0..s.k_chunks)
-                    .map(|c| {
-                        let at = match layout {
-                            Layout::Channels => {
-                                ((tile * s.k_chunks + c) * s.m_tile + row) * s.n + ni
-                            }
-                            Layout::Tokens => ((tile * s.k_chunks + c) * s.n + ni) * s.m_tile + row,
-                        };
-                        yh[at].to_f32()
-                    })
+                    .map(|c| yh[s.y_index(tile, c, row, ni)].to_f32())
                     .sum();
             }
         }

@@ -144,7 +144,7 @@ pub(super) fn run_and_scatter(
             let (tile, row) = (r / s.m_tile, r % s.m_tile);
             for (c, &(i1, i12, i13)) in cols.iter().enumerate() {
                 let acc: f32 = (0..s.k_chunks)
-                    .map(|kc| ys[((tile * s.k_chunks + kc) * s.m_tile + row) * s.n + c].to_f32())
+                    .map(|kc| ys[s.y_index(tile, kc, row, c)].to_f32())
                     .sum();
                 m.dst.put(mi, i1, i12, i13, acc);
             }

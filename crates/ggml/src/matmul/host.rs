@@ -50,7 +50,7 @@ pub(super) fn fill_activations(
             return Err(guard::trip(cx.stats, "src1 out of fp16 range"));
         }
         for (ki, &v) in row.iter().enumerate() {
-            xs[ki * s.n + c] = f16::from_f32(v);
+            xs[s.x_index(0, ki / s.k_chunk, ki % s.k_chunk, c)] = f16::from_f32(v);
         }
     }
     Ok(())
@@ -132,7 +132,8 @@ fn fill_tokens(
             &row
         };
         for c in 0..s.k_chunks {
-            let seg = &mut xs[(c * s.n + cidx) * s.k_chunk..(c * s.n + cidx + 1) * s.k_chunk];
+            let at = s.x_index(0, c, 0, cidx);
+            let seg = &mut xs[at..at + s.k_chunk];
             let lo = (c * s.k_chunk).min(k);
             let hi = (lo + s.k_chunk).min(k);
             ane_convert::f32_to_f16(&src[lo..hi], &mut seg[..hi - lo])
@@ -143,8 +144,9 @@ fn fill_tokens(
             }
         }
     }
+    // The padding tokens of every slice (token-major: they end the slice).
     for c in 0..s.k_chunks {
-        xs[(c * s.n + cols.len()) * s.k_chunk..(c + 1) * s.n * s.k_chunk].fill(f16::ZERO);
+        xs[s.x_index(0, c, 0, cols.len())..s.x_index(0, c + 1, 0, 0)].fill(f16::ZERO);
     }
     Ok(())
 }
@@ -166,7 +168,7 @@ pub(super) fn scatter_tokens(
             while mi < rows {
                 let (t, row) = ((r0 + mi) / s.m_tile, (r0 + mi) % s.m_tile);
                 let seg = (s.m_tile - row).min(rows - mi);
-                let at = |c: usize| ((t * s.k_chunks + c) * s.n + cidx) * s.m_tile + row;
+                let at = |c: usize| s.y_index(t, c, row, cidx);
                 let copied = (s.k_chunks == 1)
                     .then(|| {
                         m.dst.with_f32s_mut(i1, i12, i13, mi + seg, |out| {

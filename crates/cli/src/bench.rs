@@ -72,6 +72,8 @@ pub enum Engines {
 pub enum What {
     /// Host conversion (activations, outputs, weights) against memcpy and ggml.
     Host(crate::bench_host::Args),
+    /// One MoE layer's expert matmul: packs of experts against one dispatch per expert.
+    Moe(crate::bench_moe::Args),
 }
 
 fn parse_shape(s: &str) -> Result<(usize, usize, usize)> {

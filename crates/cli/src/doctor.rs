@@ -129,6 +129,15 @@ pub fn report(args: &Args) -> Value {
         ok,
         detail,
     });
+    let (ok, detail) = match ane_plan::probe::pack_canary(engine) {
+        Ok(r) => (r.ok, format!("pack of 4 experts x 16 columns (GGML_ANE_MOE=on) on {}: max_rel_err {:.2e} vs reference engine{}", engine.name(), r.max_rel_err, if r.ok { "" } else { "; MoE would run one expert per dispatch" })),
+        Err(e) => (false, format!("pack of experts failed: {e}; MoE would run one expert per dispatch")),
+    };
+    checks.push(Check {
+        name: "canary_moe_pack",
+        ok,
+        detail,
+    });
     let (bench, worst, failures) = sweep(engine, args.sweep, reps);
     checks.push(Check {
         name: "sweep",

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_host;
+mod bench_moe;
 mod doctor;
 mod doctor_coreml;
 mod mil;
@@ -44,6 +45,7 @@ fn main() -> Result<()> {
         Command::Doctor(args) => doctor::run(&args),
         Command::Bench(args) => match &args.what {
             Some(bench::What::Host(h)) => bench_host::run(h),
+            Some(bench::What::Moe(m)) => bench_moe::run(m),
             None => bench::run(&args),
         },
         Command::Plan(args) => plan::run(&args),

@@ -780,12 +780,18 @@ mod tests {
                     }
                 }
             }
-            assert_eq!(seen.iter().filter(|&&v| v == 1).count(), 2 * 3 * 4 * 6, "{layout:?} y");
+            assert_eq!(
+                seen.iter().filter(|&&v| v == 1).count(),
+                2 * 3 * 4 * 6,
+                "{layout:?} y"
+            );
             // Token-major: a token's K values are contiguous; channel-first: a channel's tokens.
             let step = |a: usize, b: usize| b - a;
             match layout {
                 Layout::Tokens => assert_eq!(step(s.x_index(0, 0, 0, 0), s.x_index(0, 0, 1, 0)), 1),
-                Layout::Channels => assert_eq!(step(s.x_index(0, 0, 0, 0), s.x_index(0, 0, 0, 1)), 1),
+                Layout::Channels => {
+                    assert_eq!(step(s.x_index(0, 0, 0, 0), s.x_index(0, 0, 0, 1)), 1)
+                }
             }
         }
     }

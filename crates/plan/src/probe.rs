@@ -202,6 +202,50 @@ pub fn shape_shared_canary(
     }
 }
 
+/// Runs a pack of experts (`crate::moe`, `GGML_ANE_MOE=on`) on `engine` and on the reference
+/// engine, and compares: the shape-shared program with a `heads` batch of 4 experts, each with
+/// its own 16 activation columns (the small-row buckets MoE layers need), token-major. A device
+/// that rejects this form still runs MoE one expert per dispatch; `ane doctor` says which.
+///
+/// # Errors
+/// Whatever `engine` returns.
+pub fn pack_canary(engine: &dyn Engine) -> Result<TiledCanary, EngineError> {
+    let s = crate::TiledShape {
+        heads: 4,
+        tiles: 1,
+        k_chunks: 1,
+        m_tile: 64,
+        k_chunk: 64,
+        n: 16,
+        layout: Layout::Tokens,
+    };
+    let w = test_values(s.w_len(), 15);
+    let x = test_values(s.x_len(), 16);
+    let mil = ane_mil::text::emit(&ane_mil::build::tiled_matmul(s));
+    let size = request_alloc_size(&[s.x_len() * 2, s.w_len() * 2, s.y_len() * 2]);
+    let run = |e: &dyn Engine| -> Result<Vec<f32>, EngineError> {
+        let id = e.compile(&mil, &[])?;
+        let (mut xs, mut ws, mut ys) = (
+            e.new_surface(size)?,
+            e.new_surface(size)?,
+            e.new_surface(size)?,
+        );
+        xs.fp16_mut(s.x_len()).copy_from_slice(&x);
+        ws.fp16_mut(s.w_len()).copy_from_slice(&w);
+        let r = e.evaluate(id, &[&xs, &ws], &mut [&mut ys]);
+        e.unload(id);
+        r?;
+        Ok(ys.fp16(s.y_len()).iter().map(|v| v.to_f32()).collect())
+    };
+    let got = run(engine)?;
+    let want = run(&ReferenceEngine::new(engine.limits()))?;
+    let err = max_rel_err(&got, &want);
+    Ok(TiledCanary {
+        ok: err <= CANARY_TOLERANCE,
+        max_rel_err: err,
+    })
+}
+
 /// Runs the baked compressed-weight form (`GGML_ANE_WEIGHTS=compressed`) for Q8_0 and Q4_0 blocks
 /// on `engine` and on the reference engine, and compares: the constexpr route and the nibble
 /// order are exactly what a wrong compiler or packing would get wrong.
@@ -258,6 +302,13 @@ pub fn compressed_canary(engine: &dyn Engine) -> Result<TiledCanary, EngineError
 mod tests {
     use super::*;
     use ane_engine::{Chip, ProgramId, WeightFile};
+
+    #[test]
+    fn the_pack_canary_passes_on_the_reference_engine() {
+        let e = ReferenceEngine::new(Chip::M4.limits());
+        let c = pack_canary(&e).unwrap();
+        assert!(c.ok && c.max_rel_err == 0.0, "{c:?}");
+    }
 
     #[test]
     fn reference_passes_both_layouts() {

@@ -178,7 +178,7 @@ pub(crate) fn after_claim<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>>(
         // The graph's last group (the LM head) is left to its first dispatch: a prefill computes
         // it on the CPU for one row, unless all logits are asked for.
         if let Some(r) = ready.filter(|r| cfg.prestage && !r.trailing) {
-            stage_ready(dev, &r);
+            stage_group_ahead(dev, &r);
         }
     } else if let Some(view) = n.src0_view.filter(|_| cfg.prestage) {
         let m = Member::weight_only(view, info);
@@ -187,7 +187,7 @@ pub(crate) fn after_claim<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>>(
         let bakeable = cfg.weights == config::WeightsMode::Compressed
             && baked::may_bake(&m, dev.engine.limits().max_axis);
         if !bakeable {
-            matmul::prestage(&dev.staged, &dev.stats, &m);
+            matmul::convert_ahead(&dev.staged, &dev.stats, &m);
         }
     }
 }
@@ -211,7 +211,7 @@ pub(crate) fn companion_claimed(
 
 /// Stages a group the lookahead learner completed, as `run_group` will stack it: the head, then
 /// the companions it would speculate (inside the head's buffer, claimed by the cost rule).
-pub(crate) fn stage_ready(dev: &DeviceState, r: &lookahead::Ready) {
+pub(crate) fn stage_group_ahead(dev: &DeviceState, r: &lookahead::Ready) {
     let Some(range) = r.head_buffer else {
         return;
     };
@@ -233,7 +233,7 @@ pub(crate) fn stage_ready(dev: &DeviceState, r: &lookahead::Ready) {
                 .map(member),
         )
         .collect();
-    if let Err(e) = matmul::stage_at_load(&dev.matmul_cx(), &members) {
+    if let Err(e) = matmul::stage_ahead(&dev.matmul_cx(), &members) {
         // Not fatal: the first dispatch stages the group (or falls back to the CPU).
         if crate::config::Config::get().debug {
             eprintln!("ggml-ane: staging at load failed (the first dispatch stages): {e}");

@@ -79,7 +79,7 @@ pub struct Learner {
 
 /// A group whose weights are all known: a head weight and the companions a dispatch of it will
 /// stack (see [`Stash::speculate`]), handed out once so the plugin can stage their weights at load
-/// (`matmul::stage_at_load`). A prediction only: the staged surface is found by its weights'
+/// (`matmul::stage_ahead`). A prediction only: the staged surface is found by its weights'
 /// identity, so a dispatch that stacks other weights stages its own.
 #[derive(Clone, Debug)]
 pub struct Ready {

@@ -48,7 +48,7 @@ pub struct Member {
 }
 
 impl Member {
-    /// A weight without an output, for staging ([`stage_at_load`]): dst is detached, never used.
+    /// A weight without an output, for staging ([`stage_ahead`]): dst is detached, never used.
     pub fn weight_only(src0: Operand, info: TypeInfo) -> Member {
         Member {
             src0,
@@ -238,7 +238,7 @@ pub use scratch::ScratchPool;
 use scratch::*;
 pub(crate) use staging::member_key;
 use staging::*;
-pub use staging::{prestage, stage_at_load, StagedWeights};
+pub use staging::{convert_ahead, stage_ahead, StagedWeights};
 
 #[cfg(test)]
 mod tests;

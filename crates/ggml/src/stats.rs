@@ -62,12 +62,12 @@ pub struct Stats {
     pub ns_fallback: AtomicU64,
     /// Nanoseconds converting weights to staged fp16 surfaces (part of `ns_convert`).
     pub ns_stage: AtomicU64,
-    /// Weight groups staged at load (`supports_op`, `matmul::stage_at_load`).
+    /// Weight groups staged at load (`supports_op`, `matmul::stage_ahead`).
     pub groups_staged_load: AtomicU64,
     /// Weight groups staged by a dispatch (not staged at load, or evicted since).
     pub groups_staged_dispatch: AtomicU64,
     /// Groups staged at load and released unused after a pass over the model
-    /// (`StagedWeights::note_dispatch`).
+    /// (`StagedWeights::mark_used`).
     pub groups_released: AtomicU64,
     /// Bytes of staged weight surfaces held now.
     pub staged_bytes: AtomicU64,

@@ -396,10 +396,10 @@ fn groups_staged_at_load_serve_the_first_dispatch() {
                 .collect();
             let cx = rig.cx();
             // SAFETY: the weights are live f32 buffers matching their descriptions.
-            let added = crate::matmul::stage_at_load(&cx, &members).unwrap();
+            let added = crate::matmul::stage_ahead(&cx, &members).unwrap();
             assert!(added > 0);
             // SAFETY: as above.
-            let again = crate::matmul::stage_at_load(&cx, &members).unwrap();
+            let again = crate::matmul::stage_ahead(&cx, &members).unwrap();
             assert_eq!(again, 0, "staged once");
             assert_eq!(rig.get(&rig.stats.groups_staged_load), 1);
         }
@@ -450,7 +450,7 @@ fn unused_load_staging_is_released_after_a_pass() {
             F32_INFO,
         )];
         // SAFETY: live f32 weights matching their descriptions.
-        assert!(crate::matmul::stage_at_load(&cx, &m).unwrap() > 0);
+        assert!(crate::matmul::stage_ahead(&cx, &m).unwrap() > 0);
     }
     let held = |r: &Rig| r.staged.lock().unwrap().bytes();
     let both = held(&rig);

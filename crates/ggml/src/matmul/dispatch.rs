@@ -27,7 +27,7 @@ pub(super) fn dispatch(
             {
                 let key = stage_key(&g.members, s);
                 let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
-                let released = staged.note_dispatch(key);
+                let released = staged.mark_used(key);
                 cx.stats.groups_released.fetch_add(released as u64, Relaxed);
                 // Matrices converted at load: take them out; the group's surface replaces them.
                 let keys: Vec<u128> = if staged.entries.contains_key(&key) {
@@ -36,7 +36,7 @@ pub(super) fn dispatch(
                     g.members.iter().map(member_key).collect()
                 };
                 let pre: Vec<Option<Arc<Vec<f16>>>> =
-                    keys.iter().map(|k| staged.take_prestaged(k)).collect();
+                    keys.iter().map(|k| staged.take_converted(k)).collect();
                 let made = staged.get_or_insert(key, || {
                     let t = Instant::now();
                     let made = stage(cx.engine, &g.members, i02, i03, s, size, &pre);

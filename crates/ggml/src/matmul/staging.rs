@@ -1,5 +1,5 @@
 //! Weight staging: fp16 copies of weight matrices in the layout a dispatch binds, kept by identity
-//! (at load through `stage_at_load`/`prestage`, or by a group's first dispatch through `stage`).
+//! (at load through `stage_ahead`/`convert_ahead`, or by a group's first dispatch through `stage`).
 
 use super::*;
 
@@ -8,13 +8,13 @@ use super::*;
 #[derive(Debug, Default)]
 pub struct StagedWeights {
     pub(super) entries: HashMap<u128, (Arc<Surface>, u64)>,
-    /// Single weight matrices converted ahead of time ([`prestage`]), by [`member_key`], until a
+    /// Single weight matrices converted ahead of time ([`convert_ahead`]), by [`member_key`], until a
     /// group's surface is built from them.
-    pub(super) prestaged: HashMap<u128, Arc<Vec<f16>>>,
-    pub(super) prestaged_bytes: usize,
+    pub(super) converted: HashMap<u128, Arc<Vec<f16>>>,
+    pub(super) converted_bytes: usize,
     pub(super) bytes: usize,
     pub(super) tick: u64,
-    /// Staged at load ([`stage_at_load`]) and not used by a dispatch yet.
+    /// Staged at load ([`stage_ahead`]) and not used by a dispatch yet.
     pub(super) unused: std::collections::HashSet<u128>,
     /// The first entry a dispatch used: when it is used again, a pass over the model is over.
     pub(super) first: Option<u128>,
@@ -31,15 +31,15 @@ impl StagedWeights {
         }
     }
 
-    /// Bytes held (surfaces and prestaged matrices).
+    /// Bytes held (surfaces and converted matrices).
     pub fn bytes(&self) -> usize {
-        self.bytes + self.prestaged_bytes
+        self.bytes + self.converted_bytes
     }
 
-    /// Takes a matrix converted ahead ([`prestage`]) out of the store.
-    pub(super) fn take_prestaged(&mut self, key: &u128) -> Option<Arc<Vec<f16>>> {
-        let p = self.prestaged.remove(key)?;
-        self.prestaged_bytes -= p.len() * 2;
+    /// Takes a matrix converted ahead ([`convert_ahead`]) out of the store.
+    pub(super) fn take_converted(&mut self, key: &u128) -> Option<Arc<Vec<f16>>> {
+        let p = self.converted.remove(key)?;
+        self.converted_bytes -= p.len() * 2;
         Some(p)
     }
 
@@ -49,7 +49,7 @@ impl StagedWeights {
     /// output, but a prefill computes the last layer's FFN and the LM head for one row (CPU), so
     /// those would otherwise hold their surfaces for nothing. A later use stages them again.
     /// Returns how many were released.
-    pub(super) fn note_dispatch(&mut self, key: u128) -> usize {
+    pub(super) fn mark_used(&mut self, key: u128) -> usize {
         self.unused.remove(&key);
         match self.first {
             // Also when the marker is gone (evicted, or its group changed): restart the pass.
@@ -147,7 +147,7 @@ pub(super) fn rows_f16(m: &Member) -> Vec<f16> {
 /// `supports_op` when llama.cpp reserves its prefill graph at context creation, so a model's
 /// weights are converted at load rather than inside the first prompt. Returns the bytes added (0
 /// if already there, not 2-D, or over `staged.max_bytes`).
-pub fn prestage(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member) -> usize {
+pub fn convert_ahead(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member) -> usize {
     let d = &m.src0.desc;
     if d.ne[2] != 1 || d.ne[3] != 1 || m.src0.is_null() {
         return 0;
@@ -156,7 +156,7 @@ pub fn prestage(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member) -> usi
     let size = (d.ne[0] * d.ne[1]) as usize * 2;
     {
         let s = staged.lock().unwrap_or_else(|e| e.into_inner());
-        if s.prestaged.contains_key(&key) || s.bytes() + size > s.max_bytes {
+        if s.converted.contains_key(&key) || s.bytes() + size > s.max_bytes {
             return 0;
         }
     }
@@ -164,8 +164,8 @@ pub fn prestage(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member) -> usi
     let rows = Arc::new(rows_f16(m));
     add_time(&stats.ns_stage, t.elapsed());
     let mut s = staged.lock().unwrap_or_else(|e| e.into_inner());
-    if s.prestaged.insert(key, rows).is_none() {
-        s.prestaged_bytes += size;
+    if s.converted.insert(key, rows).is_none() {
+        s.converted_bytes += size;
     }
     stats
         .staged_bytes
@@ -179,7 +179,7 @@ pub fn prestage(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member) -> usi
 /// completes (`lookahead::Ready`), so a prompt finds its weights staged. Returns the bytes added:
 /// 0 if staged already, not 2-D weights of one K, or over `staged.max_bytes` (nothing is evicted
 /// for it; the first dispatch stages what did not fit).
-pub fn stage_at_load(cx: &Context<'_>, members: &[Member]) -> Result<usize, EngineError> {
+pub fn stage_ahead(cx: &Context<'_>, members: &[Member]) -> Result<usize, EngineError> {
     let Some(first) = members.first() else {
         return Ok(0);
     };
@@ -201,10 +201,10 @@ pub fn stage_at_load(cx: &Context<'_>, members: &[Member]) -> Result<usize, Engi
         if staged.entries.contains_key(&key) || staged.bytes() + size > staged.max_bytes {
             return Ok(0);
         }
-        // Matrices converted ahead (`prestage`) become part of this surface.
+        // Matrices converted ahead (`convert_ahead`) become part of this surface.
         member_keys
             .iter()
-            .map(|k| staged.take_prestaged(k))
+            .map(|k| staged.take_converted(k))
             .collect()
     };
     // Converted without the lock: other contexts' dispatches go on meanwhile.
@@ -349,7 +349,7 @@ pub(super) fn stage(
         let ready = pre.get(mi_member).and_then(|p| p.as_ref());
         for i1 in 0..d.ne[1] as usize {
             let converted = if let Some(rows) = ready {
-                // Converted at load by `prestage`: a copy.
+                // Converted at load by `convert_ahead`: a copy.
                 row16.copy_from_slice(&rows[i1 * k..(i1 + 1) * k]);
                 true
             } else {

@@ -11,8 +11,8 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::json;
 
-use ane_engine::canary::{cpu_matmul_f32, max_rel_err, run_conv_matmul, test_values};
-use ane_plan::probe::run_tiled;
+use ane_plan::canary::run_tiled;
+use ane_plan::canary::{cpu_matmul_f32, max_rel_err, run_conv_matmul, test_values};
 use ane_plan::Layout;
 
 use std::sync::Arc;

@@ -9,9 +9,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::json;
 
-use ane_engine::canary::test_values;
 use ane_engine::surface::request_alloc_size;
 use ane_engine::{Engine, Surface};
+use ane_plan::canary::test_values;
 use ane_plan::moe::{self, Routing};
 use ane_plan::{Planner, TiledShape};
 

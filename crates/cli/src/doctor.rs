@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 use serde_json::{json, Value};
 
-use ane_engine::canary::{cpu_matmul_f32, max_rel_err, run_conv_matmul, test_values};
+use ane_plan::canary::{cpu_matmul_f32, max_rel_err, run_conv_matmul, test_values};
 
 use crate::probe::{probe, Check};
 
@@ -94,9 +94,9 @@ pub fn report(args: &Args) -> Value {
     let mut checks: Vec<Check> = p.checks.clone();
     // The plugin binds the engine's own surfaces (IOSurfaces) directly, and copies through host
     // memory only if that fails its canary: say which it would do. What follows runs with it.
-    let (ok, detail) = match ane_plan::probe::shape_shared_canary(engine, ane_plan::Layout::default()) {
-        Ok((c, ane_plan::probe::Surfaces::Own, _)) => (c.ok, format!("engine surfaces bound directly (no copies); shape-shared canary max_rel_err {:.2e}", c.max_rel_err)),
-        Ok((c, ane_plan::probe::Surfaces::Host, why)) => (false, format!("engine surfaces failed ({}); host surfaces copied per dispatch instead: canary {} (max_rel_err {:.2e})", why.unwrap_or_default(), if c.ok { "passes" } else { "fails" }, c.max_rel_err)),
+    let (ok, detail) = match ane_plan::canary::shape_shared_canary(engine, ane_plan::Layout::default()) {
+        Ok((c, ane_plan::canary::Surfaces::Own, _)) => (c.ok, format!("engine surfaces bound directly (no copies); shape-shared canary max_rel_err {:.2e}", c.max_rel_err)),
+        Ok((c, ane_plan::canary::Surfaces::Host, why)) => (false, format!("engine surfaces failed ({}); host surfaces copied per dispatch instead: canary {} (max_rel_err {:.2e})", why.unwrap_or_default(), if c.ok { "passes" } else { "fails" }, c.max_rel_err)),
         Err(e) => (false, format!("shape-shared canary failed: {e}")),
     };
     checks.push(Check {
@@ -106,7 +106,7 @@ pub fn report(args: &Args) -> Value {
     });
     // The plugin dispatches the shape-shared form, not the baked conv: check it in both layouts.
     for layout in [ane_plan::Layout::Channels, ane_plan::Layout::Tokens] {
-        let (ok, detail) = match ane_plan::probe::tiled_canary(engine, layout) {
+        let (ok, detail) = match ane_plan::canary::tiled_canary(engine, layout) {
             Ok(r) => (r.ok, format!("tiled_matmul ({layout:?}, 2 row tiles, 2 K slices) on {}: max_rel_err {:.2e} vs reference engine", engine.name(), r.max_rel_err)),
             Err(e) => (false, format!("tiled_matmul ({layout:?}) failed: {e}")),
         };
@@ -120,7 +120,7 @@ pub fn report(args: &Args) -> Value {
             detail,
         });
     }
-    let (ok, detail) = match ane_plan::probe::compressed_canary(engine) {
+    let (ok, detail) = match ane_plan::canary::compressed_canary(engine) {
         Ok(r) => (r.ok, format!("baked Q8_0/Q4_0 conv (GGML_ANE_WEIGHTS=compressed) on {}: max_rel_err {:.2e} vs reference engine", engine.name(), r.max_rel_err)),
         Err(e) => (false, format!("baked Q8_0/Q4_0 conv failed: {e}")),
     };
@@ -129,7 +129,7 @@ pub fn report(args: &Args) -> Value {
         ok,
         detail,
     });
-    let (ok, detail) = match ane_plan::probe::pack_canary(engine) {
+    let (ok, detail) = match ane_plan::canary::pack_canary(engine) {
         Ok(r) => (r.ok, format!("pack of 4 experts x 16 columns (GGML_ANE_MOE=on) on {}: max_rel_err {:.2e} vs reference engine{}", engine.name(), r.max_rel_err, if r.ok { "" } else { "; MoE would run one expert per dispatch" })),
         Err(e) => (false, format!("pack of experts failed: {e}; MoE would run one expert per dispatch")),
     };

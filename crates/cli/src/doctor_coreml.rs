@@ -7,9 +7,9 @@
 
 use serde_json::{json, Value};
 
-use ane_engine::canary::{canary, run_conv_matmul, test_values};
 use ane_engine::coreml_plan::{self, OpPlacement};
 use ane_engine::Engine;
+use ane_plan::canary::{canary, run_conv_matmul, test_values};
 
 use crate::doctor::{round, steps_json, sweep, Args};
 
@@ -47,7 +47,7 @@ pub fn section(args: &Args) -> Value {
             false
         }
     };
-    let tiled_ok = match ane_plan::probe::tiled_canary(e, ane_plan::Layout::Tokens) {
+    let tiled_ok = match ane_plan::canary::tiled_canary(e, ane_plan::Layout::Tokens) {
         Ok(r) => {
             checks.push(check(
                 "canary_tiled_tokens",

@@ -6,9 +6,9 @@
 
 use std::sync::Arc;
 
-use ane_engine::canary::{canary, CanaryReport};
 use ane_engine::reference::ReferenceEngine;
 use ane_engine::{Chip, Engine, EngineError};
+use ane_plan::canary::{canary, CanaryReport};
 
 /// One named check: `{name, ok, detail}` in the doctor report.
 #[derive(Clone, Debug)]
@@ -49,7 +49,7 @@ fn canary_check(r: &Result<CanaryReport, EngineError>, engine: &str) -> Check {
                 "conv_matmul(64,64,64) on {engine}: max_rel_err {:.2e} vs reference engine, {:.2e} vs f32 CPU (tolerance {:.0e})",
                 r.max_rel_err,
                 r.max_rel_err_f32,
-                ane_engine::canary::CANARY_TOLERANCE
+                ane_plan::canary::CANARY_TOLERANCE
             ),
         ),
         Err(e) => check("canary", false, format!("{engine}: {e}")),

@@ -18,7 +18,6 @@
 
 #![warn(missing_docs)]
 
-pub mod canary;
 mod chip;
 pub mod compile_cap;
 pub mod coreml_plan;
@@ -122,7 +121,7 @@ pub trait Engine: Send + Sync {
 
     /// Whether [`Engine::new_surface`] hands out the engine's own memory (`true`, the default) or
     /// host memory copied per evaluation (`false`): the fallback when a canary fails with the
-    /// former and passes with the latter (`ane_plan::probe::shape_shared_canary`). Engines
+    /// former and passes with the latter (`ane_plan::canary::shape_shared_canary`). Engines
     /// without memory of their own ignore it.
     fn use_own_surfaces(&self, _on: bool) {}
 

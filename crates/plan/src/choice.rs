@@ -16,7 +16,7 @@ use std::sync::Arc;
 use ane_engine::coreml_plan::{self, OpPlacement};
 use ane_engine::{Engine, EngineError};
 
-use crate::probe::{compressed_canary, shape_shared_canary, Surfaces};
+use crate::canary::{compressed_canary, shape_shared_canary, Surfaces};
 use crate::Layout;
 
 /// An engine the plugin can run on.
@@ -155,7 +155,7 @@ pub fn check(kind: EngineKind, engine: &dyn Engine, req: Requirements) -> Attemp
         a.outcome = Err(why);
         a
     };
-    match ane_engine::canary::canary(engine) {
+    match crate::canary::canary(engine) {
         Ok(r) if r.ok => {}
         Ok(r) => {
             return fail(
@@ -163,7 +163,7 @@ pub fn check(kind: EngineKind, engine: &dyn Engine, req: Requirements) -> Attemp
                 format!(
                     "the canary program gave wrong numbers (max relative error {:.3e} > {:.0e})",
                     r.max_rel_err,
-                    ane_engine::canary::CANARY_TOLERANCE
+                    crate::canary::CANARY_TOLERANCE
                 ),
             )
         }

@@ -93,9 +93,9 @@ fn a_failing_private_api_hands_over_to_core_ml_and_the_device_runs_on_it() {
     let engine = open_engine_with(c, &cfg(&[])).unwrap();
     assert_eq!((ane_opens.get(), coreml_opens.get()), (1, 1));
     // The chosen engine computes a matmul through the plugin's planner like any other.
-    let w = ane_engine::canary::test_values(64 * 64, 1);
-    let x = ane_engine::canary::test_values(64 * 64, 2);
-    let run = ane_plan::probe::run_tiled(
+    let w = ane_plan::canary::test_values(64 * 64, 1);
+    let x = ane_plan::canary::test_values(64 * 64, 2);
+    let run = ane_plan::canary::run_tiled(
         engine.as_ref(),
         (64, 64, 64),
         ane_plan::Layout::Tokens,

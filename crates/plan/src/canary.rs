@@ -1,17 +1,22 @@
-//! Running one MUL_MAT-shaped program on any engine, a CPU f32 baseline, and the canary check
-//! that decides whether an engine may be used.
+//! Every canary in one place: running a MUL_MAT-shaped program on any engine against the
+//! reference engine and a CPU f32 baseline. Here the engine-level check (a baked conv matmul,
+//! [`canary`]) and its helpers; in [`planned`] the forms the planner dispatches (tiled,
+//! shape-shared with the surface fallback, packs of experts, compressed weights).
 //!
-//! Platform-neutral on purpose: the plugin's `auto` selection, `ane doctor` and `ane bench` all
-//! use these functions, and on Linux they run against the reference engine.
+//! Platform-neutral on purpose: the plugin's engine choice, `ane doctor` and `ane bench` all use
+//! these functions, and on Linux they run against the reference engine.
+
+mod planned;
+pub use planned::*;
 
 use std::time::Instant;
 
 use ane_mil::build::{conv_matmul, weights_blob_fp16, WEIGHT_PATH};
 use half::f16;
 
-use crate::reference::ReferenceEngine;
-use crate::surface::spatial_bucket;
-use crate::{Chip, Engine, EngineError, Surface, WeightFile};
+use ane_engine::reference::ReferenceEngine;
+use ane_engine::surface::spatial_bucket;
+use ane_engine::{Chip, Engine, EngineError, Surface, WeightFile};
 
 /// Shape of the canary program: `conv_matmul(64, 64, 64)`.
 pub const CANARY_SHAPE: (usize, usize, usize) = (64, 64, 64);
@@ -71,7 +76,7 @@ pub fn run_conv_matmul(
         }],
     )?;
     let compile_ms = ms(t);
-    let size = crate::surface::request_alloc_size(&[k * np * 2, m * np * 2]);
+    let size = ane_engine::surface::request_alloc_size(&[k * np * 2, m * np * 2]);
     let mut xs = Surface::new(size);
     let mut ys = Surface::new(size);
     let run = (|| {
@@ -245,19 +250,19 @@ mod tests {
             fn name(&self) -> &'static str {
                 "swapped"
             }
-            fn limits(&self) -> crate::ChipLimits {
+            fn limits(&self) -> ane_engine::ChipLimits {
                 self.0.limits()
             }
             fn compile(
                 &self,
                 mil: &str,
                 w: &[WeightFile],
-            ) -> Result<crate::ProgramId, EngineError> {
+            ) -> Result<ane_engine::ProgramId, EngineError> {
                 self.0.compile(mil, w)
             }
             fn evaluate(
                 &self,
-                p: crate::ProgramId,
+                p: ane_engine::ProgramId,
                 i: &[&Surface],
                 o: &mut [&mut Surface],
             ) -> Result<(), EngineError> {
@@ -270,10 +275,10 @@ mod tests {
                 }
                 Ok(())
             }
-            fn unload(&self, p: crate::ProgramId) {
+            fn unload(&self, p: ane_engine::ProgramId) {
                 self.0.unload(p)
             }
-            fn counters(&self) -> crate::EngineCounters {
+            fn counters(&self) -> ane_engine::EngineCounters {
                 self.0.counters()
             }
         }

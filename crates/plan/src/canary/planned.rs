@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use ane_engine::canary::{max_rel_err, test_values, MatmulRun, CANARY_TOLERANCE};
+use super::{max_rel_err, test_values, MatmulRun, CANARY_TOLERANCE};
 use ane_engine::reference::ReferenceEngine;
 use ane_engine::surface::request_alloc_size;
 use ane_engine::{Engine, EngineError, Surface};

@@ -147,9 +147,10 @@ fn run(cx: &matmul::Context<'_>, n: &Node) -> Result<Done, String> {
                 }
                 let mut y = vec![0f32; g * bucket * s.m];
                 let mut job = matmul::Pack {
-                    experts: n
-                        .experts
-                        .sub(e0 * d0.nb[2], [s.k as i64, (g * s.m) as i64, 1, 1]),
+                    experts: n.experts.sub(
+                        d0.row_offset(0, e0, 0),
+                        [s.k as i64, (g * s.m) as i64, 1, 1],
+                    ),
                     info: n.info,
                     heads: g,
                     m: s.m,
@@ -199,7 +200,9 @@ fn run(cx: &matmul::Context<'_>, n: &Node) -> Result<Done, String> {
             ),
             src1_info: n.f32_info,
             members: vec![Member {
-                src0: n.experts.sub(e * d0.nb[2], [s.k as i64, s.m as i64, 1, 1]),
+                src0: n
+                    .experts
+                    .sub(d0.row_offset(0, e, 0), [s.k as i64, s.m as i64, 1, 1]),
                 src0_info: n.info,
                 dst: Operand::of_f32_mut(
                     TensorDesc::contiguous(GGML_TYPE_F32, 4, [s.m as i64, cols as i64, 1, 1]),

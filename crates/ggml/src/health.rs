@@ -8,6 +8,11 @@
 //! One success resets the run, so a transient fault never switches a healthy device off. Numeric
 //! guard trips are data, not device failures, and do not count.
 //!
+//! A device that keeps failing but may not give up (`GGML_ANE_GIVE_UP=0`, or a run shorter than
+//! the limit) is retried with back-off: after [`BACKOFF_AFTER`] failures in a row only one group
+//! in [`RETRY_EVERY`] is tried on the device, the others go to the CPU without converting or
+//! dispatching anything, so a failing device costs close to nothing; one success ends it.
+//!
 //! A shape the device's compiler rejects is not a dead device: its compile failure is remembered
 //! (`matmul::KernelCache`) and its repeats do not count toward the run. Once a MUL_MAT of given
 //! types and dimensions was computed entirely on the CPU because of such a remembered failure,
@@ -41,12 +46,19 @@ impl OpKey {
     }
 }
 
+/// Failures in a row after which the device is tried only now and then ([`Health::should_try`]).
+pub const BACKOFF_AFTER: u32 = 8;
+
+/// During back-off, one group in this many is tried on the device.
+pub const RETRY_EVERY: u32 = 16;
+
 /// The device's failure run, whether it gave up, and the ops it cannot compute.
 #[derive(Debug, Default)]
 pub struct Health {
     limit: u32,
     run: AtomicU32,
     off: AtomicBool,
+    skipped: AtomicU32,
     rejected: Mutex<HashSet<OpKey>>,
 }
 
@@ -76,6 +88,15 @@ impl Health {
         }
         let n = self.run.fetch_add(1, Relaxed) + 1;
         self.limit > 0 && n >= self.limit && !self.off.swap(true, Relaxed)
+    }
+
+    /// Whether the next group should try the device: always, unless the last
+    /// [`BACKOFF_AFTER`] dispatches or more all failed; then one call in [`RETRY_EVERY`].
+    pub fn should_try(&self) -> bool {
+        if self.run.load(Relaxed) < BACKOFF_AFTER {
+            return true;
+        }
+        self.skipped.fetch_add(1, Relaxed) % RETRY_EVERY == RETRY_EVERY - 1
     }
 
     /// The device gave up: claim nothing, compute what arrives on the CPU.
@@ -143,6 +164,19 @@ mod tests {
             assert!(!never.failed(&eval()));
         }
         assert!(!never.is_off());
+    }
+
+    #[test]
+    fn a_failing_device_is_retried_with_back_off_until_it_works() {
+        let h = Health::new(0);
+        for _ in 0..BACKOFF_AFTER {
+            assert!(h.should_try());
+            h.failed(&eval());
+        }
+        let tries = (0..RETRY_EVERY * 4).filter(|_| h.should_try()).count();
+        assert_eq!(tries, 4, "one in RETRY_EVERY");
+        h.ok();
+        assert!((0..10).all(|_| h.should_try()), "a success ends the back-off");
     }
 
     #[test]

@@ -108,8 +108,9 @@ fn contiguous_run(cols: &[(usize, usize, usize)]) -> Option<(usize, usize, usize
 /// operands are MUL_MATs that [`crate::support::mul_mat`] accepted.
 pub fn compute(cx: &Context<'_>, g: &Group) -> bool {
     let n_ops = (g.members.len() - g.speculative) as u64;
-    if cx.health.is_off() {
-        // The device gave up: no conversion, no dispatch, the whole nodes on the CPU.
+    if cx.health.is_off() || !cx.health.should_try() {
+        // The device gave up, or keeps failing and this group is not its retry: no conversion,
+        // no dispatch, the whole nodes on the CPU.
         fallback(cx, g, &[]);
         cx.stats.ops_fallback.fetch_add(n_ops, Relaxed);
         return true;

@@ -54,8 +54,8 @@ impl Pack<'_> {
 /// Runs a pack on the engine. On error nothing is known about `y`: the caller computes the pack's
 /// experts another way.
 pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineError> {
-    if cx.health.is_off() {
-        return Err(EngineError::Unavailable("device gave up".into()));
+    if cx.health.is_off() || !cx.health.should_try() {
+        return Err(EngineError::Unavailable("device gave up or backing off".into()));
     }
     let s = p.shape(cx.planner)?;
     let k = p.experts.desc.ne[0] as usize;

@@ -176,7 +176,10 @@ mod tests {
         let tries = (0..RETRY_EVERY * 4).filter(|_| h.should_try()).count();
         assert_eq!(tries, 4, "one in RETRY_EVERY");
         h.ok();
-        assert!((0..10).all(|_| h.should_try()), "a success ends the back-off");
+        assert!(
+            (0..10).all(|_| h.should_try()),
+            "a success ends the back-off"
+        );
     }
 
     #[test]

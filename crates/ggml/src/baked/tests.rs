@@ -110,7 +110,6 @@ impl Rig {
             weights: true,
             speculative: 0,
         };
-        // SAFETY: every buffer matches its description and no dst overlaps a source.
         compute(&self.cx(), &group);
         dsts
     }

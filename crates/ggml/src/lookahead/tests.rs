@@ -87,13 +87,11 @@ impl Rig {
                 // SAFETY: every buffer matches its description; the stash outlives the compute.
                 let added =
                     unsafe { stash.speculate(&self.learner, &self.stats, &mut g, |_, _| true) };
-                // SAFETY: as above; no dst overlaps a source.
                 let fb = compute(&cx, &g);
                 stash.computed(fb);
                 added
             }
             None => {
-                // SAFETY: as above.
                 compute(&cx, &g);
                 0
             }
@@ -103,6 +101,45 @@ impl Rig {
     fn get(&self, c: &std::sync::atomic::AtomicU64) -> u64 {
         c.load(Relaxed)
     }
+}
+
+/// A 64-row Q and a 32-row V (K = 64) learnt as sharing `n` activations, with those and a rig.
+fn learnt_pair(n: usize, seed: u64) -> (W, W, Vec<f32>, TensorDesc, Rig) {
+    let (q, v) = (W::new(64, 64, seed), W::new(64, 32, seed + 1));
+    let (x, xd, rig) = inputs(64, n, seed + 2);
+    rig.learn(&[&q, &v], &xd);
+    (q, v, x, xd, rig)
+}
+
+/// Unwritten (NaN) outputs of the 128-row Q and 64-row V and K of these tests, for `n` tokens.
+fn qvk_outputs(n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    (
+        vec![f32::NAN; 128 * n],
+        vec![f32::NAN; 64 * n],
+        vec![f32::NAN; 64 * n],
+    )
+}
+
+/// Whether the learner, shown `pair` on one src1 `at`, learns no companion for the first.
+fn teaches_nothing(l: &mut Learner, pair: [&W; 2], at: usize, xd: &TensorDesc) -> bool {
+    for w in pair {
+        l.observe(w.weight(), at, xd, None);
+    }
+    l.of(pair[0].weight().data).is_empty()
+}
+
+/// `n` activations of `kdim` values (seeded) and their description.
+fn activations(kdim: usize, n: usize, seed: u64) -> (Vec<f32>, TensorDesc) {
+    (
+        rand_vec(kdim * n, seed),
+        f32_desc([kdim as i64, n as i64, 1, 1]),
+    )
+}
+
+/// [`activations`] and a fresh rig.
+fn inputs(kdim: usize, n: usize, seed: u64) -> (Vec<f32>, TensorDesc, Rig) {
+    let (x, xd) = activations(kdim, n, seed);
+    (x, xd, Rig::new())
 }
 
 fn src1(x: &[f32], d: TensorDesc) -> Operand {
@@ -140,9 +177,7 @@ fn non_contiguous_activations_teach_nothing() {
     let mut xd = f32_desc([64, 96, 1, 1]);
     xd.nb[1] = 4 * 80; // rows with a gap
     let mut l = Learner::default();
-    l.observe(q.weight(), 0x1000, &xd, None);
-    l.observe(v.weight(), 0x1000, &xd, None);
-    assert!(l.of(q.weight().data).is_empty());
+    assert!(teaches_nothing(&mut l, [&q, &v], 0x1000, &xd));
 }
 
 /// Q in one split, V and K in the next: one dispatch, and V/K outputs bit-equal to computing them
@@ -155,9 +190,7 @@ fn speculated_outputs_equal_their_own_dispatch() {
         W::new(kdim, 64, 12),
         W::new(kdim, 64, 13),
     );
-    let x = rand_vec(kdim * n, 14);
-    let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
-    let rig = Rig::new();
+    let (x, xd, rig) = inputs(kdim, n, 14);
     rig.learn(&[&q, &v, &k], &xd);
     // Without lookahead: Q, then V+K.
     let (mut q0, mut v0, mut k0) = (vec![0f32; 128 * n], vec![0f32; 64 * n], vec![0f32; 64 * n]);
@@ -171,11 +204,7 @@ fn speculated_outputs_equal_their_own_dispatch() {
     assert_eq!(rig.get(&rig.stats.dispatches), 2);
 
     let mut stash = Stash::default();
-    let (mut q1, mut v1, mut k1) = (
-        vec![f32::NAN; 128 * n],
-        vec![f32::NAN; 64 * n],
-        vec![f32::NAN; 64 * n],
-    );
+    let (mut q1, mut v1, mut k1) = qvk_outputs(n);
     stash.begin();
     rig.run(&x, xd, vec![q.member(&mut q1, n)], Some(&mut stash));
     assert_eq!(rig.get(&rig.stats.dispatches), 3, "Q+V+K is one dispatch");
@@ -214,7 +243,6 @@ fn changed_activations_are_refused_and_recomputed_by_the_caller() {
     x[kdim * n / 2] = f32::from_bits(x[kdim * n / 2].to_bits() ^ 1);
     stash.begin();
     let mv = v.member(&mut vo, n);
-    // SAFETY: valid buffers.
     assert!(!stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)));
     assert!(
         vo.iter().all(|v| v.is_nan()),
@@ -228,26 +256,19 @@ fn changed_activations_are_refused_and_recomputed_by_the_caller() {
     let short = f32_desc([kdim as i64, n as i64 - 1, 1, 1]);
     let mut v_short = vec![f32::NAN; 32 * (n - 1)];
     let mv = v.member(&mut v_short, n - 1);
-    // SAFETY: valid buffers (src1 is larger than its shorter description).
     assert!(!stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, short)));
     // Two refusals in a row: the pair is dropped and not learnt again.
     assert!(rig.learner.lock().unwrap().of(q.weight().data).is_empty());
     {
         let mut l = rig.learner.lock().unwrap();
-        l.observe(q.weight(), 0x3000, &xd, None);
-        l.observe(v.weight(), 0x3000, &xd, None);
-        assert!(l.of(q.weight().data).is_empty());
+        assert!(teaches_nothing(&mut l, [&q, &v], 0x3000, &xd));
     }
 }
 
 #[test]
 fn unused_speculation_is_pruned() {
-    let (kdim, n) = (64, 64);
-    let (q, v) = (W::new(kdim, 64, 31), W::new(kdim, 32, 32));
-    let x = rand_vec(kdim * n, 33);
-    let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
-    let rig = Rig::new();
-    rig.learn(&[&q, &v], &xd);
+    let n = 64;
+    let (q, _v, x, xd, rig) = learnt_pair(n, 31);
     let mut stash = Stash::default();
     let mut qo = vec![0f32; 64 * n];
     for round in 0..3 {
@@ -277,13 +298,11 @@ fn a_refilled_stash_compares_again() {
     stash.begin();
     rig.run(&x, xd, vec![q.member(&mut qo, n)], Some(&mut stash));
     let mv = v.member(&mut vo, n);
-    // SAFETY: valid buffers.
     assert!(stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)));
     // Same call: Q again on other activations refills the stash.
     rig.run(&y, xd, vec![q.member(&mut qo, n)], Some(&mut stash));
     let mut vo2 = vec![f32::NAN; 32 * n];
     let mv2 = v.member(&mut vo2, n);
-    // SAFETY: valid buffers.
     assert!(!stash.take(&rig.learner, &rig.stats, &mv2, &src1(&x, xd)));
     assert!(vo2.iter().all(|v| v.is_nan()));
 }
@@ -291,12 +310,8 @@ fn a_refilled_stash_compares_again() {
 /// Outputs become takeable only once their compute finished.
 #[test]
 fn nothing_is_taken_before_it_is_computed() {
-    let (kdim, n) = (64, 64);
-    let (q, v) = (W::new(kdim, 64, 61), W::new(kdim, 32, 62));
-    let x = rand_vec(kdim * n, 63);
-    let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
-    let rig = Rig::new();
-    rig.learn(&[&q, &v], &xd);
+    let n = 64;
+    let (q, v, x, xd, rig) = learnt_pair(n, 61);
     let mut stash = Stash::default();
     let mut qo = vec![0f32; 64 * n];
     let mut g = Group {
@@ -312,7 +327,6 @@ fn nothing_is_taken_before_it_is_computed() {
     let mut vo = vec![f32::NAN; 32 * n];
     let mv = v.member(&mut vo, n);
     assert!(!stash.waits_for(&mv));
-    // SAFETY: valid buffers.
     assert!(!stash.take(&rig.learner, &rig.stats, &mv, &src1(&x, xd)));
 }
 
@@ -370,8 +384,7 @@ fn groups_staged_at_load_serve_the_first_dispatch() {
         W::new(kdim, 64, 52),
         W::new(kdim, 64, 53),
     );
-    let x = rand_vec(kdim * n, 54);
-    let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
+    let (x, xd) = activations(kdim, n, 54);
     let mut outs = Vec::new();
     for at_load in [false, true] {
         let rig = Rig::new();
@@ -395,20 +408,14 @@ fn groups_staged_at_load_serve_the_first_dispatch() {
                 })
                 .collect();
             let cx = rig.cx();
-            // SAFETY: the weights are live f32 buffers matching their descriptions.
             let added = crate::matmul::stage_ahead(&cx, &members).unwrap();
             assert!(added > 0);
-            // SAFETY: as above.
             let again = crate::matmul::stage_ahead(&cx, &members).unwrap();
             assert_eq!(again, 0, "staged once");
             assert_eq!(rig.get(&rig.stats.groups_staged_load), 1);
         }
         let mut stash = Stash::default();
-        let (mut qo, mut vo, mut ko) = (
-            vec![f32::NAN; 128 * n],
-            vec![f32::NAN; 64 * n],
-            vec![f32::NAN; 64 * n],
-        );
+        let (mut qo, mut vo, mut ko) = qvk_outputs(n);
         stash.begin();
         assert_eq!(
             rig.run(&x, xd, vec![q.member(&mut qo, n)], Some(&mut stash)),
@@ -440,16 +447,13 @@ fn groups_staged_at_load_serve_the_first_dispatch() {
 fn unused_load_staging_is_released_after_a_pass() {
     let (kdim, n) = (64, 64);
     let (a, b) = (W::new(kdim, 64, 61), W::new(kdim, 32, 62));
-    let x = rand_vec(kdim * n, 63);
-    let xd = f32_desc([kdim as i64, n as i64, 1, 1]);
-    let rig = Rig::new();
+    let (x, xd, rig) = inputs(kdim, n, 63);
     let cx = rig.cx();
     for w in [&a, &b] {
         let m = [Member::weight_only(
             Operand::of_f32(w.desc, &w.vals),
             F32_INFO,
         )];
-        // SAFETY: live f32 weights matching their descriptions.
         assert!(crate::matmul::stage_ahead(&cx, &m).unwrap() > 0);
     }
     let held = |r: &Rig| r.staged.lock().unwrap().bytes();

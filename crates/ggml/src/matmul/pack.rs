@@ -55,7 +55,9 @@ impl Pack<'_> {
 /// experts another way.
 pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineError> {
     if cx.health.is_off() || !cx.health.should_try() {
-        return Err(EngineError::Unavailable("device gave up or backing off".into()));
+        return Err(EngineError::Unavailable(
+            "device gave up or backing off".into(),
+        ));
     }
     let s = p.shape(cx.planner)?;
     let k = p.experts.desc.ne[0] as usize;

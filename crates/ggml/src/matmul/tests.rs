@@ -83,7 +83,6 @@ impl<E: Engine> Rig<E> {
             weights,
             speculative: 0,
         };
-        // SAFETY: every buffer matches its description and no dst overlaps a source.
         compute(&self.cx(), &group);
         dsts
     }

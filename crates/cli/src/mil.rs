@@ -37,6 +37,9 @@ pub enum Form {
     /// `build::tiled_matmul` with token-major activations (`Layout::Tokens`, `GGML_ANE_LAYOUT=tokens`),
     /// 2 row tiles and 2 contraction slices, each padded to a multiple of 32 as the planner does.
     TokensMatmul,
+    /// `build::tiled_matmul` as used for a pack of experts (`ane_plan::moe`, `GGML_ANE_MOE=on`):
+    /// 4 experts as the batch, each with its own n activation columns, token-major.
+    ExpertPack,
     /// `build::conv_matmul_q8_0`: the weight kept as Q8_0 blocks through
     /// `constexpr_blockwise_shift_scale` (k must be a multiple of 32), random blocks.
     #[value(name = "q8-0-matmul")]
@@ -109,6 +112,15 @@ impl Form {
                 k_chunk: k,
                 n,
                 layout: build::Layout::Channels,
+            }),
+            Form::ExpertPack => build::tiled_matmul(build::TiledShape {
+                heads: 4,
+                tiles: 1,
+                k_chunks: 1,
+                m_tile: m.next_multiple_of(SPATIAL_MULTIPLE).max(MIN_LAST_AXIS),
+                k_chunk: k.next_multiple_of(SPATIAL_MULTIPLE).max(MIN_LAST_AXIS),
+                n,
+                layout: build::Layout::Tokens,
             }),
             Form::Q8_0Matmul => build::conv_matmul_q8_0(k, m, n),
             Form::Q4_0Matmul => build::conv_matmul_q4_0(k, m, n),
@@ -684,6 +696,7 @@ mod tests {
                 "tiled-matmul",
                 "heads-matmul",
                 "tokens-matmul",
+                "expert-pack",
                 "q8-0-matmul",
                 "q4-0-matmul",
                 "shared",

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::llama;
 use crate::test::{self, stat, Prereqs};
-use crate::util::Result;
+use crate::util::{self, Result};
 
 /// Cases the plugin must claim (it claims all 945 of b11434's, measured).
 const MIN_CLAIMED: usize = 800;
@@ -45,7 +45,8 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
     }
     let graphs = graph_cases(&plugin)?;
     let text = moe_text(&plugin)?;
-    Ok(format!("{summary}; {graphs}; {text}"))
+    let plan = moe_plan()?;
+    Ok(format!("{summary}; {graphs}; {text}; {plan}"))
 }
 
 /// The suite's MUL_MAT_ID graph cases: `MUL_MAT_ID_W4A8`/`_W4A4` (one MUL_MAT_ID each: must all
@@ -71,6 +72,39 @@ fn graph_cases(plugin: &std::path::Path) -> Result<String> {
 
 /// W4A8 and W4A4 cases of b11434 (all claimed, measured).
 const MIN_GRAPH_CLAIMED: usize = 6;
+
+/// `ane plan --model` on the tiny MoE model reads its experts from the GGUF and plans packs: 8
+/// experts of 64 x 128 (one pack), 2 MoE layers.
+fn moe_plan() -> Result<String> {
+    util::run(util::cargo().args(["build", "--release", "-p", "ane-cli"]))?;
+    let model = crate::models::moe()?;
+    let out = util::read(
+        std::process::Command::new(util::abs("target/release/ane"))
+            .args(["plan", "--json", "--model"])
+            .arg(&model),
+    )?;
+    let json = out
+        .lines()
+        .find(|l| l.starts_with('['))
+        .ok_or_else(|| format!("ane plan --model (MoE): no JSON rows:\n{out}"))?;
+    // The first row is the uniform routing's.
+    let first = json.split("},{").next().unwrap_or(json);
+    let num = |key: &str| crate::test::json_u64(first, key).unwrap_or(0);
+    let ok = first.contains("\"routing\":\"uniform\"")
+        && first.contains("\"pack\":[8,8]")
+        && num("layers") == 2
+        && num("dispatches_per_layer") >= 3;
+    if !ok {
+        return Err(
+            format!("ane plan --model on the tiny MoE model: unexpected plan {first}").into(),
+        );
+    }
+    Ok(format!(
+        "ane plan --model reads its experts: packs of 8, {} dispatches per MoE layer (one expert each: {})",
+        num("dispatches_per_layer"),
+        num("dispatches_per_layer_single")
+    ))
+}
 
 /// Greedy text of the tiny MoE model with the plugin (MoE on) against CPU-only.
 fn moe_text(plugin: &std::path::Path) -> Result<String> {

@@ -56,8 +56,9 @@ pub struct Args {
     /// Print the plan as JSON (one row per prompt length).
     #[arg(long)]
     pub json: bool,
-    /// Plan the expert matmuls (MUL_MAT_ID) of a mixture-of-experts preset, or `all`:
-    /// qwen3-30b-a3b, olmoe-1b-7b, mixtral-8x7b. Uses --chip, --n-ubatch, --cost, --json.
+    /// Plan the expert matmuls (MUL_MAT_ID) of a mixture-of-experts preset, `all`, or a MoE GGUF
+    /// file: qwen3-30b-a3b, olmoe-1b-7b, mixtral-8x7b. Uses --chip, --n-ubatch, --cost, --json.
+    /// (`--model` on a MoE GGUF prints the same.)
     #[arg(long, conflicts_with_all = ["model", "preset"])]
     pub moe: Option<String>,
     /// With --moe: the staging budget (`GGML_ANE_STAGE_MAX_MB`) that expert layers are admitted
@@ -99,6 +100,14 @@ pub fn run(args: &Args) -> Result<()> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            // A mixture of experts: its expert matmuls are what matters (and it has no dense
+            // FFN for the dense plan to read).
+            if let Some(p) = ane_plan::moe::from_gguf(&g, &name)? {
+                println!(
+                    "{name}: a mixture-of-experts model; its expert matmuls (ane plan --moe):"
+                );
+                return crate::plan_moe::run_presets(args, &[p]);
+            }
             ModelShape::from_gguf(&g, &name)?
         }
         (None, Some(p)) => preset(p)

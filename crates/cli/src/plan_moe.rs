@@ -88,7 +88,7 @@ pub fn plan_row(
     let params = (3 * p.layers * p.n_expert * p.hidden * p.ffn) as f64;
     let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
     MoeRow {
-        model: p.name.into(),
+        model: p.name.to_string(),
         routing: match routing {
             Routing::Uniform => "uniform".into(),
             Routing::Skewed(_) => "skewed".into(),
@@ -161,23 +161,40 @@ fn layer_ms(
     ms
 }
 
-/// Runs `ane plan --moe NAME|all`.
+/// Runs `ane plan --moe NAME|all|FILE.gguf`.
 pub fn run(args: &Args, which: &str) -> Result<()> {
+    let path = std::path::Path::new(which);
     let presets: Vec<MoePreset> = if which == "all" {
         PRESETS.to_vec()
-    } else {
-        match moe::preset(which) {
+    } else if let Some(p) = moe::preset(which) {
+        vec![p]
+    } else if path.is_file() {
+        let g = ane_plan::gguf::Gguf::read(path)?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match moe::from_gguf(&g, &name)? {
             Some(p) => vec![p],
-            None => bail!(
-                "unknown MoE preset `{which}` (known: all, {})",
-                PRESETS
-                    .iter()
-                    .map(|p| p.name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            None => {
+                bail!("{which}: no expert tensors (blk.N.ffn_gate_exps.weight): not a MoE model")
+            }
         }
+    } else {
+        bail!(
+            "unknown MoE preset or file `{which}` (known: all, {})",
+            PRESETS
+                .iter()
+                .map(|p| p.name.as_ref())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     };
+    run_presets(args, &presets)
+}
+
+/// Prints the MoE plan of `presets`.
+pub fn run_presets(args: &Args, presets: &[MoePreset]) -> Result<()> {
     let chip: Chip = args.chip.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     let planner = Planner::new(chip.limits());
     let mut cost = ane_plan::cost::chip_cost(chip);
@@ -203,8 +220,14 @@ pub fn run(args: &Args, which: &str) -> Result<()> {
          `skewed` (expert weights 1/rank^{SKEW}); staging budget {} MiB",
         args.n_ubatch, args.stage_max_mb
     );
+    let w = rows
+        .iter()
+        .map(|r| r.model.len())
+        .max()
+        .unwrap_or(0)
+        .max(14);
     println!(
-        "  {:<14} {:<8} {:>6} {:>13} {:>9} {:>8} {:>8} {:>9} {:>20} {:>7} {:>17}",
+        "  {:<w$} {:<8} {:>6} {:>13} {:>9} {:>8} {:>8} {:>9} {:>20} {:>7} {:>17}",
         "model",
         "routing",
         "pack",
@@ -219,7 +242,7 @@ pub fn run(args: &Args, which: &str) -> Result<()> {
     );
     for r in &rows {
         println!(
-            "  {:<14} {:<8} {:>6} {:>5} ({:>5}) {:>4.2}/{:<4.2} {:>8} {:>7.0}% {:>9.1} {:>9.1}/{:<10.1} {:>3}/{:<3} {:>8.1}/{:<8.1}",
+            "  {:<w$} {:<8} {:>6} {:>5} ({:>5}) {:>4.2}/{:<4.2} {:>8} {:>7.0}% {:>9.1} {:>9.1}/{:<10.1} {:>3}/{:<3} {:>8.1}/{:<8.1}",
             r.model,
             r.routing,
             format!("{}/{}", r.pack.0, r.pack.1),

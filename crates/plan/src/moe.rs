@@ -239,10 +239,10 @@ pub fn route(
 }
 
 /// The expert part of a MoE model's shape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MoePreset {
     /// Name for `ane plan --moe`.
-    pub name: &'static str,
+    pub name: std::borrow::Cow<'static, str>,
     /// MoE layers.
     pub layers: usize,
     /// Hidden size (gate/up contraction, down rows).
@@ -258,7 +258,7 @@ pub struct MoePreset {
 /// Known MoE models (shapes from their published configs).
 pub const PRESETS: [MoePreset; 3] = [
     MoePreset {
-        name: "qwen3-30b-a3b",
+        name: std::borrow::Cow::Borrowed("qwen3-30b-a3b"),
         layers: 48,
         hidden: 2048,
         ffn: 768,
@@ -266,7 +266,7 @@ pub const PRESETS: [MoePreset; 3] = [
         n_used: 8,
     },
     MoePreset {
-        name: "olmoe-1b-7b",
+        name: std::borrow::Cow::Borrowed("olmoe-1b-7b"),
         layers: 16,
         hidden: 2048,
         ffn: 1024,
@@ -274,7 +274,7 @@ pub const PRESETS: [MoePreset; 3] = [
         n_used: 8,
     },
     MoePreset {
-        name: "mixtral-8x7b",
+        name: std::borrow::Cow::Borrowed("mixtral-8x7b"),
         layers: 32,
         hidden: 4096,
         ffn: 14336,
@@ -283,9 +283,65 @@ pub const PRESETS: [MoePreset; 3] = [
     },
 ];
 
+/// The expert shape of a MoE GGUF (`name` for reports): the experts of its first MoE layer
+/// (`blk.N.ffn_gate_exps.weight`, `[hidden, ffn, n_expert]`), the experts each token uses
+/// (`{arch}.expert_used_count`) and how many layers have experts. `Ok(None)` for a model without
+/// experts.
+///
+/// # Errors
+/// A field that is missing or malformed, named.
+pub fn from_gguf(
+    g: &crate::gguf::Gguf,
+    name: &str,
+) -> Result<Option<MoePreset>, crate::gguf::GgufError> {
+    use crate::gguf::GgufError;
+    let mut layers = 0;
+    let mut first = None;
+    for i in 0.. {
+        let up = format!("blk.{i}.ffn_gate_exps.weight");
+        let block = format!("blk.{i}.attn_norm.weight");
+        match g.tensors.get(&up) {
+            Some(t) => {
+                layers += 1;
+                first.get_or_insert((up, t.dims.clone()));
+            }
+            None if g.tensors.contains_key(&block) => {}
+            None => break,
+        }
+    }
+    let Some((field, dims)) = first else {
+        return Ok(None);
+    };
+    let [hidden, ffn, n_expert] = dims.as_slice() else {
+        return Err(GgufError::Invalid {
+            field,
+            detail: format!("expected 3 dims [hidden, ffn, n_expert], got {dims:?}"),
+        });
+    };
+    let arch = g
+        .str("general.architecture")
+        .ok_or_else(|| GgufError::Invalid {
+            field: "general.architecture".into(),
+            detail: "missing".into(),
+        })?;
+    let key = format!("{arch}.expert_used_count");
+    let n_used = g.int(&key).ok_or(GgufError::Invalid {
+        field: key,
+        detail: "missing".into(),
+    })?;
+    Ok(Some(MoePreset {
+        name: name.to_string().into(),
+        layers,
+        hidden: *hidden as usize,
+        ffn: *ffn as usize,
+        n_expert: *n_expert as usize,
+        n_used: n_used.max(1) as usize,
+    }))
+}
+
 /// The preset called `name`.
 pub fn preset(name: &str) -> Option<MoePreset> {
-    PRESETS.iter().copied().find(|p| p.name == name)
+    PRESETS.iter().find(|p| p.name == name).cloned()
 }
 
 /// One MoE layer of a preset planned for one ubatch: gate and up (contraction `hidden`, `ffn`

@@ -99,6 +99,12 @@ impl Health {
         self.skipped.fetch_add(1, Relaxed) % RETRY_EVERY == RETRY_EVERY - 1
     }
 
+    /// Whether the device is in back-off: the last [`BACKOFF_AFTER`] dispatches or more all
+    /// failed. The rest of a group stops trying the device then.
+    pub fn backing_off(&self) -> bool {
+        self.run.load(Relaxed) >= BACKOFF_AFTER
+    }
+
     /// The device gave up: claim nothing, compute what arrives on the CPU.
     pub fn is_off(&self) -> bool {
         self.off.load(Relaxed)

@@ -128,6 +128,8 @@ pub fn compute(cx: &Context<'_>, g: &Group) -> bool {
     let mut any_ok = false;
     // Every failure so far repeated a remembered compile failure (a shape the device rejects).
     let mut all_known = true;
+    // A dispatch of this group was tried (in back-off, one failed try ends the group's tries).
+    let mut tried = false;
     for i03 in 0..ne03 {
         for i02 in 0..ne02 {
             // Every src1 column (n, i12, i13) that multiplies this src0 matrix.
@@ -151,13 +153,19 @@ pub fn compute(cx: &Context<'_>, g: &Group) -> bool {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .known_failure(&shape);
-                let fresh = known.is_none();
-                all_known &= !fresh;
-                let r = if cx.health.is_off() {
-                    Err(EngineError::Unavailable("device gave up".into()))
+                all_known &= known.is_some();
+                // Gave up, or in back-off and this group's try failed already: the rest goes to
+                // the CPU without counting as new failures.
+                let skip = cx.health.is_off() || (tried && cx.health.backing_off());
+                let fresh = known.is_none() && !skip;
+                let r = if skip {
+                    Err(EngineError::Unavailable(
+                        "device gave up or backing off".into(),
+                    ))
                 } else if let Some(e) = known {
                     Err(e)
                 } else {
+                    tried = true;
                     dispatch(cx, g, i02, i03, &shape, cols, &mut w)
                 };
                 match r {

@@ -94,7 +94,11 @@ pub(crate) fn decide_id(
             n_expert: s.n_expert,
             n_used: s.n_used,
         };
-        let est = ane_plan::moe::estimate(&dev.planner, &dev.cost, e, s.n_tokens, cfg.moe_pack);
+        // Packs run only token-major, with the experts stored back to back (`mul_mat_id::run`).
+        let packs = cfg.moe_pack
+            && dev.planner.layout == ane_plan::Layout::Tokens
+            && src0.nb[2] == src0.nb[1] * s.m;
+        let est = ane_plan::moe::estimate(&dev.planner, &dev.cost, e, s.n_tokens, packs);
         if !est.ane_wins() {
             return Verdict::Decline(Some(support::Decline::CostModel));
         }

@@ -348,7 +348,11 @@ impl Stash {
                 // SAFETY: `claims` passed it: a live weight (this function's contract).
                 src0: unsafe { Operand::of_parts(w.desc, w.data, &w.info) },
                 src0_info: w.info,
-                dst: Operand::of_f32_mut(TensorDesc::contiguous(GGML_TYPE_F32, 4, ne), &mut e.out),
+                // SAFETY: the stash outlives the computation of `g` and does not change in
+                // between (this function's contract); only that computation writes `e.out`.
+                dst: unsafe {
+                    Operand::of_f32_mut(TensorDesc::contiguous(GGML_TYPE_F32, 4, ne), &mut e.out)
+                },
             });
         }
         g.speculative = comps.len();

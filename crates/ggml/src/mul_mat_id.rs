@@ -143,7 +143,7 @@ fn run(cx: &matmul::Context<'_>, n: &Node) -> Result<Done, String> {
                 let mut x = vec![0f32; g * bucket * s.k];
                 for (h, rows) in packed.iter().enumerate() {
                     let at = h * bucket * s.k;
-                    gather(n, rows, &mut x[at..at + rows.len() * s.k])?;
+                    gather(n, rows, &mut x[at..at + rows.len() * s.k]);
                 }
                 let mut y = vec![0f32; g * bucket * s.m];
                 let mut job = matmul::Pack {
@@ -164,7 +164,7 @@ fn run(cx: &matmul::Context<'_>, n: &Node) -> Result<Done, String> {
                     Ok(()) => {
                         for (h, rows) in packed.iter().enumerate() {
                             let at = h * bucket * s.m;
-                            scatter(n, rows, &y[at..at + rows.len() * s.m])?;
+                            scatter(n, rows, &y[at..at + rows.len() * s.m]);
                         }
                         let products = packed.iter().filter(|r| !r.is_empty()).count();
                         done.packs += 1;
@@ -190,57 +190,68 @@ fn run(cx: &matmul::Context<'_>, n: &Node) -> Result<Done, String> {
         let cols = rows.len();
         x.clear();
         x.resize(cols * s.k, 0.0);
-        gather(n, rows, &mut x)?;
+        gather(n, rows, &mut x);
         y.clear();
         y.resize(cols * s.m, 0.0);
+        // SAFETY: x and y are not touched until `group` (which holds the views) is computed.
+        let (xv, yv) = unsafe {
+            (
+                Operand::of_f32(
+                    TensorDesc::contiguous(GGML_TYPE_F32, 4, [s.k as i64, cols as i64, 1, 1]),
+                    &x,
+                ),
+                Operand::of_f32_mut(
+                    TensorDesc::contiguous(GGML_TYPE_F32, 4, [s.m as i64, cols as i64, 1, 1]),
+                    &mut y,
+                ),
+            )
+        };
         let group = Group {
-            src1: Operand::of_f32(
-                TensorDesc::contiguous(GGML_TYPE_F32, 4, [s.k as i64, cols as i64, 1, 1]),
-                &x,
-            ),
+            src1: xv,
             src1_info: n.f32_info,
             members: vec![Member {
                 src0: n
                     .experts
                     .sub(d0.row_offset(0, e, 0), [s.k as i64, s.m as i64, 1, 1]),
                 src0_info: n.info,
-                dst: Operand::of_f32_mut(
-                    TensorDesc::contiguous(GGML_TYPE_F32, 4, [s.m as i64, cols as i64, 1, 1]),
-                    &mut y,
-                ),
+                dst: yv,
             }],
             weights: n.weight,
             speculative: 0,
         };
         matmul::compute(cx, &group);
-        scatter(n, rows, &y)?;
+        scatter(n, rows, &y);
         done.experts += 1;
     }
     Ok(done)
 }
 
-/// Copies src1 row `(i % r, t)` of each routed pair into consecutive `K`-rows of `x`.
-fn gather(n: &Node, rows: &[(usize, usize)], x: &mut [f32]) -> Result<(), String> {
+/// Copies src1 row `(i % r, t)` of each routed pair into consecutive `K`-rows of `x` (element by
+/// element where a row is not an aligned f32 run).
+fn gather(n: &Node, rows: &[(usize, usize)], x: &mut [f32]) {
     let k = n.s.k;
     for (j, &(i, t)) in rows.iter().enumerate() {
-        let src = n
-            .src1
-            .f32s(i % n.s.r, t, 0, k)
-            .ok_or("MUL_MAT_ID: src1 row not contiguous f32")?;
-        x[j * k..(j + 1) * k].copy_from_slice(src);
+        let out = &mut x[j * k..(j + 1) * k];
+        match n.src1.f32s(i % n.s.r, t, 0, k) {
+            Some(src) => out.copy_from_slice(src),
+            None => n.src1.read_row(&n.f32_info, i % n.s.r, t, 0, out),
+        }
     }
-    Ok(())
 }
 
-/// Copies consecutive `M`-rows of `y` to dst slice `(i, t)` of each routed pair.
-fn scatter(n: &Node, rows: &[(usize, usize)], y: &[f32]) -> Result<(), String> {
+/// Copies consecutive `M`-rows of `y` to dst slice `(i, t)` of each routed pair (element by
+/// element where a slice is not an aligned f32 run).
+fn scatter(n: &Node, rows: &[(usize, usize)], y: &[f32]) {
     let m = n.s.m;
     for (j, &(i, t)) in rows.iter().enumerate() {
-        n.dst
-            .with_f32s_mut(i, t, 0, m, |dst| {
-                dst.copy_from_slice(&y[j * m..(j + 1) * m])
-            })
-            .ok_or("MUL_MAT_ID: dst slice not contiguous f32")?;
+        let src = &y[j * m..(j + 1) * m];
+        if n.dst
+            .with_f32s_mut(i, t, 0, m, |dst| dst.copy_from_slice(src))
+            .is_none()
+        {
+            for (i0, &v) in src.iter().enumerate() {
+                n.dst.put(i0, i, t, 0, v);
+            }
+        }
     }
-    Ok(())
 }

@@ -18,39 +18,45 @@ use crate::support::{is_plain, TensorDesc};
 /// A tensor operand: its description and the memory it may touch.
 ///
 /// Invariant (established by the constructors): `len` bytes from `data` are readable, and
-/// writable where the view is used as an output, for as long as the view or a copy of it is used;
-/// `row` is the byte length of one row (`ne[0]` elements); every row that `desc` addresses lies
-/// inside the `len` bytes. An output overlaps no source of the same computation.
+/// writable if `writable`, for as long as the view or a copy of it is used; `row` is the byte
+/// length of one row (`ne[0]` elements) for the description the view was made with, and every row
+/// that description addresses lies inside the `len` bytes. An output overlaps no source of the
+/// same computation. Every access is checked against `len`; `desc` is public, so what goes to
+/// ggml is checked again against the current description ([`Operand::covers_desc`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Operand {
     /// Types, shape, strides.
     pub desc: TensorDesc,
     data: *const u8,
     len: usize,
-    row: usize,
+    /// Elements per block and bytes per block of the type (plain types: 1 and the element size).
+    block: (usize, usize),
+    writable: bool,
 }
 
-/// Bytes a view of `desc` with rows of `row` bytes spans from its first element.
-fn span(desc: &TensorDesc, row: usize) -> usize {
+/// Bytes a view of `desc` with rows of `row` bytes spans from its first element (`None` on
+/// overflow).
+fn span(desc: &TensorDesc, row: usize) -> Option<usize> {
     if desc.ne.iter().any(|&n| n <= 0) {
-        return 0;
+        return Some(0);
     }
-    (1..4)
-        .map(|i| (desc.ne[i] as usize - 1) * desc.nb[i])
-        .sum::<usize>()
-        + row
+    (1..4).try_fold(row, |acc, i| {
+        (desc.ne[i] as usize - 1)
+            .checked_mul(desc.nb[i])
+            .and_then(|v| acc.checked_add(v))
+    })
 }
 
 /// Bytes of one row of `ne0` elements: whole blocks for block types, strided elements for plain
-/// types.
-fn row_len(desc: &TensorDesc, info: &TypeInfo) -> usize {
+/// types (`None` on overflow).
+fn row_len(desc: &TensorDesc, (blck, size): (usize, usize)) -> Option<usize> {
     let ne0 = desc.ne[0].max(0) as usize;
-    if info.blck_size > 1 {
-        ne0 / info.blck_size * info.type_size
+    if blck > 1 {
+        (ne0 / blck).checked_mul(size)
     } else if ne0 == 0 {
-        0
+        Some(0)
     } else {
-        (ne0 - 1) * desc.nb[0] + info.type_size
+        (ne0 - 1).checked_mul(desc.nb[0])?.checked_add(size)
     }
 }
 
@@ -58,8 +64,8 @@ impl Operand {
     /// A view of a ggml tensor.
     ///
     /// # Safety
-    /// `t.data` points at the memory `t`'s shape and strides describe, readable (writable if the
-    /// view is used as an output) while the view is used, and `info` is the traits of `t`'s type.
+    /// `t.data` points at the memory `t`'s shape and strides describe, readable (and writable, if
+    /// the view is written) while the view is used, and `info` is the traits of `t`'s type.
     pub unsafe fn of_tensor(t: &ggml_tensor, info: &TypeInfo) -> Operand {
         // SAFETY: forwarded to the caller.
         unsafe { Operand::of_parts(crate::boundary::desc(t), t.data as usize, info) }
@@ -71,61 +77,89 @@ impl Operand {
     /// # Safety
     /// As for [`Operand::of_tensor`]: the memory at `addr` is a live tensor described by `desc`.
     pub unsafe fn of_parts(desc: TensorDesc, addr: usize, info: &TypeInfo) -> Operand {
-        let row = row_len(&desc, info);
+        let block = (info.blck_size.max(1), info.type_size);
         Operand {
             desc,
             data: addr as *const u8,
-            len: span(&desc, row),
-            row,
+            len: Operand::extent(&desc, block).unwrap_or(0),
+            block,
+            writable: true,
         }
     }
 
-    /// A view of `buf`, described by `desc` (plain f32 elements).
+    /// Bytes `desc` spans with blocks `block`.
+    fn extent(desc: &TensorDesc, block: (usize, usize)) -> Option<usize> {
+        span(desc, row_len(desc, block)?)
+    }
+
+    /// A view of a buffer of the plugin's own, `bytes` long, checked against `desc`.
+    fn of_buffer(
+        desc: TensorDesc,
+        data: *const u8,
+        bytes: usize,
+        block: (usize, usize),
+    ) -> Operand {
+        let len = Operand::extent(&desc, block).expect("view size overflows");
+        assert!(len <= bytes, "view past its buffer");
+        Operand {
+            desc,
+            data,
+            len,
+            block,
+            writable: false,
+        }
+    }
+
+    /// A read-only view of `buf`, described by `desc` (plain f32 elements); writes through it
+    /// panic.
+    ///
+    /// # Safety
+    /// `buf` outlives every use of the view and its copies, and is not written while they are
+    /// used (the view holds no borrow).
     ///
     /// # Panics
     /// If `desc` addresses anything outside `buf` or is not F32.
-    pub fn of_f32(desc: TensorDesc, buf: &[f32]) -> Operand {
+    pub unsafe fn of_f32(desc: TensorDesc, buf: &[f32]) -> Operand {
         assert_eq!(desc.ty, GGML_TYPE_F32, "of_f32 on another type");
-        let row = if desc.ne[0] > 0 {
-            (desc.ne[0] as usize - 1) * desc.nb[0] + 4
-        } else {
-            0
-        };
-        let len = span(&desc, row);
-        assert!(len <= std::mem::size_of_val(buf), "view past its buffer");
-        Operand {
+        Operand::of_buffer(
             desc,
-            data: buf.as_ptr().cast(),
-            len,
-            row,
-        }
+            buf.as_ptr().cast(),
+            std::mem::size_of_val(buf),
+            (1, 4),
+        )
     }
 
-    /// A view of `buf` used as an output: as [`Operand::of_f32`], with the address taken from
-    /// the mutable borrow (writes go through it).
-    pub fn of_f32_mut(desc: TensorDesc, buf: &mut [f32]) -> Operand {
-        let v = Operand::of_f32(desc, buf);
+    /// A writable view of `buf` (an output), described by `desc` (plain f32 elements).
+    ///
+    /// # Safety
+    /// `buf` outlives every use of the view and its copies, and nothing else reads or writes it
+    /// while they are used.
+    ///
+    /// # Panics
+    /// As for [`Operand::of_f32`].
+    pub unsafe fn of_f32_mut(desc: TensorDesc, buf: &mut [f32]) -> Operand {
+        assert_eq!(desc.ty, GGML_TYPE_F32, "of_f32_mut on another type");
+        let bytes = std::mem::size_of_val(buf);
         Operand {
-            data: buf.as_mut_ptr().cast_const().cast(),
-            ..v
+            writable: true,
+            ..Operand::of_buffer(desc, buf.as_mut_ptr().cast_const().cast(), bytes, (1, 4))
         }
     }
 
-    /// A view of `buf` holding a tensor of any type (`info`: its traits), checked against the
-    /// buffer's length.
+    /// A read-only view of `buf` holding a tensor of any type (`info`: its traits).
+    ///
+    /// # Safety
+    /// As for [`Operand::of_f32`].
     ///
     /// # Panics
     /// If `desc` addresses anything outside `buf`.
-    pub fn of_bytes(desc: TensorDesc, buf: &[u8], info: &TypeInfo) -> Operand {
-        let row = row_len(&desc, info);
-        let len = span(&desc, row);
-        assert!(len <= buf.len(), "view past its buffer");
-        Operand {
+    pub unsafe fn of_bytes(desc: TensorDesc, buf: &[u8], info: &TypeInfo) -> Operand {
+        Operand::of_buffer(
             desc,
-            data: buf.as_ptr(),
-            len,
-            row,
-        }
+            buf.as_ptr(),
+            buf.len(),
+            (info.blck_size.max(1), info.type_size),
+        )
     }
 
     /// A description without memory (a weight's identity where no output exists): every access
@@ -135,8 +169,14 @@ impl Operand {
             desc,
             data: std::ptr::null(),
             len: 0,
-            row: 0,
+            block: (1, 4),
+            writable: false,
         }
+    }
+
+    /// Byte length of one row of the current description.
+    fn row(&self) -> usize {
+        row_len(&self.desc, self.block).unwrap_or(usize::MAX)
     }
 
     /// The address, as identity (staging keys, buffer ranges); never dereferenced by callers.
@@ -152,7 +192,8 @@ impl Operand {
     /// Whether everything `desc` addresses lies inside the view's memory (`desc` is public, so
     /// checked again before the description goes to ggml with [`Operand::as_ptr`]).
     pub fn covers_desc(&self) -> bool {
-        !self.data.is_null() && span(&self.desc, self.row) <= self.len
+        !self.data.is_null()
+            && Operand::extent(&self.desc, self.block).is_some_and(|n| n <= self.len)
     }
 
     /// The address for handing the view to ggml (the host's CPU backend), which touches the same
@@ -168,7 +209,7 @@ impl Operand {
     /// If the sub-view reaches outside this one.
     pub fn sub(&self, off: usize, ne: [i64; 4]) -> Operand {
         let desc = TensorDesc { ne, ..self.desc };
-        let len = span(&desc, self.row);
+        let len = Operand::extent(&desc, self.block).expect("view size overflows");
         assert!(
             off <= self.len && len <= self.len - off,
             "sub-view past its tensor"
@@ -177,7 +218,7 @@ impl Operand {
             desc,
             data: self.data.wrapping_add(off),
             len,
-            row: self.row,
+            ..*self
         }
     }
 
@@ -203,10 +244,10 @@ impl Operand {
 
     /// The bytes of row `i1` of matrix (`i2`, `i3`): `ne[0]` elements (whole blocks).
     pub fn row_bytes(&self, i1: usize, i2: usize, i3: usize) -> &[u8] {
-        let off = self.desc.row_offset(i1, i2, i3);
-        let p = self.range(off, self.row);
+        let (off, row) = (self.desc.row_offset(i1, i2, i3), self.row());
+        let p = self.range(off, row);
         // SAFETY: in bounds of the view (checked), readable by the invariant.
-        unsafe { std::slice::from_raw_parts(p, self.row) }
+        unsafe { std::slice::from_raw_parts(p, row) }
     }
 
     /// `n` f32 values from the start of row `i1` of matrix (`i2`, `i3`), when the view is F32,
@@ -277,6 +318,8 @@ impl Operand {
 
     /// Writes `v` to element (`i0`, `i1`, `i2`, `i3`) of an F32 output.
     pub fn put(&self, i0: usize, i1: usize, i2: usize, i3: usize, v: f32) {
+        assert!(self.writable, "write through a read-only view");
+        assert_eq!(self.desc.ty, GGML_TYPE_F32, "put on another type");
         let p = self.range(self.desc.offset(i0, i1, i2, i3), 4);
         // SAFETY: in bounds (checked), writable by the invariant; unaligned write.
         unsafe { p.cast_mut().cast::<f32>().write_unaligned(v) };
@@ -293,6 +336,7 @@ impl Operand {
         n: usize,
         f: impl FnOnce(&mut [f32]) -> R,
     ) -> Option<R> {
+        assert!(self.writable, "write through a read-only view");
         let p = self.f32_run(i1, i2, i3, n)?.cast_mut();
         // SAFETY: in bounds and aligned (checked by f32_run), writable by the invariant; the
         // slice lives only inside `f`.
@@ -332,7 +376,9 @@ mod tests {
     #[test]
     fn views_check_every_access() {
         let buf: Vec<f32> = (0..24).map(|v| v as f32).collect();
-        let v = Operand::of_f32(TensorDesc::contiguous(GGML_TYPE_F32, 4, [4, 3, 2, 1]), &buf);
+        let v = unsafe {
+            Operand::of_f32(TensorDesc::contiguous(GGML_TYPE_F32, 4, [4, 3, 2, 1]), &buf)
+        };
         assert_eq!(v.get(1, 2, 1, 0), 21.0);
         assert_eq!(v.f32s(1, 0, 0, 3).unwrap(), &[4.0, 5.0, 6.0]);
         assert!(v.f32s(2, 1, 0, 5).is_none(), "past the end");
@@ -341,10 +387,12 @@ mod tests {
         assert!(std::panic::catch_unwind(|| v.sub(13 * 4, [4, 3, 1, 1])).is_err());
         assert!(std::panic::catch_unwind(|| v.get(4, 2, 1, 0)).is_err());
         let mut out = vec![0f32; 8];
-        let o = Operand::of_f32_mut(
-            TensorDesc::contiguous(GGML_TYPE_F32, 4, [4, 2, 1, 1]),
-            &mut out,
-        );
+        let o = unsafe {
+            Operand::of_f32_mut(
+                TensorDesc::contiguous(GGML_TYPE_F32, 4, [4, 2, 1, 1]),
+                &mut out,
+            )
+        };
         o.put(3, 1, 0, 0, 9.0);
         assert_eq!(o.with_f32s_mut(1, 0, 0, 4, |s| s[0] = 7.0), Some(()));
         assert!(o.with_f32s_mut(1, 0, 0, 5, |_| ()).is_none());
@@ -355,10 +403,29 @@ mod tests {
     #[test]
     #[should_panic(expected = "view past its buffer")]
     fn a_view_longer_than_its_buffer_is_refused() {
-        Operand::of_f32(
-            TensorDesc::contiguous(GGML_TYPE_F32, 4, [4, 3, 1, 1]),
-            &[0.0; 11],
-        );
+        unsafe {
+            Operand::of_f32(
+                TensorDesc::contiguous(GGML_TYPE_F32, 4, [4, 3, 1, 1]),
+                &[0.0; 11],
+            )
+        };
+    }
+
+    #[test]
+    fn read_only_views_refuse_writes_and_changed_descriptions_are_not_covered() {
+        let buf = vec![0f32; 12];
+        let d = TensorDesc::contiguous(GGML_TYPE_F32, 4, [4, 3, 1, 1]);
+        // SAFETY: buf outlives the view and is not written.
+        let mut v = unsafe { Operand::of_f32(d, &buf) };
+        assert!(std::panic::catch_unwind(|| v.put(0, 0, 0, 0, 1.0)).is_err());
+        assert!(std::panic::catch_unwind(|| v.with_f32s_mut(0, 0, 0, 1, |_| ())).is_err());
+        assert!(v.covers_desc());
+        v.desc.ne[0] = 8; // twice the rows' length: what ggml would read is outside the buffer
+        assert!(!v.covers_desc());
+        v.desc.ne[0] = 4;
+        v.desc.nb[3] = usize::MAX; // overflowing strides are never covered
+        v.desc.ne[3] = 2;
+        assert!(!v.covers_desc());
     }
 
     #[test]

@@ -31,12 +31,12 @@ fn mul_mat(
 ) -> Vec<f32> {
     let mut dst = vec![f32::NAN; m * n];
     let group = Group {
-        src1: Operand::of_f32(f32_desc([k as i64, n as i64, 1, 1]), b),
+        src1: unsafe { Operand::of_f32(f32_desc([k as i64, n as i64, 1, 1]), b) },
         src1_info: F32_INFO,
         members: vec![Member {
-            src0: Operand::of_f32(f32_desc([k as i64, m as i64, 1, 1]), a),
+            src0: unsafe { Operand::of_f32(f32_desc([k as i64, m as i64, 1, 1]), a) },
             src0_info: F32_INFO,
-            dst: Operand::of_f32_mut(f32_desc([m as i64, n as i64, 1, 1]), &mut dst),
+            dst: unsafe { Operand::of_f32_mut(f32_desc([m as i64, n as i64, 1, 1]), &mut dst) },
         }],
         weights,
         speculative: 0,

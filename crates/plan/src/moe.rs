@@ -28,7 +28,8 @@ use crate::cost::ChipCost;
 use crate::model::Estimate;
 use crate::{Planner, TiledShape};
 
-/// Largest weight surface of one pack (fp16 bytes of all its experts).
+/// Largest surface of one pack: its experts' fp16 weights, and its activations and outputs at the
+/// widest column bucket (a request's surfaces share one size).
 pub const PACK_MAX_BYTES: usize = 32 << 20;
 
 /// Column buckets of a pack dispatch: per expert, the columns every expert of the pack gets.
@@ -47,7 +48,10 @@ pub fn pack_size(planner: &Planner, k: usize, m: usize, n_expert: usize) -> Opti
         return None;
     }
     let k_pad = k.next_multiple_of(SPATIAL_MULTIPLE).max(MIN_LAST_AXIS);
-    let per_expert = k_pad * m * 2;
+    // Every surface of a request is as large as the largest one (weights, or activations and
+    // outputs at the widest bucket), so each of them counts against the cap.
+    let widest = *PACK_BUCKETS.last().expect("buckets");
+    let per_expert = (k_pad * m).max(widest * k_pad).max(widest * m) * 2;
     let fit = (PACK_MAX_BYTES / per_expert).min(n_expert);
     // A power of two, so the packs of n_expert = 2^j experts (all known models) are all full.
     let pack = if fit == 0 { 0 } else { 1 << fit.ilog2() };
@@ -495,6 +499,9 @@ mod tests {
         assert_eq!(pack_size(&p, 64, 64, 4), Some(4));
         assert_eq!(pack_size(&p, 64, 64, 6), Some(4));
         assert_eq!(pack_size(&p, 64, 64, 1), None);
+        // Narrow contraction, wide rows: the outputs at the widest bucket set the size.
+        let g = pack_size(&p, 64, 1024, 64).unwrap();
+        assert!(g * 256 * 1024 * 2 <= PACK_MAX_BYTES, "{g}");
     }
 
     #[test]

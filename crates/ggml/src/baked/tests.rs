@@ -83,28 +83,34 @@ impl Rig {
                     to_float: None,
                 };
                 Member {
-                    src0: Operand::of_bytes(
-                        TensorDesc {
-                            ty,
-                            ne: [k as i64, rows as i64, 1, 1],
-                            nb: [bs, row, row * rows, row * rows],
-                        },
-                        raw,
-                        &info,
-                    ),
+                    src0: unsafe {
+                        Operand::of_bytes(
+                            TensorDesc {
+                                ty,
+                                ne: [k as i64, rows as i64, 1, 1],
+                                nb: [bs, row, row * rows, row * rows],
+                            },
+                            raw,
+                            &info,
+                        )
+                    },
                     src0_info: info,
-                    dst: Operand::of_f32_mut(
-                        TensorDesc::contiguous(GGML_TYPE_F32, 4, [rows as i64, n as i64, 1, 1]),
-                        d,
-                    ),
+                    dst: unsafe {
+                        Operand::of_f32_mut(
+                            TensorDesc::contiguous(GGML_TYPE_F32, 4, [rows as i64, n as i64, 1, 1]),
+                            d,
+                        )
+                    },
                 }
             })
             .collect();
         let group = Group {
-            src1: Operand::of_f32(
-                TensorDesc::contiguous(GGML_TYPE_F32, 4, [k as i64, n as i64, 1, 1]),
-                x,
-            ),
+            src1: unsafe {
+                Operand::of_f32(
+                    TensorDesc::contiguous(GGML_TYPE_F32, 4, [k as i64, n as i64, 1, 1]),
+                    x,
+                )
+            },
             src1_info: F32_INFO,
             members,
             weights: true,

@@ -27,9 +27,9 @@ impl W {
     }
     fn member(&self, dst: &mut [f32], n: usize) -> Member {
         Member {
-            src0: Operand::of_f32(self.desc, &self.vals),
+            src0: unsafe { Operand::of_f32(self.desc, &self.vals) },
             src0_info: F32_INFO,
-            dst: Operand::of_f32_mut(f32_desc([self.desc.ne[1], n as i64, 1, 1]), dst),
+            dst: unsafe { Operand::of_f32_mut(f32_desc([self.desc.ne[1], n as i64, 1, 1]), dst) },
         }
     }
 }
@@ -143,7 +143,7 @@ fn inputs(kdim: usize, n: usize, seed: u64) -> (Vec<f32>, TensorDesc, Rig) {
 }
 
 fn src1(x: &[f32], d: TensorDesc) -> Operand {
-    Operand::of_f32(d, x)
+    unsafe { Operand::of_f32(d, x) }
 }
 
 #[test]
@@ -451,7 +451,7 @@ fn unused_load_staging_is_released_after_a_pass() {
     let cx = rig.cx();
     for w in [&a, &b] {
         let m = [Member::weight_only(
-            Operand::of_f32(w.desc, &w.vals),
+            unsafe { Operand::of_f32(w.desc, &w.vals) },
             F32_INFO,
         )];
         assert!(crate::matmul::stage_ahead(&cx, &m).unwrap() > 0);

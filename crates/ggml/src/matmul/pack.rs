@@ -60,6 +60,15 @@ pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineErro
         ));
     }
     let s = p.shape(cx.planner)?;
+    // A pack program that failed to compile fails again: stage nothing for it.
+    if let Some(e) = cx
+        .cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .known_failure(&s)
+    {
+        return Err(e);
+    }
     let k = p.experts.desc.ne[0] as usize;
     // The weights as `heads` row tiles of one matrix: the same layout as the program's heads.
     let staged_shape = TiledShape {
@@ -86,8 +95,8 @@ pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineErro
         }
         Ok(made)
     };
-    let weights = if p.weights {
-        let key = stage_key(&[member], &staged_shape);
+    let key = p.weights.then(|| stage_key(&[member], &staged_shape));
+    let weights = if let Some(key) = key {
         let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
         let made = staged.get_or_insert(key, || {
             cx.stats.groups_staged_dispatch.fetch_add(1, Relaxed);
@@ -107,19 +116,27 @@ pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineErro
         ..s
     };
     let t = Instant::now();
+    // SAFETY: `p` borrows x (read only) and y (exclusively) for this whole call; the views live
+    // in `group`, which ends with it.
+    let (xv, yv) = unsafe {
+        (
+            Operand::of_f32(
+                TensorDesc::contiguous(GGML_TYPE_F32, 4, [k as i64, cols.len() as i64, 1, 1]),
+                p.x,
+            ),
+            Operand::of_f32_mut(
+                TensorDesc::contiguous(GGML_TYPE_F32, 4, [p.m as i64, cols.len() as i64, 1, 1]),
+                p.y,
+            ),
+        )
+    };
     let group = Group {
-        src1: Operand::of_f32(
-            TensorDesc::contiguous(GGML_TYPE_F32, 4, [k as i64, cols.len() as i64, 1, 1]),
-            p.x,
-        ),
+        src1: xv,
         src1_info: p.f32_info,
         members: vec![Member {
             src0: p.experts,
             src0_info: p.info,
-            dst: Operand::of_f32_mut(
-                TensorDesc::contiguous(GGML_TYPE_F32, 4, [p.m as i64, cols.len() as i64, 1, 1]),
-                p.y,
-            ),
+            dst: yv,
         }],
         weights: p.weights,
         speculative: 0,
@@ -142,9 +159,17 @@ pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineErro
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .give_pair(x, y);
-    // A failure is counted by the per-expert path the caller falls back to, not twice.
-    if result.is_ok() {
-        cx.health.ok();
+    // A failure is counted by the per-expert path the caller falls back to, not twice; the
+    // pack's staged surface goes, so that the experts staged alone by that path do not sit beside
+    // a copy nobody uses.
+    match (&result, key) {
+        (Ok(()), _) => cx.health.ok(),
+        (Err(_), Some(key)) => {
+            let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+            staged.forget(key);
+            cx.stats.staged_bytes.store(staged.bytes() as u64, Relaxed);
+        }
+        (Err(_), None) => {}
     }
     result
 }

@@ -75,6 +75,14 @@ impl StagedWeights {
         }
     }
 
+    /// Drops the surface staged under `key`, if any.
+    pub(super) fn forget(&mut self, key: u128) {
+        if let Some((e, _)) = self.entries.remove(&key) {
+            self.bytes -= e.alloc_size();
+        }
+        self.unused.remove(&key);
+    }
+
     pub(super) fn get_or_insert<E>(
         &mut self,
         key: u128,

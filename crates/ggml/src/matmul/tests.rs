@@ -68,16 +68,18 @@ impl<E: Engine> Rig<E> {
             .iter()
             .zip(dsts.iter_mut())
             .map(|((a, ad), d)| Member {
-                src0: Operand::of_f32(*ad, a),
+                src0: unsafe { Operand::of_f32(*ad, a) },
                 src0_info: F32_INFO,
-                dst: Operand::of_f32_mut(
-                    TensorDesc::contiguous(GGML_TYPE_F32, 4, [ad.ne[1], n, ne12, ne13]),
-                    d,
-                ),
+                dst: unsafe {
+                    Operand::of_f32_mut(
+                        TensorDesc::contiguous(GGML_TYPE_F32, 4, [ad.ne[1], n, ne12, ne13]),
+                        d,
+                    )
+                },
             })
             .collect();
         let group = Group {
-            src1: Operand::of_f32(bd, b),
+            src1: unsafe { Operand::of_f32(bd, b) },
             src1_info: F32_INFO,
             members,
             weights,

@@ -61,7 +61,7 @@ fn fallback_views_cover_exactly_the_failed_columns() {
     );
     let buf = vec![0f32; 192];
     let base = buf.as_ptr() as usize;
-    let op = |desc| Operand::of_f32(desc, &buf);
+    let op = |desc| unsafe { Operand::of_f32(desc, &buf) };
     let g = Group {
         src1: op(x),
         src1_info: F32_INFO,

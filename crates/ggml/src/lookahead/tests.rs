@@ -103,6 +103,15 @@ impl Rig {
     }
 }
 
+/// A 128-row Q and 64-row V and K of contraction `kdim` (seeds `seed`, `seed + 1`, `seed + 2`).
+fn qvk(kdim: usize, seed: u64) -> (W, W, W) {
+    (
+        W::new(kdim, 128, seed),
+        W::new(kdim, 64, seed + 1),
+        W::new(kdim, 64, seed + 2),
+    )
+}
+
 /// A 64-row Q and a 32-row V (K = 64) learnt as sharing `n` activations, with those and a rig.
 fn learnt_pair(n: usize, seed: u64) -> (W, W, Vec<f32>, TensorDesc, Rig) {
     let (q, v) = (W::new(64, 64, seed), W::new(64, 32, seed + 1));
@@ -185,11 +194,7 @@ fn non_contiguous_activations_teach_nothing() {
 #[test]
 fn speculated_outputs_equal_their_own_dispatch() {
     let (kdim, n) = (128, 96);
-    let (q, v, k) = (
-        W::new(kdim, 128, 11),
-        W::new(kdim, 64, 12),
-        W::new(kdim, 64, 13),
-    );
+    let (q, v, k) = qvk(kdim, 11);
     let (x, xd, rig) = inputs(kdim, n, 14);
     rig.learn(&[&q, &v, &k], &xd);
     // Without lookahead: Q, then V+K.
@@ -379,11 +384,7 @@ fn complete_groups_are_handed_out_once() {
 #[test]
 fn groups_staged_at_load_serve_the_first_dispatch() {
     let (kdim, n) = (128, 64);
-    let (q, v, k) = (
-        W::new(kdim, 128, 51),
-        W::new(kdim, 64, 52),
-        W::new(kdim, 64, 53),
-    );
+    let (q, v, k) = qvk(kdim, 51);
     let (x, xd) = activations(kdim, n, 54);
     let mut outs = Vec::new();
     for at_load in [false, true] {

@@ -100,37 +100,15 @@ pub fn run(args: &Args) -> Result<()> {
         cache.insert(s, ms);
         Ok(ms)
     };
-    let (mut packed_ms, mut packed_n) = (0.0, 0);
-    for experts in counts.chunks(g) {
-        let split = if experts.len() == g {
-            moe::split_pack(&planner, experts)
-        } else {
-            moe::PackSplit {
-                bucket: None,
-                alone: (0..experts.len()).filter(|&h| experts[h] > 0).collect(),
-            }
-        };
-        if let Some(b) = split.bucket {
-            packed_ms += timed(TiledShape {
-                heads: g,
-                ..planner.tile(k, m, b)
-            })?;
-            packed_n += 1;
-        }
-        for &h in &split.alone {
-            for c in planner.col_chunks(experts[h]) {
-                packed_ms += timed(planner.tile(k, m, c.bucket))?;
-                packed_n += 1;
-            }
-        }
-    }
-    let (mut single_ms, mut single_n) = (0.0, 0);
-    for &n in counts.iter().filter(|&&n| n > 0) {
-        for c in planner.col_chunks(n) {
-            single_ms += timed(planner.tile(k, m, c.bucket))?;
-            single_n += 1;
-        }
-    }
+    // The plan the plugin would run for this routing (`ane_plan::moe::plan_layer`), packed and
+    // one expert per dispatch.
+    let mut total = |plan: &moe::LayerPlan| -> Result<(f64, usize)> {
+        let shapes = plan.tiled_shapes(&planner, k, m);
+        let ms = shapes.iter().map(|&s| timed(s)).sum::<Result<f64>>()?;
+        Ok((ms, shapes.len()))
+    };
+    let (packed_ms, packed_n) = total(&moe::plan_layer(&planner, &counts, Some(g)))?;
+    let (single_ms, single_n) = total(&moe::plan_layer(&planner, &counts, None))?;
     let ratio = single_ms / packed_ms;
     if args.json {
         println!(

@@ -113,14 +113,10 @@ impl Form {
                 n,
                 layout: build::Layout::Channels,
             }),
+            // The planner's padding of one expert, 4 of them as the batch.
             Form::ExpertPack => build::tiled_matmul(build::TiledShape {
                 heads: 4,
-                tiles: 1,
-                k_chunks: 1,
-                m_tile: m.next_multiple_of(SPATIAL_MULTIPLE).max(MIN_LAST_AXIS),
-                k_chunk: k.next_multiple_of(SPATIAL_MULTIPLE).max(MIN_LAST_AXIS),
-                n,
-                layout: build::Layout::Tokens,
+                ..planner_shape(k, m, n, Layout::Tokens)
             }),
             Form::Q8_0Matmul => build::conv_matmul_q8_0(k, m, n),
             Form::Q4_0Matmul => build::conv_matmul_q4_0(k, m, n),

@@ -69,20 +69,9 @@ pub fn plan_row(
     let ane_ms: f64 = packed
         .matmuls
         .iter()
-        .enumerate()
-        .map(|(i, _)| {
-            let (k, m) = if i < 2 {
-                (p.hidden, p.ffn)
-            } else {
-                (p.ffn, p.hidden)
-            };
-            let pack = if i < 2 {
-                packed.packs.0
-            } else {
-                packed.packs.1
-            };
-            layer_ms(planner, cost, k, m, &counts, pack)
-        })
+        .zip(moe::MoeLayerPlan::dims(p))
+        .flat_map(|(l, (k, m))| l.tiled_shapes(planner, k, m))
+        .map(|s| cost.dispatch_time_ms(&s))
         .sum();
     let flops = 3.0 * 2.0 * (p.hidden * p.ffn * tokens * p.n_used) as f64;
     let params = (3 * p.layers * p.n_expert * p.hidden * p.ffn) as f64;
@@ -109,56 +98,6 @@ pub fn plan_row(
         est_ane_ms: ane_ms * layers_admitted as f64,
         est_cpu_ms: cost.cpu_ms(flops) * layers_admitted as f64,
     }
-}
-
-/// Estimated device ms of one MUL_MAT_ID planned with these counts.
-fn layer_ms(
-    planner: &Planner,
-    cost: &ane_plan::cost::ChipCost,
-    k: usize,
-    m: usize,
-    counts: &[usize],
-    pack: Option<usize>,
-) -> f64 {
-    let mut ms = 0.0;
-    let single = |n: usize| -> f64 {
-        planner
-            .col_chunks(n)
-            .iter()
-            .map(|c| cost.dispatch_time_ms(&planner.tile(k, m, c.bucket)))
-            .sum()
-    };
-    match pack {
-        Some(g) => {
-            for experts in counts.chunks(g) {
-                if experts.len() < g {
-                    ms += experts
-                        .iter()
-                        .filter(|&&n| n > 0)
-                        .map(|&n| single(n))
-                        .sum::<f64>();
-                    continue;
-                }
-                let split = moe::split_pack(planner, experts);
-                if let Some(b) = split.bucket {
-                    let s = ane_plan::TiledShape {
-                        heads: g,
-                        ..planner.tile(k, m, b)
-                    };
-                    ms += cost.dispatch_time_ms(&s);
-                }
-                ms += split.alone.iter().map(|&h| single(experts[h])).sum::<f64>();
-            }
-        }
-        None => {
-            ms += counts
-                .iter()
-                .filter(|&&n| n > 0)
-                .map(|&n| single(n))
-                .sum::<f64>()
-        }
-    }
-    ms
 }
 
 /// Runs `ane plan --moe NAME|all|FILE.gguf`.

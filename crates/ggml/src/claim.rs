@@ -94,11 +94,14 @@ pub(crate) fn decide_id(
             n_expert: s.n_expert,
             n_used: s.n_used,
         };
-        // Packs run only token-major, with the experts stored back to back (`mul_mat_id::run`).
-        let packs = cfg.moe_pack
-            && dev.planner.layout == ane_plan::Layout::Tokens
-            && src0.nb[2] == src0.nb[1] * s.m;
-        let est = ane_plan::moe::estimate(&dev.planner, &dev.cost, e, s.n_tokens, packs);
+        // Packs where `mul_mat_id::run` packs (`moe::pack_size` checks the shape and layout).
+        let est = ane_plan::moe::estimate(
+            &dev.planner,
+            &dev.cost,
+            e,
+            s.n_tokens,
+            cfg.moe_pack && s.stacked,
+        );
         if !est.ane_wins() {
             return Verdict::Decline(Some(support::Decline::CostModel));
         }

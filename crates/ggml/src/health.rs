@@ -93,7 +93,7 @@ impl Health {
     /// Whether the next group should try the device: always, unless the last
     /// [`BACKOFF_AFTER`] dispatches or more all failed; then one call in [`RETRY_EVERY`].
     pub fn should_try(&self) -> bool {
-        if self.run.load(Relaxed) < BACKOFF_AFTER {
+        if !self.backing_off() {
             return true;
         }
         self.skipped.fetch_add(1, Relaxed) % RETRY_EVERY == RETRY_EVERY - 1

@@ -105,12 +105,9 @@ fn run(cx: &matmul::Context<'_>, n: &Node) -> Result<Done, String> {
     let s = n.s;
     let by_expert = routes(n)?;
     let d0 = n.experts.desc;
-    // Experts stacked back to back, so a pack of them is one [K, pack * M] matrix.
-    let stacked = d0.nb[2] == d0.nb[1] * s.m;
-    let pack = (crate::config::Config::get().moe_pack && stacked)
+    let pack = (crate::config::Config::get().moe_pack && s.stacked)
         .then(|| ane_plan::moe::pack_size(cx.planner, s.k, s.m, s.n_expert))
-        .flatten()
-        .filter(|_| cx.planner.layout == ane_plan::Layout::Tokens);
+        .flatten();
     let mut done = Done::default();
     let mut singles: Vec<usize> = Vec::new();
     match pack {

@@ -193,6 +193,9 @@ pub struct MoeShape {
     pub r: usize,
     /// Tokens.
     pub n_tokens: usize,
+    /// Experts stored back to back (`nb[2] = M * nb[1]`): consecutive experts are one
+    /// `[K, g * M]` matrix, so they can run as a pack (`ane_plan::moe`).
+    pub stacked: bool,
 }
 
 /// Decides whether a MUL_MAT_ID is claimed: each expert's product must be a MUL_MAT the device
@@ -254,6 +257,7 @@ pub fn mul_mat_id(
         n_used,
         r,
         n_tokens,
+        stacked: src0.nb[2] == src0.nb[1] * m,
     })
 }
 

@@ -40,11 +40,13 @@ pub const PACK_BUCKETS: [usize; 14] = [16, 24, 32, 40, 48, 56, 64, 80, 96, 128, 
 /// Experts per pack for experts of contraction `k` and `m` rows, `n_expert` of them, or `None`
 /// when packing does not apply: a pack would hold one expert, or the shape needs what the pack
 /// program does not do (row tiles or contraction slices beyond the chip's axis limit; rows that
-/// the token-major layout would pad, which would misplace the experts in the staged surface).
+/// the token-major layout would pad, which would misplace the experts in the staged surface; a
+/// channel-first layout, whose activations the pack fill does not write).
 pub fn pack_size(planner: &Planner, k: usize, m: usize, n_expert: usize) -> Option<usize> {
     let max = planner.limits.max_axis;
     let rows_exact = m.is_multiple_of(SPATIAL_MULTIPLE) && m >= MIN_LAST_AXIS;
-    if k > max || m > max || !rows_exact || n_expert < 2 {
+    let tokens = planner.layout == crate::Layout::Tokens;
+    if k > max || m > max || !rows_exact || !tokens || n_expert < 2 {
         return None;
     }
     let k_pad = k.next_multiple_of(SPATIAL_MULTIPLE).max(MIN_LAST_AXIS);
@@ -115,42 +117,61 @@ pub fn split_pack(planner: &Planner, counts: &[usize]) -> PackSplit {
 /// How one MUL_MAT_ID's experts are dispatched, for one ubatch's routing.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LayerPlan {
-    /// Dispatches of packs.
-    pub pack_dispatches: usize,
-    /// Dispatches of single experts (packing off, or a pack past the last bucket).
-    pub single_dispatches: usize,
-    /// Activation columns computed, padding included.
-    pub padded_cols: usize,
     /// Routed (expert, token) pairs: the columns that carry data.
     pub routed_cols: usize,
-    /// Program shapes used: `(heads, column bucket)`; `heads = 1` for single experts.
-    pub programs: BTreeSet<(usize, usize)>,
+    /// Every dispatch, in order, as the program it runs: `(heads, column bucket)`, `heads = 1`
+    /// for a single expert.
+    pub shapes: Vec<(usize, usize)>,
 }
 
 impl LayerPlan {
     /// All dispatches.
     pub fn dispatches(&self) -> usize {
-        self.pack_dispatches + self.single_dispatches
+        self.shapes.len()
+    }
+    /// Dispatches of packs.
+    pub fn pack_dispatches(&self) -> usize {
+        self.shapes.iter().filter(|&&(h, _)| h > 1).count()
+    }
+    /// Dispatches of single experts (packing off, a ragged last pack, or a popular expert).
+    pub fn single_dispatches(&self) -> usize {
+        self.dispatches() - self.pack_dispatches()
+    }
+    /// Activation columns computed, padding included.
+    pub fn padded_cols(&self) -> usize {
+        self.shapes.iter().map(|&(h, b)| h * b).sum()
     }
     /// Padded over routed columns (1.0 = no padding).
     pub fn padding(&self) -> f64 {
-        self.padded_cols as f64 / self.routed_cols.max(1) as f64
+        self.padded_cols() as f64 / self.routed_cols.max(1) as f64
+    }
+    /// Distinct programs: `(heads, column bucket)`.
+    pub fn programs(&self) -> BTreeSet<(usize, usize)> {
+        self.shapes.iter().copied().collect()
+    }
+    /// The program of each dispatch for experts of contraction `k` and `m` rows.
+    pub fn tiled_shapes(&self, planner: &Planner, k: usize, m: usize) -> Vec<TiledShape> {
+        self.shapes
+            .iter()
+            .map(|&(heads, b)| TiledShape {
+                heads,
+                ..planner.tile(k, m, b)
+            })
+            .collect()
     }
 }
 
 /// Plans one MUL_MAT_ID: `counts[e]` columns routed to expert `e`, packs of `pack` experts
-/// (`None`: one dispatch per routed expert, dense buckets).
+/// (`None`: one dispatch per routed expert, dense buckets). The plugin's `mul_mat_id::run` makes
+/// the same choices on the real routing.
 pub fn plan_layer(planner: &Planner, counts: &[usize], pack: Option<usize>) -> LayerPlan {
     let mut p = LayerPlan {
         routed_cols: counts.iter().sum(),
         ..LayerPlan::default()
     };
     let single = |p: &mut LayerPlan, n: usize| {
-        for c in planner.col_chunks(n) {
-            p.single_dispatches += 1;
-            p.padded_cols += c.bucket;
-            p.programs.insert((1, c.bucket));
-        }
+        p.shapes
+            .extend(planner.col_chunks(n).iter().map(|c| (1, c.bucket)));
     };
     match pack {
         Some(g) => {
@@ -164,9 +185,7 @@ pub fn plan_layer(planner: &Planner, counts: &[usize], pack: Option<usize>) -> L
                 }
                 let split = split_pack(planner, experts);
                 if let Some(b) = split.bucket {
-                    p.pack_dispatches += 1;
-                    p.padded_cols += g * b;
-                    p.programs.insert((g, b));
+                    p.shapes.push((g, b));
                 }
                 split.alone.iter().for_each(|&h| single(&mut p, experts[h]));
             }
@@ -365,22 +384,21 @@ impl MoeLayerPlan {
     }
     /// Padded over routed columns, over the layer.
     pub fn padding(&self) -> f64 {
-        let padded: usize = self.matmuls.iter().map(|p| p.padded_cols).sum();
+        let padded: usize = self.matmuls.iter().map(LayerPlan::padded_cols).sum();
         let routed: usize = self.matmuls.iter().map(|p| p.routed_cols).sum();
         padded as f64 / routed.max(1) as f64
     }
+    /// `(k, m)` of gate, up and down.
+    pub fn dims(p: &MoePreset) -> [(usize, usize); 3] {
+        [(p.hidden, p.ffn), (p.hidden, p.ffn), (p.ffn, p.hidden)]
+    }
     /// Distinct programs: `(k, m, heads, bucket)`.
     pub fn programs(&self, p: &MoePreset) -> BTreeSet<(usize, usize, usize, usize)> {
-        let mut out = BTreeSet::new();
-        for (i, l) in self.matmuls.iter().enumerate() {
-            let (k, m) = if i < 2 {
-                (p.hidden, p.ffn)
-            } else {
-                (p.ffn, p.hidden)
-            };
-            out.extend(l.programs.iter().map(|&(h, b)| (k, m, h, b)));
-        }
-        out
+        self.matmuls
+            .iter()
+            .zip(MoeLayerPlan::dims(p))
+            .flat_map(|(l, (k, m))| l.programs().into_iter().map(move |(h, b)| (k, m, h, b)))
+            .collect()
     }
 }
 
@@ -565,8 +583,8 @@ mod tests {
     fn a_popular_expert_runs_alone_and_the_rest_stay_packed() {
         let p = planner();
         let l = plan_layer(&p, &[300, 0, 5, 0], Some(4));
-        assert_eq!((l.pack_dispatches, l.single_dispatches), (1, 1));
-        assert_eq!(l.padded_cols, 512 + 4 * 16);
+        assert_eq!((l.pack_dispatches(), l.single_dispatches()), (1, 1));
+        assert_eq!(l.padded_cols(), 512 + 4 * 16);
         let s = split_pack(&p, &[200, 20, 18, 30, 25, 19, 22, 21]);
         assert_eq!(
             s,
@@ -583,7 +601,7 @@ mod tests {
         let s = split_pack(&p, &[0, 0, 0, 9]);
         assert_eq!(s.bucket, Some(16));
         let l = plan_layer(&p, &[0, 0, 0, 0, 3, 9, 0, 1], Some(4));
-        assert_eq!((l.pack_dispatches, l.single_dispatches), (1, 0));
-        assert_eq!((l.padded_cols, l.routed_cols), (64, 13));
+        assert_eq!((l.pack_dispatches(), l.single_dispatches()), (1, 0));
+        assert_eq!((l.padded_cols(), l.routed_cols), (64, 13));
     }
 }

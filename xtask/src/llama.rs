@@ -62,13 +62,14 @@ pub const API2: Host = Host {
 };
 
 /// The binaries the tests and the demo run on [`API3`].
-pub const TARGETS: [&str; 6] = [
+pub const TARGETS: [&str; 7] = [
     "test-backend-ops",
     "llama-completion",
     "llama-bench",
     "llama-simple",
     "llama-perplexity",
     "llama-quantize",
+    "ggml-rpc-server",
 ];
 
 impl Host {
@@ -107,6 +108,9 @@ fn cmake_flags() -> Vec<&'static str> {
         "-DLLAMA_BUILD_EXAMPLES=ON",
         "-DLLAMA_BUILD_SERVER=OFF",
         "-DLLAMA_OPENSSL=OFF",
+        // The GPU-typed backend the one-process tests put beside the plugin (`ggml-rpc-server` on
+        // loopback standing in for Metal): libggml-rpc and the server, seconds to build.
+        "-DGGML_RPC=ON",
     ];
     // ggml turns BLAS (Accelerate) on by default on Apple (ggml/CMakeLists.txt:95-98); its ACCEL
     // device is registered before the plugin and would take every prefill MUL_MAT (docs/mac.md).

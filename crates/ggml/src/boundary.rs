@@ -13,25 +13,11 @@ use crate::compute::*;
 use crate::config::{Config, EngineChoice};
 use crate::device::*;
 use crate::ffi::*;
-use crate::support::TensorDesc;
-use crate::view::Operand;
+use crate::support::is_noop;
+use crate::view::residence::{self, Access};
+use crate::view::{desc, Operand};
 use crate::{ggml, host_api, placement};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-
-pub(crate) fn desc(t: &ggml_tensor) -> TensorDesc {
-    TensorDesc {
-        ty: t.type_,
-        ne: t.ne,
-        nb: t.nb,
-    }
-}
-
-pub(crate) fn is_noop(op: i32) -> bool {
-    matches!(
-        op,
-        GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE
-    )
-}
 
 /// Runs `f`, turning a panic into `fallback`: unwinding across the C ABI would abort the host.
 pub(crate) fn catch_panic<T>(fallback: T, f: impl FnOnce() -> T) -> T {
@@ -49,9 +35,6 @@ unsafe extern "C" fn ggml_backend_ane_get_name(_backend: ggml_backend_t) -> *con
 
 unsafe extern "C" fn ggml_backend_ane_free(backend: ggml_backend_t) {
     catch_panic((), || {
-        if let Ok(dev) = device_state() {
-            print_stats(dev);
-        }
         if !backend.is_null() {
             // SAFETY: backends and their contexts are created by `Box::into_raw` in init_backend
             // and freed once by ggml.
@@ -59,6 +42,22 @@ unsafe extern "C" fn ggml_backend_ane_free(backend: ggml_backend_t) {
             if !b.context.is_null() {
                 // SAFETY: as above.
                 drop(unsafe { Box::from_raw(b.context.cast::<BackendCtx>()) });
+            }
+        }
+    })
+}
+
+/// At normal exit: the process's stats, once (llama.cpp creates and frees backend instances for
+/// its memory probe and an idle second instance of every ACCEL device, each of which would
+/// otherwise print a table of its own), then every program unloaded: on the ANE that frees the
+/// driver's slots and removes the model directories (they hold weights). Skipped if another
+/// thread holds the cache.
+extern "C" fn ggml_backend_ane_at_exit() {
+    catch_panic((), || {
+        if let Ok(dev) = device_state() {
+            print_stats(dev);
+            if let Ok(mut cache) = dev.cache.try_lock() {
+                cache.clear(dev.engine.as_ref());
             }
         }
     })
@@ -154,7 +153,15 @@ unsafe extern "C" fn ggml_backend_ane_device_get_props(
         }
         p.type_ = GGML_BACKEND_DEVICE_TYPE_ACCEL;
         p.device_id = null();
-        p.caps = ggml_backend_dev_caps::default();
+        // mmap: a model device without it turns mmap off for the whole model
+        // (`llama-model.cpp:1514-1522`), which would move Metal's weights out of `MTL<n>_Mapped`,
+        // the buffer the plugin reads beside the GPU. The plugin loads nothing itself. No async
+        // and no events: `graph_compute` returns when the work is done, and pipeline parallelism
+        // stays off (`llama-context.cpp:432-456`).
+        p.caps = ggml_backend_dev_caps {
+            mmap_support: true,
+            ..ggml_backend_dev_caps::default()
+        };
     })
 }
 
@@ -166,6 +173,12 @@ unsafe extern "C" fn ggml_backend_ane_device_init_backend(
         if device_state().is_err() {
             return null_mut();
         }
+        static AT_EXIT: std::sync::Once = std::sync::Once::new();
+        // SAFETY: registering a plain `extern "C" fn()` has no preconditions; it runs once at
+        // normal process exit (before ggml's registry unloads the plugin: registered later).
+        AT_EXIT.call_once(|| unsafe {
+            libc::atexit(ggml_backend_ane_at_exit);
+        });
         placement::inspect_devices(dev);
         Box::into_raw(Box::new(ggml_backend {
             guid: &GUID,
@@ -207,7 +220,7 @@ pub(crate) unsafe extern "C" fn ggml_backend_ane_device_supports_op(
         if t.op == GGML_OP_MUL_MAT_ID {
             // SAFETY: a MUL_MAT_ID has three valid sources.
             let (s0, s1, ids) = unsafe { (&*t.src[0], &*t.src[1], &*t.src[2]) };
-            let usable = || placement::weight_usable(g, s0, &dev.stats.declined_buft);
+            let usable = || placement::weight_usable(g, s0, &dev.stats.declined_buft) != Access::No;
             return match decide_id(
                 dev,
                 &desc(s0),
@@ -233,14 +246,17 @@ pub(crate) unsafe extern "C" fn ggml_backend_ane_device_supports_op(
             src1: desc(s1),
             dst: desc(t),
             // SAFETY: ggml's tensor, alive while the model is; used only when src0 is a weight
-            // (loaded before llama.cpp reserves the graphs that ask).
+            // (loaded before llama.cpp reserves the graphs that ask) the plugin reads directly.
             src0_view: g
                 .type_info(s0.type_)
+                .filter(|_| placement::weight_access(g, s0) == Access::Direct)
                 .map(|i| unsafe { Operand::of_tensor(s0, &i) }),
             src1_id: t.src[1] as usize,
             weight: g.is_weight(s0),
             src0_info: g.type_info(s0.type_),
-            weight_usable: || placement::weight_usable(g, s0, &dev.stats.declined_buft),
+            weight_usable: || {
+                placement::weight_usable(g, s0, &dev.stats.declined_buft) != Access::No
+            },
             buffer_range: || g.buffer_range(s0),
         };
         match decide(dev, &node) {
@@ -261,10 +277,12 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_buft(
     _dev: ggml_backend_dev_t,
     buft: ggml_backend_buffer_type_t,
 ) -> bool {
+    // Host memory, and the GPU buffer types the plugin reads (`view::residence`); the scheduler
+    // leaves tensors of an accepted type where they are, so nothing else.
     catch_panic(false, || match ggml::ggml() {
         // SAFETY: ggml passes a valid buffer type.
-        Some(g) => unsafe { (g.buft_is_host)(buft) },
-        None => false,
+        Some(g) if !buft.is_null() => residence::accepts(&unsafe { placement::residence(g, buft) }),
+        _ => false,
     })
 }
 

@@ -168,12 +168,14 @@ pub(crate) fn after_claim<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>>(
     n: &ClaimedNode<U, B>,
 ) {
     let cfg = Config::get();
-    let Some(info) = n.src0_info.filter(|_| n.weight) else {
+    // Only weights read in place are learnt and converted ahead; those copied through ggml's API
+    // are staged by their first dispatch.
+    let (Some(info), Some(view)) = (n.src0_info.filter(|_| n.weight), n.src0_view) else {
         return;
     };
     if cfg.lookahead && lookahead::eligible(&n.src0, &n.src1) {
         let w = lookahead::Weight {
-            data: n.src0_view.map_or(0, |v| v.addr()),
+            data: view.addr(),
             desc: n.src0,
             info,
         };
@@ -187,7 +189,7 @@ pub(crate) fn after_claim<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>>(
         if let Some(r) = ready.filter(|r| cfg.prestage && !r.trailing) {
             stage_group_ahead(dev, &r);
         }
-    } else if let Some(view) = n.src0_view.filter(|_| cfg.prestage) {
+    } else if cfg.prestage {
         let m = Member::weight_only(view, info);
         // With compressed weights a Q8_0/Q4_0 weight is not converted ahead: alone it runs
         // baked; in a fused group it is staged at first dispatch.

@@ -4,22 +4,40 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use crate::boundary::{desc, is_noop};
 use crate::config::{Config, StatsMode};
 use crate::device::*;
 use crate::ffi::*;
 use crate::matmul::{self, Group, Member, Operand};
+use crate::support::is_noop;
 use crate::support::{self, Policy, TensorDesc};
-use crate::{ggml, host_cpu, lookahead, open};
+use crate::view::desc;
+use crate::view::fetch::Fetch;
+use crate::view::residence::Access;
+use crate::{ggml, host_cpu, lookahead, open, placement};
 
-/// A claimed MUL_MAT node as a group member, after re-checking what compute relies on.
+/// A claimed MUL_MAT node made into views: the group member, its activations, and how its weight
+/// is read.
+pub(crate) struct Node {
+    pub member: Member,
+    pub src1: Operand,
+    pub src1_info: ggml::TypeInfo,
+    /// src0 lives in a weights buffer.
+    pub weight: bool,
+    /// src0, src1 and the output are read in place (not copies through ggml's API): only then
+    /// do the lookahead and the buffer range of the weight apply.
+    pub in_place: bool,
+}
+
+/// A claimed MUL_MAT node as a group member, after re-checking what compute relies on; operands
+/// the plugin reads only through ggml's API are copied by `fetch`.
 ///
 /// # Safety
-/// `node` is a MUL_MAT of the graph ggml handed to `graph_compute`, with allocated host tensors.
+/// `node` is a MUL_MAT of the graph ggml handed to `graph_compute`, with allocated tensors.
 pub(crate) unsafe fn member(
     g: &ggml::Ggml,
+    fetch: &mut Fetch<'_>,
     node: &ggml_tensor,
-) -> Result<(Member, Operand, ggml::TypeInfo, bool), String> {
+) -> Result<Node, String> {
     // SAFETY: a MUL_MAT node has two valid sources.
     let (s0, s1) = unsafe { (&*node.src[0], &*node.src[1]) };
     let i0 = g.type_info(s0.type_).ok_or("unknown src0 type")?;
@@ -33,19 +51,28 @@ pub(crate) unsafe fn member(
     if s0.data.is_null() || s1.data.is_null() || node.data.is_null() {
         return Err("MUL_MAT tensor without data".into());
     }
-    // SAFETY: tensors of the graph being computed: allocated host memory of their shapes, the
-    // output apart from its sources (ggml allocates an op's output apart from its inputs).
-    let op = |t: &ggml_tensor, i: &ggml::TypeInfo| unsafe { Operand::of_tensor(t, i) };
-    Ok((
-        Member {
-            src0: op(s0, &i0),
-            src0_info: i0,
-            dst: op(node, &f32_info),
-        },
-        op(s1, &i1),
-        i1,
-        g.is_weight(s0),
-    ))
+    let weight = g.is_weight(s0);
+    let access = (
+        placement::weight_access(g, s0),
+        placement::activation_access(g, s1),
+        placement::activation_access(g, node),
+    );
+    // SAFETY: tensors of the graph being computed: allocated, of their shapes, host memory where
+    // `access` says Direct (the residence rules), the output apart from its sources (ggml
+    // allocates an op's output apart from its inputs).
+    unsafe {
+        Ok(Node {
+            member: Member {
+                src0: fetch.input(s0, &i0, access.0, weight)?,
+                src0_info: i0,
+                dst: fetch.output(std::ptr::from_ref(node).cast_mut(), &f32_info, access.2)?,
+            },
+            src1: fetch.input(s1, &i1, access.1, false)?,
+            src1_info: i1,
+            weight,
+            in_place: access == (Access::Direct, Access::Direct, Access::Direct),
+        })
+    }
 }
 
 /// Runs a group through the planner and engine, with its learnt companions (see [`lookahead`])
@@ -84,6 +111,10 @@ pub(crate) fn run_group(
     }
     // Memory may have changed hands: the next take compares bytes again.
     stash.begin();
+    if let Err(e) = split.fetch.write_back() {
+        eprintln!("ggml-ane: {e}");
+        split.failed = true;
+    }
 }
 
 /// Counts a computed node by its weight's name ("where each matmul ran"), when stats are on.
@@ -124,6 +155,10 @@ pub(crate) struct Split<'a, 's> {
     host: &'a host_cpu::HostCpu,
     stash: &'s mut lookahead::Stash,
     companions: CompanionRule,
+    /// The split's operands read through ggml's API, alive until it returns.
+    fetch: Fetch<'a>,
+    /// An output could not be written back.
+    failed: bool,
 }
 
 pub(crate) fn graph_compute(
@@ -141,12 +176,16 @@ pub(crate) fn graph_compute(
         host: &ctx.host,
         stash: &mut stash,
         companions,
+        fetch: Fetch::new(g, &dev.weight_copies),
+        failed: false,
     };
     let lookahead = Config::get().lookahead;
     // SAFETY: ggml passes a valid graph; nodes are valid tensors for the duration of the call.
     let n = unsafe { (g.graph_n_nodes)(cgraph) };
-    // The open group and the buffer range of its first weight.
+    // The open group and the buffer range of its first weight (`None`: no lookahead companions).
     let mut open: Option<(Group, Option<(usize, usize)>)> = None;
+    // The address of the open group's src1 tensor (its view may be a copy).
+    let mut open_src1 = 0usize;
     for i in 0..n {
         // SAFETY: 0 <= i < n.
         let Some(node) = (unsafe { (g.graph_node)(cgraph, i).as_ref() }) else {
@@ -166,8 +205,10 @@ pub(crate) fn graph_compute(
                 ..dev.matmul_cx()
             };
             count_weight(dev, node);
-            // SAFETY: node is a claimed MUL_MAT_ID of this graph (valid host tensors).
-            match unsafe { crate::mul_mat_id::compute(&cx, g, node) } {
+            // SAFETY: node is a claimed MUL_MAT_ID of this graph (valid tensors).
+            let done = unsafe { crate::mul_mat_id::compute(&cx, g, &mut split.fetch, node) };
+            let done = done.and_then(|d| split.fetch.write_back().map(|()| d));
+            match done {
                 Ok(done) => {
                     dev.stats.mul_mat_id_ops.fetch_add(1, Relaxed);
                     dev.stats
@@ -189,16 +230,32 @@ pub(crate) fn graph_compute(
             eprintln!("ggml-ane: graph_compute got op {} it never claims", node.op);
             return GGML_STATUS_FAILED;
         }
+        // SAFETY: a MUL_MAT node has a valid src1.
+        let src1_at = unsafe { (*node.src[1]).data as usize };
+        if open.is_some() && src1_at != open_src1 {
+            // Another src1: the open group is complete. Computed (and its outputs written back)
+            // before this node's operands are copied, in case one of them is such an output.
+            if let Some((done, range)) = open.take() {
+                run_group(&mut split, done, range);
+            }
+        }
         // SAFETY: node is a MUL_MAT of this graph.
-        let (m, src1, src1_info, weight) = match unsafe { member(g, node) } {
+        let n = match unsafe { member(g, &mut split.fetch, node) } {
             Ok(v) => v,
             Err(e) => {
                 eprintln!("ggml-ane: {e}");
                 return GGML_STATUS_FAILED;
             }
         };
+        let Node {
+            member: m,
+            src1,
+            src1_info,
+            weight,
+            in_place,
+        } = n;
         count_weight(dev, node);
-        if lookahead && weight && split.stash.waits_for(&m) {
+        if lookahead && weight && in_place && split.stash.waits_for(&m) {
             // Computed in an earlier split's dispatch: the groups before it run first (graph order).
             if let Some((done, range)) = open.take() {
                 run_group(&mut split, done, range);
@@ -214,7 +271,10 @@ pub(crate) fn graph_compute(
                     run_group(&mut split, done, range);
                 }
                 // SAFETY: a MUL_MAT node has a valid src0.
-                let range = g.buffer_range(unsafe { &*node.src[0] });
+                let range = in_place
+                    .then(|| g.buffer_range(unsafe { &*node.src[0] }))
+                    .flatten();
+                open_src1 = src1_at;
                 open = Some((
                     Group {
                         src1,
@@ -230,6 +290,9 @@ pub(crate) fn graph_compute(
     }
     if let Some((done, range)) = open.take() {
         run_group(&mut split, done, range);
+    }
+    if split.failed {
+        return GGML_STATUS_FAILED;
     }
     GGML_STATUS_SUCCESS
 }

@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use ane_engine::Engine;
 
-use crate::boundary::catch_panic;
 use crate::config::{self, Config};
 use crate::matmul::{self, KernelCache, ScratchPool, StagedWeights};
 use crate::stats::Stats;
@@ -30,6 +29,8 @@ pub struct DeviceState {
     pub(crate) health: health::Health,
     /// Expert tensors admitted against the staging budget (`GGML_ANE_MOE`).
     pub(crate) experts: Mutex<crate::claim::ExpertBudget>,
+    /// Host copies of weights read through ggml's API (llama.cpp's RPC backend).
+    pub(crate) weight_copies: crate::view::fetch::WeightCopies,
 }
 
 impl DeviceState {
@@ -69,9 +70,6 @@ pub(crate) fn device_state() -> Result<&'static DeviceState, &'static str> {
                 return Err("ggml-base symbols not found in this process".into());
             }
             let engine = open::open_engine(cfg).map_err(|e| e.to_string())?;
-            // SAFETY: registering a plain `extern "C" fn()` has no preconditions; it runs once at
-            // normal process exit.
-            unsafe { libc::atexit(ggml_backend_ane_at_exit) };
             Ok(DeviceState {
                 policy: Policy {
                     min_batch: cfg.min_batch,
@@ -101,20 +99,9 @@ pub(crate) fn device_state() -> Result<&'static DeviceState, &'static str> {
                 engine,
                 stats: Stats::default(),
                 learner: Mutex::default(),
+                weight_copies: Default::default(),
             })
         })
         .as_ref()
         .map_err(|s| s.as_str())
-}
-
-/// At normal exit, unloads every program: on the ANE that frees the driver's slots and removes
-/// the model directories (they hold weights). Skipped if another thread holds the cache.
-pub(crate) extern "C" fn ggml_backend_ane_at_exit() {
-    catch_panic((), || {
-        if let Ok(dev) = device_state() {
-            if let Ok(mut cache) = dev.cache.try_lock() {
-                cache.clear(dev.engine.as_ref());
-            }
-        }
-    })
 }

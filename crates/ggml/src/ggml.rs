@@ -61,6 +61,17 @@ pub struct Placement {
     pub dev_count: Option<unsafe extern "C" fn() -> usize>,
     /// `ggml_backend_dev_get` (in libggml).
     pub dev_get: Option<unsafe extern "C" fn(usize) -> ggml_backend_dev_t>,
+    /// `ggml_backend_dev_backend_reg`: a device's registry (whose name tells Metal's and RPC's
+    /// devices apart from look-alikes, see [`crate::view::residence`]).
+    pub dev_backend_reg: Option<unsafe extern "C" fn(ggml_backend_dev_t) -> *mut c_void>,
+    /// `ggml_backend_reg_name`.
+    pub reg_name: Option<unsafe extern "C" fn(*mut c_void) -> *const c_char>,
+    /// `ggml_backend_tensor_get`: reads tensors of buffers the plugin reads through ggml's API.
+    pub tensor_get: Option<unsafe extern "C" fn(*const ggml_tensor, *mut c_void, usize, usize)>,
+    /// `ggml_backend_tensor_set`: writes outputs into such buffers.
+    pub tensor_set: Option<unsafe extern "C" fn(*mut ggml_tensor, *const c_void, usize, usize)>,
+    /// `ggml_nbytes`: the bound `ggml_backend_tensor_get` asserts on.
+    pub nbytes: Option<unsafe extern "C" fn(*const ggml_tensor) -> usize>,
 }
 
 /// Library names the registry functions (`ggml_backend_dev_count`, `ggml_backend_dev_get`) live in
@@ -100,6 +111,11 @@ fn resolve_placement(handle: *mut c_void) -> Placement {
             dev_name: f(c"ggml_backend_dev_name").map(|p| std::mem::transmute(p)),
             dev_count: reg(c"ggml_backend_dev_count").map(|p| std::mem::transmute(p)),
             dev_get: reg(c"ggml_backend_dev_get").map(|p| std::mem::transmute(p)),
+            dev_backend_reg: f(c"ggml_backend_dev_backend_reg").map(|p| std::mem::transmute(p)),
+            reg_name: f(c"ggml_backend_reg_name").map(|p| std::mem::transmute(p)),
+            tensor_get: f(c"ggml_backend_tensor_get").map(|p| std::mem::transmute(p)),
+            tensor_set: f(c"ggml_backend_tensor_set").map(|p| std::mem::transmute(p)),
+            nbytes: f(c"ggml_nbytes").map(|p| std::mem::transmute(p)),
         }
     }
 }

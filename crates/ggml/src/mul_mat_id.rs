@@ -14,11 +14,13 @@
 //! per pack with small column buckets (`ane_plan::moe`, [`matmul::compute_pack`]); a pack that
 //! fails, or experts that do not pack, go one expert per dispatch as above.
 
-use crate::boundary::desc;
 use crate::ffi::*;
 use crate::ggml::{self, TypeInfo};
 use crate::matmul::{self, Group, Member, Operand};
+use crate::placement;
 use crate::support::{self, MoeShape, Policy, TensorDesc};
+use crate::view::desc;
+use crate::view::fetch::Fetch;
 
 /// What a MUL_MAT_ID node took: experts computed, and pack dispatches among them.
 #[derive(Clone, Copy, Debug, Default)]
@@ -48,6 +50,7 @@ struct Node {
 pub(crate) unsafe fn compute(
     cx: &matmul::Context<'_>,
     g: &ggml::Ggml,
+    fetch: &mut Fetch<'_>,
     node: &ggml_tensor,
 ) -> Result<Done, String> {
     // SAFETY: a MUL_MAT_ID node has three valid sources.
@@ -66,18 +69,20 @@ pub(crate) unsafe fn compute(
     {
         return Err("MUL_MAT_ID tensor without data".into());
     }
-    // SAFETY: the node's tensors, allocated host memory of their shapes (the caller's contract);
-    // the output is apart from its sources.
+    let weight = g.is_weight(s0);
+    let act = |t| placement::activation_access(g, t);
+    // SAFETY: the node's tensors, allocated, of their shapes, host memory where the residence
+    // rules say Direct (the caller's contract); the output is apart from its sources.
     let n = unsafe {
         Node {
             s,
-            experts: Operand::of_tensor(s0, &info),
+            experts: fetch.input(s0, &info, placement::weight_access(g, s0), weight)?,
             info,
-            src1: Operand::of_tensor(s1, &f32_info),
+            src1: fetch.input(s1, &f32_info, act(s1), false)?,
             f32_info,
-            ids: Operand::of_tensor(ids, &i32_info),
-            dst: Operand::of_tensor(node, &f32_info),
-            weight: g.is_weight(s0),
+            ids: fetch.input(ids, &i32_info, act(ids), false)?,
+            dst: fetch.output(std::ptr::from_ref(node).cast_mut(), &f32_info, act(node))?,
+            weight,
         }
     };
     run(cx, &n)

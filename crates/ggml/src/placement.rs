@@ -1,27 +1,32 @@
 //! Where llama.cpp puts the MUL_MATs the plugin could take, and one line to the user when another
 //! backend is going to take them.
 //!
-//! The scheduler gives a weight's MUL_MAT to the first backend, in the order GPUs, ACCEL devices
-//! (in registry order), CPU, that accepts the weight's buffer type and the op
-//! (`ggml/src/ggml-backend.cpp:1028-1040`, `src/llama-context.cpp:334-361`). So the plugin never
-//! sees the work when
+//! The scheduler gives a weight's MUL_MAT to the first backend, in the scheduler's order (the
+//! model devices as given by `--device`, then ACCEL devices in registry order, then the CPU), that
+//! accepts the weight's buffer type and the op (`ggml/src/ggml-backend.cpp:1028-1040`,
+//! `src/llama-context.cpp:334-361`). So the plugin never sees the work when
 //!
-//! * the weights are in GPU memory (layers offloaded with `-ngl`, all of them by default with
-//!   Metal): the GPU accepts its own buffer first;
+//! * the weights are in GPU memory and the GPU comes first (no `--device ANE,MTL0`): the GPU
+//!   accepts its own buffer first. With the ANE listed first and `-ts 0,1`, every layer stays on
+//!   the GPU and the plugin takes the prefill matmuls whose weights it can read where they are
+//!   (Metal's `MTL<n>_Mapped`, llama.cpp's RPC backend: [`crate::view::residence`]);
 //! * another ACCEL device was registered before it (ggml-blas, on by default in Apple builds):
 //!   it is asked first about the same host buffers and takes what it supports;
 //! * the weights were repacked into a CPU extra buffer type (`CPU_REPACK`), which is not host
 //!   memory: only the CPU accepts it.
 //!
-//! The decisions are pure functions over plain data ([`Device`], [`WeightPlace`]) so that they are
-//! tested with fake device lists; [`inspect_devices`] and [`weight_usable`] are the thin hooks that
-//! read the real ones through ggml. See `docs/mac.md` for the whole table.
+//! The decisions are pure functions over plain data ([`Device`], [`residence::BuftFacts`]) so that
+//! they are tested with fake device lists and buffer types; [`inspect_devices`], [`residence`]
+//! and [`weight_usable`] are the thin hooks that read the real ones through ggml. See
+//! `docs/mac.md` for the whole table.
 
 use std::ffi::{c_char, CStr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 
-use crate::ffi::{ggml_backend_dev_t, ggml_tensor};
+use crate::ffi::{ggml_backend_buffer_type_t, ggml_backend_dev_t, ggml_tensor};
 use crate::ggml::{self, Ggml};
+use crate::view::residence::{self, Access, BuftFacts, DevFacts, Residence, Unreadable};
 
 /// `enum ggml_backend_dev_type` (`ggml/include/ggml-backend.h:136-147`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,16 +69,19 @@ pub enum Notice {
     AccelFirst,
     /// Weights repacked into a CPU extra buffer type.
     Repack,
-    /// Weights in another device's (non-host) memory.
+    /// Weights in another device's memory the plugin cannot read.
     DeviceMemory,
+    /// Weights both in host memory and in a GPU's buffers (`-ts 0,1` missing).
+    SplitLayers,
 }
 
 impl Notice {
-    const ALL: [Notice; 4] = [
+    const ALL: [Notice; 5] = [
         Notice::Gpu,
         Notice::AccelFirst,
         Notice::Repack,
         Notice::DeviceMemory,
+        Notice::SplitLayers,
     ];
 
     fn index(self) -> usize {
@@ -105,10 +113,11 @@ pub fn device_notices(devices: &[Device], me: usize) -> Vec<(Notice, String)> {
         out.push((
             Notice::Gpu,
             format!(
-                "ggml-ane: GPU device {} registered: the layers llama.cpp offloads to it (-ngl; by \
-                 default all that fit) run their MUL_MATs there, never on the ANE; keep layers in \
-                 host memory for ANE prefill with -ngl 0 (or -ngl N for a split), see docs/mac.md",
-                gpus.join(", ")
+                "ggml-ane: GPU device {0} registered: the ANE takes prefill matmuls beside it when \
+                 listed first, --device ANE,{1} -ts 0,1 (llama-bench: -dev ANE/{1} -ts 0/1); \
+                 otherwise the layers on {0} run their MUL_MATs there, see docs/mac.md",
+                gpus.join(", "),
+                gpus[0]
             ),
         ));
     }
@@ -138,60 +147,54 @@ pub fn device_notices(devices: &[Device], me: usize) -> Vec<(Notice, String)> {
     out
 }
 
-/// Where a MUL_MAT weight lives, as far as the plugin is concerned.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum WeightPlace {
-    /// Host memory: the plugin can read it (and the scheduler may give it the op).
-    Host,
-    /// A CPU extra buffer type (`CPU_REPACK`, `AMX`, `KLEIDIAI`): re-laid-out for the CPU.
-    CpuExtra { buft: String },
-    /// Memory of another device (`MTL0` for Metal).
-    Device {
-        buft: String,
-        device: String,
-        kind: DevKind,
-    },
-}
-
-/// Classifies a weight's buffer from its buffer type's host flag, name and device.
-pub fn classify(is_host: bool, buft: &str, device: Option<(&str, DevKind)>) -> WeightPlace {
-    match device {
-        _ if is_host => WeightPlace::Host,
-        Some((_, DevKind::Cpu)) => WeightPlace::CpuExtra { buft: buft.into() },
-        Some((name, kind)) => WeightPlace::Device {
-            buft: buft.into(),
-            device: name.into(),
-            kind,
-        },
-        None => WeightPlace::Device {
-            buft: buft.into(),
-            device: "?".into(),
-            kind: DevKind::Other(-1),
-        },
-    }
-}
-
-/// The line for a weight (named `tensor`) the plugin would claim but cannot read, if any.
-pub fn weight_notice(place: &WeightPlace, tensor: &str) -> Option<(Notice, String)> {
-    match place {
-        WeightPlace::Host => None,
-        WeightPlace::CpuExtra { buft } => Some((
+/// The line for a weight (named `tensor`) the plugin would claim but cannot read.
+pub fn weight_notice(why: &Unreadable, tensor: &str) -> (Notice, String) {
+    match why {
+        Unreadable::Repacked { buft } => (
             Notice::Repack,
             format!(
                 "ggml-ane: MUL_MAT weights such as {tensor} are in the {buft} buffer (repacked for \
                  the CPU), which the ANE cannot read, so the CPU computes them; run llama.cpp with \
                  --no-repack to offload them, see docs/mac.md"
             ),
-        )),
-        WeightPlace::Device { buft, device, .. } => Some((
+        ),
+        Unreadable::GpuShared { buft, device } => (
+            Notice::DeviceMemory,
+            format!(
+                "ggml-ane: MUL_MAT weights such as {tensor} are in {device}'s shared {buft} buffer \
+                 (mmap off: --no-mmap, or a device without mmap), which also holds the GPU's \
+                 activations, so {device} computes them; drop --no-mmap so the weights stay in \
+                 {buft}_Mapped, which the ANE reads, see docs/mac.md"
+            ),
+        ),
+        Unreadable::GpuPrivate { buft, device } => (
+            Notice::DeviceMemory,
+            format!(
+                "ggml-ane: MUL_MAT weights such as {tensor} are in {device}'s private {buft} memory \
+                 (GGML_METAL_SHARED_BUFFERS_DISABLE, or a GPU without unified memory), which the \
+                 ANE cannot read, so {device} computes them; unset that variable, see docs/mac.md"
+            ),
+        ),
+        Unreadable::Other { buft, device } => (
             Notice::DeviceMemory,
             format!(
                 "ggml-ane: MUL_MAT weights such as {tensor} are in {buft} memory of device \
-                 {device}, which computes them; -ngl 0 keeps layers in host memory for ANE \
-                 prefill, see docs/mac.md"
+                 {device}, which the ANE cannot read, so {device} computes them; -ngl 0 keeps \
+                 layers in host memory for ANE prefill, see docs/mac.md"
             ),
-        )),
+        ),
     }
+}
+
+/// The line for weights found both in host memory and in a GPU's buffers: with the ANE listed
+/// first (`--device ANE,MTL0`) and no `-ts 0,1`, llama.cpp gives the ANE layers of its own (in
+/// host memory, their other ops on the CPU).
+pub fn split_layers_notice(gpu: &str) -> String {
+    format!(
+        "ggml-ane: some layers' weights are in host memory and others in {gpu}'s: with --device \
+         ANE,{gpu} also pass -ts 0,1 (llama-bench: -ts 0/1) so every layer stays on {gpu} and \
+         the ANE still takes their prefill matmuls, see docs/mac.md"
+    )
 }
 
 static SAID: Said = Said([const { AtomicBool::new(false) }; Notice::ALL.len()]);
@@ -253,51 +256,188 @@ pub fn inspect_devices(me: ggml_backend_dev_t) {
     }
 }
 
-/// `supports_op` hook for a MUL_MAT the plugin would claim: true when its weight `w` is in host
-/// memory (or not allocated yet). Otherwise counts it in `declined_buft`, says once where the
-/// weight is and which flag changes it, and returns false.
-pub fn weight_usable(g: &Ggml, w: &ggml_tensor, declined_buft: &AtomicU64) -> bool {
-    let buffer = if w.view_src.is_null() {
-        w.buffer
-    } else {
-        // SAFETY: view_src is a valid tensor for as long as its view is.
-        unsafe { (*w.view_src).buffer }
-    };
+/// What ggml says of `buft`.
+///
+/// # Safety
+/// `buft` is a valid buffer type of the loaded ggml.
+unsafe fn buft_facts(g: &Ggml, buft: ggml_backend_buffer_type_t) -> BuftFacts {
     let p = &g.placement;
-    let Some(get_type) = p.buffer_get_type else {
-        return true;
-    };
-    if buffer.is_null() {
-        return true;
-    }
-    // SAFETY: a live tensor's non-null buffer is a valid ggml buffer with a valid type.
-    let buft = unsafe { get_type(buffer) };
-    // SAFETY: same.
-    if buft.is_null() || unsafe { (g.buft_is_host)(buft) } {
-        return true;
-    }
-    declined_buft.fetch_add(1, Relaxed);
-    // SAFETY: ggml's own accessors on a valid buffer type / device; names are static C strings.
-    let (buft_name, device) = unsafe {
+    // SAFETY: ggml's own accessors on a valid buffer type, its device and registry; names are
+    // static C strings.
+    unsafe {
         let name = p.buft_name.map_or("?".into(), |f| string(f(buft)));
         let dev = p.buft_get_device.map(|f| f(buft)).filter(|d| !d.is_null());
         let device = match (dev, p.dev_name, p.dev_type) {
-            (Some(d), Some(n), Some(t)) => Some((string(n(d)), DevKind::from_ggml(t(d)))),
+            (Some(d), Some(n), Some(t)) => Some(DevFacts {
+                name: string(n(d)),
+                kind: DevKind::from_ggml(t(d)),
+                reg: match (p.dev_backend_reg, p.reg_name) {
+                    (Some(r), Some(rn)) => {
+                        let reg = r(d);
+                        if reg.is_null() {
+                            "?".into()
+                        } else {
+                            string(rn(reg))
+                        }
+                    }
+                    _ => "?".into(),
+                },
+            }),
             _ => None,
         };
-        (name, device)
+        BuftFacts {
+            name,
+            is_host: (g.buft_is_host)(buft),
+            device,
+        }
+    }
+}
+
+/// How tensors of `buft` may be read ([`residence::classify`]), remembered per buffer type:
+/// buffer types are static objects of their backends, asked about on every `supports_buft`.
+///
+/// # Safety
+/// `buft` is a valid buffer type of the loaded ggml.
+pub unsafe fn residence(g: &Ggml, buft: ggml_backend_buffer_type_t) -> Residence {
+    static KNOWN: Mutex<Vec<(usize, Residence)>> = Mutex::new(Vec::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, r)) = known.iter().find(|(b, _)| *b == buft as usize) {
+        return r.clone();
+    }
+    // SAFETY: per the contract.
+    let r = residence::classify(&unsafe { buft_facts(g, buft) });
+    known.push((buft as usize, r.clone()));
+    r
+}
+
+/// The buffer of `t`, or of the tensor it views (null: not allocated).
+fn buffer_of(t: &ggml_tensor) -> *mut crate::ffi::ggml_backend_buffer {
+    if t.view_src.is_null() {
+        t.buffer
+    } else {
+        // SAFETY: view_src is a valid tensor for as long as its view is.
+        unsafe { (*t.view_src).buffer }
+    }
+}
+
+/// The residence of `t`'s buffer: `None` when it has none yet (or ggml lacks the accessor).
+fn tensor_residence(g: &Ggml, t: &ggml_tensor) -> Option<Residence> {
+    let get_type = g.placement.buffer_get_type?;
+    let buffer = buffer_of(t);
+    if buffer.is_null() {
+        return None;
+    }
+    // SAFETY: a live tensor's non-null buffer is a valid ggml buffer with a valid type.
+    let buft = unsafe { get_type(buffer) };
+    if buft.is_null() {
+        return None;
+    }
+    // SAFETY: as above.
+    Some(unsafe { residence(g, buft) })
+}
+
+/// Whether `w`'s bytes lie inside its buffer's range.
+fn inside_buffer(g: &Ggml, w: &ggml_tensor) -> bool {
+    let (Some((lo, hi)), Some(nbytes)) = (g.buffer_range(w), g.placement.nbytes) else {
+        return false;
     };
+    let at = w.data as usize;
+    // SAFETY: a live tensor.
+    let n = unsafe { nbytes(w) };
+    at >= lo && at.checked_add(n).is_some_and(|end| end <= hi)
+}
+
+/// How a MUL_MAT's weight `w` is read ([`residence::weight_access`]); a tensor without a buffer
+/// yet is host memory to be (llama.cpp's graphs are reserved after the weights are loaded).
+pub fn weight_access(g: &Ggml, w: &ggml_tensor) -> Access {
+    match tensor_residence(g, w) {
+        None => Access::Direct,
+        Some(r) => residence::weight_access(&r, g.is_weight(w), inside_buffer(g, w)),
+    }
+}
+
+/// How an activation or output `t` of a graph being computed is read or written.
+pub fn activation_access(g: &Ggml, t: &ggml_tensor) -> Access {
+    match tensor_residence(g, t) {
+        None => Access::No,
+        Some(r) => residence::activation_access(&r),
+    }
+}
+
+/// Devices whose buffers held weights the plugin was offered (for [`split_layers_notice`]).
+static SEEN_HOST: AtomicBool = AtomicBool::new(false);
+static SEEN_GPU: Mutex<Option<String>> = Mutex::new(None);
+
+/// `supports_op` hook for a MUL_MAT the plugin would claim: how its weight `w` is read. When it
+/// cannot be, counts it in `declined_buft`, says once where the weight is and which flag changes
+/// it, and returns [`Access::No`]. Says once when weights sit both in host memory and in a GPU's
+/// buffers (`-ts 0,1` missing).
+pub fn weight_usable(g: &Ggml, w: &ggml_tensor, declined_buft: &AtomicU64) -> Access {
+    let r = tensor_residence(g, w);
+    if matches!(r, Some(Residence::MappedWeights | Residence::Api)) && !g.is_weight(w) {
+        // A GPU's KV cache (attention's matmuls): not a weight, and not for the device.
+        return Access::No;
+    }
+    let access = match &r {
+        None => Access::Direct,
+        Some(r) => residence::weight_access(r, g.is_weight(w), inside_buffer(g, w)),
+    };
+    match (&r, access) {
+        (Some(Residence::MappedWeights | Residence::Api), a) if a != Access::No => {
+            let gpu = gpu_of(g, w);
+            *SEEN_GPU.lock().unwrap_or_else(|e| e.into_inner()) = Some(gpu.clone());
+            if SEEN_HOST.load(Relaxed) {
+                say(Notice::SplitLayers, &split_layers_notice(&gpu));
+            }
+        }
+        (None | Some(Residence::Host), _) => {
+            SEEN_HOST.store(true, Relaxed);
+            if let Some(gpu) = SEEN_GPU.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                say(Notice::SplitLayers, &split_layers_notice(gpu));
+            }
+        }
+        _ => {}
+    }
+    if access != Access::No {
+        return access;
+    }
+    declined_buft.fetch_add(1, Relaxed);
     // SAFETY: ggml tensor names are NUL-terminated within GGML_MAX_NAME.
     let tensor = unsafe { string(w.name.as_ptr()) };
-    let place = classify(
-        false,
-        &buft_name,
-        device.as_ref().map(|(n, k)| (n.as_str(), *k)),
-    );
-    if let Some((n, line)) = weight_notice(&place, &tensor) {
-        say(n, &line);
+    let why = match r {
+        Some(Residence::Declined(why)) => why,
+        // Readable type but not this tensor (not a weights buffer, outside its range).
+        _ => Unreadable::Other {
+            buft: "a non-weights".into(),
+            device: gpu_of(g, w),
+        },
+    };
+    let (n, line) = weight_notice(&why, &tensor);
+    say(n, &line);
+    Access::No
+}
+
+/// The name of the device whose buffer holds `w` ("?" when unknown).
+fn gpu_of(g: &Ggml, w: &ggml_tensor) -> String {
+    let p = &g.placement;
+    let buffer = buffer_of(w);
+    let (Some(get_type), Some(get_dev), Some(name)) =
+        (p.buffer_get_type, p.buft_get_device, p.dev_name)
+    else {
+        return "?".into();
+    };
+    if buffer.is_null() {
+        return "?".into();
     }
-    false
+    // SAFETY: ggml's accessors on a live tensor's buffer; names are static C strings.
+    unsafe {
+        let dev = get_dev(get_type(buffer));
+        if dev.is_null() {
+            "?".into()
+        } else {
+            string(name(dev))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -344,7 +484,7 @@ mod tests {
         ];
         let n = device_notices(&devs, 3);
         assert_eq!(kinds(&n), [Notice::Gpu, Notice::AccelFirst]);
-        assert!(n[0].1.contains("MTL0") && n[0].1.contains("-ngl 0"));
+        assert!(n[0].1.contains("--device ANE,MTL0 -ts 0,1"));
         assert!(n[1].1.contains("BLAS") && n[1].1.contains("-DGGML_BLAS=OFF"));
         assert!(n[1].1.contains("ne0, ne1, ne10 >= 32"));
         for (_, line) in &n {
@@ -390,53 +530,38 @@ mod tests {
     }
 
     #[test]
-    fn weight_buffers_are_classified() {
-        assert_eq!(
-            classify(true, "CPU", Some(("CPU", DevKind::Cpu))),
-            WeightPlace::Host
-        );
-        // Host-ness alone decides readability, whichever device the buffer type belongs to.
-        assert_eq!(
-            classify(true, "X_Host", Some(("X0", DevKind::Gpu))),
-            WeightPlace::Host
-        );
-        assert_eq!(
-            classify(false, "CPU_REPACK", Some(("CPU", DevKind::Cpu))),
-            WeightPlace::CpuExtra {
-                buft: "CPU_REPACK".into()
-            }
-        );
-        assert_eq!(
-            classify(false, "MTL0", Some(("MTL0", DevKind::Gpu))),
-            WeightPlace::Device {
-                buft: "MTL0".into(),
-                device: "MTL0".into(),
-                kind: DevKind::Gpu
-            }
-        );
-        assert!(matches!(
-            classify(false, "X", None),
-            WeightPlace::Device { .. }
-        ));
-    }
-
-    #[test]
-    fn weight_notices_name_the_flag() {
-        assert!(weight_notice(&WeightPlace::Host, "w").is_none());
+    fn weight_notices_name_the_fix() {
+        let r = |buft: &str, dev: &str, kind, reg: &str| {
+            residence::classify(&BuftFacts {
+                name: buft.into(),
+                is_host: false,
+                device: Some(DevFacts {
+                    name: dev.into(),
+                    kind,
+                    reg: reg.into(),
+                }),
+            })
+        };
+        let why = |r: Residence| match r {
+            Residence::Declined(w) => w,
+            other => panic!("{other:?} is readable"),
+        };
         let (n, line) = weight_notice(
-            &classify(false, "CPU_REPACK", Some(("CPU", DevKind::Cpu))),
+            &why(r("CPU_REPACK", "CPU", DevKind::Cpu, "CPU")),
             "blk.0.attn_q.weight",
-        )
-        .unwrap();
+        );
         assert_eq!(n, Notice::Repack);
         assert!(line.contains("blk.0.attn_q.weight") && line.contains("--no-repack"));
-        let (n, line) = weight_notice(
-            &classify(false, "MTL0", Some(("MTL0", DevKind::Gpu))),
-            "output.weight",
-        )
-        .unwrap();
+        let (n, line) = weight_notice(&why(r("MTL0", "MTL0", DevKind::Gpu, "MTL")), "w");
         assert_eq!(n, Notice::DeviceMemory);
-        assert!(line.contains("-ngl 0"));
+        assert!(line.contains("--no-mmap") && line.contains("MTL0_Mapped"));
+        let (_, line) = weight_notice(&why(r("MTL0_Private", "MTL0", DevKind::Gpu, "MTL")), "w");
+        assert!(line.contains("GGML_METAL_SHARED_BUFFERS_DISABLE"));
+        let (_, line) = weight_notice(&why(r("CUDA0", "CUDA0", DevKind::Gpu, "CUDA")), "w");
+        assert!(line.contains("-ngl 0") && line.contains("CUDA0"));
+        let line = split_layers_notice("MTL0");
+        assert!(line.contains("-ts 0,1") && line.contains("--device ANE,MTL0"));
+        assert!(line.starts_with("ggml-ane: ") && !line.contains('\n'));
     }
 
     #[test]

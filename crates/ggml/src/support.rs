@@ -8,7 +8,7 @@ use crate::ffi::{GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_I32};
 use crate::ggml::TypeInfo;
 
 /// Types, shape and strides of one tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorDesc {
     /// `enum ggml_type`.
     pub ty: i32,
@@ -129,6 +129,15 @@ impl Decline {
 pub struct Policy {
     /// Smallest number of src1 columns claimed.
     pub min_batch: usize,
+}
+
+/// Ops that compute nothing (views and reshapes): claimed, never dispatched.
+pub fn is_noop(op: i32) -> bool {
+    use crate::ffi::*;
+    matches!(
+        op,
+        GGML_OP_NONE | GGML_OP_RESHAPE | GGML_OP_VIEW | GGML_OP_PERMUTE | GGML_OP_TRANSPOSE
+    )
 }
 
 /// True for the element types the plugin widens itself, with arbitrary strides.

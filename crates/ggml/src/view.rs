@@ -11,9 +11,21 @@
 
 use half::{bf16, f16};
 
+pub mod fetch;
+pub mod residence;
+
 use crate::ffi::{ggml_tensor, GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32};
 use crate::ggml::TypeInfo;
 use crate::support::{is_plain, TensorDesc};
+
+/// The description of a ggml tensor: type, shape, strides.
+pub fn desc(t: &ggml_tensor) -> TensorDesc {
+    TensorDesc {
+        ty: t.type_,
+        ne: t.ne,
+        nb: t.nb,
+    }
+}
 
 /// A tensor operand: its description and the memory it may touch.
 ///
@@ -68,7 +80,7 @@ impl Operand {
     /// the view is written) while the view is used, and `info` is the traits of `t`'s type.
     pub unsafe fn of_tensor(t: &ggml_tensor, info: &TypeInfo) -> Operand {
         // SAFETY: forwarded to the caller.
-        unsafe { Operand::of_parts(crate::boundary::desc(t), t.data as usize, info) }
+        unsafe { Operand::of_parts(desc(t), t.data as usize, info) }
     }
 
     /// A view of a tensor known by its description and address (a weight the lookahead learnt

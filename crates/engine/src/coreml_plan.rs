@@ -394,7 +394,8 @@ impl OpDevice {
 /// Where one operation of a loaded program runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpPlacement {
-    /// The MIL operator (`matmul`, `conv`, `cast`, ...).
+    /// The MIL operator (`matmul`, `conv`, `cast`, ...), without an opset prefix
+    /// ([`operator_name`]).
     pub op: String,
     /// Its device.
     pub device: OpDevice,
@@ -402,6 +403,31 @@ pub struct OpPlacement {
 
 /// Operators that carry a program's FLOPs: they must be on the Neural Engine.
 pub const COMPUTE_OPS: [&str; 3] = ["matmul", "conv", "linear"];
+
+/// The MIL operator of constants, which Core ML gives no device usage.
+pub const CONST_OP: &str = "const";
+
+/// The operator name without its opset prefix: Core ML's compute plan reports
+/// `MLModelStructureProgramOperation.operatorName` as `ios18.matmul`, `ios17.conv`,
+/// `ios18.const` (a public profiling tool's real output), Apple's header comment and the MIL text
+/// as `matmul`. A prefix is a dot-terminated opset name: letters then digits (`ios17`,
+/// `macos15`, `tvos18`), optionally with a minor version (`ios17_2`); anything else is kept whole.
+pub fn operator_name(raw: &str) -> &str {
+    let raw = raw.trim();
+    let Some((prefix, rest)) = raw.rsplit_once('.') else {
+        return raw;
+    };
+    let letters = prefix.trim_end_matches(|c: char| c.is_ascii_digit() || c == '_');
+    let is_opset = !rest.is_empty()
+        && !letters.is_empty()
+        && letters.len() < prefix.len()
+        && letters.chars().all(|c| c.is_ascii_alphabetic());
+    if is_opset {
+        rest
+    } else {
+        raw
+    }
+}
 
 /// Whether a compute plan puts the work on the Neural Engine: every [`COMPUTE_OPS`] operation on
 /// it, and at least one such operation. `None` means the engine could not read a plan.
@@ -416,9 +442,10 @@ pub fn verdict(ops: Option<&[OpPlacement]>) -> Result<(), String> {
                 .into(),
         );
     };
+    // Names are normalised where the plan is read; a prefixed one is accepted here too.
     let compute: Vec<&OpPlacement> = ops
         .iter()
-        .filter(|o| COMPUTE_OPS.contains(&o.op.as_str()))
+        .filter(|o| COMPUTE_OPS.contains(&operator_name(&o.op)))
         .collect();
     if compute.is_empty() {
         return Err("its compute plan has no matmul or conv operation".into());
@@ -426,7 +453,7 @@ pub fn verdict(ops: Option<&[OpPlacement]>) -> Result<(), String> {
     let off: Vec<String> = compute
         .iter()
         .filter(|o| o.device != OpDevice::NeuralEngine)
-        .map(|o| format!("{} on {}", o.op, o.device.name()))
+        .map(|o| format!("{} on {}", operator_name(&o.op), o.device.name()))
         .collect();
     if off.is_empty() {
         Ok(())
@@ -436,6 +463,23 @@ pub fn verdict(ops: Option<&[OpPlacement]>) -> Result<(), String> {
             off.join(", ")
         ))
     }
+}
+
+/// One operation as the compute plan reports it: its raw operator name (`ios18.matmul`) and the
+/// preferred device of its usage (`None`: Core ML gave it no usage). The name is stored without
+/// its opset prefix; a constant without usage is left out (`None`), any other operation without
+/// one is [`OpDevice::Unknown`].
+pub fn placed(raw_op: &str, usage: Option<OpDevice>) -> Option<OpPlacement> {
+    let op = operator_name(raw_op);
+    let device = match usage {
+        None if op == CONST_OP => return None,
+        None => OpDevice::Unknown,
+        Some(d) => d,
+    };
+    Some(OpPlacement {
+        op: op.to_string(),
+        device,
+    })
 }
 
 /// Operations per device, for stats: `(device, count)` sorted by device.

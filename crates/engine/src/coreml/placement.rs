@@ -19,7 +19,7 @@ use objc2_core_ml::{MLComputePlan, MLModelConfiguration};
 use objc2_foundation::{NSError, NSObjectProtocol, NSString};
 
 use super::client::{class, dir_url, guarded, ns_error};
-use crate::coreml_plan::{OpDevice, OpPlacement};
+use crate::coreml_plan::{placed, OpDevice, OpPlacement};
 use crate::EngineError;
 
 /// How long to wait for a compute plan.
@@ -31,9 +31,6 @@ const DEVICES: [(&CStr, OpDevice); 3] = [
     (c"MLCPUComputeDevice", OpDevice::Cpu),
     (c"MLGPUComputeDevice", OpDevice::Gpu),
 ];
-
-/// The MIL operator of constants, which Core ML gives no device usage.
-const CONST_OP: &str = "const";
 
 /// Where each operation of the compiled model at `compiled` runs under `config`: `Ok(None)` when
 /// this macOS has no `MLComputePlan`.
@@ -110,25 +107,22 @@ fn walk(plan: &MLComputePlan) -> Result<Vec<OpPlacement>, EngineError> {
         for op in ops.to_vec() {
             // SAFETY: a property read and `computeDeviceUsageForMLProgramOperation:` with an
             // operation of this plan's structure; the usage is nil when undetermined.
-            let (name, usage) = unsafe {
+            let (raw, usage) = unsafe {
                 (
                     op.operatorName().to_string(),
                     plan.computeDeviceUsageForMLProgramOperation(&op),
                 )
             };
-            let device = match usage {
-                None if name == CONST_OP => continue,
-                None => OpDevice::Unknown,
-                Some(usage) => {
-                    // SAFETY: a property read without arguments.
-                    let preferred = unsafe { usage.preferredComputeDevice() };
-                    devices
-                        .iter()
-                        .find(|(c, _)| preferred.isKindOfClass(c))
-                        .map_or(OpDevice::Unknown, |&(_, d)| d)
-                }
-            };
-            out.push(OpPlacement { op: name, device });
+            let device = usage.map(|usage| {
+                // SAFETY: a property read without arguments.
+                let preferred = unsafe { usage.preferredComputeDevice() };
+                devices
+                    .iter()
+                    .find(|(c, _)| preferred.isKindOfClass(c))
+                    .map_or(OpDevice::Unknown, |&(_, d)| d)
+            });
+            // `ios18.matmul` -> `matmul`, constants without a usage left out (`placed`).
+            out.extend(placed(&raw, device));
         }
         Ok(out)
     })?;

@@ -223,3 +223,45 @@ fn the_verdict_wants_every_matmul_on_the_neural_engine() {
     assert!(verdict(None).unwrap_err().contains("14.4"));
     assert_eq!(count_by_device(&good), vec![(NeuralEngine, 2), (Cpu, 1)]);
 }
+
+#[test]
+fn opset_prefixed_operator_names_are_read_as_plain_ones() {
+    use OpDevice::*;
+    assert_eq!(operator_name("ios18.matmul"), "matmul");
+    assert_eq!(operator_name("ios17.conv"), "conv");
+    assert_eq!(operator_name("ios18.const"), "const");
+    assert_eq!(operator_name("macos15.linear"), "linear");
+    assert_eq!(operator_name("ios17_2.cast"), "cast");
+    assert_eq!(operator_name("matmul"), "matmul");
+    // Not an opset: kept whole, so nothing is mistaken for a matmul.
+    assert_eq!(operator_name("custom.matmul"), "custom.matmul");
+    assert_eq!(operator_name("ios18."), "ios18.");
+    // Where the plan is read: prefixes stripped, constants without a usage left out.
+    assert_eq!(placed("ios18.const", None), None);
+    assert_eq!(
+        placed("ios18.matmul", Some(NeuralEngine)),
+        Some(op("matmul", NeuralEngine))
+    );
+    assert_eq!(placed("ios17.conv", None), Some(op("conv", Unknown)));
+    // What Core ML really reports: the verdict finds the work and its device.
+    let real: Vec<OpPlacement> = [
+        ("ios18.const", None),
+        ("ios18.reshape", Some(NeuralEngine)),
+        ("ios18.matmul", Some(NeuralEngine)),
+        ("ios17.conv", Some(NeuralEngine)),
+    ]
+    .iter()
+    .filter_map(|&(n, d)| placed(n, d))
+    .collect();
+    assert_eq!(real.len(), 3);
+    assert_eq!(verdict(Some(&real)), Ok(()));
+    // The verdict is robust to names that were not normalised.
+    let raw = [op("ios18.matmul", NeuralEngine), op("ios17.conv", Cpu)];
+    assert_eq!(
+        verdict(Some(&raw)).unwrap_err(),
+        "its compute plan keeps work off the Neural Engine: conv on cpu"
+    );
+    assert!(verdict(Some(&[op("ios18.const", NeuralEngine)]))
+        .unwrap_err()
+        .contains("no matmul"));
+}

@@ -347,13 +347,12 @@ impl Engine for ReferenceEngine {
     fn op_placement(&self, program: ProgramId) -> Option<Vec<crate::coreml_plan::OpPlacement>> {
         let device = self.placed_on?;
         let prog = self.lock().programs.get(&program.0).cloned()?;
+        // Named as Core ML's compute plan names them (`ios18.matmul`), read through the same
+        // normalisation as the Core ML driver's.
         Some(
             prog.ops
                 .iter()
-                .map(|op| crate::coreml_plan::OpPlacement {
-                    op: op.clone(),
-                    device,
-                })
+                .filter_map(|op| crate::coreml_plan::placed(&format!("ios18.{op}"), Some(device)))
                 .collect(),
         )
     }

@@ -482,6 +482,80 @@ pub fn placed(raw_op: &str, usage: Option<OpDevice>) -> Option<OpPlacement> {
     })
 }
 
+/// The file every compiled model (`.mlmodelc`) holds. `MLComputePlan` asked about a directory
+/// without it throws a C++ exception on Core ML's own queue (coremltools issue 2757, fixed there by
+/// checking for the file first, PR 2780), which no `@try` and no thread of ours can catch: the
+/// host process aborts. So the file is checked first ([`plan_precheck`]).
+pub const COREMLDATA: &str = "coremldata.bin";
+
+/// Whether `MLComputePlan` may be asked about the compiled model at `compiled`: it is a directory
+/// (not a symlink) holding a regular, non-empty [`COREMLDATA`].
+///
+/// # Errors
+/// Why not, in one line (the plan is then unknown, never asked).
+pub fn plan_precheck(compiled: &Path) -> Result<(), String> {
+    let dir = fs::symlink_metadata(compiled)
+        .map_err(|e| format!("compiled model {} unreadable: {e}", compiled.display()))?;
+    if !dir.is_dir() {
+        return Err(format!("{} is not a directory", compiled.display()));
+    }
+    let file = compiled.join(COREMLDATA);
+    match fs::symlink_metadata(&file) {
+        Ok(m) if m.is_file() && m.len() > 0 => Ok(()),
+        Ok(_) => Err(format!(
+            "{} is not a non-empty file: MLComputePlan not asked",
+            file.display()
+        )),
+        Err(e) => Err(format!(
+            "{} missing ({e}): MLComputePlan not asked",
+            file.display()
+        )),
+    }
+}
+
+/// A program's compute plan, read at most once and only when asked ([`Engine::read_op_placement`]:
+/// the placement canary, `ane doctor`, stats), never while compiling or dispatching: each read
+/// may block up to 30 s.
+///
+/// [`Engine::read_op_placement`]: crate::Engine::read_op_placement
+#[derive(Clone, Debug, Default)]
+pub struct LazyPlacement {
+    /// `None`: not asked yet; `Some(None)`: asked, unknown.
+    read: Option<Option<Vec<OpPlacement>>>,
+}
+
+impl LazyPlacement {
+    /// What is known without asking the framework (`None` until read, or when unreadable).
+    pub fn known(&self) -> Option<Vec<OpPlacement>> {
+        self.read.clone().flatten()
+    }
+
+    /// Whether the plan was asked for already.
+    pub fn asked(&self) -> bool {
+        self.read.is_some()
+    }
+
+    /// The placement: the one read before, else `load` called once if [`plan_precheck`] passes
+    /// for `compiled`. A failed precheck or load leaves it unknown for good (not asked again).
+    ///
+    /// # Errors
+    /// The first time only: the precheck's reason ([`EngineError::Load`]) or `load`'s error.
+    pub fn read(
+        &mut self,
+        compiled: &Path,
+        load: impl FnOnce() -> Result<Option<Vec<OpPlacement>>, EngineError>,
+    ) -> Result<Option<Vec<OpPlacement>>, EngineError> {
+        if let Some(p) = &self.read {
+            return Ok(p.clone());
+        }
+        self.read = Some(None);
+        plan_precheck(compiled).map_err(EngineError::Load)?;
+        let p = load()?;
+        self.read = Some(p.clone());
+        Ok(p)
+    }
+}
+
 /// Operations per device, for stats: `(device, count)` sorted by device.
 pub fn count_by_device(ops: &[OpPlacement]) -> Vec<(OpDevice, usize)> {
     let mut m = std::collections::BTreeMap::new();

@@ -150,11 +150,19 @@ pub trait Engine: Send + Sync {
     /// Counter snapshot.
     fn counters(&self) -> EngineCounters;
 
-    /// Where each operation of a loaded program runs, when the engine can tell (Core ML's compute
-    /// plan); `None` when it cannot. The private-API driver and the reference engine answer `None`:
-    /// they have no other device to place an operation on.
+    /// Where each operation of a loaded program runs, as far as the engine knows it *without
+    /// asking the framework* (never blocks: safe on the compile and dispatch path). Core ML knows
+    /// it once [`Engine::read_op_placement`] read the compute plan; `None` before. The private-API
+    /// driver answers `None`: it has no other device to place an operation on.
     fn op_placement(&self, _program: ProgramId) -> Option<Vec<coreml_plan::OpPlacement>> {
         None
+    }
+
+    /// Where each operation of a loaded program runs, asking the framework if needed (Core ML's
+    /// `MLComputePlan`, read once per program and blocking up to 30 s): for the placement canary,
+    /// `ane doctor` and stats, never for a dispatch. `None` when the engine cannot tell.
+    fn read_op_placement(&self, program: ProgramId) -> Option<Vec<coreml_plan::OpPlacement>> {
+        self.op_placement(program)
     }
 
     /// Each call made into the framework so far, bounded ([`steps`]); empty for engines that

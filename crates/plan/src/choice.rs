@@ -240,7 +240,8 @@ pub fn placement_canary(
     };
     let s = planner.tile(256, 256, 128);
     let id = engine.compile(&ane_mil::text::emit(&ane_mil::build::tiled_matmul(s)), &[])?;
-    let placement = engine.op_placement(id);
+    // Read now, once: the compute plan is never asked for on the dispatch path.
+    let placement = engine.read_op_placement(id);
     engine.unload(id);
     Ok(placement)
 }

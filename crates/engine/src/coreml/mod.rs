@@ -13,8 +13,9 @@
 //! 2. `compile` (`model.rs`): [`CoreMlPlan::new`]; the cache's entry for the program, else the
 //!    `.mlpackage` written to a staging folder, `+[MLModel compileModelAtURL:error:]`, the result
 //!    moved into the cache; `+[MLModel modelWithContentsOfURL:configuration:error:]`, with a
-//!    cached model that fails to load discarded and compiled once more; then `MLComputePlan`
-//!    (macOS 14.4+, looked up at run time, `placement.rs`) for [`Engine::op_placement`].
+//!    cached model that fails to load discarded and compiled once more. `MLComputePlan` (macOS
+//!    14.4+, looked up at run time, `placement.rs`) is asked only by
+//!    [`Engine::read_op_placement`], once per program, after `coremldata.bin` was found.
 //! 3. `evaluate` (`arrays.rs`): each input surface is **copied** into a new fp16 `MLMultiArray`,
 //!    the arrays go in an `MLDictionaryFeatureProvider`, `predictionFromFeatures:error:` runs,
 //!    and each output array is **copied** back into its surface, row by row along the strides
@@ -163,7 +164,6 @@ impl Engine for CoreMlEngine {
         let mut st = self.lock();
         st.counters.compiles += built.compiles;
         st.counters.cache_reused += u64::from(built.from_cache);
-        st.counters.exceptions += built.exceptions;
         st.counters.loads += 1;
         st.next_id += 1;
         let id = st.next_id;
@@ -217,8 +217,16 @@ impl Engine for CoreMlEngine {
 
     fn op_placement(&self, program: ProgramId) -> Option<Vec<OpPlacement>> {
         let handle = self.lock().programs.get(program.0)?;
-        let placement = handle.lock().placement.clone();
-        placement
+        let known = handle.lock().placement.known();
+        known
+    }
+
+    fn read_op_placement(&self, program: ProgramId) -> Option<Vec<OpPlacement>> {
+        let handle = self.lock().programs.get(program.0)?;
+        let mut exceptions = 0;
+        let p = handle.lock().read_placement(&mut exceptions);
+        self.lock().counters.exceptions += exceptions;
+        p
     }
 
     fn steps(&self) -> Vec<crate::steps::StepRecord> {

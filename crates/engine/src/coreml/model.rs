@@ -9,7 +9,9 @@ use objc2_core_ml::{MLModel, MLModelConfiguration};
 
 use super::{arrays, client, placement};
 use crate::compile_cap::CompileCap;
-use crate::coreml_plan::{on_load_failure, Cache, CoreMlPlan, LoadFailure, OpPlacement};
+use crate::coreml_plan::{
+    on_load_failure, Cache, CoreMlPlan, LazyPlacement, LoadFailure, OpPlacement,
+};
 use crate::resident::Release;
 use crate::steps::StepLog;
 use crate::{EngineError, Surface};
@@ -22,8 +24,12 @@ pub(super) struct LoadedModel {
     pub(super) plan: CoreMlPlan,
     /// `None` once released.
     model: Option<Retained<MLModel>>,
-    /// Where Core ML places each operation; `None` without a readable compute plan.
-    pub(super) placement: Option<Vec<OpPlacement>>,
+    /// The compiled model (in the cache) and the configuration it was loaded with: what
+    /// `MLComputePlan` is asked about, when asked.
+    compiled: PathBuf,
+    config: Retained<MLModelConfiguration>,
+    /// Where Core ML places each operation: read on first request only ([`LazyPlacement`]).
+    pub(super) placement: LazyPlacement,
 }
 
 // SAFETY: the MLModel is only messaged while the program's mutex is held (evaluate, release), so
@@ -37,8 +43,6 @@ pub(super) struct Built {
     pub(super) compiles: u64,
     /// The model loaded came from the cache.
     pub(super) from_cache: bool,
-    /// Exceptions caught and not returned (a compute plan that threw).
-    pub(super) exceptions: u64,
 }
 
 /// What building needs from the engine.
@@ -97,9 +101,9 @@ impl Builder<'_> {
             .run("load", || client::load_model(compiled, config))
     }
 
-    /// Compiled model (cache or compile), load (a cached model that fails is discarded and
-    /// compiled once more: [`on_load_failure`]), then the compute plan, whose failure only
-    /// leaves the placement unknown.
+    /// Compiled model (cache or compile), then load (a cached model that fails is discarded and
+    /// compiled once more: [`on_load_failure`]). The compute plan is not read here
+    /// ([`LoadedModel::read_placement`]).
     pub(super) fn build(&self, plan: CoreMlPlan) -> Result<(LoadedModel, Built), EngineError> {
         let mut built = Built::default();
         let config = client::configuration()?;
@@ -120,25 +124,14 @@ impl Builder<'_> {
             },
         };
         built.from_cache = from_cache;
-        let placement = match self
-            .steps
-            .run("compute_plan", || placement::placement(&compiled, &config))
-        {
-            Ok(p) => p,
-            Err(e) => {
-                if matches!(e, EngineError::Exception(_)) {
-                    built.exceptions += 1;
-                }
-                tracing::warn!("ggml-ane: Core ML compute plan unreadable: {e}");
-                None
-            }
-        };
         Ok((
             LoadedModel {
                 steps: self.steps.clone(),
                 plan: plan.loaded(),
                 model: Some(model),
-                placement,
+                compiled,
+                config,
+                placement: LazyPlacement::default(),
             },
             built,
         ))
@@ -146,6 +139,28 @@ impl Builder<'_> {
 }
 
 impl LoadedModel {
+    /// The compute plan, read on the first call only (`coremldata.bin` checked first:
+    /// [`crate::coreml_plan::plan_precheck`]); `None` when unreadable. Counts a caught exception
+    /// in `exceptions`.
+    pub(super) fn read_placement(&mut self, exceptions: &mut u64) -> Option<Vec<OpPlacement>> {
+        let (compiled, config, steps) = (&self.compiled, &self.config, &self.steps);
+        let r = self.placement.read(compiled, || {
+            steps.run("compute_plan", || {
+                autoreleasepool(|_| placement::placement(compiled, config))
+            })
+        });
+        match r {
+            Ok(p) => p,
+            Err(e) => {
+                if matches!(e, EngineError::Exception(_)) {
+                    *exceptions += 1;
+                }
+                tracing::warn!("ggml-ane: Core ML compute plan unreadable: {e}");
+                None
+            }
+        }
+    }
+
     /// One prediction: each input copied into a new fp16 `MLMultiArray`, the outputs copied
     /// back into their surfaces, packed. Surfaces are in binding order, checked against the plan
     /// by the caller. Returns the bytes copied.

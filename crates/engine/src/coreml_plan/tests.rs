@@ -265,3 +265,56 @@ fn opset_prefixed_operator_names_are_read_as_plain_ones() {
         .unwrap_err()
         .contains("no matmul"));
 }
+
+#[test]
+fn a_compute_plan_is_asked_for_only_with_coremldata_and_only_once() {
+    let d = tmp("lazy");
+    let compiled = d.join("m.mlmodelc");
+    fs::create_dir_all(&compiled).unwrap();
+    let plan = vec![op("matmul", OpDevice::NeuralEngine)];
+    let asked = std::cell::Cell::new(0);
+    let load = || {
+        asked.set(asked.get() + 1);
+        Ok(Some(plan.clone()))
+    };
+    // No coremldata.bin: MLComputePlan would throw an uncatchable C++ exception; never asked.
+    let mut lazy = LazyPlacement::default();
+    assert!(!lazy.asked() && lazy.known().is_none());
+    let e = lazy.read(&compiled, load).unwrap_err();
+    assert!(e.to_string().contains(COREMLDATA), "{e}");
+    assert_eq!(asked.get(), 0);
+    assert!(lazy.asked());
+    assert_eq!(
+        lazy.read(&compiled, load).unwrap(),
+        None,
+        "unknown for good"
+    );
+    assert_eq!(asked.get(), 0);
+    // An empty file or a directory of that name is refused too; a missing model as well.
+    fs::create_dir_all(compiled.join(COREMLDATA)).unwrap();
+    assert!(plan_precheck(&compiled).is_err());
+    fs::remove_dir(compiled.join(COREMLDATA)).unwrap();
+    fs::write(compiled.join(COREMLDATA), b"").unwrap();
+    assert!(plan_precheck(&compiled).is_err());
+    assert!(plan_precheck(&d.join("gone.mlmodelc")).is_err());
+    // With the file: asked once, then answered from memory.
+    fs::write(compiled.join(COREMLDATA), b"x").unwrap();
+    let mut lazy = LazyPlacement::default();
+    assert_eq!(lazy.known(), None, "nothing read at load");
+    assert_eq!(lazy.read(&compiled, load).unwrap(), Some(plan.clone()));
+    assert_eq!(lazy.read(&compiled, load).unwrap(), Some(plan.clone()));
+    assert_eq!(lazy.known(), Some(plan.clone()));
+    assert_eq!(asked.get(), 1);
+    // A load that fails (timeout, NSError) is not retried.
+    let mut lazy = LazyPlacement::default();
+    let failing = || -> Result<Option<Vec<OpPlacement>>, EngineError> {
+        asked.set(asked.get() + 1);
+        Err(EngineError::Load(
+            "MLComputePlan did not answer within 30 s".into(),
+        ))
+    };
+    assert!(lazy.read(&compiled, failing).is_err());
+    assert_eq!(lazy.read(&compiled, failing).unwrap(), None);
+    assert_eq!(asked.get(), 2);
+    let _ = fs::remove_dir_all(d);
+}

@@ -16,7 +16,7 @@ use crate::ffi::*;
 use crate::support::is_noop;
 use crate::view::residence::{self, Access};
 use crate::view::{desc, Operand};
-use crate::{ggml, host_api, placement};
+use crate::{bridge, ggml, host_api, placement};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Runs `f`, turning a panic into `fallback`: unwinding across the C ABI would abort the host.
@@ -211,12 +211,15 @@ pub(crate) unsafe extern "C" fn ggml_backend_ane_device_supports_op(
         if is_noop(t.op) {
             return true;
         }
-        if t.op != GGML_OP_MUL_MAT && t.op != GGML_OP_MUL_MAT_ID {
-            return false;
-        }
         let (Ok(dev), Some(g)) = (device_state(), ggml::ggml()) else {
             return false;
         };
+        if bridge::is_bridge(t.op) {
+            return bridge::claims(dev, g, t);
+        }
+        if t.op != GGML_OP_MUL_MAT && t.op != GGML_OP_MUL_MAT_ID {
+            return false;
+        }
         if t.op == GGML_OP_MUL_MAT_ID {
             // SAFETY: a MUL_MAT_ID has three valid sources.
             let (s0, s1, ids) = unsafe { (&*t.src[0], &*t.src[1], &*t.src[2]) };

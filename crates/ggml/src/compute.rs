@@ -13,7 +13,7 @@ use crate::support::{self, Policy, TensorDesc};
 use crate::view::desc;
 use crate::view::fetch::Fetch;
 use crate::view::residence::Access;
-use crate::{ggml, host_cpu, lookahead, open, placement};
+use crate::{bridge, ggml, host_cpu, lookahead, open, placement};
 
 /// A claimed MUL_MAT node made into views: the group member, its activations, and how its weight
 /// is read.
@@ -226,6 +226,20 @@ pub(crate) fn graph_compute(
             split.stash.begin();
             continue;
         }
+        if bridge::is_bridge(node.op) {
+            // Graph order: the open group first (the op may read its outputs).
+            if let Some((done, range)) = open.take() {
+                run_group(&mut split, done, range);
+            }
+            // SAFETY: node is a claimed bridge op of this graph (valid tensors).
+            if let Err(e) = unsafe { bridge::compute(g, &mut split.fetch, &ctx.host, node) } {
+                eprintln!("ggml-ane: {e}");
+                return GGML_STATUS_FAILED;
+            }
+            dev.stats.bridge_ops.fetch_add(1, Relaxed);
+            split.stash.begin();
+            continue;
+        }
         if node.op != GGML_OP_MUL_MAT {
             eprintln!("ggml-ane: graph_compute got op {} it never claims", node.op);
             return GGML_STATUS_FAILED;
@@ -298,6 +312,9 @@ pub(crate) fn graph_compute(
 }
 
 pub(crate) fn print_stats(dev: &DeviceState) {
+    dev.stats
+        .weight_copies_bytes
+        .store(dev.weight_copies.bytes() as u64, Relaxed);
     let counters = dev.engine.counters();
     let text = match Config::get().stats {
         StatsMode::Off => return,

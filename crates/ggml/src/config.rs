@@ -81,6 +81,10 @@ pub struct Config {
     /// `GGML_ANE_LOOKAHEAD=0|1`: fuse MUL_MATs that share src1 across graph splits (Q with V/K,
     /// see `lookahead`), default 1; off with compressed weights.
     pub lookahead: bool,
+    /// `GGML_ANE_BRIDGE=0|1`: in prefill-sized graphs, also claim the cheap nodes between the
+    /// device's own matmuls (ROPE, GLU; see `crate::bridge`), computed by the host's CPU backend,
+    /// so a layer's matmuls fall into fewer graph splits (default 1).
+    pub bridge: bool,
     /// `GGML_ANE_ROUTE=batch|cost`: claim every supported MUL_MAT of at least `min_batch` tokens
     /// (default), or only those the cost model estimates faster on the ANE than on the CPU.
     pub route: ane_plan::model::Route,
@@ -200,7 +204,7 @@ impl Knob {
 }
 
 /// Every environment variable the plugin reads.
-pub const KNOBS: [Knob; 18] = [
+pub const KNOBS: [Knob; 19] = [
     Knob {
         name: "GGML_ANE_ENGINE",
         default: "auto",
@@ -253,6 +257,11 @@ pub const KNOBS: [Knob; 18] = [
     },
     Knob {
         name: "GGML_ANE_LOOKAHEAD",
+        default: "1",
+        values: Values::OneOf(&["1", "0"]),
+    },
+    Knob {
+        name: "GGML_ANE_BRIDGE",
         default: "1",
         values: Values::OneOf(&["1", "0"]),
     },
@@ -328,6 +337,7 @@ impl Config {
         let moe = moe_pack || read("GGML_ANE_MOE") == "single";
         let prestage = read("GGML_ANE_PRESTAGE") == "1";
         let lookahead = read("GGML_ANE_LOOKAHEAD") == "1";
+        let bridge = read("GGML_ANE_BRIDGE") == "1";
         let cost = Some(read("GGML_ANE_COST")).filter(|c| !c.trim().is_empty());
         let route = match read("GGML_ANE_ROUTE").as_str() {
             "cost" => ane_plan::model::Route::Cost,
@@ -369,6 +379,7 @@ impl Config {
             moe_pack,
             prestage,
             lookahead: lookahead && weights == WeightsMode::Fp16,
+            bridge,
             route,
             cost,
             faults,

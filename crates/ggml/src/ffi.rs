@@ -19,6 +19,8 @@ pub const GGML_MAX_NAME: usize = 64;
 
 // `enum ggml_op` values used here.
 pub const GGML_OP_NONE: c_int = 0;
+pub const GGML_OP_ROPE: c_int = 48;
+pub const GGML_OP_GLU: c_int = 100;
 pub const GGML_OP_MUL_MAT: c_int = 29;
 pub const GGML_OP_MUL_MAT_ID: c_int = 30;
 pub const GGML_OP_RESHAPE: c_int = 36;
@@ -42,6 +44,7 @@ pub const GGML_STATUS_SUCCESS: c_int = 0;
 pub const GGML_BACKEND_DEVICE_TYPE_ACCEL: c_int = 3;
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct ggml_tensor {
     pub type_: c_int,
     pub buffer: *mut ggml_backend_buffer,

@@ -7,6 +7,9 @@
 //! host's registry (`ggml_backend_dev_by_type(CPU)`). Only where the host has no CPU backend, or it
 //! declines a node, does the plugin's own f32 loop ([`crate::matmul`]) run.
 //!
+//! It also computes the device's bridge ops ([`HostCpu::compute_node`], see `crate::bridge`): a
+//! copy of the graph's node over views of host memory, the CPU's kernel and threads.
+//!
 //! Everything is resolved with `dlsym` like [`crate::ggml`]; a missing symbol just means the own
 //! loop. One CPU backend per plugin backend instance (a llama context), created at the first
 //! fallback and behind a mutex: a ggml CPU backend is not reentrant.
@@ -201,6 +204,88 @@ impl HostCpu {
         {
             return Err(NotRun::Declined);
         }
+        self.with_cpu(f, |cpu| {
+            // SAFETY: the operands are views (valid memory, their invariant); `is_valid` held for
+            // each; the context is freed on every path.
+            unsafe { run_graph(f, cpu, ops) }
+        })
+    }
+
+    /// Whether the host's CPU device computes `node` (its op, types, shapes and parameters) when
+    /// its tensors are host memory: asked with copies of the node whose sources have no buffer,
+    /// since the CPU device declines non-host buffers the plugin reads through its own views.
+    pub fn supports(node: &ggml_tensor) -> bool {
+        let Some(f) = fns() else {
+            return false;
+        };
+        // SAFETY: the registry lookup has no preconditions.
+        let dev = unsafe { (f.dev_by_type)(DEVICE_TYPE_CPU) };
+        if dev.is_null() {
+            return false;
+        }
+        let mut srcs = [None; crate::ffi::GGML_MAX_SRC];
+        for (i, s) in node.src.iter().enumerate() {
+            // SAFETY: a node's non-null sources are valid tensors.
+            if let Some(t) = unsafe { s.as_ref() } {
+                srcs[i] = Some(ggml_tensor {
+                    buffer: std::ptr::null_mut(),
+                    view_src: std::ptr::null_mut(),
+                    extra: std::ptr::null_mut(),
+                    ..*t
+                });
+            }
+        }
+        let mut proxy = ggml_tensor {
+            buffer: std::ptr::null_mut(),
+            view_src: std::ptr::null_mut(),
+            extra: std::ptr::null_mut(),
+            ..*node
+        };
+        for (i, s) in srcs.iter_mut().enumerate() {
+            proxy.src[i] = s.as_mut().map_or(std::ptr::null_mut(), std::ptr::from_mut);
+        }
+        // SAFETY: the proxies are valid tensor structs (sources without buffers) alive for the
+        // call; the CPU device reads their metadata.
+        unsafe { (f.dev_supports_op)(dev, &proxy) }
+    }
+
+    /// Computes a copy of `node` (its op and parameters) whose sources are `srcs` (in order,
+    /// `None` where the node has none) and whose output is `dst`, on the CPU backend.
+    pub fn compute_node(
+        &self,
+        node: &ggml_tensor,
+        srcs: &[Option<Operand>; crate::ffi::GGML_MAX_SRC],
+        dst: &Operand,
+    ) -> Result<(), NotRun> {
+        let f = fns().ok_or(NotRun::NoGgml)?;
+        let shaped = |o: &Operand, t: *mut ggml_tensor| {
+            // SAFETY: a node's non-null sources are valid tensors.
+            o.covers_desc() && unsafe { t.as_ref() }.is_some_and(|t| o.desc.ne == t.ne)
+        };
+        let same_sources = srcs.iter().zip(node.src.iter()).all(|(o, &t)| match o {
+            Some(o) => shaped(o, t),
+            None => t.is_null(),
+        });
+        if !same_sources
+            || !dst.covers_desc()
+            || dst.desc.ne != node.ne
+            || dst.desc.ty != node.type_
+        {
+            return Err(NotRun::Declined);
+        }
+        self.with_cpu(f, |cpu| {
+            // SAFETY: the operands are views covering their descriptions (checked), the output
+            // apart from the sources (the caller's views' invariant).
+            unsafe { run_node(f, cpu, node, srcs, dst) }
+        })
+    }
+
+    /// Runs `body` with this instance's CPU backend, made on first use, set to the host's threads.
+    fn with_cpu<R>(
+        &self,
+        f: &Fns,
+        body: impl FnOnce(&Cpu) -> Result<R, NotRun>,
+    ) -> Result<R, NotRun> {
         let mut slot = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
         let cpu = slot
             .get_or_insert_with(|| {
@@ -240,10 +325,83 @@ impl HostCpu {
             }
             cpu.threads = want;
         }
-        // SAFETY: the operands are views (valid memory, their invariant); `is_valid` held for
-        // each; the context is freed on every path.
-        unsafe { run_graph(f, cpu, ops) }
+        body(cpu)
     }
+}
+
+/// A tensor of `ctx` describing `o` and pointing at its memory.
+///
+/// # Safety
+/// `ctx` is a live metadata-only context with room for one more tensor.
+unsafe fn view_of(f: &Fns, ctx: *mut GgmlContext, o: &Operand) -> Result<*mut ggml_tensor, NotRun> {
+    // SAFETY: ctx has room; ne is a valid 4-element array.
+    let t = unsafe { (f.new_tensor)(ctx, o.desc.ty, 4, o.desc.ne.as_ptr()) };
+    // SAFETY: a tensor just made in ctx; we point it at the operand's memory.
+    let t_ref = unsafe { t.as_mut() }.ok_or(NotRun::NoCpuBackend)?;
+    t_ref.nb = o.desc.nb;
+    t_ref.data = o.as_ptr().cast_mut().cast();
+    Ok(t)
+}
+
+/// Computes a copy of `node` over `srcs` into `dst` in a one-node graph.
+///
+/// # Safety
+/// As for [`HostCpu::compute_node`], whose checks held.
+unsafe fn run_node(
+    f: &Fns,
+    cpu: &Cpu,
+    node: &ggml_tensor,
+    srcs: &[Option<Operand>; crate::ffi::GGML_MAX_SRC],
+    dst: &Operand,
+) -> Result<(), NotRun> {
+    let n = srcs.len() + 1;
+    // SAFETY: size queries without preconditions.
+    let size = unsafe { (f.tensor_overhead)() * n + (f.graph_overhead_custom)(1, false) } + 1024;
+    // SAFETY: a metadata-only context (no_alloc) of `size` bytes, freed below.
+    let ctx = unsafe {
+        (f.init)(InitParams {
+            mem_size: size,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: true,
+        })
+    };
+    if ctx.is_null() {
+        return Err(NotRun::NoCpuBackend);
+    }
+    let result = (|| {
+        // SAFETY: ctx has room for one node (sized above).
+        let graph = unsafe { (f.new_graph_custom)(ctx, 1, false) };
+        if graph.is_null() {
+            return Err(NotRun::NoCpuBackend);
+        }
+        // SAFETY: ctx has room for every source and the output.
+        let d = unsafe { view_of(f, ctx, dst)? };
+        // SAFETY: the tensor just made.
+        let d_ref = unsafe { &mut *d };
+        d_ref.op = node.op;
+        d_ref.op_params = node.op_params;
+        d_ref.flags = crate::ffi::GGML_TENSOR_FLAG_COMPUTE;
+        for (i, s) in srcs.iter().enumerate() {
+            if let Some(o) = s {
+                // SAFETY: as above.
+                d_ref.src[i] = unsafe { view_of(f, ctx, o)? };
+            }
+        }
+        // SAFETY: a node over host memory, made like the original.
+        if !unsafe { (f.dev_supports_op)(cpu.dev, d) } {
+            return Err(NotRun::Declined);
+        }
+        // SAFETY: the graph was made for one node.
+        unsafe { (f.graph_add_node)(graph, d) };
+        // SAFETY: the node's operands are valid host memory (caller's contract).
+        match unsafe { (f.graph_compute)(cpu.backend, graph) } {
+            0 => Ok(()),
+            s => Err(NotRun::Failed(s)),
+        }
+    })();
+    // SAFETY: made above, freed once.
+    unsafe { (f.free)(ctx) };
+    result
 }
 
 /// Builds the graph in a metadata-only ggml context and computes it.
@@ -272,15 +430,8 @@ unsafe fn run_graph(f: &Fns, cpu: &Cpu, ops: &[MatMul]) -> Result<(), NotRun> {
         if graph.is_null() {
             return Err(NotRun::NoCpuBackend);
         }
-        let view = |o: &Operand| -> Result<*mut ggml_tensor, NotRun> {
-            // SAFETY: ctx has room; ne is a valid 4-element array.
-            let t = unsafe { (f.new_tensor)(ctx, o.desc.ty, 4, o.desc.ne.as_ptr()) };
-            // SAFETY: a tensor just made in ctx; we point it at the operand's memory.
-            let t_ref = unsafe { t.as_mut() }.ok_or(NotRun::NoCpuBackend)?;
-            t_ref.nb = o.desc.nb;
-            t_ref.data = o.as_ptr().cast_mut().cast();
-            Ok(t)
-        };
+        // SAFETY: ctx has room for three tensors per op (sized above).
+        let view = |o: &Operand| unsafe { view_of(f, ctx, o) };
         let mut nodes = Vec::with_capacity(n);
         for op in ops {
             let (a, b) = (view(&op.src0)?, view(&op.src1)?);

@@ -14,9 +14,11 @@
 //! ([`open`] chooses it). [`device`] holds the state they share. See `README.md` beside this file.
 
 #![deny(unsafe_op_in_unsafe_fn)]
+#![recursion_limit = "256"]
 
 mod baked;
 mod boundary;
+mod bridge;
 mod claim;
 mod compute;
 pub mod config;

@@ -320,6 +320,11 @@ fn buffer_of(t: &ggml_tensor) -> *mut crate::ffi::ggml_backend_buffer {
     }
 }
 
+/// Whether `t` (or the tensor it views) has a buffer.
+pub fn is_allocated(t: &ggml_tensor) -> bool {
+    !buffer_of(t).is_null()
+}
+
 /// The residence of `t`'s buffer: `None` when it has none yet (or ggml lacks the accessor).
 fn tensor_residence(g: &Ggml, t: &ggml_tensor) -> Option<Residence> {
     let get_type = g.placement.buffer_get_type?;

@@ -21,6 +21,12 @@ pub struct Stats {
     pub mul_mat_id_experts: AtomicU64,
     /// Dispatches that ran a pack of several experts (`ane_plan::moe`).
     pub mul_mat_id_packs: AtomicU64,
+    /// Bridge ops (ROPE, GLU between the device's matmuls, `crate::bridge`) computed in the
+    /// device's splits by the host's CPU backend.
+    pub bridge_ops: AtomicU64,
+    /// Bytes of weights copied to the host through ggml's tensor API (llama.cpp's RPC backend),
+    /// held for the process.
+    pub weight_copies_bytes: AtomicU64,
     /// MUL_MATs (or parts) computed by the plugin's own CPU path after an engine failure.
     pub ops_fallback: AtomicU64,
     /// Fallback computations run by the host's own CPU backend (`crate::host_cpu`): one per
@@ -156,6 +162,8 @@ impl Stats {
             "mul_mat_id_ops": self.mul_mat_id_ops.load(Relaxed),
             "mul_mat_id_experts": self.mul_mat_id_experts.load(Relaxed),
             "mul_mat_id_packs": self.mul_mat_id_packs.load(Relaxed),
+            "bridge_ops": self.bridge_ops.load(Relaxed),
+            "weight_copies_mb": self.weight_copies_bytes.load(Relaxed) as f64 / (1 << 20) as f64,
             "ops_fallback": self.ops_fallback.load(Relaxed),
             "ops_fused": self.ops_fused.load(Relaxed),
             "fallback_cpu_backend": self.fallback_cpu_backend.load(Relaxed),
@@ -223,6 +231,18 @@ impl Stats {
                 self.mul_mat_id_ops.load(Relaxed),
                 self.mul_mat_id_experts.load(Relaxed),
                 self.mul_mat_id_packs.load(Relaxed)
+            ));
+        }
+        if self.bridge_ops.load(Relaxed) > 0 {
+            s.push_str(&format!(
+                "  bridge ops (ROPE, GLU)   {:>10} (by the host's CPU backend, in the device's splits)\n",
+                self.bridge_ops.load(Relaxed)
+            ));
+        }
+        if self.weight_copies_bytes.load(Relaxed) > 0 {
+            s.push_str(&format!(
+                "  weights copied from GPU  {:>10.1} MiB (read through ggml's API, e.g. RPC)\n",
+                self.weight_copies_bytes.load(Relaxed) as f64 / (1 << 20) as f64
             ));
         }
         s.push_str(&format!(

@@ -131,6 +131,44 @@ pub struct Policy {
     pub min_batch: usize,
 }
 
+/// Whether the device claims a bridge op (`crate::bridge`): a ROPE or GLU whose tensors are all
+/// F32, in a prefill-sized graph (at least `min_batch` tokens: ROPE's `ne[2]`, GLU's `ne[1]`), so
+/// decode graphs keep theirs where they are. `srcs`: the op's sources, in order.
+pub fn bridge(
+    op: i32,
+    dst: &TensorDesc,
+    srcs: &[TensorDesc],
+    policy: Policy,
+) -> Result<(), Decline> {
+    use crate::ffi::{GGML_OP_GLU, GGML_OP_ROPE};
+    let tokens = match op {
+        GGML_OP_ROPE => dst.ne[2],
+        GGML_OP_GLU => dst.ne[1],
+        _ => return Err(Decline::Shape),
+    };
+    if dst.ty != GGML_TYPE_F32 {
+        return Err(Decline::DstType);
+    }
+    // ROPE's positions (I32) and frequency factors (F32) are read as they are; every float
+    // operand is F32.
+    let float_srcs = if op == GGML_OP_ROPE { &srcs[..1] } else { srcs };
+    if srcs.is_empty() || float_srcs.iter().any(|s| s.ty != GGML_TYPE_F32) {
+        return Err(Decline::Src1Type);
+    }
+    if dst
+        .ne
+        .iter()
+        .chain(srcs.iter().flat_map(|s| &s.ne))
+        .any(|&n| n <= 0)
+    {
+        return Err(Decline::Empty);
+    }
+    if tokens < policy.min_batch as i64 || dst.ne[3] != 1 {
+        return Err(Decline::SmallBatch);
+    }
+    Ok(())
+}
+
 /// Ops that compute nothing (views and reshapes): claimed, never dispatched.
 pub fn is_noop(op: i32) -> bool {
     use crate::ffi::*;

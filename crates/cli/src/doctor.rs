@@ -6,7 +6,7 @@
 //! Without an ANE the same checks run on the CPU reference engine, and the report says so
 //! (`ane_available: false`, `engine: "reference"`).
 //!
-//! JSON: `{platform, ane_available, engine, chip, checks: [{name, ok, detail}],
+//! JSON: `{platform, ane_available, host, engine, chip, checks: [{name, ok, detail}],
 //! bench: [{m, k, n, ms, tflops, max_rel_err, compile_ms, first_ms}], latency, sweep}`.
 
 use std::path::PathBuf;
@@ -193,6 +193,7 @@ pub fn report(args: &Args) -> Value {
         "first_failed_step": first_failed,
         "platform": format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
         "ane_available": p.ane_available,
+        "host": crate::probe::host_json(p.host.as_ref()),
         "engine": engine.name(),
         "chip": p.chip.to_string(),
         "limits": {

@@ -1,7 +1,7 @@
 //! The Core ML part of `ane doctor`: the same canaries and sweep as the private API's, side by
 //! side, so the first Mac report tells which engine the plugin should prefer.
 //!
-//! JSON: `coreml: {engine, available, error, checks, placement, bench, latency, steps,
+//! JSON: `coreml: {engine, available, error, host, checks, placement, bench, latency, steps,
 //! first_failed_step}`, `compare: [{m, k, n, ane_ms, coreml_ms, coreml_over_ane}]` and
 //! `plugin_engine` (what `GGML_ANE_ENGINE=auto` would pick from these checks).
 
@@ -22,12 +22,21 @@ pub fn section(args: &Args) -> Value {
     let engine = match crate::probe::open_coreml(args.stand_in_coreml) {
         Ok(e) => e,
         Err(why) => {
-            return json!({"engine": "coreml", "available": false, "error": why,
-                          "checks": [], "placement": null, "bench": [], "steps": []})
+            #[cfg(target_vendor = "apple")]
+            let host = crate::probe::host_json(Some(&ane_engine::coreml::host_signals()));
+            #[cfg(not(target_vendor = "apple"))]
+            let host = Value::Null;
+            return json!({"engine": "coreml", "available": false, "error": why, "host": host,
+                          "checks": [], "placement": null, "bench": [], "steps": []});
         }
     };
     let e = engine.as_ref();
     let stand_in = args.stand_in_coreml;
+    // What Core ML's open read about the machine (public sysctls, `_ANEDeviceInfo` if loaded).
+    #[cfg(target_vendor = "apple")]
+    let host = (!stand_in).then(ane_engine::coreml::host_signals);
+    #[cfg(not(target_vendor = "apple"))]
+    let host: Option<ane_engine::host::HostSignals> = None;
     let reps = args.reps.unwrap_or(if stand_in { 1 } else { 5 }).max(1);
     let mut checks = Vec::new();
     let canary_ok = match canary(e) {
@@ -105,6 +114,7 @@ pub fn section(args: &Args) -> Value {
         "engine": "coreml",
         "measured": e.name(),
         "available": canary_ok && tiled_ok && placed_ok,
+        "host": crate::probe::host_json(host.as_ref()),
         "error": null,
         "checks": checks,
         "placement": placement_json,

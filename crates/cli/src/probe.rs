@@ -30,6 +30,41 @@ pub struct Probed {
     /// The ANE driver's step log when it opened but its canary failed and the reference engine
     /// is measured instead: the first Mac report must say where the ANE stopped.
     pub ane_steps: Option<Vec<ane_engine::steps::StepRecord>>,
+    /// What the private driver read about the machine (real ANE, virtual machine) at open;
+    /// `None` off macOS.
+    pub host: Option<ane_engine::host::HostSignals>,
+}
+
+/// The `host` check: each signal, and whether they let an engine open.
+pub fn host_check(signals: &ane_engine::host::HostSignals) -> Check {
+    let verdict = ane_engine::host::decide(signals);
+    check(
+        "host",
+        verdict.is_ok(),
+        match verdict {
+            Ok(()) => format!(
+                "no signal against a real Neural Engine: {}",
+                signals.summary()
+            ),
+            Err(why) => format!("{why} ({})", signals.summary()),
+        },
+    )
+}
+
+/// The signals as a JSON object (`ane doctor`'s `host`), `null` when not read.
+pub fn host_json(signals: Option<&ane_engine::host::HostSignals>) -> serde_json::Value {
+    let Some(s) = signals else {
+        return serde_json::Value::Null;
+    };
+    let mut m = serde_json::Map::new();
+    for (name, value) in s.report() {
+        m.insert(name.into(), value.into());
+    }
+    m.insert("usable".into(), ane_engine::host::decide(s).is_ok().into());
+    if let Err(why) = ane_engine::host::decide(s) {
+        m.insert("reason".into(), why.into());
+    }
+    serde_json::Value::Object(m)
 }
 
 fn check(name: &'static str, ok: bool, detail: impl Into<String>) -> Check {
@@ -86,6 +121,7 @@ pub fn probe(want_ane: bool) -> Probed {
             d.classes.iter().take(4).all(|c| c.1) && d.missing_selectors.is_empty(),
             detail,
         ));
+        checks.push(host_check(&p.host));
         let l = p.chip.limits();
         checks.push(check(
             "chip",
@@ -109,6 +145,7 @@ pub fn probe(want_ane: bool) -> Probed {
                         checks,
                         ane_build_ms: Some(build),
                         ane_steps: None,
+                        host: Some(p.host),
                     };
                 }
                 let steps = ane.steps();
@@ -118,15 +155,18 @@ pub fn probe(want_ane: bool) -> Probed {
                     "the ANE is not usable (see the checks above)",
                 );
                 fell_back.ane_steps = Some(steps);
+                fell_back.host = Some(p.host);
                 return fell_back;
             }
             Err(e) => checks.push(check("canary", false, format!("not run: {e}"))),
         }
-        return reference_fallback(
+        let mut fell_back = reference_fallback(
             checks,
             p.chip,
             "the ANE is not usable (see the checks above)",
         );
+        fell_back.host = Some(p.host);
+        return fell_back;
     }
     if !want_ane {
         return reference_fallback(checks, Chip::Unknown, "reference engine requested");
@@ -137,6 +177,11 @@ pub fn probe(want_ane: bool) -> Probed {
         "AppleNeuralEngine.framework exists only on macOS",
     ));
     checks.push(check("classes", false, "not looked up: not macOS"));
+    checks.push(check(
+        "host",
+        false,
+        "not read: kern.hv_vmm_present, hw.optional.arm64 and _ANEDeviceInfo exist only on macOS",
+    ));
     let l = Chip::Unknown.limits();
     checks.push(check(
         "chip",
@@ -166,6 +211,7 @@ fn reference_fallback(mut checks: Vec<Check>, chip: Chip, why: &str) -> Probed {
         checks,
         ane_build_ms: None,
         ane_steps: None,
+        host: None,
     }
 }
 

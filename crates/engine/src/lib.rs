@@ -23,6 +23,7 @@ pub mod compile_cap;
 pub mod coreml_plan;
 pub mod driver_plan;
 mod error;
+pub mod host;
 pub mod model_dir;
 pub mod reference;
 pub mod resident;
@@ -34,6 +35,8 @@ pub mod surface;
 pub mod apple;
 #[cfg(target_vendor = "apple")]
 pub mod coreml;
+#[cfg(target_vendor = "apple")]
+mod macos;
 
 pub use chip::{chip_from_ane_subtype, chip_from_brand, identify_chip, Chip, ChipLimits};
 pub use error::EngineError;

@@ -13,6 +13,8 @@ use objc2::runtime::{AnyClass, AnyObject, Sel};
 use objc2::{msg_send, sel};
 use objc2_foundation::{NSArray, NSData, NSDictionary, NSError, NSNumber, NSString};
 
+use crate::macos::{class, guarded, ns_error};
+
 use super::surface::IoSurface;
 use crate::driver_plan::{DriverPlan, PROCEDURE_INDEX};
 use crate::EngineError;
@@ -42,42 +44,6 @@ pub struct Discovery {
     pub classes: Vec<(String, bool)>,
     /// Required selectors that were missing, as `+[Class sel]` / `-[Class sel]`.
     pub missing_selectors: Vec<String>,
-}
-
-/// Turns an `NSError` into our error, keeping description, domain, code and `userInfo`: the ANE
-/// compiler says what it disliked in `userInfo`, not in the description.
-pub(super) fn ns_error(step: &str, e: &NSError) -> String {
-    let info = e.userInfo();
-    let info = if info.count() == 0 {
-        String::new()
-    } else {
-        format!(", userInfo {info:?}")
-    };
-    format!(
-        "{step}: {} (domain {}, code {}{info})",
-        e.localizedDescription(),
-        e.domain(),
-        e.code()
-    )
-}
-
-/// Runs one message send under `@try`/`@catch` (objc2's `exception` feature). A private class
-/// that throws (an argument it no longer takes, a selector that changed meaning) would otherwise
-/// unwind an Objective-C exception into Rust and abort the host process; here it becomes an
-/// [`EngineError::Exception`] naming the call, the exception's name and reason, and the op falls
-/// back to the CPU.
-fn guarded<R>(call: &str, send: impl FnOnce() -> R) -> Result<R, EngineError> {
-    objc2::exception::catch(std::panic::AssertUnwindSafe(send)).map_err(|e| {
-        let what = match e {
-            Some(e) => format!("{e:?}"),
-            None => "nil exception object".to_string(),
-        };
-        EngineError::Exception(format!("{call}: {what}"))
-    })
-}
-
-fn class(name: &CStr) -> Option<&'static AnyClass> {
-    AnyClass::get(name)
 }
 
 /// Opens the framework and resolves classes and selectors.
@@ -183,6 +149,11 @@ pub(super) fn load() -> (Result<Client, EngineError>, Discovery) {
 }
 
 impl Client {
+    /// `_ANEDeviceInfo`, when the framework has it.
+    pub(super) fn device_info(&self) -> Option<&'static AnyClass> {
+        self.device_info
+    }
+
     /// `+[_ANEDeviceInfo aneSubType]`, e.g. `h16`, when the class and method exist.
     pub(super) fn ane_subtype(&self) -> Option<String> {
         let cls = self.device_info?;

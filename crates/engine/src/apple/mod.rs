@@ -7,7 +7,8 @@
 //! 1. `dlopen` the framework, resolve `_ANEInMemoryModelDescriptor`, `_ANEInMemoryModel`,
 //!    `_ANERequest`, `_ANEIOSurfaceObject` (and `_ANEDeviceInfo` for the chip), and probe every
 //!    selector, so a framework that changed makes the engine unavailable rather than crash
-//!    (`client.rs`);
+//!    (`client.rs`); then `+[_ANEDeviceInfo hasANE]`, `+isVirtualMachine` and the public
+//!    sysctls must not say "no Neural Engine" or "virtual machine" ([`crate::host::decide`]);
 //! 2. per program: descriptor from the MIL bytes and weights dictionary, model, files written
 //!    under its directory (refcounted by identifier), compile, load with one retry, one flat
 //!    IOSurface per binding, the request built once (`program.rs`, `surface.rs`);
@@ -86,29 +87,8 @@ pub struct Probe {
     pub brand: Option<String>,
     /// The chip they identify.
     pub chip: Chip,
-}
-
-/// The CPU brand string (`machdep.cpu.brand_string`), e.g. `Apple M4 Pro`.
-pub fn cpu_brand() -> Option<String> {
-    let mut buf = [0u8; 256];
-    let mut len = buf.len();
-    // SAFETY: sysctlbyname with a NUL-terminated name, an output buffer of `len` bytes and its
-    // length; no new value is set.
-    let r = unsafe {
-        libc::sysctlbyname(
-            c"machdep.cpu.brand_string".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            &mut len,
-            std::ptr::null_mut(),
-            0,
-        )
-    };
-    if r != 0 {
-        return None;
-    }
-    let s = &buf[..len.min(buf.len())];
-    let s = s.split(|&b| b == 0).next().unwrap_or(s);
-    Some(String::from_utf8_lossy(s).trim().to_string())
+    /// Whether this is a real Neural Engine outside a virtual machine ([`crate::host`]).
+    pub host: crate::host::HostSignals,
 }
 
 /// Opens the ANE engine and reports what was found either way.
@@ -119,14 +99,22 @@ pub fn open_with_probe() -> (Result<Arc<AneEngine>, EngineError>, Probe) {
         crate::model_dir::clean_stale(std::path::Path::new(
             &objc2_foundation::NSTemporaryDirectory().to_string(),
         ));
+        // A real ANE, no virtual machine: checked before anything is compiled.
+        let host = crate::macos::host_signals(client.as_ref().ok().and_then(Client::device_info));
+        let client = client.and_then(|c| {
+            crate::host::decide(&host)
+                .map(|()| c)
+                .map_err(|why| EngineError::Unavailable(format!("no usable Neural Engine: {why}")))
+        });
         let ane_subtype = client.as_ref().ok().and_then(Client::ane_subtype);
-        let brand = cpu_brand();
+        let brand = host.brand.clone();
         let chip = identify_chip(ane_subtype.as_deref(), brand.as_deref());
         let probe = Probe {
             discovery,
             ane_subtype,
             brand,
             chip,
+            host,
         };
         let engine = client.map(|client| {
             Arc::new(AneEngine {
@@ -147,7 +135,8 @@ pub fn open_with_probe() -> (Result<Arc<AneEngine>, EngineError>, Probe) {
 /// Opens the ANE engine.
 ///
 /// # Errors
-/// [`EngineError::Unavailable`] when the framework, a class or a selector is missing.
+/// [`EngineError::Unavailable`] when the framework, a class or a selector is missing, or the
+/// machine has no Neural Engine or is a virtual machine ([`crate::host`]).
 pub fn open() -> Result<Arc<dyn Engine>, EngineError> {
     open_with_probe().0.map(|e| e as Arc<dyn Engine>)
 }

@@ -5,54 +5,20 @@
 //! aborting the host process; each `NSError` becomes an [`EngineError`] with its description,
 //! domain, code and `userInfo` ([`ns_error`]). Only documented Core ML API is used.
 
-use std::ffi::CStr;
 use std::path::{Path, PathBuf};
 
 use objc2::rc::Retained;
-use objc2::runtime::{AnyClass, ProtocolObject};
+use objc2::runtime::ProtocolObject;
 use objc2_core_ml::{MLComputeUnits, MLFeatureProvider, MLModel, MLModelConfiguration};
 use objc2_foundation::{
-    NSError, NSProcessInfo, NSSearchPathDirectory, NSSearchPathDomainMask,
+    NSProcessInfo, NSSearchPathDirectory, NSSearchPathDomainMask,
     NSSearchPathForDirectoriesInDomains, NSString, NSTemporaryDirectory, NSURL,
 };
 
 use crate::coreml_plan::COMPUTE_UNITS;
 use crate::EngineError;
 
-/// Turns an `NSError` into one line: description, domain, code and `userInfo` (where Core ML's
-/// compiler says what it disliked).
-pub(super) fn ns_error(step: &str, e: &NSError) -> String {
-    let info = e.userInfo();
-    let info = if info.count() == 0 {
-        String::new()
-    } else {
-        format!(", userInfo {info:?}")
-    };
-    format!(
-        "{step}: {} (domain {}, code {}{info})",
-        e.localizedDescription(),
-        e.domain(),
-        e.code()
-    )
-}
-
-/// Runs message sends under `@try`/`@catch` (objc2's `exception` feature): an exception becomes
-/// an [`EngineError::Exception`] naming the call, the exception's name and reason, and the op
-/// falls back to the CPU.
-pub(super) fn guarded<R>(call: &str, send: impl FnOnce() -> R) -> Result<R, EngineError> {
-    objc2::exception::catch(std::panic::AssertUnwindSafe(send)).map_err(|e| {
-        let what = match e {
-            Some(e) => format!("{e:?}"),
-            None => "nil exception object".to_string(),
-        };
-        EngineError::Exception(format!("{call}: {what}"))
-    })
-}
-
-/// Whether the Objective-C runtime knows a class (its framework is loaded and the OS has it).
-pub(super) fn class(name: &CStr) -> Option<&'static AnyClass> {
-    AnyClass::get(name)
-}
+pub(super) use crate::macos::{class, guarded, ns_error};
 
 /// A `file://` URL of a directory.
 pub(super) fn dir_url(path: &Path) -> Result<Retained<NSURL>, EngineError> {

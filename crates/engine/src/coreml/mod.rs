@@ -7,7 +7,8 @@
 //! when one may be reused, what to do when a load fails, and which compute units to ask for;
 //! this module replays it with one guarded call per step (`client.rs`):
 //!
-//! 1. `open`: the `MLModel` class must exist; the compiled-model cache is opened under the
+//! 1. `open`: the `MLModel` class must exist; the host signals must not say "no Neural Engine"
+//!    or "virtual machine" ([`crate::host`]); the compiled-model cache is opened under the
 //!    per-user caches folder, salted with the OS version string; the chip comes from the CPU
 //!    brand string (no private framework is touched).
 //! 2. `compile` (`model.rs`): [`CoreMlPlan::new`]; the cache's entry for the program, else the
@@ -73,11 +74,19 @@ struct State {
     counters: EngineCounters,
 }
 
+/// What Core ML's open reads about the machine ([`crate::host`]): the public sysctls, and
+/// `_ANEDeviceInfo`'s answers only when the class is already in the process (the private
+/// framework is never opened for it; absent = unknown).
+pub fn host_signals() -> crate::host::HostSignals {
+    crate::macos::host_signals(client::class(c"_ANEDeviceInfo"))
+}
+
 /// Opens the Core ML engine.
 ///
 /// # Errors
-/// [`EngineError::Unavailable`] when Core ML's `MLModel` class is missing or the compiled-model
-/// cache cannot be opened.
+/// [`EngineError::Unavailable`] when Core ML's `MLModel` class is missing, the machine has no
+/// Neural Engine or is a virtual machine ([`crate::host`]), or the compiled-model cache cannot be
+/// opened.
 pub fn open() -> Result<Arc<CoreMlEngine>, EngineError> {
     autoreleasepool(|_| {
         if client::class(c"MLModel").is_none() {
@@ -85,12 +94,18 @@ pub fn open() -> Result<Arc<CoreMlEngine>, EngineError> {
                 "Core ML's MLModel class is missing".into(),
             ));
         }
+        // A real ANE, no virtual machine, before anything is compiled: public signals, and
+        // `_ANEDeviceInfo` only if something already loaded it (never opened from here).
+        let host = host_signals();
+        crate::host::decide(&host).map_err(|why| {
+            EngineError::Unavailable(format!("no usable Neural Engine for Core ML: {why}"))
+        })?;
         let base = client::cache_base();
         let salt = client::os_version()?;
         let cache = Cache::open(&base, &salt).map_err(|e| {
             EngineError::Unavailable(format!("Core ML model cache under {}: {e}", base.display()))
         })?;
-        let chip = identify_chip(None, crate::apple::cpu_brand().as_deref());
+        let chip = identify_chip(None, host.brand.as_deref());
         Ok(Arc::new(CoreMlEngine {
             chip,
             limits: chip.limits(),

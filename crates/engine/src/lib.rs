@@ -26,6 +26,7 @@ mod error;
 pub mod host;
 pub mod model_dir;
 pub mod reference;
+pub mod request_cache;
 pub mod resident;
 pub mod steps;
 pub mod strided;

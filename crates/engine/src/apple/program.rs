@@ -1,8 +1,7 @@
 //! One compiled, loaded program: model object, model directory, surfaces and its request.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use objc2::rc::Retained;
@@ -13,6 +12,7 @@ use super::surface::{IoSurface, SharedSurface};
 use crate::driver_plan::{
     with_one_retry, write_model_dir, DirRefcount, DriverPlan, LOAD_RETRY_DELAY_MS,
 };
+use crate::request_cache::RequestCache;
 use crate::resident::Release;
 use crate::steps::StepLog;
 use crate::{EngineError, Surface};
@@ -26,26 +26,21 @@ pub(super) struct LoadedProgram {
     pub(super) plan: DriverPlan,
     model: Retained<AnyObject>,
     pub(super) dir: PathBuf,
-    inputs: Vec<IoSurface>,
-    outputs: Vec<IoSurface>,
-    /// Built once for this binding of surfaces and reused for every evaluation (§1.3.8).
-    request: Retained<AnyObject>,
+    /// The program's own surfaces and their request, for host [`Surface`]s (canaries,
+    /// `ane bench`): made on first copy-path use, never for a program only bound directly.
+    copy: Option<CopyPath>,
     /// Requests binding engine surfaces ([`SharedSurface`]) directly, by the surfaces' ids in
     /// binding order: one compiled model evaluated with different requests (§1.3.8, maderix's
-    /// per-layer requests). See [`BoundRequest`].
-    bound: HashMap<Vec<u64>, BoundRequest>,
-    /// Direct-binding evaluations so far (least recently used eviction).
-    tick: u64,
+    /// per-layer requests). A request retains its IOSurfaces, so entries of dropped surfaces are
+    /// purged on every bound evaluation ([`RequestCache`]).
+    bound: RequestCache<Retained<AnyObject>>,
 }
 
-/// A cached direct-binding request. It retains its IOSurfaces (through the `_ANEIOSurfaceObject`s),
-/// so it is purged as soon as one of its surfaces is dropped by the plugin (an evicted staged
-/// weight, a scratch surface the pool let go), and the least recently used one goes when the cache
-/// is full.
-struct BoundRequest {
+/// One flat IOSurface per binding, and the request built once over them.
+struct CopyPath {
+    inputs: Vec<IoSurface>,
+    outputs: Vec<IoSurface>,
     request: Retained<AnyObject>,
-    alive: Vec<Weak<()>>,
-    used: u64,
 }
 
 /// Cached direct-binding requests per program: a model's layers share programs (one request per
@@ -68,8 +63,9 @@ pub(super) struct BuildTimes {
 }
 
 impl LoadedProgram {
-    /// Descriptor, model, model directory, compile, load (one retry), surfaces, request.
-    /// On failure everything done so far is undone (unload, directory released).
+    /// Descriptor, model, model directory, compile, load (one retry); the copy path's surfaces
+    /// wait for their first use. On failure everything done so far is undone (unload, directory
+    /// released).
     pub(super) fn build(
         client: &Client,
         plan: DriverPlan,
@@ -110,42 +106,45 @@ impl LoadedProgram {
             release_dir(&mut lock(), &dir);
             return Err(e);
         }
-        let bound = steps.run("surfaces", || {
-            let make = |n: usize| -> Result<Vec<IoSurface>, EngineError> {
-                (0..n).map(|_| IoSurface::new(plan.surface_bytes)).collect()
-            };
-            let inputs = make(plan.inputs.len())?;
-            let outputs = make(plan.outputs.len())?;
-            let wrap = |v: &[IoSurface]| -> Result<Vec<Retained<AnyObject>>, EngineError> {
-                v.iter().map(|s| client.io_object(s)).collect()
-            };
-            let request = client.request(&wrap(&inputs)?, &wrap(&outputs)?)?;
-            Ok((inputs, outputs, request))
-        });
-        match bound {
-            Ok((inputs, outputs, request)) => Ok((
-                LoadedProgram {
-                    // Loaded: the framework and the directory have the weights; keep no copy.
-                    plan: plan.loaded(),
-                    client: *client,
-                    steps: steps.clone(),
-                    dirs: dirs.clone(),
-                    model,
-                    dir,
+        Ok((
+            LoadedProgram {
+                // Loaded: the framework and the directory have the weights; keep no copy.
+                plan: plan.loaded(),
+                client: *client,
+                steps: steps.clone(),
+                dirs: dirs.clone(),
+                model,
+                dir,
+                copy: None,
+                bound: RequestCache::new(MAX_REQUESTS),
+            },
+            times,
+        ))
+    }
+
+    /// The copy path's surfaces and request, made on first use (step `surfaces`).
+    fn make_copy_path(&mut self, client: &Client) -> Result<(), EngineError> {
+        if self.copy.is_none() {
+            let plan = &self.plan;
+            let made = self.steps.run("surfaces", || {
+                let make = |n: usize| -> Result<Vec<IoSurface>, EngineError> {
+                    (0..n).map(|_| IoSurface::new(plan.surface_bytes)).collect()
+                };
+                let inputs = make(plan.inputs.len())?;
+                let outputs = make(plan.outputs.len())?;
+                let wrap = |v: &[IoSurface]| -> Result<Vec<Retained<AnyObject>>, EngineError> {
+                    v.iter().map(|s| client.io_object(s)).collect()
+                };
+                let request = client.request(&wrap(&inputs)?, &wrap(&outputs)?)?;
+                Ok(CopyPath {
                     inputs,
                     outputs,
                     request,
-                    bound: HashMap::new(),
-                    tick: 0,
-                },
-                times,
-            )),
-            Err(e) => {
-                let _ = client.unload(&model, plan.qos);
-                release_dir(&mut lock(), &dir);
-                Err(e)
-            }
+                })
+            })?;
+            self.copy = Some(made);
         }
+        Ok(())
     }
 
     /// Evaluates with `inputs` and `outputs`, in binding order, checked against the plan by the
@@ -165,17 +164,15 @@ impl LoadedProgram {
             .map(|s| shared(s).map(SharedSurface::id))
             .collect();
         if let Some(key) = key {
-            self.tick += 1;
-            let tick = self.tick;
-            let request = match self.bound.get_mut(&key) {
-                Some(b) => {
-                    b.used = tick;
-                    b.request.clone()
-                }
-                None => {
-                    fn own(s: &Surface) -> &SharedSurface {
-                        shared(s).expect("checked above")
-                    }
+            fn own(s: &Surface) -> &SharedSurface {
+                shared(s).expect("checked above")
+            }
+            let bound = || inputs.iter().copied().chain(outputs.iter().map(|s| &**s));
+            // Entries of dropped surfaces are purged here, on every bound evaluation.
+            let request = self.bound.get_or_make(
+                key,
+                || bound().map(|s| own(s).liveness()).collect(),
+                || {
                     let ins = inputs
                         .iter()
                         .map(|s| client.io_object(own(s).io()))
@@ -184,37 +181,9 @@ impl LoadedProgram {
                         .iter()
                         .map(|s| client.io_object(own(s).io()))
                         .collect::<Result<Vec<_>, _>>()?;
-                    let request = client.request(&ins, &outs)?;
-                    // Requests of dropped surfaces go first, then the least recently used.
-                    self.bound
-                        .retain(|_, b| b.alive.iter().all(|w| w.strong_count() > 0));
-                    if self.bound.len() >= MAX_REQUESTS {
-                        let oldest = self
-                            .bound
-                            .iter()
-                            .min_by_key(|(_, b)| b.used)
-                            .map(|(k, _)| k.clone());
-                        if let Some(k) = oldest {
-                            self.bound.remove(&k);
-                        }
-                    }
-                    let alive = inputs
-                        .iter()
-                        .copied()
-                        .chain(outputs.iter().map(|s| &**s))
-                        .map(|s| own(s).liveness())
-                        .collect();
-                    self.bound.insert(
-                        key,
-                        BoundRequest {
-                            request: request.clone(),
-                            alive,
-                            used: tick,
-                        },
-                    );
-                    request
-                }
-            };
+                    client.request(&ins, &outs)
+                },
+            )?;
             // Unlocked for the evaluation; relocked when the CPU next touches them.
             let _ins = inputs
                 .iter()
@@ -227,17 +196,20 @@ impl LoadedProgram {
             client.evaluate(&self.model, &request, self.plan.qos)?;
             return Ok(0);
         }
+        self.make_copy_path(client)?;
+        let (model, qos) = (&self.model, self.plan.qos);
+        let copy = self.copy.as_ref().expect("made just above");
+        let plan = &self.plan;
         let mut copied = 0;
-        for ((b, io), host) in self.plan.inputs.iter().zip(&self.inputs).zip(inputs) {
+        for ((b, io), host) in plan.inputs.iter().zip(&copy.inputs).zip(inputs) {
             io.write(&host.bytes()[..b.bytes()])?;
             copied += b.bytes() as u64;
         }
-        client.evaluate(&self.model, &self.request, self.plan.qos)?;
-        for ((b, io), host) in self
-            .plan
+        client.evaluate(model, &copy.request, qos)?;
+        for ((b, io), host) in plan
             .outputs
             .iter()
-            .zip(&self.outputs)
+            .zip(&copy.outputs)
             .zip(outputs.iter_mut())
         {
             io.read(&mut host.bytes_mut()[..b.bytes()])?;

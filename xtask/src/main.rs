@@ -18,6 +18,7 @@ mod models;
 mod test;
 mod test_contexts;
 mod test_host2;
+mod test_metal;
 mod test_moe;
 mod test_plan;
 mod test_real;

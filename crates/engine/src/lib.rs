@@ -22,6 +22,7 @@ mod chip;
 pub mod compile_cap;
 pub mod coreml_plan;
 pub mod driver_plan;
+pub mod engine_core;
 mod error;
 pub mod host;
 pub mod model_dir;

@@ -100,6 +100,68 @@ pub trait EngineMemory: Send + Sync + std::fmt::Debug {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
+/// The CPU/device hand-off state of one engine memory, shared by every engine's
+/// [`EngineMemory`]: who holds it (the CPU, locked, or the device) and how many evaluations bind
+/// it now. Starts held by the CPU.
+#[derive(Debug)]
+pub struct Handoff(std::sync::Mutex<(bool, usize)>);
+
+impl Default for Handoff {
+    fn default() -> Self {
+        Handoff(std::sync::Mutex::new((true, 0)))
+    }
+}
+
+impl Handoff {
+    fn state(&self) -> std::sync::MutexGuard<'_, (bool, usize)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`EngineMemory::to_cpu`]: refused while an evaluation binds it; `lock` runs when the
+    /// device held it (the CPU holds it only if `lock` succeeds).
+    ///
+    /// # Errors
+    /// [`crate::EngineError::Surface`] while bound, or `lock`'s error.
+    pub fn to_cpu(
+        &self,
+        lock: impl FnOnce() -> Result<(), crate::EngineError>,
+    ) -> Result<(), crate::EngineError> {
+        let mut st = self.state();
+        if st.1 > 0 {
+            return Err(crate::EngineError::Surface(format!(
+                "CPU access to a surface that {} evaluation(s) bind",
+                st.1
+            )));
+        }
+        if !st.0 {
+            lock()?;
+            st.0 = true;
+        }
+        Ok(())
+    }
+
+    /// [`EngineMemory::to_device`]: `unlock` runs when the CPU held it; one more user.
+    pub fn to_device(&self, unlock: impl FnOnce()) {
+        let mut st = self.state();
+        if st.0 {
+            unlock();
+            st.0 = false;
+        }
+        st.1 += 1;
+    }
+
+    /// [`EngineMemory::release`]: one user fewer.
+    pub fn release(&self) {
+        let mut st = self.state();
+        st.1 = st.1.saturating_sub(1);
+    }
+
+    /// Whether the CPU holds it (locked) now.
+    pub fn cpu_held(&self) -> bool {
+        self.state().0
+    }
+}
+
 #[derive(Debug)]
 enum Memory {
     /// Plain host memory: engines copy it in and out.

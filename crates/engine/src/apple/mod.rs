@@ -45,35 +45,18 @@ pub use client::Discovery;
 use program::LoadedProgram;
 
 use crate::driver_plan::{DirRefcount, DriverPlan};
-use crate::resident::Table;
-use crate::{
-    identify_chip, Chip, ChipLimits, Engine, EngineCounters, EngineError, ProgramId, Surface,
-    WeightFile,
-};
+use crate::engine_core::EngineCore;
+use crate::{identify_chip, Chip, Engine, EngineError, ProgramId, Surface, WeightFile};
 
 /// The ANE engine.
 pub struct AneEngine {
     client: Client,
-    chip: Chip,
-    /// `Engine::use_own_surfaces`: IOSurfaces bound directly (default) or host copies.
-    own_surfaces: std::sync::atomic::AtomicBool,
-    limits: ChipLimits,
     dirs: Arc<Mutex<DirRefcount>>,
-    /// Compiles left before the framework's per-process leak (`crate::compile_cap`).
-    cap: crate::compile_cap::CompileCap,
-    /// Each call into the framework, for `ane doctor` (`crate::steps`).
-    steps: Arc<crate::steps::StepLog>,
-    state: Mutex<State>,
-}
-
-#[derive(Default)]
-struct State {
-    next_id: u64,
-    /// Unloaded exactly once, by the last holder (`crate::resident`).
-    programs: Table<LoadedProgram>,
-    counters: EngineCounters,
-    last_compile_ms: f64,
-    last_load_ms: f64,
+    /// Chip, limits, surfaces' kind (IOSurfaces bound directly, or host copies), ids, budget,
+    /// compile cap (the framework's per-process leak), step log, counters.
+    core: EngineCore<LoadedProgram>,
+    /// Compile and load time of the last program built, in ms.
+    last_build_ms: Mutex<(f64, f64)>,
 }
 
 /// What `open` found, for `ane doctor`.
@@ -119,13 +102,9 @@ pub fn open_with_probe() -> (Result<Arc<AneEngine>, EngineError>, Probe) {
         let engine = client.map(|client| {
             Arc::new(AneEngine {
                 client,
-                chip,
-                own_surfaces: std::sync::atomic::AtomicBool::new(true),
-                limits: chip.limits(),
                 dirs: Arc::new(Mutex::new(DirRefcount::default())),
-                cap: crate::compile_cap::CompileCap::default(),
-                steps: Arc::default(),
-                state: Mutex::new(State::default()),
+                core: EngineCore::new(chip, chip.limits()),
+                last_build_ms: Mutex::new((0.0, 0.0)),
             })
         });
         (engine, probe)
@@ -142,27 +121,9 @@ pub fn open() -> Result<Arc<dyn Engine>, EngineError> {
 }
 
 impl AneEngine {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// `r`, counting a caught Objective-C exception in the counters.
-    fn counted<T>(&self, r: Result<T, EngineError>) -> Result<T, EngineError> {
-        if let Err(EngineError::Exception(_)) = &r {
-            self.lock().counters.exceptions += 1;
-        }
-        r
-    }
-
-    /// The identified chip.
-    pub fn chip(&self) -> Chip {
-        self.chip
-    }
-
     /// Compile and load time of the last program built, in ms.
     pub fn last_build_ms(&self) -> (f64, f64) {
-        let st = self.lock();
-        (st.last_compile_ms, st.last_load_ms)
+        *self.last_build_ms.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -171,126 +132,32 @@ impl Engine for AneEngine {
         "ane"
     }
 
-    fn limits(&self) -> ChipLimits {
-        self.limits
-    }
-
-    fn chip(&self) -> Chip {
-        self.chip
-    }
-
     /// An IOSurface written and read in place (`surface::SharedSurface`).
     fn new_surface(&self, bytes: usize) -> Result<Surface, EngineError> {
-        if !self.own_surfaces.load(std::sync::atomic::Ordering::Relaxed) {
-            return Ok(Surface::new(bytes));
-        }
-        let s = surface::SharedSurface::new(bytes)?;
-        Ok(Surface::from_engine(Box::new(s)))
-    }
-
-    fn use_own_surfaces(&self, on: bool) {
-        self.own_surfaces
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+        self.core.new_surface(bytes, |bytes| {
+            let s = surface::SharedSurface::new(bytes)?;
+            Ok(Surface::from_engine(Box::new(s)))
+        })
     }
 
     fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {
         let plan = DriverPlan::new(mil, weights)?;
         let key = plan.content_key();
-        {
-            let mut st = self.lock();
-            // The same MIL and weights already loaded: a second id for it, no compile.
-            let id = st.next_id + 1;
-            if st.programs.share(key, id) {
-                st.next_id = id;
-                st.counters.shared += 1;
-                return Ok(ProgramId(id));
-            }
-            if st.programs.len() >= self.limits.max_loaded_programs {
-                return Err(EngineError::Budget {
-                    loaded: st.programs.len(),
-                    max: self.limits.max_loaded_programs,
-                });
-            }
+        // The same MIL and weights already loaded: a second id for it, no compile.
+        if let Some(id) = self.core.admit(key)? {
+            return Ok(id);
         }
-        self.cap.take()?;
-        let (program, times) = self.counted(autoreleasepool(|_| {
-            LoadedProgram::build(&self.client, plan, &self.dirs, &self.steps)
+        self.core.cap.take()?;
+        let (program, times) = self.core.counted(autoreleasepool(|_| {
+            LoadedProgram::build(&self.client, plan, &self.dirs, &self.core.steps)
         }))?;
-        let mut st = self.lock();
-        st.counters.compiles += 1;
-        st.counters.loads += 1;
-        st.last_compile_ms = times.compile.as_secs_f64() * 1e3;
-        st.last_load_ms = times.load.as_secs_f64() * 1e3;
-        st.next_id += 1;
-        let id = st.next_id;
-        st.programs.insert_keyed(id, key, program);
-        let n = st.programs.len();
-        st.counters.set_loaded(n);
-        Ok(ProgramId(id))
+        self.core.count(|c| c.compiles += 1);
+        *self.last_build_ms.lock().unwrap_or_else(|e| e.into_inner()) = (
+            times.compile.as_secs_f64() * 1e3,
+            times.load.as_secs_f64() * 1e3,
+        );
+        Ok(self.core.insert(Some(key), program))
     }
 
-    fn evaluate(
-        &self,
-        program: ProgramId,
-        inputs: &[&Surface],
-        outputs: &mut [&mut Surface],
-    ) -> Result<(), EngineError> {
-        // Held for the evaluation: an `unload` meanwhile leaves the program loaded until this
-        // handle drops, and the drop then unloads it.
-        let handle = self
-            .lock()
-            .programs
-            .get(program.0)
-            .ok_or(EngineError::UnknownProgram(program.0))?;
-        let mut prog = handle.lock();
-        let sizes = |v: &mut dyn Iterator<Item = usize>| v.collect::<Vec<_>>();
-        prog.plan.check_request(
-            &sizes(&mut inputs.iter().map(|s| s.alloc_size())),
-            &sizes(&mut outputs.iter().map(|s| s.alloc_size())),
-        )?;
-        let copied = self.counted(self.steps.run("evaluate", || {
-            autoreleasepool(|_| prog.evaluate(&self.client, inputs, outputs))
-        }))?;
-        drop(prog);
-        let mut st = self.lock();
-        st.counters.evaluations += 1;
-        st.counters.bytes_copied += copied;
-        Ok(())
-    }
-
-    fn unload(&self, program: ProgramId) {
-        let removed = {
-            let mut st = self.lock();
-            let p = st.programs.remove(program.0);
-            if p.is_some() {
-                st.counters.unloads += 1;
-                let n = st.programs.len();
-                st.counters.set_loaded(n);
-            }
-            p
-        };
-        // Outside the engine lock: unloaded here, or by an evaluation in flight when it ends.
-        drop(removed);
-    }
-
-    fn steps(&self) -> Vec<crate::steps::StepRecord> {
-        self.steps.records()
-    }
-
-    fn counters(&self) -> EngineCounters {
-        let mut c = self.lock().counters;
-        c.compile_attempts = self.cap.used();
-        c
-    }
-}
-
-impl Drop for AneEngine {
-    fn drop(&mut self) {
-        // Collect first: a guard in the `for` expression would live through the loop, and
-        // `unload` takes the same lock (a deadlock on every drop with programs loaded).
-        let ids = self.lock().programs.ids();
-        for id in ids {
-            self.unload(ProgramId(id));
-        }
-    }
+    crate::engine_core::answered_by_core!(programs);
 }

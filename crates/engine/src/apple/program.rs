@@ -12,6 +12,7 @@ use super::surface::{IoSurface, SharedSurface};
 use crate::driver_plan::{
     with_one_retry, write_model_dir, DirRefcount, DriverPlan, LOAD_RETRY_DELAY_MS,
 };
+use crate::engine_core::Evaluate;
 use crate::request_cache::RequestCache;
 use crate::resident::Release;
 use crate::steps::StepLog;
@@ -146,12 +147,29 @@ impl LoadedProgram {
         }
         Ok(())
     }
+}
+
+impl Evaluate for LoadedProgram {
+    fn check_request(&self, inputs: &[usize], outputs: &[usize]) -> Result<(), EngineError> {
+        self.plan.check_request(inputs, outputs)
+    }
 
     /// Evaluates with `inputs` and `outputs`, in binding order, checked against the plan by the
     /// caller. When all of them are this engine's surfaces they are bound directly (no copy);
     /// otherwise host surfaces are copied into the program's own surfaces and back. Returns the
     /// bytes copied.
-    pub(super) fn evaluate(
+    fn evaluate(
+        &mut self,
+        inputs: &[&Surface],
+        outputs: &mut [&mut Surface],
+    ) -> Result<u64, EngineError> {
+        let client = self.client;
+        objc2::rc::autoreleasepool(|_| self.evaluate_with(&client, inputs, outputs))
+    }
+}
+
+impl LoadedProgram {
+    fn evaluate_with(
         &mut self,
         client: &Client,
         inputs: &[&Surface],

@@ -8,13 +8,13 @@
 use std::ffi::c_void;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
 use objc2::encode::{Encoding, RefEncode};
 use objc2::rc::Retained;
 use objc2_foundation::{NSDictionary, NSNumber, NSString};
 
-use crate::surface::EngineMemory;
+use crate::surface::{EngineMemory, Handoff};
 use crate::EngineError;
 
 /// The opaque `struct __IOSurface`. Its encoding, `^{__IOSurface=}`, is what
@@ -201,15 +201,6 @@ impl IoSurface {
     }
 }
 
-/// Who holds a [`SharedSurface`].
-#[derive(Debug)]
-struct Holder {
-    /// Locked for the CPU.
-    cpu: bool,
-    /// Evaluations binding it now.
-    users: usize,
-}
-
 /// An IOSurface the plugin writes and reads in place (`Engine::new_surface`), so evaluations bind
 /// it without a copy. The CPU holds it locked while it writes or reads; evaluations take it
 /// unlocked ("lock, write, unlock, evaluate", ane-private-api.md §2.4, with the unlock deferred
@@ -218,7 +209,8 @@ struct Holder {
 pub(super) struct SharedSurface {
     io: IoSurface,
     base: NonNull<u8>,
-    holder: Mutex<Holder>,
+    /// Who holds it: the CPU (locked) or evaluations.
+    handoff: Handoff,
     /// Unique for the process (addresses can be reused once a surface is freed).
     id: u64,
     /// Dropped with the surface: cached requests that bind it hold a `Weak` and are purged.
@@ -244,10 +236,7 @@ impl SharedSurface {
         Ok(SharedSurface {
             io,
             base,
-            holder: Mutex::new(Holder {
-                cpu: true,
-                users: 0,
-            }),
+            handoff: Handoff::default(),
             id: NEXT_ID.fetch_add(1, Relaxed),
             alive: Arc::new(()),
         })
@@ -267,10 +256,6 @@ impl SharedSurface {
     pub(super) fn io(&self) -> &IoSurface {
         &self.io
     }
-
-    fn holder(&self) -> std::sync::MutexGuard<'_, Holder> {
-        self.holder.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 impl EngineMemory for SharedSurface {
@@ -283,14 +268,7 @@ impl EngineMemory for SharedSurface {
     }
 
     fn to_cpu(&self) -> Result<(), EngineError> {
-        let mut h = self.holder();
-        if h.users > 0 {
-            return Err(EngineError::Surface(format!(
-                "CPU access to an IOSurface that {} evaluation(s) bind",
-                h.users
-            )));
-        }
-        if !h.cpu {
+        self.handoff.to_cpu(|| {
             let base = self.io.lock_for_cpu()?;
             if base != self.base {
                 // Plain (non-purgeable) surfaces keep their address; if one moved, the views
@@ -300,24 +278,17 @@ impl EngineMemory for SharedSurface {
                     "IOSurface base address changed between locks".into(),
                 ));
             }
-            h.cpu = true;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn to_device(&self) -> Result<(), EngineError> {
-        let mut h = self.holder();
-        if h.cpu {
-            self.io.unlock_for_cpu();
-            h.cpu = false;
-        }
-        h.users += 1;
+        self.handoff.to_device(|| self.io.unlock_for_cpu());
         Ok(())
     }
 
     fn release(&self) {
-        let mut h = self.holder();
-        h.users = h.users.saturating_sub(1);
+        self.handoff.release();
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -327,7 +298,7 @@ impl EngineMemory for SharedSurface {
 
 impl Drop for SharedSurface {
     fn drop(&mut self) {
-        if self.holder().cpu {
+        if self.handoff.cpu_held() {
             self.io.unlock_for_cpu();
         }
     }

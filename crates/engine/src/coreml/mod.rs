@@ -45,33 +45,18 @@ use std::sync::{Arc, Mutex};
 use objc2::rc::autoreleasepool;
 
 use crate::coreml_plan::{Cache, CoreMlPlan, OpPlacement};
-use crate::resident::Table;
-use crate::{
-    identify_chip, Chip, ChipLimits, Engine, EngineCounters, EngineError, ProgramId, Surface,
-    WeightFile,
-};
+use crate::engine_core::EngineCore;
+use crate::{identify_chip, Engine, EngineError, ProgramId, WeightFile};
 use model::{Builder, LoadedModel};
 
 /// The Core ML engine.
 pub struct CoreMlEngine {
-    chip: Chip,
-    limits: ChipLimits,
     cache: Cache,
-    /// Compiles left (`crate::compile_cap`): counts `compileModelAtURL` calls, not cache hits.
-    cap: crate::compile_cap::CompileCap,
-    /// Each call into the framework, for `ane doctor` (`crate::steps`).
-    steps: Arc<crate::steps::StepLog>,
+    /// Chip, limits, ids, budget, compile cap (counts `compileModelAtURL` calls, not cache hits), step log,
+    /// counters.
+    core: EngineCore<LoadedModel>,
     /// Serialises package, compile and install (see [`Builder`]).
     compiling: Mutex<()>,
-    state: Mutex<State>,
-}
-
-#[derive(Default)]
-struct State {
-    next_id: u64,
-    /// Unloaded exactly once, by the last holder (`crate::resident`).
-    programs: Table<LoadedModel>,
-    counters: EngineCounters,
 }
 
 /// What Core ML's open reads about the machine ([`crate::host`]): the public sysctls, and
@@ -107,30 +92,14 @@ pub fn open() -> Result<Arc<CoreMlEngine>, EngineError> {
         })?;
         let chip = identify_chip(None, host.brand.as_deref());
         Ok(Arc::new(CoreMlEngine {
-            chip,
-            limits: chip.limits(),
             cache,
-            cap: crate::compile_cap::CompileCap::default(),
-            steps: Arc::default(),
+            core: EngineCore::new(chip, chip.limits()),
             compiling: Mutex::new(()),
-            state: Mutex::new(State::default()),
         }))
     })
 }
 
 impl CoreMlEngine {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// `r`, counting a caught Objective-C exception in the counters.
-    fn counted<T>(&self, r: Result<T, EngineError>) -> Result<T, EngineError> {
-        if let Err(EngineError::Exception(_)) = &r {
-            self.lock().counters.exceptions += 1;
-        }
-        r
-    }
-
     /// The compiled-model cache folder.
     pub fn cache_dir(&self) -> &std::path::Path {
         self.cache.root()
@@ -142,126 +111,41 @@ impl Engine for CoreMlEngine {
         "coreml"
     }
 
-    fn limits(&self) -> ChipLimits {
-        self.limits
-    }
-
-    fn chip(&self) -> Chip {
-        self.chip
-    }
-
     fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {
         let plan = CoreMlPlan::new(mil, weights)?;
         let key = plan.key;
-        {
-            let mut st = self.lock();
-            // The same MIL and weights already loaded: a second id for it, no compile.
-            let id = st.next_id + 1;
-            if st.programs.share(key, id) {
-                st.next_id = id;
-                st.counters.shared += 1;
-                return Ok(ProgramId(id));
-            }
-            if st.programs.len() >= self.limits.max_loaded_programs {
-                return Err(EngineError::Budget {
-                    loaded: st.programs.len(),
-                    max: self.limits.max_loaded_programs,
-                });
-            }
+        // The same MIL and weights already loaded: a second id for it, no compile.
+        if let Some(id) = self.core.admit(key)? {
+            return Ok(id);
         }
         let builder = Builder {
             cache: &self.cache,
-            cap: &self.cap,
-            steps: &self.steps,
+            cap: &self.core.cap,
+            steps: &self.core.steps,
             compiling: &self.compiling,
         };
-        let (program, built) = self.counted(autoreleasepool(|_| builder.build(plan)))?;
-        let mut st = self.lock();
-        st.counters.compiles += built.compiles;
-        st.counters.cache_reused += u64::from(built.from_cache);
-        st.counters.loads += 1;
-        st.next_id += 1;
-        let id = st.next_id;
-        st.programs.insert_keyed(id, key, program);
-        let n = st.programs.len();
-        st.counters.set_loaded(n);
-        Ok(ProgramId(id))
+        let (program, built) = self
+            .core
+            .counted(autoreleasepool(|_| builder.build(plan)))?;
+        self.core.count(|c| {
+            c.compiles += built.compiles;
+            c.cache_reused += u64::from(built.from_cache);
+        });
+        Ok(self.core.insert(Some(key), program))
     }
 
-    fn evaluate(
-        &self,
-        program: ProgramId,
-        inputs: &[&Surface],
-        outputs: &mut [&mut Surface],
-    ) -> Result<(), EngineError> {
-        // Held for the evaluation: an `unload` meanwhile leaves the program loaded until this
-        // handle drops, and the drop then releases it.
-        let handle = self
-            .lock()
-            .programs
-            .get(program.0)
-            .ok_or(EngineError::UnknownProgram(program.0))?;
-        let mut prog = handle.lock();
-        let sizes: Vec<usize> = inputs.iter().map(|s| s.alloc_size()).collect();
-        let out_sizes: Vec<usize> = outputs.iter().map(|s| s.alloc_size()).collect();
-        prog.plan.check_request(&sizes, &out_sizes)?;
-        let copied = self.counted(self.steps.run("evaluate", || {
-            autoreleasepool(|_| prog.evaluate(inputs, outputs))
-        }))?;
-        drop(prog);
-        let mut st = self.lock();
-        st.counters.evaluations += 1;
-        st.counters.bytes_copied += copied;
-        Ok(())
-    }
-
-    fn unload(&self, program: ProgramId) {
-        let removed = {
-            let mut st = self.lock();
-            let p = st.programs.remove(program.0);
-            if p.is_some() {
-                st.counters.unloads += 1;
-                let n = st.programs.len();
-                st.counters.set_loaded(n);
-            }
-            p
-        };
-        // Outside the engine lock: released here, or by an evaluation in flight when it ends.
-        drop(removed);
-    }
+    crate::engine_core::answered_by_core!(programs);
 
     fn op_placement(&self, program: ProgramId) -> Option<Vec<OpPlacement>> {
-        let handle = self.lock().programs.get(program.0)?;
-        let known = handle.lock().placement.known();
+        let known = self.core.get(program).ok()?.lock().placement.known();
         known
     }
 
     fn read_op_placement(&self, program: ProgramId) -> Option<Vec<OpPlacement>> {
-        let handle = self.lock().programs.get(program.0)?;
+        let handle = self.core.get(program).ok()?;
         let mut exceptions = 0;
         let p = handle.lock().read_placement(&mut exceptions);
-        self.lock().counters.exceptions += exceptions;
+        self.core.count(|c| c.exceptions += exceptions);
         p
-    }
-
-    fn steps(&self) -> Vec<crate::steps::StepRecord> {
-        self.steps.records()
-    }
-
-    fn counters(&self) -> EngineCounters {
-        let mut c = self.lock().counters;
-        c.compile_attempts = self.cap.used();
-        c
-    }
-}
-
-impl Drop for CoreMlEngine {
-    fn drop(&mut self) {
-        // The ids first: a guard in the `for` expression would live through the loop, and
-        // `unload` takes the lock again.
-        let ids = self.lock().programs.ids();
-        for id in ids {
-            self.unload(ProgramId(id));
-        }
     }
 }

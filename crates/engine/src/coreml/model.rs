@@ -12,6 +12,7 @@ use crate::compile_cap::CompileCap;
 use crate::coreml_plan::{
     on_load_failure, Cache, CoreMlPlan, LazyPlacement, LoadFailure, OpPlacement,
 };
+use crate::engine_core::Evaluate;
 use crate::resident::Release;
 use crate::steps::StepLog;
 use crate::{EngineError, Surface};
@@ -160,11 +161,29 @@ impl LoadedModel {
             }
         }
     }
+}
 
+impl Evaluate for LoadedModel {
+    /// One prediction (`predict`), in an autorelease pool. Returns the bytes copied.
+    fn evaluate(
+        &mut self,
+        inputs: &[&Surface],
+        outputs: &mut [&mut Surface],
+    ) -> Result<u64, EngineError> {
+        autoreleasepool(|_| self.predict(inputs, outputs))
+    }
+
+    /// The features' sizes ([`CoreMlPlan::check_request`]).
+    fn check_request(&self, inputs: &[usize], outputs: &[usize]) -> Result<(), EngineError> {
+        self.plan.check_request(inputs, outputs)
+    }
+}
+
+impl LoadedModel {
     /// One prediction: each input copied into a new fp16 `MLMultiArray`, the outputs copied
     /// back into their surfaces, packed. Surfaces are in binding order, checked against the plan
     /// by the caller. Returns the bytes copied.
-    pub(super) fn evaluate(
+    fn predict(
         &mut self,
         inputs: &[&Surface],
         outputs: &mut [&mut Surface],

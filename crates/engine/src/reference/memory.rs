@@ -8,9 +8,9 @@
 use std::alloc::{alloc, dealloc, Layout};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use crate::surface::EngineMemory;
+use crate::surface::{EngineMemory, Handoff};
 use crate::EngineError;
 
 /// Alignment of the allocation (an IOSurface's base is page aligned; 128 is what the rules need).
@@ -25,20 +25,12 @@ pub(super) struct Handoffs {
     pub(super) to_device: AtomicU64,
 }
 
-#[derive(Debug)]
-struct State {
-    /// The CPU holds the memory (locked).
-    cpu: bool,
-    /// Evaluations using it now.
-    users: usize,
-}
-
 /// Aligned host memory, NaN-filled, with the CPU/device hand-off rules.
 #[derive(Debug)]
 pub(super) struct TrackedMemory {
     ptr: NonNull<u8>,
     len: usize,
-    state: Mutex<State>,
+    handoff: Handoff,
     handoffs: Arc<Handoffs>,
 }
 
@@ -61,16 +53,9 @@ impl TrackedMemory {
         Ok(TrackedMemory {
             ptr,
             len,
-            state: Mutex::new(State {
-                cpu: true,
-                users: 0,
-            }),
+            handoff: Handoff::default(),
             handoffs,
         })
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -83,38 +68,26 @@ impl EngineMemory for TrackedMemory {
         self.len
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn to_cpu(&self) -> Result<(), EngineError> {
-        let mut st = self.state();
-        if st.users > 0 {
-            return Err(EngineError::Surface(format!(
-                "CPU access to a surface that {} evaluation(s) use",
-                st.users
-            )));
-        }
-        if !st.cpu {
-            st.cpu = true;
+        self.handoff.to_cpu(|| {
             self.handoffs.to_cpu.fetch_add(1, Relaxed);
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn to_device(&self) -> Result<(), EngineError> {
-        let mut st = self.state();
-        if st.cpu {
-            st.cpu = false;
+        self.handoff.to_device(|| {
             self.handoffs.to_device.fetch_add(1, Relaxed);
-        }
-        st.users += 1;
+        });
         Ok(())
     }
 
     fn release(&self) {
-        let mut st = self.state();
-        st.users = st.users.saturating_sub(1);
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
+        self.handoff.release();
     }
 }
 

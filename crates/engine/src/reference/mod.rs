@@ -27,12 +27,12 @@ mod exec;
 pub mod faults;
 mod memory;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ane_mil::DType;
 
 use crate::driver_plan::DriverPlan;
+use crate::engine_core::EngineCore;
 use crate::{
     Chip, ChipLimits, Engine, EngineCounters, EngineError, ProgramId, Surface, WeightFile,
 };
@@ -40,24 +40,20 @@ use exec::Checked;
 pub use exec::{Accum, Numerics, MATMUL_OUTPUT_CLIFF};
 use faults::{FaultSpec, Faults, Step};
 
-/// CPU engine with ANE rules and numerics. Cheap to share: all state sits behind one mutex, and
-/// evaluation runs outside it.
+/// CPU engine with ANE rules and numerics. Cheap to share: the bookkeeping is the engines' shared
+/// core ([`EngineCore`]), and evaluation runs outside every lock.
 #[derive(Debug)]
 pub struct ReferenceEngine {
-    limits: ChipLimits,
-    chip: Chip,
     handoffs: Arc<memory::Handoffs>,
-    own_surfaces: std::sync::atomic::AtomicBool,
     numerics: Numerics,
     faults: Option<Faults>,
-    /// The same per-process cap as the ANE driver, so the plugin's behaviour past it is tested.
-    cap: crate::compile_cap::CompileCap,
-    /// Each compile, load, evaluate and unload ([`crate::steps`]).
-    steps: crate::steps::StepLog,
     /// `with_placement`: the device every operation reports, standing in for Core ML's compute
     /// plan in tests of the engine choice.
     placed_on: Option<crate::coreml_plan::OpDevice>,
-    state: Mutex<State>,
+    /// Chip, limits, surfaces' kind, ids, budget, the same per-process compile cap as the ANE
+    /// driver (so the plugin's behaviour past it is tested), the step log and counters: what
+    /// every engine keeps alike.
+    core: EngineCore<Arc<Program>>,
 }
 
 /// A loaded program: the driver plan it was compiled from and the checked function.
@@ -69,27 +65,21 @@ struct Program {
     ops: Vec<String>,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    next_id: u64,
-    programs: HashMap<u64, Arc<Program>>,
-    counters: EngineCounters,
+/// Nothing to release: a reference program is plain memory. Held as an `Arc` so that
+/// evaluations run outside the program's lock, concurrently.
+impl crate::resident::Release for Arc<Program> {
+    fn release(&mut self) {}
 }
 
 impl ReferenceEngine {
     /// An engine enforcing `limits`, with the default [`Numerics`] and no injected faults.
     pub fn new(limits: ChipLimits) -> Self {
         ReferenceEngine {
-            limits,
-            chip: Chip::Unknown,
             handoffs: Arc::default(),
-            own_surfaces: std::sync::atomic::AtomicBool::new(true),
             numerics: Numerics::default(),
             faults: None,
-            cap: crate::compile_cap::CompileCap::default(),
-            steps: crate::steps::StepLog::default(),
             placed_on: None,
-            state: Mutex::new(State::default()),
+            core: EngineCore::new(Chip::Unknown, limits),
         }
     }
 
@@ -104,13 +94,13 @@ impl ReferenceEngine {
     /// The same engine with a compile cap of `max` attempts instead of
     /// [`crate::compile_cap::MAX_COMPILES`] (tests).
     pub fn with_compile_cap(mut self, max: u64) -> Self {
-        self.cap = crate::compile_cap::CompileCap::new(max);
+        self.core.cap = crate::compile_cap::CompileCap::new(max);
         self
     }
 
     /// The same engine standing for `chip` (its costs; limits are set apart).
     pub fn for_chip(mut self, chip: Chip) -> Self {
-        self.chip = chip;
+        self.core.chip = chip;
         self
     }
 
@@ -129,16 +119,8 @@ impl ReferenceEngine {
 
     fn inject(&self, step: Step) -> Result<(), EngineError> {
         let r = self.faults.as_ref().map_or(Ok(()), |f| f.check(step));
-        if let Err(EngineError::Exception(_)) = &r {
-            // Counted like the ANE driver counts the exceptions it catches.
-            self.lock().counters.exceptions += 1;
-        }
-        r
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding the lock leaves only counters half-updated; keep going.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        // Counted like the ANE driver counts the exceptions it catches.
+        self.core.counted(r)
     }
 }
 
@@ -174,8 +156,8 @@ impl ReferenceEngine {
             .filter(|st| st.op != "const")
             .map(|st| st.op.clone())
             .collect();
-        let checked = exec::check(func, self.limits.max_axis, &blob)?;
-        self.cap.take()?;
+        let checked = exec::check(func, self.core.limits.max_axis, &blob)?;
+        self.core.cap.take()?;
         self.inject(Step::Throw)?;
         self.inject(Step::Compile)?;
         Ok(Program { plan, checked, ops })
@@ -183,22 +165,10 @@ impl ReferenceEngine {
 
     /// The budget and the load faults: the `load` step.
     fn load(&self, program: Program) -> Result<ProgramId, EngineError> {
-        let mut st = self.lock();
-        st.counters.compiles += 1;
+        self.core.count(|c| c.compiles += 1);
         self.inject(Step::Load)?;
-        if st.programs.len() >= self.limits.max_loaded_programs {
-            return Err(EngineError::Budget {
-                loaded: st.programs.len(),
-                max: self.limits.max_loaded_programs,
-            });
-        }
-        st.next_id += 1;
-        let id = st.next_id;
-        st.programs.insert(id, Arc::new(program));
-        st.counters.loads += 1;
-        let n = st.programs.len();
-        st.counters.set_loaded(n);
-        Ok(ProgramId(id))
+        self.core.check_budget()?;
+        Ok(self.core.insert(None, Arc::new(program)))
     }
 
     /// The `evaluate` step.
@@ -208,12 +178,8 @@ impl ReferenceEngine {
         inputs: &[&Surface],
         outputs: &mut [&mut Surface],
     ) -> Result<(), EngineError> {
-        let prog = self
-            .lock()
-            .programs
-            .get(&program.0)
-            .cloned()
-            .ok_or(EngineError::UnknownProgram(program.0))?;
+        // The program's lock only long enough to take it: evaluations run concurrently.
+        let prog = self.core.get(program)?.lock().clone();
         self.inject(Step::Throw)?;
         self.inject(Step::Alloc)?;
         let sizes = |s: &mut dyn Iterator<Item = usize>| s.collect::<Vec<_>>();
@@ -288,9 +254,7 @@ impl ReferenceEngine {
             }
         }
         drop((ins, outs));
-        let mut st = self.lock();
-        st.counters.evaluations += 1;
-        st.counters.bytes_copied += copied as u64;
+        self.core.evaluated(copied as u64);
         Ok(())
     }
 }
@@ -300,34 +264,23 @@ impl Engine for ReferenceEngine {
         "reference"
     }
 
-    fn limits(&self) -> ChipLimits {
-        self.limits
-    }
-
-    fn chip(&self) -> Chip {
-        self.chip
-    }
+    crate::engine_core::answered_by_core!();
 
     /// Host memory that enforces the IOSurface hand-off protocol ([`memory`]).
     fn new_surface(&self, bytes: usize) -> Result<Surface, EngineError> {
         self.inject(Step::Alloc)?;
-        if !self.own_surfaces.load(std::sync::atomic::Ordering::Relaxed) {
-            return Ok(Surface::new(bytes));
-        }
-        let mem = memory::TrackedMemory::new(bytes, self.handoffs.clone())?;
-        Ok(Surface::from_engine(Box::new(mem)))
-    }
-
-    fn use_own_surfaces(&self, on: bool) {
-        self.own_surfaces
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+        self.core.new_surface(bytes, |bytes| {
+            let mem = memory::TrackedMemory::new(bytes, self.handoffs.clone())?;
+            Ok(Surface::from_engine(Box::new(mem)))
+        })
     }
 
     fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {
         let program = self
+            .core
             .steps
             .run("compile", || self.compile_checked(mil, weights))?;
-        self.steps.run("load", || self.load(program))
+        self.core.steps.run("load", || self.load(program))
     }
 
     fn evaluate(
@@ -336,17 +289,14 @@ impl Engine for ReferenceEngine {
         inputs: &[&Surface],
         outputs: &mut [&mut Surface],
     ) -> Result<(), EngineError> {
-        self.steps.run("evaluate", || {
+        self.core.steps.run("evaluate", || {
             self.evaluate_checked(program, inputs, outputs)
         })
     }
 
-    fn steps(&self) -> Vec<crate::steps::StepRecord> {
-        self.steps.records()
-    }
     fn op_placement(&self, program: ProgramId) -> Option<Vec<crate::coreml_plan::OpPlacement>> {
         let device = self.placed_on?;
-        let prog = self.lock().programs.get(&program.0).cloned()?;
+        let prog = self.core.get(program).ok()?.lock().clone();
         // Named as Core ML's compute plan names them (`ios18.matmul`), read through the same
         // normalisation as the Core ML driver's.
         Some(
@@ -358,22 +308,16 @@ impl Engine for ReferenceEngine {
     }
 
     fn unload(&self, program: ProgramId) {
-        let _ = self.steps.run("unload", || {
-            let mut st = self.lock();
-            if st.programs.remove(&program.0).is_some() {
-                st.counters.unloads += 1;
-                let n = st.programs.len();
-                st.counters.set_loaded(n);
-            }
+        let _ = self.core.steps.run("unload", || {
             // Unloading an unknown id is a no-op by contract, not a failed step.
+            self.core.unload(program);
             Ok(())
         });
     }
 
     fn counters(&self) -> EngineCounters {
-        let mut c = self.lock().counters;
+        let mut c = self.core.counters();
         c.faults_injected = self.faults.as_ref().map_or(0, Faults::injected);
-        c.compile_attempts = self.cap.used();
         c
     }
 }

@@ -36,6 +36,7 @@ pub struct Probed {
 }
 
 /// The `host` check: each signal, and whether they let an engine open.
+#[cfg(target_vendor = "apple")]
 pub fn host_check(signals: &ane_engine::host::HostSignals) -> Check {
     let verdict = ane_engine::host::decide(signals);
     check(

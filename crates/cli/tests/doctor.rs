@@ -44,7 +44,10 @@ fn doctor_json_contract_without_ane() {
     assert!(r["host"].is_null(), "{}", r["host"]);
     let host = checks.iter().find(|c| c["name"] == "host").unwrap();
     assert_eq!(host["ok"], false, "{host}");
-    assert!(host["detail"].as_str().unwrap().contains("kern.hv_vmm_present"));
+    assert!(host["detail"]
+        .as_str()
+        .unwrap()
+        .contains("kern.hv_vmm_present"));
     // The step log: every call the engine made, in order, and none failed here.
     assert_eq!(r["steps_engine"], "reference");
     let steps: Vec<&str> = r["steps"]

@@ -20,7 +20,7 @@ commands:
                     generated model, or on any GGUF with --model (run with --no-repack)
   test [--only STEPS] [--skip STEPS] [--plugin PATH]
                     the full test suite; STEPS is a comma list of
-                    setup,unit,mil,coreml,ops,moe,faults,fallback,e2e,real,overflow,fuzz,sched,placement,plan,contexts,host2,metal (default: all, in that order);
+                    setup,unit,mil,coreml,ops,moe,faults,fallback,e2e,real,overflow,fuzz,sched,placement,plan,contexts,host2,gpu,metal (default: all, in that order);
                     --plugin uses a prebuilt plugin instead of building
                     target/release/libggml_ane.so
   check-apple       clippy the workspace for aarch64-apple-darwin (the macOS code)
@@ -59,7 +59,7 @@ pub struct TestOpts {
 }
 
 /// Steps of `cargo xtask test`, in the order they run.
-pub const TEST_STEPS: [&str; 18] = [
+pub const TEST_STEPS: [&str; 19] = [
     "setup",
     "unit",
     "mil",
@@ -77,6 +77,7 @@ pub const TEST_STEPS: [&str; 18] = [
     "plan",
     "contexts",
     "host2",
+    "gpu",
     "metal",
 ];
 
@@ -218,6 +219,7 @@ mod tests {
                 "plan",
                 "contexts",
                 "host2",
+                "gpu",
                 "metal",
             ]
         );

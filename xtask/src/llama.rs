@@ -62,7 +62,7 @@ pub const API2: Host = Host {
 };
 
 /// The binaries the tests and the demo run on [`API3`].
-pub const TARGETS: [&str; 7] = [
+pub const TARGETS: [&str; 8] = [
     "test-backend-ops",
     "llama-completion",
     "llama-bench",
@@ -70,6 +70,7 @@ pub const TARGETS: [&str; 7] = [
     "llama-perplexity",
     "llama-quantize",
     "ggml-rpc-server",
+    "llama-server",
 ];
 
 impl Host {
@@ -106,7 +107,10 @@ fn cmake_flags() -> Vec<&'static str> {
         "-DLLAMA_BUILD_TESTS=ON",
         "-DLLAMA_BUILD_TOOLS=ON",
         "-DLLAMA_BUILD_EXAMPLES=ON",
-        "-DLLAMA_BUILD_SERVER=OFF",
+        // llama-server for the one-process tests (`-np 4` beside the RPC GPU); no web UI, and
+        // nothing downloaded at build time.
+        "-DLLAMA_BUILD_SERVER=ON",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
         "-DLLAMA_OPENSSL=OFF",
         // The GPU-typed backend the one-process tests put beside the plugin (`ggml-rpc-server` on
         // loopback standing in for Metal): libggml-rpc and the server, seconds to build.

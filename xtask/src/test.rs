@@ -124,6 +124,7 @@ pub fn run(opts: &TestOpts) -> Result {
             "contexts" => crate::test_contexts::step(&mut pre),
             "host2" => crate::test_host2::step(&mut pre),
             "metal" => crate::test_metal::step(&mut pre),
+            "gpu" => crate::test_gpu::step(&mut pre),
             other => Err(format!("unknown step {other}").into()),
         };
         drop(section);

@@ -54,6 +54,7 @@ unsafe extern "C" fn ggml_backend_ane_free(backend: ggml_backend_t) {
 /// thread holds the cache.
 extern "C" fn ggml_backend_ane_at_exit() {
     catch_panic((), || {
+        placement::say_at_exit();
         if let Ok(dev) = device_state() {
             print_stats(dev);
             if let Ok(mut cache) = dev.cache.try_lock() {
@@ -284,7 +285,12 @@ unsafe extern "C" fn ggml_backend_ane_device_supports_buft(
     // leaves tensors of an accepted type where they are, so nothing else.
     catch_panic(false, || match ggml::ggml() {
         // SAFETY: ggml passes a valid buffer type.
-        Some(g) if !buft.is_null() => residence::accepts(&unsafe { placement::residence(g, buft) }),
+        Some(g) if !buft.is_null() => {
+            // SAFETY: as above.
+            let r = unsafe { placement::residence(g, buft) };
+            placement::offered(&r);
+            residence::accepts(&r)
+        }
         _ => false,
     })
 }

@@ -161,10 +161,11 @@ pub fn weight_notice(why: &Unreadable, tensor: &str) -> (Notice, String) {
         Unreadable::GpuShared { buft, device } => (
             Notice::DeviceMemory,
             format!(
-                "ggml-ane: MUL_MAT weights such as {tensor} are in {device}'s shared {buft} buffer \
-                 (mmap off: --no-mmap, or a device without mmap), which also holds the GPU's \
-                 activations, so {device} computes them; drop --no-mmap so the weights stay in \
-                 {buft}_Mapped, which the ANE reads, see docs/mac.md"
+                "ggml-ane: MUL_MAT weights such as {tensor} are in {device}'s shared {buft} buffer: \
+                 the model was loaded without mmap (--load-mode none or dio; --no-mmap in older \
+                 llama.cpp), and that buffer also holds the GPU's activations, so {device} \
+                 computes them; load with mmap (the default, --load-mode auto) so the weights sit \
+                 in {buft}_Mapped, which the ANE reads, see docs/mac.md"
             ),
         ),
         Unreadable::GpuPrivate { buft, device } => (
@@ -369,6 +370,58 @@ pub fn activation_access(g: &Ggml, t: &ggml_tensor) -> Access {
     }
 }
 
+/// `supports_buft` was offered a GPU's mapped weights type / a GPU's shared type (which one).
+static OFFERED_MAPPED: AtomicBool = AtomicBool::new(false);
+static OFFERED_SHARED: Mutex<Option<Unreadable>> = Mutex::new(None);
+
+/// `supports_buft` hook: remembers which GPU buffer types the scheduler asked about. With the
+/// model loaded without mmap, a GPU's weights sit in its shared type, which the plugin declines in
+/// `supports_buft`, so the scheduler never asks `supports_op` about their matmuls and
+/// [`weight_usable`] never sees them: [`say_at_exit`] tells the user then.
+pub fn offered(r: &Residence) {
+    match r {
+        Residence::MappedWeights => OFFERED_MAPPED.store(true, Relaxed),
+        Residence::Declined(why @ Unreadable::GpuShared { .. }) => {
+            let mut s = OFFERED_SHARED.lock().unwrap_or_else(|e| e.into_inner());
+            if s.is_none() {
+                *s = Some(why.clone());
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The line for a run whose GPU weights were never readable: a GPU's shared buffer type was
+/// offered, no mapped weights type ever was, and no weight in host memory came to the plugin
+/// (`-ngl 0` runs have their weights in host memory and GPU activations in the shared type).
+pub fn mmap_off_notice(
+    offered_mapped: bool,
+    shared: Option<&Unreadable>,
+    seen_host: bool,
+) -> Option<(Notice, String)> {
+    match shared {
+        Some(why @ Unreadable::GpuShared { device, .. }) if !offered_mapped && !seen_host => Some(
+            weight_notice(why, &format!("those of the layers on {device}")),
+        ),
+        _ => None,
+    }
+}
+
+/// At exit: says [`mmap_off_notice`] if it applies (once per process, like every notice).
+pub fn say_at_exit() {
+    let shared = OFFERED_SHARED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some((n, line)) = mmap_off_notice(
+        OFFERED_MAPPED.load(Relaxed),
+        shared.as_ref(),
+        SEEN_HOST.load(Relaxed),
+    ) {
+        say(n, &line);
+    }
+}
+
 /// Devices whose buffers held weights the plugin was offered (for [`split_layers_notice`]).
 static SEEN_HOST: AtomicBool = AtomicBool::new(false);
 static SEEN_GPU: Mutex<Option<String>> = Mutex::new(None);
@@ -559,11 +612,27 @@ mod tests {
         assert!(line.contains("blk.0.attn_q.weight") && line.contains("--no-repack"));
         let (n, line) = weight_notice(&why(r("MTL0", "MTL0", DevKind::Gpu, "MTL")), "w");
         assert_eq!(n, Notice::DeviceMemory);
-        assert!(line.contains("--no-mmap") && line.contains("MTL0_Mapped"));
+        assert!(line.contains("--load-mode none") && line.contains("MTL0_Mapped"));
         let (_, line) = weight_notice(&why(r("MTL0_Private", "MTL0", DevKind::Gpu, "MTL")), "w");
         assert!(line.contains("GGML_METAL_SHARED_BUFFERS_DISABLE"));
         let (_, line) = weight_notice(&why(r("CUDA0", "CUDA0", DevKind::Gpu, "CUDA")), "w");
         assert!(line.contains("-ngl 0") && line.contains("CUDA0"));
+        let shared = Unreadable::GpuShared {
+            buft: "MTL0".into(),
+            device: "MTL0".into(),
+        };
+        let (_, line) = mmap_off_notice(false, Some(&shared), false).unwrap();
+        assert!(line.starts_with("ggml-ane: MUL_MAT weights such as those of the layers on MTL0"));
+        assert!(line.contains("--load-mode") && line.contains("MTL0_Mapped"));
+        assert!(
+            mmap_off_notice(true, Some(&shared), false).is_none(),
+            "mmap on"
+        );
+        assert!(
+            mmap_off_notice(false, Some(&shared), true).is_none(),
+            "-ngl 0"
+        );
+        assert!(mmap_off_notice(false, None, false).is_none());
         let line = split_layers_notice("MTL0");
         assert!(line.contains("-ts 0,1") && line.contains("--device ANE,MTL0"));
         assert!(line.starts_with("ggml-ane: ") && !line.contains('\n'));

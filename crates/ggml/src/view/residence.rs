@@ -66,7 +66,8 @@ pub enum Residence {
 pub enum Unreadable {
     /// A CPU extra buffer type (`CPU_REPACK`, `AMX`, `KLEIDIAI`): re-laid-out for the CPU.
     Repacked { buft: String },
-    /// Metal's shared type `MTL<n>`: weights land there with `--no-mmap` (or when mmap is off).
+    /// Metal's shared type `MTL<n>`: weights land there when the model is loaded without mmap
+    /// (`--load-mode none`/`dio`; `--no-mmap` in older llama.cpp).
     GpuShared { buft: String, device: String },
     /// Metal's private type `MTL<n>_Private`: GPU-only memory.
     GpuPrivate { buft: String, device: String },

@@ -32,7 +32,6 @@
 //!   `--prompt-cache` by a run with the plugin is continued by a run without
 //!   it (the "ANE prefill, then Metal decode" recipe) with the CPU's text.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -114,12 +113,12 @@ pub fn run(opts: &TestOpts) -> Result {
             "moe" => crate::test_moe::step(&mut pre),
             "faults" => step_faults(&mut pre),
             "fallback" => pre.plugin().and_then(|p| crate::bench_fallback::run(&p)),
-            "overflow" => step_overflow(&mut pre),
-            "fuzz" => step_fuzz(),
+            "overflow" => crate::test_overflow::step(&mut pre),
+            "fuzz" => crate::test_fuzz::step(),
             "e2e" => step_e2e(&mut pre),
             "real" => crate::test_real::step(&mut pre),
-            "sched" => step_sched(&mut pre),
-            "placement" => step_placement(&mut pre),
+            "sched" => crate::test_sched::step(&mut pre),
+            "placement" => crate::test_placement::step(&mut pre),
             "plan" => crate::test_plan::step(&mut pre),
             "contexts" => crate::test_contexts::step(&mut pre),
             "host2" => crate::test_host2::step(&mut pre),
@@ -643,7 +642,7 @@ impl OpsCounts {
 }
 
 /// Remove ANSI CSI sequences (`ESC [ ... letter`).
-fn strip_ansi(s: &str) -> String {
+pub(crate) fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(ch) = chars.next() {
@@ -768,147 +767,6 @@ fn step_faults(pre: &mut Prereqs) -> Result<String> {
     Ok(format!("{mixed} | {all} | {off}"))
 }
 
-/// Seconds each `cargo fuzz` target runs in the `fuzz` step.
-const FUZZ_SECS: u32 = 30;
-
-/// Targets in `fuzz/fuzz_targets/`.
-const FUZZ_TARGETS: [&str; 3] = ["mil_parse", "blob_read", "gguf_parse"];
-
-/// The stable property-test twins always run; the libFuzzer targets run when `cargo +nightly fuzz`
-/// works here, and the summary says which of the two ran.
-fn step_fuzz() -> Result<String> {
-    util::run(util::cargo().args([
-        "test",
-        "-p",
-        "ane-mil",
-        "-p",
-        "ane-plan",
-        "--test",
-        "bad_input",
-    ]))?;
-    let have_fuzz = Command::new("cargo")
-        .args(["+nightly", "fuzz", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_fuzz {
-        let msg = "cargo-fuzz or the nightly toolchain is missing: ONLY the property-test twins \
-                   ran, NO fuzzing (install: rustup toolchain install nightly; cargo install \
-                   cargo-fuzz)";
-        println!("\n!!! fuzz: {msg}\n");
-        return Ok(format!("property tests passed; {msg}"));
-    }
-    let mut ran = Vec::new();
-    for target in FUZZ_TARGETS {
-        let res = util::run_logged(
-            Command::new("cargo")
-                .args([
-                    "+nightly",
-                    "fuzz",
-                    "run",
-                    "--fuzz-dir",
-                    "fuzz",
-                    target,
-                    "--",
-                ])
-                .arg(format!("-max_total_time={FUZZ_SECS}")),
-            &format!("fuzz-{target}"),
-            Duration::from_secs(600),
-        )?;
-        let build_failed = !res.success()
-            && !res.stderr.contains("libFuzzer")
-            && (res.stderr.contains("could not compile")
-                || res.stderr.contains("error: failed to"));
-        if build_failed {
-            // The nightly toolchain moves; a fuzz build broken by it is not a finding about our
-            // code (the same code compiles on stable above). Say so loudly, don't hide it.
-            println!(
-                "\n!!! fuzz: building target {target} with nightly failed: NO fuzzing for it ({})\n",
-                res.where_logged()
-            );
-            ran.push(format!("{target} NOT RUN (nightly build failed)"));
-            continue;
-        }
-        if !res.success() {
-            bail!(
-                "fuzz target {target} found a crash ({}):\n{}\n{}",
-                res.status_text(),
-                res.stderr_tail(30),
-                res.where_logged()
-            );
-        }
-        let runs = res
-            .stderr
-            .lines()
-            .rev()
-            .find_map(|l| l.strip_prefix("Done ")?.split(' ').next())
-            .unwrap_or("?")
-            .to_string();
-        ran.push(format!("{target} {runs} runs"));
-    }
-    Ok(format!(
-        "property tests passed; cargo fuzz clean for {FUZZ_SECS}s each: {}",
-        ran.join(", ")
-    ))
-}
-
-/// A tiny f32 model whose layer-0 FFN hidden state exceeds 65504 (`--overflow-gain 400`): the
-/// CPU keeps f32 activations, the ANE would see inf. With the plugin, the numeric guard must send
-/// those MUL_MATs to the CPU path and the greedy text must equal the CPU-only run.
-fn step_overflow(pre: &mut Prereqs) -> Result<String> {
-    let plugin = pre.plugin()?;
-    pre.llama()?;
-    let python = pre.python()?;
-    let model = abs("target/models/tiny-llama-overflow-f32.gguf");
-    std::fs::create_dir_all(abs("target/models"))?;
-    util::run(
-        Command::new(&python)
-            .arg(abs("scripts/make_tiny_llama.py"))
-            .arg(&model)
-            .args(["--dtype", "f32", "--seed", "0", "--overflow-gain", "400"]),
-    )?;
-    let timeout = Duration::from_secs(300);
-    let cpu = run_completion(
-        &mut completion(&model, None, 24, &[]),
-        "overflow-cpu",
-        timeout,
-    )?;
-    let ane = run_completion(
-        completion(&model, Some(&plugin), 24, &[]).env("GGML_ANE_STATS", "json"),
-        "overflow-ane",
-        timeout,
-    )?;
-    for (name, r) in [("CPU-only", &cpu), ("plugin", &ane)] {
-        if !r.success() {
-            bail!(
-                "{name} llama-completion {}:\n{}\n{}",
-                r.status_text(),
-                r.stderr_tail(15),
-                r.where_logged()
-            );
-        }
-    }
-    let (cpu_text, ane_text) = (generated(&cpu.stdout), generated(&ane.stdout));
-    println!("overflow CPU: {cpu_text:?}\noverflow ANE: {ane_text:?}");
-    if cpu_text.trim().is_empty() || cpu_text != ane_text {
-        bail!(
-            "greedy output differs or is empty\n  cpu: {cpu_text:?}\n  ane: {ane_text:?}\n{}",
-            ane.where_logged()
-        );
-    }
-    let stat = |key: &str| stats_field_max(&ane.stderr, key).unwrap_or(0);
-    let (trips, offloaded) = (stat("guard_trips"), stat("ops_offloaded"));
-    if trips == 0 || offloaded == 0 {
-        bail!(
-            "expected guard trips and offloaded ops, got guard_trips {trips}, ops_offloaded \
-             {offloaded}\n{}",
-            ane.where_logged()
-        );
-    }
-    Ok(format!(
-        "text identical to CPU; guard trips {trips}, ops offloaded {offloaded}"
-    ))
-}
-
 /// The largest value of an integer field over the `ggml-ane-stats: {json}` stderr lines.
 /// [`stats_field_max`], 0 when absent.
 pub(crate) fn stat(stderr: &str, key: &str) -> u64 {
@@ -978,7 +836,7 @@ pub(crate) fn greedy_text_repack(
     Ok((text, res.stderr))
 }
 
-fn stats_field_max(stderr: &str, key: &str) -> Option<u64> {
+pub(crate) fn stats_field_max(stderr: &str, key: &str) -> Option<u64> {
     stderr
         .lines()
         // Anywhere in a line: the host's own progress output may precede it on the same line
@@ -1180,339 +1038,6 @@ pub(crate) fn json_u64(json: &str, key: &str) -> Option<u64> {
     rest[..end].parse().ok()
 }
 
-// ---------------------------------------------------------------- placement
-
-/// Start of the plugin's one-line notice about weights in a buffer it cannot
-/// read (crates/ggml/src/placement.rs).
-const WEIGHT_NOTICE: &str = "ggml-ane: MUL_MAT weights such as";
-
-/// The largest `key` over the plugin's `ggml-ane-stats: {json}` stderr lines
-/// (one per freed backend instance; the logger may put a timestamp before it).
-fn stats_max(stderr: &str, key: &str) -> Result<u64> {
-    const PREFIX: &str = "ggml-ane-stats: ";
-    let mut best = None;
-    for line in stderr.lines() {
-        let Some(i) = line.find(PREFIX) else { continue };
-        let n = json_u64(&line[i + PREFIX.len()..], key)
-            .ok_or_else(|| format!("no numeric \"{key}\" in `{line}`"))?;
-        best = best.max(Some(n));
-    }
-    best.ok_or_else(|| format!("no `{PREFIX}` line on stderr").into())
-}
-
-fn step_placement(pre: &mut Prereqs) -> Result<String> {
-    let plugin = pre.plugin()?;
-    pre.llama()?;
-    pre.models()?;
-    let model = models::path("q4_0");
-    let timeout = Duration::from_secs(300);
-    let run = |cmd: &mut Command, name: &str| -> Result<util::Logged> {
-        let res = run_completion(cmd, name, timeout)?;
-        if !res.success() {
-            bail!(
-                "{name}: llama-completion {}:\n{}\n{}",
-                res.status_text(),
-                res.stderr_tail(15),
-                res.where_logged()
-            );
-        }
-        Ok(res)
-    };
-    let notices = |res: &util::Logged| {
-        res.stderr
-            .lines()
-            .filter(|l| l.contains(WEIGHT_NOTICE))
-            .count()
-    };
-
-    // Default flags: Q4_0 weights go to CPU_REPACK, which the plugin cannot read.
-    let repacked = run(
-        completion(&model, Some(&plugin), 4, &[]).env("GGML_ANE_STATS", "json"),
-        "placement-repack",
-    )?;
-    let ctx = |r: &util::Logged| format!("{}\n{}", r.stderr_tail(10), r.where_logged());
-    let (off_repacked, buft_repacked) = (
-        stats_max(&repacked.stderr, "ops_offloaded")?,
-        stats_max(&repacked.stderr, "declined_buft")?,
-    );
-    if notices(&repacked) != 1 {
-        bail!(
-            "default flags (repacked q4_0): expected exactly one `{WEIGHT_NOTICE}` line, got {}\n{}",
-            notices(&repacked),
-            ctx(&repacked)
-        );
-    }
-    let line = repacked
-        .stderr
-        .lines()
-        .find(|l| l.contains(WEIGHT_NOTICE))
-        .unwrap_or_default();
-    if !line.contains("CPU_REPACK") || !line.contains("--no-repack") {
-        bail!("the notice should name CPU_REPACK and --no-repack: `{line}`");
-    }
-    if buft_repacked == 0 {
-        bail!(
-            "default flags: declined_buft = 0, but the weights are repacked\n{}",
-            ctx(&repacked)
-        );
-    }
-
-    // --no-repack: the weights stay in host memory and the plugin offloads them.
-    let plain = run(
-        completion(&model, Some(&plugin), 4, &["--no-repack"]).env("GGML_ANE_STATS", "json"),
-        "placement-no-repack",
-    )?;
-    let (off_plain, buft_plain) = (
-        stats_max(&plain.stderr, "ops_offloaded")?,
-        stats_max(&plain.stderr, "declined_buft")?,
-    );
-    if off_plain == 0 || buft_plain != 0 || notices(&plain) != 0 {
-        bail!(
-            "--no-repack: expected offloaded MUL_MATs, declined_buft = 0 and no notice; got \
-             ops_offloaded = {off_plain}, declined_buft = {buft_plain}, {} notice(s)\n{}",
-            notices(&plain),
-            ctx(&plain)
-        );
-    }
-    if off_repacked * 4 > off_plain {
-        bail!(
-            "default flags offloaded {off_repacked} MUL_MATs, --no-repack {off_plain}: \
-             repacked weights should (almost) never reach the plugin"
-        );
-    }
-
-    // Prefill with the plugin, saved with --prompt-cache; decode in another
-    // process without it (on a Mac: with the layers on Metal).
-    let dir = abs("target/xtask-placement");
-    std::fs::create_dir_all(&dir)?;
-    let cache = dir.join("prompt.bin");
-    let _ = std::fs::remove_file(&cache);
-    let cache_arg = cache.to_string_lossy().into_owned();
-    let prefill = run(
-        completion(
-            &model,
-            Some(&plugin),
-            1,
-            &["--no-repack", "--prompt-cache", &cache_arg],
-        )
-        .env("GGML_ANE_STATS", "json"),
-        "placement-prefill",
-    )?;
-    if stats_max(&prefill.stderr, "ops_offloaded")? == 0 || !cache.is_file() {
-        bail!(
-            "prefill run: no offloaded MUL_MATs or no prompt cache written\n{}",
-            ctx(&prefill)
-        );
-    }
-    let decode_args = [
-        "--no-repack",
-        "--prompt-cache",
-        &cache_arg,
-        "--prompt-cache-ro",
-    ];
-    let decode = run(
-        &mut completion(&model, None, 24, &decode_args),
-        "placement-decode",
-    )?;
-    if !decode
-        .stderr
-        .contains("session file has exact match for prompt")
-    {
-        bail!(
-            "decode run did not reuse the saved prefill\n{}",
-            ctx(&decode)
-        );
-    }
-    let cpu = run(
-        &mut completion(&model, None, 24, &["--no-repack"]),
-        "placement-cpu",
-    )?;
-    let (handoff, reference) = (generated(&decode.stdout), generated(&cpu.stdout));
-    if reference.trim().is_empty() || handoff != reference {
-        bail!(
-            "prompt-cache handoff text differs from the CPU-only run\n  handoff: {handoff:?}\n  cpu:     {reference:?}\n{}",
-            decode.where_logged()
-        );
-    }
-    Ok(format!(
-        "q4_0 default flags: {off_repacked} offloaded, declined_buft {buft_repacked}, one \
-         --no-repack notice; --no-repack: {off_plain} offloaded; prompt-cache handoff \
-         (plugin prefill, plugin-less decode) = CPU text"
-    ))
-}
-
-// ---------------------------------------------------------------- sched
-
-fn step_sched(pre: &mut Prereqs) -> Result<String> {
-    let plugin = pre.plugin()?;
-    pre.llama()?;
-    pre.models()?;
-    let res = util::run_logged(
-        completion(&models::path("f16"), Some(&plugin), 4, &["-v"]).env("GGML_SCHED_DEBUG", "1"),
-        "sched-debug",
-        Duration::from_secs(300),
-    )?;
-    if !res.success() {
-        bail!(
-            "llama-completion -v with GGML_SCHED_DEBUG=1 {}:\n{}\n{}",
-            res.status_text(),
-            res.stderr_tail(15),
-            res.where_logged()
-        );
-    }
-    let graphs = SchedGraph::parse(&res.stderr);
-    let ctx = || res.where_logged();
-    if graphs.is_empty() {
-        bail!(
-            "no `## SPLIT #` lines on stderr (GGML_SCHED_DEBUG not honoured, or -v lost?); {}",
-            ctx()
-        );
-    }
-    let reserves = graphs.iter().filter(|g| g.reserve).count();
-    println!("  {reserves} reserve graphs (worst-case sizing), then:");
-    for g in graphs.iter().filter(|g| !g.reserve) {
-        println!("  {g}");
-    }
-    let computed = |pred: &dyn Fn(u32) -> bool| {
-        graphs
-            .iter()
-            .filter(|g| !g.reserve && g.n_tokens.is_some_and(pred))
-            .collect::<Vec<_>>()
-    };
-    let prefill = computed(&|n| n >= 64);
-    let decode = computed(&|n| n == 1);
-    if prefill.is_empty() {
-        bail!("no computed graph with n_tokens >= 64 found; {}", ctx());
-    }
-    if decode.is_empty() {
-        bail!("no computed decode graph (n_tokens = 1) found; {}", ctx());
-    }
-    if let Some(g) = prefill.iter().find(|g| !g.uses_ane()) {
-        bail!("prefill graph has no ANE split: {g}; {}", ctx());
-    }
-    let one_token = graphs.iter().filter(|g| g.n_tokens == Some(1));
-    if let Some(g) = one_token.clone().find(|g| g.uses_ane()) {
-        bail!("1-token graph has an ANE split: {g}; {}", ctx());
-    }
-    Ok(format!(
-        "{} graphs: prefill {} with ANE splits, {} one-token graph(s) CPU only",
-        graphs.len(),
-        prefill
-            .iter()
-            .map(|g| g.n_tokens.unwrap_or_default().to_string())
-            .collect::<Vec<_>>()
-            .join("/"),
-        one_token.count()
-    ))
-}
-
-/// One graph as `GGML_SCHED_DEBUG=1` prints it (ggml-backend.cpp,
-/// `ggml_backend_sched_print_assignments`): lines
-/// `## SPLIT #<i>: <backend> # <n> inputs[: [name (size)] ...]`, starting
-/// again at `#0` for each graph split. Graph sizes are not printed there, so
-/// they come from the surrounding log: llama-context's
-/// `graph_reserve: reserving a graph for ubatch with n_tokens = N` precedes a
-/// reserve graph, and llama-completion (`-v`) logs `n_past = N` after each
-/// decode, so a computed graph's n_tokens is the n_past increase. With
-/// `-v`, common_log prefixes each message piece with `0.00.065.179 D `, so
-/// a split line can read `## SPLIT #0: CPU # 0 inputs0.00.012.910 D `.
-#[derive(Debug, PartialEq)]
-struct SchedGraph {
-    reserve: bool,
-    n_tokens: Option<u32>,
-    /// Backend name of each split, in order.
-    splits: Vec<String>,
-}
-
-impl SchedGraph {
-    fn uses_ane(&self) -> bool {
-        self.splits.iter().any(|b| b.starts_with("ANE"))
-    }
-
-    fn parse(log: &str) -> Vec<SchedGraph> {
-        let mut graphs: Vec<SchedGraph> = Vec::new();
-        let mut pending_reserve: Option<u32> = None;
-        let mut n_past = 0u32;
-        // Computed graphs since the last `n_past = ` line.
-        let mut pending_sizes: Vec<usize> = Vec::new();
-        for raw in log.lines() {
-            let line = strip_ansi(raw);
-            let line = strip_log_prefix(line.trim());
-            if let Some(i) = line.find("reserving a graph for ubatch with n_tokens =") {
-                let rest = &line[i + "reserving a graph for ubatch with n_tokens =".len()..];
-                pending_reserve = leading_u32(rest);
-            } else if let Some(rest) = line.strip_prefix("## SPLIT #") {
-                let Some((idx, rest)) = rest.split_once(':') else {
-                    continue;
-                };
-                let backend = rest.split(" # ").next().unwrap_or("").trim().to_string();
-                if idx.trim() == "0" || graphs.is_empty() {
-                    let reserve = pending_reserve.take();
-                    if reserve.is_none() {
-                        pending_sizes.push(graphs.len());
-                    }
-                    graphs.push(SchedGraph {
-                        reserve: reserve.is_some(),
-                        n_tokens: reserve,
-                        splits: Vec::new(),
-                    });
-                }
-                graphs.last_mut().unwrap().splits.push(backend);
-            } else if let Some(rest) = line.strip_prefix("n_past = ") {
-                if let Some(now) = leading_u32(rest) {
-                    let n = now.saturating_sub(n_past);
-                    for &g in &pending_sizes {
-                        graphs[g].n_tokens = Some(n);
-                    }
-                    pending_sizes.clear();
-                    n_past = now;
-                }
-            }
-        }
-        graphs
-    }
-}
-
-impl std::fmt::Display for SchedGraph {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        for s in &self.splits {
-            *counts.entry(s).or_default() += 1;
-        }
-        let n = self.n_tokens.map_or("?".to_string(), |n| n.to_string());
-        let kind = if self.reserve { "reserve" } else { "compute" };
-        let by_backend: Vec<String> = counts.iter().map(|(b, c)| format!("{b} x{c}")).collect();
-        write!(
-            f,
-            "{kind} graph n_tokens={n}: {} splits ({})",
-            self.splits.len(),
-            by_backend.join(", ")
-        )
-    }
-}
-
-/// Drop common_log's `-v` prefix `0.00.065.179 D ` (timestamp, level letter).
-fn strip_log_prefix(line: &str) -> &str {
-    let mut parts = line.splitn(3, ' ');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(ts), Some(level), rest)
-            if ts.starts_with(|c: char| c.is_ascii_digit())
-                && ts.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-                && level.len() == 1
-                && level.bytes().all(|b| b.is_ascii_uppercase()) =>
-        {
-            rest.unwrap_or("").trim_start()
-        }
-        _ => line,
-    }
-}
-
-fn leading_u32(s: &str) -> Option<u32> {
-    let s = s.trim_start();
-    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    s[..end].parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1542,13 +1067,6 @@ mod tests {
         let c = OpsCounts::parse(&out);
         assert_eq!((c.ok, c.fail, c.unsupported, c.skipped), (1, 1, 1, 1));
         assert!(c.failed[0].contains("NMSE"));
-    }
-
-    #[test]
-    fn stats_max_reads_prefixed_lines() {
-        let err = "0.00.028.415 ggml-ane-stats: {\"declined_buft\":7}\nggml-ane-stats: {\"declined_buft\":3}\n";
-        assert_eq!(stats_max(err, "declined_buft").unwrap(), 7);
-        assert!(stats_max("nothing", "declined_buft").is_err());
     }
 
     #[test]
@@ -1594,33 +1112,5 @@ mod tests {
             parse_forms("# forms\nconv1x1  1x1 conv\n\nmatmul\n"),
             vec!["conv1x1", "matmul"]
         );
-    }
-
-    #[test]
-    fn sched_graphs_get_sizes() {
-        let log = [
-            "0.00.013.033 D graph_reserve: reserving a graph for ubatch with n_tokens =  512, n_seqs =  1, n_outputs =  512",
-            "0.00.013.070 D ",
-            "## SPLIT #0: CPU # 0 inputs0.00.013.074 D ",
-            "## SPLIT #1: ANE # 1 inputs0.00.013.075 D : 0.00.013.076 D [attn_norm-0 (  64K)] 0.00.013.077 D ",
-            "0.00.013.111 D graph_reserve: reserving a graph for ubatch with n_tokens =    1, n_seqs =  1, n_outputs =    1",
-            "## SPLIT #0: CPU # 0 inputs0.00.013.143 D ",
-            "0.00.043.900 D ",
-            "## SPLIT #0: CPU # 0 inputs0.00.043.917 D ",
-            "## SPLIT #1: \x1b[0mANE # 1 inputs: [attn_norm-0 (  64K)]",
-            "## SPLIT #2: CPU # 1 inputs: [ffn_out (  30K)]",
-            "0.00.065.179 D n_past = 100",
-            "## SPLIT #0: CPU # 0 inputs0.00.065.411 D ",
-            "0.00.065.512 D n_past = 101",
-            "n_past = 102",
-        ]
-        .join("\n");
-        let g = SchedGraph::parse(&log);
-        assert_eq!(g.len(), 4);
-        assert!(g[0].reserve && g[0].n_tokens == Some(512) && g[0].uses_ane());
-        assert!(g[1].reserve && g[1].n_tokens == Some(1) && !g[1].uses_ane());
-        assert!(!g[2].reserve && g[2].n_tokens == Some(100) && g[2].uses_ane());
-        assert_eq!(g[2].splits, ["CPU", "ANE", "CPU"]);
-        assert!(!g[3].reserve && g[3].n_tokens == Some(1) && !g[3].uses_ane());
     }
 }

@@ -21,7 +21,7 @@ use std::sync::{Mutex, OnceLock};
 use crate::ffi::{
     ggml_backend_dev_t, ggml_backend_reg_t, ggml_backend_t, ggml_cgraph, ggml_tensor,
 };
-use crate::matmul::Operand;
+use crate::view::Operand;
 
 /// `GGML_BACKEND_DEVICE_TYPE_CPU`.
 const DEVICE_TYPE_CPU: c_int = 0;

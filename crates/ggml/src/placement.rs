@@ -28,30 +28,7 @@ use crate::ffi::{ggml_backend_buffer_type_t, ggml_backend_dev_t, ggml_tensor};
 use crate::ggml::{self, Ggml};
 use crate::view::residence::{self, Access, BuftFacts, DevFacts, Residence, Unreadable};
 
-/// `enum ggml_backend_dev_type` (`ggml/include/ggml-backend.h:136-147`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DevKind {
-    Cpu,
-    Gpu,
-    Igpu,
-    Accel,
-    Meta,
-    Other(i32),
-}
-
-impl DevKind {
-    /// From the C enum value.
-    pub fn from_ggml(t: i32) -> DevKind {
-        match t {
-            0 => DevKind::Cpu,
-            1 => DevKind::Gpu,
-            2 => DevKind::Igpu,
-            3 => DevKind::Accel,
-            4 => DevKind::Meta,
-            o => DevKind::Other(o),
-        }
-    }
-}
+pub use crate::view::residence::DevKind;
 
 /// One registered device.
 #[derive(Clone, Debug, PartialEq, Eq)]

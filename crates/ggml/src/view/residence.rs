@@ -23,8 +23,30 @@
 //!   graph. Other backends' APIs are not trusted to order reads after their own work (Metal's
 //!   shared `get_tensor` is a plain memcpy with no wait), so no other type gets this road.
 
-/// Device type, as `enum ggml_backend_dev_type` (`ggml/include/ggml-backend.h`).
-pub use crate::placement::DevKind;
+/// `enum ggml_backend_dev_type` (`ggml/include/ggml-backend.h:136-147`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevKind {
+    Cpu,
+    Gpu,
+    Igpu,
+    Accel,
+    Meta,
+    Other(i32),
+}
+
+impl DevKind {
+    /// From the C enum value.
+    pub fn from_ggml(t: i32) -> DevKind {
+        match t {
+            0 => DevKind::Cpu,
+            1 => DevKind::Gpu,
+            2 => DevKind::Igpu,
+            3 => DevKind::Accel,
+            4 => DevKind::Meta,
+            o => DevKind::Other(o),
+        }
+    }
+}
 
 /// What ggml says of a buffer type, read once.
 #[derive(Clone, Debug, PartialEq, Eq)]

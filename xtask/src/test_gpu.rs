@@ -346,6 +346,29 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         parts.push(line);
     }
 
+    // Gemma 3 (weighted Q/K norms between Q/K and their ROPEs): more splits per layer, reported
+    // only (its text parts from the GPU's at a near tie, see step `real`).
+    let gemma = models::gemma()?;
+    let g = complete(
+        &gemma,
+        crate::bench_fallback::TEXT_PROMPT,
+        1,
+        &gpu_args(&rpc.endpoint, true),
+        Some(&plugin),
+        &[],
+        "gpu-gemma",
+    )?;
+    if let (Some(splits), Some(layers)) = (g.splits(), g.n_layer()) {
+        let line = format!(
+            "gemma3 (reported): {splits} splits ({:.1} per layer of {layers}), {} matmuls on the \
+             device",
+            splits.saturating_sub(3) as f64 / layers as f64,
+            g.stat("ops_offloaded")
+        );
+        println!("{line}");
+        parts.push(line);
+    }
+
     // Decode never reaches the device.
     let tiny = models::path("f16");
     let short = complete(

@@ -6,8 +6,15 @@
 //! Without an ANE the same checks run on the CPU reference engine, and the report says so
 //! (`ane_available: false`, `engine: "reference"`).
 //!
+//! The report ends with the llama.cpp command lines that fit this machine and why
+//! ([`crate::doctor_commands`]): on an Apple Silicon Mac whose ANE passes, ANE prefill beside
+//! Metal in one process (`--device ANE,MTL0 -ts 0,1`); on a Mac where it does not, nothing to
+//! gain (and the reference engine for testing); elsewhere the reference engine beside llama.cpp's
+//! RPC backend as the GPU.
+//!
 //! JSON: `{platform, ane_available, host, engine, chip, checks: [{name, ok, detail}],
-//! bench: [{m, k, n, ms, tflops, max_rel_err, compile_ms, first_ms}], latency, sweep}`.
+//! bench: [{m, k, n, ms, tflops, max_rel_err, compile_ms, first_ms}], latency, sweep,
+//! commands: {case, why, lines, notes, plugin_path, plugin_path_from}}`.
 
 use std::path::PathBuf;
 
@@ -187,7 +194,7 @@ pub fn report(args: &Args) -> Value {
     let compare =
         crate::doctor_coreml::compare(if p.ane_available { Some(&bench) } else { None }, &coreml);
     let plugin_engine = crate::doctor_coreml::plugin_engine(ane_ok, &coreml);
-    json!({
+    let mut r = json!({
         "steps_engine": steps_engine,
         "steps": steps,
         "first_failed_step": first_failed,
@@ -209,7 +216,11 @@ pub fn report(args: &Args) -> Value {
         "coreml": coreml,
         "compare": compare,
         "plugin_engine": plugin_engine,
-    })
+    });
+    // Last, from the verdicts above: which llama.cpp command lines fit this machine.
+    let commands = crate::doctor_commands::decide(&crate::doctor_commands::facts(&r));
+    r["commands"] = commands.to_json();
+    r
 }
 
 /// The sweep on one engine: a row per shape, the worst error against f32, and the failures.
@@ -331,4 +342,5 @@ fn print_text(r: &Value) {
         None => println!("first failed step: none"),
     }
     crate::doctor_coreml::print_text(r);
+    crate::doctor_commands::print_text(r);
 }

@@ -11,6 +11,7 @@ mod bench;
 mod bench_host;
 mod bench_moe;
 mod doctor;
+mod doctor_commands;
 mod doctor_coreml;
 mod mil;
 mod plan;
@@ -30,6 +31,7 @@ enum Command {
     /// Emit one of the MIL program forms the backend compiles (text, and weights for baked forms).
     Mil(mil::Args),
     /// Check whether the ANE works here and how fast and accurate it is; `--json` for a report.
+    /// Ends with the llama.cpp command lines that fit this machine (JSON `commands`).
     Doctor(doctor::Args),
     /// Time MUL_MAT shapes on the engine against a CPU f32 product measured in the same run
     /// (`ane bench host`: host conversion throughput).

@@ -26,9 +26,63 @@ fn doctor_json_contract_without_ane() {
     assert_eq!(r, written, "--out writes the same report");
 
     assert!(r["platform"].is_string());
+    // The report's keys: the new `commands` beside the ones it always had.
+    let keys: Vec<&str> = r.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    let mut want = vec![
+        "ane_available",
+        "bench",
+        "checks",
+        "chip",
+        "commands",
+        "compare",
+        "coreml",
+        "engine",
+        "first_failed_step",
+        "host",
+        "latency",
+        "limits",
+        "platform",
+        "plugin_engine",
+        "reps",
+        "steps",
+        "steps_engine",
+        "sweep",
+        "version",
+    ];
+    want.sort_unstable();
+    let mut got = keys.clone();
+    got.sort_unstable();
+    assert_eq!(got, want);
+    let c = &r["commands"];
+    assert!(
+        ["metal", "no_ane", "rpc_stand_in"].contains(&c["case"].as_str().unwrap()),
+        "{c}"
+    );
+    let why = c["why"].as_str().unwrap();
+    assert!(!why.is_empty() && !why.contains('\n'), "{c}");
+    assert!(!c["lines"].as_array().unwrap().is_empty(), "{c}");
+    assert!(c["lines"].as_array().unwrap().iter().all(|l| l.is_string()));
+    assert!(c["notes"].as_array().unwrap().iter().all(|l| l.is_string()));
     if cfg!(target_vendor = "apple") {
         return; // On a Mac the values depend on the machine; the fields are checked above/below.
     }
+    // No ANE here: the reference engine beside llama.cpp's RPC backend standing in for the GPU.
+    assert_eq!(c["case"], "rpc_stand_in", "{c}");
+    assert!(why.contains("reference engine"), "{why}");
+    let lines: Vec<&str> = c["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert_eq!(lines[0], "ggml-rpc-server -H 127.0.0.1 -p 50052");
+    assert!(
+        lines[1].starts_with("GGML_ANE_ENGINE=reference GGML_BACKEND_PATH=")
+            && lines[1]
+                .ends_with("llama-completion -m model.gguf --rpc 127.0.0.1:50052 --device ANE,RPC0 -ts 0,1 -ngl 99"),
+        "{lines:?}"
+    );
+    assert!(lines.iter().all(|l| !l.contains("MTL0")), "{lines:?}");
     assert_eq!(r["ane_available"], false);
     assert_eq!(r["engine"], "reference");
     assert!(r["chip"].is_string());
@@ -150,4 +204,76 @@ fn the_core_ml_section_measures_what_the_private_api_section_does() {
         // A stand-in is never what the plugin would use.
         assert_eq!(r["plugin_engine"], "none");
     }
+}
+
+#[test]
+fn the_commands_carry_the_plugin_path_from_ggml_backend_path() {
+    // Any file will do: the doctor names it, it does not load it.
+    let dir = std::env::temp_dir().join(format!("ane doctor plugin {}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plugin = dir.join("libggml_ane.test");
+    std::fs::write(&plugin, b"").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ane"))
+        .args(["doctor", "--json", "--sweep", "small"])
+        .env("GGML_BACKEND_PATH", &plugin)
+        .output()
+        .expect("run ane doctor");
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = &r["commands"];
+    let path = std::fs::canonicalize(dir.parent().unwrap())
+        .unwrap()
+        .join(dir.file_name().unwrap())
+        .join("libggml_ane.test");
+    assert_eq!(c["plugin_path"], path.to_str().unwrap(), "{c}");
+    assert_eq!(c["plugin_path_from"], "GGML_BACKEND_PATH");
+    // The folder has spaces: the prefix is quoted for the shell.
+    let prefix = format!("GGML_BACKEND_PATH='{}' ", path.display());
+    let lines = c["lines"].as_array().unwrap();
+    assert!(
+        lines.iter().any(|l| l.as_str().unwrap().contains(&prefix)),
+        "{prefix}: {c}"
+    );
+    assert!(!c["notes"].to_string().contains("was not found"), "{c}");
+}
+
+#[test]
+fn the_text_report_ends_with_the_command_lines() {
+    let json = doctor(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_ane"))
+        .args(["doctor", "--sweep", "small"])
+        .output()
+        .expect("run ane doctor");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let c = &json["commands"];
+    let mut want = vec![format!(
+        "commands ({}): {}",
+        c["case"].as_str().unwrap(),
+        c["why"].as_str().unwrap()
+    )];
+    for l in c["lines"].as_array().unwrap() {
+        want.push(format!("  {}", l.as_str().unwrap()));
+    }
+    for n in c["notes"].as_array().unwrap() {
+        want.push(format!("  note: {}", n.as_str().unwrap()));
+    }
+    let got: Vec<&str> = text.lines().collect();
+    assert!(got.len() > want.len(), "{text}");
+    assert_eq!(&got[got.len() - want.len()..], want, "{text}");
+    // What came before is the report as it always was, ending with the engine line.
+    assert!(
+        got[got.len() - want.len() - 1].starts_with("the plugin would use: "),
+        "{text}"
+    );
+    assert!(got[0].starts_with("platform "), "{text}");
 }

@@ -236,3 +236,190 @@ impl<'a> Fetch<'a> {
         !self.outputs.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi::{ggml_backend_buffer, GGML_TYPE_F32};
+    use std::cell::Cell;
+    use std::ffi::{c_int, c_void};
+
+    // A fake "remote" backend: `data` is the address of the bytes on the far side, read and written
+    // only through the fake tensor_get / tensor_set, as llama.cpp's RPC client does. Calls are
+    // counted per thread (tests run in parallel).
+    thread_local! {
+        static GETS: Cell<usize> = const { Cell::new(0) };
+        static SETS: Cell<usize> = const { Cell::new(0) };
+    }
+    fn gets() -> usize {
+        GETS.with(Cell::get)
+    }
+    fn sets() -> usize {
+        SETS.with(Cell::get)
+    }
+
+    unsafe extern "C" fn nbytes(t: *const ggml_tensor) -> usize {
+        // SAFETY: the tests pass valid tensors.
+        let t = unsafe { &*t };
+        4 + (0..4)
+            .map(|i| (t.ne[i] as usize - 1) * t.nb[i])
+            .sum::<usize>()
+    }
+    unsafe extern "C" fn get(t: *const ggml_tensor, out: *mut c_void, off: usize, n: usize) {
+        GETS.with(|c| c.set(c.get() + 1));
+        // SAFETY: the plugin checked bounds; the fake remote memory is the tensor's `data`.
+        unsafe {
+            assert!(
+                off + n <= nbytes(t),
+                "read past the tensor reached the backend"
+            );
+            std::ptr::copy_nonoverlapping((*t).data.cast::<u8>().add(off), out.cast(), n);
+        }
+    }
+    unsafe extern "C" fn set(t: *mut ggml_tensor, src: *const c_void, off: usize, n: usize) {
+        SETS.with(|c| c.set(c.get() + 1));
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(src.cast(), (*t).data.cast::<u8>().add(off), n) };
+    }
+    unsafe extern "C" fn unused_buft() -> crate::ffi::ggml_backend_buffer_type_t {
+        std::ptr::null_mut()
+    }
+    unsafe extern "C" fn unused_is_host(_: crate::ffi::ggml_backend_buffer_type_t) -> bool {
+        false
+    }
+    unsafe extern "C" fn unused_traits(_: c_int) -> *const crate::ffi::ggml_type_traits {
+        std::ptr::null()
+    }
+    unsafe extern "C" fn unused_n(_: *mut crate::ffi::ggml_cgraph) -> c_int {
+        0
+    }
+    unsafe extern "C" fn unused_node(
+        _: *mut crate::ffi::ggml_cgraph,
+        _: c_int,
+    ) -> *mut ggml_tensor {
+        std::ptr::null_mut()
+    }
+
+    fn fake_ggml() -> Ggml {
+        Ggml {
+            cpu_buffer_type: unused_buft,
+            buft_is_host: unused_is_host,
+            get_type_traits: unused_traits,
+            graph_n_nodes: unused_n,
+            graph_node: unused_node,
+            buffer_get_usage: None,
+            buffer_get_base: None,
+            buffer_get_size: None,
+            placement: crate::ggml::Placement {
+                tensor_get: Some(get),
+                tensor_set: Some(set),
+                nbytes: Some(nbytes),
+                ..Default::default()
+            },
+        }
+    }
+
+    const F32: TypeInfo = TypeInfo {
+        blck_size: 1,
+        type_size: 4,
+        to_float: None,
+    };
+
+    /// An F32 [n, rows] tensor whose "remote" bytes are `remote`.
+    fn tensor(remote: &mut [f32], n: i64, rows: i64) -> ggml_tensor {
+        // SAFETY: an all-zero ggml_tensor is a valid value of the struct (null pointers, zeros).
+        let mut t: ggml_tensor = unsafe { std::mem::zeroed() };
+        t.type_ = GGML_TYPE_F32;
+        t.ne = [n, rows, 1, 1];
+        t.nb = [
+            4,
+            4 * n as usize,
+            4 * (n * rows) as usize,
+            4 * (n * rows) as usize,
+        ];
+        t.data = remote.as_mut_ptr().cast();
+        t.buffer = std::ptr::NonNull::<ggml_backend_buffer>::dangling().as_ptr();
+        t
+    }
+
+    #[test]
+    fn weights_are_copied_once_and_again_when_the_remote_bytes_change() {
+        let g = fake_ggml();
+        let copies = WeightCopies::default();
+        let mut remote: Vec<f32> = (0..64).map(|v| v as f32).collect();
+        let t = tensor(&mut remote, 8, 8);
+        let mut f = Fetch::new(&g, &copies);
+        // SAFETY: t is a live fake tensor.
+        let v = unsafe { f.input(&t, &F32, Access::Api, true) }.unwrap();
+        assert_eq!(v.get(3, 2, 0, 0), 19.0);
+        assert_ne!(
+            v.addr(),
+            t.data as usize,
+            "a host copy, never the remote address"
+        );
+        let before = copies.bytes();
+        // SAFETY: as above.
+        let again = unsafe { f.input(&t, &F32, Access::Api, true) }.unwrap();
+        assert_eq!(again.addr(), v.addr(), "the same copy");
+        assert_eq!(copies.bytes(), before);
+        drop(f);
+        // Another model at the same address: the sample differs, the weight is copied again.
+        remote[0] = -1.0;
+        let mut f = Fetch::new(&g, &copies);
+        // SAFETY: as above.
+        let fresh = unsafe { f.input(&t, &F32, Access::Api, true) }.unwrap();
+        assert_eq!(fresh.get(0, 0, 0, 0), -1.0);
+    }
+
+    #[test]
+    fn activations_are_read_once_per_graph_and_outputs_written_back() {
+        let g = fake_ggml();
+        let copies = WeightCopies::default();
+        let mut remote: Vec<f32> = (0..32).map(|v| v as f32).collect();
+        let t = tensor(&mut remote, 8, 4);
+        let mut f = Fetch::new(&g, &copies);
+        let gets = gets();
+        // SAFETY: t is a live fake tensor.
+        let a = unsafe { f.input(&t, &F32, Access::Api, false) }.unwrap();
+        // SAFETY: as above.
+        let b = unsafe { f.input(&t, &F32, Access::Api, false) }.unwrap();
+        assert_eq!(a.addr(), b.addr(), "members of a group share one copy");
+        assert_eq!(gets() - gets, 1);
+        let mut out_remote = vec![0f32; 32];
+        let mut o = tensor(&mut out_remote, 8, 4);
+        // SAFETY: o is a live fake tensor apart from t.
+        let view = unsafe { f.output(&mut o, &F32, Access::Api) }.unwrap();
+        assert!(f.pending());
+        view.put(1, 2, 0, 0, 7.5);
+        assert_eq!(out_remote[17], 0.0, "nothing written before write_back");
+        let sets = sets();
+        f.write_back().unwrap();
+        assert_eq!(sets() - sets, 1);
+        assert_eq!(out_remote[17], 7.5);
+        assert!(!f.pending());
+    }
+
+    #[test]
+    fn unreadable_and_unallocated_tensors_never_reach_the_backend() {
+        let g = fake_ggml();
+        let copies = WeightCopies::default();
+        let mut remote = vec![0f32; 16];
+        let mut f = Fetch::new(&g, &copies);
+        let t = tensor(&mut remote, 4, 4);
+        // SAFETY: t is a live fake tensor.
+        assert!(unsafe { f.input(&t, &F32, Access::No, false) }.is_err());
+        let mut no_buffer = t;
+        no_buffer.buffer = std::ptr::null_mut();
+        let gets = gets();
+        // SAFETY: as above.
+        assert!(unsafe { f.input(&no_buffer, &F32, Access::Api, false) }.is_err());
+        let mut no_data = t;
+        no_data.data = std::ptr::null_mut();
+        // SAFETY: as above.
+        assert!(unsafe { f.input(&no_data, &F32, Access::Api, true) }.is_err());
+        assert_eq!(gets(), gets, "refused before ggml_backend_tensor_get");
+        // A read past ggml_nbytes is refused by the plugin, not by ggml's assert.
+        let mut out = [0u8; 8];
+        assert!(super::get(&g, &t, 60, &mut out).is_err());
+    }
+}

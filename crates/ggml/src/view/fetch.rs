@@ -378,13 +378,13 @@ mod tests {
         let mut remote: Vec<f32> = (0..32).map(|v| v as f32).collect();
         let t = tensor(&mut remote, 8, 4);
         let mut f = Fetch::new(&g, &copies);
-        let gets = gets();
+        let gets_before = gets();
         // SAFETY: t is a live fake tensor.
         let a = unsafe { f.input(&t, &F32, Access::Api, false) }.unwrap();
         // SAFETY: as above.
         let b = unsafe { f.input(&t, &F32, Access::Api, false) }.unwrap();
         assert_eq!(a.addr(), b.addr(), "members of a group share one copy");
-        assert_eq!(gets() - gets, 1);
+        assert_eq!(gets() - gets_before, 1);
         let mut out_remote = vec![0f32; 32];
         let mut o = tensor(&mut out_remote, 8, 4);
         // SAFETY: o is a live fake tensor apart from t.
@@ -392,9 +392,9 @@ mod tests {
         assert!(f.pending());
         view.put(1, 2, 0, 0, 7.5);
         assert_eq!(out_remote[17], 0.0, "nothing written before write_back");
-        let sets = sets();
+        let sets_before = sets();
         f.write_back().unwrap();
-        assert_eq!(sets() - sets, 1);
+        assert_eq!(sets() - sets_before, 1);
         assert_eq!(out_remote[17], 7.5);
         assert!(!f.pending());
     }
@@ -410,14 +410,18 @@ mod tests {
         assert!(unsafe { f.input(&t, &F32, Access::No, false) }.is_err());
         let mut no_buffer = t;
         no_buffer.buffer = std::ptr::null_mut();
-        let gets = gets();
+        let gets_before = gets();
         // SAFETY: as above.
         assert!(unsafe { f.input(&no_buffer, &F32, Access::Api, false) }.is_err());
         let mut no_data = t;
         no_data.data = std::ptr::null_mut();
         // SAFETY: as above.
         assert!(unsafe { f.input(&no_data, &F32, Access::Api, true) }.is_err());
-        assert_eq!(gets(), gets, "refused before ggml_backend_tensor_get");
+        assert_eq!(
+            gets(),
+            gets_before,
+            "refused before ggml_backend_tensor_get"
+        );
         // A read past ggml_nbytes is refused by the plugin, not by ggml's assert.
         let mut out = [0u8; 8];
         assert!(super::get(&g, &t, 60, &mut out).is_err());

@@ -12,7 +12,12 @@
 //! gain (and the reference engine for testing); elsewhere the reference engine beside llama.cpp's
 //! RPC backend as the GPU.
 //!
-//! JSON: `{platform, ane_available, host, engine, chip, checks: [{name, ok, detail}],
+//! Before any canary the conflicting third-party reports are probed on each engine opened
+//! (`ane_plan::probe`: MIL dialect and surface order on the private API, or the reference engine
+//! standing in for it; the compile call on Core ML), conservative form first; JSON `probes` has
+//! each probe's forms tried, their results and the winner, text one line per probe.
+//!
+//! JSON: `{platform, ane_available, host, engine, chip, checks: [{name, ok, detail}], probes,
 //! bench: [{m, k, n, ms, tflops, max_rel_err, compile_ms, first_ms}], latency, sweep,
 //! commands: {case, why, lines, notes, plugin_path, plugin_path_from}}`.
 
@@ -24,7 +29,7 @@ use serde_json::{json, Value};
 
 use ane_plan::canary::{cpu_matmul_f32, max_rel_err, run_conv_matmul, test_values};
 
-use crate::probe::{probe, Check};
+use crate::probe::Check;
 
 /// Sizes swept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -72,6 +77,10 @@ pub struct Args {
     /// Measure the reference engine in Core ML's place (tests of the report off macOS).
     #[arg(long, hide = true)]
     pub stand_in_coreml: bool,
+    /// Inject `GGML_ANE_FAULTS`-style faults into the reference engine measured in the ANE's
+    /// place (tests of the probes' report, e.g. `shorthand=1,unordered=1`).
+    #[arg(long, hide = true)]
+    pub stand_in_faults: Option<ane_engine::reference::faults::FaultSpec>,
 }
 
 /// Runs the doctor.
@@ -92,7 +101,7 @@ pub fn run(args: &Args) -> Result<()> {
 
 /// Builds the report.
 pub fn report(args: &Args) -> Value {
-    let p = probe(true);
+    let p = crate::probe::probe_with(true, args.stand_in_faults);
     let engine = p.engine.as_ref();
     let reps = args
         .reps
@@ -102,6 +111,9 @@ pub fn report(args: &Args) -> Value {
     // The plugin binds the engine's own surfaces (IOSurfaces) directly, and copies through host
     // memory only if that fails its canary: say which it would do. What follows runs with it.
     let (ok, detail) = match ane_plan::canary::shape_shared_canary(engine, ane_plan::Layout::default()) {
+        // Surfaces of ascending sizes (probed) are never bound directly: the engine hands out
+        // host memory and copies it through surfaces of its own.
+        Ok((c, ane_plan::canary::Surfaces::Own, _)) if engine.form(ane_engine::probe::ProbeKind::SurfaceOrder) == 1 => (c.ok, format!("surfaces of ascending sizes (probe surface_order): host surfaces copied per dispatch through the driver's own; shape-shared canary max_rel_err {:.2e}", c.max_rel_err)),
         Ok((c, ane_plan::canary::Surfaces::Own, _)) => (c.ok, format!("engine surfaces bound directly (no copies); shape-shared canary max_rel_err {:.2e}", c.max_rel_err)),
         Ok((c, ane_plan::canary::Surfaces::Host, why)) => (false, format!("engine surfaces failed ({}); host surfaces copied per dispatch instead: canary {} (max_rel_err {:.2e})", why.unwrap_or_default(), if c.ok { "passes" } else { "fails" }, c.max_rel_err)),
         Err(e) => (false, format!("shape-shared canary failed: {e}")),
@@ -194,7 +206,21 @@ pub fn report(args: &Args) -> Value {
     let compare =
         crate::doctor_coreml::compare(if p.ane_available { Some(&bench) } else { None }, &coreml);
     let plugin_engine = crate::doctor_coreml::plugin_engine(ane_ok, &coreml);
+    let role = if p.ane_available {
+        "ane"
+    } else {
+        "private_api_stand_in"
+    };
+    let mut probes: Vec<Value> = p
+        .probes
+        .iter()
+        .map(|r| crate::probe::probes_json(if r.engine == "ane" { "ane" } else { role }, r))
+        .collect();
+    if !coreml["probes"].is_null() {
+        probes.push(coreml["probes"].clone());
+    }
     let mut r = json!({
+        "probes": probes,
         "steps_engine": steps_engine,
         "steps": steps,
         "first_failed_step": first_failed,
@@ -297,6 +323,11 @@ fn print_text(r: &Value) {
             c["name"].as_str().unwrap_or(""),
             c["detail"].as_str().unwrap_or("")
         );
+    }
+    for entry in r["probes"].as_array().into_iter().flatten() {
+        for line in crate::probe::probes_text(entry) {
+            println!("{line}");
+        }
     }
     if r["engine"] != "ane" {
         println!("(timings below are from the CPU reference engine, not the ANE)");

@@ -38,6 +38,8 @@ pub fn section(args: &Args) -> Value {
     #[cfg(not(target_vendor = "apple"))]
     let host: Option<ane_engine::host::HostSignals> = None;
     let reps = args.reps.unwrap_or(if stand_in { 1 } else { 5 }).max(1);
+    // The compile call settled first (`ane_plan::probe`); the canaries run in the winning form.
+    let probes = crate::probe::probes_json("coreml", &ane_plan::probe::run_probes(e));
     let mut checks = Vec::new();
     let canary_ok = match canary(e) {
         Ok(r) => {
@@ -123,6 +125,7 @@ pub fn section(args: &Args) -> Value {
         "compiled_models_reused": e.counters().cache_reused,
         "steps": steps_json(&steps),
         "first_failed_step": ane_engine::steps::first_failure(&steps),
+        "probes": probes,
     })
 }
 

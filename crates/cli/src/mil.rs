@@ -56,6 +56,16 @@ pub enum Form {
     Baked,
 }
 
+/// The MIL text dialect (`ane_mil::text::Dialect`, probed on a Mac: `ane doctor`'s `probes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum DialectArg {
+    /// `program(1.3)`, `ios18`, `string("x")`: what the driver sends first.
+    #[default]
+    Shorthand,
+    /// `program(1.0)`, `ios16`, `tensor<string, []>("x")`: the other form of the probe.
+    Verbose,
+}
+
 /// Where the shared form's tokens sit (`GGML_ANE_LAYOUT`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LayoutArg {
@@ -182,6 +192,10 @@ pub struct Args {
     /// bit-identical.
     #[arg(long, requires = "coreml")]
     pub verify: bool,
+    /// The MIL text dialect (default `shorthand`); programs using an iOS18 op (compressed
+    /// weights) cannot be written in `verbose`.
+    #[arg(long, value_enum, default_value = "shorthand")]
+    pub dialect: DialectArg,
     /// Write DIR/model.mil (and DIR/weights/weight.bin for baked forms) instead of printing.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -231,7 +245,10 @@ pub fn run(args: &Args) -> Result<()> {
             writeln!(stdout, "{}: {summary}", pkg.display())?;
         }
     }
-    let mil = text::emit(&program);
+    let mil = match args.dialect {
+        DialectArg::Shorthand => text::emit(&program),
+        DialectArg::Verbose => text::emit_in(&program, text::Dialect::Verbose)?,
+    };
     if args.coreml.is_some() && args.out.is_none() {
         return Ok(());
     }

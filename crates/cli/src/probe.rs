@@ -6,9 +6,12 @@
 
 use std::sync::Arc;
 
+use ane_engine::probe::ProbeKind;
+use ane_engine::reference::faults::FaultSpec;
 use ane_engine::reference::ReferenceEngine;
 use ane_engine::{Chip, Engine, EngineError};
 use ane_plan::canary::{canary, CanaryReport};
+use ane_plan::probe::{run_probes, ProbeReport};
 
 /// One named check: `{name, ok, detail}` in the doctor report.
 #[derive(Clone, Debug)]
@@ -33,6 +36,104 @@ pub struct Probed {
     /// What the private driver read about the machine (real ANE, virtual machine) at open;
     /// `None` off macOS.
     pub host: Option<ane_engine::host::HostSignals>,
+    /// The probes of the conflicting reports run on the engines opened, before their canaries
+    /// (`ane_plan::probe`): the private API's, and the reference engine's standing in for it.
+    pub probes: Vec<ProbeReport>,
+}
+
+/// The probes the reference engine follows when it stands in for the private API.
+pub const PRIVATE_API_PROBES: &[ProbeKind] = &[ProbeKind::MilDialect, ProbeKind::SurfaceOrder];
+
+/// A probe report as JSON (`ane doctor`'s `probes`): `{role, engine, extra_compiles,
+/// extra_left, runs: [{forms, result, detail}], probes: [{probe, report, forms, tried: [{form,
+/// result, detail}], winner, form, reused, reason}]}`.
+pub fn probes_json(role: &str, r: &ProbeReport) -> serde_json::Value {
+    use serde_json::json;
+    let runs: Vec<_> = r
+        .runs
+        .iter()
+        .map(|run| {
+            let forms: serde_json::Map<String, serde_json::Value> = run
+                .forms
+                .iter()
+                .map(|(k, f)| (k.name().to_string(), k.forms()[*f].into()))
+                .collect();
+            json!({"forms": forms, "result": run.verdict.name(), "detail": run.verdict.detail()})
+        })
+        .collect();
+    let probes: Vec<_> = r
+        .probes
+        .iter()
+        .map(|p| {
+            let forms = p.kind.forms();
+            json!({
+                "probe": p.kind.name(),
+                "report": p.kind.report(),
+                "forms": forms,
+                "tried": p.tried.iter().map(|(f, v)| json!({
+                    "form": forms[*f], "result": v.name(), "detail": v.detail()
+                })).collect::<Vec<_>>(),
+                "winner": p.decision.winner.map(|w| forms[w]),
+                "form": forms[p.decision.form],
+                "reused": p.reused,
+                "reason": p.decision.reason,
+            })
+        })
+        .collect();
+    json!({
+        "role": role,
+        "engine": r.engine,
+        "extra_compiles": r.extra_compiles,
+        "extra_left": r.extra_left,
+        "runs": runs,
+        "probes": probes,
+    })
+}
+
+/// One text line per probe of a `probes` JSON entry: `probe mil_dialect (ane): shorthand failed,
+/// verbose pass -> verbose`.
+pub fn probes_text(entry: &serde_json::Value) -> Vec<String> {
+    let role = entry["role"].as_str().unwrap_or("?");
+    let mut lines = Vec::new();
+    for p in entry["probes"].as_array().into_iter().flatten() {
+        let tried: Vec<String> = p["tried"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                format!(
+                    "{} {}",
+                    t["form"].as_str().unwrap_or("?"),
+                    t["result"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        let how = if p["reused"] == true {
+            "decided earlier in this process".to_string()
+        } else {
+            tried.join(", ")
+        };
+        let end = match p["winner"].as_str() {
+            Some(w) => format!("-> {w}"),
+            None => format!(
+                "-> none passed, {} kept ({})",
+                p["form"].as_str().unwrap_or("?"),
+                p["reason"].as_str().unwrap_or("?")
+            ),
+        };
+        lines.push(format!(
+            "probe {} ({role}, {}): {how} {end}",
+            p["probe"].as_str().unwrap_or("?"),
+            entry["engine"].as_str().unwrap_or("?")
+        ));
+    }
+    if !lines.is_empty() {
+        lines.push(format!(
+            "probes ({role}): {} extra compiles, {} left for this process",
+            entry["extra_compiles"], entry["extra_left"]
+        ));
+    }
+    lines
 }
 
 /// The `host` check: each signal, and whether they let an engine open.
@@ -94,6 +195,12 @@ fn canary_check(r: &Result<CanaryReport, EngineError>, engine: &str) -> Check {
 
 /// Probes the machine. `want_ane = false` skips the ANE (e.g. `--engine reference`).
 pub fn probe(want_ane: bool) -> Probed {
+    probe_with(want_ane, None)
+}
+
+/// [`probe`], with `stand_in_faults` injected into the reference engine when it is measured in
+/// the ANE's place (`ane doctor --stand-in-faults`, tests of the probes' report).
+pub fn probe_with(want_ane: bool, stand_in_faults: Option<FaultSpec>) -> Probed {
     let mut checks = vec![check(
         "platform",
         cfg!(all(target_os = "macos", target_arch = "aarch64")),
@@ -134,6 +241,8 @@ pub fn probe(want_ane: bool) -> Probed {
         ));
         match opened {
             Ok(ane) => {
+                // The conflicting reports settled first; the canary runs in the winning forms.
+                let probes = vec![run_probes(ane.as_ref())];
                 let r = canary(ane.as_ref());
                 checks.push(canary_check(&r, "ane"));
                 if matches!(r, Ok(ref r) if r.ok) {
@@ -147,6 +256,7 @@ pub fn probe(want_ane: bool) -> Probed {
                         ane_build_ms: Some(build),
                         ane_steps: None,
                         host: Some(p.host),
+                        probes,
                     };
                 }
                 let steps = ane.steps();
@@ -154,9 +264,11 @@ pub fn probe(want_ane: bool) -> Probed {
                     checks,
                     p.chip,
                     "the ANE is not usable (see the checks above)",
+                    stand_in_faults,
                 );
                 fell_back.ane_steps = Some(steps);
                 fell_back.host = Some(p.host);
+                fell_back.probes.splice(0..0, probes);
                 return fell_back;
             }
             Err(e) => checks.push(check("canary", false, format!("not run: {e}"))),
@@ -165,12 +277,18 @@ pub fn probe(want_ane: bool) -> Probed {
             checks,
             p.chip,
             "the ANE is not usable (see the checks above)",
+            stand_in_faults,
         );
         fell_back.host = Some(p.host);
         return fell_back;
     }
     if !want_ane {
-        return reference_fallback(checks, Chip::Unknown, "reference engine requested");
+        return reference_fallback(
+            checks,
+            Chip::Unknown,
+            "reference engine requested",
+            stand_in_faults,
+        );
     }
     checks.push(check(
         "framework",
@@ -192,11 +310,28 @@ pub fn probe(want_ane: bool) -> Probed {
             l.max_axis, l.max_loaded_programs
         ),
     ));
-    reference_fallback(checks, Chip::Unknown, "no ANE on this machine")
+    reference_fallback(
+        checks,
+        Chip::Unknown,
+        "no ANE on this machine",
+        stand_in_faults,
+    )
 }
 
-fn reference_fallback(mut checks: Vec<Check>, chip: Chip, why: &str) -> Probed {
-    let engine: Arc<dyn Engine> = Arc::new(ReferenceEngine::new(chip.limits()));
+/// The reference engine measured in the ANE's place: it follows the private API's probes (so
+/// the report's `probes` are exercised everywhere), with `faults` when given.
+fn reference_fallback(
+    mut checks: Vec<Check>,
+    chip: Chip,
+    why: &str,
+    faults: Option<FaultSpec>,
+) -> Probed {
+    let engine = match faults {
+        Some(f) => ReferenceEngine::with_faults(chip.limits(), f),
+        None => ReferenceEngine::new(chip.limits()),
+    };
+    let engine: Arc<dyn Engine> = Arc::new(engine.with_probes(PRIVATE_API_PROBES));
+    let probes = vec![run_probes(engine.as_ref())];
     checks.push(canary_check(&canary(engine.as_ref()), "reference"));
     checks.push(check(
         "engine",
@@ -213,6 +348,7 @@ fn reference_fallback(mut checks: Vec<Check>, chip: Chip, why: &str) -> Probed {
         ane_build_ms: None,
         ane_steps: None,
         host: None,
+        probes,
     }
 }
 
@@ -223,7 +359,8 @@ fn reference_fallback(mut checks: Vec<Check>, chip: Chip, why: &str) -> Probed {
 pub fn open_coreml(stand_in: bool) -> Result<Arc<dyn Engine>, String> {
     if stand_in {
         let e = ReferenceEngine::new(Chip::Unknown.limits())
-            .with_placement(ane_engine::coreml_plan::OpDevice::NeuralEngine);
+            .with_placement(ane_engine::coreml_plan::OpDevice::NeuralEngine)
+            .with_probes(&[ProbeKind::CompileCall]);
         return Ok(Arc::new(e));
     }
     #[cfg(target_vendor = "apple")]

@@ -43,6 +43,7 @@ fn doctor_json_contract_without_ane() {
         "limits",
         "platform",
         "plugin_engine",
+        "probes",
         "reps",
         "steps",
         "steps_engine",
@@ -276,4 +277,79 @@ fn the_text_report_ends_with_the_command_lines() {
         "{text}"
     );
     assert!(got[0].starts_with("platform "), "{text}");
+}
+
+#[test]
+fn the_probes_are_reported_with_the_forms_tried_their_results_and_the_winner() {
+    if cfg!(target_vendor = "apple") {
+        return; // The stand-in is measured only where the ANE is not.
+    }
+    // A stand-in whose compiler refuses the shorthand dialect: the verbose one wins, one extra
+    // compile; the Core ML stand-in keeps the synchronous compile call.
+    let r = doctor(&["--stand-in-coreml", "--stand-in-faults", "shorthand=1"]);
+    let probes = r["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 2, "{probes:?}");
+    let private = &probes[0];
+    assert_eq!(private["role"], "private_api_stand_in");
+    assert_eq!(private["extra_compiles"], 1);
+    let dialect = &private["probes"][0];
+    assert_eq!(dialect["probe"], "mil_dialect");
+    assert_eq!(
+        dialect["forms"],
+        serde_json::json!(["shorthand", "verbose"])
+    );
+    let tried: Vec<(&str, &str)> = dialect["tried"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["form"].as_str().unwrap(), t["result"].as_str().unwrap()))
+        .collect();
+    assert_eq!(tried, [("shorthand", "failed"), ("verbose", "pass")]);
+    assert_eq!(dialect["winner"], "verbose");
+    assert!(dialect["report"].as_str().unwrap().contains("M1/M2"));
+    assert_eq!(private["probes"][1]["probe"], "surface_order");
+    assert_eq!(private["probes"][1]["winner"], "equal");
+    assert_eq!(private["runs"].as_array().unwrap().len(), 2);
+    let coreml = &probes[1];
+    assert_eq!(coreml["role"], "coreml");
+    assert_eq!(coreml["probes"][0]["probe"], "compile_call");
+    assert_eq!(coreml["probes"][0]["winner"], "compileModelAtURL:error:");
+    assert_eq!(r["coreml"]["probes"], *coreml);
+    // The canaries ran in the winning dialect: the plugin's forms pass, compressed weights
+    // (an iOS18 op) cannot be written in it.
+    let check = |name: &str| {
+        r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(check("canary_tiled_tokens")["ok"], true);
+    assert_eq!(check("canary_compressed")["ok"], false);
+    // The text report says the same, one line per probe.
+    let out = Command::new(env!("CARGO_BIN_EXE_ane"))
+        .args([
+            "doctor",
+            "--sweep",
+            "small",
+            "--stand-in-faults",
+            "shorthand=1",
+        ])
+        .output()
+        .expect("run ane doctor");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.lines().any(|l| l
+            == "probe mil_dialect (private_api_stand_in, reference): shorthand failed, verbose pass -> verbose"),
+        "{text}"
+    );
+    // Without faults: the conservative forms, no extra compile.
+    let r = doctor(&[]);
+    let private = &r["probes"][0];
+    assert_eq!(private["extra_compiles"], 0);
+    for p in private["probes"].as_array().unwrap() {
+        assert_eq!(p["winner"], p["forms"][0], "{p}");
+    }
 }

@@ -29,13 +29,18 @@
 //!   load (status 0x1d); 32 satisfies the row rule above but not this one. Refused at compile time
 //!   until `ane doctor` has shown a shorter axis loading on real hardware.
 //! - **QoS** [§1.4]: 21 for compile, load, evaluate and unload.
+//! - **Probed forms** ([`crate::probe`]): [`DriverPlan::new_in`] writes the MIL in the engine's
+//!   current dialect and plans surfaces in its current order; under
+//!   [`SurfaceOrder::Ascending`] the program's own surfaces take [`DriverPlan::surface_sizes`]
+//!   (inputs ascending, outputs descending) and requests are copied through them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ane_mil::{Arg, Function, Literal, ValueType};
 
-use crate::surface::{request_alloc_size, MIN_SURFACE_BYTES, SURFACE_ALIGN};
+use crate::probe::{Forms, SurfaceOrder};
+use crate::surface::{ordered_sizes, request_alloc_size, MIN_SURFACE_BYTES, SURFACE_ALIGN};
 use crate::{EngineError, WeightFile};
 
 /// QoS passed (as `unsigned int`) to compile, load, evaluate and unload: `QOS_CLASS_DEFAULT`, what
@@ -117,8 +122,10 @@ pub struct DriverPlan {
     pub inputs: Vec<Binding>,
     /// Outputs in binding order (alphabetical by name), `index` = position.
     pub outputs: Vec<Binding>,
-    /// Allocation size of every IOSurface of a request.
+    /// Allocation size of every IOSurface of a request ([`SurfaceOrder::Equal`]).
     pub surface_bytes: usize,
+    /// The sizes of the surfaces the program binds ([`DriverPlan::surface_sizes`]).
+    pub order: SurfaceOrder,
     /// QoS for every call.
     pub qos: u32,
 }
@@ -157,6 +164,43 @@ impl DriverPlan {
     pub fn loaded(mut self) -> Self {
         self.release_contents();
         self
+    }
+
+    /// Plans a program in an engine's current forms ([`crate::probe`]): the MIL rewritten in
+    /// its dialect (byte for byte unchanged in the shorthand for what `ane_mil::build` makes),
+    /// surfaces in its order.
+    ///
+    /// # Errors
+    /// [`EngineError::Parse`] for text that does not parse, [`EngineError::Compile`] for a
+    /// program the dialect cannot express (an iOS18 op in the iOS16 dialect), and the errors of
+    /// [`DriverPlan::for_function`].
+    pub fn new_in(mil: &str, weights: &[WeightFile], forms: &Forms) -> Result<Self, EngineError> {
+        let program = ane_mil::text::parse(mil).map_err(|e| EngineError::Parse(e.to_string()))?;
+        let mil = ane_mil::text::emit_in(&program, forms.dialect())
+            .map_err(|e| EngineError::Compile(e.to_string()))?;
+        Ok(Self::new(&mil, weights)?.with_order(forms.surface_order()))
+    }
+
+    /// The same plan with surfaces in `order`.
+    pub fn with_order(mut self, order: SurfaceOrder) -> Self {
+        self.order = order;
+        self
+    }
+
+    /// The allocation sizes of the surfaces the program binds, inputs and outputs in binding
+    /// order: all [`DriverPlan::surface_bytes`], or under [`SurfaceOrder::Ascending`]
+    /// [`crate::surface::ordered_sizes`] of the tensors.
+    pub fn surface_sizes(&self) -> (Vec<usize>, Vec<usize>) {
+        match self.order {
+            SurfaceOrder::Equal => (
+                vec![self.surface_bytes; self.inputs.len()],
+                vec![self.surface_bytes; self.outputs.len()],
+            ),
+            SurfaceOrder::Ascending => {
+                let bytes = |v: &[Binding]| v.iter().map(Binding::bytes).collect::<Vec<_>>();
+                ordered_sizes(&bytes(&self.inputs), &bytes(&self.outputs))
+            }
+        }
     }
 
     /// Plans a program given as MIL text (function `main`) and its weight files.
@@ -264,19 +308,42 @@ impl DriverPlan {
             inputs,
             outputs,
             surface_bytes: request_alloc_size(&sizes),
+            order: SurfaceOrder::Equal,
             qos: QOS,
         })
     }
 
     /// Checks a request's surfaces (allocation sizes in binding order) against the plan and the
     /// surface rules. Surfaces larger than [`DriverPlan::surface_bytes`] are allowed as long as they
-    /// are all equal (the tensor sits packed at the start, Orion #14).
+    /// are all equal (the tensor sits packed at the start, Orion #14). Under
+    /// [`SurfaceOrder::Ascending`] the request's surfaces are copied into the program's own
+    /// ([`DriverPlan::surface_sizes`]), so they need only hold their tensors.
     ///
     /// # Errors
     /// [`EngineError::Surface`] naming the rule: counts, equal sizes, minimum size and alignment,
     /// room for each tensor.
     pub fn check_request(&self, inputs: &[usize], outputs: &[usize]) -> Result<(), EngineError> {
         let serr = |m: String| Err(EngineError::Surface(m));
+        if self.order == SurfaceOrder::Ascending
+            && inputs.len() == self.inputs.len()
+            && outputs.len() == self.outputs.len()
+        {
+            for (b, &size) in self
+                .inputs
+                .iter()
+                .zip(inputs)
+                .chain(self.outputs.iter().zip(outputs))
+            {
+                if b.bytes() > size {
+                    return serr(format!(
+                        "`{}` needs {} bytes, its surface has {size}",
+                        b.name,
+                        b.bytes()
+                    ));
+                }
+            }
+            return Ok(());
+        }
         if inputs.len() != self.inputs.len() || outputs.len() != self.outputs.len() {
             return serr(format!(
                 "request has {} inputs / {} outputs, program takes {} / {}",

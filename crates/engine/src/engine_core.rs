@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::compile_cap::CompileCap;
+use crate::probe::{Forms, SurfaceOrder};
 use crate::resident::{Release, Resident, Table};
 use crate::steps::StepLog;
 use crate::{Chip, ChipLimits, EngineCounters, EngineError, ProgramId, Surface};
@@ -26,6 +27,8 @@ pub struct EngineCore<P: Release> {
     pub cap: CompileCap,
     /// Each call into the framework, for `ane doctor`.
     pub steps: Arc<StepLog>,
+    /// The form of each conflicting report in use ([`crate::probe`]).
+    pub forms: Forms,
     state: Mutex<State<P>>,
 }
 
@@ -46,6 +49,7 @@ impl<P: Release> EngineCore<P> {
             own_surfaces: AtomicBool::new(true),
             cap: CompileCap::default(),
             steps: Arc::default(),
+            forms: Forms::default(),
             state: Mutex::new(State {
                 next_id: 0,
                 programs: Table::default(),
@@ -71,7 +75,9 @@ impl<P: Release> EngineCore<P> {
     }
 
     /// `Engine::new_surface`: `own(bytes)` (the engine's memory), or host memory once
-    /// [`EngineCore::use_own_surfaces`] turned that off.
+    /// [`EngineCore::use_own_surfaces`] turned that off or while surfaces of ascending sizes are
+    /// in use ([`SurfaceOrder::Ascending`]: the plugin's surfaces are one size, so the engine
+    /// copies through surfaces of its own instead of binding them).
     ///
     /// # Errors
     /// `own`'s error.
@@ -80,7 +86,7 @@ impl<P: Release> EngineCore<P> {
         bytes: usize,
         own: impl FnOnce(usize) -> Result<Surface, EngineError>,
     ) -> Result<Surface, EngineError> {
-        if self.own_surfaces.load(Relaxed) {
+        if self.own_surfaces.load(Relaxed) && self.forms.surface_order() == SurfaceOrder::Equal {
             own(bytes)
         } else {
             Ok(Surface::new(bytes))
@@ -270,7 +276,7 @@ impl<P: Release> Drop for EngineCore<P> {
 }
 
 /// The [`crate::Engine`] methods an engine answers from its [`EngineCore`] (a field `core`):
-/// `limits`, `chip`, `use_own_surfaces` and `steps`; with `(programs)` also `evaluate`, `unload`
+/// `limits`, `chip`, `use_own_surfaces`, `steps`, `set_form` and `form`; with `(programs)` also `evaluate`, `unload`
 /// and `counters`. Used inside `impl Engine for ...`.
 macro_rules! answered_by_core {
     () => {
@@ -288,6 +294,16 @@ macro_rules! answered_by_core {
 
         fn steps(&self) -> Vec<$crate::steps::StepRecord> {
             self.core.steps.records()
+        }
+
+        fn set_form(&self, probe: $crate::probe::ProbeKind, form: usize) {
+            if self.probes().contains(&probe) {
+                self.core.forms.set(probe, form);
+            }
+        }
+
+        fn form(&self, probe: $crate::probe::ProbeKind) -> usize {
+            self.core.forms.get(probe)
         }
     };
     // Also `evaluate` (programs that `Evaluate`), `unload` and `counters`.
@@ -471,5 +487,12 @@ mod surface_tests {
         core.use_own_surfaces(false);
         let s = core.new_surface(4096, own).unwrap();
         assert!(s.engine_memory().is_none() && s.alloc_size() >= 4096);
+        core.use_own_surfaces(true);
+        core.forms.set(crate::probe::ProbeKind::SurfaceOrder, 1);
+        let s = core.new_surface(4096, own).unwrap();
+        assert!(
+            s.engine_memory().is_none(),
+            "surfaces of ascending sizes: host memory, copied through the engine's own"
+        );
     }
 }

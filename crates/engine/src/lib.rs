@@ -26,6 +26,7 @@ pub mod engine_core;
 mod error;
 pub mod host;
 pub mod model_dir;
+pub mod probe;
 pub mod reference;
 pub mod request_cache;
 pub mod resident;
@@ -168,6 +169,21 @@ pub trait Engine: Send + Sync {
     /// `ane doctor` and stats, never for a dispatch. `None` when the engine cannot tell.
     fn read_op_placement(&self, program: ProgramId) -> Option<Vec<coreml_plan::OpPlacement>> {
         self.op_placement(program)
+    }
+
+    /// The conflicting reports ([`probe::ProbeKind`]) whose forms this engine follows: the
+    /// private API the MIL dialect and surface order, Core ML its compile call. Empty by default.
+    fn probes(&self) -> &'static [probe::ProbeKind] {
+        &[]
+    }
+
+    /// Uses form `form` (index into [`probe::ProbeKind::forms`]) of `probe` from the next
+    /// compile or evaluation on. Ignored for probes the engine does not follow.
+    fn set_form(&self, _probe: probe::ProbeKind, _form: usize) {}
+
+    /// The form of `probe` in use (0, the conservative one, until set).
+    fn form(&self, _probe: probe::ProbeKind) -> usize {
+        0
     }
 
     /// Each call made into the framework so far, bounded ([`steps`]); empty for engines that

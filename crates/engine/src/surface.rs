@@ -67,6 +67,32 @@ pub fn request_alloc_size(tensor_bytes: &[usize]) -> usize {
     alloc_size(tensor_bytes.iter().copied().max().unwrap_or(0))
 }
 
+/// Allocation sizes for a request under [`crate::probe::SurfaceOrder::Ascending`]: inputs of
+/// strictly ascending sizes and outputs of strictly descending sizes, in binding order, each
+/// [`alloc_size`] of its tensor or the least step ([`SURFACE_ALIGN`]) past its neighbour.
+/// `inputs` and `outputs` are tensor bytes in binding order.
+pub fn ordered_sizes(inputs: &[usize], outputs: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let mut ins: Vec<usize> = Vec::with_capacity(inputs.len());
+    for &b in inputs {
+        let floor = ins.last().map_or(0, |&p| p + SURFACE_ALIGN);
+        ins.push(alloc_size(b).max(floor));
+    }
+    // Descending: built from the last (smallest) up.
+    let mut outs: Vec<usize> = Vec::with_capacity(outputs.len());
+    for &b in outputs.iter().rev() {
+        let floor = outs.last().map_or(0, |&p| p + SURFACE_ALIGN);
+        outs.push(alloc_size(b).max(floor));
+    }
+    outs.reverse();
+    (ins, outs)
+}
+
+/// Whether request sizes (binding order) follow the ascending-inputs, descending-outputs rule
+/// of [`crate::probe::SurfaceOrder::Ascending`]; one input or one output is ordered.
+pub fn is_ordered(inputs: &[usize], outputs: &[usize]) -> bool {
+    inputs.windows(2).all(|w| w[0] < w[1]) && outputs.windows(2).all(|w| w[0] > w[1])
+}
+
 /// Spatial length to compile for `n` columns: at least [`MIN_SPATIAL`] and a multiple of
 /// [`SPATIAL_MULTIPLE`].
 pub fn spatial_bucket(n: usize) -> usize {
@@ -395,6 +421,27 @@ mod tests {
             prop_assert_eq!((s * 2) % 64, 0);
             prop_assert!(s < n.max(MIN_SPATIAL) + SPATIAL_MULTIPLE);
         }
+    }
+
+    #[test]
+    fn ordered_sizes_ascend_for_inputs_and_descend_for_outputs() {
+        let m = MIN_SURFACE_BYTES;
+        let (i, o) = ordered_sizes(&[8192, 16384, 100_000], &[4096, 4096]);
+        assert_eq!(i, [m, m + SURFACE_ALIGN, alloc_size(100_000)]);
+        assert_eq!(o, [m + SURFACE_ALIGN, m]);
+        assert!(is_ordered(&i, &o));
+        // Bigger tensors keep their own sizes; a small one after a big one steps past it.
+        let (i, _) = ordered_sizes(&[200_000, 8192], &[]);
+        assert_eq!(
+            i,
+            [alloc_size(200_000), alloc_size(200_000) + SURFACE_ALIGN]
+        );
+        assert!(is_ordered(&[m], &[m]), "one of each is ordered");
+        assert!(!is_ordered(&[m, m], &[m]), "equal inputs are not");
+        assert!(
+            !is_ordered(&[m], &[m, m + SURFACE_ALIGN]),
+            "ascending outputs are not"
+        );
     }
 
     #[test]

@@ -162,6 +162,18 @@ pub enum Literal {
 }
 
 impl Literal {
+    /// The same value in one spelling: a rank-0 inline tensor holding one value
+    /// (`tensor<fp16, []>(0x1p+0)`, the iOS16 spelling) becomes the scalar literal
+    /// (`fp16(0x1p+0)`); MIL reads both as the same value.
+    pub fn canonical(self) -> Literal {
+        match self {
+            Literal::Tensor(ty, mut vals) if ty.is_scalar() && vals.len() == 1 => {
+                Literal::Scalar(ty.dtype, vals.remove(0))
+            }
+            l => l,
+        }
+    }
+
     /// The value type of this literal.
     pub fn value_type(&self) -> ValueType {
         match self {
@@ -253,6 +265,25 @@ pub struct Program {
 }
 
 impl Program {
+    /// The same program with every literal in one spelling ([`Literal::canonical`]): what a
+    /// program parsed from either text dialect ([`crate::text::Dialect`]) is compared and
+    /// executed as.
+    pub fn canonical(mut self) -> Program {
+        for f in &mut self.functions {
+            for st in &mut f.statements {
+                for (_, a) in &mut st.args {
+                    if let Arg::Literal(l) = a {
+                        *l = l.clone().canonical();
+                    }
+                }
+                for (_, l) in &mut st.attrs {
+                    *l = l.clone().canonical();
+                }
+            }
+        }
+        self
+    }
+
     /// The function called `name`.
     pub fn function(&self, name: &str) -> Option<&Function> {
         self.functions.iter().find(|f| f.name == name)

@@ -11,6 +11,11 @@
 //! them, and unlike shortest-decimal printing they are exact by construction, so
 //! `parse(emit(p)) == p` holds for every finite value without relying on a decimal printer.
 //!
+//! A second dialect, [`Dialect::Verbose`] (`program(1.0)`, `ios16`, every scalar written as a
+//! rank-0 tensor: `tensor<string, []>("valid")`), is what coremltools 6/7 print and what M1/M2
+//! are reported to need; [`emit_in`] and [`to_dialect`] write either, and which one a Mac takes is
+//! probed at run time (`ane_engine::probe`).
+//!
 //! The parser also takes Apple's iOS16 spellings (`tensor<string, []>("x")` scalars,
 //! `dict<tensor<string, []>, tensor<string, []>>`), `//` comments and any whitespace between
 //! tokens, so it can read programs written by other tools.
@@ -26,10 +31,78 @@ const FUNC_INDENT: &str = "    ";
 /// Indentation of a statement; 12 spaces is what Apple's compiler writes.
 const STMT_INDENT: &str = "            ";
 
+/// The two MIL text dialects third-party reports disagree on (ane-private-api.md §9, maderix
+/// PR 6): which one a Mac's compiler takes is probed at run time, never assumed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    /// `program(1.3)`, `func main<ios18>`, typed scalar shorthand (`string("valid")`,
+    /// `int32(1)`, `fp16 s`): what every direct-ANE project feeds the compiler and what
+    /// [`emit`] writes for the programs [`crate::build`] makes; reported to compile only on M4.
+    #[default]
+    Shorthand,
+    /// `program(1.0)`, `func main<ios16>`, every scalar as a rank-0 tensor
+    /// (`tensor<string, []>("valid")`, `tensor<int32, []> g`, `BLOBFILE(path =
+    /// tensor<string, []>(...), offset = tensor<uint64, []>(64))`) and the `buildInfo` dict typed
+    /// `dict<tensor<string, []>, tensor<string, []>>`: what coremltools 6/7 print, reported
+    /// necessary on M1/M2. Ops newer than iOS16 cannot be written in it ([`IOS18_ONLY_OPS`]).
+    Verbose,
+}
+
+/// Ops the iOS16 opset lacks that [`crate::build`] can emit (iOS18 additions): a program using
+/// one cannot be written in [`Dialect::Verbose`].
+pub const IOS18_ONLY_OPS: [&str; 6] = [
+    "constexpr_blockwise_shift_scale",
+    "constexpr_sparse_blockwise_shift_scale",
+    "scaled_dot_product_attention",
+    "slice_update",
+    "read_state",
+    "coreml_update_state",
+];
+
+impl Dialect {
+    /// Both, the one used today first.
+    pub const ALL: [Dialect; 2] = [Dialect::Shorthand, Dialect::Verbose];
+
+    /// Name in reports (`shorthand`, `verbose`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Shorthand => "shorthand",
+            Dialect::Verbose => "verbose",
+        }
+    }
+
+    /// `program(<version>)` in this dialect.
+    pub fn program_version(self) -> &'static str {
+        match self {
+            Dialect::Shorthand => crate::build::PROGRAM_VERSION,
+            Dialect::Verbose => "1.0",
+        }
+    }
+
+    /// The opset of every function in this dialect.
+    pub fn opset(self) -> &'static str {
+        match self {
+            Dialect::Shorthand => crate::build::OPSET,
+            Dialect::Verbose => "ios16",
+        }
+    }
+}
+
+/// Why a program cannot be written in a dialect.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error("MIL in the {dialect} dialect: {why}")]
+pub struct DialectError {
+    /// The dialect asked for.
+    pub dialect: &'static str,
+    /// What stood in the way.
+    pub why: String,
+}
+
 /// Writes `p` as MIL text.
 ///
 /// Arguments are written in the order they are stored; [`crate::build`] stores them sorted by name
-/// as coremltools does.
+/// as coremltools does. The program version and opsets are written as stored; for a given
+/// dialect use [`emit_in`].
 ///
 /// # Examples
 ///
@@ -38,10 +111,81 @@ const STMT_INDENT: &str = "            ";
 /// assert!(text.starts_with("program(1.3)\n[buildInfo = dict<string, string>({{"));
 /// ```
 pub fn emit(p: &Program) -> String {
+    write_program(p, false)
+}
+
+/// Writes `p` in dialect `d`: its program version, opset and spelling of scalars (literals read
+/// the same in both: [`Program::canonical`]). For the programs [`crate::build`] makes,
+/// `emit_in(p, Dialect::Shorthand)` is byte for byte [`emit`]`(p)`.
+///
+/// # Errors
+/// [`Dialect::Verbose`] for a program using an op of [`IOS18_ONLY_OPS`].
+///
+/// # Examples
+///
+/// ```
+/// use ane_mil::text::{emit_in, Dialect};
+/// let p = ane_mil::build::conv_matmul(64, 96, 64);
+/// let v = emit_in(&p, Dialect::Verbose).unwrap();
+/// assert!(v.starts_with("program(1.0)\n[buildInfo = dict<tensor<string, []>, tensor<string, []>>"));
+/// assert!(v.contains("func main<ios16>") && v.contains("val = tensor<string, []>(\"valid\")"));
+/// assert_eq!(emit_in(&p, Dialect::Shorthand).unwrap(), ane_mil::text::emit(&p));
+/// ```
+pub fn emit_in(p: &Program, d: Dialect) -> Result<String, DialectError> {
+    if d == Dialect::Verbose {
+        for f in &p.functions {
+            if let Some(st) = f
+                .statements
+                .iter()
+                .find(|st| IOS18_ONLY_OPS.contains(&st.op.as_str()))
+            {
+                return Err(DialectError {
+                    dialect: d.name(),
+                    why: format!(
+                        "`{}` ({}) is an iOS18 op, the {} opset has none",
+                        st.op,
+                        st.output,
+                        d.opset()
+                    ),
+                });
+            }
+        }
+    }
+    let mut p = p.clone().canonical();
+    p.version = d.program_version().into();
+    for f in &mut p.functions {
+        f.opset = d.opset().into();
+    }
+    Ok(write_program(&p, d == Dialect::Verbose))
+}
+
+/// MIL text `src` rewritten in dialect `d` (parsed, then [`emit_in`]).
+///
+/// # Errors
+/// `src` does not parse, or cannot be written in `d`.
+pub fn to_dialect(src: &str, d: Dialect) -> Result<String, DialectError> {
+    let p = parse(src).map_err(|e| DialectError {
+        dialect: d.name(),
+        why: e.to_string(),
+    })?;
+    emit_in(&p, d)
+}
+
+/// The `tensor<string, []>` spelling of a string scalar type, the verbose dialect's.
+const VERBOSE_STRING: &str = "tensor<string, []>";
+
+fn write_program(p: &Program, verbose: bool) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "program({})", p.version);
     if !p.build_info.is_empty() {
-        s.push_str("[buildInfo = dict<string, string>({");
+        if verbose {
+            let _ = write!(
+                s,
+                "[buildInfo = dict<{VERBOSE_STRING}, {VERBOSE_STRING}>({{"
+            );
+        } else {
+            s.push_str("[buildInfo = dict<string, string>({");
+        }
         for (i, (k, v)) in p.build_info.iter().enumerate() {
             if i > 0 {
                 s.push_str(", ");
@@ -52,13 +196,13 @@ pub fn emit(p: &Program) -> String {
     }
     s.push_str("{\n");
     for f in &p.functions {
-        emit_function(&mut s, f);
+        emit_function(&mut s, f, verbose);
     }
     s.push_str("}\n");
     s
 }
 
-fn emit_function(s: &mut String, f: &Function) {
+fn emit_function(s: &mut String, f: &Function, verbose: bool) {
     let _ = write!(s, "{FUNC_INDENT}func {}", f.name);
     if !f.opset.is_empty() {
         let _ = write!(s, "<{}>", f.opset);
@@ -68,20 +212,20 @@ fn emit_function(s: &mut String, f: &Function) {
         if i > 0 {
             s.push_str(", ");
         }
-        let _ = write!(s, "{} {name}", value_type(ty));
+        let _ = write!(s, "{} {name}", value_type(ty, verbose));
     }
     s.push_str(") {\n");
     for st in &f.statements {
-        emit_statement(s, st);
+        emit_statement(s, st, verbose);
     }
     let _ = writeln!(s, "{FUNC_INDENT}}} -> ({});", f.outputs.join(", "));
 }
 
-fn emit_statement(s: &mut String, st: &Statement) {
+fn emit_statement(s: &mut String, st: &Statement, verbose: bool) {
     let _ = write!(
         s,
         "{STMT_INDENT}{} {} = {}(",
-        value_type(&st.ty),
+        value_type(&st.ty, verbose),
         st.output,
         st.op
     );
@@ -95,7 +239,7 @@ fn emit_statement(s: &mut String, st: &Statement) {
             Arg::Tuple(vs) => {
                 let _ = write!(s, "({})", vs.join(", "));
             }
-            Arg::Literal(l) => emit_literal(s, l),
+            Arg::Literal(l) => emit_literal(s, l, verbose),
         }
     }
     s.push(')');
@@ -106,16 +250,16 @@ fn emit_statement(s: &mut String, st: &Statement) {
                 s.push_str(", ");
             }
             let _ = write!(s, "{name} = ");
-            emit_literal(s, lit);
+            emit_literal(s, lit, verbose);
         }
         s.push(']');
     }
     s.push_str(";\n");
 }
 
-/// `fp16` for scalars, `tensor<fp16, [1, 2]>` otherwise.
-fn value_type(ty: &ValueType) -> String {
-    if ty.is_scalar() {
+/// `fp16` for scalars (`tensor<fp16, []>` when verbose), `tensor<fp16, [1, 2]>` otherwise.
+fn value_type(ty: &ValueType, verbose: bool) -> String {
+    if ty.is_scalar() && !verbose {
         ty.dtype.mil_name().to_string()
     } else {
         tensor_type(ty)
@@ -128,11 +272,18 @@ fn tensor_type(ty: &ValueType) -> String {
     format!("tensor<{}, [{}]>", ty.dtype, dims.join(", "))
 }
 
-fn emit_literal(s: &mut String, l: &Literal) {
+/// `int32(1)`, or `tensor<int32, []>(1)` when verbose.
+fn scalar_literal(d: DType, v: &str, verbose: bool) -> String {
+    if verbose {
+        format!("{}({v})", tensor_type(&ValueType::scalar(d)))
+    } else {
+        format!("{d}({v})")
+    }
+}
+
+fn emit_literal(s: &mut String, l: &Literal, verbose: bool) {
     match l {
-        Literal::Scalar(d, v) => {
-            let _ = write!(s, "{d}({})", scalar(v));
-        }
+        Literal::Scalar(d, v) => s.push_str(&scalar_literal(*d, &scalar(v), verbose)),
         Literal::Tensor(ty, vals) if ty.is_scalar() && vals.len() == 1 => {
             let _ = write!(s, "{}({})", tensor_type(ty), scalar(&vals[0]));
         }
@@ -143,9 +294,10 @@ fn emit_literal(s: &mut String, l: &Literal) {
         Literal::Blob { ty, path, offset } => {
             let _ = write!(
                 s,
-                "{}(BLOBFILE(path = string({}), offset = uint64({offset})))",
+                "{}(BLOBFILE(path = {}, offset = {}))",
                 tensor_type(ty),
-                quote(path)
+                scalar_literal(DType::String, &quote(path), verbose),
+                scalar_literal(DType::UInt64, &offset.to_string(), verbose)
             );
         }
     }
@@ -795,7 +947,8 @@ impl Parser {
         loop {
             let key = self.ident("`path` or `offset`")?;
             self.expect('=', "after the BLOBFILE field name")?;
-            match (key.as_str(), self.literal()?) {
+            // Either spelling: `string("...")` or `tensor<string, []>("...")` (iOS16).
+            match (key.as_str(), self.literal()?.canonical()) {
                 ("path", Literal::Scalar(DType::String, Scalar::Str(s))) => path = Some(s),
                 ("offset", Literal::Scalar(_, Scalar::Int(o))) if o >= 0 => offset = Some(o as u64),
                 ("path", _) => return Err(self.error_before("BLOBFILE path as `string(\"...\")`")),
@@ -1122,6 +1275,59 @@ program(1.0)[buildInfo=dict<tensor<string, []>,tensor<string, []>>({{"a","b"}})]
 
         let e = err("program(1.3) { func f() { int32 y = const()[val = int32(99999999999999999999)]; } -> (y); }");
         assert!(e.expected.contains("integer literal"), "{e}");
+    }
+
+    #[test]
+    fn the_verbose_dialect_spells_every_scalar_as_a_tensor_and_reads_back_the_same() {
+        use crate::build;
+        let q = build::conv_matmul_q8_0(64, 64, 64);
+        for p in [
+            build::conv_matmul(64, 96, 64),
+            build::dyn_matmul(64, 64, 64),
+            build::tiled_matmul(build::TiledShape {
+                heads: 1,
+                tiles: 2,
+                k_chunks: 2,
+                m_tile: 64,
+                k_chunk: 64,
+                n: 64,
+                layout: build::Layout::Tokens,
+            }),
+        ] {
+            let v = emit_in(&p, Dialect::Verbose).unwrap();
+            assert!(v.starts_with(
+                "program(1.0)\n[buildInfo = dict<tensor<string, []>, tensor<string, []>>({{"
+            ));
+            assert!(v.contains("    func main<ios16>("), "{v}");
+            // No shorthand scalar anywhere: every `string(`, `int32(`, `bool(` is a tensor's.
+            for short in ["= string(", "= int32(", "= bool(", "= uint64(", "= fp16("] {
+                assert!(!v.contains(short), "{short} in {v}");
+            }
+            assert!(v.contains("name = tensor<string, []>(\"y\")"), "{v}");
+            let back = parse(&v).unwrap();
+            assert_eq!(back.version, "1.0");
+            let mut same = back.canonical();
+            same.version = p.version.clone();
+            for f in &mut same.functions {
+                f.opset = build::OPSET.into();
+            }
+            assert_eq!(same, p, "verbose text reads back as the same program");
+            // And back to the shorthand, byte for byte what `emit` writes.
+            assert_eq!(to_dialect(&v, Dialect::Shorthand).unwrap(), emit(&p));
+            assert_eq!(emit_in(&p, Dialect::Shorthand).unwrap(), emit(&p));
+        }
+        let v = emit_in(&build::conv_matmul(64, 96, 64), Dialect::Verbose).unwrap();
+        assert!(v.contains(
+            "BLOBFILE(path = tensor<string, []>(\"@model_path/weights/weight.bin\"), offset = tensor<uint64, []>(64))"
+        ), "{v}");
+        // iOS18 ops have no iOS16 spelling: refused, with the op named.
+        let e = emit_in(&q, Dialect::Verbose).unwrap_err();
+        assert!(
+            e.to_string().contains("constexpr_blockwise_shift_scale"),
+            "{e}"
+        );
+        assert!(emit_in(&q, Dialect::Shorthand).is_ok());
+        assert!(to_dialect("program(1.3) {", Dialect::Verbose).is_err());
     }
 
     #[test]

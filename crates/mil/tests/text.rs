@@ -217,6 +217,19 @@ fn program() -> impl Strategy<Value = Program> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
+    /// The verbose (iOS16) dialect reads back as the same program, up to its version and opset.
+    #[test]
+    fn parse_inverts_emit_in_the_verbose_dialect(p in program()) {
+        let v = text::emit_in(&p, text::Dialect::Verbose);
+        prop_assume!(v.is_ok());
+        let mut back = text::parse(&v.unwrap()).unwrap().canonical();
+        back.version.clone_from(&p.version);
+        for (b, f) in back.functions.iter_mut().zip(&p.functions) {
+            b.opset.clone_from(&f.opset);
+        }
+        prop_assert_eq!(back, p.canonical());
+    }
+
     #[test]
     fn parse_inverts_emit(p in program()) {
         let src = text::emit(&p);

@@ -8,6 +8,11 @@
 //!
 //! `GGML_ANE_ENGINE=ane|coreml` forces one candidate (a forced Core ML whose compute plan cannot be
 //! read, before macOS 14.4, is accepted with a warning; a plan that puts work elsewhere is not).
+//! Before its canaries each candidate is probed ([`crate::probe`]): the forms of the conflicting
+//! third-party reports it follows (MIL dialect and surface order for the private API, the compile
+//! call for Core ML) are settled on the machine, the conservative ones first, and the canaries
+//! then run in the winning forms.
+//!
 //! Everything here is platform-neutral: candidates are closures opening engines, so tests stand
 //! the reference engine (with injected faults) in for either one.
 
@@ -17,6 +22,7 @@ use ane_engine::coreml_plan::{self, OpPlacement};
 use ane_engine::{Engine, EngineError};
 
 use crate::canary::{compressed_canary, shape_shared_canary, Surfaces};
+use crate::probe::{run_probes_with, ProbeReport, ProbeStore};
 use crate::Layout;
 
 /// An engine the plugin can run on.
@@ -77,8 +83,12 @@ pub struct Attempt {
     pub outcome: Result<(), String>,
     /// Where its canary program's operations ran (Core ML), when known.
     pub placement: Option<Vec<OpPlacement>>,
-    /// A note for a chosen engine (host surfaces, unreadable compute plan), said once.
+    /// A note for a chosen engine (host surfaces, unreadable compute plan, a probed form other
+    /// than the conservative one), said once.
     pub note: Option<String>,
+    /// What probing the conflicting reports did on it ([`crate::probe`]); `None` when it did
+    /// not open.
+    pub probes: Option<ProbeReport>,
 }
 
 /// The choice: the engine, if any, and every attempt in order.
@@ -105,8 +115,18 @@ impl Choice {
     }
 }
 
-/// Tries the candidates in order and keeps the first that passes [`check`].
+/// Tries the candidates in order and keeps the first that passes [`check`], probing with the
+/// process's store ([`ProbeStore::process`]).
 pub fn choose(candidates: Vec<Candidate<'_>>, req: Requirements) -> Choice {
+    choose_with(candidates, req, ProbeStore::process())
+}
+
+/// [`choose`] with the probe decisions and budget of `store`.
+pub fn choose_with(
+    candidates: Vec<Candidate<'_>>,
+    req: Requirements,
+    store: &ProbeStore,
+) -> Choice {
     let mut attempts = Vec::new();
     for c in candidates {
         let engine = match (c.open)() {
@@ -121,11 +141,12 @@ pub fn choose(candidates: Vec<Candidate<'_>>, req: Requirements) -> Choice {
                     outcome: Err(why),
                     placement: None,
                     note: None,
+                    probes: None,
                 });
                 continue;
             }
         };
-        let checked = check(c.kind, engine.as_ref(), req);
+        let checked = check_with(c.kind, engine.as_ref(), req, store);
         let ok = checked.outcome.is_ok();
         attempts.push(checked);
         if ok {
@@ -141,15 +162,34 @@ pub fn choose(candidates: Vec<Candidate<'_>>, req: Requirements) -> Choice {
     }
 }
 
-/// The checks one engine must pass: the baked canary, the shape-shared canary in the plugin's
-/// layout (with the engine's own surfaces, else host copies), the compressed canary when asked,
-/// and for Core ML the compute plan of the shape-shared program.
+/// The checks one engine must pass, after its probes ([`crate::probe`], the process's store):
+/// the baked canary, the shape-shared canary in the plugin's layout (with the engine's own
+/// surfaces, else host copies), the compressed canary when asked, and for Core ML the compute
+/// plan of the shape-shared program.
 pub fn check(kind: EngineKind, engine: &dyn Engine, req: Requirements) -> Attempt {
+    check_with(kind, engine, req, ProbeStore::process())
+}
+
+/// [`check`] with the probe decisions and budget of `store`.
+pub fn check_with(
+    kind: EngineKind,
+    engine: &dyn Engine,
+    req: Requirements,
+    store: &ProbeStore,
+) -> Attempt {
+    let probes = run_probes_with(engine, store, crate::probe::probe_canary);
     let mut attempt = Attempt {
         kind,
         outcome: Ok(()),
         placement: None,
-        note: None,
+        note: probes.note(),
+        probes: Some(probes),
+    };
+    let add_note = |a: &mut Attempt, n: String| {
+        a.note = Some(match a.note.take() {
+            Some(p) => format!("{p}; {n}"),
+            None => n,
+        });
     };
     let fail = |mut a: Attempt, why: String| {
         a.outcome = Err(why);
@@ -172,9 +212,12 @@ pub fn check(kind: EngineKind, engine: &dyn Engine, req: Requirements) -> Attemp
     match shape_shared_canary(engine, req.layout) {
         Ok((t, surfaces, why)) if t.ok => {
             if let (Surfaces::Host, Some(why)) = (surfaces, why) {
-                attempt.note = Some(format!(
+                add_note(
+                    &mut attempt,
+                    format!(
                     "direct IOSurface binding failed its canary ({why}); copying surfaces per dispatch"
-                ));
+                ),
+                );
             }
         }
         Ok((t, _, _)) => {
@@ -217,7 +260,7 @@ pub fn check(kind: EngineKind, engine: &dyn Engine, req: Requirements) -> Attemp
         match (coreml_plan::verdict(placement.as_deref()), placement) {
             (Ok(()), _) => {}
             (Err(why), None) if req.forced => {
-                attempt.note = Some(format!("forced although {why}"));
+                add_note(&mut attempt, format!("forced although {why}"));
             }
             (Err(why), _) => return fail(attempt, why),
         }

@@ -26,6 +26,7 @@ pub mod cost;
 pub mod gguf;
 pub mod model;
 pub mod moe;
+pub mod probe;
 
 use ane_engine::driver_plan::MIN_LAST_AXIS;
 use ane_engine::surface::SPATIAL_MULTIPLE;

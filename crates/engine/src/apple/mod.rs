@@ -19,7 +19,10 @@
 //!    [`Surface`]s: canaries, `ane bench`): copied into the program's own IOSurfaces under lock,
 //!    evaluate, outputs copied back; `EngineCounters::bytes_copied` counts those bytes.
 //!
-//! Conflicting sources, and which form is used (the other one probed at run time where possible):
+//! Conflicting sources, and which form is used (the other one probed at run time where possible;
+//! the MIL dialect and the surface order are, [`crate::probe`]: the plan is made in the
+//! engine's current forms, and under ascending sizes requests are copied through the program's
+//! own surfaces of [`DriverPlan::surface_sizes`], never bound directly):
 //! - model directory: `localModelPath` when the method exists, else `NSTemporaryDirectory()/<hex>`;
 //! - weights entry offset: 0 (not 64);
 //! - surfaces: flat 1-D, packed; the plan's 64-byte row rule makes the 2-D row-padded layout the
@@ -141,7 +144,8 @@ impl Engine for AneEngine {
     }
 
     fn compile(&self, mil: &str, weights: &[WeightFile]) -> Result<ProgramId, EngineError> {
-        let plan = DriverPlan::new(mil, weights)?;
+        // In the probed MIL dialect and surface order ([`crate::probe`]).
+        let plan = DriverPlan::new_in(mil, weights, &self.core.forms)?;
         let key = plan.content_key();
         // The same MIL and weights already loaded: a second id for it, no compile.
         if let Some(id) = self.core.admit(key)? {
@@ -160,4 +164,12 @@ impl Engine for AneEngine {
     }
 
     crate::engine_core::answered_by_core!(programs);
+
+    /// The MIL dialect and the surface order.
+    fn probes(&self) -> &'static [crate::probe::ProbeKind] {
+        &[
+            crate::probe::ProbeKind::MilDialect,
+            crate::probe::ProbeKind::SurfaceOrder,
+        ]
+    }
 }

@@ -128,11 +128,13 @@ impl LoadedProgram {
         if self.copy.is_none() {
             let plan = &self.plan;
             let made = self.steps.run("surfaces", || {
-                let make = |n: usize| -> Result<Vec<IoSurface>, EngineError> {
-                    (0..n).map(|_| IoSurface::new(plan.surface_bytes)).collect()
+                // One size each, or ascending inputs / descending outputs (probed).
+                let (ins, outs) = plan.surface_sizes();
+                let make = |sizes: &[usize]| -> Result<Vec<IoSurface>, EngineError> {
+                    sizes.iter().map(|&n| IoSurface::new(n)).collect()
                 };
-                let inputs = make(plan.inputs.len())?;
-                let outputs = make(plan.outputs.len())?;
+                let inputs = make(&ins)?;
+                let outputs = make(&outs)?;
                 let wrap = |v: &[IoSurface]| -> Result<Vec<Retained<AnyObject>>, EngineError> {
                     v.iter().map(|s| client.io_object(s)).collect()
                 };
@@ -181,6 +183,9 @@ impl LoadedProgram {
             .chain(outputs.iter().map(|s| &**s))
             .map(|s| shared(s).map(SharedSurface::id))
             .collect();
+        // Direct binding only with surfaces of one size: under the ascending order the plugin's
+        // one-size surfaces are copied through the program's own.
+        let key = key.filter(|_| self.plan.order == crate::probe::SurfaceOrder::Equal);
         if let Some(key) = key {
             fn own(s: &Surface) -> &SharedSurface {
                 shared(s).expect("checked above")

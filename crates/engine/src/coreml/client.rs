@@ -69,6 +69,69 @@ pub(super) fn compile_model(package: &Path) -> Result<PathBuf, EngineError> {
     })
 }
 
+/// How long to wait for `compileModelAtURL:completionHandler:`.
+pub(super) const COMPILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The package compiled with the call `call` ([`crate::probe::CompileCall`], probed: the
+/// synchronous one is reported failing on macOS 26).
+pub(super) fn compile_model_with(
+    package: &Path,
+    call: crate::probe::CompileCall,
+) -> Result<PathBuf, EngineError> {
+    match call {
+        crate::probe::CompileCall::Sync => compile_model(package),
+        crate::probe::CompileCall::Async => compile_model_async(package),
+    }
+}
+
+/// `+[MLModel compileModelAtURL:completionHandler:]` (macOS 13+), waited for up to
+/// [`COMPILE_TIMEOUT`]: the compiled `.mlmodelc` Core ML wrote to a temporary folder of its own.
+/// The handler sends back only the path (no Core ML object crosses threads).
+pub(super) fn compile_model_async(package: &Path) -> Result<PathBuf, EngineError> {
+    use std::ptr::NonNull;
+    use std::sync::mpsc;
+
+    use block2::RcBlock;
+    use objc2_foundation::NSError;
+
+    let url = dir_url(package)?;
+    let (tx, rx) = mpsc::channel::<Result<PathBuf, EngineError>>();
+    let handler = RcBlock::new(move |compiled: *mut NSURL, error: *mut NSError| {
+        let r = match (NonNull::new(compiled), NonNull::new(error)) {
+            // SAFETY: Core ML passes a valid URL, alive for the duration of the handler.
+            (Some(u), _) => url_path(unsafe { u.as_ref() }).and_then(|p| {
+                p.ok_or_else(|| {
+                    EngineError::Compile(
+                        "compileModelAtURL:completionHandler: gave a URL without a path".into(),
+                    )
+                })
+            }),
+            (None, Some(e)) => Err(EngineError::Compile(ns_error(
+                "compileModelAtURL:completionHandler:",
+                // SAFETY: a valid NSError, alive for the duration of the handler.
+                unsafe { e.as_ref() },
+            ))),
+            (None, None) => Err(EngineError::Compile(
+                "compileModelAtURL:completionHandler: gave neither a model nor an error".into(),
+            )),
+        };
+        // After a timeout nobody listens any more: nothing to do.
+        let _ = tx.send(r);
+    });
+    guarded("compileModelAtURL:completionHandler:", || {
+        // SAFETY: takes a file URL and a block of the declared signature, which Core ML copies
+        // and calls once.
+        unsafe { MLModel::compileModelAtURL_completionHandler(&url, &handler) }
+    })?;
+    match rx.recv_timeout(COMPILE_TIMEOUT) {
+        Ok(r) => r,
+        Err(_) => Err(EngineError::Compile(format!(
+            "compileModelAtURL:completionHandler: did not answer within {} s",
+            COMPILE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
 /// `+[MLModel modelWithContentsOfURL:configuration:error:]`.
 pub(super) fn load_model(
     compiled: &Path,

@@ -12,7 +12,8 @@
 //!    per-user caches folder, salted with the OS version string; the chip comes from the CPU
 //!    brand string (no private framework is touched).
 //! 2. `compile` (`model.rs`): [`CoreMlPlan::new`]; the cache's entry for the program, else the
-//!    `.mlpackage` written to a staging folder, `+[MLModel compileModelAtURL:error:]`, the result
+//!    `.mlpackage` written to a staging folder, `+[MLModel compileModelAtURL:error:]` (or, when
+//!    the probe found that failing, `compileModelAtURL:completionHandler:`: [`crate::probe`]), the result
 //!    moved into the cache; `+[MLModel modelWithContentsOfURL:configuration:error:]`, with a
 //!    cached model that fails to load discarded and compiled once more. `MLComputePlan` (macOS
 //!    14.4+, looked up at run time, `placement.rs`) is asked only by
@@ -123,6 +124,7 @@ impl Engine for CoreMlEngine {
             cap: &self.core.cap,
             steps: &self.core.steps,
             compiling: &self.compiling,
+            call: self.core.forms.compile_call(),
         };
         let (program, built) = self
             .core
@@ -135,6 +137,11 @@ impl Engine for CoreMlEngine {
     }
 
     crate::engine_core::answered_by_core!(programs);
+
+    /// The compile call (`compileModelAtURL:error:`, else the completion-handler form).
+    fn probes(&self) -> &'static [crate::probe::ProbeKind] {
+        &[crate::probe::ProbeKind::CompileCall]
+    }
 
     fn op_placement(&self, program: ProgramId) -> Option<Vec<OpPlacement>> {
         let known = self.core.get(program).ok()?.lock().placement.known();

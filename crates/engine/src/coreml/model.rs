@@ -54,6 +54,8 @@ pub(super) struct Builder<'a> {
     /// Held while a package is written, compiled and installed: two threads compiling the same
     /// program would share one staging folder, and the second finds the first one's entry.
     pub(super) compiling: &'a Mutex<()>,
+    /// The compile call in use ([`crate::probe::CompileCall`], probed).
+    pub(super) call: crate::probe::CompileCall,
 }
 
 impl Builder<'_> {
@@ -80,8 +82,9 @@ impl Builder<'_> {
             .steps
             .run("package", || plan.write_package(&package))
             .and_then(|()| {
-                self.steps
-                    .run("compile", || client::compile_model(&package))
+                self.steps.run("compile", || {
+                    client::compile_model_with(&package, self.call)
+                })
             })
             .and_then(|out| {
                 built.compiles += 1;

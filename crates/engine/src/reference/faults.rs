@@ -13,6 +13,20 @@
 //! | `alloc` | `evaluate`, before binding surfaces | [`EngineError::Surface`] (IOSurface creation failed) |
 //! | `eval` | `evaluate`, before running | [`EngineError::Eval`] ("Program Inference error" `0x1d`) |
 //!
+//!
+//! Six more keys model the machines of three conflicting third-party reports, so that the probes
+//! that settle them at run time (`crate::probe`, `ane_plan::probe`) are tested here: each fails
+//! (with its probability) only when the engine uses the form the report says fails.
+//!
+//! | key | fails when | as |
+//! |---|---|---|
+//! | `shorthand` | MIL in the shorthand dialect is compiled (`string("x")`, M1/M2 per maderix PR 6) | [`EngineError::Compile`] |
+//! | `verbose` | MIL in the verbose dialect is compiled (`tensor<string, []>("x")`) | [`EngineError::Compile`] |
+//! | `sync_compile` | a compile under the `compileModelAtURL:error:` form (macOS 26 per maderix PR 27) | [`EngineError::Compile`] |
+//! | `async_compile` | a compile under the `compileModelAtURL:completionHandler:` form | [`EngineError::Compile`] |
+//! | `unordered` | a request's bound inputs are not of strictly ascending sizes or its outputs not descending (M1 per maderix issue 47) | outputs all **zeros**, no error |
+//! | `unequal` | a request's bound surfaces are not all one size (Orion's rule) | [`EngineError::Eval`] (`0x1d`) |
+//!
 //! Injected faults only ever *add* failures: a program the engine rejects still fails with the real
 //! reason, and nothing changes a result that is returned as `Ok`.
 //!
@@ -43,6 +57,18 @@ pub struct FaultSpec {
     /// A compile or an evaluation throws an Objective-C exception ([`EngineError::Exception`]),
     /// as a private class does when the framework changed under us.
     pub exception: f64,
+    /// MIL in the shorthand dialect fails to compile.
+    pub shorthand: f64,
+    /// MIL in the verbose dialect fails to compile.
+    pub verbose: f64,
+    /// A compile under the synchronous Core ML compile call fails.
+    pub sync_compile: f64,
+    /// A compile under the completion-handler Core ML compile call fails.
+    pub async_compile: f64,
+    /// An evaluation whose bound surfaces are not ordered returns zeros.
+    pub unordered: f64,
+    /// An evaluation whose bound surfaces differ in size fails (`0x1d`).
+    pub unequal: f64,
     /// Seed of the PRNG.
     pub seed: u64,
 }
@@ -55,6 +81,12 @@ impl Default for FaultSpec {
             eval: 0.0,
             alloc: 0.0,
             exception: 0.0,
+            shorthand: 0.0,
+            verbose: 0.0,
+            sync_compile: 0.0,
+            async_compile: 0.0,
+            unordered: 0.0,
+            unequal: 0.0,
             seed: DEFAULT_SEED,
         }
     }
@@ -69,6 +101,12 @@ impl FaultSpec {
             self.eval,
             self.alloc,
             self.exception,
+            self.shorthand,
+            self.verbose,
+            self.sync_compile,
+            self.async_compile,
+            self.unordered,
+            self.unequal,
         ]
         .iter()
         .any(|&p| p > 0.0)
@@ -119,9 +157,15 @@ impl FromStr for FaultSpec {
                 "eval" => spec.eval = p,
                 "alloc" => spec.alloc = p,
                 "exception" => spec.exception = p,
+                "shorthand" => spec.shorthand = p,
+                "verbose" => spec.verbose = p,
+                "sync_compile" => spec.sync_compile = p,
+                "async_compile" => spec.async_compile = p,
+                "unordered" => spec.unordered = p,
+                "unequal" => spec.unequal = p,
                 other => {
                     return Err(FaultSpecError(format!(
-                        "unknown key `{other}` (compile, load, eval, alloc, exception, seed)"
+                        "unknown key `{other}` (compile, load, eval, alloc, exception, shorthand, verbose, sync_compile, async_compile, unordered, unequal, seed)"
                     )))
                 }
             }
@@ -139,6 +183,18 @@ pub(crate) enum Step {
     Eval,
     /// Drawn at the start of every compile and evaluation.
     Throw,
+    /// Drawn for a compile of shorthand-dialect MIL.
+    Shorthand,
+    /// Drawn for a compile of verbose-dialect MIL.
+    Verbose,
+    /// Drawn for a compile under the synchronous Core ML call.
+    SyncCompile,
+    /// Drawn for a compile under the completion-handler Core ML call.
+    AsyncCompile,
+    /// Drawn for an evaluation whose bound surfaces are not ordered (zeros, not an error).
+    Unordered,
+    /// Drawn for an evaluation whose bound surfaces differ in size.
+    Unequal,
 }
 
 /// A fault source: the spec, the PRNG state and how many faults were injected.
@@ -177,6 +233,12 @@ impl Faults {
             Step::Alloc => self.spec.alloc,
             Step::Eval => self.spec.eval,
             Step::Throw => self.spec.exception,
+            Step::Shorthand => self.spec.shorthand,
+            Step::Verbose => self.spec.verbose,
+            Step::SyncCompile => self.spec.sync_compile,
+            Step::AsyncCompile => self.spec.async_compile,
+            Step::Unordered => self.spec.unordered,
+            Step::Unequal => self.spec.unequal,
         };
         if p <= 0.0 || self.draw() >= p {
             return Ok(());
@@ -194,6 +256,27 @@ impl Faults {
             Step::Throw => EngineError::Exception(
                 "injected fault: NSInvalidArgumentException: -[_ANEInMemoryModel \
                  evaluateWithQoS:options:request:error:]: unrecognized selector"
+                    .into(),
+            ),
+            Step::Shorthand => EngineError::Compile(
+                "injected fault: ANECCompile failed on the shorthand MIL dialect (string(\"x\"), ios18)"
+                    .into(),
+            ),
+            Step::Verbose => EngineError::Compile(
+                "injected fault: ANECCompile failed on the verbose MIL dialect (tensor<string, []>, ios16)"
+                    .into(),
+            ),
+            Step::SyncCompile => {
+                EngineError::Compile("injected fault: compileModelAtURL:error: failed".into())
+            }
+            Step::AsyncCompile => EngineError::Compile(
+                "injected fault: compileModelAtURL:completionHandler: failed".into(),
+            ),
+            Step::Unordered => EngineError::Eval(
+                "injected fault: surfaces out of size order (outputs zeroed)".into(),
+            ),
+            Step::Unequal => EngineError::Eval(
+                "injected fault: Program Inference error (0x1d): surfaces of different sizes"
                     .into(),
             ),
         })
@@ -221,12 +304,28 @@ mod tests {
                 load: 0.1,
                 eval: 0.2,
                 alloc: 0.0,
-                exception: 0.0,
-                seed: 7
+                seed: 7,
+                ..FaultSpec::default()
             }
         );
         assert!(s.any());
         assert!(!"".parse::<FaultSpec>().unwrap().any());
+        let s: FaultSpec =
+            "shorthand=1,verbose=0.5,sync_compile=1,async_compile=0.25,unordered=1,unequal=1"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            (
+                s.shorthand,
+                s.verbose,
+                s.sync_compile,
+                s.async_compile,
+                s.unordered,
+                s.unequal
+            ),
+            (1.0, 0.5, 1.0, 0.25, 1.0, 1.0)
+        );
+        assert!(s.any());
     }
 
     #[test]
@@ -274,6 +373,7 @@ mod tests {
             alloc: 1.0,
             exception: 1.0,
             seed: 1,
+            ..FaultSpec::default()
         });
         assert!(matches!(
             f.check(Step::Compile),
@@ -300,8 +400,8 @@ mod tests {
             load,
             eval,
             alloc,
-            exception: 0.0,
             seed: 3,
+            ..FaultSpec::default()
         };
         let limits = Chip::M4.limits();
         let e = ReferenceEngine::with_faults(limits, spec(1.0, 0.0, 0.0, 0.0));

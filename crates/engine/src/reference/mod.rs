@@ -20,6 +20,12 @@
 //! - **Failures on demand.** [`ReferenceEngine::with_faults`] injects the documented compile, load,
 //!   allocation and evaluation failures with given probabilities ([`faults`]).
 //!
+//! - **Probed forms.** It follows the forms of the probes it is told to stand in for
+//!   ([`ReferenceEngine::with_probes`], [`crate::probe`]): MIL rewritten in the current dialect,
+//!   surfaces planned in the current order (under the ascending order it binds the program's own
+//!   sizes, as the driver's copy path does); the `shorthand`, `verbose`, `sync_compile`,
+//!   `async_compile`, `unordered` and `unequal` faults model the machines of the reports.
+//!
 //! Not modelled (documented, not hidden): compile latency, the ~119-compile process leak (only as an
 //! injected compile fault), and the M1/M2 slice cliff.
 
@@ -33,6 +39,7 @@ use ane_mil::DType;
 
 use crate::driver_plan::DriverPlan;
 use crate::engine_core::EngineCore;
+use crate::probe::{CompileCall, ProbeKind, SurfaceOrder};
 use crate::{
     Chip, ChipLimits, Engine, EngineCounters, EngineError, ProgramId, Surface, WeightFile,
 };
@@ -50,6 +57,8 @@ pub struct ReferenceEngine {
     /// `with_placement`: the device every operation reports, standing in for Core ML's compute
     /// plan in tests of the engine choice.
     placed_on: Option<crate::coreml_plan::OpDevice>,
+    /// `with_probes`: the conflicting reports whose forms it follows (none by default).
+    probes: &'static [ProbeKind],
     /// Chip, limits, surfaces' kind, ids, budget, the same per-process compile cap as the ANE
     /// driver (so the plugin's behaviour past it is tested), the step log and counters: what
     /// every engine keeps alike.
@@ -79,6 +88,7 @@ impl ReferenceEngine {
             numerics: Numerics::default(),
             faults: None,
             placed_on: None,
+            probes: &[],
             core: EngineCore::new(Chip::Unknown, limits),
         }
     }
@@ -111,6 +121,14 @@ impl ReferenceEngine {
         self
     }
 
+    /// The same engine following the forms of `probes` ([`crate::probe`]): standing in for the
+    /// private API (`MilDialect`, `SurfaceOrder`) or Core ML (`CompileCall`) in tests of the
+    /// probes.
+    pub fn with_probes(mut self, probes: &'static [ProbeKind]) -> Self {
+        self.probes = probes;
+        self
+    }
+
     /// The same engine with other numerics.
     pub fn numerics(mut self, numerics: Numerics) -> Self {
         self.numerics = numerics;
@@ -127,7 +145,20 @@ impl ReferenceEngine {
 impl ReferenceEngine {
     /// Parse, plan, check and the compile faults: the `compile` step.
     fn compile_checked(&self, mil: &str, weights: &[WeightFile]) -> Result<Program, EngineError> {
-        let program = ane_mil::text::parse(mil).map_err(|e| EngineError::Parse(e.to_string()))?;
+        let forms = &self.core.forms;
+        // The driver's dialect, as `DriverPlan::new_in` writes it.
+        let converted;
+        let mil = if self.probes.contains(&ProbeKind::MilDialect) {
+            let p = ane_mil::text::parse(mil).map_err(|e| EngineError::Parse(e.to_string()))?;
+            converted = ane_mil::text::emit_in(&p, forms.dialect())
+                .map_err(|e| EngineError::Compile(e.to_string()))?;
+            converted.as_str()
+        } else {
+            mil
+        };
+        let program = ane_mil::text::parse(mil)
+            .map_err(|e| EngineError::Parse(e.to_string()))?
+            .canonical();
         let func = program
             .functions
             .into_iter()
@@ -141,7 +172,7 @@ impl ReferenceEngine {
         }
         // The driver plan decides binding order, weight files and surface sizes; the reference
         // engine takes them from it so that a rule broken in the plan fails here too.
-        let plan = DriverPlan::for_function(mil, &func, weights)?;
+        let plan = DriverPlan::for_function(mil, &func, weights)?.with_order(forms.surface_order());
         let blob = |path: &str, offset: u64| -> Result<(DType, Vec<u8>), EngineError> {
             let entry = plan.weights.iter().find(|w| w.key == path).ok_or_else(|| {
                 EngineError::Weights(format!("no weight file given for `{path}`"))
@@ -159,6 +190,18 @@ impl ReferenceEngine {
         let checked = exec::check(func, self.core.limits.max_axis, &blob)?;
         self.core.cap.take()?;
         self.inject(Step::Throw)?;
+        // The machines of the conflicting reports: a compiler that refuses one dialect, a Core ML
+        // whose compile call of one form fails.
+        let verbose = mil.contains("tensor<string, []>(");
+        self.inject(if verbose {
+            Step::Verbose
+        } else {
+            Step::Shorthand
+        })?;
+        self.inject(match forms.compile_call() {
+            CompileCall::Sync => Step::SyncCompile,
+            CompileCall::Async => Step::AsyncCompile,
+        })?;
         self.inject(Step::Compile)?;
         Ok(Program { plan, checked, ops })
     }
@@ -219,6 +262,24 @@ impl ReferenceEngine {
         // and a fault after it would charge the plugin's fallback for it (`cargo xtask
         // bench-fallback` measures that path).
         self.inject(Step::Eval)?;
+        // The sizes the device is given: the request's, or under the ascending order the
+        // program's own (the driver copies through them).
+        let (din, dout) = match prog.plan.order {
+            SurfaceOrder::Equal => (
+                sizes(&mut ins.iter().map(|s| s.surface().alloc_size())),
+                sizes(&mut outs.iter().map(|s| s.surface().alloc_size())),
+            ),
+            SurfaceOrder::Ascending => prog.plan.surface_sizes(),
+        };
+        if din
+            .iter()
+            .chain(&dout)
+            .any(|&s| s != din.first().copied().unwrap_or(s))
+        {
+            self.inject(Step::Unequal)?;
+        }
+        let zeros =
+            !crate::surface::is_ordered(&din, &dout) && self.inject(Step::Unordered).is_err();
         // Surfaces arrive in the plan's binding order; the interpreter wants declaration order.
         let mut by_decl: Vec<Vec<f32>> = vec![Vec::new(); func.inputs.len()];
         for (b, s) in prog.plan.inputs.iter().zip(&ins) {
@@ -232,7 +293,13 @@ impl ReferenceEngine {
                 _ => s.fp32_vec(b.ty.numel()),
             };
         }
-        let results = exec::run(&prog.checked, by_decl, self.numerics)?;
+        let mut results = exec::run(&prog.checked, by_decl, self.numerics)?;
+        if zeros {
+            // M1 per maderix issue 47: silent zeros, no error.
+            for r in &mut results {
+                r.fill(0.0);
+            }
+        }
         for (b, s) in prog.plan.outputs.iter().zip(outs.iter_mut()) {
             let pos = func
                 .outputs
@@ -292,6 +359,10 @@ impl Engine for ReferenceEngine {
         self.core.steps.run("evaluate", || {
             self.evaluate_checked(program, inputs, outputs)
         })
+    }
+
+    fn probes(&self) -> &'static [ProbeKind] {
+        self.probes
     }
 
     fn op_placement(&self, program: ProgramId) -> Option<Vec<crate::coreml_plan::OpPlacement>> {

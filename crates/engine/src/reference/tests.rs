@@ -404,3 +404,109 @@ fn every_step_is_logged_and_a_failure_names_its_step() {
     let f = first_failure(&e.steps()).unwrap();
     assert!(f.starts_with("load: load failed"), "{f}");
 }
+
+#[test]
+fn probed_forms_are_followed_and_the_report_machines_fail_where_told() {
+    use crate::probe::ProbeKind;
+    use crate::reference::faults::FaultSpec;
+    let (k, m, n) = (64, 128, 64);
+    let mil = ane_mil::text::emit(&dyn_matmul(k, m, n));
+    let machine = |f: FaultSpec| {
+        ReferenceEngine::with_faults(Chip::M4.limits(), f).with_probes(&[
+            ProbeKind::MilDialect,
+            ProbeKind::SurfaceOrder,
+            ProbeKind::CompileCall,
+        ])
+    };
+    // A compiler refusing the shorthand dialect takes the verbose one; iOS18 ops cannot go there.
+    let e = machine(FaultSpec {
+        shorthand: 1.0,
+        ..FaultSpec::default()
+    });
+    assert!(matches!(e.compile(&mil, &[]), Err(EngineError::Compile(_))));
+    e.set_form(ProbeKind::MilDialect, 1);
+    let id = e.compile(&mil, &[]).expect("the verbose dialect compiles");
+    e.unload(id);
+    let q = ane_mil::text::emit(&ane_mil::build::conv_matmul_q8_0(64, 64, 64));
+    let err = e.compile(&q, &[]).unwrap_err().to_string();
+    assert!(err.contains("constexpr_blockwise_shift_scale"), "{err}");
+    // Core ML's compile calls.
+    let e = machine(FaultSpec {
+        sync_compile: 1.0,
+        ..FaultSpec::default()
+    });
+    assert!(e.compile(&mil, &[]).is_err());
+    e.set_form(ProbeKind::CompileCall, 1);
+    assert!(e.compile(&mil, &[]).is_ok());
+    // Surfaces: equal sizes give zeros on the M1 of issue 47, ordered ones the product; the
+    // ordered ones fail where unequal sizes are refused (Orion).
+    let w = values(m * k, 3);
+    let x = values(k * n, 4);
+    let size = request_alloc_size(&[k * n * 2, m * k * 2, m * n * 2]);
+    let run = |e: &ReferenceEngine| {
+        let id = e.compile(&mil, &[])?;
+        let (mut a, mut b, mut y) = (Surface::new(size), Surface::new(size), Surface::new(size));
+        a.fp16_mut(k * n).copy_from_slice(&x);
+        b.fp16_mut(m * k).copy_from_slice(&w);
+        let r = e.evaluate(id, &[&a, &b], &mut [&mut y]);
+        e.unload(id);
+        r.map(|()| y.fp16(m * n).to_vec())
+    };
+    let want = oracle(&w, &x, k, m, n);
+    let m1 = machine(FaultSpec {
+        unordered: 1.0,
+        ..FaultSpec::default()
+    });
+    assert!(
+        run(&m1).unwrap().iter().all(|v| v.to_f32() == 0.0),
+        "zeros, no error"
+    );
+    m1.set_form(ProbeKind::SurfaceOrder, 1);
+    assert_close(&run(&m1).unwrap(), &want);
+    let orion = machine(FaultSpec {
+        unequal: 1.0,
+        ..FaultSpec::default()
+    });
+    assert_close(&run(&orion).unwrap(), &want);
+    orion.set_form(ProbeKind::SurfaceOrder, 1);
+    assert!(matches!(run(&orion), Err(EngineError::Eval(_))));
+    // An engine that follows no probe ignores the forms.
+    let plain = ReferenceEngine::new(Chip::M4.limits());
+    plain.set_form(ProbeKind::MilDialect, 1);
+    assert_eq!(plain.form(ProbeKind::MilDialect), 0);
+    assert!(plain.probes().is_empty());
+}
+
+#[test]
+fn the_driver_plan_writes_the_dialect_and_sizes_of_the_forms() {
+    use crate::driver_plan::DriverPlan;
+    use crate::probe::{Forms, ProbeKind, SurfaceOrder};
+    let mil = ane_mil::text::emit(&dyn_matmul(64, 128, 64));
+    let forms = Forms::default();
+    let plan = DriverPlan::new_in(&mil, &[], &forms).unwrap();
+    assert_eq!(
+        &plan.mil[..],
+        mil.as_bytes(),
+        "the shorthand is the text as given"
+    );
+    assert_eq!(plan.order, SurfaceOrder::Equal);
+    let (i, o) = plan.surface_sizes();
+    assert!(i.iter().chain(&o).all(|&s| s == plan.surface_bytes));
+    forms.set(ProbeKind::MilDialect, 1);
+    forms.set(ProbeKind::SurfaceOrder, 1);
+    let plan = DriverPlan::new_in(&mil, &[], &forms).unwrap();
+    let text = std::str::from_utf8(&plan.mil).unwrap();
+    assert!(
+        text.starts_with("program(1.0)") && text.contains("main<ios16>"),
+        "{text}"
+    );
+    let (i, o) = plan.surface_sizes();
+    assert!(
+        i[0] < i[1] && crate::surface::is_ordered(&i, &o),
+        "{i:?} {o:?}"
+    );
+    // Host surfaces of one size are copied through those: each need only hold its tensor.
+    let s = plan.surface_bytes;
+    plan.check_request(&[s, s], &[s]).unwrap();
+    assert!(plan.check_request(&[s, 4096], &[s]).is_err());
+}

@@ -264,3 +264,80 @@ fn the_compressed_canary_gates_only_when_compressed_weights_are_asked_for() {
         "{r}"
     );
 }
+
+#[test]
+fn each_candidate_is_probed_first_and_its_canaries_run_in_the_winning_forms() {
+    use crate::probe::ProbeStore;
+    use ane_engine::probe::ProbeKind;
+    // A private API whose compiler refuses the shorthand dialect and returns zeros unless the
+    // surfaces are ordered (the M1 of two reports): chosen, in the forms that passed.
+    let store = ProbeStore::new(crate::probe::EXTRA_COMPILES);
+    let m1 = FaultSpec {
+        shorthand: 1.0,
+        unordered: 1.0,
+        ..FaultSpec::default()
+    };
+    let c = choose_with(
+        vec![Candidate {
+            kind: EngineKind::Ane,
+            open: Box::new(move || {
+                Ok(Arc::new(
+                    ReferenceEngine::with_faults(Chip::M4.limits(), m1)
+                        .with_probes(&[ProbeKind::MilDialect, ProbeKind::SurfaceOrder]),
+                ) as Arc<dyn Engine>)
+            }),
+        }],
+        req(),
+        &store,
+    );
+    assert_eq!(chosen(&c), Some(EngineKind::Ane), "{}", c.reasons());
+    let a = &c.attempts[0];
+    let p = a.probes.as_ref().unwrap();
+    assert_eq!(p.extra_compiles, 3, "the fourth combination passed");
+    let note = a.note.as_deref().unwrap();
+    assert!(
+        note.contains("mil_dialect: verbose") && note.contains("surface_order: ascending"),
+        "{note}"
+    );
+    let (_, e) = c.engine.as_ref().unwrap();
+    assert_eq!(
+        (
+            e.form(ProbeKind::MilDialect),
+            e.form(ProbeKind::SurfaceOrder)
+        ),
+        (1, 1)
+    );
+    // A Core ML whose synchronous compile fails: refused before, chosen now.
+    let sync_fails = FaultSpec {
+        sync_compile: 1.0,
+        ..FaultSpec::default()
+    };
+    let c = choose_with(
+        vec![Candidate {
+            kind: EngineKind::CoreMl,
+            open: Box::new(move || {
+                Ok(Arc::new(
+                    ReferenceEngine::with_faults(Chip::M4.limits(), sync_fails)
+                        .with_placement(OpDevice::NeuralEngine)
+                        .with_probes(&[ProbeKind::CompileCall]),
+                ) as Arc<dyn Engine>)
+            }),
+        }],
+        req(),
+        &store,
+    );
+    assert_eq!(chosen(&c), Some(EngineKind::CoreMl), "{}", c.reasons());
+    assert_eq!(
+        store.extra_left(),
+        0,
+        "3 + 1 extra compiles: the budget is spent"
+    );
+    // Without probes the same machine is refused.
+    let c = choose_with(vec![faulty(EngineKind::CoreMl, sync_fails)], req(), &store);
+    assert_eq!(chosen(&c), None);
+    assert!(
+        c.reasons().contains("compileModelAtURL:error:"),
+        "{}",
+        c.reasons()
+    );
+}

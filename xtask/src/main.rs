@@ -28,6 +28,7 @@ mod test_plan;
 mod test_real;
 mod test_sched;
 mod test_server;
+mod test_split;
 mod tidy;
 mod tools;
 mod util;

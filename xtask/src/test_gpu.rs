@@ -105,15 +105,15 @@ pub(crate) fn gpu_args(endpoint: &str, beside: bool) -> Vec<String> {
 }
 
 /// One greedy run's results.
-struct Run {
-    text: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub text: String,
+    pub stderr: String,
     /// Tokens of the prompt (llama.cpp's own count).
     prompt_tokens: u64,
 }
 
 impl Run {
-    fn stat(&self, key: &str) -> u64 {
+    pub(crate) fn stat(&self, key: &str) -> u64 {
         test::stat(&self.stderr, key)
     }
 
@@ -147,7 +147,8 @@ impl Run {
     }
 }
 
-/// Greedy `llama-completion` of `prompt` on `model` beside (or without) the device.
+/// Greedy `llama-completion` of `prompt` on `model` beside (or without) the device; the device
+/// computes its matmuls alone (`GGML_ANE_GPU_SHARE=0`).
 fn complete(
     model: &Path,
     prompt: &str,
@@ -155,6 +156,21 @@ fn complete(
     gpu: &[String],
     plugin: Option<&Path>,
     extra: &[&str],
+    name: &str,
+) -> Result<Run> {
+    complete_env(model, prompt, n_predict, gpu, plugin, extra, &[], name)
+}
+
+/// [`complete`] with more of the plugin's environment (`env` wins over the defaults).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn complete_env(
+    model: &Path,
+    prompt: &str,
+    n_predict: u32,
+    gpu: &[String],
+    plugin: Option<&Path>,
+    extra: &[&str],
+    env: &[(&str, &str)],
     name: &str,
 ) -> Result<Run> {
     let mut cmd = Command::new(llama::bin("llama-completion"));
@@ -179,7 +195,9 @@ fn complete(
     if let Some(p) = plugin {
         cmd.env("GGML_BACKEND_PATH", p)
             .env("GGML_ANE_ENGINE", "reference")
-            .env("GGML_ANE_STATS", "json");
+            .env("GGML_ANE_STATS", "json")
+            .env("GGML_ANE_GPU_SHARE", "0")
+            .envs(env.iter().copied());
     }
     crate::exit_drain::apply(&mut cmd);
     let res = test::run_completion(&mut cmd, name, Duration::from_secs(600))?;
@@ -433,6 +451,7 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
     }
 
     parts.push(bench_decode(&plugin, &rpc, &real)?);
+    parts.push(crate::test_split::check(&plugin, &rpc, &real)?);
     parts.push(crate::test_server::check(&plugin, &rpc, &tiny)?);
     drop(rpc);
     Ok(parts.join("; "))
@@ -465,7 +484,8 @@ fn bench_decode(plugin: &Path, rpc: &RpcServer, model: &Path) -> Result<String> 
             .env_remove("GGML_BACKEND_PATH");
         if beside {
             cmd.env("GGML_BACKEND_PATH", plugin)
-                .env("GGML_ANE_ENGINE", "reference");
+                .env("GGML_ANE_ENGINE", "reference")
+                .env("GGML_ANE_GPU_SHARE", "0");
         }
         let name = format!("gpu-bench-{}-{i}", if beside { "ane" } else { "rpc" });
         let res = util::run_logged(&mut cmd, &name, Duration::from_secs(600))?;

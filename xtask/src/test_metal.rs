@@ -122,7 +122,10 @@ fn run(
     if let Some(p) = plugin {
         cmd.env("GGML_BACKEND_PATH", p)
             .env("GGML_ANE_ENGINE", "reference")
-            .env("GGML_ANE_STATS", "json");
+            .env("GGML_ANE_STATS", "json")
+            // The device alone: these checks count the fake's own matmuls (the split with the
+            // GPU is step gpu's).
+            .env("GGML_ANE_GPU_SHARE", "0");
     }
     let res = util::run_logged(&mut cmd, name, TIMEOUT)?;
     if !res.success() {

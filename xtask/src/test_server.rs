@@ -45,7 +45,8 @@ impl Server {
         if let Some(p) = plugin {
             cmd.env("GGML_BACKEND_PATH", p)
                 .env("GGML_ANE_ENGINE", "reference")
-                .env("GGML_ANE_STATS", "json");
+                .env("GGML_ANE_STATS", "json")
+                .env("GGML_ANE_GPU_SHARE", "0");
         }
         println!("$ {} &", util::render(&cmd));
         let child = cmd.spawn()?;

@@ -26,6 +26,9 @@ pub(crate) struct Node {
     /// src0, src1 and the output are read in place (not copies through ggml's API): only then
     /// do the lookahead and the buffer range of the weight apply.
     pub in_place: bool,
+    /// src0 is a weight in a GPU's buffer the plugin reads: the GPU can take rows of it
+    /// (`crate::split`).
+    pub on_gpu: bool,
 }
 
 /// A claimed MUL_MAT node as a group member, after re-checking what compute relies on; operands
@@ -71,20 +74,59 @@ pub(crate) unsafe fn member(
             src1_info: i1,
             weight,
             in_place: access == (Access::Direct, Access::Direct, Access::Direct),
+            on_gpu: weight && placement::on_gpu(g, s0),
         })
     }
 }
 
-/// Runs a group through the planner and engine, with its learnt companions (see [`lookahead`])
-/// when `head_buffer`, the byte range of the buffer holding the group's first weight, is known:
-/// only companions inside it are read (a companion learnt from a model freed since is never
-/// touched).
-pub(crate) fn run_group(
-    split: &mut Split<'_, '_>,
-    mut group: Group,
-    head_buffer: Option<(usize, usize)>,
-) {
+/// The group being built, with what its computation needs beyond the views.
+pub(crate) struct Open {
+    pub group: Group,
+    /// The byte range of the buffer holding the first weight (`None`: no lookahead companions).
+    pub range: Option<(usize, usize)>,
+    /// Every member's weight tensor, when all of them live in a GPU's buffer the plugin reads
+    /// (the GPU can take rows of the group, `crate::split`).
+    pub gpu_weights: Option<Vec<*const ggml_tensor>>,
+}
+
+/// Runs a group through the planner and engine: split with the GPU when its weights sit in a
+/// GPU's buffer and the share says so (`crate::split`), else on the device alone, with its learnt
+/// companions (see [`lookahead`]) when `range`, the byte range of the buffer holding the group's
+/// first weight, is known: only companions inside it are read (a companion learnt from a model
+/// freed since is never touched).
+pub(crate) fn run_group(split: &mut Split<'_, '_>, open: Open) {
+    let Open {
+        mut group,
+        range: head_buffer,
+        gpu_weights,
+    } = open;
     let (dev, host, companions) = (split.dev, split.host, split.companions);
+    let cx = matmul::Context {
+        host: Some(host),
+        act_round: Config::get().act_round,
+        ..dev.matmul_cx()
+    };
+    if let (Some(weights), Some(g)) = (gpu_weights, ggml::ggml()) {
+        // SAFETY: the first member's weight is a live tensor of this graph's model.
+        let gpu_name = placement::device_of(g, unsafe { &*weights[0] });
+        let job = crate::split::Job {
+            cx: &cx,
+            group: &group,
+            weights: &weights,
+            gpu: split.gpu,
+            ggml: g,
+            machine: crate::split::machine_key(
+                dev.engine.name(),
+                &format!("{:?}", dev.engine.chip()),
+                &gpu_name,
+            ),
+        };
+        if crate::split::run(&dev.splitter, &job).is_some() {
+            split.stash.begin();
+            split.write_back();
+            return;
+        }
+    }
     let stash = &mut *split.stash;
     // SAFETY: the group was built from this graph's claimed MUL_MATs (valid host tensors); the
     // stash is borrowed until the group is computed.
@@ -100,21 +142,13 @@ pub(crate) fn run_group(
             };
             added > 0
         });
-    let cx = matmul::Context {
-        host: Some(host),
-        act_round: Config::get().act_round,
-        ..dev.matmul_cx()
-    };
     let fallback = matmul::compute(&cx, &group);
     if speculated {
         stash.computed(fallback);
     }
     // Memory may have changed hands: the next take compares bytes again.
     stash.begin();
-    if let Err(e) = split.fetch.write_back() {
-        eprintln!("ggml-ane: {e}");
-        split.failed = true;
-    }
+    split.write_back();
 }
 
 /// Counts a computed node by its weight's name ("where each matmul ran"), when stats are on.
@@ -159,6 +193,18 @@ pub(crate) struct Split<'a, 's> {
     fetch: Fetch<'a>,
     /// An output could not be written back.
     failed: bool,
+    /// The GPU's backend of this instance, for the GPU's rows of split groups.
+    gpu: &'a crate::host_gpu::HostGpu,
+}
+
+impl Split<'_, '_> {
+    /// Writes the outputs copied out through ggml's API (after the group that computed them).
+    fn write_back(&mut self) {
+        if let Err(e) = self.fetch.write_back() {
+            eprintln!("ggml-ane: {e}");
+            self.failed = true;
+        }
+    }
 }
 
 pub(crate) fn graph_compute(
@@ -178,12 +224,13 @@ pub(crate) fn graph_compute(
         companions,
         fetch: Fetch::new(g, &dev.weight_copies),
         failed: false,
+        gpu: &ctx.gpu,
     };
     let lookahead = Config::get().lookahead;
     // SAFETY: ggml passes a valid graph; nodes are valid tensors for the duration of the call.
     let n = unsafe { (g.graph_n_nodes)(cgraph) };
     // The open group and the buffer range of its first weight (`None`: no lookahead companions).
-    let mut open: Option<(Group, Option<(usize, usize)>)> = None;
+    let mut open: Option<Open> = None;
     // The address of the open group's src1 tensor (its view may be a copy).
     let mut open_src1 = 0usize;
     for i in 0..n {
@@ -196,8 +243,8 @@ pub(crate) fn graph_compute(
         }
         if node.op == GGML_OP_MUL_MAT_ID {
             // Graph order: the open group first.
-            if let Some((done, range)) = open.take() {
-                run_group(&mut split, done, range);
+            if let Some(o) = open.take() {
+                run_group(&mut split, o);
             }
             let cx = matmul::Context {
                 host: Some(&ctx.host),
@@ -228,8 +275,8 @@ pub(crate) fn graph_compute(
         }
         if bridge::is_bridge(node.op) {
             // Graph order: the open group first (the op may read its outputs).
-            if let Some((done, range)) = open.take() {
-                run_group(&mut split, done, range);
+            if let Some(o) = open.take() {
+                run_group(&mut split, o);
             }
             // SAFETY: node is a claimed bridge op of this graph (valid tensors).
             if let Err(e) = unsafe { bridge::compute(g, &mut split.fetch, &ctx.host, node) } {
@@ -249,8 +296,8 @@ pub(crate) fn graph_compute(
         if open.is_some() && src1_at != open_src1 {
             // Another src1: the open group is complete. Computed (and its outputs written back)
             // before this node's operands are copied, in case one of them is such an output.
-            if let Some((done, range)) = open.take() {
-                run_group(&mut split, done, range);
+            if let Some(o) = open.take() {
+                run_group(&mut split, o);
             }
         }
         // SAFETY: node is a MUL_MAT of this graph.
@@ -267,30 +314,37 @@ pub(crate) fn graph_compute(
             src1_info,
             weight,
             in_place,
+            on_gpu,
         } = n;
         count_weight(dev, node);
         if lookahead && weight && in_place && split.stash.waits_for(&m) {
             // Computed in an earlier split's dispatch: the groups before it run first (graph order).
-            if let Some((done, range)) = open.take() {
-                run_group(&mut split, done, range);
+            if let Some(o) = open.take() {
+                run_group(&mut split, o);
             }
             if split.stash.take(&dev.learner, &dev.stats, &m, &src1) {
                 continue;
             }
         }
         match open.as_mut() {
-            Some((group, _)) if joins(group, &m, &src1, weight) => group.members.push(m),
+            Some(o) if joins(&o.group, &m, &src1, weight) => {
+                o.group.members.push(m);
+                o.gpu_weights = o.gpu_weights.take().filter(|_| on_gpu).map(|mut w| {
+                    w.push(node.src[0].cast_const());
+                    w
+                });
+            }
             _ => {
-                if let Some((done, range)) = open.take() {
-                    run_group(&mut split, done, range);
+                if let Some(o) = open.take() {
+                    run_group(&mut split, o);
                 }
                 // SAFETY: a MUL_MAT node has a valid src0.
                 let range = in_place
                     .then(|| g.buffer_range(unsafe { &*node.src[0] }))
                     .flatten();
                 open_src1 = src1_at;
-                open = Some((
-                    Group {
+                open = Some(Open {
+                    group: Group {
                         src1,
                         src1_info,
                         members: vec![m],
@@ -298,12 +352,13 @@ pub(crate) fn graph_compute(
                         speculative: 0,
                     },
                     range,
-                ));
+                    gpu_weights: on_gpu.then(|| vec![node.src[0].cast_const()]),
+                });
             }
         }
     }
-    if let Some((done, range)) = open.take() {
-        run_group(&mut split, done, range);
+    if let Some(o) = open.take() {
+        run_group(&mut split, o);
     }
     if split.failed {
         return GGML_STATUS_FAILED;
@@ -312,6 +367,10 @@ pub(crate) fn graph_compute(
 }
 
 pub(crate) fn print_stats(dev: &DeviceState) {
+    *dev.stats
+        .calibrations
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = dev.splitter.report();
     dev.stats
         .weight_copies_bytes
         .store(dev.weight_copies.bytes() as u64, Relaxed);

@@ -85,6 +85,18 @@ pub struct Config {
     /// device's own matmuls (ROPE, GLU; see `crate::bridge`), computed by the host's CPU backend,
     /// so a layer's matmuls fall into fewer graph splits (default 1).
     pub bridge: bool,
+    /// `GGML_ANE_GPU_SHARE=auto|F`: beside a GPU, the share of each prefill matmul's output rows
+    /// the GPU computes while the device computes the rest (`crate::split`): measured per shape
+    /// class (`auto`, the default), or fixed (`0`: all on the device, `1`: all on the GPU).
+    pub gpu_share: GpuShare,
+    /// `GGML_ANE_PREFER=speed|energy`: `energy` keeps every claimed matmul on the device (no
+    /// split), whatever the GPU would gain.
+    pub prefer_energy: bool,
+    /// `GGML_ANE_CACHE_DIR`: where the split's calibrations are kept (default: the user's cache
+    /// folder); read as given, not lower-cased.
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// `GGML_ANE_SPLIT_TEST`: delays and failures injected into the split (tests).
+    pub split_test: crate::split::SplitTest,
     /// `GGML_ANE_ROUTE=batch|cost`: claim every supported MUL_MAT of at least `min_batch` tokens
     /// (default), or only those the cost model estimates faster on the ANE than on the CPU.
     pub route: ane_plan::model::Route,
@@ -105,6 +117,15 @@ pub struct Config {
     pub give_up: u32,
     /// `GGML_ANE_DEBUG` set (any value): log every engine failure that sent work to the CPU.
     pub debug: bool,
+}
+
+/// `GGML_ANE_GPU_SHARE`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GpuShare {
+    /// Measured per shape class, kept in the cache folder.
+    Auto,
+    /// The GPU's share of rows, fixed.
+    Fixed(f64),
 }
 
 /// Default for `GGML_ANE_GIVE_UP`: far beyond any transient run of faults (a fault mix of 20%
@@ -135,6 +156,10 @@ pub enum Values {
     Faults,
     /// Anything: the knob is on when set.
     Presence,
+    /// `auto` or a fraction in `[0, 1]` (`GGML_ANE_GPU_SHARE`).
+    Share,
+    /// The test hooks of the split (`crate::split::SplitTest`).
+    SplitTest,
 }
 
 /// One environment variable of the plugin: its name, default, and what it accepts, listed once
@@ -162,6 +187,11 @@ impl Knob {
                 .is_ok(),
             Values::Faults => v.parse::<FaultSpec>().is_ok(),
             Values::Presence => true,
+            Values::Share => {
+                v.eq_ignore_ascii_case("auto")
+                    || v.parse::<f64>().is_ok_and(|x| (0.0..=1.0).contains(&x))
+            }
+            Values::SplitTest => v.parse::<crate::split::SplitTest>().is_ok(),
         }
     }
 
@@ -177,6 +207,8 @@ impl Knob {
                 .into(),
             Values::Faults => "compile=P,load=P,eval=P,alloc=P,exception=P[,seed=S]".into(),
             Values::Presence => "any value".into(),
+            Values::Share => "auto, or the GPU's share of rows from 0 to 1".into(),
+            Values::SplitTest => "gpu_ms=N,ane_ms=N,gpu_fail=0|1".into(),
         }
     }
 
@@ -204,7 +236,7 @@ impl Knob {
 }
 
 /// Every environment variable the plugin reads.
-pub const KNOBS: [Knob; 19] = [
+pub const KNOBS: [Knob; 23] = [
     Knob {
         name: "GGML_ANE_ENGINE",
         default: "auto",
@@ -264,6 +296,26 @@ pub const KNOBS: [Knob; 19] = [
         name: "GGML_ANE_BRIDGE",
         default: "1",
         values: Values::OneOf(&["1", "0"]),
+    },
+    Knob {
+        name: "GGML_ANE_GPU_SHARE",
+        default: "auto",
+        values: Values::Share,
+    },
+    Knob {
+        name: "GGML_ANE_PREFER",
+        default: "speed",
+        values: Values::OneOf(&["speed", "energy"]),
+    },
+    Knob {
+        name: "GGML_ANE_CACHE_DIR",
+        default: "",
+        values: Values::Presence,
+    },
+    Knob {
+        name: "GGML_ANE_SPLIT_TEST",
+        default: "",
+        values: Values::SplitTest,
     },
     Knob {
         name: "GGML_ANE_ROUTE",
@@ -338,6 +390,16 @@ impl Config {
         let prestage = read("GGML_ANE_PRESTAGE") == "1";
         let lookahead = read("GGML_ANE_LOOKAHEAD") == "1";
         let bridge = read("GGML_ANE_BRIDGE") == "1";
+        let gpu_share = match read("GGML_ANE_GPU_SHARE").parse::<f64>() {
+            Ok(x) => GpuShare::Fixed(x),
+            Err(_) => GpuShare::Auto,
+        };
+        let prefer_energy = read("GGML_ANE_PREFER") == "energy";
+        let cache_dir = get("GGML_ANE_CACHE_DIR")
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from);
+        let split_test = read("GGML_ANE_SPLIT_TEST").parse().unwrap_or_default();
         let cost = Some(read("GGML_ANE_COST")).filter(|c| !c.trim().is_empty());
         let route = match read("GGML_ANE_ROUTE").as_str() {
             "cost" => ane_plan::model::Route::Cost,
@@ -380,6 +442,10 @@ impl Config {
             prestage,
             lookahead: lookahead && weights == WeightsMode::Fp16,
             bridge,
+            gpu_share,
+            prefer_energy,
+            cache_dir,
+            split_test,
             route,
             cost,
             faults,

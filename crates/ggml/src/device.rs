@@ -31,6 +31,8 @@ pub struct DeviceState {
     pub(crate) experts: Mutex<crate::claim::ExpertBudget>,
     /// Host copies of weights read through ggml's API (llama.cpp's RPC backend).
     pub(crate) weight_copies: crate::view::fetch::WeightCopies,
+    /// Shares and calibrations of the split with the GPU.
+    pub(crate) splitter: crate::split::Splitter,
 }
 
 impl DeviceState {
@@ -57,6 +59,8 @@ pub(crate) struct BackendCtx {
     pub(crate) stash: Mutex<lookahead::Stash>,
     /// The host's CPU backend, for this instance's fallbacks (with the host's thread count).
     pub(crate) host: host_cpu::HostCpu,
+    /// The GPU's backend, for the GPU's rows of split matmuls (`crate::split`).
+    pub(crate) gpu: crate::host_gpu::HostGpu,
 }
 
 /// The device state, or why there is none. Created on first use, never in `ggml_backend_score`'s
@@ -100,6 +104,7 @@ pub(crate) fn device_state() -> Result<&'static DeviceState, &'static str> {
                 stats: Stats::default(),
                 learner: Mutex::default(),
                 weight_copies: Default::default(),
+                splitter: Default::default(),
             })
         })
         .as_ref()

@@ -27,42 +27,53 @@ use crate::view::Operand;
 const DEVICE_TYPE_CPU: c_int = 0;
 
 #[repr(C)]
-struct InitParams {
-    mem_size: usize,
-    mem_buffer: *mut c_void,
-    no_alloc: bool,
+pub(crate) struct InitParams {
+    pub(crate) mem_size: usize,
+    pub(crate) mem_buffer: *mut c_void,
+    pub(crate) no_alloc: bool,
 }
 
 /// Opaque `struct ggml_context`.
 #[repr(C)]
-struct GgmlContext {
+pub(crate) struct GgmlContext {
     _private: [u8; 0],
 }
 
 type SetThreads = unsafe extern "C" fn(ggml_backend_t, c_int);
 
-/// The ggml functions a fallback graph needs (ggml.h, ggml-backend.h of ggml 0.26.0).
-struct Fns {
-    init: unsafe extern "C" fn(InitParams) -> *mut GgmlContext,
-    free: unsafe extern "C" fn(*mut GgmlContext),
-    tensor_overhead: unsafe extern "C" fn() -> usize,
-    graph_overhead_custom: unsafe extern "C" fn(usize, bool) -> usize,
-    new_graph_custom: unsafe extern "C" fn(*mut GgmlContext, usize, bool) -> *mut ggml_cgraph,
-    graph_add_node: unsafe extern "C" fn(*mut ggml_cgraph, *mut ggml_tensor),
-    new_tensor:
+/// The ggml functions a fallback graph needs (ggml.h, ggml-backend.h of ggml 0.26.0), and those
+/// [`crate::host_gpu`] builds its graphs with.
+pub(crate) struct Fns {
+    pub(crate) init: unsafe extern "C" fn(InitParams) -> *mut GgmlContext,
+    pub(crate) free: unsafe extern "C" fn(*mut GgmlContext),
+    pub(crate) tensor_overhead: unsafe extern "C" fn() -> usize,
+    pub(crate) graph_overhead_custom: unsafe extern "C" fn(usize, bool) -> usize,
+    pub(crate) new_graph_custom:
+        unsafe extern "C" fn(*mut GgmlContext, usize, bool) -> *mut ggml_cgraph,
+    pub(crate) graph_add_node: unsafe extern "C" fn(*mut ggml_cgraph, *mut ggml_tensor),
+    pub(crate) new_tensor:
         unsafe extern "C" fn(*mut GgmlContext, c_int, c_int, *const i64) -> *mut ggml_tensor,
-    mul_mat: unsafe extern "C" fn(
+    pub(crate) mul_mat: unsafe extern "C" fn(
         *mut GgmlContext,
         *mut ggml_tensor,
         *mut ggml_tensor,
     ) -> *mut ggml_tensor,
-    graph_compute: unsafe extern "C" fn(ggml_backend_t, *mut ggml_cgraph) -> c_int,
-    backend_free: unsafe extern "C" fn(ggml_backend_t),
+    pub(crate) graph_compute: unsafe extern "C" fn(ggml_backend_t, *mut ggml_cgraph) -> c_int,
+    pub(crate) backend_free: unsafe extern "C" fn(ggml_backend_t),
     dev_by_type: unsafe extern "C" fn(c_int) -> ggml_backend_dev_t,
-    dev_init: unsafe extern "C" fn(ggml_backend_dev_t, *const c_char) -> ggml_backend_t,
+    pub(crate) dev_init: unsafe extern "C" fn(ggml_backend_dev_t, *const c_char) -> ggml_backend_t,
     dev_supports_op: unsafe extern "C" fn(ggml_backend_dev_t, *const ggml_tensor) -> bool,
     dev_backend_reg: unsafe extern "C" fn(ggml_backend_dev_t) -> ggml_backend_reg_t,
     reg_get_proc_address: unsafe extern "C" fn(ggml_backend_reg_t, *const c_char) -> *mut c_void,
+    pub(crate) dev_buffer_type:
+        unsafe extern "C" fn(ggml_backend_dev_t) -> crate::ffi::ggml_backend_buffer_type_t,
+    pub(crate) alloc_ctx_tensors_from_buft:
+        unsafe extern "C" fn(
+            *mut GgmlContext,
+            crate::ffi::ggml_backend_buffer_type_t,
+        ) -> *mut crate::ffi::ggml_backend_buffer,
+    pub(crate) buffer_free: unsafe extern "C" fn(*mut crate::ffi::ggml_backend_buffer),
+    pub(crate) synchronize: unsafe extern "C" fn(ggml_backend_t),
 }
 
 /// The symbol `name` as a function pointer of type `T`.
@@ -76,7 +87,7 @@ unsafe fn sym<T>(name: &CStr) -> Option<T> {
     Some(unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) })
 }
 
-fn fns() -> Option<&'static Fns> {
+pub(crate) fn fns() -> Option<&'static Fns> {
     static FNS: OnceLock<Option<Fns>> = OnceLock::new();
     FNS.get_or_init(|| {
         // SAFETY: each field's type is the C signature of the function of that name
@@ -98,6 +109,10 @@ fn fns() -> Option<&'static Fns> {
                 dev_supports_op: sym(c"ggml_backend_dev_supports_op")?,
                 dev_backend_reg: sym(c"ggml_backend_dev_backend_reg")?,
                 reg_get_proc_address: sym(c"ggml_backend_reg_get_proc_address")?,
+                dev_buffer_type: sym(c"ggml_backend_dev_buffer_type")?,
+                alloc_ctx_tensors_from_buft: sym(c"ggml_backend_alloc_ctx_tensors_from_buft")?,
+                buffer_free: sym(c"ggml_backend_buffer_free")?,
+                synchronize: sym(c"ggml_backend_synchronize")?,
             })
         }
     })

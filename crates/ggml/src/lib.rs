@@ -29,11 +29,13 @@ pub mod guard;
 pub mod health;
 pub mod host_api;
 pub mod host_cpu;
+pub mod host_gpu;
 mod lookahead;
 pub mod matmul;
 mod mul_mat_id;
 mod open;
 pub mod placement;
+pub mod split;
 pub mod stats;
 pub mod support;
 /// Test devices and data for the compute paths (the unit tests and `tests/`); not plugin API.

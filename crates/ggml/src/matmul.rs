@@ -223,6 +223,12 @@ pub fn compute(cx: &Context<'_>, g: &Group) -> bool {
     any_fallback
 }
 
+/// Computes the whole group on the CPU (the host's CPU backend, else the plugin's own loop), with
+/// no engine: the rows of a split whose GPU part failed (`crate::split`).
+pub fn compute_on_cpu(cx: &Context<'_>, g: &Group) {
+    fallback(cx, g, &[]);
+}
+
 /// Whether MUL_MATs with weights of these types may share one dispatch: their activations are
 /// rounded alike by the CPU backend (`ane_convert::act_round`), so one activation surface serves
 /// both.

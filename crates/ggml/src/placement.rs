@@ -298,6 +298,20 @@ fn buffer_of(t: &ggml_tensor) -> *mut crate::ffi::ggml_backend_buffer {
     }
 }
 
+/// Whether `t` lives in a GPU's buffer the plugin reads (Metal's mapped weights, RPC): its rows
+/// can be given to that GPU (`crate::split`).
+pub fn on_gpu(g: &Ggml, t: &ggml_tensor) -> bool {
+    matches!(
+        tensor_residence(g, t),
+        Some(Residence::MappedWeights | Residence::Api)
+    )
+}
+
+/// The name of the device whose buffer holds `t` ("?" when unknown).
+pub fn device_of(g: &Ggml, t: &ggml_tensor) -> String {
+    gpu_of(g, t)
+}
+
 /// Whether `t` (or the tensor it views) has a buffer.
 pub fn is_allocated(t: &ggml_tensor) -> bool {
     !buffer_of(t).is_null()

@@ -24,6 +24,19 @@ pub struct Stats {
     /// Bridge ops (ROPE, GLU between the device's matmuls, `crate::bridge`) computed in the
     /// device's splits by the host's CPU backend.
     pub bridge_ops: AtomicU64,
+    /// MUL_MATs computed by the device and the GPU together (`crate::split`).
+    pub split_ops: AtomicU64,
+    /// Work (rows x K x N) of split MUL_MATs, and the part the GPU computed.
+    pub split_work_total: AtomicU64,
+    /// See `split_work_total`.
+    pub split_work_gpu: AtomicU64,
+    /// GPU parts that failed (their rows computed by the CPU).
+    pub split_gpu_failures: AtomicU64,
+    /// Shape classes measured for the split in this process.
+    pub split_calibrations: AtomicU64,
+    /// Calibrations known at exit (class, device ms, GPU ms, GPU share), with how many were
+    /// measured here and how many read from the cache folder; filled before printing.
+    pub calibrations: std::sync::Mutex<(Vec<crate::split::Calibration>, usize, usize)>,
     /// Bytes of weights copied to the host through ggml's tensor API (llama.cpp's RPC backend),
     /// held for the process.
     pub weight_copies_bytes: AtomicU64,
@@ -115,6 +128,30 @@ pub fn add_time(c: &AtomicU64, d: Duration) {
 }
 
 impl Stats {
+    /// The GPU's share of the split MUL_MATs' work (0 when nothing was split).
+    pub fn gpu_share(&self) -> f64 {
+        let t = self.split_work_total.load(Relaxed);
+        if t == 0 {
+            0.0
+        } else {
+            self.split_work_gpu.load(Relaxed) as f64 / t as f64
+        }
+    }
+
+    fn calibrations_json(&self) -> serde_json::Value {
+        let c = self.calibrations.lock().unwrap_or_else(|e| e.into_inner());
+        serde_json::json!({
+            "measured": c.1,
+            "reused": c.2,
+            "classes": c.0.iter().map(|k| serde_json::json!({
+                "class": k.class,
+                "ane_ms": k.ane_ms,
+                "gpu_ms": if k.gpu_ms.is_finite() { k.gpu_ms } else { -1.0 },
+                "share": k.share,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
     /// Counts where the operations of a freshly compiled program run, when the engine can tell.
     pub fn count_placement(&self, engine: &dyn ane_engine::Engine, id: ane_engine::ProgramId) {
         let Some(ops) = engine.op_placement(id) else {
@@ -163,6 +200,10 @@ impl Stats {
             "mul_mat_id_experts": self.mul_mat_id_experts.load(Relaxed),
             "mul_mat_id_packs": self.mul_mat_id_packs.load(Relaxed),
             "bridge_ops": self.bridge_ops.load(Relaxed),
+            "split_ops": self.split_ops.load(Relaxed),
+            "gpu_share": self.gpu_share(),
+            "split_gpu_failures": self.split_gpu_failures.load(Relaxed),
+            "calibrations": self.calibrations_json(),
             "weight_copies_mb": self.weight_copies_bytes.load(Relaxed) as f64 / (1 << 20) as f64,
             "ops_fallback": self.ops_fallback.load(Relaxed),
             "ops_fused": self.ops_fused.load(Relaxed),
@@ -238,6 +279,31 @@ impl Stats {
                 "  bridge ops (ROPE, GLU)   {:>10} (by the host's CPU backend, in the device's splits)\n",
                 self.bridge_ops.load(Relaxed)
             ));
+        }
+        if self.split_ops.load(Relaxed) > 0 {
+            s.push_str(&format!(
+                "  split with the GPU       {:>10} MUL_MATs, GPU share of the work {:.2} ({} GPU parts failed)\n",
+                self.split_ops.load(Relaxed),
+                self.gpu_share(),
+                self.split_gpu_failures.load(Relaxed)
+            ));
+        }
+        {
+            let c = self.calibrations.lock().unwrap_or_else(|e| e.into_inner());
+            if !c.0.is_empty() {
+                s.push_str(&format!(
+                    "  split calibrations       {:>10} ({} measured here, {} from the cache)\n",
+                    c.0.len(),
+                    c.1,
+                    c.2
+                ));
+                for k in &c.0 {
+                    s.push_str(&format!(
+                        "    {:<32} device {:.2} ms, GPU {:.2} ms, GPU share {}\n",
+                        k.class, k.ane_ms, k.gpu_ms, k.share
+                    ));
+                }
+            }
         }
         if self.weight_copies_bytes.load(Relaxed) > 0 {
             s.push_str(&format!(

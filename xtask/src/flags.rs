@@ -20,7 +20,7 @@ commands:
                     generated model, or on any GGUF with --model (run with --no-repack)
   test [--only STEPS] [--skip STEPS] [--plugin PATH]
                     the full test suite; STEPS is a comma list of
-                    setup,unit,mil,coreml,ops,moe,faults,fallback,e2e,real,overflow,fuzz,sched,placement,plan,contexts,host2,gpu,metal (default: all, in that order);
+                    setup,unit,mil,coreml,ops,moe,faults,fallback,e2e,real,overflow,fuzz,sched,placement,plan,contexts,host2,gpu,metal,staging (default: all, in that order);
                     --plugin uses a prebuilt plugin instead of building
                     target/release/libggml_ane.so
   check-apple       clippy the workspace for aarch64-apple-darwin (the macOS code)
@@ -59,7 +59,7 @@ pub struct TestOpts {
 }
 
 /// Steps of `cargo xtask test`, in the order they run.
-pub const TEST_STEPS: [&str; 19] = [
+pub const TEST_STEPS: [&str; 20] = [
     "setup",
     "unit",
     "mil",
@@ -79,6 +79,7 @@ pub const TEST_STEPS: [&str; 19] = [
     "host2",
     "gpu",
     "metal",
+    "staging",
 ];
 
 pub fn parse(args: impl Iterator<Item = String>) -> Result<Cmd, String> {
@@ -221,6 +222,7 @@ mod tests {
                 "host2",
                 "gpu",
                 "metal",
+                "staging",
             ]
         );
         assert!(p("test --only nope").is_err());

@@ -29,6 +29,7 @@ mod test_real;
 mod test_sched;
 mod test_server;
 mod test_split;
+mod test_staging;
 mod tidy;
 mod tools;
 mod util;

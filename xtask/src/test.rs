@@ -124,6 +124,7 @@ pub fn run(opts: &TestOpts) -> Result {
             "host2" => crate::test_host2::step(&mut pre),
             "metal" => crate::test_metal::step(&mut pre),
             "gpu" => crate::test_gpu::step(&mut pre),
+            "staging" => crate::test_staging::step(&mut pre),
             other => Err(format!("unknown step {other}").into()),
         };
         drop(section);
@@ -1003,6 +1004,15 @@ fn step_e2e(pre: &mut Prereqs) -> Result<String> {
 }
 
 /// The generated part of `llama-completion` stdout (it echoes the prompt).
+/// What follows the echoed `prompt` in llama-completion's stdout (all of it if not found).
+pub(crate) fn generated_from<'a>(stdout: &'a str, prompt: &str) -> &'a str {
+    let trimmed = stdout.trim_start_matches([' ', '\n']);
+    match trimmed.find(prompt) {
+        Some(i) => &trimmed[i + prompt.len()..],
+        None => stdout,
+    }
+}
+
 pub(crate) fn generated(stdout: &str) -> &str {
     let trimmed = stdout.trim_start_matches([' ', '\n']);
     match trimmed.find(PROMPT) {

@@ -134,8 +134,37 @@ pub const DEFAULT_GIVE_UP: u32 = 16;
 
 /// Default for `GGML_ANE_MIN_BATCH`.
 pub const DEFAULT_MIN_BATCH: usize = 64;
-/// Default for `GGML_ANE_STAGE_MAX_MB`: fp16 copies of an 8B model's weights fit.
+/// `GGML_ANE_STAGE_MAX_MB` when the machine's memory cannot be read: fp16 copies of an 8B
+/// model's weights fit.
 pub const DEFAULT_STAGE_MAX_MB: usize = 16384;
+
+/// Default for `GGML_ANE_STAGE_MAX_MB` on a machine with `ram` bytes of physical memory: a
+/// quarter of it. The staged fp16 copies sit beside the model itself (mmapped by llama.cpp, or held
+/// by Metal) and everything else the machine runs; a budget past what the machine holds makes it
+/// swap, while a smaller one only streams the groups beyond it (converted per dispatch). At most
+/// half the memory by any rule; [`DEFAULT_STAGE_MAX_MB`] when unknown (0).
+pub fn default_stage_mb(ram: u64) -> usize {
+    if ram == 0 {
+        return DEFAULT_STAGE_MAX_MB;
+    }
+    ((ram >> 20) / 4).max(256) as usize
+}
+
+/// Physical memory in bytes (0 when unknown).
+pub fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || size <= 0 {
+        0
+    } else {
+        pages as u64 * size as u64
+    }
+}
 /// Default for `GGML_ANE_MAX_PROGRAMS`: well under the ~128 loaded-program cap of the ANE.
 pub const DEFAULT_MAX_PROGRAMS: usize = 96;
 
@@ -264,7 +293,7 @@ pub const KNOBS: [Knob; 23] = [
     },
     Knob {
         name: "GGML_ANE_STAGE_MAX_MB",
-        default: "16384",
+        default: "",
         values: Values::Positive,
     },
     Knob {
@@ -407,7 +436,7 @@ impl Config {
         };
         let stage_max_mb = read("GGML_ANE_STAGE_MAX_MB")
             .parse()
-            .unwrap_or(DEFAULT_STAGE_MAX_MB);
+            .unwrap_or_else(|_| default_stage_mb(physical_memory()));
         let stats = match read("GGML_ANE_STATS").as_str() {
             "1" => StatsMode::Table,
             "json" => StatsMode::Json,

@@ -101,7 +101,14 @@ pub(crate) fn device_state() -> Result<&'static DeviceState, &'static str> {
                         .unwrap_or(published)
                 },
                 engine,
-                stats: Stats::default(),
+                stats: {
+                    let s = Stats::default();
+                    s.stage_budget_bytes.store(
+                        (cfg.stage_max_mb as u64).saturating_mul(1 << 20),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    s
+                },
                 learner: Mutex::default(),
                 weight_copies: Default::default(),
                 splitter: Default::default(),

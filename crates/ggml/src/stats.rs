@@ -90,6 +90,14 @@ pub struct Stats {
     pub groups_released: AtomicU64,
     /// Bytes of staged weight surfaces held now.
     pub staged_bytes: AtomicU64,
+    /// `GGML_ANE_STAGE_MAX_MB` in bytes (the staging budget).
+    pub stage_budget_bytes: AtomicU64,
+    /// The most staged bytes held at once (a streamed surface in flight included).
+    pub staged_peak_bytes: AtomicU64,
+    /// Bytes of weight surfaces converted for one dispatch only (groups beyond the budget).
+    pub stream_bytes: AtomicU64,
+    /// Nanoseconds dispatches waited for those conversions.
+    pub convert_wait_ns: AtomicU64,
     /// Compressed weight bytes (`weight.bin` files) held by loaded baked programs
     /// (`GGML_ANE_WEIGHTS=compressed`).
     pub baked_bytes: AtomicU64,
@@ -237,6 +245,10 @@ impl Stats {
             "groups_released": self.groups_released.load(Relaxed),
             "by_weight": self.by_weight.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "staged_mb": self.staged_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
+            "stage_budget_mb": self.stage_budget_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
+            "staged_peak_mb": self.staged_peak_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
+            "stream_mb": self.stream_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
+            "convert_wait_ms": self.convert_wait_ns.load(Relaxed) as f64 / 1e6,
             "baked_mb": self.baked_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
         })
     }
@@ -396,6 +408,15 @@ impl Stats {
             self.groups_staged_load.load(Relaxed),
             self.groups_staged_dispatch.load(Relaxed),
             self.groups_released.load(Relaxed)
+        ));
+        let mb = |a: &AtomicU64| a.load(Relaxed) as f64 / (1u64 << 20) as f64;
+        s.push_str(&format!(
+            "  staging budget {:.0} MiB, peak {:.1} MiB; streamed {:.1} MiB (groups beyond the \
+             budget, converted per dispatch), {:.3} ms waited\n",
+            mb(&self.stage_budget_bytes),
+            mb(&self.staged_peak_bytes),
+            mb(&self.stream_bytes),
+            self.convert_wait_ns.load(Relaxed) as f64 / 1e6
         ));
         let baked = self.baked_bytes.load(Relaxed);
         if baked > 0 {

@@ -140,3 +140,28 @@ fn faults_and_accumulation() {
     assert_eq!(w.len(), 2, "{w:?}");
     assert!(w[0].contains("GGML_ANE_FAULTS") || w[1].contains("GGML_ANE_FAULTS"));
 }
+
+#[test]
+fn the_staging_budget_follows_the_machine() {
+    use crate::config::{default_stage_mb, DEFAULT_STAGE_MAX_MB};
+    let gib = 1u64 << 30;
+    assert_eq!(default_stage_mb(16 * gib), 4096);
+    assert_eq!(default_stage_mb(24 * gib), 6144);
+    assert_eq!(default_stage_mb(128 * gib), 32768);
+    assert_eq!(default_stage_mb(0), DEFAULT_STAGE_MAX_MB, "unknown memory");
+    assert_eq!(
+        default_stage_mb(512 << 20),
+        256,
+        "a floor for tiny machines"
+    );
+    for ram in [8 * gib, 16 * gib, 36 * gib, 192 * gib] {
+        assert!(
+            (default_stage_mb(ram) as u64) << 20 <= ram / 2,
+            "at most half of {ram}"
+        );
+    }
+    let (c, _) = cfg(&[]);
+    assert!(c.stage_max_mb >= 256);
+    let (c, _) = cfg(&[("GGML_ANE_STAGE_MAX_MB", "100")]);
+    assert_eq!(c.stage_max_mb, 100);
+}

@@ -44,9 +44,7 @@ pub(super) fn dispatch(
                     cx.stats.groups_staged_dispatch.fetch_add(1, Relaxed);
                     made
                 })?;
-                cx.stats
-                    .staged_bytes
-                    .store(staged.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
+                staged.publish(cx.stats);
                 made
             } else {
                 let made = stage(cx.engine, &g.members, i02, i03, s, size, &[])?;

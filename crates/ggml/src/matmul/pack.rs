@@ -102,7 +102,7 @@ pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineErro
             cx.stats.groups_staged_dispatch.fetch_add(1, Relaxed);
             make()
         })?;
-        cx.stats.staged_bytes.store(staged.bytes() as u64, Relaxed);
+        staged.publish(cx.stats);
         made
     } else {
         Arc::new(make()?)
@@ -167,7 +167,7 @@ pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineErro
         (Err(_), Some(key)) => {
             let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
             staged.forget(key);
-            cx.stats.staged_bytes.store(staged.bytes() as u64, Relaxed);
+            staged.publish(cx.stats);
         }
         (Err(_), None) => {}
     }

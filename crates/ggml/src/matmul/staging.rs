@@ -5,21 +5,37 @@ use super::*;
 
 /// Staged weights: fp16 copies of weight matrices in the program's `b_w` layout, by identity,
 /// each already in a surface of the request size, so a dispatch hands it to the engine as is.
+///
+/// A resident set, not an LRU cache: prefill walks the layers in the same order every ubatch,
+/// which is LRU's worst case (once the model is larger than the budget every ubatch would evict
+/// and convert everything again). Groups are admitted in the order they come (graph order) while
+/// their bytes fit `max_bytes`, and stay while they are used; a group that does not fit is
+/// converted for its dispatch only (streamed, counted in `streamed_bytes` and `wait_ns`). ggml
+/// never says when a weights buffer is freed, so entries no dispatch used during a whole pass
+/// over the model are released ([`StagedWeights::mark_used`]).
 #[derive(Debug, Default)]
 pub struct StagedWeights {
+    /// Surfaces by stage key, with the pass that last used them.
     pub(super) entries: HashMap<u128, (Arc<Surface>, u64)>,
     /// Single weight matrices converted ahead of time ([`convert_ahead`]), by [`member_key`], until a
     /// group's surface is built from them.
     pub(super) converted: HashMap<u128, Arc<Vec<f16>>>,
     pub(super) converted_bytes: usize,
     pub(super) bytes: usize,
-    pub(super) tick: u64,
+    /// The current pass over the model.
+    pub(super) pass: u64,
     /// Staged at load ([`stage_ahead`]) and not used by a dispatch yet.
     pub(super) unused: std::collections::HashSet<u128>,
     /// The first entry a dispatch used: when it is used again, a pass over the model is over.
     pub(super) first: Option<u128>,
-    /// Cap on staged bytes; least recently used entries go first.
+    /// Cap on staged bytes: what does not fit is streamed.
     pub max_bytes: usize,
+    /// Bytes of surfaces converted for one dispatch only (not resident), in all.
+    pub streamed_bytes: u64,
+    /// Nanoseconds dispatches waited for those conversions.
+    pub wait_ns: u64,
+    /// The most bytes held at once (resident, converted, and a streamed surface in flight).
+    pub peak_bytes: usize,
 }
 
 impl StagedWeights {
@@ -44,15 +60,18 @@ impl StagedWeights {
     }
 
     /// A dispatch is about to use `key`. The first key dispatched marks the start of a pass over
-    /// the model (a prompt, or a ubatch of one); when it comes again, the groups staged at load
-    /// that no dispatch used in between are released: llama.cpp reserves with every row an
-    /// output, but a prefill computes the last layer's FFN and the LM head for one row (CPU), so
-    /// those would otherwise hold their surfaces for nothing. A later use stages them again.
-    /// Returns how many were released.
+    /// the model (a prompt, or a ubatch of one); when it comes again, every entry no dispatch used
+    /// in between is released: groups staged at load that a prefill never dispatches (llama.cpp
+    /// reserves with every row an output, but a prefill computes the last layer's FFN and the LM
+    /// head for one row, on the CPU), and the groups of a model freed since (ggml never says).
+    /// A later use stages them again. Returns how many were released.
     pub(super) fn mark_used(&mut self, key: u128) -> usize {
         self.unused.remove(&key);
+        if let Some(e) = self.entries.get_mut(&key) {
+            e.1 = self.pass;
+        }
         match self.first {
-            // Also when the marker is gone (evicted, or its group changed): restart the pass.
+            // Also when the marker is gone (released, or its group changed): restart the pass.
             None => {
                 self.first = Some(key);
                 0
@@ -62,14 +81,26 @@ impl StagedWeights {
                 0
             }
             Some(f) if f == key => {
-                let mut n = 0;
-                for k in std::mem::take(&mut self.unused) {
-                    if let Some((e, _)) = self.entries.remove(&k) {
+                let pass = self.pass;
+                let stale: Vec<u128> = self
+                    .entries
+                    .iter()
+                    .filter(|(k, (_, used))| {
+                        (*used < pass || self.unused.contains(*k)) && **k != key
+                    })
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in &stale {
+                    if let Some((e, _)) = self.entries.remove(k) {
                         self.bytes -= e.alloc_size();
-                        n += 1;
                     }
+                    self.unused.remove(k);
                 }
-                n
+                self.pass += 1;
+                if let Some(e) = self.entries.get_mut(&key) {
+                    e.1 = self.pass;
+                }
+                stale.len()
             }
             Some(_) => 0,
         }
@@ -83,33 +114,39 @@ impl StagedWeights {
         self.unused.remove(&key);
     }
 
+    /// The surface staged under `key`, made by `make` if missing: resident when it fits the
+    /// budget, else for this dispatch only (streamed; nothing resident is evicted for it).
     pub(super) fn get_or_insert<E>(
         &mut self,
         key: u128,
         make: impl FnOnce() -> Result<Surface, E>,
     ) -> Result<Arc<Surface>, E> {
-        self.tick += 1;
         if let Some(e) = self.entries.get_mut(&key) {
-            e.1 = self.tick;
+            e.1 = self.pass;
             return Ok(e.0.clone());
         }
+        let t = Instant::now();
         let v = Arc::new(make()?);
         let size = v.alloc_size();
-        while self.bytes + size > self.max_bytes && !self.entries.is_empty() {
-            let (&old, _) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .expect("non-empty");
-            if let Some((e, _)) = self.entries.remove(&old) {
-                self.bytes -= e.alloc_size();
-            }
-        }
-        if size <= self.max_bytes {
+        self.peak_bytes = self.peak_bytes.max(self.bytes() + size);
+        if self.bytes() + size <= self.max_bytes {
             self.bytes += size;
-            self.entries.insert(key, (v.clone(), self.tick));
+            self.entries.insert(key, (v.clone(), self.pass));
+        } else {
+            self.streamed_bytes += size as u64;
+            self.wait_ns += t.elapsed().as_nanos() as u64;
         }
         Ok(v)
+    }
+
+    /// Copies the store's counters into the stats.
+    pub(super) fn publish(&self, stats: &Stats) {
+        stats.staged_bytes.store(self.bytes() as u64, Relaxed);
+        stats
+            .staged_peak_bytes
+            .store(self.peak_bytes as u64, Relaxed);
+        stats.stream_bytes.store(self.streamed_bytes, Relaxed);
+        stats.convert_wait_ns.store(self.wait_ns, Relaxed);
     }
 }
 
@@ -175,9 +212,7 @@ pub fn convert_ahead(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member) -
     if s.converted.insert(key, rows).is_none() {
         s.converted_bytes += size;
     }
-    stats
-        .staged_bytes
-        .store(s.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
+    s.publish(stats);
     size
 }
 
@@ -227,7 +262,7 @@ pub fn stage_ahead(cx: &Context<'_>, members: &[Member]) -> Result<usize, Engine
     staged.get_or_insert(key, || Ok::<_, EngineError>(made))?;
     staged.unused.insert(key);
     cx.stats.groups_staged_load.fetch_add(1, Relaxed);
-    cx.stats.staged_bytes.store(staged.bytes() as u64, Relaxed);
+    staged.publish(cx.stats);
     Ok(added)
 }
 
@@ -376,4 +411,49 @@ pub(super) fn stage(
     }
     out.flush();
     Ok(surface)
+}
+
+#[cfg(test)]
+mod resident_tests {
+    use super::*;
+
+    fn surface(bytes: usize) -> Result<Surface, ()> {
+        Ok(Surface::new(bytes))
+    }
+
+    #[test]
+    fn groups_beyond_the_budget_stream_without_evicting_the_resident_ones() {
+        let one = Surface::new(4096).alloc_size();
+        let mut s = StagedWeights::new(one + one / 2);
+        let a = s.get_or_insert(1, || surface(4096)).unwrap();
+        assert_eq!(s.bytes(), one);
+        // b does not fit: made for its dispatch, a stays.
+        let b1 = s.get_or_insert(2, || surface(4096)).unwrap();
+        let b2 = s.get_or_insert(2, || surface(4096)).unwrap();
+        assert!(!Arc::ptr_eq(&b1, &b2), "streamed each time");
+        assert!(Arc::ptr_eq(&a, &s.get_or_insert(1, || surface(1)).unwrap()));
+        assert_eq!(s.streamed_bytes, 2 * one as u64);
+        assert_eq!(s.bytes(), one);
+        assert_eq!(
+            s.peak_bytes,
+            2 * one,
+            "the streamed surface in flight counts"
+        );
+    }
+
+    #[test]
+    fn entries_unused_for_a_whole_pass_are_released() {
+        let mut s = StagedWeights::new(1 << 30);
+        for k in [1u128, 2, 3] {
+            s.mark_used(k);
+            s.get_or_insert(k, || surface(4096)).unwrap();
+        }
+        // Pass 2 uses 1 and 3 only (2 belongs to a model freed since).
+        assert_eq!(s.mark_used(1), 0, "pass 1 used every entry");
+        s.mark_used(3);
+        assert_eq!(s.mark_used(1), 1, "2 released at the end of pass 2");
+        assert!(!s.entries.contains_key(&2) && s.entries.contains_key(&3));
+        s.mark_used(3);
+        assert_eq!(s.mark_used(1), 0);
+    }
 }

@@ -1,0 +1,172 @@
+//! Test step `staging`: prefill with a staging budget far below the model's fp16 size.
+//!
+//! The device needs each weight as fp16, so the plugin keeps fp16 copies, up to
+//! `GGML_ANE_STAGE_MAX_MB`: a resident set admitted in graph order, the groups beyond it converted
+//! for each dispatch (`crates/ggml/src/matmul/staging.rs`). This step runs SmolLM2 135M Q8_0 with
+//! a prompt of several ubatches (`-ub 64`) unbounded, then at budgets of 100%, 50% and 20% of the
+//! fp16 bytes the unbounded run held, and checks, against the unbounded run in the same step:
+//! greedy text identical, every prefill matmul still on the device, the most bytes held at once
+//! within the budget (a streamed group in flight aside) and something streamed below 100%. It
+//! prints the cost: streamed MiB per ubatch, the time dispatches waited for conversions, and
+//! prompt t/s as a ratio to the unbounded run (reference engine: CPU figures, not the ANE's).
+
+use std::time::Duration;
+
+use crate::test::{self, Prereqs};
+use crate::util::{bail, Result};
+use crate::{llama, models};
+
+/// A float field of the plugin's stats JSON (`staged_peak_mb`, ...).
+fn stat_f64(stderr: &str, key: &str) -> f64 {
+    let pat = format!("\"{key}\":");
+    stderr
+        .lines()
+        .filter_map(|l| l.split_once(&pat))
+        .filter_map(|(_, r)| {
+            let end = r.find([',', '}']).unwrap_or(r.len());
+            r[..end].trim().parse::<f64>().ok()
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Prompt tokens per second (`prompt eval time = ... tokens per second)`).
+fn prompt_tps(stderr: &str) -> f64 {
+    stderr
+        .lines()
+        .find(|l| l.contains("prompt eval time"))
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+struct Run {
+    text: String,
+    stderr: String,
+}
+
+fn run(plugin: &std::path::Path, budget_mb: Option<f64>, name: &str) -> Result<Run> {
+    let model = models::smollm2_as("Q8_0")?;
+    let prompt = crate::bench_fallback::TEXT_PROMPT;
+    let mut cmd = std::process::Command::new(llama::bin("llama-completion"));
+    cmd.arg("-m")
+        .arg(&model)
+        .args([
+            "-p", prompt, "-n", "16", "-no-cnv", "--temp", "0", "-t", "2",
+        ])
+        .args([
+            "--no-warmup",
+            "-ub",
+            "64",
+            "-b",
+            "64",
+            "-ngl",
+            "0",
+            "--no-repack",
+        ])
+        .env("GGML_BACKEND_PATH", plugin)
+        .env("GGML_ANE_ENGINE", "reference")
+        .env("GGML_ANE_STATS", "json")
+        .env("OMP_WAIT_POLICY", test::OMP_WAIT_POLICY);
+    match budget_mb {
+        Some(mb) => cmd.env("GGML_ANE_STAGE_MAX_MB", format!("{}", mb.ceil().max(1.0))),
+        // Unbounded: far above the model.
+        None => cmd.env("GGML_ANE_STAGE_MAX_MB", "65536"),
+    };
+    crate::exit_drain::apply(&mut cmd);
+    let res = test::run_completion(&mut cmd, name, Duration::from_secs(900))?;
+    if !res.success() {
+        bail!(
+            "{name}: llama-completion {}\n{}\n{}",
+            res.status_text(),
+            res.stderr_tail(10),
+            res.where_logged()
+        );
+    }
+    Ok(Run {
+        text: test::generated_from(&res.stdout, prompt).to_string(),
+        stderr: res.stderr,
+    })
+}
+
+pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
+    let plugin = pre.plugin()?;
+    pre.llama()?;
+    let full = run(&plugin, None, "staging-unbounded")?;
+    let fp16_mb = stat_f64(&full.stderr, "staged_peak_mb");
+    let ops = test::stat(&full.stderr, "ops_offloaded");
+    let base_tps = prompt_tps(&full.stderr);
+    if fp16_mb <= 0.0 || ops == 0 || stat_f64(&full.stderr, "stream_mb") != 0.0 {
+        bail!(
+            "staging-unbounded: staged peak {fp16_mb:.1} MiB, {ops} ops, stream {} MiB (want > 0, \
+             > 0, 0)",
+            stat_f64(&full.stderr, "stream_mb")
+        );
+    }
+    // Ubatches of the prompt: its tokens / 64.
+    let ubatches = full
+        .stderr
+        .lines()
+        .find(|l| l.contains("prompt eval time"))
+        .and_then(|l| l.split(" / ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .map_or(1.0, |t| (t / 64.0).ceil());
+    let mut lines = vec![format!(
+        "unbounded: {fp16_mb:.1} MiB staged, {ops} matmuls on the device, {base_tps:.1} prompt t/s"
+    )];
+    println!("{}", lines[0]);
+    for pct in [100u32, 50, 20] {
+        let budget = fp16_mb * pct as f64 / 100.0;
+        let r = run(&plugin, Some(budget), &format!("staging-{pct}"))?;
+        let (peak, stream, wait) = (
+            stat_f64(&r.stderr, "staged_peak_mb"),
+            stat_f64(&r.stderr, "stream_mb"),
+            stat_f64(&r.stderr, "convert_wait_ms"),
+        );
+        let held = stat_f64(&r.stderr, "staged_mb");
+        let ops_b = test::stat(&r.stderr, "ops_offloaded");
+        if r.text != full.text {
+            bail!(
+                "staging at {pct}%: text differs from the unbounded run\n  {:?}\n  {:?}",
+                r.text,
+                full.text
+            );
+        }
+        if ops_b != ops {
+            bail!("staging at {pct}%: {ops_b} matmuls on the device, unbounded {ops}");
+        }
+        // Resident bytes stay within the budget (rounded up to a MiB); the peak may add one
+        // streamed group in flight.
+        if held > budget.ceil() + 0.01 {
+            bail!("staging at {pct}%: {held:.1} MiB resident over a {budget:.1} MiB budget");
+        }
+        if pct < 100 && stream == 0.0 {
+            bail!("staging at {pct}%: nothing streamed below the model's size");
+        }
+        let line = format!(
+            "{pct}% ({budget:.1} MiB): resident {held:.1} MiB, peak {peak:.1} MiB, streamed \
+             {:.1} MiB per ubatch, {wait:.1} ms waited, prompt t/s ratio {:.2}, text identical",
+            stream / ubatches,
+            prompt_tps(&r.stderr) / base_tps.max(1e-9)
+        );
+        println!("{line}");
+        lines.push(line);
+    }
+    Ok(lines.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_stats_and_speed() {
+        let e = "a\nggml-ane-stats: {\"staged_peak_mb\":12.5,\"stream_mb\":0.0}\n\
+                 x common_perf_print: prompt eval time =  100.0 ms /  200 tokens (0.5 ms per \
+                 token,  2000.00 tokens per second)\n";
+        assert_eq!(stat_f64(e, "staged_peak_mb"), 12.5);
+        assert_eq!(stat_f64(e, "stream_mb"), 0.0);
+        assert_eq!(prompt_tps(e), 2000.0);
+    }
+}

@@ -109,6 +109,7 @@ fn run(
     mode: &str,
     no_mmap: bool,
     plugin: Option<&Path>,
+    share: &str,
     name: &str,
 ) -> Result<Run> {
     let mut cmd = Command::new(exe);
@@ -123,9 +124,9 @@ fn run(
         cmd.env("GGML_BACKEND_PATH", p)
             .env("GGML_ANE_ENGINE", "reference")
             .env("GGML_ANE_STATS", "json")
-            // The device alone: these checks count the fake's own matmuls (the split with the
-            // GPU is step gpu's).
-            .env("GGML_ANE_GPU_SHARE", "0");
+            // `0`: the device alone (these checks count the fake's own matmuls); a split run
+            // checks the plugin's own MTL0 instance through the fake's deferred queue.
+            .env("GGML_ANE_GPU_SHARE", share);
     }
     let res = util::run_logged(&mut cmd, name, TIMEOUT)?;
     if !res.success() {
@@ -196,14 +197,31 @@ fn weights_only_in(r: &Run, buft: &str) -> bool {
 }
 
 fn check_model(exe: &Path, plugin: &Path, name: &str, model: &Path) -> Result<String> {
-    let cpu = run(exe, model, "cpu", false, None, &format!("metal-{name}-cpu"))?;
-    let gpu = run(exe, model, "gpu", false, None, &format!("metal-{name}-gpu"))?;
+    let cpu = run(
+        exe,
+        model,
+        "cpu",
+        false,
+        None,
+        "0",
+        &format!("metal-{name}-cpu"),
+    )?;
+    let gpu = run(
+        exe,
+        model,
+        "gpu",
+        false,
+        None,
+        "0",
+        &format!("metal-{name}-gpu"),
+    )?;
     let ane = run(
         exe,
         model,
         "ane",
         false,
         Some(plugin),
+        "0",
         &format!("metal-{name}-ane"),
     )?;
     let nommap = run(
@@ -212,7 +230,19 @@ fn check_model(exe: &Path, plugin: &Path, name: &str, model: &Path) -> Result<St
         "ane",
         true,
         Some(plugin),
+        "0",
         &format!("metal-{name}-ane-no-mmap"),
+    )?;
+    // The split: half of each prefill matmul's rows on the plugin's own MTL0 instance, whose
+    // work the fake runs only at synchronize, as Metal's queue does.
+    let split = run(
+        exe,
+        model,
+        "ane",
+        false,
+        Some(plugin),
+        "0.5",
+        &format!("metal-{name}-split"),
     )?;
     let mut bad = Vec::new();
 
@@ -239,6 +269,15 @@ fn check_model(exe: &Path, plugin: &Path, name: &str, model: &Path) -> Result<St
         bad.push(format!(
             "greedy tokens with ANE+MTL0 differ from MTL0 alone\n  MTL0:     {}\n  ANE+MTL0: {}\n  {}",
             gpu.tokens, ane.tokens, ane.logs
+        ));
+    }
+    // The split with the GPU's own backend: same tokens, rows on MTL0.
+    let split_ops = stat(&split.stderr, "split_ops");
+    if split.tokens != gpu.tokens || split_ops == 0 || split.mtl0_batched == 0 {
+        bad.push(format!(
+            "ANE+MTL0 with GGML_ANE_GPU_SHARE=0.5: tokens {} (MTL0 alone {}), split_ops {split_ops}, \
+             MTL0 prefill weight MUL_MATs {} (want the same tokens, > 0, > 0); {}",
+            split.tokens, gpu.tokens, split.mtl0_batched, split.logs
         ));
     }
     // (b) the plugin's counters.
@@ -331,12 +370,13 @@ fn check_model(exe: &Path, plugin: &Path, name: &str, model: &Path) -> Result<St
     Ok(format!(
         "{} greedy tokens identical (ANE+MTL0, MTL0, CPU); {offloaded} MUL_MATs on the ANE \
          ({} prefill weight MUL_MATs on MTL0 alone, 0 with the ANE), 0 fallback, 0 declined; \
-         weights in {}; --no-mmap: weights in {}, 0 offloaded, one notice, same tokens \
-         ({:.1}s/{:.1}s/{:.1}s/{:.1}s cpu/gpu/ane/no-mmap)",
+         weights in {}; --no-mmap: weights in {}, 0 offloaded, one notice, same tokens; split \
+         0.5: same tokens, {} split MUL_MATs ({:.1}s/{:.1}s/{:.1}s/{:.1}s cpu/gpu/ane/no-mmap)",
         STEPS,
         gpu.mtl0_batched,
         weights_text(&ane),
         weights_text(&nommap),
+        split_ops,
         cpu.secs,
         gpu.secs,
         ane.secs,

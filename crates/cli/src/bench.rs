@@ -74,6 +74,9 @@ pub enum What {
     Host(crate::bench_host::Args),
     /// One MoE layer's expert matmul: packs of experts against one dispatch per expert.
     Moe(crate::bench_moe::Args),
+    /// The device and a GPU splitting prefill matmuls: per shape class the device ms, GPU ms,
+    /// share and predicted speedup from the plugin's calibrations; `--llama-bench` also measures.
+    Split(crate::bench_split::Args),
 }
 
 fn parse_shape(s: &str) -> Result<(usize, usize, usize)> {

@@ -17,8 +17,15 @@
 //! standing in for it; the compile call on Core ML), conservative form first; JSON `probes` has
 //! each probe's forms tried, their results and the winner, text one line per probe.
 //!
+//! Whether splitting each prefill matmul between the device and a GPU pays on this machine comes
+//! from the plugin's calibrations (`split-calibrations.tsv` in its cache folder, see
+//! [`crate::bench_split`]): per machine key of this OS build (all keys when none matches), how
+//! many shape classes give the GPU a share strictly between 0 and 1 and the best predicted
+//! speedup over the GPU alone; without calibrations, how to produce them.
+//!
 //! JSON: `{platform, ane_available, host, engine, chip, checks: [{name, ok, detail}], probes,
 //! bench: [{m, k, n, ms, tflops, max_rel_err, compile_ms, first_ms}], latency, sweep,
+//! split: {file, found, this_os, matched, machines, pays, summary, how},
 //! commands: {case, why, lines, notes, plugin_path, plugin_path_from}}`.
 
 use std::path::PathBuf;
@@ -243,6 +250,11 @@ pub fn report(args: &Args) -> Value {
         "compare": compare,
         "plugin_engine": plugin_engine,
     });
+    // Whether splitting prefill matmuls with a GPU pays here, from the plugin's calibrations.
+    r["split"] = crate::bench_split::doctor_section(
+        crate::bench_split::default_cache_dir().as_deref(),
+        &crate::bench_split::this_os(),
+    );
     // Last, from the verdicts above: which llama.cpp command lines fit this machine.
     let commands = crate::doctor_commands::decide(&crate::doctor_commands::facts(&r));
     r["commands"] = commands.to_json();
@@ -373,5 +385,8 @@ fn print_text(r: &Value) {
         None => println!("first failed step: none"),
     }
     crate::doctor_coreml::print_text(r);
+    for line in crate::bench_split::doctor_text(&r["split"]) {
+        println!("{line}");
+    }
     crate::doctor_commands::print_text(r);
 }

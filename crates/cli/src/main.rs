@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_host;
 mod bench_moe;
+mod bench_split;
 mod doctor;
 mod doctor_commands;
 mod doctor_coreml;
@@ -34,7 +35,7 @@ enum Command {
     /// Ends with the llama.cpp command lines that fit this machine (JSON `commands`).
     Doctor(doctor::Args),
     /// Time MUL_MAT shapes on the engine against a CPU f32 product measured in the same run
-    /// (`ane bench host`: host conversion throughput).
+    /// (`ane bench host`: host conversion throughput; `ane bench split`: the device beside a GPU).
     Bench(bench::Args),
     /// What a model's prefill would compile and dispatch (same planner as the plugin).
     Plan(plan::Args),
@@ -48,6 +49,7 @@ fn main() -> Result<()> {
         Command::Bench(args) => match &args.what {
             Some(bench::What::Host(h)) => bench_host::run(h),
             Some(bench::What::Moe(m)) => bench_moe::run(m),
+            Some(bench::What::Split(s)) => bench_split::run(s),
             None => bench::run(&args),
         },
         Command::Plan(args) => plan::run(&args),

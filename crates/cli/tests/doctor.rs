@@ -9,11 +9,32 @@ use std::process::Command;
 #[test]
 fn doctor_json_contract_without_ane() {
     let out_file = std::env::temp_dir().join(format!("ane-doctor-{}.json", std::process::id()));
+    // The plugin's split calibrations: one key of this machine's OS build, one of a Mac.
+    let cache = std::env::temp_dir().join(format!("ane-doctor-split-{}", std::process::id()));
+    std::fs::create_dir_all(&cache).unwrap();
+    let release = Command::new("uname").arg("-r").output().unwrap().stdout;
+    let os = format!(
+        "{}-{}",
+        std::env::consts::OS,
+        String::from_utf8_lossy(&release).trim()
+    );
+    std::fs::write(
+        cache.join("split-calibrations.tsv"),
+        format!(
+            "reference|M4|{os}|RPC0\tt1:k256:m256:n512\t10.000\t10.000\t0.5\t4102444800\n\
+             reference|M4|{os}|RPC0\tt1:k512:m256:n512\t1.000\t4.000\t0.875\t4102444800\n\
+             reference|M4|{os}|RPC0\tt1:k512:m512:n512\t1.000\t100.000\t0\t4102444800\n\
+             ane|M4|macos-0.0.0|MTL0\tt8:k4096:m4096:n512\t1.000\t10.000\t0.125\t4102444800\n"
+        ),
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_ane"))
         .args(["doctor", "--json", "--sweep", "small", "--out"])
         .arg(&out_file)
+        .env("GGML_ANE_CACHE_DIR", &cache)
         .output()
         .expect("run ane doctor");
+    std::fs::remove_dir_all(&cache).ok();
     assert!(
         out.status.success(),
         "{}",
@@ -26,7 +47,7 @@ fn doctor_json_contract_without_ane() {
     assert_eq!(r, written, "--out writes the same report");
 
     assert!(r["platform"].is_string());
-    // The report's keys: the new `commands` beside the ones it always had.
+    // The report's keys: the new `split` and `commands` beside the ones it always had.
     let keys: Vec<&str> = r.as_object().unwrap().keys().map(|k| k.as_str()).collect();
     let mut want = vec![
         "ane_available",
@@ -45,6 +66,7 @@ fn doctor_json_contract_without_ane() {
         "plugin_engine",
         "probes",
         "reps",
+        "split",
         "steps",
         "steps_engine",
         "sweep",
@@ -54,6 +76,31 @@ fn doctor_json_contract_without_ane() {
     let mut got = keys.clone();
     got.sort_unstable();
     assert_eq!(got, want);
+    // Whether splitting pays: only this machine's key is counted.
+    let split = &r["split"];
+    assert_eq!(split["found"], true, "{split}");
+    assert_eq!(split["matched"], true, "{split}");
+    assert_eq!(split["this_os"], os.as_str(), "{split}");
+    let machines = split["machines"].as_array().unwrap();
+    assert_eq!(machines.len(), 1, "{split}");
+    assert_eq!(machines[0]["machine"], format!("reference|M4|{os}|RPC0"));
+    assert_eq!(machines[0]["split_classes"], 2, "{split}");
+    // The device alone 100x faster than the GPU on the last class: 100x predicted.
+    assert_eq!(machines[0]["best_predicted_speedup"], 100.0, "{split}");
+    assert_eq!(split["pays"], true, "{split}");
+    let summary = split["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with("splitting pays on this machine"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(
+            "best predicted 2.00x over the GPU alone for a split class (t1:k256:m256:n512"
+        ),
+        "{summary}"
+    );
+    assert!(summary.contains("not an ANE figure"), "{summary}");
+    assert!(split["how"].as_array().unwrap().is_empty(), "{split}");
     let c = &r["commands"];
     assert!(
         ["metal", "no_ane", "rpc_stand_in"].contains(&c["case"].as_str().unwrap()),
@@ -245,9 +292,17 @@ fn the_commands_carry_the_plugin_path_from_ggml_backend_path() {
 
 #[test]
 fn the_text_report_ends_with_the_command_lines() {
-    let json = doctor(&[]);
+    // No calibrations: the split lines say how to produce them.
+    let cache = std::env::temp_dir().join(format!("ane-doctor-nosplit-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_ane"))
+        .args(["doctor", "--json", "--sweep", "small"])
+        .env("GGML_ANE_CACHE_DIR", &cache)
+        .output()
+        .expect("run ane doctor");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
     let out = Command::new(env!("CARGO_BIN_EXE_ane"))
         .args(["doctor", "--sweep", "small"])
+        .env("GGML_ANE_CACHE_DIR", &cache)
         .output()
         .expect("run ane doctor");
     assert!(
@@ -268,6 +323,23 @@ fn the_text_report_ends_with_the_command_lines() {
     for n in c["notes"].as_array().unwrap() {
         want.push(format!("  note: {}", n.as_str().unwrap()));
     }
+    // Before the commands: whether splitting with a GPU pays (here: not measured, and how).
+    let split = &json["split"];
+    assert_eq!(split["found"], false, "{split}");
+    let mut split_lines = vec![format!("split: {}", split["summary"].as_str().unwrap())];
+    for h in split["how"].as_array().unwrap() {
+        split_lines.push(format!("  {}", h.as_str().unwrap()));
+    }
+    assert!(split_lines[0].starts_with("split: no calibrations in "));
+    assert!(
+        split_lines[1].contains("GGML_ANE_GPU_SHARE=auto"),
+        "{split}"
+    );
+    assert!(
+        split_lines[2].contains("ane bench split --llama-bench"),
+        "{split}"
+    );
+    want.splice(0..0, split_lines);
     let got: Vec<&str> = text.lines().collect();
     assert!(got.len() > want.len(), "{text}");
     assert_eq!(&got[got.len() - want.len()..], want, "{text}");

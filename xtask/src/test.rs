@@ -219,6 +219,8 @@ fn step_setup(pre: &mut Prereqs) -> Result<String> {
 /// (`crates/convert/tests/ggml_base.rs`), which need the llama.cpp build.
 fn step_unit(pre: &mut Prereqs) -> Result<String> {
     pre.llama()?;
+    // The tiny models: tests that run llama.cpp (`ane bench split` measured) need one.
+    pre.models()?;
     util::run(
         util::cargo()
             .args(["test", "--workspace"])

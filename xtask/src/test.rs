@@ -770,6 +770,20 @@ fn step_faults(pre: &mut Prereqs) -> Result<String> {
     Ok(format!("{mixed} | {all} | {off}"))
 }
 
+/// The largest value of a number field (`gpu_share`, `staged_peak_mb`, ...) over the
+/// `ggml-ane-stats: {json}` stderr lines; 0 when absent.
+pub(crate) fn stat_f64(stderr: &str, key: &str) -> f64 {
+    let pat = format!("\"{key}\":");
+    stderr
+        .lines()
+        .filter_map(|l| l.split_once(&pat))
+        .filter_map(|(_, r)| {
+            let end = r.find([',', '}']).unwrap_or(r.len());
+            r[..end].trim().parse::<f64>().ok()
+        })
+        .fold(0.0, f64::max)
+}
+
 /// The largest value of an integer field over the `ggml-ane-stats: {json}` stderr lines.
 /// [`stats_field_max`], 0 when absent.
 pub(crate) fn stat(stderr: &str, key: &str) -> u64 {

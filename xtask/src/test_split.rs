@@ -14,6 +14,7 @@
 use std::path::Path;
 
 use crate::models;
+use crate::test::stat_f64;
 use crate::test_gpu::{complete_env, gpu_args, RpcServer, Run};
 use crate::util::{self, bail, Result};
 
@@ -31,19 +32,6 @@ fn calibrated_shares(stderr: &str) -> Vec<f64> {
             r[..end].parse().ok()
         })
         .collect()
-}
-
-/// A float field of the stats JSON (`gpu_share`).
-fn stat_f64(stderr: &str, key: &str) -> f64 {
-    let pat = format!("\"{key}\":");
-    stderr
-        .lines()
-        .filter_map(|l| l.split_once(&pat))
-        .filter_map(|(_, r)| {
-            let end = r.find([',', '}']).unwrap_or(r.len());
-            r[..end].trim().parse::<f64>().ok()
-        })
-        .fold(0.0, f64::max)
 }
 
 /// One run beside the RPC GPU with the split's environment.

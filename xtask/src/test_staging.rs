@@ -12,22 +12,9 @@
 
 use std::time::Duration;
 
-use crate::test::{self, Prereqs};
+use crate::test::{self, stat_f64, Prereqs};
 use crate::util::{bail, Result};
 use crate::{llama, models};
-
-/// A float field of the plugin's stats JSON (`staged_peak_mb`, ...).
-fn stat_f64(stderr: &str, key: &str) -> f64 {
-    let pat = format!("\"{key}\":");
-    stderr
-        .lines()
-        .filter_map(|l| l.split_once(&pat))
-        .filter_map(|(_, r)| {
-            let end = r.find([',', '}']).unwrap_or(r.len());
-            r[..end].trim().parse::<f64>().ok()
-        })
-        .fold(0.0, f64::max)
-}
 
 /// Prompt tokens per second (`prompt eval time = ... tokens per second)`).
 fn prompt_tps(stderr: &str) -> f64 {

@@ -303,10 +303,58 @@ fn step_mil(pre: &mut Prereqs) -> Result<String> {
             checked += 1;
         }
     }
+    // The verbose dialect (`program(1.0)`, ios16, scalars as `tensor<T, []>`): the second form
+    // of the MIL-dialect probe (`ane_engine::probe`), at the first shape. Forms with iOS18-only
+    // ops (the compressed ones) are refused in it, with an error naming the op.
+    let (k, m, n) = MIL_SHAPES[0];
+    let (mut verbose, mut refused) = (0, Vec::new());
+    for form in &forms {
+        let dir = out_root.join(format!("{form}-verbose"));
+        let out = Command::new(&ane)
+            .args(["mil", "--form", form, "--dialect", "verbose"])
+            .args(["--k", &k.to_string(), "--m", &m.to_string()])
+            .args(["--n", &n.to_string()])
+            .arg("--out")
+            .arg(&dir)
+            .output()?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("iOS18 op") {
+                refused.push(form.as_str());
+                continue;
+            }
+            bail!(
+                "`ane mil --form {form} --dialect verbose` failed:\n{}",
+                util::tail(&err, 5)
+            );
+        }
+        let name = format!("mil-{form}-verbose");
+        let res = util::run_logged(
+            Command::new(&python)
+                .arg(&validator)
+                .arg(dir.join("model.mil")),
+            &name,
+            Duration::from_secs(600),
+        )?;
+        if !res.success() {
+            bail!(
+                "validator rejected form `{form}` in the verbose dialect ({}):\n{}\n{}",
+                res.status_text(),
+                util::tail(&res.stdout, 30),
+                res.where_logged()
+            );
+        }
+        verbose += 1;
+    }
+    if verbose == 0 {
+        bail!("no form was emitted in the verbose dialect");
+    }
     Ok(format!(
-        "{checked} programs valid ({} forms x {} shapes)",
+        "{checked} programs valid ({} forms x {} shapes); verbose dialect: {verbose} valid, \
+         refused (iOS18 ops): {}",
         forms.len(),
-        MIL_SHAPES.len()
+        MIL_SHAPES.len(),
+        refused.join(", ")
     ))
 }
 

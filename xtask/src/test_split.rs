@@ -2,10 +2,11 @@
 //! (`crates/ggml/src/split.rs`), with llama.cpp's RPC backend as the GPU and the reference engine
 //! as the device.
 //!
-//! * Forced GPU shares 0.25, 0.5, 0.75 and 1 give the text of the RPC-only run (which share 0,
-//!   the device alone, gives too) on the tiny f16 and q8_0 models, with split matmuls and the
-//!   GPU's share of the work close to the one asked; on SmolLM2 the texts are compared and
-//!   reported (fp16 device rows beside the GPU's may part at a near tie).
+//! * Forced GPU shares 0.25, 0.5 and 0.75 give the text of the RPC-only run (which share 0, the
+//!   device alone, gives too) on the tiny f16 and q8_0 models, with split matmuls and the GPU's
+//!   share of the work close to the one asked; share 1 makes the device decline (the GPU keeps
+//!   the nodes); on SmolLM2 the texts are compared and reported (fp16 device rows beside the
+//!   GPU's may part at a near tie).
 //! * `auto` measures its shape classes and writes them to the cache folder; a second process
 //!   reads them (nothing measured again) and gives the same text.
 //! * An injected slow GPU moves the share to 0, an injected slow device towards 1, and a failing
@@ -99,7 +100,16 @@ pub(crate) fn check(plugin: &Path, rpc: &RpcServer, real: &Path) -> Result<Strin
             )?;
             let (ops, got) = (r.stat("split_ops"), stat_f64(&r.stderr, "gpu_share"));
             let want: f64 = share.parse()?;
-            if ops == 0 || (got - want).abs() > 0.15 {
+            if want >= 1.0 {
+                // All rows to the GPU: the device declines, the GPU keeps its nodes.
+                let on_device = r.stat("ops_offloaded");
+                if on_device != 0 || ops != 0 {
+                    bail!(
+                        "split-{tag}-1: the device should decline everything; got ops_offloaded \
+                         {on_device}, split_ops {ops}"
+                    );
+                }
+            } else if ops == 0 || (got - want).abs() > 0.15 {
                 bail!(
                     "split-{tag}-{share}: split_ops {ops}, GPU share of the work {got:.3} \
                      (asked {want})\n{}",

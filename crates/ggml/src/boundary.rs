@@ -245,6 +245,14 @@ pub(crate) unsafe extern "C" fn ggml_backend_ane_device_supports_op(
         }
         // SAFETY: a MUL_MAT has two valid sources.
         let (s0, s1) = unsafe { (&*t.src[0], &*t.src[1]) };
+        // GGML_ANE_GPU_SHARE=1 beside a GPU: the GPU takes all of it, so it keeps the node (no
+        // activations copied to the device for nothing).
+        if matches!(Config::get().gpu_share, crate::config::GpuShare::Fixed(s) if s >= 1.0)
+            && g.is_weight(s0)
+            && placement::on_gpu(g, s0)
+        {
+            return false;
+        }
         let node = ClaimedNode {
             src0: desc(s0),
             src1: desc(s1),

@@ -65,6 +65,10 @@ pub struct Args {
     /// against.
     #[arg(long, default_value_t = 16384)]
     pub stage_max_mb: u64,
+    /// The machine's memory in GB: the plugin's default staging budget on it (a quarter), and how
+    /// much of the model's fp16 weights stays staged and how much is converted every ubatch.
+    #[arg(long)]
+    pub ram: Option<f64>,
 }
 
 /// Parses `a-b` or `a,b,c`.
@@ -146,8 +150,19 @@ pub fn run(args: &Args) -> Result<()> {
         Some(other) => bail!("--compressed {other}: expected q8_0 or q4_0"),
     };
     let p = plan(&model, &lengths, &o);
+    let staging = args.ram.map(|gb| {
+        let budget = ane_plan::staging::default_budget_mb((gb * (1u64 << 30) as f64) as u64);
+        (gb, ane_plan::staging::plan(&model, budget))
+    });
     if args.json {
-        println!("{}", serde_json::to_string(&p)?);
+        let mut v = serde_json::to_value(&p)?;
+        if let (Some((gb, s)), Some(obj)) = (&staging, v.as_object_mut()) {
+            obj.insert(
+                "staging".into(),
+                serde_json::json!({"ram_gb": gb, "plan": s}),
+            );
+        }
+        println!("{v}");
         return Ok(());
     }
     println!(
@@ -207,6 +222,19 @@ pub fn run(args: &Args) -> Result<()> {
         p.seed.weight_dispatches_per_layer,
         p.seed.first_prompt_compile_ms
     );
+    if let Some((gb, s)) = &staging {
+        println!(
+            "  staging with {gb} GB of memory: budget {} MiB (GGML_ANE_STAGE_MAX_MB default, a \
+             quarter); fp16 weights {:.0} MiB in {} groups; resident {:.0} MiB (the first {} in \
+             graph order); streamed {:.0} MiB per ubatch (converted on the dispatch path)",
+            s.budget_mb,
+            s.fp16_mb,
+            s.groups,
+            s.resident_mb,
+            s.resident_groups,
+            s.stream_mb_per_ubatch
+        );
+    }
     println!(
         "  {:>8} {:>8} {:>9} {:>10} {:>9} {:>12}",
         "prompt", "ubatches", "programs", "dispatches", "offloaded", "est. ms"

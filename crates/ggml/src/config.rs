@@ -136,18 +136,12 @@ pub const DEFAULT_GIVE_UP: u32 = 16;
 pub const DEFAULT_MIN_BATCH: usize = 64;
 /// `GGML_ANE_STAGE_MAX_MB` when the machine's memory cannot be read: fp16 copies of an 8B
 /// model's weights fit.
-pub const DEFAULT_STAGE_MAX_MB: usize = 16384;
+pub const DEFAULT_STAGE_MAX_MB: usize = ane_plan::staging::FALLBACK_BUDGET_MB as usize;
 
-/// Default for `GGML_ANE_STAGE_MAX_MB` on a machine with `ram` bytes of physical memory: a
-/// quarter of it. The staged fp16 copies sit beside the model itself (mmapped by llama.cpp, or held
-/// by Metal) and everything else the machine runs; a budget past what the machine holds makes it
-/// swap, while a smaller one only streams the groups beyond it (converted per dispatch). At most
-/// half the memory by any rule; [`DEFAULT_STAGE_MAX_MB`] when unknown (0).
+/// Default for `GGML_ANE_STAGE_MAX_MB` on a machine with `ram` bytes of physical memory
+/// ([`ane_plan::staging::default_budget_mb`]: a quarter of it, shared with `ane plan --ram`).
 pub fn default_stage_mb(ram: u64) -> usize {
-    if ram == 0 {
-        return DEFAULT_STAGE_MAX_MB;
-    }
-    ((ram >> 20) / 4).max(256) as usize
+    ane_plan::staging::default_budget_mb(ram) as usize
 }
 
 /// Physical memory in bytes (0 when unknown).

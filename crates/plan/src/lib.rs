@@ -27,6 +27,7 @@ pub mod gguf;
 pub mod model;
 pub mod moe;
 pub mod probe;
+pub mod staging;
 
 use ane_engine::driver_plan::MIN_LAST_AXIS;
 use ane_engine::surface::SPATIAL_MULTIPLE;

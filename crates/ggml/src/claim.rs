@@ -122,16 +122,21 @@ pub(crate) fn decide_id(
 /// The expert tensors claimed so far and their fp16 size, against the staging budget.
 ///
 /// Staging every expert of a large MoE in fp16 does not fit a Mac (Qwen3-30B-A3B: 58 GB), and
-/// staged surfaces beyond `GGML_ANE_STAGE_MAX_MB` are evicted least recently used first, so a
-/// prompt that touched more experts than fit would convert them again on every ubatch. So expert
-/// tensors are admitted in the order llama.cpp offers them (layer by layer) while their fp16 size
-/// fits [`ane_plan::moe::EXPERT_SHARE`] of the budget (the rest of it holds the dense weights:
+/// the staging budget is a resident set admitted in graph order, so a prompt that touched more
+/// experts than fit would convert them again on every ubatch. So expert tensors are admitted in
+/// the order llama.cpp offers them (layer by layer) while their fp16 size fits
+/// [`ane_plan::moe::EXPERT_SHARE`] of the budget (the rest of it holds the dense weights:
 /// attention and shared experts), and the rest stay on the CPU (`moe_memory`): the first layers
-/// run on the device, every ubatch, without re-staging.
+/// run on the device, every ubatch, without re-staging. ggml never says when a model is freed, so
+/// entries no MUL_MAT_ID computed during a whole pass over the model are released ([`Self::used`]):
+/// a process that loads another model gets the budget back.
 #[derive(Debug, Default)]
 pub(crate) struct ExpertBudget {
-    admitted: std::collections::HashMap<usize, u64>,
+    /// Admitted tensors: fp16 bytes, and whether a MUL_MAT_ID used them in the current pass.
+    admitted: std::collections::HashMap<usize, (u64, bool)>,
     bytes: u64,
+    /// The first tensor used: when it is used again, a pass over the model is over.
+    first: Option<usize>,
     /// Cap in bytes.
     pub(crate) max_bytes: u64,
 }
@@ -153,9 +158,39 @@ impl ExpertBudget {
         if self.bytes + bytes > self.max_bytes {
             return false;
         }
-        self.admitted.insert(data, bytes);
+        // Admitted at claim time count as used in this pass (a graph is being scheduled).
+        self.admitted.insert(data, (bytes, true));
         self.bytes += bytes;
         true
+    }
+
+    /// A MUL_MAT_ID computed the experts at `data`. When the first one used comes again, the
+    /// entries unused since are released. Returns how many.
+    pub(crate) fn used(&mut self, data: usize) -> usize {
+        let mut released = 0;
+        if self.first == Some(data) {
+            let stale: Vec<usize> = self
+                .admitted
+                .iter()
+                .filter(|(_, (_, u))| !u)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in stale {
+                if let Some((b, _)) = self.admitted.remove(&k) {
+                    self.bytes -= b;
+                    released += 1;
+                }
+            }
+            for e in self.admitted.values_mut() {
+                e.1 = false;
+            }
+        } else if self.first.is_none_or(|f| !self.admitted.contains_key(&f)) {
+            self.first = Some(data);
+        }
+        if let Some(e) = self.admitted.get_mut(&data) {
+            e.1 = true;
+        }
+        released
     }
 }
 
@@ -283,5 +318,18 @@ mod tests {
         assert!(b.admit(1, 40), "admitted tensors stay admitted");
         assert!(b.admit(4, 20), "a smaller one still fits");
         assert!(!ExpertBudget::new(10).admit(5, 11));
+    }
+
+    #[test]
+    fn experts_unused_for_a_pass_give_their_budget_back() {
+        let mut b = ExpertBudget::new(100);
+        assert!(b.admit(1, 40) && b.admit(2, 40));
+        assert!(!b.admit(3, 40), "full");
+        // Pass 1 computes 1 and 2; pass 2 only 1 (2's model was freed).
+        assert_eq!(b.used(1), 0);
+        assert_eq!(b.used(2), 0);
+        assert_eq!(b.used(1), 0, "end of pass 1: both used");
+        assert_eq!(b.used(1), 1, "end of pass 2: 2 released");
+        assert!(b.admit(3, 40), "its room is back");
     }
 }

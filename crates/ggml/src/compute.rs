@@ -252,6 +252,13 @@ pub(crate) fn graph_compute(
                 ..dev.matmul_cx()
             };
             count_weight(dev, node);
+            // The expert budget's pass bookkeeping (`claim::ExpertBudget::used`).
+            // SAFETY: a MUL_MAT_ID has a valid src0.
+            let experts = unsafe { &*node.src[0] };
+            if g.is_weight(experts) {
+                let mut b = dev.experts.lock().unwrap_or_else(|e| e.into_inner());
+                b.used(experts.data as usize);
+            }
             // SAFETY: node is a claimed MUL_MAT_ID of this graph (valid tensors).
             let done = unsafe { crate::mul_mat_id::compute(&cx, g, &mut split.fetch, node) };
             let done = done.and_then(|d| split.fetch.write_back().map(|()| d));

@@ -156,23 +156,9 @@ fn completion(
         )
         .into());
     }
-    let text = res
-        .stdout
-        .trim_start_matches([' ', '\n'])
-        .strip_prefix(prompt)
-        .unwrap_or(&res.stdout)
-        .to_string();
-    let splits = res
-        .stderr
-        .lines()
-        .find(|l| l.contains("sched_reserve: graph (pp"))
-        .and_then(|l| l.split_once("splits = "))
-        .map(|(_, r)| {
-            format!(
-                "graph splits (prefill / decode): {}\n",
-                r.split(',').next().unwrap_or("")
-            )
-        })
+    let text = crate::test::generated_from(&res.stdout, prompt).to_string();
+    let splits = crate::test_gpu::reserved_splits(&res.stderr)
+        .map(|n| format!("graph splits (prefill / decode): {n}\n"))
         .unwrap_or_default();
     let table = res
         .stderr

@@ -257,6 +257,17 @@ fn mil_validator() -> Result<PathBuf> {
     )
 }
 
+/// Runs the MIL validator on `dir/model.mil` (the caller judges the result).
+fn validate(python: &Path, validator: &Path, dir: &Path, name: &str) -> Result<util::Logged> {
+    util::run_logged(
+        Command::new(python)
+            .arg(validator)
+            .arg(dir.join("model.mil")),
+        name,
+        Duration::from_secs(600),
+    )
+}
+
 fn step_mil(pre: &mut Prereqs) -> Result<String> {
     let validator = mil_validator()?;
     let python = pre.python()?;
@@ -283,13 +294,11 @@ fn step_mil(pre: &mut Prereqs) -> Result<String> {
                     .arg("--out")
                     .arg(&dir),
             )?;
-            let name = format!("mil-{form}-k{k}-m{m}-n{n}");
-            let res = util::run_logged(
-                Command::new(&python)
-                    .arg(&validator)
-                    .arg(dir.join("model.mil")),
-                &name,
-                Duration::from_secs(600),
+            let res = validate(
+                &python,
+                &validator,
+                &dir,
+                &format!("mil-{form}-k{k}-m{m}-n{n}"),
             )?;
             if !res.success() {
                 bail!(
@@ -328,14 +337,7 @@ fn step_mil(pre: &mut Prereqs) -> Result<String> {
                 util::tail(&err, 5)
             );
         }
-        let name = format!("mil-{form}-verbose");
-        let res = util::run_logged(
-            Command::new(&python)
-                .arg(&validator)
-                .arg(dir.join("model.mil")),
-            &name,
-            Duration::from_secs(600),
-        )?;
+        let res = validate(&python, &validator, &dir, &format!("mil-{form}-verbose"))?;
         if !res.success() {
             bail!(
                 "validator rejected form `{form}` in the verbose dialect ({}):\n{}\n{}",

@@ -104,6 +104,18 @@ pub(crate) fn gpu_args(endpoint: &str, beside: bool) -> Vec<String> {
     a
 }
 
+/// The graph splits llama.cpp reserved, as it prints them: `N / M` (prefill / decode) from
+/// `sched_reserve: graph (pp ...) splits = N / M`, or `N` from `sched_reserve: graph: ... splits
+/// = N` when the two graphs are alike (needs `-lv 4`).
+pub(crate) fn reserved_splits(stderr: &str) -> Option<&str> {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("sched_reserve: graph (pp"))
+        .or_else(|| stderr.lines().find(|l| l.contains("sched_reserve: graph:")))?;
+    let rest = line.split_once("splits = ")?.1;
+    Some(rest.split(',').next().unwrap_or(rest).trim())
+}
+
 /// One greedy run's results.
 pub(crate) struct Run {
     pub text: String,
@@ -120,17 +132,7 @@ impl Run {
     /// Graph splits of the reserved prefill graph (`sched_reserve: graph (pp ...) splits = N / M`,
     /// or `sched_reserve: graph: ... splits = N` when prefill and decode graphs are alike).
     fn splits(&self) -> Option<u64> {
-        let line = self
-            .stderr
-            .lines()
-            .find(|l| l.contains("sched_reserve: graph (pp"))
-            .or_else(|| {
-                self.stderr
-                    .lines()
-                    .find(|l| l.contains("sched_reserve: graph:"))
-            })?;
-        line.split("splits = ")
-            .nth(1)?
+        reserved_splits(&self.stderr)?
             .split(|c: char| !c.is_ascii_digit())
             .next()?
             .parse()
@@ -209,12 +211,7 @@ pub(crate) fn complete_env(
             res.where_logged()
         );
     }
-    let text = res
-        .stdout
-        .trim_start_matches([' ', '\n'])
-        .strip_prefix(prompt)
-        .unwrap_or(&res.stdout)
-        .to_string();
+    let text = test::generated_from(&res.stdout, prompt).to_string();
     let prompt_tokens = res
         .stderr
         .lines()
@@ -554,6 +551,15 @@ mod tests {
             "{\"n_gen\": 32, \"samples_ts\": [ 129.0, 133.5 ], \"x\": 1}\n{\"samples_ts\": [1]}\n";
         assert_eq!(samples_ts(j), Some(vec![129.0, 133.5, 1.0]));
         assert_eq!(samples_ts("{}"), None);
+    }
+
+    #[test]
+    fn reserved_splits_are_read_in_both_forms() {
+        let pp = "x I sched_reserve: graph (pp bs=512, tg bs=1): nodes = 71 / 71, splits = 15 / 2, input";
+        assert_eq!(reserved_splits(pp), Some("15 / 2"));
+        let one = "I sched_reserve: graph: nodes = 71, splits = 2, input objects = 4";
+        assert_eq!(reserved_splits(one), Some("2"));
+        assert_eq!(reserved_splits("nothing"), None);
     }
 
     #[test]

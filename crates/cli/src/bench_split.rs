@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 /// The plugin's cache file of calibrations, in its cache folder.
-pub const FILE: &str = "split-calibrations.tsv";
+pub const FILE: &str = ane_plan::calibration::SPLIT_FILE;
 
 /// The plugin measures a class again when its line is older than this.
 pub const STALE_DAYS: u64 = 30;
@@ -245,21 +245,12 @@ pub fn engine_label(engine: &str) -> String {
 /// `GGML_ANE_CACHE_DIR`, else `~/Library/Caches/ggml-ane` on macOS, `$XDG_CACHE_HOME/ggml-ane` or
 /// `~/.cache/ggml-ane` elsewhere.
 pub fn default_cache_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var("GGML_ANE_CACHE_DIR")
+    let over = std::env::var("GGML_ANE_CACHE_DIR")
         .ok()
         .map(|v| v.trim().to_string())
         .filter(|v| !v.is_empty())
-    {
-        return Some(PathBuf::from(d));
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from);
-    if cfg!(target_vendor = "apple") {
-        return home.map(|h| h.join("Library/Caches/ggml-ane"));
-    }
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| home.map(|h| h.join(".cache")))
-        .map(|c| c.join("ggml-ane"))
+        .map(PathBuf::from);
+    ane_plan::calibration::cache_dir(over)
 }
 
 /// This machine's `os-release` part of the keys (`uname -r`, as the plugin reads it).

@@ -107,19 +107,18 @@ pub(crate) fn run_group(split: &mut Split<'_, '_>, open: Open) {
         ..dev.matmul_cx()
     };
     if let (Some(weights), Some(g)) = (gpu_weights, ggml::ggml()) {
-        // SAFETY: the first member's weight is a live tensor of this graph's model.
-        let gpu_name = placement::device_of(g, unsafe { &*weights[0] });
+        let machine = || {
+            // SAFETY: the first member's weight is a live tensor of this graph's model.
+            let gpu = placement::device_of(g, unsafe { &*weights[0] });
+            crate::split::machine_key(dev.engine.name(), &format!("{:?}", dev.engine.chip()), &gpu)
+        };
         let job = crate::split::Job {
             cx: &cx,
             group: &group,
             weights: &weights,
             gpu: split.gpu,
             ggml: g,
-            machine: crate::split::machine_key(
-                dev.engine.name(),
-                &format!("{:?}", dev.engine.chip()),
-                &gpu_name,
-            ),
+            machine: &machine,
         };
         if crate::split::run(&dev.splitter, &job).is_some() {
             split.stash.begin();

@@ -12,8 +12,8 @@ use std::sync::OnceLock;
 
 use crate::ffi::*;
 
-/// The buffer of `t`, or of the tensor it views.
-fn buffer_of(t: &ggml_tensor) -> *mut ggml_backend_buffer {
+/// The buffer of `t`, or of the tensor it views (null: not allocated).
+pub(crate) fn buffer_of(t: &ggml_tensor) -> *mut ggml_backend_buffer {
     if t.buffer.is_null() && !t.view_src.is_null() {
         // SAFETY: view_src is a valid tensor for as long as its view is.
         unsafe { (*t.view_src).buffer }

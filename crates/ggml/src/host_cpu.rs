@@ -76,6 +76,38 @@ pub(crate) struct Fns {
     pub(crate) synchronize: unsafe extern "C" fn(ggml_backend_t),
 }
 
+impl Fns {
+    /// Runs `body` with a metadata-only ggml context (no_alloc) with room for `tensors` tensors
+    /// and a graph of `nodes` nodes, freed afterwards on every path; `None` when ggml gives no
+    /// context.
+    pub(crate) fn with_context<R>(
+        &self,
+        tensors: usize,
+        nodes: usize,
+        body: impl FnOnce(*mut GgmlContext) -> R,
+    ) -> Option<R> {
+        // SAFETY: size queries without preconditions.
+        let size = unsafe {
+            (self.tensor_overhead)() * tensors + (self.graph_overhead_custom)(nodes, false)
+        } + 1024;
+        // SAFETY: a metadata-only context of `size` bytes, freed below.
+        let ctx = unsafe {
+            (self.init)(InitParams {
+                mem_size: size,
+                mem_buffer: std::ptr::null_mut(),
+                no_alloc: true,
+            })
+        };
+        if ctx.is_null() {
+            return None;
+        }
+        let r = body(ctx);
+        // SAFETY: made above, freed once.
+        unsafe { (self.free)(ctx) };
+        Some(r)
+    }
+}
+
 /// The symbol `name` as a function pointer of type `T`.
 ///
 /// # Safety
@@ -369,21 +401,7 @@ unsafe fn run_node(
     srcs: &[Option<Operand>; crate::ffi::GGML_MAX_SRC],
     dst: &Operand,
 ) -> Result<(), NotRun> {
-    let n = srcs.len() + 1;
-    // SAFETY: size queries without preconditions.
-    let size = unsafe { (f.tensor_overhead)() * n + (f.graph_overhead_custom)(1, false) } + 1024;
-    // SAFETY: a metadata-only context (no_alloc) of `size` bytes, freed below.
-    let ctx = unsafe {
-        (f.init)(InitParams {
-            mem_size: size,
-            mem_buffer: std::ptr::null_mut(),
-            no_alloc: true,
-        })
-    };
-    if ctx.is_null() {
-        return Err(NotRun::NoCpuBackend);
-    }
-    let result = (|| {
+    let result = f.with_context(srcs.len() + 1, 1, |ctx| {
         // SAFETY: ctx has room for one node (sized above).
         let graph = unsafe { (f.new_graph_custom)(ctx, 1, false) };
         if graph.is_null() {
@@ -413,10 +431,8 @@ unsafe fn run_node(
             0 => Ok(()),
             s => Err(NotRun::Failed(s)),
         }
-    })();
-    // SAFETY: made above, freed once.
-    unsafe { (f.free)(ctx) };
-    result
+    });
+    result.unwrap_or(Err(NotRun::NoCpuBackend))
 }
 
 /// Builds the graph in a metadata-only ggml context and computes it.
@@ -425,21 +441,7 @@ unsafe fn run_node(
 /// As for [`HostCpu::compute`]; `ops` are valid ([`MatMul::is_valid`]).
 unsafe fn run_graph(f: &Fns, cpu: &Cpu, ops: &[MatMul]) -> Result<(), NotRun> {
     let n = ops.len();
-    // SAFETY: size queries without preconditions.
-    let size =
-        unsafe { (f.tensor_overhead)() * 3 * n + (f.graph_overhead_custom)(n, false) } + 1024;
-    // SAFETY: a metadata-only context (no_alloc) of `size` bytes, freed below.
-    let ctx = unsafe {
-        (f.init)(InitParams {
-            mem_size: size,
-            mem_buffer: std::ptr::null_mut(),
-            no_alloc: true,
-        })
-    };
-    if ctx.is_null() {
-        return Err(NotRun::NoCpuBackend);
-    }
-    let result = (|| {
+    let result = f.with_context(3 * n, n, |ctx| {
         // SAFETY: ctx has room for n nodes (sized above).
         let graph = unsafe { (f.new_graph_custom)(ctx, n, false) };
         if graph.is_null() {
@@ -476,10 +478,8 @@ unsafe fn run_graph(f: &Fns, cpu: &Cpu, ops: &[MatMul]) -> Result<(), NotRun> {
             0 => Ok(()),
             s => Err(NotRun::Failed(s)),
         }
-    })();
-    // SAFETY: made above, freed once.
-    unsafe { (f.free)(ctx) };
-    result
+    });
+    result.unwrap_or(Err(NotRun::NoCpuBackend))
 }
 
 #[cfg(test)]

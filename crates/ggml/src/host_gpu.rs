@@ -14,8 +14,8 @@ use std::ffi::c_int;
 use std::sync::Mutex;
 
 use crate::ffi::{ggml_backend_dev_t, ggml_backend_t, ggml_tensor, GGML_TYPE_F32};
-use crate::ggml::Ggml;
-use crate::host_cpu::{fns, Fns, InitParams};
+use crate::ggml::{buffer_of, Ggml};
+use crate::host_cpu::{fns, Fns};
 use crate::view::Operand;
 
 /// Rows `[r0, ne[1])` of one weight, multiplied by the group's activations into `dst`.
@@ -56,16 +56,6 @@ impl Drop for Gpu {
 #[derive(Default)]
 pub struct HostGpu {
     gpu: Mutex<Option<Gpu>>,
-}
-
-/// The buffer of `t`, or of the tensor it views.
-fn buffer_of(t: &ggml_tensor) -> *mut crate::ffi::ggml_backend_buffer {
-    if t.view_src.is_null() {
-        t.buffer
-    } else {
-        // SAFETY: view_src is a valid tensor while its view is.
-        unsafe { (*t.view_src).buffer }
-    }
 }
 
 impl HostGpu {
@@ -180,90 +170,76 @@ unsafe fn run(
     set: TensorSet,
 ) -> Result<Vec<Vec<f32>>, String> {
     let nodes = parts.len();
-    // SAFETY: size queries.
-    let size = unsafe {
-        (f.tensor_overhead)() * (2 * nodes + 2) + (f.graph_overhead_custom)(nodes, false)
-    } + 1024;
-    // SAFETY: a metadata-only context, freed below.
-    let ctx = unsafe {
-        (f.init)(InitParams {
-            mem_size: size,
-            mem_buffer: std::ptr::null_mut(),
-            no_alloc: true,
-        })
-    };
-    if ctx.is_null() {
-        return Err("GPU rows: no ggml context".into());
-    }
-    let mut buffer = std::ptr::null_mut();
-    let result = (|| {
-        let ne_x = [k as i64, n as i64, 1, 1];
-        // SAFETY: ctx has room (sized above).
-        let xt = unsafe { (f.new_tensor)(ctx, GGML_TYPE_F32, 4 as c_int, ne_x.as_ptr()) };
-        if xt.is_null() {
-            return Err("GPU rows: no tensor".to_string());
+    let result = f.with_context(2 * nodes + 2, nodes, |ctx| {
+        let mut buffer = std::ptr::null_mut();
+        let result = (|| {
+            let ne_x = [k as i64, n as i64, 1, 1];
+            // SAFETY: ctx has room (sized above).
+            let xt = unsafe { (f.new_tensor)(ctx, GGML_TYPE_F32, 4 as c_int, ne_x.as_ptr()) };
+            if xt.is_null() {
+                return Err("GPU rows: no tensor".to_string());
+            }
+            let mut ys = Vec::with_capacity(nodes);
+            for part in parts {
+                // SAFETY: checked by the caller: a live weight with a buffer.
+                let w = unsafe { &*part.weight };
+                let rows = w.ne[1] - part.r0 as i64;
+                let ne_w = [w.ne[0], rows, 1, 1];
+                // SAFETY: ctx has room.
+                let wt = unsafe { (f.new_tensor)(ctx, w.type_, 4, ne_w.as_ptr()) };
+                // SAFETY: the tensor just made: a view of the weight's last rows, in its buffer.
+                let wr = unsafe { wt.as_mut() }.ok_or("GPU rows: no tensor")?;
+                wr.nb = w.nb;
+                wr.buffer = buffer_of(w);
+                wr.data = w.data.cast::<u8>().wrapping_add(part.r0 * w.nb[1]).cast();
+                // SAFETY: shapes checked (same K), so ggml_mul_mat's asserts hold.
+                let y = unsafe { (f.mul_mat)(ctx, wt, xt) };
+                // SAFETY: the node just made.
+                let yr = unsafe { y.as_mut() }.ok_or("GPU rows: no node")?;
+                yr.flags |= crate::ffi::GGML_TENSOR_FLAG_COMPUTE;
+                ys.push(y);
+            }
+            // SAFETY: allocates the tensors of ctx without data (x and the outputs) in one buffer of
+            // the GPU's default type.
+            buffer = unsafe { (f.alloc_ctx_tensors_from_buft)(ctx, (f.dev_buffer_type)(gpu.dev)) };
+            if buffer.is_null() {
+                return Err("GPU rows: no GPU buffer".to_string());
+            }
+            // SAFETY: xt is allocated, k*n f32 = its ggml_nbytes.
+            unsafe { set(xt, x.as_ptr().cast(), 0, std::mem::size_of_val(x)) };
+            // SAFETY: ctx has room for the graph.
+            let graph = unsafe { (f.new_graph_custom)(ctx, nodes, false) };
+            if graph.is_null() {
+                return Err("GPU rows: no graph".to_string());
+            }
+            for &y in &ys {
+                // SAFETY: the graph was made for `nodes` nodes.
+                unsafe { (f.graph_add_node)(graph, y) };
+            }
+            // SAFETY: a graph over allocated tensors of the GPU's buffers.
+            let status = unsafe { (f.graph_compute)(gpu.backend, graph) };
+            if status != 0 {
+                return Err(format!("GPU rows: graph compute returned {status}"));
+            }
+            // A GPU backend may return before its queue ran (Metal commits command buffers); its
+            // get_tensor of a shared buffer does not wait.
+            // SAFETY: the backend made above.
+            unsafe { (f.synchronize)(gpu.backend) };
+            let mut outs = Vec::with_capacity(nodes);
+            for (part, &y) in parts.iter().zip(&ys) {
+                let rows = part.dst.desc.ne[0] as usize;
+                let mut out = vec![0f32; rows * n];
+                // SAFETY: y is allocated, [rows, n] F32 contiguous = the bytes read.
+                unsafe { get(y, out.as_mut_ptr().cast(), 0, 4 * rows * n) };
+                outs.push(out);
+            }
+            Ok(outs)
+        })();
+        if !buffer.is_null() {
+            // SAFETY: allocated above, freed once.
+            unsafe { (f.buffer_free)(buffer) };
         }
-        let mut ys = Vec::with_capacity(nodes);
-        for part in parts {
-            // SAFETY: checked by the caller: a live weight with a buffer.
-            let w = unsafe { &*part.weight };
-            let rows = w.ne[1] - part.r0 as i64;
-            let ne_w = [w.ne[0], rows, 1, 1];
-            // SAFETY: ctx has room.
-            let wt = unsafe { (f.new_tensor)(ctx, w.type_, 4, ne_w.as_ptr()) };
-            // SAFETY: the tensor just made: a view of the weight's last rows, in its buffer.
-            let wr = unsafe { wt.as_mut() }.ok_or("GPU rows: no tensor")?;
-            wr.nb = w.nb;
-            wr.buffer = buffer_of(w);
-            wr.data = w.data.cast::<u8>().wrapping_add(part.r0 * w.nb[1]).cast();
-            // SAFETY: shapes checked (same K), so ggml_mul_mat's asserts hold.
-            let y = unsafe { (f.mul_mat)(ctx, wt, xt) };
-            // SAFETY: the node just made.
-            let yr = unsafe { y.as_mut() }.ok_or("GPU rows: no node")?;
-            yr.flags |= crate::ffi::GGML_TENSOR_FLAG_COMPUTE;
-            ys.push(y);
-        }
-        // SAFETY: allocates the tensors of ctx without data (x and the outputs) in one buffer of
-        // the GPU's default type.
-        buffer = unsafe { (f.alloc_ctx_tensors_from_buft)(ctx, (f.dev_buffer_type)(gpu.dev)) };
-        if buffer.is_null() {
-            return Err("GPU rows: no GPU buffer".to_string());
-        }
-        // SAFETY: xt is allocated, k*n f32 = its ggml_nbytes.
-        unsafe { set(xt, x.as_ptr().cast(), 0, std::mem::size_of_val(x)) };
-        // SAFETY: ctx has room for the graph.
-        let graph = unsafe { (f.new_graph_custom)(ctx, nodes, false) };
-        if graph.is_null() {
-            return Err("GPU rows: no graph".to_string());
-        }
-        for &y in &ys {
-            // SAFETY: the graph was made for `nodes` nodes.
-            unsafe { (f.graph_add_node)(graph, y) };
-        }
-        // SAFETY: a graph over allocated tensors of the GPU's buffers.
-        let status = unsafe { (f.graph_compute)(gpu.backend, graph) };
-        if status != 0 {
-            return Err(format!("GPU rows: graph compute returned {status}"));
-        }
-        // A GPU backend may return before its queue ran (Metal commits command buffers); its
-        // get_tensor of a shared buffer does not wait.
-        // SAFETY: the backend made above.
-        unsafe { (f.synchronize)(gpu.backend) };
-        let mut outs = Vec::with_capacity(nodes);
-        for (part, &y) in parts.iter().zip(&ys) {
-            let rows = part.dst.desc.ne[0] as usize;
-            let mut out = vec![0f32; rows * n];
-            // SAFETY: y is allocated, [rows, n] F32 contiguous = the bytes read.
-            unsafe { get(y, out.as_mut_ptr().cast(), 0, 4 * rows * n) };
-            outs.push(out);
-        }
-        Ok(outs)
-    })();
-    if !buffer.is_null() {
-        // SAFETY: allocated above, freed once.
-        unsafe { (f.buffer_free)(buffer) };
-    }
-    // SAFETY: made above, freed once.
-    unsafe { (f.free)(ctx) };
-    result
+        result
+    });
+    result.unwrap_or_else(|| Err("GPU rows: no ggml context".into()))
 }

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use crate::ffi::{ggml_backend_buffer_type_t, ggml_backend_dev_t, ggml_tensor};
-use crate::ggml::{self, Ggml};
+use crate::ggml::{self, buffer_of, Ggml};
 use crate::view::residence::{self, Access, BuftFacts, DevFacts, Residence, Unreadable};
 
 pub use crate::view::residence::DevKind;
@@ -288,16 +288,6 @@ pub unsafe fn residence(g: &Ggml, buft: ggml_backend_buffer_type_t) -> Residence
     r
 }
 
-/// The buffer of `t`, or of the tensor it views (null: not allocated).
-fn buffer_of(t: &ggml_tensor) -> *mut crate::ffi::ggml_backend_buffer {
-    if t.view_src.is_null() {
-        t.buffer
-    } else {
-        // SAFETY: view_src is a valid tensor for as long as its view is.
-        unsafe { (*t.view_src).buffer }
-    }
-}
-
 /// Whether `t` lives in a GPU's buffer the plugin reads (Metal's mapped weights, RPC): its rows
 /// can be given to that GPU (`crate::split`).
 pub fn on_gpu(g: &Ggml, t: &ggml_tensor) -> bool {
@@ -305,11 +295,6 @@ pub fn on_gpu(g: &Ggml, t: &ggml_tensor) -> bool {
         tensor_residence(g, t),
         Some(Residence::MappedWeights | Residence::Api)
     )
-}
-
-/// The name of the device whose buffer holds `t` ("?" when unknown).
-pub fn device_of(g: &Ggml, t: &ggml_tensor) -> String {
-    gpu_of(g, t)
 }
 
 /// Whether `t` (or the tensor it views) has a buffer.
@@ -347,9 +332,14 @@ fn inside_buffer(g: &Ggml, w: &ggml_tensor) -> bool {
 /// How a MUL_MAT's weight `w` is read ([`residence::weight_access`]); a tensor without a buffer
 /// yet is host memory to be (llama.cpp's graphs are reserved after the weights are loaded).
 pub fn weight_access(g: &Ggml, w: &ggml_tensor) -> Access {
-    match tensor_residence(g, w) {
+    access_in(g, w, tensor_residence(g, w).as_ref())
+}
+
+/// [`weight_access`] for `w` in a buffer of residence `r` (`None`: no buffer yet).
+fn access_in(g: &Ggml, w: &ggml_tensor, r: Option<&Residence>) -> Access {
+    match r {
         None => Access::Direct,
-        Some(r) => residence::weight_access(&r, g.is_weight(w), inside_buffer(g, w)),
+        Some(r) => residence::weight_access(r, g.is_weight(w), inside_buffer(g, w)),
     }
 }
 
@@ -427,13 +417,10 @@ pub fn weight_usable(g: &Ggml, w: &ggml_tensor, declined_buft: &AtomicU64) -> Ac
         // A GPU's KV cache (attention's matmuls): not a weight, and not for the device.
         return Access::No;
     }
-    let access = match &r {
-        None => Access::Direct,
-        Some(r) => residence::weight_access(r, g.is_weight(w), inside_buffer(g, w)),
-    };
+    let access = access_in(g, w, r.as_ref());
     match (&r, access) {
         (Some(Residence::MappedWeights | Residence::Api), a) if a != Access::No => {
-            let gpu = gpu_of(g, w);
+            let gpu = device_of(g, w);
             *SEEN_GPU.lock().unwrap_or_else(|e| e.into_inner()) = Some(gpu.clone());
             if SEEN_HOST.load(Relaxed) {
                 say(Notice::SplitLayers, &split_layers_notice(&gpu));
@@ -458,7 +445,7 @@ pub fn weight_usable(g: &Ggml, w: &ggml_tensor, declined_buft: &AtomicU64) -> Ac
         // Readable type but not this tensor (not a weights buffer, outside its range).
         _ => Unreadable::Other {
             buft: "a non-weights".into(),
-            device: gpu_of(g, w),
+            device: device_of(g, w),
         },
     };
     let (n, line) = weight_notice(&why, &tensor);
@@ -467,7 +454,7 @@ pub fn weight_usable(g: &Ggml, w: &ggml_tensor, declined_buft: &AtomicU64) -> Ac
 }
 
 /// The name of the device whose buffer holds `w` ("?" when unknown).
-fn gpu_of(g: &Ggml, w: &ggml_tensor) -> String {
+pub fn device_of(g: &Ggml, w: &ggml_tensor) -> String {
     let p = &g.placement;
     let buffer = buffer_of(w);
     let (Some(get_type), Some(get_dev), Some(name)) =

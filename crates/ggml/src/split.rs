@@ -82,19 +82,10 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The folder calibrations are kept in: `GGML_ANE_CACHE_DIR`, else the user's cache folder.
+/// The folder calibrations are kept in: `GGML_ANE_CACHE_DIR`, else the user's cache folder
+/// ([`ane_plan::calibration::cache_dir`], which `ane bench split` reads too).
 pub fn cache_dir(cfg: &Config) -> Option<PathBuf> {
-    if let Some(d) = &cfg.cache_dir {
-        return Some(d.clone());
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from);
-    if cfg!(target_vendor = "apple") {
-        return home.map(|h| h.join("Library/Caches/ggml-ane"));
-    }
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| home.map(|h| h.join(".cache")))
-        .map(|c| c.join("ggml-ane"))
+    ane_plan::calibration::cache_dir(cfg.cache_dir.clone())
 }
 
 /// Creates `dir` private to the user (0700) and refuses a symlink or a file in its place.
@@ -120,7 +111,7 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
 impl Calibrations {
     /// The calibrations of `machine` found in `dir` (none when it is unreadable), fresh ones only.
     pub fn open(machine: String, dir: Option<&Path>) -> Calibrations {
-        let file = dir.map(|d| d.join("split-calibrations.tsv"));
+        let file = dir.map(|d| d.join(ane_plan::calibration::SPLIT_FILE));
         let mut known = HashMap::new();
         if let Some(text) = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
             let fresh_after = now().saturating_sub(STALE_DAYS * 86_400);
@@ -287,8 +278,9 @@ pub struct Job<'a> {
     pub weights: &'a [*const ggml_tensor],
     pub gpu: &'a HostGpu,
     pub ggml: &'a crate::ggml::Ggml,
-    /// Engine, chip, OS build and GPU device (the machine key of the calibrations).
-    pub machine: String,
+    /// Engine, chip, OS build and GPU device (the machine key of the calibrations): asked only
+    /// when the calibrations are first opened, not per group.
+    pub machine: &'a dyn Fn() -> String,
 }
 
 /// The machine key of the calibrations: engine, chip, OS and its release, GPU device.
@@ -348,7 +340,7 @@ pub fn run(split: &Splitter, j: &Job<'_>) -> Option<bool> {
 fn known_share(split: &Splitter, j: &Job<'_>, class: &str) -> Option<f64> {
     let mut c = split.cal.lock().unwrap_or_else(|e| e.into_inner());
     let cal = c.get_or_insert_with(|| {
-        Calibrations::open(j.machine.clone(), cache_dir(Config::get()).as_deref())
+        Calibrations::open((j.machine)(), cache_dir(Config::get()).as_deref())
     });
     let share = cal.get(class).map(|c| c.share)?;
     if !cal.measured.iter().any(|m| m == class) {

@@ -20,6 +20,7 @@
 
 #![warn(missing_docs)]
 
+pub mod calibration;
 pub mod canary;
 pub mod choice;
 pub mod cost;

@@ -221,10 +221,13 @@ fn step_unit(pre: &mut Prereqs) -> Result<String> {
     pre.llama()?;
     // The tiny models: tests that run llama.cpp (`ane bench split` measured) need one.
     pre.models()?;
+    // ... and the plugin: the release build every later step shares (a clean clone has none).
+    let plugin = pre.plugin()?;
     util::run(
         util::cargo()
             .args(["test", "--workspace"])
-            .env("ANE_GGML_TESTS", "1"),
+            .env("ANE_GGML_TESTS", "1")
+            .env("ANE_TEST_PLUGIN", &plugin),
     )?;
     Ok("cargo test --workspace (with ANE_GGML_TESTS=1) passed".into())
 }

@@ -284,11 +284,14 @@ mod measured {
         }
     }
 
-    /// The plugin to load: `GGML_BACKEND_PATH`, else the newest `libggml_ane.so` of the build folders
-    /// (beside this `ane`, `target/release`, `target/debug`).
+    /// The plugin to load: `ANE_TEST_PLUGIN` (set by `cargo xtask test`, which builds it first),
+    /// else `GGML_BACKEND_PATH`, else the newest `libggml_ane.so` of the build folders (beside this
+    /// `ane`, `target/release`, `target/debug`).
     fn plugin(root: &Path) -> Option<PathBuf> {
-        if let Some(p) = std::env::var_os("GGML_BACKEND_PATH").map(PathBuf::from) {
-            return p.is_file().then_some(p);
+        for var in ["ANE_TEST_PLUGIN", "GGML_BACKEND_PATH"] {
+            if let Some(p) = std::env::var_os(var).map(PathBuf::from) {
+                return p.is_file().then_some(p);
+            }
         }
         let exe = PathBuf::from(env!("CARGO_BIN_EXE_ane"));
         let mut dirs: Vec<PathBuf> = exe.parent().map(Path::to_path_buf).into_iter().collect();
@@ -315,7 +318,7 @@ mod measured {
             .collect();
         if plugin.is_none() {
             missing
-                .push("libggml_ane.so (GGML_BACKEND_PATH, target/release or target/debug)".into());
+                .push("libggml_ane.so (ANE_TEST_PLUGIN, GGML_BACKEND_PATH, target/release or target/debug)".into());
         }
         if !missing.is_empty() {
             let why = format!(

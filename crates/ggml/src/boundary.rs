@@ -171,9 +171,9 @@ unsafe extern "C" fn ggml_backend_ane_device_init_backend(
     _params: *const c_char,
 ) -> ggml_backend_t {
     catch_panic(null_mut(), || {
-        if device_state().is_err() {
+        let Ok(state) = device_state() else {
             return null_mut();
-        }
+        };
         static AT_EXIT: std::sync::Once = std::sync::Once::new();
         // SAFETY: registering a plain `extern "C" fn()` has no preconditions; it runs once at
         // normal process exit (before ggml's registry unloads the plugin: registered later).
@@ -185,7 +185,7 @@ unsafe extern "C" fn ggml_backend_ane_device_init_backend(
             guid: &GUID,
             iface: backend_iface(),
             device: dev,
-            context: Box::into_raw(Box::<BackendCtx>::default()).cast(),
+            context: Box::into_raw(Box::new(BackendCtx::new(state))).cast(),
         }))
     })
 }

@@ -87,6 +87,10 @@ pub(crate) struct Open {
     /// Every member's weight tensor, when all of them live in a GPU's buffer the plugin reads
     /// (the GPU can take rows of the group, `crate::split`).
     pub gpu_weights: Option<Vec<*const ggml_tensor>>,
+    /// Every member's weight is read in place: beyond the resident set the group may stream
+    /// through the instance's ring (whose background thread must never read the plugin's own
+    /// copies of remote weights, which can be replaced).
+    pub in_place: bool,
 }
 
 /// Runs a group through the planner and engine: split with the GPU when its weights sit in a
@@ -99,11 +103,13 @@ pub(crate) fn run_group(split: &mut Split<'_, '_>, open: Open) {
         mut group,
         range: head_buffer,
         gpu_weights,
+        in_place,
     } = open;
     let (dev, host, companions) = (split.dev, split.host, split.companions);
     let cx = matmul::Context {
         host: Some(host),
         act_round: Config::get().act_round,
+        stream: (in_place && group.weights).then_some(split.stream),
         ..dev.matmul_cx()
     };
     if let (Some(weights), Some(g)) = (gpu_weights, ggml::ggml()) {
@@ -194,6 +200,8 @@ pub(crate) struct Split<'a, 's> {
     failed: bool,
     /// The GPU's backend of this instance, for the GPU's rows of split groups.
     gpu: &'a crate::host_gpu::HostGpu,
+    /// This instance's streaming ring.
+    stream: &'a matmul::Streamer,
 }
 
 impl Split<'_, '_> {
@@ -224,6 +232,7 @@ pub(crate) fn graph_compute(
         fetch: Fetch::new(g, &dev.weight_copies),
         failed: false,
         gpu: &ctx.gpu,
+        stream: &ctx.stream,
     };
     let lookahead = Config::get().lookahead;
     // SAFETY: ggml passes a valid graph; nodes are valid tensors for the duration of the call.
@@ -335,6 +344,7 @@ pub(crate) fn graph_compute(
         match open.as_mut() {
             Some(o) if joins(&o.group, &m, &src1, weight) => {
                 o.group.members.push(m);
+                o.in_place &= in_place;
                 o.gpu_weights = o.gpu_weights.take().filter(|_| on_gpu).map(|mut w| {
                     w.push(node.src[0].cast_const());
                     w
@@ -359,6 +369,7 @@ pub(crate) fn graph_compute(
                     },
                     range,
                     gpu_weights: on_gpu.then(|| vec![node.src[0].cast_const()]),
+                    in_place,
                 });
             }
         }

@@ -85,6 +85,10 @@ pub struct Config {
     /// device's own matmuls (ROPE, GLU; see `crate::bridge`), computed by the host's CPU backend,
     /// so a layer's matmuls fall into fewer graph splits (default 1).
     pub bridge: bool,
+    /// `GGML_ANE_STREAM=ahead|inline`: weight groups beyond the resident set are converted one
+    /// group ahead by a background thread per backend instance (`ahead`, the default; see
+    /// `matmul::Streamer`) or by their own dispatch (`inline`).
+    pub stream_ahead: bool,
     /// `GGML_ANE_GPU_SHARE=auto|F`: beside a GPU, the share of each prefill matmul's output rows
     /// the GPU computes while the device computes the rest (`crate::split`): measured per shape
     /// class (`auto`, the default), or fixed (`0`: all on the device, `1`: all on the GPU).
@@ -259,7 +263,7 @@ impl Knob {
 }
 
 /// Every environment variable the plugin reads.
-pub const KNOBS: [Knob; 23] = [
+pub const KNOBS: [Knob; 24] = [
     Knob {
         name: "GGML_ANE_ENGINE",
         default: "auto",
@@ -319,6 +323,11 @@ pub const KNOBS: [Knob; 23] = [
         name: "GGML_ANE_BRIDGE",
         default: "1",
         values: Values::OneOf(&["1", "0"]),
+    },
+    Knob {
+        name: "GGML_ANE_STREAM",
+        default: "ahead",
+        values: Values::OneOf(&["ahead", "inline"]),
     },
     Knob {
         name: "GGML_ANE_GPU_SHARE",
@@ -413,6 +422,7 @@ impl Config {
         let prestage = read("GGML_ANE_PRESTAGE") == "1";
         let lookahead = read("GGML_ANE_LOOKAHEAD") == "1";
         let bridge = read("GGML_ANE_BRIDGE") == "1";
+        let stream_ahead = read("GGML_ANE_STREAM") != "inline";
         let gpu_share = match read("GGML_ANE_GPU_SHARE").parse::<f64>() {
             Ok(x) => GpuShare::Fixed(x),
             Err(_) => GpuShare::Auto,
@@ -465,6 +475,7 @@ impl Config {
             prestage,
             lookahead: lookahead && weights == WeightsMode::Fp16,
             bridge,
+            stream_ahead,
             gpu_share,
             prefer_energy,
             cache_dir,

@@ -48,12 +48,12 @@ impl DeviceState {
             health: &self.health,
             host: None,
             act_round: Config::get().act_round,
+            stream: None,
         }
     }
 }
 
 /// One backend instance (a llama context): what must not be shared with other instances.
-#[derive(Default)]
 pub(crate) struct BackendCtx {
     /// Speculated outputs of this instance's graphs.
     pub(crate) stash: Mutex<lookahead::Stash>,
@@ -61,6 +61,27 @@ pub(crate) struct BackendCtx {
     pub(crate) host: host_cpu::HostCpu,
     /// The GPU's backend, for the GPU's rows of split matmuls (`crate::split`).
     pub(crate) gpu: crate::host_gpu::HostGpu,
+    /// The streaming ring for weight groups beyond the resident set (the instance's model only:
+    /// dropped, and its thread joined, when llama.cpp frees the context, before the model).
+    pub(crate) stream: matmul::Streamer,
+}
+
+impl BackendCtx {
+    /// An instance of the device `dev`.
+    pub(crate) fn new(dev: &DeviceState) -> Self {
+        let ring = dev
+            .staged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ring
+            .clone();
+        BackendCtx {
+            stash: Default::default(),
+            host: Default::default(),
+            gpu: Default::default(),
+            stream: matmul::Streamer::new(dev.engine.clone(), ring, Config::get().stream_ahead),
+        }
+    }
 }
 
 /// The device state, or why there is none. Created on first use, never in `ggml_backend_score`'s

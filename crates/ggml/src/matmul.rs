@@ -95,6 +95,9 @@ pub struct Context<'a> {
     /// `GGML_ANE_ACT_ROUND=cpu`: activations rounded as the CPU backend rounds them for each
     /// weight type (`ane_convert::act_round`) before their fp16 conversion.
     pub act_round: bool,
+    /// The backend instance's streaming ring, for groups beyond the resident set whose weights
+    /// are read in place (`None`: such groups are converted by their dispatch).
+    pub stream: Option<&'a Streamer>,
 }
 
 /// When `cols` are consecutive tokens of one (i12, i13) matrix, the first token and that matrix.
@@ -243,6 +246,7 @@ mod host;
 mod pack;
 mod scratch;
 mod staging;
+mod stream;
 
 pub use cache::{KernelCache, ProgramKey};
 use dispatch::*;
@@ -254,6 +258,7 @@ use scratch::*;
 pub(crate) use staging::member_key;
 use staging::*;
 pub use staging::{convert_ahead, stage_ahead, StagedWeights};
+pub use stream::{Streamer, RING};
 
 #[cfg(test)]
 mod tests;

@@ -98,6 +98,8 @@ pub struct Stats {
     pub stream_bytes: AtomicU64,
     /// Nanoseconds dispatches waited for those conversions.
     pub convert_wait_ns: AtomicU64,
+    /// Streamed groups the background thread had converted before their dispatch asked.
+    pub stream_ahead: AtomicU64,
     /// Compressed weight bytes (`weight.bin` files) held by loaded baked programs
     /// (`GGML_ANE_WEIGHTS=compressed`).
     pub baked_bytes: AtomicU64,
@@ -249,6 +251,7 @@ impl Stats {
             "staged_peak_mb": self.staged_peak_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
             "stream_mb": self.stream_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
             "convert_wait_ms": self.convert_wait_ns.load(Relaxed) as f64 / 1e6,
+            "stream_ahead": self.stream_ahead.load(Relaxed),
             "baked_mb": self.baked_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
         })
     }
@@ -412,10 +415,11 @@ impl Stats {
         let mb = |a: &AtomicU64| a.load(Relaxed) as f64 / (1u64 << 20) as f64;
         s.push_str(&format!(
             "  staging budget {:.0} MiB, peak {:.1} MiB; streamed {:.1} MiB (groups beyond the \
-             budget, converted per dispatch), {:.3} ms waited\n",
+             budget, converted per dispatch; {} groups converted ahead), {:.3} ms waited\n",
             mb(&self.stage_budget_bytes),
             mb(&self.staged_peak_bytes),
             mb(&self.stream_bytes),
+            self.stream_ahead.load(Relaxed),
             self.convert_wait_ns.load(Relaxed) as f64 / 1e6
         ));
         let baked = self.baked_bytes.load(Relaxed);

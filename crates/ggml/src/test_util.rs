@@ -80,6 +80,7 @@ impl<E: Engine> Device<E> {
             health: &self.health,
             host: None,
             act_round: self.act_round,
+            stream: None,
         }
     }
 }

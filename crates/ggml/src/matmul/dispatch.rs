@@ -37,15 +37,24 @@ pub(super) fn dispatch(
                 };
                 let pre: Vec<Option<Arc<Vec<f16>>>> =
                     keys.iter().map(|k| staged.take_converted(k)).collect();
-                let made = staged.get_or_insert(key, || {
+                let convert = |pre: &[Option<Arc<Vec<f16>>>]| {
                     let t = Instant::now();
-                    let made = stage(cx.engine, &g.members, i02, i03, s, size, &pre);
+                    let made = stage(cx.engine, &g.members, i02, i03, s, size, pre);
                     add_time(&cx.stats.ns_stage, t.elapsed());
                     cx.stats.groups_staged_dispatch.fetch_add(1, Relaxed);
                     made
-                })?;
-                staged.publish(cx.stats);
-                made
+                };
+                let resident = staged.entries.contains_key(&key) || staged.admits(size);
+                match cx.stream {
+                    Some(stream) if !resident => {
+                        streamed(cx, stream, staged, key, g, s, size, || convert(&pre))?
+                    }
+                    _ => {
+                        let made = staged.get_or_insert(key, || convert(&pre))?;
+                        staged.publish(cx.stats);
+                        made
+                    }
+                }
             } else {
                 let made = stage(cx.engine, &g.members, i02, i03, s, size, &[])?;
                 if !guard::fp16_ok(made.fp16(s.w_len())) {
@@ -151,4 +160,58 @@ pub(super) fn run_and_scatter(
     }
     add_time(&cx.stats.ns_convert, t.elapsed());
     Ok(())
+}
+
+/// The surface of a weight group beyond the resident set, through the instance's streaming ring
+/// ([`Streamer`]): converted ahead by its background thread when predicted, else by `convert` now.
+#[allow(clippy::too_many_arguments)]
+fn streamed(
+    cx: &Context<'_>,
+    stream: &Streamer,
+    mut staged: std::sync::MutexGuard<'_, StagedWeights>,
+    key: u128,
+    g: &Group,
+    s: &TiledShape,
+    size: usize,
+    convert: impl FnOnce() -> Result<Surface, EngineError>,
+) -> Result<Arc<Surface>, EngineError> {
+    let released = staged.begin_stream(size);
+    cx.stats.groups_released.fetch_add(released as u64, Relaxed);
+    if staged.max_bytes < staged.ring_reserve() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        let mb = (1u64 << 20) as f64;
+        ONCE.call_once(|| {
+            eprintln!(
+                "ggml-ane: GGML_ANE_STAGE_MAX_MB={:.0} is below a streaming ring ({RING} groups of \
+                 {:.1} MiB): groups are converted by their own dispatch, and staging holds up to \
+                 {:.1} MiB; raise it to {:.0} or more",
+                staged.max_bytes as f64 / mb,
+                size as f64 / mb,
+                size as f64 / mb,
+                (staged.ring_reserve() as f64 / mb).ceil()
+            )
+        });
+    }
+    let room = staged.room();
+    // Converted without the device's lock: other instances dispatch meanwhile.
+    drop(staged);
+    let recipe = stream::Recipe {
+        members: g
+            .members
+            .iter()
+            .map(|m| Member::weight_only(m.src0, m.src0_info))
+            .collect(),
+        shape: *s,
+        size,
+    };
+    let taken = stream.take(key, recipe, room, convert)?;
+    let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+    staged.streamed_bytes += taken.surface.alloc_size() as u64;
+    staged.wait_ns += taken.wait_ns;
+    staged.note_peak();
+    staged.publish(cx.stats);
+    if taken.ahead {
+        cx.stats.stream_ahead.fetch_add(1, Relaxed);
+    }
+    Ok(taken.surface)
 }

@@ -1,6 +1,9 @@
 //! Weight staging: fp16 copies of weight matrices in the layout a dispatch binds, kept by identity
 //! (at load through `stage_ahead`/`convert_ahead`, or by a group's first dispatch through `stage`).
 
+use std::sync::atomic::AtomicUsize;
+
+use super::stream::RING;
 use super::*;
 
 /// Staged weights: fp16 copies of weight matrices in the program's `b_w` layout, by identity,
@@ -15,8 +18,10 @@ use super::*;
 /// over the model are released ([`StagedWeights::mark_used`]).
 #[derive(Debug, Default)]
 pub struct StagedWeights {
-    /// Surfaces by stage key, with the pass that last used them.
-    pub(super) entries: HashMap<u128, (Arc<Surface>, u64)>,
+    /// Surfaces by stage key, with the pass that last used them and their admission order.
+    pub(super) entries: HashMap<u128, (Arc<Surface>, u64, u64)>,
+    /// Admissions so far (the next entry's order).
+    pub(super) admitted: u64,
     /// Single weight matrices converted ahead of time ([`convert_ahead`]), by [`member_key`], until a
     /// group's surface is built from them.
     pub(super) converted: HashMap<u128, Arc<Vec<f16>>>,
@@ -34,8 +39,14 @@ pub struct StagedWeights {
     pub streamed_bytes: u64,
     /// Nanoseconds dispatches waited for those conversions.
     pub wait_ns: u64,
-    /// The most bytes held at once (resident, converted, and a streamed surface in flight).
+    /// The most bytes held at once (resident, converted, and the streaming rings).
     pub peak_bytes: usize,
+    /// Bytes the backend instances' streaming rings hold ([`super::stream::Streamer`]).
+    pub ring: Arc<AtomicUsize>,
+    /// A group has been streamed: from then on the resident set leaves room for a ring.
+    pub(super) streaming: bool,
+    /// The largest streamed group's surface.
+    pub(super) largest_streamed: usize,
 }
 
 impl StagedWeights {
@@ -50,6 +61,54 @@ impl StagedWeights {
     /// Bytes held (surfaces and converted matrices).
     pub fn bytes(&self) -> usize {
         self.bytes + self.converted_bytes
+    }
+
+    /// Room the resident set leaves for the streaming rings once groups stream: a ring's worth
+    /// ([`RING`] of the largest streamed group), so that resident and streamed bytes together
+    /// stay within the budget. Nothing while everything fits.
+    pub(super) fn ring_reserve(&self) -> usize {
+        if self.streaming {
+            RING * self.largest_streamed
+        } else {
+            0
+        }
+    }
+
+    /// Whether `size` more bytes become resident.
+    pub(super) fn admits(&self, size: usize) -> bool {
+        self.bytes() + size + self.ring_reserve() <= self.max_bytes
+    }
+
+    /// Bytes the budget leaves beside the resident set (what the rings may hold).
+    pub(super) fn room(&self) -> usize {
+        self.max_bytes.saturating_sub(self.bytes())
+    }
+
+    /// A group of `size` bytes streams: the resident set makes room for a ring of such groups by
+    /// releasing its most recently admitted entries (graph order keeps the first layers resident).
+    /// Returns how many were released.
+    pub(super) fn begin_stream(&mut self, size: usize) -> usize {
+        self.streaming = true;
+        self.largest_streamed = self.largest_streamed.max(size);
+        let mut released = 0;
+        while self.bytes + self.ring_reserve() > self.max_bytes {
+            let Some(newest) = self
+                .entries
+                .iter()
+                .max_by_key(|(_, (_, _, seq))| *seq)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            self.forget(newest);
+            released += 1;
+        }
+        released
+    }
+
+    /// Takes the rings' bytes into the peak.
+    pub(super) fn note_peak(&mut self) {
+        self.peak_bytes = self.peak_bytes.max(self.bytes() + self.ring.load(Relaxed));
     }
 
     /// Takes a matrix converted ahead ([`convert_ahead`]) out of the store.
@@ -85,13 +144,13 @@ impl StagedWeights {
                 let stale: Vec<u128> = self
                     .entries
                     .iter()
-                    .filter(|(k, (_, used))| {
+                    .filter(|(k, (_, used, _))| {
                         (*used < pass || self.unused.contains(*k)) && **k != key
                     })
                     .map(|(k, _)| *k)
                     .collect();
                 for k in &stale {
-                    if let Some((e, _)) = self.entries.remove(k) {
+                    if let Some((e, ..)) = self.entries.remove(k) {
                         self.bytes -= e.alloc_size();
                     }
                     self.unused.remove(k);
@@ -108,14 +167,15 @@ impl StagedWeights {
 
     /// Drops the surface staged under `key`, if any.
     pub(super) fn forget(&mut self, key: u128) {
-        if let Some((e, _)) = self.entries.remove(&key) {
+        if let Some((e, ..)) = self.entries.remove(&key) {
             self.bytes -= e.alloc_size();
         }
         self.unused.remove(&key);
     }
 
     /// The surface staged under `key`, made by `make` if missing: resident when it fits the
-    /// budget, else for this dispatch only (streamed; nothing resident is evicted for it).
+    /// budget ([`Self::admits`]), else for this dispatch only (streamed without a ring: nothing
+    /// resident is evicted for it).
     pub(super) fn get_or_insert<E>(
         &mut self,
         key: u128,
@@ -128,15 +188,26 @@ impl StagedWeights {
         let t = Instant::now();
         let v = Arc::new(make()?);
         let size = v.alloc_size();
-        self.peak_bytes = self.peak_bytes.max(self.bytes() + size);
-        if self.bytes() + size <= self.max_bytes {
-            self.bytes += size;
-            self.entries.insert(key, (v.clone(), self.pass));
+        self.peak_bytes = self
+            .peak_bytes
+            .max(self.bytes() + self.ring.load(Relaxed) + size);
+        if self.admits(size) {
+            self.insert(key, v.clone());
         } else {
             self.streamed_bytes += size as u64;
             self.wait_ns += t.elapsed().as_nanos() as u64;
         }
         Ok(v)
+    }
+
+    /// Makes `v` resident under `key`.
+    pub(super) fn insert(&mut self, key: u128, v: Arc<Surface>) {
+        self.bytes += v.alloc_size();
+        self.admitted += 1;
+        if let Some((old, ..)) = self.entries.insert(key, (v, self.pass, self.admitted)) {
+            self.bytes -= old.alloc_size();
+        }
+        self.note_peak();
     }
 
     /// Copies the store's counters into the stats.
@@ -201,7 +272,7 @@ pub fn convert_ahead(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member) -
     let size = (d.ne[0] * d.ne[1]) as usize * 2;
     {
         let s = staged.lock().unwrap_or_else(|e| e.into_inner());
-        if s.converted.contains_key(&key) || s.bytes() + size > s.max_bytes {
+        if s.converted.contains_key(&key) || !s.admits(size) {
             return 0;
         }
     }
@@ -241,7 +312,7 @@ pub fn stage_ahead(cx: &Context<'_>, members: &[Member]) -> Result<usize, Engine
     let member_keys: Vec<u128> = members.iter().map(member_key).collect();
     let pre: Vec<Option<Arc<Vec<f16>>>> = {
         let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
-        if staged.entries.contains_key(&key) || staged.bytes() + size > staged.max_bytes {
+        if staged.entries.contains_key(&key) || !staged.admits(size) {
             return Ok(0);
         }
         // Matrices converted ahead (`convert_ahead`) become part of this surface.
@@ -256,7 +327,7 @@ pub fn stage_ahead(cx: &Context<'_>, members: &[Member]) -> Result<usize, Engine
     add_time(&cx.stats.ns_stage, t.elapsed());
     let added = made.alloc_size();
     let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
-    if staged.entries.contains_key(&key) || staged.bytes() + added > staged.max_bytes {
+    if staged.entries.contains_key(&key) || !staged.admits(added) {
         return Ok(0); // staged by a dispatch meanwhile, or the budget filled up
     }
     staged.get_or_insert(key, || Ok::<_, EngineError>(made))?;

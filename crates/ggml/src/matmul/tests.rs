@@ -59,6 +59,18 @@ impl<E: Engine> Rig<E> {
         b: &[f32],
         bd: TensorDesc,
     ) -> Vec<Vec<f32>> {
+        self.run_with(None, weights, srcs, b, bd)
+    }
+
+    /// As [`Rig::run`], streaming through `stream` what does not stay resident.
+    fn run_with(
+        &self,
+        stream: Option<&Streamer>,
+        weights: bool,
+        srcs: &[(&[f32], TensorDesc)],
+        b: &[f32],
+        bd: TensorDesc,
+    ) -> Vec<Vec<f32>> {
         let [_, n, ne12, ne13] = bd.ne;
         let mut dsts: Vec<Vec<f32>> = srcs
             .iter()
@@ -85,7 +97,13 @@ impl<E: Engine> Rig<E> {
             weights,
             speculative: 0,
         };
-        compute(&self.cx(), &group);
+        compute(
+            &Context {
+                stream,
+                ..self.cx()
+            },
+            &group,
+        );
         dsts
     }
 }
@@ -363,3 +381,88 @@ fn scratch_pairs_keep_their_roles() {
 }
 
 mod failures;
+
+/// Five 64x64 weights, a budget of four of their surfaces, and a streamer over `ring_engine`:
+/// two stay resident, three stream. Runs `passes` passes over them (each weight against its own
+/// activations, like a model's layers) and returns every output of every pass, the rig and the
+/// streamer.
+fn streamed_passes(
+    ring_engine: ReferenceEngine,
+    passes: usize,
+) -> (Vec<Vec<f32>>, Rig<ReferenceEngine>, Streamer) {
+    let ad = f32_desc([64, 64, 1, 1]);
+    let bd = f32_desc([64, 40, 1, 1]);
+    let weights: Vec<Vec<f32>> = (0..5).map(|i| rand_vec(64 * 64, 30 + i)).collect();
+    let acts: Vec<Vec<f32>> = (0..5).map(|i| rand_vec(64 * 40, 40 + i)).collect();
+    // One group's surface.
+    let one = {
+        let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));
+        rig.run(true, &[(&weights[0], ad)], &acts[0], bd);
+        let bytes = rig.staged.lock().unwrap().bytes();
+        bytes
+    };
+    let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));
+    rig.staged.lock().unwrap().max_bytes = 4 * one;
+    let ring = rig.staged.lock().unwrap().ring.clone();
+    let stream = Streamer::new(Arc::new(ring_engine), ring, true);
+    let mut outs = Vec::new();
+    for _ in 0..passes {
+        for (w, a) in weights.iter().zip(&acts) {
+            let got = rig.run_with(Some(&stream), true, &[(w, ad)], a, bd);
+            assert_close(&got[0], &oracle(w, &ad, a, &bd), 5e-3);
+            outs.push(got.into_iter().next().unwrap());
+        }
+    }
+    let s = rig.staged.lock().unwrap();
+    assert!(
+        s.peak_bytes <= s.max_bytes,
+        "peak {} over the budget {}",
+        s.peak_bytes,
+        s.max_bytes
+    );
+    assert_eq!(s.bytes(), 2 * one, "the first two stay resident");
+    drop(s);
+    (outs, rig, stream)
+}
+
+#[test]
+fn streamed_groups_are_converted_ahead_once_their_order_is_learnt() {
+    let (outs, rig, stream) = streamed_passes(ReferenceEngine::new(Chip::M4.limits()), 4);
+    // Pass 1 admits four and then makes room for a ring (the fifth streams); pass 2 learns the
+    // order of the three streamed groups (one of them already predicted); passes 3 and 4 find
+    // all three converted ahead.
+    assert_eq!(rig.stats.stream_ahead.load(Relaxed), 1 + 3 + 3);
+    // Same weights, same activations: every pass writes the same bits as the first.
+    for pass in outs.chunks(5).skip(1) {
+        assert_eq!(pass, &outs[..5]);
+    }
+    let ring = rig.staged.lock().unwrap().ring.clone();
+    assert!(
+        ring.load(Relaxed) > 0,
+        "the current group and the next are held"
+    );
+    drop(stream);
+    assert_eq!(
+        ring.load(Relaxed),
+        0,
+        "a freed instance gives its ring back"
+    );
+}
+
+#[test]
+fn a_failing_background_conversion_is_done_by_the_dispatch() {
+    // Every surface the background thread asks for fails; the dispatch converts instead.
+    let faults = ane_engine::reference::faults::FaultSpec {
+        alloc: 1.0,
+        ..Default::default()
+    };
+    let failing = ReferenceEngine::with_faults(Chip::M4.limits(), faults);
+    let (outs, rig, _stream) = streamed_passes(failing, 3);
+    assert_eq!(rig.stats.stream_ahead.load(Relaxed), 0);
+    assert_eq!(
+        rig.stats.ops_fallback.load(Relaxed),
+        0,
+        "no CPU fallback needed"
+    );
+    assert_eq!(&outs[5..10], &outs[..5]);
+}

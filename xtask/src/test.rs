@@ -56,6 +56,12 @@ const MIN_CLAIMED_OPS: usize = 1900;
 /// Shapes (k, m, n) the MIL forms are emitted and validated at.
 const MIL_SHAPES: [(u32, u32, u32); 2] = [(128, 96, 64), (256, 512, 128)];
 
+/// `ane mil` forms step mil validates beside the listed ones, in the shorthand dialect only:
+/// the int8-weight probe (`build::tiled_matmul_int8`), left out of `--list-forms` because Core ML
+/// takes int8 model inputs only from specification 10 and step coreml packages every listed form,
+/// and out of the verbose dialect because iOS16's `cast` takes no int8.
+const MIL_HIDDEN_FORMS: [&str; 1] = ["int8-input"];
+
 /// Lazily built prerequisites shared by the steps.
 #[derive(Default)]
 pub(crate) struct Prereqs {
@@ -286,7 +292,8 @@ fn step_mil(pre: &mut Prereqs) -> Result<String> {
         std::fs::remove_dir_all(&out_root)?;
     }
     let mut checked = 0;
-    for form in &forms {
+    // The listed forms, then the hidden ones only this step reaches.
+    for form in forms.iter().map(String::as_str).chain(MIL_HIDDEN_FORMS) {
         for (k, m, n) in MIL_SHAPES {
             let dir = out_root.join(format!("{form}-k{k}-m{m}-n{n}"));
             util::run(
@@ -357,7 +364,7 @@ fn step_mil(pre: &mut Prereqs) -> Result<String> {
     Ok(format!(
         "{checked} programs valid ({} forms x {} shapes); verbose dialect: {verbose} valid, \
          refused (iOS18 ops): {}",
-        forms.len(),
+        forms.len() + MIL_HIDDEN_FORMS.len(),
         MIL_SHAPES.len(),
         refused.join(", ")
     ))

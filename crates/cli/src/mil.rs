@@ -54,6 +54,13 @@ pub enum Form {
     /// With `--shape`: the weights baked in as a constant (`build::conv_matmul`). Not listed.
     #[value(hide = true)]
     Baked,
+    /// The shape-shared program with int8 weights and fp16 block scales as inputs, dequantized
+    /// in the program (`build::tiled_matmul_int8`, the planner's token-major tiling for an M4 with
+    /// rows rounded to 64 bytes; k a multiple of 32). Not listed: Core ML takes int8 model inputs
+    /// only from specification 10 (macOS 26), which `ane_coreml` does not write, so the listed
+    /// forms' Core ML step would refuse it; `cargo xtask test` validates its MIL on its own.
+    #[value(hide = true)]
+    Int8Input,
 }
 
 /// The MIL text dialect (`ane_mil::text::Dialect`, probed on a Mac: `ane doctor`'s `probes`).
@@ -132,6 +139,7 @@ impl Form {
             Form::Q4_0Matmul => build::conv_matmul_q4_0(k, m, n),
             Form::Baked => build::conv_matmul(k, m, n),
             Form::Shared => build::tiled_matmul(planner_shape(k, m, n, Layout::default())),
+            Form::Int8Input => build::tiled_matmul_int8(int8_shape(k, m, n)),
         }
     }
 
@@ -285,7 +293,9 @@ fn program_for(form: Form, k: usize, m: usize, n: usize, args: &Args) -> Result<
             }
         }
     }
-    if form.quant().is_some() && !k.is_multiple_of(build::QuantKind::BLOCK) {
+    if (form.quant().is_some() || form == Form::Int8Input)
+        && !k.is_multiple_of(build::QuantKind::BLOCK)
+    {
         anyhow::bail!(
             "--form {} needs k (= {k}) to be a multiple of 32, one ggml block",
             form.name()
@@ -341,6 +351,12 @@ fn planner_shape(k: usize, m: usize, n: usize, layout: Layout) -> TiledShape {
         ..ane_plan::Planner::new(ane_engine::Chip::M4.limits())
     }
     .tile(k, m, n)
+}
+
+/// The planner's token-major tiling of an `m x k` weight at `n` tokens for an M4, with rows per
+/// tile rounded up to whole 64-byte int8 rows: the shape of [`build::tiled_matmul_int8`].
+pub fn int8_shape(k: usize, m: usize, n: usize) -> TiledShape {
+    planner_shape(k, m, n, Layout::Tokens).for_int8()
 }
 
 /// The plugin's program shape for an `m x k` weight at `n` tokens: the planner's tiling for an M4
@@ -713,7 +729,8 @@ mod tests {
                 "q8-0-matmul",
                 "q4-0-matmul",
                 "shared",
-                "baked"
+                "baked",
+                "int8-input"
             ]
         );
     }

@@ -348,6 +348,12 @@ impl DeviceUse<'_> {
     pub fn fp16(&self, n: usize) -> &[half::f16] {
         &self.surface.halves()[..n]
     }
+    /// The first `n` bytes, as the device sees them (int8 I/O: one element per byte).
+    pub fn bytes(&self, n: usize) -> &[u8] {
+        let h = &self.surface.halves()[..n.div_ceil(2)];
+        // SAFETY: f16 is two plain bytes; any u8 view of it is valid and within `h`.
+        unsafe { &std::slice::from_raw_parts(h.as_ptr().cast::<u8>(), h.len() * 2)[..n] }
+    }
     /// The first `n` fp32 elements, as the device sees them.
     pub fn fp32_vec(&self, n: usize) -> Vec<f32> {
         self.fp16(2 * n)

@@ -539,6 +539,165 @@ pub fn tiled_matmul(s: TiledShape) -> Program {
     program(vec![f.finish()])
 }
 
+/// `mul(x, y)`: elementwise product with numpy broadcasting; `ty` is the output type.
+pub fn mul(output: &str, ty: ValueType, x: &str, y: &str) -> Statement {
+    named(
+        output,
+        ty,
+        "mul",
+        vec![("x", var(x)), ("y", var(y))],
+        Vec::new(),
+    )
+}
+
+/// Row length, in int8 elements, that an int8 I/O tensor's last axis must be a multiple of: the
+/// driver's row rule asks for whole 64-byte rows, and an int8 element is one byte (fp16 needs 32).
+pub const INT8_ROW: usize = 64;
+
+impl TiledShape {
+    /// Elements of the `c_ws` input of [`tiled_matmul_int8`]: one scale per 32 weights along K,
+    /// `[heads * tiles * k_chunks, k_chunk / 32, 1, m_tile]`.
+    pub fn ws_len(&self) -> usize {
+        self.w_len() / QuantKind::BLOCK
+    }
+
+    /// Position in `c_ws` of the scale of weight row `row` of tile `tile`, contraction elements
+    /// `32 * block .. 32 * block + 32` of slice `c`.
+    pub fn ws_index(&self, tile: usize, c: usize, block: usize, row: usize) -> usize {
+        ((tile * self.k_chunks + c) * (self.k_chunk / QuantKind::BLOCK) + block) * self.m_tile + row
+    }
+
+    /// This shape with `m_tile` rounded up to whole 64-byte int8 rows ([`INT8_ROW`]): what
+    /// [`tiled_matmul_int8`] needs of a token-major planner shape (whose `m_tile` is a multiple
+    /// of 32 fp16 values).
+    pub fn for_int8(self) -> TiledShape {
+        TiledShape {
+            m_tile: self.m_tile.next_multiple_of(INT8_ROW),
+            ..self
+        }
+    }
+}
+
+/// [`tiled_matmul`] with the weights as **int8 plus fp16 block scales**, dequantized inside the
+/// program: a probe of whether the device takes int8 input surfaces, for Q8_0 weights staged at
+/// about half the bytes of fp16 (issue 24, item 5).
+///
+/// The constexpr dequantize ops ([`blockwise_shift_scale`]) take constants only, so a runtime
+/// weight goes through ordinary ops: `w = reshape(mul(reshape(cast(b_wq, fp16)), c_ws))`. Inputs
+/// (token-major, [`Layout::Tokens`] only):
+/// - `a_x: fp16 [heads, k_chunks, n, k_chunk]`, as in [`tiled_matmul`];
+/// - `b_wq: int8 [heads * tiles, k_chunks, k_chunk, m_tile]`, ggml's `q` at [`TiledShape::w_index`];
+/// - `c_ws: fp16 [heads * tiles * k_chunks, k_chunk / 32, 1, m_tile]`, ggml's `d` of each block
+///   of 32 along K at [`TiledShape::ws_index`]; the size-1 axis broadcasts it over its block.
+///
+/// The cast of an int8 is exact and `d * q` is exact before its one rounding to fp16, so the
+/// weights the matmul sees are bit for bit ggml's dequantization rounded to fp16: the output
+/// equals [`tiled_matmul`]'s on those weights. Names sort `a_x` < `b_wq` < `c_ws`, the ANE's
+/// binding order. Channel-first is not offered: its scales would have a last axis of
+/// `k_chunk / 32`, under the driver's shortest I/O axis, and fixing that costs a transpose.
+///
+/// # Panics
+/// If the layout is not token-major, `k_chunk` is not a multiple of 32, `m_tile` not a multiple
+/// of [`INT8_ROW`], or as [`tiled_matmul`].
+pub fn tiled_matmul_int8(s: TiledShape) -> Program {
+    assert_eq!(s.layout, Layout::Tokens, "int8 weights: token-major only");
+    assert!(
+        s.k_chunk.is_multiple_of(QuantKind::BLOCK),
+        "k_chunk = {} is not a whole number of blocks",
+        s.k_chunk
+    );
+    assert!(
+        s.m_tile.is_multiple_of(INT8_ROW),
+        "m_tile = {} is not a whole number of 64-byte int8 rows",
+        s.m_tile
+    );
+    assert!(
+        s.heads == 1 || s.tiles == 1,
+        "heads and tiles cannot both exceed 1"
+    );
+    assert!(
+        s.heads * s.tiles * s.k_chunks * s.m_tile * s.k_chunk * s.n > 0,
+        "empty axis"
+    );
+    let bw = s.heads * s.tiles;
+    let blocks = s.k_chunk / QuantKind::BLOCK;
+    let w_shape = [bw, s.k_chunks, s.k_chunk, s.m_tile];
+    let split = [bw * s.k_chunks, blocks, QuantKind::BLOCK, s.m_tile];
+    let mut f = FunctionBuilder::new("main");
+    let a_x = f.input("a_x", fp16(&[s.heads, s.k_chunks, s.n, s.k_chunk]));
+    let b_wq = f.input("b_wq", ValueType::tensor(DType::Int8, &w_shape));
+    let c_ws = f.input("c_ws", fp16(&[bw * s.k_chunks, blocks, 1, s.m_tile]));
+    let to_fp16 = f.const_string("w_dtype", "fp16");
+    let split_shape = f.const_i32s("w_split_shape", &split.map(|d| d as i64));
+    let w_shape_c = f.const_i32s("w_shape", &w_shape.map(|d| d as i64));
+    let tx = f.const_bool("mm_transpose_x", false);
+    let ty = f.const_bool("mm_transpose_y", false);
+    let wq = f.push(cast("w_q", fp16(&w_shape), &b_wq, &to_fp16));
+    let wb = f.push(reshape("w_blocks", fp16(&split), &wq, &split_shape));
+    let wd = f.push(mul("w_scaled", fp16(&split), &wb, &c_ws));
+    let w = f.push(reshape("w", fp16(&w_shape), &wd, &w_shape_c));
+    let y = f.push(matmul(
+        "y",
+        fp16(&[bw, s.k_chunks, s.n, s.m_tile]),
+        &a_x,
+        &w,
+        &tx,
+        &ty,
+    ));
+    f.output(&y);
+    program(vec![f.finish()])
+}
+
+/// The `b_wq` and `c_ws` inputs of [`tiled_matmul_int8`] (`heads = 1`) from `m` rows of raw
+/// Q8_0 blocks (`raw`: the tensor's bytes, row after row, `k / 32` blocks of 34 bytes per row):
+/// ggml's `q` and `d` copied bit for bit to [`TiledShape::w_index`] and
+/// [`TiledShape::ws_index`], zeros in the padding (a zero scale makes padded weights zero).
+///
+/// # Panics
+/// If `k` is not a multiple of 32, `raw` is not `m * k / 32` blocks long, `s` has several heads
+/// or cannot hold an `m x k` weight, or its `k_chunk` is not a multiple of 32.
+pub fn stage_q8_0_int8(
+    s: &TiledShape,
+    raw: &[u8],
+    m: usize,
+    k: usize,
+) -> (Vec<i8>, Vec<half::f16>) {
+    let bb = QuantKind::Q8_0.block_bytes();
+    let per_row = k / QuantKind::BLOCK;
+    assert!(
+        k.is_multiple_of(QuantKind::BLOCK),
+        "k = {k} is not a whole number of blocks"
+    );
+    assert!(
+        s.k_chunk.is_multiple_of(QuantKind::BLOCK),
+        "k_chunk is not whole blocks"
+    );
+    assert_eq!(
+        raw.len(),
+        m * per_row * bb,
+        "raw is not {m} rows of {per_row} Q8_0 blocks"
+    );
+    assert!(
+        s.heads == 1 && m <= s.tiles * s.m_tile && k <= s.k_chunks * s.k_chunk,
+        "{s:?} does not hold a {m} x {k} weight"
+    );
+    let mut q = vec![0i8; s.w_len()];
+    let mut d = vec![half::f16::ZERO; s.ws_len()];
+    for (r, row) in raw.chunks_exact(per_row * bb).enumerate() {
+        let (tile, ri) = (r / s.m_tile, r % s.m_tile);
+        for (b, block) in row.chunks_exact(bb).enumerate() {
+            let kk0 = b * QuantKind::BLOCK;
+            let (c, kk) = (kk0 / s.k_chunk, kk0 % s.k_chunk);
+            d[s.ws_index(tile, c, kk / QuantKind::BLOCK, ri)] =
+                half::f16::from_le_bytes([block[0], block[1]]);
+            for (e, &v) in block[2..].iter().enumerate() {
+                q[s.w_index(tile, c, ri, kk + e)] = v as i8;
+            }
+        }
+    }
+    (q, d)
+}
+
 /// A one-blob `weight.bin` holding `w` (row-major `[m, k]`) as fp16, for [`conv_matmul`].
 ///
 /// # Examples
@@ -938,6 +1097,103 @@ mod tests {
             let (b, e) = (i / 32, i % 32);
             assert_eq!(elem(i) as i32, ((e + b) % 16) as i32 - 8, "element {i}");
         }
+    }
+
+    #[test]
+    fn int8_input_form_types_sort_and_binds_in_declaration_order() {
+        let s = TiledShape {
+            heads: 1,
+            tiles: 2,
+            k_chunks: 3,
+            m_tile: 64,
+            k_chunk: 96,
+            n: 32,
+            layout: Layout::Tokens,
+        };
+        let p = tiled_matmul_int8(s);
+        let f = p.function("main").unwrap();
+        assert!(f.statements.iter().all(sorted));
+        let names: Vec<&str> = f.inputs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a_x", "b_wq", "c_ws"]);
+        assert_eq!(
+            f.inputs[1].1,
+            ValueType::tensor(DType::Int8, &[2, 3, 96, 64])
+        );
+        assert_eq!(f.inputs[2].1, fp16(&[6, 3, 1, 64]));
+        assert_eq!(f.inputs[2].1.numel(), s.ws_len());
+        assert_eq!(f.value_type("w_blocks"), Some(&fp16(&[6, 3, 32, 64])));
+        assert_eq!(f.value_type("w"), Some(&fp16(&[2, 3, 96, 64])));
+        assert_eq!(f.value_type("y"), Some(&fp16(&[2, 3, 32, 64])));
+        // The weights the matmul reads have the fp16 form's type: only the input differs.
+        let dense = tiled_matmul(s);
+        let df = dense.function("main").unwrap();
+        assert_eq!(df.value_type("b_w"), f.value_type("w"));
+        assert_eq!(df.value_type("y"), f.value_type("y"));
+        // A planner shape (m_tile a multiple of 32) is rounded to whole int8 rows.
+        assert_eq!(TiledShape { m_tile: 96, ..s }.for_int8().m_tile, 128);
+        assert_eq!(s.for_int8(), s);
+    }
+
+    #[test]
+    #[should_panic(expected = "token-major")]
+    fn int8_input_form_refuses_channel_first() {
+        tiled_matmul_int8(TiledShape {
+            heads: 1,
+            tiles: 1,
+            k_chunks: 1,
+            m_tile: 64,
+            k_chunk: 64,
+            n: 32,
+            layout: Layout::Channels,
+        });
+    }
+
+    /// Every q and d lands where the program reads it: scale index and weight index agree on the
+    /// block, padding is zero, and two tiles and two slices are both crossed.
+    #[test]
+    fn q8_0_blocks_stage_into_the_int8_inputs() {
+        let s = TiledShape {
+            heads: 1,
+            tiles: 2,
+            k_chunks: 2,
+            m_tile: 64,
+            k_chunk: 64,
+            n: 32,
+            layout: Layout::Tokens,
+        };
+        let (m, k) = (100, 96); // last tile and last slice partly padding
+        let mut raw = Vec::new();
+        for r in 0..m {
+            for b in 0..k / 32 {
+                raw.extend(half::f16::from_f32((r * 3 + b + 1) as f32).to_le_bytes());
+                raw.extend((0..32).map(|e| ((r + b * 32 + e) % 255) as u8));
+            }
+        }
+        let (q, d) = stage_q8_0_int8(&s, &raw, m, k);
+        assert_eq!((q.len(), d.len()), (s.w_len(), s.ws_len()));
+        for r in 0..m {
+            for kk in 0..k {
+                let (tile, row, c, kc) = (r / 64, r % 64, kk / 64, kk % 64);
+                assert_eq!(
+                    q[s.w_index(tile, c, row, kc)],
+                    ((r + kk) % 255) as u8 as i8,
+                    "q of row {r} col {kk}"
+                );
+                assert_eq!(
+                    d[s.ws_index(tile, c, kc / 32, row)].to_f32(),
+                    (r * 3 + kk / 32 + 1) as f32,
+                    "d of row {r} col {kk}"
+                );
+            }
+        }
+        let nonzero_q = q.iter().filter(|&&v| v != 0).count();
+        let nonzero_d = d.iter().filter(|v| v.to_f32() != 0.0).count();
+        assert_eq!(nonzero_d, m * k / 32, "padding scales are zero");
+        let want_q = (0..m)
+            .flat_map(|r| (0..k).map(move |kk| (r + kk) % 255))
+            .filter(|&v| v != 0)
+            .count();
+        assert_eq!(nonzero_q, want_q, "padding weights are zero");
     }
 
     #[test]

@@ -149,6 +149,23 @@ pub fn emit_in(p: &Program, d: Dialect) -> Result<String, DialectError> {
                     ),
                 });
             }
+            // iOS17 widened `cast` to int8/uint8/int16/uint16; iOS16's takes fp16, fp32, int32
+            // and bool only, so an int8 input (`build::tiled_matmul_int8`) has no iOS16 form.
+            if let Some((name, ty)) = f
+                .inputs
+                .iter()
+                .find(|(_, ty)| !matches!(ty.dtype, DType::Fp16 | DType::Fp32 | DType::Int32))
+            {
+                return Err(DialectError {
+                    dialect: d.name(),
+                    why: format!(
+                        "input `{name}` is {}: casting it needs the iOS17 cast, the {} opset's \
+                         takes fp16, fp32, int32 and bool",
+                        ty.dtype,
+                        d.opset()
+                    ),
+                });
+            }
         }
     }
     let mut p = p.clone().canonical();
@@ -1327,6 +1344,19 @@ program(1.0)[buildInfo=dict<tensor<string, []>,tensor<string, []>>({{"a","b"}})]
             "{e}"
         );
         assert!(emit_in(&q, Dialect::Shorthand).is_ok());
+        // An int8 input needs the iOS17 cast: refused too, with the input named.
+        let i8p = build::tiled_matmul_int8(build::TiledShape {
+            heads: 1,
+            tiles: 1,
+            k_chunks: 1,
+            m_tile: 64,
+            k_chunk: 64,
+            n: 64,
+            layout: build::Layout::Tokens,
+        });
+        let e = emit_in(&i8p, Dialect::Verbose).unwrap_err();
+        assert!(e.to_string().contains("`b_wq` is int8"), "{e}");
+        assert!(emit_in(&i8p, Dialect::Shorthand).is_ok());
         assert!(to_dialect("program(1.3) {", Dialect::Verbose).is_err());
     }
 

@@ -285,9 +285,11 @@ pub(crate) fn check(
         Ok(())
     };
     for (name, ty) in &func.inputs {
-        if !matches!(ty.dtype, DType::Fp16 | DType::Fp32) || ty.is_scalar() {
+        // int8 inputs: the probe of int8 weight surfaces (`build::tiled_matmul_int8`); whether the
+        // chip takes them is what its canary finds out, the reference engine runs them.
+        if !matches!(ty.dtype, DType::Fp16 | DType::Fp32 | DType::Int8) || ty.is_scalar() {
             return Err(cerr(format!(
-                "input `{name}` must be an fp16/fp32 tensor, is {:?}",
+                "input `{name}` must be an fp16/fp32/int8 tensor, is {:?}",
                 ty
             )));
         }
@@ -471,6 +473,9 @@ fn infer(
         "cast" => {
             only_args(st, &["x", "dtype"])?;
             let x = var_type(st, "x", types)?;
+            if !matches!(x.dtype, DType::Fp16 | DType::Fp32 | DType::Int8) {
+                return Err(cerr(format!("cast from {} not supported", x.dtype)));
+            }
             let Value::Str(d) = const_arg(st, "dtype", consts)? else {
                 return Err(cerr("dtype must be a string".into()));
             };
@@ -609,6 +614,27 @@ fn infer(
                     x.shape, y.shape
                 )));
             };
+            Ok(ValueType {
+                dtype: x.dtype,
+                shape,
+            })
+        }
+        "mul" => {
+            only_args(st, &["x", "y"])?;
+            let x = var_type(st, "x", types)?;
+            let y = var_type(st, "y", types)?;
+            if x.dtype != y.dtype || !matches!(x.dtype, DType::Fp16 | DType::Fp32) {
+                return Err(cerr(format!(
+                    "operands must share an fp16/fp32 dtype, have {} and {}",
+                    x.dtype, y.dtype
+                )));
+            }
+            let shape = broadcast(&x.shape, &y.shape).ok_or_else(|| {
+                cerr(format!(
+                    "shapes {:?} and {:?} do not broadcast",
+                    x.shape, y.shape
+                ))
+            })?;
             Ok(ValueType {
                 dtype: x.dtype,
                 shape,
@@ -799,6 +825,11 @@ fn exec(
         "cast" => out(num(st, "x", env)?.1.to_vec()),
         "reshape" => out(num(st, "x", env)?.1.to_vec()),
         "add" => out(add(num(st, "x", env)?.1, num(st, "y", env)?.1)),
+        "mul" => {
+            let (xt, x) = num(st, "x", env)?;
+            let (yt, y) = num(st, "y", env)?;
+            out(mul(x, &xt.shape, y, &yt.shape, &st.ty.shape))
+        }
         "transpose" => {
             let (xt, x) = num(st, "x", env)?;
             let perm: Vec<usize> = ints(&const_arg(st, "perm", consts)?, "perm")?
@@ -863,6 +894,45 @@ fn exec(
         }
         other => return Err(EngineError::Eval(format!("op `{other}` not executable"))),
     })
+}
+
+/// Elementwise product with numpy broadcasting to `out_shape`: each product is exact in f32 for
+/// the operands met here (an int8 weight times an fp16 scale) and rounded once by `store`.
+fn mul(x: &[f32], xs: &[usize], y: &[f32], ys: &[usize], out_shape: &[usize]) -> Vec<f32> {
+    // Strides of an operand inside the output's index space: 0 along its broadcast axes.
+    let bstrides = |s: &[usize]| -> Vec<usize> {
+        let own = strides(s);
+        let lead = out_shape.len() - s.len();
+        (0..out_shape.len())
+            .map(|d| {
+                if d < lead || s[d - lead] == 1 {
+                    0
+                } else {
+                    own[d - lead]
+                }
+            })
+            .collect()
+    };
+    let (sx, sy) = (bstrides(xs), bstrides(ys));
+    let n: usize = out_shape.iter().product();
+    let mut idx = vec![0usize; out_shape.len()];
+    let mut out = Vec::with_capacity(n);
+    let (mut ox, mut oy) = (0usize, 0usize);
+    for _ in 0..n {
+        out.push(x[ox] * y[oy]);
+        for d in (0..idx.len()).rev() {
+            idx[d] += 1;
+            ox += sx[d];
+            oy += sy[d];
+            if idx[d] < out_shape[d] {
+                break;
+            }
+            ox -= sx[d] * idx[d];
+            oy -= sy[d] * idx[d];
+            idx[d] = 0;
+        }
+    }
+    out
 }
 
 fn strides(shape: &[usize]) -> Vec<usize> {
@@ -1034,6 +1104,24 @@ mod tests {
             Accum::Fp32,
         );
         assert_eq!(out, vec![1., 2., 3., 4., 2., 4., 6., 8.]);
+    }
+
+    #[test]
+    fn mul_broadcasts_like_numpy() {
+        // [2, 1, 3] * [2, 1]: out [2, 2, 3].
+        let x = [1., 2., 3., 4., 5., 6.];
+        let y = [10., 100.];
+        assert_eq!(
+            mul(&x, &[2, 1, 3], &y, &[2, 1], &[2, 2, 3]),
+            vec![10., 20., 30., 100., 200., 300., 40., 50., 60., 400., 500., 600.]
+        );
+        // A block scale: [2, 2, 1] over [2, 2, 2].
+        let w = [1., 2., 3., 4., 5., 6., 7., 8.];
+        let s = [1., -1., 2., 0.5];
+        assert_eq!(
+            mul(&w, &[2, 2, 2], &s, &[2, 2, 1], &[2, 2, 2]),
+            vec![1., 2., -3., -4., 10., 12., 3.5, 4.]
+        );
     }
 
     #[test]

@@ -290,6 +290,11 @@ impl ReferenceEngine {
                 .expect("bound input is declared");
             by_decl[pos] = match b.ty.dtype {
                 DType::Fp16 => s.fp16(b.ty.numel()).iter().map(|h| h.to_f32()).collect(),
+                DType::Int8 => s
+                    .bytes(b.ty.numel())
+                    .iter()
+                    .map(|&v| v as i8 as f32)
+                    .collect(),
                 _ => s.fp32_vec(b.ty.numel()),
             };
         }

@@ -510,3 +510,131 @@ fn the_driver_plan_writes_the_dialect_and_sizes_of_the_forms() {
     plan.check_request(&[s, s], &[s]).unwrap();
     assert!(plan.check_request(&[s, 4096], &[s]).is_err());
 }
+
+/// Compiles `program` (no weight files), binds `inputs` (raw bytes, in binding order) and
+/// returns the first `out_len` fp16 values of its one output.
+fn run_inputs(
+    e: &ReferenceEngine,
+    program: &ane_mil::Program,
+    inputs: &[Vec<u8>],
+    out_len: usize,
+) -> Vec<f16> {
+    let id = e.compile(&ane_mil::text::emit(program), &[]).unwrap();
+    let mut sizes: Vec<usize> = inputs.iter().map(Vec::len).collect();
+    sizes.push(out_len * 2);
+    let size = request_alloc_size(&sizes);
+    let ins: Vec<Surface> = inputs
+        .iter()
+        .map(|b| {
+            let mut s = Surface::new(size);
+            s.bytes_mut()[..b.len()].copy_from_slice(b);
+            s
+        })
+        .collect();
+    let mut ys = Surface::new(size);
+    e.evaluate(id, &ins.iter().collect::<Vec<_>>(), &mut [&mut ys])
+        .unwrap();
+    e.unload(id);
+    ys.fp16(out_len).to_vec()
+}
+
+/// The int8-input probe (`tiled_matmul_int8`) on Q8_0 blocks gives, bit for bit, what the fp16
+/// shape-shared program gives on the same blocks dequantized as ggml does and rounded to fp16:
+/// the in-program `cast` and block-scale `mul` are exact before their one rounding. Two row tiles
+/// and two K slices, with padding in both, and scales that are zero, subnormal and negative.
+#[test]
+fn int8_input_program_equals_fp16_program_on_dequantized_q8_0() {
+    use ane_mil::build::{
+        stage_q8_0_int8, tiled_matmul, tiled_matmul_int8, Layout, QuantKind, TiledShape,
+    };
+    let (m, k, n) = (100, 160, 64);
+    let s = TiledShape {
+        heads: 1,
+        tiles: 2,
+        k_chunks: 2,
+        m_tile: 64,
+        k_chunk: 96,
+        n,
+        layout: Layout::Tokens,
+    };
+    let e = engine();
+    let (raw, deq) = ggml_blocks(QuantKind::Q8_0, m, k, 11);
+    let x = values(k * n, 12);
+    // Activations token-major per slice, zero in the padding.
+    let mut xin = vec![f16::ZERO; s.x_len()];
+    for kk in 0..k {
+        for ni in 0..n {
+            xin[s.x_index(0, kk / s.k_chunk, kk % s.k_chunk, ni)] = x[kk * n + ni];
+        }
+    }
+    let halves = |v: &[f16]| v.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>();
+    let (q, d) = stage_q8_0_int8(&s, &raw, m, k);
+    let int8 = run_inputs(
+        &e,
+        &tiled_matmul_int8(s),
+        &[
+            halves(&xin),
+            q.iter().map(|&v| v as u8).collect(),
+            halves(&d),
+        ],
+        s.y_len(),
+    );
+    let mut w = vec![f16::ZERO; s.w_len()];
+    for r in 0..m {
+        for kk in 0..k {
+            w[s.w_index(r / s.m_tile, kk / s.k_chunk, r % s.m_tile, kk % s.k_chunk)] =
+                deq[r * k + kk];
+        }
+    }
+    let dense = run_inputs(&e, &tiled_matmul(s), &[halves(&xin), halves(&w)], s.y_len());
+    let bits = |v: &[f16]| v.iter().map(|h| h.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&int8), bits(&dense));
+    // And both are the product: the two slices' partial sums, each rounded once to fp16 (half an
+    // ulp of its magnitude), added on the host.
+    let want = oracle(&deq, &x, k, m, n);
+    for r in 0..m {
+        for ni in 0..n {
+            let (t, row) = (r / s.m_tile, r % s.m_tile);
+            let parts: Vec<f64> = (0..2)
+                .map(|c| int8[s.y_index(t, c, row, ni)].to_f64())
+                .collect();
+            let got: f64 = parts.iter().sum();
+            let bound = parts.iter().map(|p| p.abs()).sum::<f64>() * 2f64.powi(-11) + 1e-6;
+            let w = want[r * n + ni];
+            assert!(
+                (got - w).abs() <= bound,
+                "row {r} column {ni}: got {got}, want {w}"
+            );
+        }
+    }
+    assert!(
+        want.iter().any(|v| v.abs() > 0.1),
+        "a product that proves something"
+    );
+    // Bytes: the int8 weights are half the fp16 ones, their scales 1/32 of them.
+    let fp16_bytes = w.len() * 2;
+    assert_eq!((2 * q.len(), 32 * (d.len() * 2)), (fp16_bytes, fp16_bytes));
+}
+
+/// An int8 value where the program wants fp16 is refused at compile, naming the dtypes; int32
+/// inputs stay refused (only int8 surfaces are probed), and so does a cast from int32.
+#[test]
+fn int8_inputs_are_typed() {
+    let e = engine();
+    let mil = "program(1.3)\n{\n    func main<ios18>(tensor<int8, [1, 64]> a, tensor<fp16, [1, 64]> b) {\n        tensor<fp16, [1, 64]> y = mul(x = a, y = b)[name = string(\"y\")];\n    } -> (y);\n}\n";
+    let err = e.compile(mil, &[]).unwrap_err().to_string();
+    assert!(err.contains("int8 and fp16"), "{err}");
+    let mil = "program(1.3)\n{\n    func main<ios18>(tensor<int32, [1, 64]> a) {\n        string d = const()[name = string(\"d\"), val = string(\"fp16\")];\n        tensor<fp16, [1, 64]> y = cast(dtype = d, x = a)[name = string(\"y\")];\n    } -> (y);\n}\n";
+    let err = e.compile(mil, &[]).unwrap_err().to_string();
+    assert!(err.contains("must be an fp16/fp32/int8 tensor"), "{err}");
+    // ... and so is a cast from an int32 value.
+    let ones = vec!["1"; 64].join(", ");
+    let mil = format!(
+        "program(1.3)\n{{\n    func main<ios18>(tensor<fp16, [1, 64]> a) {{\n        \
+         tensor<int32, [1, 64]> c = const()[name = string(\"c\"), val = tensor<int32, [1, 64]>([{ones}])];\n        \
+         string d = const()[name = string(\"d\"), val = string(\"fp16\")];\n        \
+         tensor<fp16, [1, 64]> y = cast(dtype = d, x = c)[name = string(\"y\")];\n    }} -> (y);\n}}\n"
+    );
+    let err = e.compile(&mil, &[]).unwrap_err().to_string();
+    assert!(err.contains("cast from int32"), "{err}");
+}

@@ -11,9 +11,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::json;
 
-use ane_plan::canary::run_tiled;
 use ane_plan::canary::{cpu_matmul_f32, max_rel_err, run_conv_matmul, test_values};
-use ane_plan::Layout;
+use ane_plan::canary::{q8_0_test_blocks, run_int8, run_tiled, Int8Bytes};
+use ane_plan::{Layout, Planner};
 
 use std::sync::Arc;
 
@@ -28,8 +28,10 @@ pub struct Args {
     #[command(subcommand)]
     pub what: Option<What>,
     /// Program forms to time: `conv` (baked weights, the prototype's form), `tiled` (the plugin's
-    /// shape-shared form, channel-first) and `tokens` (the same, token-major); comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "conv,tiled,tokens")]
+    /// shape-shared form, channel-first), `tokens` (the same, token-major) and `int8` (token-major
+    /// with Q8_0 weights as an int8 input plus fp16 block scales, dequantized in the program: the
+    /// int8-weight probe, not used by the plugin yet); comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "conv,tiled,tokens,int8")]
     pub forms: Vec<String>,
     /// Shapes as `MxKxN` (M rows of weights, K inner, N tokens), comma-separated.
     #[arg(
@@ -157,23 +159,54 @@ fn bench_engine(
         .iter()
         .flat_map(|&s| args.forms.iter().map(move |f| (s, f.clone())))
     {
-        let w = test_values(m * k, 5);
         let x = test_values(k * n, 6);
-        let r = match form.as_str() {
-            "conv" => run_conv_matmul(engine, (k, m, n), &w, &x, args.reps),
-            "tiled" => run_tiled(engine, (k, m, n), Layout::Channels, &w, &x, args.reps),
-            "tokens" => run_tiled(engine, (k, m, n), Layout::Tokens, &w, &x, args.reps),
-            other => bail!("unknown form `{other}` (conv, tiled, tokens)"),
+        // The int8 form runs on Q8_0 blocks; the others, and the CPU product, on their fp16
+        // dequantization (what fp16 staging holds), so every row's error is against the same math.
+        let (raw, w) = if form == "int8" {
+            if !k.is_multiple_of(ane_mil::build::QuantKind::BLOCK) {
+                bail!("form int8: K = {k} is not a whole number of 32-value Q8_0 blocks");
+            }
+            q8_0_test_blocks(m, k, 5)
+        } else {
+            (Vec::new(), test_values(m * k, 5))
         };
-        // A form the chip rejects (the baked conv cannot tile rows past the axis limit) is a
-        // result to report, not a reason to stop measuring the others.
+        // (failed step, error) for the int8 probe, whose failure is the finding.
+        let r = match form.as_str() {
+            "conv" => run_conv_matmul(engine, (k, m, n), &w, &x, args.reps)
+                .map_err(|e| (None, e.to_string())),
+            "tiled" => run_tiled(engine, (k, m, n), Layout::Channels, &w, &x, args.reps)
+                .map_err(|e| (None, e.to_string())),
+            "tokens" => run_tiled(engine, (k, m, n), Layout::Tokens, &w, &x, args.reps)
+                .map_err(|e| (None, e.to_string())),
+            "int8" => run_int8(
+                engine,
+                &Planner::new(engine.limits()),
+                (k, m, n),
+                &raw,
+                &x,
+                args.reps,
+            )
+            .map_err(|f| (Some(f.step), f.error.to_string())),
+            other => bail!("unknown form `{other}` (conv, tiled, tokens, int8)"),
+        };
+        // What the int8 form binds for the weights against the fp16 form.
+        let bytes = (form == "int8")
+            .then(|| Int8Bytes::of(&Planner::new(engine.limits()), (k, m, n)).ok())
+            .flatten();
+        let bytes_json = bytes.map(|b| {
+            json!({"int8_bytes": b.q, "scale_bytes": b.scales, "fp16_bytes": b.fp16,
+                   "ratio": (b.q + b.scales) as f64 / b.fp16 as f64,
+                   "int8_surface_bytes": b.int8_surface, "fp16_surface_bytes": b.fp16_surface})
+        });
+        // A form the chip rejects (the baked conv cannot tile rows past the axis limit, a device
+        // may take no int8 input) is a result to report, not a reason to stop measuring the others.
         let r = match r {
             Ok(r) => r,
-            Err(e) => {
+            Err((step, e)) => {
                 if args.json {
                     println!(
                         "{}",
-                        json!({"engine": engine.name(), "label": label, "form": form, "m": m, "k": k, "n": n, "error": e.to_string()})
+                        json!({"engine": engine.name(), "label": label, "form": form, "m": m, "k": k, "n": n, "error": e, "failed_step": step, "weights": bytes_json})
                     );
                 } else {
                     println!("{form:>7} {m:>6} {k:>6} {n:>5}  failed: {e}");
@@ -199,7 +232,8 @@ fn bench_engine(
                 "{}",
                 json!({"engine": engine.name(), "label": label, "ane": on_device, "form": form, "m": m, "k": k, "n": n,
                        "engine_ms": r.eval_ms, "cpu_ms": cpu_ms, "speedup": speedup,
-                       "engine_tflops": tf(r.eval_ms), "cpu_tflops": tf(cpu_ms), "max_rel_err": err})
+                       "engine_tflops": tf(r.eval_ms), "cpu_tflops": tf(cpu_ms), "max_rel_err": err,
+                       "weights": bytes_json})
             );
         } else {
             println!(
@@ -211,6 +245,20 @@ fn bench_engine(
                 speedup,
                 err
             );
+            if let Some(b) = bytes {
+                let mib = |v: usize| v as f64 / (1 << 20) as f64;
+                println!(
+                    "{:>7} weights {:.2} MiB int8 + {:.2} MiB scales = {:.3} of fp16's {:.2} MiB; \
+                     request surfaces {:.2} MiB each (fp16: {:.2} MiB)",
+                    "",
+                    mib(b.q),
+                    mib(b.scales),
+                    (b.q + b.scales) as f64 / b.fp16 as f64,
+                    mib(b.fp16),
+                    mib(b.int8_surface),
+                    mib(b.fp16_surface)
+                );
+            }
         }
     }
     if !on_device && !args.json {

@@ -23,10 +23,14 @@
 //! many shape classes give the GPU a share strictly between 0 and 1 and the best predicted
 //! speedup over the GPU alone; without calibrations, how to produce them.
 //!
+//! The int8-weight probe (`canary_int8_input`, JSON `int8_input`) says whether the device takes
+//! Q8_0 weights as an int8 input dequantized in the program, and if not, at which step it stopped.
+//!
 //! JSON: `{platform, ane_available, host, engine, chip, checks: [{name, ok, detail}], probes,
 //! bench: [{m, k, n, ms, tflops, max_rel_err, compile_ms, first_ms}], latency, sweep,
 //! split: {file, found, this_os, matched, machines, pays, summary, how},
-//! commands: {case, why, lines, notes, plugin_path, plugin_path_from}}`.
+//! commands: {case, why, lines, notes, plugin_path, plugin_path_from},
+//! int8_input: {engine, ok, failed_step, error, max_rel_err, used}}`.
 
 use std::path::PathBuf;
 
@@ -201,6 +205,10 @@ pub fn report(args: &Args) -> Value {
         Some(s) => ("ane", s),
         None => (engine.name(), engine.steps()),
     };
+    // Last, after the step log was read: a device that refuses int8 inputs (unknown, and not
+    // used by the plugin) must not become the report's `first_failed_step`.
+    let (check, int8_input) = int8_canary(engine);
+    checks.push(check);
     let first_failed = ane_engine::steps::first_failure(&steps);
     let steps = steps_json(&steps);
     let coreml = crate::doctor_coreml::section(args);
@@ -249,6 +257,7 @@ pub fn report(args: &Args) -> Value {
         "coreml": coreml,
         "compare": compare,
         "plugin_engine": plugin_engine,
+        "int8_input": int8_input,
     });
     // Whether splitting prefill matmuls with a GPU pays here, from the plugin's calibrations.
     r["split"] = crate::bench_split::doctor_section(
@@ -259,6 +268,44 @@ pub fn report(args: &Args) -> Value {
     let commands = crate::doctor_commands::decide(&crate::doctor_commands::facts(&r));
     r["commands"] = commands.to_json();
     r
+}
+
+/// The int8-weight probe on `engine` (`ane_plan::canary::int8_canary`): the `canary_int8_input`
+/// check and the JSON `int8_input: {engine, ok, failed_step, error, max_rel_err, used}`. Whether
+/// the device takes int8 input surfaces is unknown, so a failure names the step that stopped it;
+/// `used` is always false: the plugin does not dispatch the form yet, whatever the canary says.
+pub(crate) fn int8_canary(engine: &dyn ane_engine::Engine) -> (Check, Value) {
+    let c = ane_plan::canary::int8_canary(engine);
+    let detail = match (&c.failed_step, &c.error) {
+        (None, _) => format!(
+            "Q8_0 as int8 + fp16 block scales dequantized in the shape-shared program (2 row \
+             tiles, 2 K slices) on {}: max_rel_err {:.2e} vs the fp16 program; a probe, the \
+             plugin does not use it yet",
+            engine.name(),
+            c.max_rel_err
+        ),
+        (Some(step), error) => format!(
+            "int8 weights as an input on {}: failed at step {step}: {}",
+            engine.name(),
+            error.as_deref().unwrap_or("")
+        ),
+    };
+    let json = json!({
+        "engine": engine.name(),
+        "ok": c.ok,
+        "failed_step": c.failed_step,
+        "error": c.error,
+        "max_rel_err": if c.max_rel_err.is_finite() { json!(c.max_rel_err) } else { Value::Null },
+        "used": false,
+    });
+    (
+        Check {
+            name: "canary_int8_input",
+            ok: c.ok,
+            detail,
+        },
+        json,
+    )
 }
 
 /// The sweep on one engine: a row per shape, the worst error against f32, and the failures.

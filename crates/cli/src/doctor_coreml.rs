@@ -2,7 +2,7 @@
 //! side, so the first Mac report tells which engine the plugin should prefer.
 //!
 //! JSON: `coreml: {engine, available, error, host, checks, placement, bench, latency, steps,
-//! first_failed_step}`, `compare: [{m, k, n, ane_ms, coreml_ms, coreml_over_ane}]` and
+//! first_failed_step, int8_input}`, `compare: [{m, k, n, ane_ms, coreml_ms, coreml_over_ane}]` and
 //! `plugin_engine` (what `GGML_ANE_ENGINE=auto` would pick from these checks).
 
 use serde_json::{json, Value};
@@ -112,6 +112,11 @@ pub fn section(args: &Args) -> Value {
     ));
     let latency = latency(e, reps);
     let steps = e.steps();
+    // The int8-weight probe, after the step log was read (its failure is not the section's
+    // `first_failed_step`): Core ML takes int8 model inputs only from specification 10 (macOS
+    // 26), which `ane_coreml` does not write, so on a Mac it names the compile step.
+    let (int8_check, int8_input) = crate::doctor::int8_canary(e);
+    checks.push(check(int8_check.name, int8_check.ok, int8_check.detail));
     json!({
         "engine": "coreml",
         "measured": e.name(),
@@ -126,6 +131,7 @@ pub fn section(args: &Args) -> Value {
         "steps": steps_json(&steps),
         "first_failed_step": ane_engine::steps::first_failure(&steps),
         "probes": probes,
+        "int8_input": int8_input,
     })
 }
 

@@ -61,3 +61,60 @@ fn core_ml_alone_off_macos_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Core ML: not macOS"), "{err}");
 }
+
+/// The int8-weight probe's row: timed on the reference engine off macOS, its error against the
+/// f32 product of the dequantized weights as small as the fp16 form's, and its weight bytes
+/// about half of fp16's (int8 plus one fp16 scale per 32 values: 17/32).
+#[test]
+fn the_int8_form_has_a_row_with_its_weight_bytes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ane"))
+        .args([
+            "bench",
+            "--json",
+            "--shapes",
+            "192x256x64",
+            "--forms",
+            "int8",
+        ])
+        .args(["--reps", "1", "--reference"])
+        .output()
+        .expect("run ane bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("form").is_some())
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let r = &rows[0];
+    assert_eq!(
+        (&r["form"], &r["engine"]),
+        (&"int8".into(), &"reference".into())
+    );
+    assert!(r["error"].is_null(), "{r}");
+    assert!(r["engine_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["max_rel_err"].as_f64().unwrap() < 1e-2, "{r}");
+    let w = &r["weights"];
+    assert_eq!(w["int8_bytes"], 192 * 256, "{w}");
+    assert_eq!(w["scale_bytes"], 192 * 256 / 32 * 2, "{w}");
+    assert_eq!(w["fp16_bytes"], 192 * 256 * 2, "{w}");
+    assert_eq!(w["ratio"], 17.0 / 32.0, "{w}");
+    // K not whole blocks: refused with the reason, not a panic.
+    let out = Command::new(env!("CARGO_BIN_EXE_ane"))
+        .args([
+            "bench",
+            "--shapes",
+            "64x80x64",
+            "--forms",
+            "int8",
+            "--reference",
+        ])
+        .output()
+        .expect("run ane bench");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Q8_0 blocks"));
+}

@@ -60,6 +60,7 @@ fn doctor_json_contract_without_ane() {
         "engine",
         "first_failed_step",
         "host",
+        "int8_input",
         "latency",
         "limits",
         "platform",
@@ -167,6 +168,24 @@ fn doctor_json_contract_without_ane() {
     );
     let canary = checks.iter().find(|c| c["name"] == "canary").unwrap();
     assert_eq!(canary["ok"], true, "{canary}");
+    // The int8-weight probe passes on the reference engine, bit for bit, and is not used.
+    let int8 = checks
+        .iter()
+        .find(|c| c["name"] == "canary_int8_input")
+        .unwrap();
+    assert_eq!(int8["ok"], true, "{int8}");
+    assert!(
+        int8["detail"].as_str().unwrap().contains("does not use it"),
+        "{int8}"
+    );
+    let i = &r["int8_input"];
+    assert_eq!(
+        (&i["engine"], &i["ok"], &i["used"]),
+        (&"reference".into(), &true.into(), &false.into()),
+        "{i}"
+    );
+    assert!(i["failed_step"].is_null() && i["error"].is_null(), "{i}");
+    assert_eq!(i["max_rel_err"], 0.0, "{i}");
     let bench = r["bench"].as_array().unwrap();
     assert!(bench.len() >= 4, "{bench:?}");
     for b in bench {
@@ -225,7 +244,13 @@ fn the_core_ml_section_measures_what_the_private_api_section_does() {
         .collect();
     assert_eq!(
         names,
-        ["canary", "canary_tiled_tokens", "placement", "sweep"]
+        [
+            "canary",
+            "canary_tiled_tokens",
+            "placement",
+            "sweep",
+            "canary_int8_input"
+        ]
     );
     let placement = c["placement"].as_array().unwrap();
     assert!(placement
@@ -400,6 +425,27 @@ fn the_probes_are_reported_with_the_forms_tried_their_results_and_the_winner() {
     };
     assert_eq!(check("canary_tiled_tokens")["ok"], true);
     assert_eq!(check("canary_compressed")["ok"], false);
+    // Nor can an int8 input (iOS16's cast has none): the probe names the step that stopped it,
+    // and the report's first failed step stays the dialect probe's, not the int8 probe's.
+    let int8 = check("canary_int8_input");
+    assert_eq!(int8["ok"], false);
+    assert!(
+        int8["detail"]
+            .as_str()
+            .unwrap()
+            .contains("failed at step compile"),
+        "{int8}"
+    );
+    assert_eq!(r["int8_input"]["failed_step"], "compile");
+    let first = r["first_failed_step"].as_str().unwrap();
+    assert!(
+        first.contains("shorthand") && !first.contains("int8"),
+        "{first}"
+    );
+    assert!(r["int8_input"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("`b_wq` is int8"));
     // The text report says the same, one line per probe.
     let out = Command::new(env!("CARGO_BIN_EXE_ane"))
         .args([

@@ -1,12 +1,15 @@
 //! Every canary in one place: running a MUL_MAT-shaped program on any engine against the
 //! reference engine and a CPU f32 baseline. Here the engine-level check (a baked conv matmul,
 //! [`canary`]) and its helpers; in [`planned`] the forms the planner dispatches (tiled,
-//! shape-shared with the surface fallback, packs of experts, compressed weights).
+//! shape-shared with the surface fallback, packs of experts, compressed weights); in [`int8`] the
+//! int8-weight probe, which the plugin does not dispatch yet.
 //!
 //! Platform-neutral on purpose: the plugin's engine choice, `ane doctor` and `ane bench` all use
 //! these functions, and on Linux they run against the reference engine.
 
+mod int8;
 mod planned;
+pub use int8::*;
 pub use planned::*;
 
 use std::time::Instant;

@@ -115,6 +115,12 @@ pub struct Config {
     pub ref_accum: Accum,
     /// `GGML_ANE_WEIGHTS=fp16|compressed` (see [`WeightsMode`]).
     pub weights: WeightsMode,
+    /// `GGML_ANE_INT8_INPUT=0|1`: asks for Q8_0 weights staged as int8 plus fp16 block scales,
+    /// dequantized in the shape-shared program (`ane_mil::build::tiled_matmul_int8`, 17/32 of
+    /// fp16's weight bytes). A probe only: the plugin does not dispatch that form yet (whether
+    /// the ANE takes int8 input surfaces is what `ane doctor`'s `canary_int8_input` finds out), so
+    /// `1` stages fp16 as before and says so once on stderr. Off by default.
+    pub int8_input: bool,
     /// `GGML_ANE_GIVE_UP=N`: after N engine failures in a row the device stops claiming MUL_MATs
     /// (the host's CPU backend takes them with no detour); `0` never gives up (tests of the
     /// fallback path). Default [`DEFAULT_GIVE_UP`].
@@ -262,8 +268,15 @@ impl Knob {
     }
 }
 
+/// What `GGML_ANE_INT8_INPUT=1` prints once: the switch exists so the probe can be asked for by
+/// name, but until the int8 form is wired into staging and dispatch (gated on its canary) asking
+/// for it must not look like getting it.
+pub const INT8_INPUT_NOTE: &str = "ggml-ane: GGML_ANE_INT8_INPUT=1: int8 weights as a program \
+    input are a probe (`ane doctor`: canary_int8_input, `ane bench --forms int8`); the plugin does \
+    not use them yet and stages fp16 weights";
+
 /// Every environment variable the plugin reads.
-pub const KNOBS: [Knob; 24] = [
+pub const KNOBS: [Knob; 25] = [
     Knob {
         name: "GGML_ANE_ENGINE",
         default: "auto",
@@ -375,6 +388,11 @@ pub const KNOBS: [Knob; 24] = [
         values: Values::OneOf(&["fp16", "compressed"]),
     },
     Knob {
+        name: "GGML_ANE_INT8_INPUT",
+        default: "0",
+        values: Values::OneOf(&["0", "1"]),
+    },
+    Knob {
         name: "GGML_ANE_GIVE_UP",
         default: "16",
         values: Values::Count,
@@ -455,12 +473,16 @@ impl Config {
             "compressed" => WeightsMode::Compressed,
             _ => WeightsMode::Fp16,
         };
+        let int8_input = read("GGML_ANE_INT8_INPUT") == "1";
         let give_up = read("GGML_ANE_GIVE_UP").parse().unwrap_or(DEFAULT_GIVE_UP);
         let faults = read("GGML_ANE_FAULTS")
             .parse::<FaultSpec>()
             .ok()
             .filter(FaultSpec::any);
         let debug = get("GGML_ANE_DEBUG").is_some();
+        if int8_input {
+            warn(INT8_INPUT_NOTE.to_string());
+        }
         Config {
             engine,
             min_batch,
@@ -485,6 +507,7 @@ impl Config {
             faults,
             ref_accum,
             weights,
+            int8_input,
             give_up,
             debug,
         }

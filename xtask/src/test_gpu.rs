@@ -327,6 +327,7 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
             crate::bench_fallback::TEXT_PROMPT.into(),
         ),
     ];
+    let mut smollm2: Option<(Run, Run)> = None;
     for (tag, model, prompt) in &cases {
         let (gpu, ane) = pair(
             &plugin,
@@ -359,6 +360,12 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         );
         println!("{line}");
         parts.push(line);
+        if *tag == "smollm2-q8_0" {
+            smollm2 = Some((gpu, ane));
+        }
+    }
+    if let Some((gpu, ane)) = &smollm2 {
+        parts.push(budget(&plugin, &rpc, &real, gpu, ane)?);
     }
 
     // Gemma 3 (weighted Q/K norms between Q/K and their ROPEs): more splits per layer, reported
@@ -539,6 +546,63 @@ fn samples_ts(jsonl: &str) -> Option<Vec<f64>> {
         }
     }
     (!out.is_empty()).then_some(out)
+}
+
+/// A staging budget of a fifth of SmolLM2's fp16 weights beside the GPU: by default the weights
+/// beyond it stay with the GPU (declined `gpu_memory`, nothing streamed, fewer matmuls on the
+/// device); `GGML_ANE_GPU_STREAM=1` claims them all and streams. The text is RPC-only's either way.
+fn budget(plugin: &Path, rpc: &RpcServer, model: &Path, gpu: &Run, full: &Run) -> Result<String> {
+    let fp16_mb = test::stat_f64(&full.stderr, "staged_peak_mb");
+    let mb = format!("{}", (fp16_mb / 5.0).ceil().max(1.0));
+    let all = full.stat("ops_offloaded");
+    let mut out = Vec::new();
+    for stream in ["0", "1"] {
+        let r = complete_env(
+            model,
+            crate::bench_fallback::TEXT_PROMPT,
+            16,
+            &gpu_args(&rpc.endpoint, true),
+            Some(plugin),
+            &[],
+            &[
+                ("GGML_ANE_STAGE_MAX_MB", mb.as_str()),
+                ("GGML_ANE_GPU_STREAM", stream),
+            ],
+            &format!("gpu-budget-stream{stream}"),
+        )?;
+        let (ops, declined, streamed) = (
+            r.stat("ops_offloaded"),
+            r.stat("gpu_memory"),
+            test::stat_f64(&r.stderr, "stream_mb"),
+        );
+        if r.text != gpu.text {
+            bail!(
+                "gpu-budget-stream{stream}: text differs from RPC-only\n  {:?}\n  {:?}",
+                r.text,
+                gpu.text
+            );
+        }
+        let ok = match stream {
+            "0" => declined > 0 && ops > 0 && ops < all && streamed == 0.0,
+            _ => declined == 0 && ops == all && streamed > 0.0,
+        };
+        if !ok {
+            bail!(
+                "gpu-budget-stream{stream} ({mb} MiB of {fp16_mb:.1}): {ops} matmuls on the device \
+                 (unbounded {all}), {declined} declined gpu_memory, {streamed:.1} MiB streamed"
+            );
+        }
+        out.push(format!(
+            "GGML_ANE_GPU_STREAM={stream}: {ops}/{all} matmuls on the device, {declined} declined \
+             gpu_memory, {streamed:.1} MiB streamed"
+        ));
+    }
+    let line = format!(
+        "budget {mb} MiB of {fp16_mb:.1} beside the GPU, text = RPC-only: {}",
+        out.join(", ")
+    );
+    println!("{line}");
+    Ok(line)
 }
 
 #[cfg(test)]

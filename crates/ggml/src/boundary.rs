@@ -265,6 +265,12 @@ pub(crate) unsafe extern "C" fn ggml_backend_ane_device_supports_op(
                 .map(|i| unsafe { Operand::of_tensor(s0, &i) }),
             src1_id: t.src[1] as usize,
             weight: g.is_weight(s0),
+            gpu_weight: (g.is_weight(s0) && placement::on_gpu(g, s0)).then_some(s0.data as usize),
+            staged_bytes: crate::matmul::staged_bytes(
+                &dev.planner,
+                s0.ne[0].max(1) as usize,
+                s0.ne[1].max(1) as usize,
+            ) as u64,
             src0_info: g.type_info(s0.type_),
             weight_usable: || {
                 placement::weight_usable(g, s0, &dev.stats.declined_buft) != Access::No

@@ -18,6 +18,11 @@ pub(crate) struct ClaimedNode<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>
     pub src1_id: usize,
     /// src0 lives in a weights buffer.
     pub weight: bool,
+    /// src0 is a weight in a GPU's buffer the device reads: its identity (its data address, as
+    /// the lookahead knows weights) for the GPU weights' share of the staging budget.
+    pub gpu_weight: Option<usize>,
+    /// Bytes of the surface src0 alone is staged in (`matmul::staged_bytes`).
+    pub staged_bytes: u64,
     pub src0_info: Option<crate::ggml::TypeInfo>,
     /// Whether src0's buffer is one the device reads (counts and says once when not).
     pub weight_usable: U,
@@ -57,13 +62,21 @@ pub(crate) fn decide<U: Fn() -> bool, B: Fn() -> Option<(usize, usize)>>(
     if !(n.weight_usable)() {
         return Verdict::Decline(None);
     }
+    // Beside a GPU, weights beyond the staging budget stay with the GPU (it computes them at its
+    // own speed) unless GGML_ANE_GPU_STREAM=1 asks to stream them.
+    if let Some(id) = n.gpu_weight.filter(|_| !Config::get().gpu_stream) {
+        let mut budget = dev.gpu_weights.lock().unwrap_or_else(|e| e.into_inner());
+        if !budget.admit(id, n.staged_bytes) {
+            return Verdict::Decline(Some(Decline::GpuMemory));
+        }
+    }
     Verdict::Claim
 }
 
 /// Whether the device claims a MUL_MAT_ID: each expert's product a MUL_MAT it computes
 /// ([`support::mul_mat_id`]), `GGML_ANE_MOE` on, a device that has not given up, the cost model
 /// (`GGML_ANE_ROUTE=cost`: [`ane_plan::moe::estimate`]), room for its experts in the staging
-/// budget ([`ExpertBudget`]), and expert weights in a buffer it reads. Nothing is staged here: a
+/// budget ([`ClaimBudget`]), and expert weights in a buffer it reads. Nothing is staged here: a
 /// pack (or expert) is staged by the first dispatch that routes tokens to it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decide_id(
@@ -119,7 +132,9 @@ pub(crate) fn decide_id(
     Verdict::Claim
 }
 
-/// The expert tensors claimed so far and their fp16 size, against the staging budget.
+/// Tensors claimed so far and their fp16 size, against a share of the staging budget: the expert
+/// tensors of MUL_MAT_IDs, and beside a GPU the weights in its buffers (what does not fit stays
+/// with the GPU, which computes it anyway, rather than streaming: `gpu_memory`).
 ///
 /// Staging every expert of a large MoE in fp16 does not fit a Mac (Qwen3-30B-A3B: 58 GB), and
 /// the staging budget is a resident set admitted in graph order, so a prompt that touched more
@@ -131,7 +146,7 @@ pub(crate) fn decide_id(
 /// entries no MUL_MAT_ID computed during a whole pass over the model are released ([`Self::used`]):
 /// a process that loads another model gets the budget back.
 #[derive(Debug, Default)]
-pub(crate) struct ExpertBudget {
+pub(crate) struct ClaimBudget {
     /// Admitted tensors: fp16 bytes, and whether a MUL_MAT_ID used them in the current pass.
     admitted: std::collections::HashMap<usize, (u64, bool)>,
     bytes: u64,
@@ -141,10 +156,10 @@ pub(crate) struct ExpertBudget {
     pub(crate) max_bytes: u64,
 }
 
-impl ExpertBudget {
+impl ClaimBudget {
     /// A budget of `max_bytes`.
     pub(crate) fn new(max_bytes: u64) -> Self {
-        ExpertBudget {
+        ClaimBudget {
             max_bytes,
             ..Default::default()
         }
@@ -162,6 +177,11 @@ impl ExpertBudget {
         self.admitted.insert(data, (bytes, true));
         self.bytes += bytes;
         true
+    }
+
+    /// Whether the tensor at `data` is admitted.
+    pub(crate) fn is_admitted(&self, data: usize) -> bool {
+        self.admitted.contains_key(&data)
     }
 
     /// A MUL_MAT_ID computed the experts at `data`. When the first one used comes again, the
@@ -304,11 +324,11 @@ pub(crate) fn cost_says_ane(
 
 #[cfg(test)]
 mod tests {
-    use super::ExpertBudget;
+    use super::ClaimBudget;
 
     #[test]
     fn experts_are_admitted_in_order_while_they_fit() {
-        let mut b = ExpertBudget::new(100);
+        let mut b = ClaimBudget::new(100);
         assert!(b.admit(1, 40));
         assert!(b.admit(2, 40));
         // Layer 3 does not fit; asking again gives the same answer, so reservations agree with
@@ -317,12 +337,12 @@ mod tests {
         assert!(!b.admit(3, 40));
         assert!(b.admit(1, 40), "admitted tensors stay admitted");
         assert!(b.admit(4, 20), "a smaller one still fits");
-        assert!(!ExpertBudget::new(10).admit(5, 11));
+        assert!(!ClaimBudget::new(10).admit(5, 11));
     }
 
     #[test]
     fn experts_unused_for_a_pass_give_their_budget_back() {
-        let mut b = ExpertBudget::new(100);
+        let mut b = ClaimBudget::new(100);
         assert!(b.admit(1, 40) && b.admit(2, 40));
         assert!(!b.admit(3, 40), "full");
         // Pass 1 computes 1 and 2; pass 2 only 1 (2's model was freed).

@@ -109,9 +109,13 @@ pub(crate) fn run_group(split: &mut Split<'_, '_>, open: Open) {
     let cx = matmul::Context {
         host: Some(host),
         act_round: Config::get().act_round,
-        stream: (in_place && group.weights).then_some(split.stream),
+        // Not for weights on a GPU the budget admitted (`gpu_memory`): they fit, and a ring
+        // would make the resident set give up room for nothing.
+        stream: (in_place && group.weights && (gpu_weights.is_none() || Config::get().gpu_stream))
+            .then_some(split.stream),
         ..dev.matmul_cx()
     };
+    let on_gpu = gpu_weights.is_some();
     if let (Some(weights), Some(g)) = (gpu_weights, ggml::ggml()) {
         let machine = || {
             // SAFETY: the first member's weight is a live tensor of this graph's model.
@@ -140,9 +144,20 @@ pub(crate) fn run_group(split: &mut Split<'_, '_>, open: Open) {
         && !dev.health.is_off()
         && head_buffer.is_some_and(|range| {
             // SAFETY: as above.
+            // Beside a GPU only companions admitted to the GPU weights' budget (the others stay
+            // with the GPU, `gpu_memory`).
+            let admitted = |w: &lookahead::Weight| {
+                !on_gpu
+                    || Config::get().gpu_stream
+                    || dev
+                        .gpu_weights
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_admitted(w.data)
+            };
             let added = unsafe {
                 stash.speculate(&dev.learner, &dev.stats, &mut group, |w, src1| {
-                    companions(dev, head_ty, w, src1, range)
+                    companions(dev, head_ty, w, src1, range) && admitted(w)
                 })
             };
             added > 0
@@ -260,7 +275,7 @@ pub(crate) fn graph_compute(
                 ..dev.matmul_cx()
             };
             count_weight(dev, node);
-            // The expert budget's pass bookkeeping (`claim::ExpertBudget::used`).
+            // The expert budget's pass bookkeeping (`claim::ClaimBudget::used`).
             // SAFETY: a MUL_MAT_ID has a valid src0.
             let experts = unsafe { &*node.src[0] };
             if g.is_weight(experts) {
@@ -332,6 +347,12 @@ pub(crate) fn graph_compute(
             on_gpu,
         } = n;
         count_weight(dev, node);
+        if on_gpu {
+            // The GPU weights' budget's pass bookkeeping (`claim::ClaimBudget::used`).
+            let mut b = dev.gpu_weights.lock().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: a MUL_MAT node has a valid src0.
+            b.used(unsafe { (*node.src[0]).data as usize });
+        }
         if lookahead && weight && in_place && split.stash.waits_for(&m) {
             // Computed in an earlier split's dispatch: the groups before it run first (graph order).
             if let Some(o) = open.take() {

@@ -89,6 +89,9 @@ pub struct Config {
     /// group ahead by a background thread per backend instance (`ahead`, the default; see
     /// `matmul::Streamer`) or by their own dispatch (`inline`).
     pub stream_ahead: bool,
+    /// `GGML_ANE_GPU_STREAM=0|1`: beside a GPU, weights beyond the staging budget stream through
+    /// the device (`1`) instead of staying with the GPU (`0`, the default: declined, `gpu_memory`).
+    pub gpu_stream: bool,
     /// `GGML_ANE_GPU_SHARE=auto|F`: beside a GPU, the share of each prefill matmul's output rows
     /// the GPU computes while the device computes the rest (`crate::split`): measured per shape
     /// class (`auto`, the default), or fixed (`0`: all on the device, `1`: all on the GPU).
@@ -276,7 +279,7 @@ pub const INT8_INPUT_NOTE: &str = "ggml-ane: GGML_ANE_INT8_INPUT=1: int8 weights
     not use them yet and stages fp16 weights";
 
 /// Every environment variable the plugin reads.
-pub const KNOBS: [Knob; 25] = [
+pub const KNOBS: [Knob; 26] = [
     Knob {
         name: "GGML_ANE_ENGINE",
         default: "auto",
@@ -336,6 +339,11 @@ pub const KNOBS: [Knob; 25] = [
         name: "GGML_ANE_BRIDGE",
         default: "1",
         values: Values::OneOf(&["1", "0"]),
+    },
+    Knob {
+        name: "GGML_ANE_GPU_STREAM",
+        default: "0",
+        values: Values::OneOf(&["0", "1"]),
     },
     Knob {
         name: "GGML_ANE_STREAM",
@@ -441,6 +449,7 @@ impl Config {
         let lookahead = read("GGML_ANE_LOOKAHEAD") == "1";
         let bridge = read("GGML_ANE_BRIDGE") == "1";
         let stream_ahead = read("GGML_ANE_STREAM") != "inline";
+        let gpu_stream = read("GGML_ANE_GPU_STREAM") == "1";
         let gpu_share = match read("GGML_ANE_GPU_SHARE").parse::<f64>() {
             Ok(x) => GpuShare::Fixed(x),
             Err(_) => GpuShare::Auto,
@@ -498,6 +507,7 @@ impl Config {
             lookahead: lookahead && weights == WeightsMode::Fp16,
             bridge,
             stream_ahead,
+            gpu_stream,
             gpu_share,
             prefer_energy,
             cache_dir,

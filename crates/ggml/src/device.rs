@@ -28,7 +28,10 @@ pub struct DeviceState {
     /// Whether the device gave up after a run of engine failures.
     pub(crate) health: health::Health,
     /// Expert tensors admitted against the staging budget (`GGML_ANE_MOE`).
-    pub(crate) experts: Mutex<crate::claim::ExpertBudget>,
+    pub(crate) experts: Mutex<crate::claim::ClaimBudget>,
+    /// Weights in a GPU's buffers admitted against the staging budget (the rest stay with the
+    /// GPU, `gpu_memory`).
+    pub(crate) gpu_weights: Mutex<crate::claim::ClaimBudget>,
     /// Host copies of weights read through ggml's API (llama.cpp's RPC backend).
     pub(crate) weight_copies: crate::view::fetch::WeightCopies,
     /// Shares and calibrations of the split with the GPU.
@@ -110,7 +113,10 @@ pub(crate) fn device_state() -> Result<&'static DeviceState, &'static str> {
                 staged: Mutex::new(StagedWeights::new(cfg.stage_max_mb.saturating_mul(1 << 20))),
                 scratch: Mutex::new(ScratchPool::default()),
                 health: health::Health::new(cfg.give_up),
-                experts: Mutex::new(crate::claim::ExpertBudget::new(
+                gpu_weights: Mutex::new(crate::claim::ClaimBudget::new(
+                    (cfg.stage_max_mb as u64).saturating_mul(1 << 20),
+                )),
+                experts: Mutex::new(crate::claim::ClaimBudget::new(
                     ane_plan::moe::expert_budget((cfg.stage_max_mb as u64).saturating_mul(1 << 20)),
                 )),
                 cost: {

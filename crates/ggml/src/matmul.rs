@@ -232,6 +232,13 @@ pub fn compute_on_cpu(cx: &Context<'_>, g: &Group) {
     fallback(cx, g, &[]);
 }
 
+/// Bytes of the surface a lone 2-D weight of `k` x `m` is staged in (the request size of its
+/// tiling): what admitting it to a staging budget costs. A group's surface is at most the sum of
+/// its members'.
+pub fn staged_bytes(planner: &Planner, k: usize, m: usize) -> usize {
+    request_size(&planner.tile(k, m, planner.max_cols()), planner.max_cols())
+}
+
 /// Whether MUL_MATs with weights of these types may share one dispatch: their activations are
 /// rounded alike by the CPU backend (`ane_convert::act_round`), so one activation surface serves
 /// both.

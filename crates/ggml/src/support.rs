@@ -71,8 +71,11 @@ pub enum Decline {
     /// A MUL_MAT_ID while `GGML_ANE_MOE=off` (the default until measured on a Mac).
     MoeOff,
     /// A MUL_MAT_ID whose experts, in fp16, do not fit what is left of `GGML_ANE_STAGE_MAX_MB`
-    /// after the experts already claimed (`crate::claim::ExpertBudget`).
+    /// after the experts already claimed (`crate::claim::ClaimBudget`).
     MoeMemory,
+    /// Beside a GPU, a weight in the GPU's buffer beyond `GGML_ANE_STAGE_MAX_MB`: the GPU keeps
+    /// it rather than the device streaming it (`GGML_ANE_GPU_STREAM=1` streams it).
+    GpuMemory,
 }
 
 /// Smallest number of output values the plugin claims (see [`Decline::TinyOutput`]).
@@ -80,7 +83,7 @@ pub const MIN_OUTPUTS: i64 = 16;
 
 impl Decline {
     /// Every reason, in stats order.
-    pub const ALL: [Decline; 13] = [
+    pub const ALL: [Decline; 14] = [
         Decline::SmallBatch,
         Decline::DstType,
         Decline::Src1Type,
@@ -94,6 +97,7 @@ impl Decline {
         Decline::ShapeFailed,
         Decline::MoeOff,
         Decline::MoeMemory,
+        Decline::GpuMemory,
     ];
 
     /// Stats key.
@@ -112,6 +116,7 @@ impl Decline {
             Decline::ShapeFailed => "shape_failed",
             Decline::MoeOff => "moe_off",
             Decline::MoeMemory => "moe_memory",
+            Decline::GpuMemory => "gpu_memory",
         }
     }
 

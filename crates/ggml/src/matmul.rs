@@ -259,7 +259,7 @@ pub use cache::{KernelCache, ProgramKey};
 use dispatch::*;
 use fallback::*;
 use host::*;
-pub use pack::{compute_pack, Pack};
+pub use pack::{compute_pack, convert_pack_ahead, pack_resident, Pack, PackAhead};
 pub use scratch::ScratchPool;
 use scratch::*;
 pub(crate) use staging::member_key;

@@ -117,6 +117,8 @@ fn run(cx: &matmul::Context<'_>, n: &Node) -> Result<Done, String> {
     let mut singles: Vec<usize> = Vec::new();
     match pack {
         Some(g) => {
+            // The packs that dispatch, with their bucket and the experts that run alone.
+            let mut plan: Vec<(usize, usize, Vec<usize>)> = Vec::new();
             for (p, experts) in by_expert.chunks(g).enumerate() {
                 let e0 = p * g;
                 let routed = (e0..e0 + experts.len()).filter(|&e| !by_expert[e].is_empty());
@@ -127,62 +129,95 @@ fn run(cx: &matmul::Context<'_>, n: &Node) -> Result<Done, String> {
                 let counts: Vec<usize> = experts.iter().map(Vec::len).collect();
                 let split = ane_plan::moe::split_pack(cx.planner, &counts);
                 singles.extend(split.alone.iter().map(|&h| e0 + h));
-                let Some(bucket) = split.bucket else {
-                    continue;
-                };
-                // The pack's rows: experts that run alone get none here.
-                let packed: Vec<&[(usize, usize)]> = experts
-                    .iter()
-                    .enumerate()
-                    .map(|(h, r)| {
-                        if split.alone.contains(&h) {
-                            &[][..]
-                        } else {
-                            &r[..]
-                        }
-                    })
-                    .collect();
-                let mut x = vec![0f32; g * bucket * s.k];
-                for (h, rows) in packed.iter().enumerate() {
-                    let at = h * bucket * s.k;
-                    gather(n, rows, &mut x[at..at + rows.len() * s.k]);
-                }
-                let mut y = vec![0f32; g * bucket * s.m];
-                let mut job = matmul::Pack {
-                    experts: n.experts.sub(
-                        d0.row_offset(0, e0, 0),
-                        [s.k as i64, (g * s.m) as i64, 1, 1],
-                    ),
-                    info: n.info,
-                    heads: g,
-                    m: s.m,
-                    bucket,
-                    x: &x,
-                    f32_info: n.f32_info,
-                    y: &mut y,
-                    weights: n.weight,
-                };
-                match matmul::compute_pack(cx, &mut job) {
-                    Ok(()) => {
-                        for (h, rows) in packed.iter().enumerate() {
-                            let at = h * bucket * s.m;
-                            scatter(n, rows, &y[at..at + rows.len() * s.m]);
-                        }
-                        let products = packed.iter().filter(|r| !r.is_empty()).count();
-                        done.packs += 1;
-                        done.experts += products;
-                        cx.stats
-                            .ops_offloaded
-                            .fetch_add(products as u64, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        if crate::config::Config::get().debug {
-                            eprintln!("ggml-ane: expert pack failed, one expert at a time: {e}");
-                        }
-                        singles.extend((0..g).filter(|&h| !packed[h].is_empty()).map(|h| e0 + h));
-                    }
+                if let Some(bucket) = split.bucket {
+                    plan.push((e0, bucket, split.alone));
                 }
             }
+            let view = |e0: usize| {
+                n.experts.sub(
+                    d0.row_offset(0, e0, 0),
+                    [s.k as i64, (g * s.m) as i64, 1, 1],
+                )
+            };
+            // Each pack's weights are converted while the one before it runs (when they stream;
+            // weights that fit are staged resident by the same call).
+            let ahead = n.weight && crate::config::Config::get().stream_ahead;
+            let ring_cx = matmul::Context {
+                host: None,
+                stream: None,
+                ..*cx
+            };
+            std::thread::scope(|scope| {
+                let mut next: Option<std::thread::ScopedJoinHandle<'_, Option<matmul::PackAhead>>> =
+                    None;
+                for (i, (e0, bucket, alone)) in plan.iter().enumerate() {
+                    let (e0, bucket) = (*e0, *bucket);
+                    let t = std::time::Instant::now();
+                    let converted =
+                        next.take()
+                            .and_then(|h| h.join().ok().flatten())
+                            .map(|mut a| {
+                                a.wait_ns = t.elapsed().as_nanos() as u64;
+                                a
+                            });
+                    let next_pack = plan.get(i + 1).filter(|&&(e1, b1, _)| {
+                        ahead && !matmul::pack_resident(cx, view(e1), n.info, g, s.m, b1)
+                    });
+                    if let Some(&(e1, b1, _)) = next_pack {
+                        let (rcx, experts) = (&ring_cx, view(e1));
+                        next = Some(scope.spawn(move || {
+                            matmul::convert_pack_ahead(rcx, experts, n.info, g, s.m, b1)
+                        }));
+                    }
+                    let experts = &by_expert[e0..e0 + g];
+                    // The pack's rows: experts that run alone get none here.
+                    let packed: Vec<&[(usize, usize)]> = experts
+                        .iter()
+                        .enumerate()
+                        .map(|(h, r)| if alone.contains(&h) { &[][..] } else { &r[..] })
+                        .collect();
+                    let mut x = vec![0f32; g * bucket * s.k];
+                    for (h, rows) in packed.iter().enumerate() {
+                        let at = h * bucket * s.k;
+                        gather(n, rows, &mut x[at..at + rows.len() * s.k]);
+                    }
+                    let mut y = vec![0f32; g * bucket * s.m];
+                    let mut job = matmul::Pack {
+                        experts: view(e0),
+                        info: n.info,
+                        heads: g,
+                        m: s.m,
+                        bucket,
+                        x: &x,
+                        f32_info: n.f32_info,
+                        y: &mut y,
+                        weights: n.weight,
+                    };
+                    match matmul::compute_pack(cx, &mut job, converted) {
+                        Ok(()) => {
+                            for (h, rows) in packed.iter().enumerate() {
+                                let at = h * bucket * s.m;
+                                scatter(n, rows, &y[at..at + rows.len() * s.m]);
+                            }
+                            let products = packed.iter().filter(|r| !r.is_empty()).count();
+                            done.packs += 1;
+                            done.experts += products;
+                            cx.stats
+                                .ops_offloaded
+                                .fetch_add(products as u64, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            if crate::config::Config::get().debug {
+                                eprintln!(
+                                    "ggml-ane: expert pack failed, one expert at a time: {e}"
+                                );
+                            }
+                            singles
+                                .extend((0..g).filter(|&h| !packed[h].is_empty()).map(|h| e0 + h));
+                        }
+                    }
+                }
+            });
         }
         None => singles.extend((0..s.n_expert).filter(|&e| !by_expert[e].is_empty())),
     }

@@ -8,6 +8,7 @@
 //! of `heads` blocks of `bucket` columns sit exactly where a single matrix's `heads * bucket`
 //! columns would, so the ordinary token-major fill and scatter move them.
 
+use super::stream::Held;
 use super::*;
 
 /// A pack of experts and the gathered activations they multiply.
@@ -32,34 +33,135 @@ pub struct Pack<'a> {
     pub weights: bool,
 }
 
-impl Pack<'_> {
-    /// The program shape of the pack, or an error when the planner would tile it (packing is
-    /// planned only for shapes that need no tiles or slices: `ane_plan::moe::pack_size`).
-    fn shape(&self, planner: &Planner) -> Result<TiledShape, EngineError> {
-        let k = self.experts.desc.ne[0] as usize;
-        let s = planner.tile(k, self.m, self.bucket);
-        if s.tiles != 1 || s.k_chunks != 1 || s.m_tile != self.m || s.layout != Layout::Tokens {
-            return Err(EngineError::Compile(format!(
-                "expert pack {k}x{} needs tiles",
-                self.m
-            )));
-        }
-        Ok(TiledShape {
-            heads: self.heads,
-            ..s
-        })
+/// A pack's weights converted while the previous pack ran ([`convert_pack_ahead`]).
+pub struct PackAhead {
+    surface: Arc<Surface>,
+    /// Its bytes, counted in the device's ring bytes until the pack is done.
+    _held: super::stream::Held,
+    /// Nanoseconds the dispatching thread waited for it.
+    pub wait_ns: u64,
+}
+
+/// The experts of a pack as the one member its staging converts.
+fn pack_member(experts: Operand, info: TypeInfo) -> Member {
+    Member {
+        src0: experts,
+        src0_info: info,
+        dst: experts,
     }
 }
 
-/// Runs a pack on the engine. On error nothing is known about `y`: the caller computes the pack's
-/// experts another way.
-pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineError> {
+/// The shape a pack of `heads` experts of `m` rows (from `experts`) is staged in, the program
+/// shape, and the surface size.
+fn pack_shapes(
+    planner: &Planner,
+    experts: &Operand,
+    heads: usize,
+    m: usize,
+    bucket: usize,
+) -> Result<(TiledShape, TiledShape, usize), EngineError> {
+    let k = experts.desc.ne[0] as usize;
+    let s = planner.tile(k, m, bucket);
+    if s.tiles != 1 || s.k_chunks != 1 || s.m_tile != m || s.layout != Layout::Tokens {
+        return Err(EngineError::Compile(format!(
+            "expert pack {k}x{m} needs tiles"
+        )));
+    }
+    let s = TiledShape { heads, ..s };
+    // The weights as `heads` row tiles of one matrix: the same layout as the program's heads.
+    let staged_shape = TiledShape {
+        heads: 1,
+        tiles: heads,
+        ..s
+    };
+    let widest = TiledShape {
+        n: *ane_plan::moe::PACK_BUCKETS.last().expect("buckets"),
+        ..s
+    };
+    let size = request_alloc_size(&[widest.x_len() * 2, s.w_len() * 2, widest.y_len() * 2]);
+    Ok((s, staged_shape, size))
+}
+
+/// Whether the weights of a pack are staged in the resident set (nothing to convert ahead).
+pub fn pack_resident(
+    cx: &Context<'_>,
+    experts: Operand,
+    info: TypeInfo,
+    heads: usize,
+    m: usize,
+    bucket: usize,
+) -> bool {
+    pack_shapes(cx.planner, &experts, heads, m, bucket).is_ok_and(|(_, staged_shape, _)| {
+        let key = stage_key(&[pack_member(experts, info)], &staged_shape);
+        let staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+        staged.entries.contains_key(&key)
+    })
+}
+
+/// Converts the weights of the pack that runs next while the current one runs (MoE experts
+/// stream only within one MUL_MAT_ID: the next layer's experts are unknown until its router
+/// runs). Weights that fit the resident set are staged there now (`None`: the pack finds them);
+/// others are converted for that pack only and handed to it ([`compute_pack`]'s `ahead`).
+pub fn convert_pack_ahead(
+    cx: &Context<'_>,
+    experts: Operand,
+    info: TypeInfo,
+    heads: usize,
+    m: usize,
+    bucket: usize,
+) -> Option<PackAhead> {
+    let (s, staged_shape, size) = pack_shapes(cx.planner, &experts, heads, m, bucket).ok()?;
+    let member = pack_member(experts, info);
+    let key = stage_key(&[member], &staged_shape);
+    let fits = {
+        let staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+        if staged.entries.contains_key(&key) {
+            return None;
+        }
+        staged.admits(size)
+    };
+    let ring = cx
+        .staged
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .ring
+        .clone();
+    let held = Held::new(ring, size);
+    let t = Instant::now();
+    let made = stage(cx.engine, &[member], 0, 0, &staged_shape, size, &[]).ok()?;
+    add_time(&cx.stats.ns_stage, t.elapsed());
+    if !guard::fp16_ok(made.fp16(s.w_len())) {
+        return None; // the pack's own staging trips the guard and falls back
+    }
+    let made = Arc::new(made);
+    let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+    staged.note_peak();
+    if fits && !staged.entries.contains_key(&key) && staged.admits(size) {
+        cx.stats.groups_staged_dispatch.fetch_add(1, Relaxed);
+        staged.insert(key, made);
+        staged.publish(cx.stats);
+        return None;
+    }
+    Some(PackAhead {
+        surface: made,
+        _held: held,
+        wait_ns: 0,
+    })
+}
+
+/// Runs a pack on the engine, with its weights converted ahead when `ahead` has them. On error
+/// nothing is known about `y`: the caller computes the pack's experts another way.
+pub fn compute_pack(
+    cx: &Context<'_>,
+    p: &mut Pack<'_>,
+    ahead: Option<PackAhead>,
+) -> Result<(), EngineError> {
     if cx.health.is_off() || !cx.health.should_try() {
         return Err(EngineError::Unavailable(
             "device gave up or backing off".into(),
         ));
     }
-    let s = p.shape(cx.planner)?;
+    let (s, staged_shape, size) = pack_shapes(cx.planner, &p.experts, p.heads, p.m, p.bucket)?;
     // A pack program that failed to compile fails again: stage nothing for it.
     if let Some(e) = cx
         .cache
@@ -70,22 +172,7 @@ pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineErro
         return Err(e);
     }
     let k = p.experts.desc.ne[0] as usize;
-    // The weights as `heads` row tiles of one matrix: the same layout as the program's heads.
-    let staged_shape = TiledShape {
-        heads: 1,
-        tiles: p.heads,
-        ..s
-    };
-    let widest = TiledShape {
-        n: *ane_plan::moe::PACK_BUCKETS.last().expect("buckets"),
-        ..s
-    };
-    let size = request_alloc_size(&[widest.x_len() * 2, s.w_len() * 2, widest.y_len() * 2]);
-    let member = Member {
-        src0: p.experts,
-        src0_info: p.info,
-        dst: p.experts,
-    };
+    let member = pack_member(p.experts, p.info);
     let make = || -> Result<Surface, EngineError> {
         let t = Instant::now();
         let made = stage(cx.engine, &[member], 0, 0, &staged_shape, size, &[])?;
@@ -96,7 +183,17 @@ pub fn compute_pack(cx: &Context<'_>, p: &mut Pack<'_>) -> Result<(), EngineErro
         Ok(made)
     };
     let key = p.weights.then(|| stage_key(&[member], &staged_shape));
-    let weights = if let Some(key) = key {
+    let _held;
+    let weights = if let Some(a) = ahead.filter(|_| key.is_some()) {
+        // Streamed, converted while the previous pack ran.
+        let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
+        staged.streamed_bytes += a.surface.alloc_size() as u64;
+        staged.wait_ns += a.wait_ns;
+        staged.publish(cx.stats);
+        cx.stats.stream_ahead.fetch_add(1, Relaxed);
+        _held = a._held;
+        a.surface
+    } else if let Some(key) = key {
         let mut staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
         let made = staged.get_or_insert(key, || {
             cx.stats.groups_staged_dispatch.fetch_add(1, Relaxed);

@@ -237,6 +237,28 @@ impl Streamer {
     }
 }
 
+/// Bytes of a streamed surface counted in the device's ring bytes while this lives (a MUL_MAT_ID's
+/// pack converted ahead, [`super::convert_pack_ahead`]).
+#[derive(Debug)]
+pub struct Held {
+    ring: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Counts `bytes` in `ring` until dropped.
+    pub(crate) fn new(ring: Arc<AtomicUsize>, bytes: usize) -> Held {
+        ring.fetch_add(bytes, Relaxed);
+        Held { ring, bytes }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.ring.fetch_sub(self.bytes, Relaxed);
+    }
+}
+
 /// The background thread: converts what it is sent until the instance goes.
 fn convert_loop(engine: &dyn Engine, shared: &Shared, rx: mpsc::Receiver<(u128, Recipe)>) {
     for (key, r) in rx {

@@ -466,3 +466,52 @@ fn a_failing_background_conversion_is_done_by_the_dispatch() {
     );
     assert_eq!(&outs[5..10], &outs[..5]);
 }
+
+#[test]
+fn an_expert_pack_converted_ahead_gives_the_pack_its_bits() {
+    let (k, m, heads) = (64usize, 64usize, 4usize);
+    let bucket = ane_plan::moe::PACK_BUCKETS[0];
+    let experts = rand_vec(k * m * heads, 50);
+    let x = rand_vec(heads * bucket * k, 51);
+    let ed = f32_desc([k as i64, (heads * m) as i64, 1, 1]);
+    // SAFETY: `experts` outlives every use of the view.
+    let view = unsafe { Operand::of_f32(ed, &experts) };
+    let run = |rig: &Rig<ReferenceEngine>, ahead: Option<PackAhead>| {
+        let mut y = vec![f32::NAN; heads * bucket * m];
+        let mut p = Pack {
+            experts: view,
+            info: F32_INFO,
+            heads,
+            m,
+            bucket,
+            x: &x,
+            f32_info: F32_INFO,
+            y: &mut y,
+            weights: true,
+        };
+        compute_pack(&rig.cx(), &mut p, ahead).unwrap();
+        y
+    };
+    // A budget of nothing: the pack streams, converted by its dispatch or ahead.
+    let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));
+    rig.staged.lock().unwrap().max_bytes = 0;
+    let inline = run(&rig, None);
+    assert!(!pack_resident(&rig.cx(), view, F32_INFO, heads, m, bucket));
+    let ahead = convert_pack_ahead(&rig.cx(), view, F32_INFO, heads, m, bucket)
+        .expect("beyond the budget: converted for the pack");
+    let ring = rig.staged.lock().unwrap().ring.clone();
+    assert!(
+        ring.load(Relaxed) > 0,
+        "the converted pack counts until it is done"
+    );
+    assert_eq!(run(&rig, Some(ahead)), inline);
+    assert_eq!(ring.load(Relaxed), 0);
+    assert_eq!(rig.stats.stream_ahead.load(Relaxed), 1);
+    assert_eq!(rig.staged.lock().unwrap().bytes(), 0);
+    // Room for it: staged resident by the same call, which the pack then finds.
+    let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));
+    assert!(convert_pack_ahead(&rig.cx(), view, F32_INFO, heads, m, bucket).is_none());
+    assert!(pack_resident(&rig.cx(), view, F32_INFO, heads, m, bucket));
+    assert_eq!(run(&rig, None), inline);
+    assert_eq!(rig.stats.stream_ahead.load(Relaxed), 0);
+}

@@ -118,11 +118,11 @@ pub struct Config {
     pub ref_accum: Accum,
     /// `GGML_ANE_WEIGHTS=fp16|compressed` (see [`WeightsMode`]).
     pub weights: WeightsMode,
-    /// `GGML_ANE_INT8_INPUT=0|1`: asks for Q8_0 weights staged as int8 plus fp16 block scales,
-    /// dequantized in the shape-shared program (`ane_mil::build::tiled_matmul_int8`, 17/32 of
-    /// fp16's weight bytes). A probe only: the plugin does not dispatch that form yet (whether
-    /// the ANE takes int8 input surfaces is what `ane doctor`'s `canary_int8_input` finds out), so
-    /// `1` stages fp16 as before and says so once on stderr. Off by default.
+    /// `GGML_ANE_INT8_INPUT=0|1`: resident groups of Q8_0 weights staged as int8 plus fp16 block
+    /// scales, dequantized in the shape-shared program (`ane_mil::build::tiled_matmul_int8`;
+    /// `matmul::int8`). A probe (whether the ANE takes int8 input surfaces is unknown): used only
+    /// where its canary passes on the engine, run at first use (a failure is said once and fp16
+    /// is staged), said once on stderr when asked for. Off by default.
     pub int8_input: bool,
     /// `GGML_ANE_GIVE_UP=N`: after N engine failures in a row the device stops claiming MUL_MATs
     /// (the host's CPU backend takes them with no detour); `0` never gives up (tests of the
@@ -271,12 +271,11 @@ impl Knob {
     }
 }
 
-/// What `GGML_ANE_INT8_INPUT=1` prints once: the switch exists so the probe can be asked for by
-/// name, but until the int8 form is wired into staging and dispatch (gated on its canary) asking
-/// for it must not look like getting it.
+/// What `GGML_ANE_INT8_INPUT=1` prints once: the form is a probe, used only where its canary
+/// passes, and the stats say whether it did.
 pub const INT8_INPUT_NOTE: &str = "ggml-ane: GGML_ANE_INT8_INPUT=1: int8 weights as a program \
-    input are a probe (`ane doctor`: canary_int8_input, `ane bench --forms int8`); the plugin does \
-    not use them yet and stages fp16 weights";
+    input are a probe (`ane doctor`: canary_int8_input); resident Q8_0 weight groups are staged \
+    as int8 only if its canary passes on this engine (stats: int8_canary, int8_groups)";
 
 /// Every environment variable the plugin reads.
 pub const KNOBS: [Knob; 26] = [

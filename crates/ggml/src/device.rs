@@ -36,6 +36,8 @@ pub struct DeviceState {
     pub(crate) weight_copies: crate::view::fetch::WeightCopies,
     /// Shares and calibrations of the split with the GPU.
     pub(crate) splitter: crate::split::Splitter,
+    /// `GGML_ANE_INT8_INPUT=1`: whether the int8-weight form's canary passed (run at first use).
+    pub(crate) int8: matmul::Int8Gate,
 }
 
 impl DeviceState {
@@ -52,6 +54,7 @@ impl DeviceState {
             host: None,
             act_round: Config::get().act_round,
             stream: None,
+            int8: Config::get().int8_input.then_some(&self.int8),
         }
     }
 }
@@ -139,6 +142,7 @@ pub(crate) fn device_state() -> Result<&'static DeviceState, &'static str> {
                 learner: Mutex::default(),
                 weight_copies: Default::default(),
                 splitter: Default::default(),
+                int8: matmul::Int8Gate::new(),
             })
         })
         .as_ref()

@@ -98,6 +98,9 @@ pub struct Context<'a> {
     /// The backend instance's streaming ring, for groups beyond the resident set whose weights
     /// are read in place (`None`: such groups are converted by their dispatch).
     pub stream: Option<&'a Streamer>,
+    /// `GGML_ANE_INT8_INPUT=1`: resident groups of Q8_0 weights staged as int8 plus fp16 block
+    /// scales where the int8 canary passed ([`int8`]); `None`: every group fp16.
+    pub int8: Option<&'a Int8Gate>,
 }
 
 /// When `cols` are consecutive tokens of one (i12, i13) matrix, the first token and that matrix.
@@ -127,6 +130,8 @@ pub fn compute(cx: &Context<'_>, g: &Group) -> bool {
     let [_, n, ne12, ne13] = g.src1.desc.ne.map(|v| v as usize);
     let (r2, r3) = (ne12 / ne02, ne13 / ne03);
     let m_total: usize = g.members.iter().map(|m| m.src0.desc.ne[1] as usize).sum();
+    // GGML_ANE_INT8_INPUT=1: a resident group of Q8_0 weights runs the int8 program (`int8`).
+    let int8_shape = int8::plan(cx, g, k, m_total);
     let mut failed: Vec<Failed> = Vec::new();
     let mut any_ok = false;
     // Every failure so far repeated a remembered compile failure (a shape the device rejects).
@@ -148,14 +153,32 @@ pub fn compute(cx: &Context<'_>, g: &Group) -> bool {
                 (cx.planner.dim_bucket(k), cx.planner.dim_bucket(m_total))
             };
             let mut w: Option<Arc<Surface>> = None;
+            let mut w8: Option<int8::Int8Weights> = None;
             for chunk in cx.planner.col_chunks(cols.len()) {
-                let shape = cx.planner.tile(kp, mp, chunk.bucket);
                 let cols = &cols[chunk.start..chunk.start + chunk.len];
-                let known = cx
-                    .cache
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .known_failure(&shape);
+                // The int8 program unless it failed to compile for this shape before (then this
+                // chunk takes the fp16 program, which may compile).
+                let shape8 = int8_shape
+                    .map(|s| TiledShape {
+                        n: chunk.bucket,
+                        ..s
+                    })
+                    .filter(|s| {
+                        cx.cache
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .known_failure_of(&ProgramKey::TiledInt8(*s))
+                            .is_none()
+                    });
+                let shape = shape8.unwrap_or_else(|| cx.planner.tile(kp, mp, chunk.bucket));
+                let known = if shape8.is_some() {
+                    None
+                } else {
+                    cx.cache
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .known_failure(&shape)
+                };
                 all_known &= known.is_some();
                 // Gave up, or in back-off and this group's try failed already: the rest goes to
                 // the CPU without counting as new failures.
@@ -169,7 +192,10 @@ pub fn compute(cx: &Context<'_>, g: &Group) -> bool {
                     Err(e)
                 } else {
                     tried = true;
-                    dispatch(cx, g, i02, i03, &shape, cols, &mut w)
+                    match shape8 {
+                        Some(s) => int8::dispatch(cx, g, &s, cols, &mut w8),
+                        None => dispatch(cx, g, i02, i03, &shape, cols, &mut w),
+                    }
                 };
                 match r {
                     Ok(()) => {
@@ -250,6 +276,7 @@ mod cache;
 mod dispatch;
 mod fallback;
 mod host;
+mod int8;
 mod pack;
 mod scratch;
 mod staging;
@@ -259,6 +286,7 @@ pub use cache::{KernelCache, ProgramKey};
 use dispatch::*;
 use fallback::*;
 use host::*;
+pub use int8::{Int8Gate, INT8_CANARY_FAIL, INT8_CANARY_NOT_RUN, INT8_CANARY_PASS};
 pub use pack::{compute_pack, convert_pack_ahead, pack_resident, Pack, PackAhead};
 pub use scratch::ScratchPool;
 use scratch::*;

@@ -100,6 +100,13 @@ pub struct Stats {
     pub convert_wait_ns: AtomicU64,
     /// Streamed groups the background thread had converted before their dispatch asked.
     pub stream_ahead: AtomicU64,
+    /// `GGML_ANE_INT8_INPUT=1`: the int8-input canary, run at first use
+    /// (`matmul::INT8_CANARY_NOT_RUN`, `_PASS`, `_FAIL`).
+    pub int8_canary: AtomicU64,
+    /// Weight groups staged as int8 plus block scales (`GGML_ANE_INT8_INPUT=1`).
+    pub int8_groups: AtomicU64,
+    /// Dispatches of the int8-weight program.
+    pub int8_dispatches: AtomicU64,
     /// Compressed weight bytes (`weight.bin` files) held by loaded baked programs
     /// (`GGML_ANE_WEIGHTS=compressed`).
     pub baked_bytes: AtomicU64,
@@ -129,6 +136,15 @@ impl From<&ane_plan::choice::Attempt> for Attempt {
             chosen: a.outcome.is_ok(),
             detail: a.outcome.clone().err().or_else(|| a.note.clone()),
         }
+    }
+}
+
+/// The int8-input canary's outcome as the stats name it: `not_run`, `pass` or `fail`.
+fn int8_canary_name(v: u64) -> &'static str {
+    match v {
+        crate::matmul::INT8_CANARY_PASS => "pass",
+        crate::matmul::INT8_CANARY_FAIL => "fail",
+        _ => "not_run",
     }
 }
 
@@ -252,6 +268,9 @@ impl Stats {
             "stream_mb": self.stream_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
             "convert_wait_ms": self.convert_wait_ns.load(Relaxed) as f64 / 1e6,
             "stream_ahead": self.stream_ahead.load(Relaxed),
+            "int8_canary": int8_canary_name(self.int8_canary.load(Relaxed)),
+            "int8_groups": self.int8_groups.load(Relaxed),
+            "int8_dispatches": self.int8_dispatches.load(Relaxed),
             "baked_mb": self.baked_bytes.load(Relaxed) as f64 / (1u64 << 20) as f64,
         })
     }
@@ -422,6 +441,16 @@ impl Stats {
             self.stream_ahead.load(Relaxed),
             self.convert_wait_ns.load(Relaxed) as f64 / 1e6
         ));
+        let canary8 = self.int8_canary.load(Relaxed);
+        if canary8 != crate::matmul::INT8_CANARY_NOT_RUN {
+            s.push_str(&format!(
+                "  int8 weights (GGML_ANE_INT8_INPUT): canary {}, {} groups staged as int8, {} \
+                 dispatches\n",
+                int8_canary_name(canary8),
+                self.int8_groups.load(Relaxed),
+                self.int8_dispatches.load(Relaxed)
+            ));
+        }
         let baked = self.baked_bytes.load(Relaxed);
         if baked > 0 {
             s.push_str(&format!(

@@ -81,6 +81,7 @@ impl<E: Engine> Device<E> {
             host: None,
             act_round: self.act_round,
             stream: None,
+            int8: None,
         }
     }
 }

@@ -26,6 +26,10 @@ use crate::{Planner, TiledShape};
 pub enum ProgramKey {
     /// `ane_mil::build::tiled_matmul` of this shape.
     Tiled(TiledShape),
+    /// `ane_mil::build::tiled_matmul_int8` of this shape (Q8_0 weights as an int8 input plus fp16
+    /// block scales, `GGML_ANE_INT8_INPUT=1`): another program than [`ProgramKey::Tiled`] of the
+    /// same shape.
+    TiledInt8(TiledShape),
     /// A baked compressed-weight conv for one weight matrix.
     Baked {
         /// Which weight: in the plugin a fingerprint of the weight tensor, in the planner the
@@ -461,7 +465,7 @@ pub fn plan(model: &ModelShape, prompt_lengths: &[usize], o: &PlanOptions) -> Pl
         .iter()
         .filter_map(|p| match p {
             ProgramKey::Baked { weight, .. } => Some(*weight as usize),
-            ProgramKey::Tiled(_) => None,
+            ProgramKey::Tiled(_) | ProgramKey::TiledInt8(_) => None,
         })
         .collect();
     let bits = o.compressed_bits.unwrap_or(0.0);

@@ -166,9 +166,8 @@ fn the_staging_budget_follows_the_machine() {
     assert_eq!(c.stage_max_mb, 100);
 }
 
-/// `GGML_ANE_INT8_INPUT` is off by default; `1` is read but, the form being a probe the plugin
-/// does not dispatch yet, answered once with a note saying fp16 is staged, so asking for it never
-/// looks like getting it.
+/// `GGML_ANE_INT8_INPUT` is off by default; `1` is read and answered once with a note saying the
+/// form is a probe used only where its canary passes.
 #[test]
 fn int8_input_is_opt_in_and_says_it_is_a_probe() {
     let (c, w) = cfg(&[]);
@@ -176,7 +175,7 @@ fn int8_input_is_opt_in_and_says_it_is_a_probe() {
     let (c, w) = cfg(&[("GGML_ANE_INT8_INPUT", "1")]);
     assert!(c.int8_input);
     assert_eq!(w, [INT8_INPUT_NOTE]);
-    assert!(w[0].contains("does not use them yet"), "{w:?}");
+    assert!(w[0].contains("only if its canary passes"), "{w:?}");
     let (c, w) = cfg(&[("GGML_ANE_INT8_INPUT", "0")]);
     assert!(!c.int8_input && w.is_empty());
     let (c, w) = cfg(&[("GGML_ANE_INT8_INPUT", "on")]);

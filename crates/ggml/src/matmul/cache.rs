@@ -76,7 +76,29 @@ impl KernelCache {
     /// not count as a new engine failure ([`crate::health`]): a shape the compiler rejects is not
     /// a device that stopped working.
     pub(crate) fn known_failure(&self, shape: &TiledShape) -> Option<EngineError> {
-        self.failed.get(&ProgramKey::Tiled(*shape)).cloned()
+        self.known_failure_of(&ProgramKey::Tiled(*shape))
+    }
+
+    /// The remembered compile failure of the program `key`, if any (see
+    /// [`KernelCache::known_failure`]).
+    pub(crate) fn known_failure_of(&self, key: &ProgramKey) -> Option<EngineError> {
+        self.failed.get(key).cloned()
+    }
+
+    /// The int8-weight program of `shape` ([`ane_mil::build::tiled_matmul_int8`], keyed apart
+    /// from the fp16 program of the same shape), compiled on a miss.
+    pub(crate) fn get_or_compile_int8(
+        &mut self,
+        engine: &dyn Engine,
+        shape: TiledShape,
+        stats: &Stats,
+    ) -> Result<ProgramId, EngineError> {
+        self.program(engine, ProgramKey::TiledInt8(shape), stats, || {
+            (
+                ane_mil::text::emit(&ane_mil::build::tiled_matmul_int8(shape)),
+                Vec::new(),
+            )
+        })
     }
 
     /// The shape-shared program of `shape`, compiled on a miss.

@@ -47,6 +47,10 @@ pub struct StagedWeights {
     pub(super) streaming: bool,
     /// The largest streamed group's surface.
     pub(super) largest_streamed: usize,
+    /// Host-side fp16 block scales of the groups staged as int8 (`GGML_ANE_INT8_INPUT=1`,
+    /// [`super::int8`]), by the same key as their int8 surface in `entries`; their bytes count in
+    /// `bytes` with it, and they leave with it. Each dispatch writes them into a scratch surface.
+    pub(super) scales: HashMap<u128, Arc<Vec<f16>>>,
 }
 
 impl StagedWeights {
@@ -150,9 +154,7 @@ impl StagedWeights {
                     .map(|(k, _)| *k)
                     .collect();
                 for k in &stale {
-                    if let Some((e, ..)) = self.entries.remove(k) {
-                        self.bytes -= e.alloc_size();
-                    }
+                    self.remove_entry(*k);
                     self.unused.remove(k);
                 }
                 self.pass += 1;
@@ -167,10 +169,35 @@ impl StagedWeights {
 
     /// Drops the surface staged under `key`, if any.
     pub(super) fn forget(&mut self, key: u128) {
+        self.remove_entry(key);
+        self.unused.remove(&key);
+    }
+
+    /// Removes the surface under `key` and the int8 scales kept with it, with their bytes.
+    fn remove_entry(&mut self, key: u128) {
         if let Some((e, ..)) = self.entries.remove(&key) {
             self.bytes -= e.alloc_size();
         }
-        self.unused.remove(&key);
+        if let Some(d) = self.scales.remove(&key) {
+            self.bytes -= d.len() * 2;
+        }
+    }
+
+    /// The int8 surface and host scales staged under `key` ([`super::int8`]), marked used in
+    /// this pass.
+    pub(super) fn int8_entry(&mut self, key: u128) -> Option<(Arc<Surface>, Arc<Vec<f16>>)> {
+        let d = self.scales.get(&key)?.clone();
+        let e = self.entries.get_mut(&key)?;
+        e.1 = self.pass;
+        Some((e.0.clone(), d))
+    }
+
+    /// Makes an int8 surface and its host scales resident under `key`.
+    pub(super) fn insert_int8(&mut self, key: u128, q: Arc<Surface>, d: Arc<Vec<f16>>) {
+        self.remove_entry(key);
+        self.bytes += d.len() * 2;
+        self.scales.insert(key, d);
+        self.insert(key, q);
     }
 
     /// The surface staged under `key`, made by `make` if missing: resident when it fits the
@@ -268,6 +295,11 @@ pub fn convert_ahead(staged: &Mutex<StagedWeights>, stats: &Stats, m: &Member) -
     if d.ne[2] != 1 || d.ne[3] != 1 || m.src0.is_null() {
         return 0;
     }
+    // GGML_ANE_INT8_INPUT=1: a Q8_0 weight is staged as int8 by its group (`super::int8`); fp16
+    // rows converted for it would never be taken and hold budget.
+    if crate::config::Config::get().int8_input && super::int8::q8_0_2d(m) {
+        return 0;
+    }
     let key = member_key(m);
     let size = (d.ne[0] * d.ne[1]) as usize * 2;
     {
@@ -305,6 +337,10 @@ pub fn stage_ahead(cx: &Context<'_>, members: &[Member]) -> Result<usize, Engine
         return Ok(0);
     }
     let m_total: usize = members.iter().map(|m| m.src0.desc.ne[1] as usize).sum();
+    // GGML_ANE_INT8_INPUT=1 and the group takes the int8 form: staged as int8.
+    if let Some(s) = super::int8::shape_for(cx, members, true, k as usize, m_total, None) {
+        return super::int8::stage_ahead(cx, members, &s);
+    }
     // The tiling `compute` uses for weights (it does not depend on the column bucket).
     let s = cx.planner.tile(k as usize, m_total, cx.planner.max_cols());
     let size = request_size(&s, cx.planner.max_cols());

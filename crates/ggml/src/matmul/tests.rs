@@ -381,6 +381,7 @@ fn scratch_pairs_keep_their_roles() {
 }
 
 mod failures;
+mod int8;
 
 /// Five 64x64 weights, a budget of four of their surfaces, and a streamer over `ring_engine`:
 /// two stay resident, three stream. Runs `passes` passes over them (each weight against its own

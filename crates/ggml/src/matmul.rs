@@ -154,7 +154,12 @@ pub fn compute(cx: &Context<'_>, g: &Group) -> bool {
             };
             let mut w: Option<Arc<Surface>> = None;
             let mut w8: Option<int8::Int8Weights> = None;
-            for chunk in cx.planner.col_chunks(cols.len()) {
+            // int8 groups in chunks whose activations and outputs fit the weights' bytes.
+            let chunks = match int8_shape {
+                Some(s) => int8::planner_for(cx.planner, &s).col_chunks(cols.len()),
+                None => cx.planner.col_chunks(cols.len()),
+            };
+            for chunk in chunks {
                 let cols = &cols[chunk.start..chunk.start + chunk.len];
                 // The int8 program unless it failed to compile for this shape before (then this
                 // chunk takes the fp16 program, which may compile).

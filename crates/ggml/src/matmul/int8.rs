@@ -10,9 +10,12 @@
 //!
 //! Every surface of one request has one size, so the scales are not staged in a surface of their
 //! own (it would cost as much as the int8 one): the int8 weights are resident in a surface of the
-//! int8 request's size (about half of fp16's when the weights are the request's largest tensor),
-//! the scales are kept on the host beside them (1/16 of the fp16 weight bytes, counted in the same
-//! budget) and written into a scratch surface by each dispatch.
+//! int8 request's size, the scales are kept on the host beside them (1/16 of the fp16 weight
+//! bytes, counted in the same budget) and written into a scratch surface by each dispatch. The
+//! request's size is the int8 weights' only while they are its largest tensor, so an int8 group
+//! is dispatched in column chunks no wider than the activations and outputs that fit the weights'
+//! bytes ([`int8_cols`]; 256 for SmolLM2's K = 576, no narrower than fp16's for K and M of 1024
+//! and more): its surfaces then hold about half of fp16's.
 //!
 //! A failure of any step (staging, surfaces, compile, evaluate, the output guard) is an error of
 //! the dispatch like the fp16 path's: [`super::compute`] sends its columns to the CPU fallback.
@@ -84,17 +87,16 @@ pub(crate) fn q8_0_2d(m: &Member) -> bool {
         && !m.src0.is_null()
 }
 
-/// The int8 program's shape for a group of `members` (`k` x `m_total` stacked) at column bucket
-/// `n_bucket` (`None`: the largest, as staging uses), when the group takes the form: the gate is
-/// on and its canary passed, the members are weights ([`q8_0_2d`], one K), and the token-major
-/// tiling with rows rounded to 64-byte int8 rows stays within the axis limit.
+/// The int8 program's shape for a group of `members` (`k` x `m_total` stacked) at its widest
+/// column bucket ([`int8_cols`]), when the group takes the form: the gate is on and its canary
+/// passed, the members are weights ([`q8_0_2d`], one K), and the token-major tiling with rows
+/// rounded to 64-byte int8 rows stays within the axis limit.
 pub(super) fn shape_for(
     cx: &Context<'_>,
     members: &[Member],
     weights: bool,
     k: usize,
     m_total: usize,
-    n_bucket: Option<usize>,
 ) -> Option<TiledShape> {
     let gate = cx.int8?;
     if !weights
@@ -109,34 +111,72 @@ pub(super) fn shape_for(
         layout: Layout::Tokens,
         ..cx.planner.clone()
     };
-    let s = tokens
-        .tile(k, m_total, n_bucket.unwrap_or(cx.planner.max_cols()))
-        .for_int8();
+    let s = tokens.tile(k, m_total, cx.planner.max_cols()).for_int8();
     if s.m_tile > cx.planner.limits.max_axis
         || !s.k_chunk.is_multiple_of(QuantKind::BLOCK)
         || s.heads != 1
     {
         return None;
     }
+    let s = TiledShape {
+        n: int8_cols(cx.planner, &s),
+        ..s
+    };
     gate.passes(cx.engine, cx.stats).then_some(s)
+}
+
+/// The widest column bucket an int8 group of shape `s` is dispatched with: the largest of
+/// `planner`'s whose activations and outputs are no larger than the int8 weights, so that the
+/// weights stay the request's largest tensor and its surfaces hold about half of fp16's; the
+/// smallest bucket when none is (tiny weights).
+pub(super) fn int8_cols(planner: &Planner, s: &TiledShape) -> usize {
+    let fits = |n: usize| {
+        let w = TiledShape { n, ..*s };
+        w.x_len() * 2 <= s.w_len() && w.y_len() * 2 <= s.w_len()
+    };
+    let buckets = planner
+        .n_buckets
+        .iter()
+        .copied()
+        .filter(|&b| b <= planner.max_cols());
+    buckets
+        .clone()
+        .filter(|&b| fits(b))
+        .max()
+        .or_else(|| buckets.min())
+        .unwrap_or(planner.max_cols())
+}
+
+/// The planner whose column chunks an int8 group of shape `s` (from [`plan`]) is cut into:
+/// buckets up to its `n`.
+pub(super) fn planner_for(planner: &Planner, s: &TiledShape) -> Planner {
+    Planner {
+        n_buckets: planner
+            .n_buckets
+            .iter()
+            .copied()
+            .filter(|&b| b <= s.n)
+            .collect(),
+        ..planner.clone()
+    }
 }
 
 /// The int8 shape [`super::compute`] dispatches a group with, when it takes the form and is
 /// resident (staged as int8 already, or its int8 surface and scales fit the budget now); `None`
 /// leaves it to the fp16 path.
 pub(super) fn plan(cx: &Context<'_>, g: &Group, k: usize, m_total: usize) -> Option<TiledShape> {
-    let s = shape_for(cx, &g.members, g.weights, k, m_total, None)?;
+    let s = shape_for(cx, &g.members, g.weights, k, m_total)?;
     let key = int8_key(&g.members, &s);
-    let size = request_size_int8(&s, cx.planner.max_cols());
+    let size = request_size_int8(cx.planner, &s);
     let staged = cx.staged.lock().unwrap_or_else(|e| e.into_inner());
     (staged.entries.contains_key(&key) || staged.admits(size + s.ws_len() * 2)).then_some(s)
 }
 
 /// The allocation size of every surface of an int8 request for `s` (activations and outputs at
-/// the largest column bucket, as [`request_size`]).
-pub(super) fn request_size_int8(s: &TiledShape, max_cols: usize) -> usize {
+/// the group's widest column bucket, [`int8_cols`], so that its chunks share one size).
+pub(super) fn request_size_int8(planner: &Planner, s: &TiledShape) -> usize {
     let wide = TiledShape {
-        n: s.n.max(max_cols),
+        n: s.n.max(int8_cols(planner, s)),
         ..*s
     };
     request_alloc_size(&[
@@ -200,7 +240,7 @@ pub(super) fn stage_ahead(
     members: &[Member],
     s: &TiledShape,
 ) -> Result<usize, EngineError> {
-    let size = request_size_int8(s, cx.planner.max_cols());
+    let size = request_size_int8(cx.planner, s);
     let key = int8_key(members, s);
     let need = size + s.ws_len() * 2;
     {
@@ -241,7 +281,7 @@ pub(super) fn dispatch(
 ) -> Result<(), EngineError> {
     let k = g.members[0].src0.desc.ne[0] as usize;
     let t = Instant::now();
-    let size = request_size_int8(s, cx.planner.max_cols());
+    let size = request_size_int8(cx.planner, s);
     let (wq, ws) = match w8 {
         Some(w) => w.clone(),
         None => {

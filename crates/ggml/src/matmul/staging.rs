@@ -338,7 +338,7 @@ pub fn stage_ahead(cx: &Context<'_>, members: &[Member]) -> Result<usize, Engine
     }
     let m_total: usize = members.iter().map(|m| m.src0.desc.ne[1] as usize).sum();
     // GGML_ANE_INT8_INPUT=1 and the group takes the int8 form: staged as int8.
-    if let Some(s) = super::int8::shape_for(cx, members, true, k as usize, m_total, None) {
+    if let Some(s) = super::int8::shape_for(cx, members, true, k as usize, m_total) {
         return super::int8::stage_ahead(cx, members, &s);
     }
     // The tiling `compute` uses for weights (it does not depend on the column bucket).

@@ -315,3 +315,41 @@ fn a_failed_int8_dispatch_is_computed_by_the_cpu_fallback() {
     assert_eq!(s.ops_offloaded.load(Relaxed), 0);
     assert_eq!(s.int8_dispatches.load(Relaxed), 0);
 }
+
+/// With the default column buckets (128 to 512) the K 256 x M 320 int8 weights (80 KiB) are the
+/// largest tensor of a request of 128 columns (activations 64 KiB, outputs 80 KiB) but not of
+/// 256: the group is dispatched in chunks of at most 128 columns, in surfaces of the weights'
+/// size, where fp16 binds 512-column surfaces (outputs of 320 KiB).
+#[test]
+fn int8_groups_are_cut_into_chunks_whose_activations_fit_the_weights() {
+    let group = q8_group();
+    let n = 300;
+    let b = rand_vec((K * n) as usize, 65);
+    let tokens = |engine| {
+        let mut rig = Rig::new(engine);
+        rig.planner.layout = ane_plan::Layout::Tokens;
+        rig
+    };
+    let fp16 = tokens(ReferenceEngine::new(Chip::M4.limits()));
+    let want = run_q8(&fp16, None, true, &group, &b, n);
+    assert_eq!(
+        fp16.stats.dispatches.load(Relaxed),
+        1,
+        "one 512-column chunk"
+    );
+    let int8 = tokens(ReferenceEngine::new(Chip::M4.limits()));
+    let gate = Int8Gate::new();
+    let got = run_q8(&int8, Some(&gate), true, &group, &b, n);
+    assert_eq!(bits(&got), bits(&want));
+    assert_eq!(
+        int8.stats.int8_dispatches.load(Relaxed),
+        3,
+        "128 + 128 + 44"
+    );
+    let (w8, w16) = (
+        int8.staged.lock().unwrap().bytes(),
+        fp16.staged.lock().unwrap().bytes(),
+    );
+    assert_eq!(w8, 256 * 320 + 256 * 320 / 16, "int8 weights and scales");
+    assert_eq!(w16, 512 * 320 * 2, "fp16's surface: 512 columns of outputs");
+}

@@ -10,7 +10,9 @@
 //! background ring (`GGML_ANE_STREAM=ahead`), groups found converted ahead. It prints the cost:
 //! streamed MiB per ubatch, the time dispatches waited for conversions (at 20% also without the
 //! ring, `inline`), and prompt t/s as a ratio to the unbounded run (reference engine: CPU
-//! figures, not the ANE's).
+//! figures, not the ANE's). One more unbounded run with `GGML_ANE_INT8_INPUT=1` (the Q8_0 weights
+//! staged as int8 plus host block scales, `crates/ggml/src/matmul/int8.rs`) checks greedy text
+//! identical, groups staged as int8, and a staged peak below the fp16 run's (the ratio printed).
 
 use std::time::Duration;
 
@@ -35,6 +37,16 @@ struct Run {
 }
 
 fn run(plugin: &std::path::Path, budget_mb: Option<f64>, stream: &str, name: &str) -> Result<Run> {
+    run_env(plugin, budget_mb, stream, name, &[])
+}
+
+fn run_env(
+    plugin: &std::path::Path,
+    budget_mb: Option<f64>,
+    stream: &str,
+    name: &str,
+    env: &[(&str, &str)],
+) -> Result<Run> {
     let model = models::smollm2_as("Q8_0")?;
     let prompt = crate::bench_fallback::TEXT_PROMPT;
     let mut cmd = std::process::Command::new(llama::bin("llama-completion"));
@@ -57,7 +69,8 @@ fn run(plugin: &std::path::Path, budget_mb: Option<f64>, stream: &str, name: &st
         .env("GGML_ANE_ENGINE", "reference")
         .env("GGML_ANE_STATS", "json")
         .env("GGML_ANE_STREAM", stream)
-        .env("OMP_WAIT_POLICY", test::OMP_WAIT_POLICY);
+        .env("OMP_WAIT_POLICY", test::OMP_WAIT_POLICY)
+        .envs(env.iter().copied());
     match budget_mb {
         Some(mb) => cmd.env("GGML_ANE_STAGE_MAX_MB", format!("{}", mb.ceil().max(1.0))),
         // Unbounded: far above the model.
@@ -106,6 +119,46 @@ pub(crate) fn step(pre: &mut Prereqs) -> Result<String> {
         "unbounded: {fp16_mb:.1} MiB staged, {ops} matmuls on the device, {base_tps:.1} prompt t/s"
     )];
     println!("{}", lines[0]);
+    // int8 weights as a program input, unbounded: same text in fewer staged bytes.
+    let int8 = run_env(
+        &plugin,
+        None,
+        "ahead",
+        "staging-int8",
+        &[("GGML_ANE_INT8_INPUT", "1")],
+    )?;
+    let (int8_mb, int8_groups, int8_ops) = (
+        stat_f64(&int8.stderr, "staged_peak_mb"),
+        test::stat(&int8.stderr, "int8_groups"),
+        test::stat(&int8.stderr, "ops_offloaded"),
+    );
+    if int8.text != full.text {
+        bail!(
+            "staging-int8: text differs from the fp16 run\n  {:?}\n  {:?}",
+            int8.text,
+            full.text
+        );
+    }
+    if int8_groups == 0 || int8_ops != ops {
+        bail!(
+            "staging-int8: {int8_groups} groups staged as int8 (want > 0), {int8_ops} matmuls on \
+             the device (fp16 run {ops}; canary: {})",
+            int8.stderr
+                .lines()
+                .find(|l| l.contains("int8-input canary"))
+                .unwrap_or("passed or not run")
+        );
+    }
+    if int8_mb <= 0.0 || int8_mb >= fp16_mb {
+        bail!("staging-int8: staged peak {int8_mb:.1} MiB, fp16 {fp16_mb:.1} MiB (want below)");
+    }
+    let line = format!(
+        "int8 (GGML_ANE_INT8_INPUT=1): {int8_mb:.1} MiB staged peak against fp16's {fp16_mb:.1} \
+         (ratio {:.3}), {int8_groups} groups staged as int8, text identical",
+        int8_mb / fp16_mb
+    );
+    println!("{line}");
+    lines.push(line);
     // The last run streams without the background thread: what the ring saves.
     let (mut ahead_wait, mut inline_wait) = (0.0, 0.0);
     for (pct, stream) in [

@@ -273,14 +273,15 @@ pub fn report(args: &Args) -> Value {
 /// The int8-weight probe on `engine` (`ane_plan::canary::int8_canary`): the `canary_int8_input`
 /// check and the JSON `int8_input: {engine, ok, failed_step, error, max_rel_err, used}`. Whether
 /// the device takes int8 input surfaces is unknown, so a failure names the step that stopped it;
-/// `used` is always false: the plugin does not dispatch the form yet, whatever the canary says.
+/// `used`: whether the plugin would dispatch the form here (it passed, and this environment asks
+/// for it with `GGML_ANE_INT8_INPUT=1`; the plugin runs the same canary at first use).
 pub(crate) fn int8_canary(engine: &dyn ane_engine::Engine) -> (Check, Value) {
     let c = ane_plan::canary::int8_canary(engine);
     let detail = match (&c.failed_step, &c.error) {
         (None, _) => format!(
             "Q8_0 as int8 + fp16 block scales dequantized in the shape-shared program (2 row \
              tiles, 2 K slices) on {}: max_rel_err {:.2e} vs the fp16 program; a probe, the \
-             plugin does not use it yet",
+             plugin uses it for resident Q8_0 weights only with GGML_ANE_INT8_INPUT=1",
             engine.name(),
             c.max_rel_err
         ),
@@ -296,7 +297,7 @@ pub(crate) fn int8_canary(engine: &dyn ane_engine::Engine) -> (Check, Value) {
         "failed_step": c.failed_step,
         "error": c.error,
         "max_rel_err": if c.max_rel_err.is_finite() { json!(c.max_rel_err) } else { Value::Null },
-        "used": false,
+        "used": c.ok && std::env::var("GGML_ANE_INT8_INPUT").as_deref() == Ok("1"),
     });
     (
         Check {

@@ -168,14 +168,17 @@ fn doctor_json_contract_without_ane() {
     );
     let canary = checks.iter().find(|c| c["name"] == "canary").unwrap();
     assert_eq!(canary["ok"], true, "{canary}");
-    // The int8-weight probe passes on the reference engine, bit for bit, and is not used.
+    // The int8-weight probe passes on the reference engine, bit for bit; used only when asked.
     let int8 = checks
         .iter()
         .find(|c| c["name"] == "canary_int8_input")
         .unwrap();
     assert_eq!(int8["ok"], true, "{int8}");
     assert!(
-        int8["detail"].as_str().unwrap().contains("does not use it"),
+        int8["detail"]
+            .as_str()
+            .unwrap()
+            .contains("only with GGML_ANE_INT8_INPUT=1"),
         "{int8}"
     );
     let i = &r["int8_input"];

@@ -2,7 +2,7 @@
 //! reference engine and a CPU f32 baseline. Here the engine-level check (a baked conv matmul,
 //! [`canary`]) and its helpers; in [`planned`] the forms the planner dispatches (tiled,
 //! shape-shared with the surface fallback, packs of experts, compressed weights); in [`int8`] the
-//! int8-weight probe, which the plugin does not dispatch yet.
+//! int8-weight probe, which the plugin dispatches only where it passed (`GGML_ANE_INT8_INPUT=1`).
 //!
 //! Platform-neutral on purpose: the plugin's engine choice, `ane doctor` and `ane bench` all use
 //! these functions, and on Linux they run against the reference engine.

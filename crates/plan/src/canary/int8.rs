@@ -4,7 +4,8 @@
 //! surfaces at all, so [`int8_canary`] says not only pass or fail but which step stopped it:
 //! compile (the compiler refuses the int8 input or the cast), surfaces, evaluate, or numerics
 //! (it ran, but not to the fp16 program's result). `ane doctor` reports it, `ane bench` times
-//! it; the plugin does not dispatch it yet (`GGML_ANE_INT8_INPUT`).
+//! it; the plugin runs it once at first use and dispatches the form only where it passed
+//! (`GGML_ANE_INT8_INPUT=1`, `ggml-ane` `matmul::int8`).
 
 use std::time::Instant;
 

@@ -546,4 +546,31 @@ mod tests {
         );
         assert!(t.contains("6 on neural_engine"), "{t}");
     }
+
+    /// `GGML_ANE_INT8_INPUT`: the canary's outcome and the int8 counters, in both forms; the table
+    /// says nothing of int8 while its canary has not run.
+    #[test]
+    fn int8_counters_in_json_and_table() {
+        let s = Stats::default();
+        let e = EngineCounters::default();
+        assert_eq!(s.to_json("reference", e, &[])["int8_canary"], "not_run");
+        assert!(!s.to_table("reference", e, &[]).contains("int8"));
+        s.int8_canary
+            .store(crate::matmul::INT8_CANARY_PASS, Relaxed);
+        s.int8_groups.fetch_add(120, Relaxed);
+        s.int8_dispatches.fetch_add(360, Relaxed);
+        let j = s.to_json("reference", e, &[]);
+        assert_eq!(
+            (&j["int8_canary"], &j["int8_groups"], &j["int8_dispatches"]),
+            (&"pass".into(), &120.into(), &360.into())
+        );
+        let t = s.to_table("reference", e, &[]);
+        assert!(
+            t.contains("canary pass, 120 groups staged as int8, 360 dispatches"),
+            "{t}"
+        );
+        s.int8_canary
+            .store(crate::matmul::INT8_CANARY_FAIL, Relaxed);
+        assert_eq!(s.to_json("reference", e, &[])["int8_canary"], "fail");
+    }
 }

@@ -226,12 +226,14 @@ pub fn run(args: &Args) -> Result<()> {
         println!(
             "  staging with {gb} GB of memory: budget {} MiB (GGML_ANE_STAGE_MAX_MB default, a \
              quarter); fp16 weights {:.0} MiB in {} groups; resident {:.0} MiB (the first {} in \
-             graph order); streamed {:.0} MiB per ubatch (converted on the dispatch path)",
+             graph order); streaming ring {:.0} MiB (two of the largest group); streamed {:.0} \
+             MiB per ubatch (each group converted while the one before it runs)",
             s.budget_mb,
             s.fp16_mb,
             s.groups,
             s.resident_mb,
             s.resident_groups,
+            s.ring_mb,
             s.stream_mb_per_ubatch
         );
     }

@@ -31,7 +31,11 @@ fn ram_gives_the_budget_and_the_resident_and_streamed_weights() {
         s["stream_mb_per_ubatch"].as_f64().unwrap(),
         s["fp16_mb"].as_f64().unwrap(),
     );
-    assert!(resident <= 4096.0 && resident > 3000.0, "{resident}");
+    let ring = s["ring_mb"].as_f64().unwrap();
+    assert!(
+        ring > 0.0 && resident + ring <= 4096.0 && resident > 3000.0,
+        "{resident} {ring}"
+    );
     assert!((resident + stream - total).abs() < 1e-6);
     // A machine with room for all of it streams nothing.
     let out = Command::new(env!("CARGO_BIN_EXE_ane"))

@@ -4,12 +4,16 @@
 //!
 //! The device reads weights as fp16, so the plugin keeps fp16 copies of the weight groups it
 //! dispatches, in a resident set: groups are admitted in graph order while they fit the budget and
-//! stay; the groups beyond it are converted for each dispatch (streamed). Prefill walks the layers
-//! in the same order every ubatch, so the first layers stay resident and the rest stream every
-//! ubatch.
+//! stay; the groups beyond it are converted for each dispatch (streamed), through a ring of
+//! [`RING`] surfaces (the group a dispatch uses and the next, converted meanwhile) that the
+//! resident set leaves room for. Prefill walks the layers in the same order every ubatch, so the
+//! first layers stay resident and the rest stream every ubatch.
 
 use crate::model::ModelShape;
 use serde::Serialize;
+
+/// Groups a streaming ring holds: the one a dispatch uses and the one converted ahead.
+pub const RING: usize = 2;
 
 /// The staging budget when the machine's memory cannot be read: fp16 copies of an 8B model fit.
 pub const FALLBACK_BUDGET_MB: u64 = 16384;
@@ -78,6 +82,9 @@ pub struct StagingPlan {
     pub resident_groups: usize,
     /// Resident MiB.
     pub resident_mb: f64,
+    /// MiB the resident set leaves for the streaming ring ([`RING`] of the largest group; 0 when
+    /// everything fits).
+    pub ring_mb: f64,
     /// MiB converted on the dispatch path every ubatch (the groups beyond the budget).
     pub stream_mb_per_ubatch: f64,
 }
@@ -86,15 +93,21 @@ pub struct StagingPlan {
 pub fn plan(m: &ModelShape, budget_mb: u64) -> StagingPlan {
     let gs = groups(m);
     let budget = budget_mb.saturating_mul(1 << 20);
+    let total: u64 = gs.iter().map(|g| g.bytes).sum();
+    // Once anything streams, the ring's room comes out of the resident set.
+    let ring = if total > budget {
+        RING as u64 * gs.iter().map(|g| g.bytes).max().unwrap_or(0)
+    } else {
+        0
+    };
     let (mut held, mut resident) = (0u64, 0usize);
     for g in &gs {
-        if held + g.bytes > budget {
+        if held + g.bytes + ring > budget {
             break;
         }
         held += g.bytes;
         resident += 1;
     }
-    let total: u64 = gs.iter().map(|g| g.bytes).sum();
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     StagingPlan {
         budget_mb,
@@ -102,6 +115,7 @@ pub fn plan(m: &ModelShape, budget_mb: u64) -> StagingPlan {
         groups: gs.len(),
         resident_groups: resident,
         resident_mb: mib(held),
+        ring_mb: mib(ring),
         stream_mb_per_ubatch: mib(total - held),
     }
 }
@@ -136,8 +150,11 @@ mod tests {
             "{}",
             all.fp16_mb
         );
+        assert_eq!(all.ring_mb, 0.0, "no ring when everything fits");
         let half = plan(&m, 6144);
-        assert!(half.resident_mb <= 6144.0 && half.resident_groups < all.groups);
+        assert!(half.resident_mb + half.ring_mb <= 6144.0 && half.resident_groups < all.groups);
+        // Two of the largest group (gate+up: 4096 x 2 x 14336 fp16 = 224 MiB).
+        assert_eq!(half.ring_mb, 448.0);
         assert!((half.resident_mb + half.stream_mb_per_ubatch - all.fp16_mb).abs() < 1e-6);
         let none = plan(&m, 1);
         assert_eq!(none.resident_groups, 0);

@@ -27,8 +27,9 @@ use std::thread::JoinHandle;
 
 use super::*;
 
-/// Surfaces an instance's ring holds at most: the one a dispatch uses and one converted ahead.
-pub const RING: usize = 2;
+/// Surfaces an instance's ring holds at most: the one a dispatch uses and one converted ahead
+/// (the rule `ane plan --ram` applies too).
+pub const RING: usize = ane_plan::staging::RING;
 /// Streamed groups remembered; beyond it the order is learnt again.
 const MAX_ORDER: usize = 8192;
 

@@ -32,6 +32,9 @@ use super::*;
 pub const RING: usize = ane_plan::staging::RING;
 /// Streamed groups remembered; beyond it the order is learnt again.
 const MAX_ORDER: usize = 8192;
+/// Longest wait for a background conversion before the dispatch converts the group itself (a
+/// conversion takes milliseconds; this only guards against a stuck thread).
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What converting a group needs: views of its weights, its tiling and surface size.
 #[derive(Clone, Debug)]
@@ -177,8 +180,18 @@ impl Streamer {
         }
         let ready = loop {
             match st.slots.get(&key).map(|(s, _)| s) {
+                Some(Slot::Converting) if t.elapsed() > MAX_WAIT => {
+                    // The thread is stuck or gone: convert here; a late result is dropped.
+                    st.slots.remove(&key);
+                    break None;
+                }
                 Some(Slot::Converting) => {
-                    st = self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
+                    st = self
+                        .shared
+                        .done
+                        .wait_timeout(st, MAX_WAIT)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
                 Some(Slot::Done(_)) => match st.slots.remove(&key) {
                     Some((Slot::Done(r), _)) => break r.ok(),
@@ -195,9 +208,15 @@ impl Streamer {
             Some(s) => (s, true),
             None => {
                 drop(st);
-                let s = Arc::new(inline()?);
+                let made = inline();
                 st = self.lock();
-                (s, false)
+                match made {
+                    Ok(s) => (Arc::new(s), false),
+                    Err(e) => {
+                        self.recount(&st);
+                        return Err(e);
+                    }
+                }
             }
         };
         let wait_ns = t.elapsed().as_nanos() as u64;

@@ -96,6 +96,9 @@ type Worker = (mpsc::Sender<(u128, Recipe)>, JoinHandle<()>);
 struct Shared {
     state: Mutex<State>,
     done: Condvar,
+    /// The instance is going: conversions still queued are skipped (only the one in progress
+    /// is waited for).
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// A streamed group's surface and how it was obtained.
@@ -119,6 +122,8 @@ pub struct Streamer {
     /// Convert ahead (`GGML_ANE_STREAM=ahead`, the default); else every streamed group is converted
     /// by its dispatch (`inline`).
     ahead: bool,
+    /// Longest wait for a background conversion ([`MAX_WAIT`]).
+    max_wait: std::time::Duration,
 }
 
 impl std::fmt::Debug for Streamer {
@@ -137,12 +142,21 @@ impl Streamer {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 done: Condvar::new(),
+                closing: std::sync::atomic::AtomicBool::new(false),
             }),
             worker: Mutex::new(None),
             ring,
             counted: AtomicUsize::new(0),
             ahead,
+            max_wait: MAX_WAIT,
         }
+    }
+
+    /// The same ring with another longest wait for a background conversion (tests).
+    #[cfg(test)]
+    pub(crate) fn with_max_wait(mut self, d: std::time::Duration) -> Streamer {
+        self.max_wait = d;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -180,7 +194,7 @@ impl Streamer {
         }
         let ready = loop {
             match st.slots.get(&key).map(|(s, _)| s) {
-                Some(Slot::Converting) if t.elapsed() > MAX_WAIT => {
+                Some(Slot::Converting) if t.elapsed() >= self.max_wait => {
                     // The thread is stuck or gone: convert here; a late result is dropped.
                     st.slots.remove(&key);
                     break None;
@@ -189,7 +203,7 @@ impl Streamer {
                     st = self
                         .shared
                         .done
-                        .wait_timeout(st, MAX_WAIT)
+                        .wait_timeout(st, self.max_wait.saturating_sub(t.elapsed()))
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 }
@@ -282,6 +296,9 @@ impl Drop for Held {
 /// The background thread: converts what it is sent until the instance goes.
 fn convert_loop(engine: &dyn Engine, shared: &Shared, rx: mpsc::Receiver<(u128, Recipe)>) {
     for (key, r) in rx {
+        if shared.closing.load(Relaxed) {
+            break;
+        }
         let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             stage(engine, &r.members, 0, 0, &r.shape, r.size, &[])
         }))
@@ -306,6 +323,7 @@ impl Drop for Streamer {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some((tx, h)) = w {
+            self.shared.closing.store(true, Relaxed);
             drop(tx);
             let _ = h.join();
         }

@@ -388,7 +388,8 @@ mod int8;
 /// activations, like a model's layers) and returns every output of every pass, the rig and the
 /// streamer.
 fn streamed_passes(
-    ring_engine: ReferenceEngine,
+    ring_engine: Arc<dyn Engine>,
+    max_wait: Option<std::time::Duration>,
     passes: usize,
 ) -> (Vec<Vec<f32>>, Rig<ReferenceEngine>, Streamer) {
     let ad = f32_desc([64, 64, 1, 1]);
@@ -405,7 +406,11 @@ fn streamed_passes(
     let rig = Rig::new(ReferenceEngine::new(Chip::M4.limits()));
     rig.staged.lock().unwrap().max_bytes = 4 * one;
     let ring = rig.staged.lock().unwrap().ring.clone();
-    let stream = Streamer::new(Arc::new(ring_engine), ring, true);
+    let stream = Streamer::new(ring_engine, ring, true);
+    let stream = match max_wait {
+        Some(d) => stream.with_max_wait(d),
+        None => stream,
+    };
     let mut outs = Vec::new();
     for _ in 0..passes {
         for (w, a) in weights.iter().zip(&acts) {
@@ -428,7 +433,8 @@ fn streamed_passes(
 
 #[test]
 fn streamed_groups_are_converted_ahead_once_their_order_is_learnt() {
-    let (outs, rig, stream) = streamed_passes(ReferenceEngine::new(Chip::M4.limits()), 4);
+    let engine = Arc::new(ReferenceEngine::new(Chip::M4.limits()));
+    let (outs, rig, stream) = streamed_passes(engine, None, 4);
     // Pass 1 admits four and then makes room for a ring (the fifth streams); pass 2 learns the
     // order of the three streamed groups (one of them already predicted); passes 3 and 4 find
     // all three converted ahead.
@@ -458,7 +464,7 @@ fn a_failing_background_conversion_is_done_by_the_dispatch() {
         ..Default::default()
     };
     let failing = ReferenceEngine::with_faults(Chip::M4.limits(), faults);
-    let (outs, rig, _stream) = streamed_passes(failing, 3);
+    let (outs, rig, _stream) = streamed_passes(Arc::new(failing), None, 3);
     assert_eq!(rig.stats.stream_ahead.load(Relaxed), 0);
     assert_eq!(
         rig.stats.ops_fallback.load(Relaxed),
@@ -515,4 +521,62 @@ fn an_expert_pack_converted_ahead_gives_the_pack_its_bits() {
     assert!(pack_resident(&rig.cx(), view, F32_INFO, heads, m, bucket));
     assert_eq!(run(&rig, None), inline);
     assert_eq!(rig.stats.stream_ahead.load(Relaxed), 0);
+}
+
+/// An engine whose surfaces take `.0` to make (a stuck conversion thread).
+struct Stalled(std::time::Duration);
+impl Engine for Stalled {
+    fn name(&self) -> &'static str {
+        "stalled"
+    }
+    fn limits(&self) -> ChipLimits {
+        Chip::M4.limits()
+    }
+    fn new_surface(&self, bytes: usize) -> Result<Surface, EngineError> {
+        std::thread::sleep(self.0);
+        Ok(Surface::new(bytes))
+    }
+    fn compile(&self, _: &str, _: &[WeightFile]) -> Result<ProgramId, EngineError> {
+        Err(EngineError::Compile("not a compiler".into()))
+    }
+    fn evaluate(
+        &self,
+        _: ProgramId,
+        _: &[&Surface],
+        _: &mut [&mut Surface],
+    ) -> Result<(), EngineError> {
+        Err(EngineError::Eval("not an evaluator".into()))
+    }
+    fn unload(&self, _: ProgramId) {}
+    fn counters(&self) -> EngineCounters {
+        EngineCounters::default()
+    }
+}
+
+#[test]
+fn a_stuck_conversion_thread_neither_hangs_a_dispatch_nor_the_instance_free() {
+    use std::time::{Duration, Instant};
+    // Background conversions take 300 ms; a dispatch waits 5 ms and then converts itself.
+    let t = Instant::now();
+    let (outs, rig, stream) = streamed_passes(
+        Arc::new(Stalled(Duration::from_millis(300))),
+        Some(Duration::from_millis(5)),
+        3,
+    );
+    assert_eq!(&outs[5..10], &outs[..5], "same bits as the first pass");
+    assert_eq!(&outs[10..], &outs[..5]);
+    assert_eq!(rig.stats.ops_fallback.load(Relaxed), 0);
+    assert!(
+        rig.stats.stream_ahead.load(Relaxed) < 7,
+        "dispatches gave up waiting and converted (a working thread finds all 7)"
+    );
+    // Freeing the instance waits for the conversion in progress only, not the queued ones.
+    let freed = Instant::now();
+    drop(stream);
+    assert!(
+        freed.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        freed.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 }

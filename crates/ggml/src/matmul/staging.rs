@@ -549,6 +549,25 @@ mod resident_tests {
     }
 
     #[test]
+    fn streaming_makes_room_for_a_ring_by_releasing_the_newest_entries() {
+        let one = Surface::new(4096).alloc_size();
+        let mut s = StagedWeights::new(5 * one);
+        for k in 1..=5u128 {
+            s.get_or_insert(k, || surface(4096)).unwrap();
+        }
+        assert_eq!(s.bytes(), 5 * one, "everything fits: no ring reserved");
+        assert!(!s.admits(one));
+        // A sixth group streams: two of its size must fit beside the resident set.
+        assert_eq!(s.begin_stream(one), 2);
+        assert!(s.entries.contains_key(&1) && s.entries.contains_key(&3));
+        assert!(!s.entries.contains_key(&4) && !s.entries.contains_key(&5));
+        assert_eq!(s.bytes() + s.ring_reserve(), 5 * one);
+        assert_eq!(s.room(), 2 * one);
+        // From now on nothing more is admitted while the ring needs the room.
+        assert!(!s.admits(one));
+    }
+
+    #[test]
     fn entries_unused_for_a_whole_pass_are_released() {
         let mut s = StagedWeights::new(1 << 30);
         for k in [1u128, 2, 3] {

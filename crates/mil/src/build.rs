@@ -477,6 +477,19 @@ impl TiledShape {
     }
 }
 
+/// The axis rules every tiled program shares: `heads` and `tiles` not both above 1 (the batch
+/// axis cannot both broadcast and match), no empty axis.
+fn assert_tiled_axes(s: &TiledShape) {
+    assert!(
+        s.heads == 1 || s.tiles == 1,
+        "heads and tiles cannot both exceed 1"
+    );
+    assert!(
+        s.heads * s.tiles * s.k_chunks * s.m_tile * s.k_chunk * s.n > 0,
+        "empty axis"
+    );
+}
+
 /// The shape-shared matmul program: `y = b_w x a_x`, batched as described on [`TiledShape`].
 ///
 /// Channel-first: inputs `a_x: [heads, k_chunks, k_chunk, n]` (activations: element (k, n) of
@@ -490,14 +503,7 @@ impl TiledShape {
 /// # Panics
 /// If `heads > 1` and `tiles > 1` (the batch axis cannot both broadcast and match), or any axis is 0.
 pub fn tiled_matmul(s: TiledShape) -> Program {
-    assert!(
-        s.heads == 1 || s.tiles == 1,
-        "heads and tiles cannot both exceed 1"
-    );
-    assert!(
-        s.heads * s.tiles * s.k_chunks * s.m_tile * s.k_chunk * s.n > 0,
-        "empty axis"
-    );
+    assert_tiled_axes(&s);
     let bw = s.heads * s.tiles;
     let mut f = FunctionBuilder::new("main");
     let tokens = s.layout == Layout::Tokens;
@@ -611,14 +617,7 @@ pub fn tiled_matmul_int8(s: TiledShape) -> Program {
         "m_tile = {} is not a whole number of 64-byte int8 rows",
         s.m_tile
     );
-    assert!(
-        s.heads == 1 || s.tiles == 1,
-        "heads and tiles cannot both exceed 1"
-    );
-    assert!(
-        s.heads * s.tiles * s.k_chunks * s.m_tile * s.k_chunk * s.n > 0,
-        "empty axis"
-    );
+    assert_tiled_axes(&s);
     let bw = s.heads * s.tiles;
     let blocks = s.k_chunk / QuantKind::BLOCK;
     let w_shape = [bw, s.k_chunks, s.k_chunk, s.m_tile];

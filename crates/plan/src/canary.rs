@@ -21,6 +21,19 @@ use ane_engine::reference::ReferenceEngine;
 use ane_engine::surface::spatial_bucket;
 use ane_engine::{Chip, Engine, EngineError, Surface, WeightFile};
 
+/// The `[m][n]` outputs of a shape-shared program of shape `s` from its fp16 output tensor `yh`,
+/// row tiles in place and contraction slices summed in f32 (as the plugin's host does).
+fn read_tiled_output(s: &crate::TiledShape, yh: &[f16], m: usize, n: usize, y: &mut [f32]) {
+    for mi in 0..m {
+        let (tile, row) = (mi / s.m_tile, mi % s.m_tile);
+        for ni in 0..n {
+            y[mi * n + ni] = (0..s.k_chunks)
+                .map(|c| yh[s.y_index(tile, c, row, ni)].to_f32())
+                .sum();
+        }
+    }
+}
+
 /// Shape of the canary program: `conv_matmul(64, 64, 64)`.
 pub const CANARY_SHAPE: (usize, usize, usize) = (64, 64, 64);
 /// Largest [`max_rel_err`] the canary accepts against the reference engine. Both compute in fp16

@@ -341,6 +341,24 @@ pub(crate) fn check(
     Ok(Checked { func, consts })
 }
 
+/// The `x` and `y` operands of an elementwise op (`add`, `mul`): its only arguments, of one
+/// fp16/fp32 dtype.
+fn float_operands<'a>(
+    st: &Statement,
+    types: &'a HashMap<String, ValueType>,
+) -> Result<(&'a ValueType, &'a ValueType), EngineError> {
+    only_args(st, &["x", "y"])?;
+    let x = var_type(st, "x", types)?;
+    let y = var_type(st, "y", types)?;
+    if x.dtype != y.dtype || !matches!(x.dtype, DType::Fp16 | DType::Fp32) {
+        return Err(EngineError::Compile(format!(
+            "`{}` = {}: operands must share an fp16/fp32 dtype, have {} and {}",
+            st.output, st.op, x.dtype, y.dtype
+        )));
+    }
+    Ok((x, y))
+}
+
 fn var_type<'a>(
     st: &Statement,
     arg: &str,
@@ -593,15 +611,7 @@ fn infer(
             })
         }
         "add" => {
-            only_args(st, &["x", "y"])?;
-            let x = var_type(st, "x", types)?;
-            let y = var_type(st, "y", types)?;
-            if x.dtype != y.dtype || !matches!(x.dtype, DType::Fp16 | DType::Fp32) {
-                return Err(cerr(format!(
-                    "operands must share an fp16/fp32 dtype, have {} and {}",
-                    x.dtype, y.dtype
-                )));
-            }
+            let (x, y) = float_operands(st, types)?;
             let shape = if y.numel() == 1 && y.shape.len() <= x.shape.len() {
                 x.shape.clone()
             } else if x.numel() == 1 && x.shape.len() <= y.shape.len() {
@@ -620,15 +630,7 @@ fn infer(
             })
         }
         "mul" => {
-            only_args(st, &["x", "y"])?;
-            let x = var_type(st, "x", types)?;
-            let y = var_type(st, "y", types)?;
-            if x.dtype != y.dtype || !matches!(x.dtype, DType::Fp16 | DType::Fp32) {
-                return Err(cerr(format!(
-                    "operands must share an fp16/fp32 dtype, have {} and {}",
-                    x.dtype, y.dtype
-                )));
-            }
+            let (x, y) = float_operands(st, types)?;
             let shape = broadcast(&x.shape, &y.shape).ok_or_else(|| {
                 cerr(format!(
                     "shapes {:?} and {:?} do not broadcast",

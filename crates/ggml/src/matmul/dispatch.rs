@@ -88,16 +88,34 @@ pub(super) fn evaluate<'y>(
     w: &Surface,
     y: &'y mut Surface,
 ) -> Result<&'y [f16], EngineError> {
+    evaluate_form(cx, s, false, &[x, w], y)
+}
+
+/// [`evaluate`] for either form of the shape-shared program: fp16 weights (`inputs` = `[x, w]`)
+/// or int8 weights and their scales (`int8`, `inputs` = `[x, wq, ws]`, see `super::int8`).
+pub(super) fn evaluate_form<'y>(
+    cx: &Context<'_>,
+    s: &TiledShape,
+    int8: bool,
+    inputs: &[&Surface],
+    y: &'y mut Surface,
+) -> Result<&'y [f16], EngineError> {
     let t = Instant::now();
     let result = {
         let mut cache = cx.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .get_or_compile(cx.engine, *s, cx.stats)
-            .and_then(|id| cx.engine.evaluate(id, &[x, w], &mut [&mut *y]))
+        let id = if int8 {
+            cache.get_or_compile_int8(cx.engine, *s, cx.stats)
+        } else {
+            cache.get_or_compile(cx.engine, *s, cx.stats)
+        };
+        id.and_then(|id| cx.engine.evaluate(id, inputs, &mut [&mut *y]))
     };
     add_time(&cx.stats.ns_engine, t.elapsed());
     result?;
     cx.stats.dispatches.fetch_add(1, Relaxed);
+    if int8 {
+        cx.stats.int8_dispatches.fetch_add(1, Relaxed);
+    }
     if s.tiles > 1 || s.k_chunks > 1 {
         cx.stats.dispatches_tiled.fetch_add(1, Relaxed);
     }

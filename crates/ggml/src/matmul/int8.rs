@@ -367,27 +367,7 @@ fn run_and_scatter(
     ws: &Surface,
     y: &mut Surface,
 ) -> Result<(), EngineError> {
-    let t = Instant::now();
-    let result = {
-        let mut cache = cx.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .get_or_compile_int8(cx.engine, *s, cx.stats)
-            .and_then(|id| cx.engine.evaluate(id, &[x, wq, ws], &mut [&mut *y]))
-    };
-    add_time(&cx.stats.ns_engine, t.elapsed());
-    result?;
-    cx.stats.dispatches.fetch_add(1, Relaxed);
-    cx.stats.int8_dispatches.fetch_add(1, Relaxed);
-    if s.tiles > 1 || s.k_chunks > 1 {
-        cx.stats.dispatches_tiled.fetch_add(1, Relaxed);
-    }
-    let ys = y.fp16(s.y_len());
-    if !guard::output_ok(ys) {
-        return Err(guard::trip(
-            cx.stats,
-            "output non-finite or past the matmul cliff",
-        ));
-    }
+    let ys = evaluate_form(cx, s, true, &[x, wq, ws], y)?;
     let t = Instant::now();
     scatter_tokens(g, s, cols, ys)?;
     add_time(&cx.stats.ns_convert, t.elapsed());

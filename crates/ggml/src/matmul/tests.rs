@@ -282,9 +282,24 @@ fn non_weight_dimensions_are_bucketed() {
     );
 }
 
-/// An engine whose every call fails, like an ANE past its compile budget.
-struct Broken;
+/// An engine whose every call fails, like an ANE past its compile budget; its surfaces take
+/// `stall` to make (a stuck conversion thread, [`Broken::stalled`]).
+#[derive(Default)]
+struct Broken {
+    stall: std::time::Duration,
+}
+
+impl Broken {
+    fn stalled(stall: std::time::Duration) -> Broken {
+        Broken { stall }
+    }
+}
+
 impl Engine for Broken {
+    fn new_surface(&self, bytes: usize) -> Result<Surface, EngineError> {
+        std::thread::sleep(self.stall);
+        Ok(Surface::new(bytes))
+    }
     fn name(&self) -> &'static str {
         "broken"
     }
@@ -523,43 +538,13 @@ fn an_expert_pack_converted_ahead_gives_the_pack_its_bits() {
     assert_eq!(rig.stats.stream_ahead.load(Relaxed), 0);
 }
 
-/// An engine whose surfaces take `.0` to make (a stuck conversion thread).
-struct Stalled(std::time::Duration);
-impl Engine for Stalled {
-    fn name(&self) -> &'static str {
-        "stalled"
-    }
-    fn limits(&self) -> ChipLimits {
-        Chip::M4.limits()
-    }
-    fn new_surface(&self, bytes: usize) -> Result<Surface, EngineError> {
-        std::thread::sleep(self.0);
-        Ok(Surface::new(bytes))
-    }
-    fn compile(&self, _: &str, _: &[WeightFile]) -> Result<ProgramId, EngineError> {
-        Err(EngineError::Compile("not a compiler".into()))
-    }
-    fn evaluate(
-        &self,
-        _: ProgramId,
-        _: &[&Surface],
-        _: &mut [&mut Surface],
-    ) -> Result<(), EngineError> {
-        Err(EngineError::Eval("not an evaluator".into()))
-    }
-    fn unload(&self, _: ProgramId) {}
-    fn counters(&self) -> EngineCounters {
-        EngineCounters::default()
-    }
-}
-
 #[test]
 fn a_stuck_conversion_thread_neither_hangs_a_dispatch_nor_the_instance_free() {
     use std::time::{Duration, Instant};
     // Background conversions take 300 ms; a dispatch waits 5 ms and then converts itself.
     let t = Instant::now();
     let (outs, rig, stream) = streamed_passes(
-        Arc::new(Stalled(Duration::from_millis(300))),
+        Arc::new(Broken::stalled(Duration::from_millis(300))),
         Some(Duration::from_millis(5)),
         3,
     );

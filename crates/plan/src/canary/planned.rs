@@ -104,15 +104,7 @@ pub fn run_planned(
             engine.unload(id);
             return Err(e);
         }
-        let yh = ys.fp16(s.y_len());
-        for mi in 0..m {
-            let (tile, row) = (mi / s.m_tile, mi % s.m_tile);
-            for ni in 0..n {
-                y[mi * n + ni] = (0..s.k_chunks)
-                    .map(|c| yh[s.y_index(tile, c, row, ni)].to_f32())
-                    .sum();
-            }
-        }
+        super::read_tiled_output(&s, ys.fp16(s.y_len()), m, n, &mut y);
         let e = t.elapsed().as_secs_f64() * 1e3;
         if rep == 0 {
             first = e;

@@ -5,7 +5,7 @@ use super::*;
 
 #[test]
 fn engine_failure_falls_back_and_writes_every_output() {
-    let rig = Rig::new(Broken);
+    let rig = Rig::new(Broken::default());
     let (ad, a2d, bd) = (
         f32_desc([64, 72, 1, 1]),
         f32_desc([64, 8, 1, 1]),

@@ -306,7 +306,7 @@ fn a_failed_int8_dispatch_is_computed_by_the_cpu_fallback() {
         assert_close(d, &oracle(deq, &f32_desc([K, m, 1, 1]), &b, &bd), 1e-2);
     }
     // Exactly what a failed fp16 dispatch of the group gives.
-    let broken = self::rig(Broken);
+    let broken = self::rig(Broken::default());
     let want = run_q8(&broken, None, true, &group, &b, n);
     assert_eq!(broken.stats.ops_fallback.load(Relaxed), 2);
     assert_eq!(bits(&got), bits(&want));
